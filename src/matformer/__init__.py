@@ -1,0 +1,51 @@
+"""matformer: elastic nested (MatFormer) transformers.
+
+Train one Llama-compatible model whose FFNs are nested; run or extract any width of it.
+Imports are lazy so that `import matformer` (and the CLI's start-up) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "MatFormerConfig": "matformer.config",
+    "PRESETS": "matformer.config",
+    "MatFormerLM": "matformer.model",
+    "KVCache": "matformer.model",
+    "parameter_counts": "matformer.model",
+    "MatFormerError": "matformer.errors",
+    "ConfigError": "matformer.errors",
+    "TierError": "matformer.errors",
+    "CheckpointError": "matformer.errors",
+    "DataError": "matformer.errors",
+    "width_of": "matformer.tiers",
+    "tier_of": "matformer.tiers",
+    "resolve_widths": "matformer.tiers",
+    "load_state_dict": "matformer.io.checkpoint",
+    "load_model": "matformer.io.checkpoint",
+    "save_model": "matformer.io.checkpoint",
+    "checkpoint_info": "matformer.io.checkpoint",
+    "slice_checkpoint": "matformer.slicing",
+    "train": "matformer.train",
+    "TrainConfig": "matformer.train",
+    "generate": "matformer.generate",
+    "speculative_generate": "matformer.generate",
+    "evaluate": "matformer.evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'matformer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,314 @@
+"""`MatFormerConfig`: the model config, which *is* the checkpoint's `config.json`.
+
+A uniform-width config is a valid transformers Llama config (`model_type: llama`), plus the two
+MatFormer keys (see docs/FORMAT.md, rules from the checkpoint spec §2):
+
+- `intermediate_size`: the FFN width actually stored, an int or one int per layer;
+- `matformer_base_intermediate_size`: the full (tier-0) width B the weights were cut from;
+- `matformer_tier`: tier of the stored tensors (B >> t == stored width), derived from the sizes,
+  never from the width the model happens to compute at. None for widths that are no tier.
+
+Unknown keys are kept in `extra` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .tiers import uniform_tier, width_of
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+# Keys we own: read from and written to config.json by name. Everything else goes to `extra`.
+_KNOWN = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "torch_dtype",
+    "initializer_range",
+    "matformer_base_intermediate_size",
+    "matformer_tier",
+}
+# Keys that we derive or rewrite on every write (not preserved from `extra`).
+_REWRITTEN = {"model_type", "architectures", "rope_parameters", "dtype", "transformers_version"}
+
+
+@dataclass
+class MatFormerConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int | list[int] = 11008
+    """FFN width stored in the weights: one int, or one int per layer (Mix'n'Match)."""
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    """Grouped-query attention: None means num_attention_heads (plain multi-head attention)."""
+    head_dim: int | None = None
+    """None means hidden_size // num_attention_heads."""
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+    initializer_range: float = 0.02
+    matformer_base_intermediate_size: int | None = None
+    """Full (tier-0) width B. None: B = the stored width (a dense model is tier 0)."""
+    matformer_tier: int | None = None
+    """Tier of the stored weights as read from a file; recomputed from the sizes on write."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Unknown config.json keys, kept for the round trip."""
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            _positive_int(key, getattr(self, key))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; change one of them or set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if isinstance(self.intermediate_size, (list, tuple)):
+            sizes = list(self.intermediate_size)
+            if len(sizes) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"intermediate_size has {len(sizes)} entries but num_hidden_layers="
+                    f"{self.num_hidden_layers}; a per-layer list needs one width per layer"
+                )
+            for i, s in enumerate(sizes):
+                _positive_int(f"intermediate_size[{i}]", s)
+            self.intermediate_size = sizes
+            if all(s == sizes[0] for s in sizes) and len(sizes) > 0:
+                # A uniform list is an int: keeps the config loadable by transformers.
+                self.intermediate_size = sizes[0]
+        else:
+            _positive_int("intermediate_size", self.intermediate_size)
+        if self.matformer_base_intermediate_size is None:
+            self.matformer_base_intermediate_size = max(self.layer_widths)
+        _positive_int("matformer_base_intermediate_size", self.matformer_base_intermediate_size)
+        base = self.matformer_base_intermediate_size
+        for i, w in enumerate(self.layer_widths):
+            if w > base:
+                raise ConfigError(
+                    f"intermediate_size of layer {i} is {w}, wider than "
+                    f"matformer_base_intermediate_size={base}"
+                )
+        if self.matformer_tier is not None:
+            _nonneg_int("matformer_tier", self.matformer_tier)
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        self.rope_theta = float(self.rope_theta)
+        if self.torch_dtype not in _DTYPES:
+            raise ConfigError(f"torch_dtype={self.torch_dtype!r} is not one of {_DTYPES}")
+
+    # ---- derived -------------------------------------------------------------------------
+
+    @property
+    def layer_widths(self) -> list[int]:
+        """Stored FFN width of each layer."""
+        if isinstance(self.intermediate_size, list):
+            return list(self.intermediate_size)
+        return [self.intermediate_size] * self.num_hidden_layers
+
+    @property
+    def base(self) -> int:
+        assert self.matformer_base_intermediate_size is not None
+        return self.matformer_base_intermediate_size
+
+    @property
+    def stored_tier(self) -> int | None:
+        """Tier of the stored widths, computed from the sizes (the rule of the spec §2)."""
+        return uniform_tier(self.base, self.layer_widths)
+
+    def check_tier_label(self, source: str = "config.json") -> None:
+        """A `matformer_tier` read from a file must agree with the stored sizes."""
+        if self.matformer_tier is None:
+            return
+        actual = self.stored_tier
+        if actual != self.matformer_tier:
+            what = f"tier {actual}" if actual is not None else "no uniform tier"
+            raise ConfigError(
+                f"{source}: matformer_tier={self.matformer_tier} disagrees with the stored sizes "
+                f"(intermediate_size={self.intermediate_size}, matformer_base_intermediate_size="
+                f"{self.base}: that is {what}); fix or remove matformer_tier"
+            )
+
+    def check_tier(self, tier: int) -> int:
+        """Width of `tier` for this base, or a ConfigError naming the key."""
+        try:
+            return width_of(self.base, tier)
+        except ValueError as e:
+            raise ConfigError(f"matformer_base_intermediate_size: {e}") from None
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.torch_dtype)
+
+    def with_widths(self, widths: int | list[int]) -> MatFormerConfig:
+        """A copy describing the same model storing `widths` (same base)."""
+        new = copy.deepcopy(self)
+        new.intermediate_size = widths
+        new.matformer_tier = None
+        new.__post_init__()
+        new.matformer_tier = new.stored_tier
+        return new
+
+    # ---- config.json ---------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> MatFormerConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        rope_params = d.pop("rope_parameters", None)
+        dtype = d.pop("dtype", None)
+        for k, v in d.items():
+            if k in _KNOWN:
+                kwargs[k] = v
+            elif k not in _REWRITTEN:
+                extra[k] = v
+        if isinstance(rope_params, dict):
+            rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
+            if rtype != "default":
+                raise ConfigError(
+                    f"{source}: rope_parameters.rope_type={rtype!r} is not supported "
+                    f"(only 'default' rotary embeddings)"
+                )
+            if "rope_theta" in rope_params:
+                kwargs.setdefault("rope_theta", rope_params["rope_theta"])
+        scaling = extra.get("rope_scaling")
+        if scaling:
+            raise ConfigError(f"{source}: rope_scaling={scaling!r} is not supported")
+        if dtype is not None and "torch_dtype" not in kwargs:
+            kwargs["torch_dtype"] = dtype
+        if kwargs.get("torch_dtype") is None:
+            kwargs.pop("torch_dtype", None)
+        elif isinstance(kwargs["torch_dtype"], str):
+            kwargs["torch_dtype"] = kwargs["torch_dtype"].removeprefix("torch.")
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if k not in kwargs:
+                raise ConfigError(f"{source}: required key {k!r} is missing")
+        if "intermediate_size" not in kwargs:
+            raise ConfigError(f"{source}: required key 'intermediate_size' is missing")
+        try:
+            cfg = cls(**kwargs, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:  # wrong types that dataclass can't even hold
+            raise ConfigError(f"{source}: {e}") from None
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json object. `matformer_tier` is recomputed from the stored sizes."""
+        d: dict[str, Any] = dict(self.extra)
+        uniform = isinstance(self.intermediate_size, int)
+        d["model_type"] = "llama"
+        d["architectures"] = ["LlamaForCausalLM"] if uniform else ["MatFormerForCausalLM"]
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "matformer_tier"):
+                continue
+            d[f.name] = copy.deepcopy(getattr(self, f.name))
+        d["matformer_tier"] = self.stored_tier
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["dtype"] = self.torch_dtype
+        d.setdefault("hidden_act", "silu")
+        d.setdefault("attention_bias", False)
+        d.setdefault("mlp_bias", False)
+        return dict(sorted(d.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> MatFormerConfig:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read ({e})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(p))
+
+    # ---- presets ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MatFormerConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _positive_int(key: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+
+def _nonneg_int(key: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
+
+
+# Named sizes. `debug` is what tests and examples use; the rest are for real runs. Vocab sizes are
+# defaults; training replaces them with the trained tokenizer's size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "base": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+    "850m": dict(vocab_size=32000, hidden_size=1536, intermediate_size=6144,
+                 num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                 max_position_embeddings=2048),
+}
+
+
+def perplexity(loss: float) -> float:
+    """e^loss (losses are natural-log cross-entropies)."""
+    return math.exp(min(loss, 700.0))

@@ -1,0 +1,343 @@
+"""The MatFormer decoder: a Llama-compatible causal LM whose FFNs are nested.
+
+Architecture (numerically the same as transformers' `LlamaForCausalLM`, parameter names identical
+so the Hugging Face key map is the identity):
+- token embedding -> N x [RMSNorm -> GQA self-attention with rotary embeddings -> residual,
+  RMSNorm -> SwiGLU FFN -> residual] -> RMSNorm -> lm_head (optionally tied to the embedding).
+- Nested FFN: layer i stores `gate_proj`/`up_proj` of shape [I_i, H] and `down_proj` of shape
+  [H, I_i]. Running at width m uses rows [:m] of gate/up and columns [:, :m] of down. These are
+  views of the stored weights: switching width copies nothing, the unused tail receives exactly
+  zero gradient, and the matmuls shrink with m (compute is proportional to the width).
+- The active width is a setting of the model (`set_widths`, `at_width`), not a forward argument,
+  so a generation loop can't silently drift to another width between calls.
+- A KV cache (`KVCache`, preallocated, gpt-fast style) for incremental decoding; `crop()` rolls
+  back positions, which speculative decoding uses to let the verifier overwrite the draft's
+  entries in the same cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MatFormerConfig
+from .errors import TierError
+from .tiers import resolve_widths, tier_of, uniform_tier
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, as transformers does, then scale in the input dtype.
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary:
+    """Default (unscaled) rotary embeddings, computed exactly as transformers' Llama does."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim = head_dim
+        self.theta = theta
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            exps = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(device, torch.float) / self.head_dim
+            self._inv_freq[device] = 1.0 / (self.theta**exps)
+        return self._inv_freq[device]
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (B, T) -> cos, sin: (B, T, hd)
+        inv = self.inv_freq(positions.device)
+        inv_e = inv[None, :, None].expand(positions.shape[0], -1, 1)
+        freqs = (inv_e @ positions[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each.
+
+    `length` is the number of valid positions. A forward with a cache writes its keys at
+    [length, length+T) and then advances `length`; `crop(n)` forgets everything from n on.
+    """
+
+    def __init__(self, config: MatFormerConfig, batch_size: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        if max_len > config.max_position_embeddings:
+            raise TierError(
+                f"KV cache of {max_len} positions exceeds max_position_embeddings="
+                f"{config.max_position_embeddings}"
+            )
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        dtype = dtype or config.dtype
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MatFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.hd = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        mask = None
+        is_causal = T > 1
+        if cache is not None:
+            end = start + T
+            if end > cache.max_len:
+                raise TierError(f"KV cache holds {cache.max_len} positions; this call needs {end}")
+            cache.k[self.layer_idx][:, :, start:end] = k
+            cache.v[self.layer_idx][:, :, start:end] = v
+            k = cache.k[self.layer_idx][:, :, :end]
+            v = cache.v[self.layer_idx][:, :, :end]
+            if start > 0 and T > 1:
+                # Query i sits at absolute position start+i and sees keys 0..start+i.
+                q_pos = torch.arange(start, end, device=x.device)[:, None]
+                mask = torch.arange(end, device=x.device)[None, :] <= q_pos  # (T, end)
+                is_causal = False
+            elif start > 0:
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.hd**-0.5,
+            enable_gqa=self.n_kv != self.n_head,
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class NestedMLP(nn.Module):
+    """SwiGLU FFN whose first `width` neurons form the smaller model's FFN."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.width = intermediate_size
+
+    @property
+    def stored_width(self) -> int:
+        return self.gate_proj.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.width
+        if m == self.stored_width:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Views, not copies: rows [:m] are contiguous; columns [:, :m] are a strided view that
+        # the matmul reads with a leading dimension of the stored width.
+        g = F.linear(x, self.gate_proj.weight[:m])
+        u = F.linear(x, self.up_proj.weight[:m])
+        return F.linear(F.silu(g) * u, self.down_proj.weight[:, :m])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MatFormerConfig, layer_idx: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = NestedMLP(config.hidden_size, intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: MatFormerConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, w) for i, w in enumerate(config.layer_widths)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MatFormerLM(nn.Module):
+    """Causal LM with nested FFNs. `forward(input_ids) -> logits (B, T, V)`."""
+
+    def __init__(self, config: MatFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # ---- init ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """transformers' Llama init: N(0, initializer_range) for linears and embeddings."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.initializer_range
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                if mod is self.lm_head and self.config.tie_word_embeddings:
+                    continue
+                w = torch.empty(mod.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                mod.weight.copy_(w)
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+
+    # ---- widths ----------------------------------------------------------------------------
+
+    @property
+    def base_width(self) -> int:
+        return self.config.base
+
+    @property
+    def stored_widths(self) -> list[int]:
+        return [layer.mlp.stored_width for layer in self.model.layers]
+
+    @property
+    def widths(self) -> list[int]:
+        """Active FFN width of each layer."""
+        return [layer.mlp.width for layer in self.model.layers]
+
+    @property
+    def tier(self) -> int | None:
+        """Uniform tier the model currently computes at, or None for a Mix'n'Match setting."""
+        return uniform_tier(self.base_width, self.widths)
+
+    def resolve_widths(self, *, tier: int | None = None, tiers: Sequence[int] | None = None,
+                       widths: int | Sequence[int] | None = None) -> list[int]:
+        """Validated per-layer widths for a request; tiers are absolute (relative to the base)."""
+        if tier is None and tiers is None and widths is None:
+            return self.stored_widths
+        ws = resolve_widths(self.base_width, len(self.model.layers), tier=tier, tiers=tiers, widths=widths)
+        stored = self.stored_widths
+        for i, (w, s) in enumerate(zip(ws, stored)):
+            if w > s:
+                st = uniform_tier(self.base_width, stored)
+                held = f"tier {st}, width {s}" if st is not None else f"width {s} in layer {i}"
+                want = f"tier {tier}" if tier is not None else f"layer {i}"
+                wt = tier_of(self.base_width, w)
+                if tier is None and wt is not None:
+                    want = f"layer {i} at tier {wt}"
+                raise TierError(
+                    f"this model stores {held}; {want} needs width {w} — load the full "
+                    f"checkpoint (base width {self.base_width})"
+                )
+        return ws
+
+    def set_widths(self, *, tier: int | None = None, tiers: Sequence[int] | None = None,
+                   widths: int | Sequence[int] | None = None) -> MatFormerLM:
+        """Set the active width of every FFN (no argument: back to the stored widths)."""
+        ws = self.resolve_widths(tier=tier, tiers=tiers, widths=widths)
+        for layer, w in zip(self.model.layers, ws):
+            layer.mlp.width = w
+        return self
+
+    @contextlib.contextmanager
+    def at_width(self, *, tier: int | None = None, tiers: Sequence[int] | None = None,
+                 widths: int | Sequence[int] | None = None) -> Iterator[MatFormerLM]:
+        """Run at another width inside a `with` block; the previous setting is restored after."""
+        previous = self.widths
+        self.set_widths(tier=tier, tiers=tiers, widths=widths)
+        try:
+            yield self
+        finally:
+            self.set_widths(widths=previous)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                start: int | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With a cache, positions continue from
+        `cache.length` (or `start`), keys/values are written into it, and its length advances."""
+        B, T = input_ids.shape
+        if start is None:
+            start = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.lm_head(self.model.norm(x))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy (natural log). `labels` default to `input_ids`; label
+        -100 is ignored; the shift is done here, as transformers does."""
+        logits = self(input_ids)
+        return lm_loss(logits, input_ids if labels is None else labels)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    # ---- sizes -----------------------------------------------------------------------------
+
+    def num_parameters_at(self, widths: Sequence[int] | None = None) -> dict[str, int]:
+        return parameter_counts(self.config, self.widths if widths is None else list(widths))
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Shifted cross-entropy: logits (B, T, V) at position t predict labels[:, t+1]."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+
+
+def parameter_counts(config: MatFormerConfig, widths: Sequence[int] | None = None) -> dict[str, int]:
+    """Parameters of the model running at `widths` (default: the stored widths), split into
+    embedding (token embedding + untied lm_head) and non-embedding (everything else)."""
+    ws = config.layer_widths if widths is None else list(widths)
+    h, hd = config.hidden_size, config.head_dim
+    assert hd is not None and config.num_key_value_heads is not None
+    attn = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    per_layer_fixed = attn + 2 * h
+    non_emb = sum(per_layer_fixed + 3 * h * w for w in ws) + h
+    emb = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return {"embedding": emb, "non_embedding": non_emb, "total": emb + non_emb}
