@@ -1,0 +1,60 @@
+"""Cut a tier or a Mix'n'Match submodel out of a checkpoint into a real, smaller checkpoint.
+
+Choose the width with one of --tier, --widths, --layer-tiers or --budget (or --tiers for a
+multi-tier repo with a manifest). Tensors stream one at a time: memory stays about one tensor.
+
+examples:
+  matformer slice runs/full -o runs/tier2 --tier 2
+  matformer slice runs/full -o runs/mix --layer-tiers 3,3,2,2,1,1
+  matformer slice runs/full -o runs/120m --budget 120M --skip-layers 5
+  matformer slice runs/full -o runs/repo --tiers 0,1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="source checkpoint folder")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output folder (must not be the source)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--tier", type=int, metavar="T",
+                      help="uniform tier: FFN width B >> T in every layer (B = the source's base)")
+    what.add_argument("--widths", metavar="W1,W2,...",
+                      help="FFN width per layer (one number: the same width everywhere)")
+    what.add_argument("--layer-tiers", metavar="T1,T2,...", help="tier per layer, e.g. 3,3,2,2,1,1")
+    what.add_argument("--budget", metavar="N",
+                      help="target non-embedding parameter count (e.g. 120M): picks widths by the "
+                      "MatFormer Mix'n'Match heuristic and prints why")
+    what.add_argument("--tiers", metavar="T1,T2,...",
+                      help="write OUT/tier-T/ for each tier plus OUT/matformer_manifest.json")
+    parser.add_argument("--skip-layers", metavar="I,J,...",
+                        help="drop these source layers (0-based) and renumber the rest")
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest shard file, decimal units (default: 5GB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..slicing import slice_checkpoint
+    from ..tiers import parse_int_list
+
+    widths: int | list[int] | None = None
+    if args.widths is not None:
+        wl = parse_int_list(args.widths, "--widths")
+        widths = wl[0] if len(wl) == 1 else wl
+    result = slice_checkpoint(
+        args.src,
+        args.output,
+        tier=args.tier,
+        widths=widths,
+        layer_tiers=parse_int_list(args.layer_tiers, "--layer-tiers") if args.layer_tiers else None,
+        budget=args.budget,
+        skip_layers=parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else None,
+        tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
+        max_shard_size=args.max_shard_size,
+        log=print,
+    )
+    print(result.summary())
+    return 0

@@ -1,0 +1,781 @@
+"""Extraction: cut a tier or a Mix'n'Match submodel out of a checkpoint into a real, smaller one.
+
+What it does (never builds a model; see docs/SLICING.md):
+- plan: turn a request (`tier`, per-layer `widths` / `layer_tiers`, a non-embedding parameter
+  `budget`, optional `skip_layers`) into per-layer output widths and the list of source layers
+  kept. Every output width must be held by the source (slicing a sliced checkpoint further is
+  fine; asking for more than it stores is a `TierError`).
+- stream: for each output tensor, read only what it needs from the source shard and hand it to
+  the checkpoint writer, which writes it and lets it go before the next one is read. FFN slices
+  are prefixes: rows [:m] of gate_proj/up_proj ([I, H]) are one contiguous byte range; columns
+  [:, :m] of down_proj ([H, I]) are H short runs, read row block by row block. Peak memory is
+  about one (sliced) tensor, whatever the model's size.
+- multi-tier: `tiers=[1, 2, 3]` writes OUT/tier-1/, OUT/tier-2/, ... and OUT/matformer_manifest.json
+  (schema version, base width, per tier its width and files with sizes and sha256), which
+  `resolve_manifest_tier` reads to fetch and verify only one tier's files.
+
+Budget heuristic (MatFormer paper, Mix'n'Match): widths non-decreasing with depth and as few
+changes as possible ("least slope"): between the two adjacent granularities whose uniform models
+bracket the budget, the first layers take the narrower one and the last k layers the wider one,
+k as large as the budget allows. That is at most one change, between neighbouring granularities.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import MatFormerConfig
+from .errors import CheckpointError, ConfigError, TierError
+from .tiers import max_tier, resolve_widths, tier_of, uniform_tier, width_of
+
+MANIFEST_NAME = "matformer_manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+# Files copied next to the sliced weights unchanged (tokenizer, generation settings).
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+# The paper's granularities: g = 4 widths, d_ff/8 .. d_ff (tiers 0..3).
+DEFAULT_GRANULARITIES = 4
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+# ---- planning ------------------------------------------------------------------------------
+
+
+@dataclass
+class SlicePlan:
+    """What to write: output config, which source layers are kept (in order), their widths."""
+
+    source: MatFormerConfig
+    config: MatFormerConfig
+    keep_layers: list[int]
+    widths: list[int]
+    explanation: str
+
+    @property
+    def tier(self) -> int | None:
+        return self.config.stored_tier
+
+    def describe(self) -> str:
+        t = self.tier
+        what = f"tier {t} (width {self.widths[0]})" if t is not None else f"widths {self.widths}"
+        skipped = sorted(set(range(self.source.num_hidden_layers)) - set(self.keep_layers))
+        if skipped:
+            what += f", layers {skipped} dropped ({len(self.keep_layers)} kept)"
+        return what
+
+
+def _non_embedding(config: MatFormerConfig, n_layers: int, widths: Sequence[int]) -> int:
+    """Non-embedding parameters of `n_layers` layers with FFN `widths` (same count as
+    `matformer.model.parameter_counts`, without building a model or importing torch)."""
+    h, hd = config.hidden_size, config.head_dim
+    assert hd is not None and config.num_key_value_heads is not None
+    attn = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    # per layer: attention + two RMSNorms + SwiGLU (3 matrices of h x w); plus the final norm
+    return n_layers * (attn + 2 * h) + sum(3 * h * w for w in widths) + h
+
+
+def non_embedding_parameters(config: MatFormerConfig, widths: Sequence[int] | None = None) -> int:
+    """Non-embedding parameter count of `config` running (or storing) per-layer `widths`."""
+    ws = config.layer_widths if widths is None else list(widths)
+    return _non_embedding(config, len(ws), ws)
+
+
+def _fmt_params(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def parse_count(text: str | int) -> int:
+    """'120M', '1.5B', '250k', '123456' -> an int (decimal units)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    s = str(text).strip().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMbBgG]?)", s)
+    if not m:
+        raise ConfigError(f"budget must be a parameter count like 120M, 1.5B or 250000, got {text!r}")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}[m.group(2).lower()]
+    return int(round(float(m.group(1)) * scale))
+
+
+def plan_budget(
+    config: MatFormerConfig,
+    budget: int | str,
+    *,
+    skip_layers: Sequence[int] | None = None,
+    granularities: int = DEFAULT_GRANULARITIES,
+) -> tuple[list[int], str]:
+    """Pick per-layer widths for a non-embedding parameter `budget` by the paper's Mix'n'Match
+    heuristic; returns (widths of the kept layers, a human explanation of the choice).
+
+    Candidates are the first `granularities` tiers of the base (the paper's S/M/L/XL), limited to
+    what `config` stores in each layer. Among width lists that are non-decreasing with depth and
+    switch at most once between two adjacent granularities, take the largest one within budget
+    (ties: fewer changes). `skip_layers` are source layer indices dropped before planning.
+    """
+    budget = parse_count(budget)
+    if budget <= 0:
+        raise ConfigError(f"budget must be a positive parameter count, got {budget}")
+    keep = _keep_layers(config, skip_layers)
+    stored = [config.layer_widths[i] for i in keep]
+    base = config.base
+    n_tiers = min(max_tier(base), granularities - 1) + 1
+    # widest first; keep only widths some layer can hold
+    cands = [width_of(base, t) for t in range(n_tiers)]
+    cands = [w for w in cands if w <= max(stored)]
+    if not cands:
+        raise TierError(
+            f"the source stores widths {stored}, narrower than every granularity "
+            f"{[width_of(base, t) for t in range(n_tiers)]} of base {base}; use --widths"
+        )
+    cands.sort()  # narrow -> wide
+    L = len(stored)
+    options: list[tuple[int, int, list[int]]] = []  # (params, -changes, widths)
+    for lo_i in range(len(cands)):
+        hi_i = min(lo_i + 1, len(cands) - 1)
+        lo, hi = cands[lo_i], cands[hi_i]
+        for k in range(L + 1):  # last k layers wide
+            ws = [lo] * (L - k) + [hi] * k
+            if any(w > s for w, s in zip(ws, stored, strict=True)):
+                continue
+            p = _non_embedding(config, L, ws)
+            if p <= budget:
+                changes = sum(1 for a, b in zip(ws, ws[1:], strict=False) if a != b)
+                options.append((p, -changes, ws))
+    layers_note = f"{L} layers" + (f" (layers {sorted(set(range(config.num_hidden_layers)) - set(keep))} dropped)" if L != config.num_hidden_layers else "")
+    uniform_lines = []
+    for w in cands:
+        t = tier_of(base, w)
+        fits = all(w <= s for s in stored)
+        p = _non_embedding(config, L, [w] * L)
+        uniform_lines.append(
+            f"  tier {t} (width {w}) everywhere: {_fmt_params(p)} ({p:,})"
+            + ("" if fits else " — not held by the source")
+        )
+    if not options:
+        smallest = _non_embedding(config, L, [cands[0]] * L)
+        raise TierError(
+            f"budget {_fmt_params(budget)} ({budget:,}) non-embedding parameters is below the "
+            f"smallest submodel, {_fmt_params(smallest)} ({smallest:,}) at width {cands[0]} with "
+            f"{layers_note}; raise the budget or drop layers with --skip-layers"
+        )
+    p, neg_changes, ws = max(options, key=lambda o: (o[0], o[1]))
+    changes = -neg_changes
+    if changes == 0:
+        t = tier_of(base, ws[0])
+        choice = f"tier {t} (width {ws[0]}) in all {L} layers"
+    else:
+        k = sum(1 for w in ws if w == ws[-1])
+        choice = (
+            f"width {ws[0]} (tier {tier_of(base, ws[0])}) in {_span(0, L - k - 1)}, width {ws[-1]} "
+            f"(tier {tier_of(base, ws[-1])}) in {_span(L - k, L - 1)}"
+        )
+    explanation = "\n".join(
+        [
+            f"budget: {_fmt_params(budget)} ({budget:,}) non-embedding parameters, {layers_note}",
+            "uniform submodels:",
+            *uniform_lines,
+            f"chose: {choice}: {_fmt_params(p)} ({p:,}), {100.0 * p / budget:.1f}% of the budget",
+            "why: the paper's Mix'n'Match heuristic — widths non-decreasing with depth, at most "
+            "one change between adjacent granularities (least slope), the largest such model "
+            "within the budget",
+        ]
+    )
+    return ws, explanation
+
+
+def _span(a: int, b: int) -> str:
+    return f"layer {a}" if a == b else f"layers {a}-{b}"
+
+
+def _keep_layers(config: MatFormerConfig, skip_layers: Sequence[int] | None) -> list[int]:
+    n = config.num_hidden_layers
+    if not skip_layers:
+        return list(range(n))
+    skip = [int(i) for i in skip_layers]
+    for i in skip:
+        if not 0 <= i < n:
+            raise ConfigError(f"skip_layers: layer {i} does not exist (the source has layers 0-{n - 1})")
+    if len(set(skip)) != len(skip):
+        raise ConfigError(f"skip_layers: {skip} names a layer twice")
+    keep = [i for i in range(n) if i not in set(skip)]
+    if not keep:
+        raise ConfigError(f"skip_layers: {skip} drops all {n} layers; keep at least one")
+    return keep
+
+
+def plan_slice(
+    source: MatFormerConfig,
+    *,
+    tier: int | None = None,
+    widths: int | Sequence[int] | None = None,
+    layer_tiers: Sequence[int] | None = None,
+    budget: int | str | None = None,
+    skip_layers: Sequence[int] | None = None,
+) -> SlicePlan:
+    """Validate a request against the source config and return the output plan.
+
+    Per-layer `widths` / `layer_tiers` may list every source layer (skipped ones are then
+    ignored) or only the kept layers. Widths are absolute; tiers are relative to the base."""
+    given = [n for n, v in (("tier", tier), ("widths", widths), ("layer_tiers", layer_tiers),
+                            ("budget", budget)) if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one of tier, widths, layer_tiers, budget (got {', '.join(given)})")
+    keep = _keep_layers(source, skip_layers)
+    n_src, n_keep = source.num_hidden_layers, len(keep)
+    base = source.base
+    stored = source.layer_widths
+    explanation = ""
+    if budget is not None:
+        out_widths, explanation = plan_budget(source, budget, skip_layers=skip_layers)
+    elif tier is not None:
+        out_widths = resolve_widths(base, n_keep, tier=tier)
+    elif widths is not None or layer_tiers is not None:
+        per = widths if widths is not None else layer_tiers
+        if isinstance(per, int):
+            out_widths = resolve_widths(base, n_keep, widths=per)
+        else:
+            lst = list(per)  # type: ignore[arg-type]
+            name = "widths" if widths is not None else "layer_tiers"
+            if len(lst) == n_src and n_src != n_keep:
+                lst = [lst[i] for i in keep]
+            elif len(lst) != n_keep:
+                need = f"{n_keep}" + (f" (the kept layers) or {n_src} (all source layers)" if n_keep != n_src else "")
+                raise TierError(f"{name} has {len(lst)} entries; the model needs {need}")
+            if widths is not None:
+                out_widths = resolve_widths(base, n_keep, widths=lst)
+            else:
+                out_widths = resolve_widths(base, n_keep, tiers=lst)
+    else:
+        out_widths = [stored[i] for i in keep]  # only dropping layers (or a plain copy)
+    # Every output width must be held by the source layer it is cut from.
+    for j, (i, w) in enumerate(zip(keep, out_widths, strict=True)):
+        s = stored[i]
+        if w > s:
+            st = uniform_tier(base, stored)
+            held = f"tier {st}, width {s}" if st is not None else f"width {s} in layer {i}"
+            wt = tier_of(base, w)
+            want = f"tier {wt}" if wt is not None else f"width {w}"
+            raise TierError(
+                f"the source stores {held}; {want} (output layer {j}) needs width {w} — slice "
+                f"from a checkpoint that holds it (the full one has base width {base})"
+            )
+    cfg = copy.deepcopy(source)
+    cfg.num_hidden_layers = n_keep
+    cfg.intermediate_size = list(out_widths)
+    cfg.matformer_tier = None
+    cfg.__post_init__()
+    cfg = cfg.with_widths(cfg.intermediate_size)  # recomputes matformer_tier from the sizes
+    if not explanation:
+        t = cfg.stored_tier
+        explanation = (
+            f"tier {t}: width {out_widths[0]} in all {n_keep} layers" if t is not None
+            else f"per-layer widths {out_widths} (no uniform tier)"
+        )
+        if n_keep != n_src:
+            explanation += f"; dropped layers {sorted(set(range(n_src)) - set(keep))}, renumbered the rest"
+    return SlicePlan(source=source, config=cfg, keep_layers=keep, widths=list(out_widths),
+                     explanation=explanation)
+
+
+# ---- tensor mapping ------------------------------------------------------------------------
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where it comes from and which part of the source tensor it is."""
+
+    out_name: str
+    src_name: str
+    dtype: str  # safetensors dtype string ("F32", "BF16", ...)
+    src_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kind: str  # "copy" | "rows" (prefix of dim 0) | "cols" (prefix of dim 1 of a 2-D tensor)
+
+
+def map_tensors(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[int]]]) -> list[TensorJob]:
+    """Map the source's (name, dtype, shape) list (in file order) onto the output tensors.
+
+    Layers not kept are dropped; kept layers are renumbered 0..n-1 in order. FFN tensors of a
+    kept layer are cut to its output width and checked against the width the source config
+    says it stores (a mismatch names the tensor and both shapes)."""
+    new_index = {src: j for j, src in enumerate(plan.keep_layers)}
+    stored = plan.source.layer_widths
+    h = plan.source.hidden_size
+    jobs: list[TensorJob] = []
+    for name, dtype, shape in src_tensors:
+        shape = tuple(int(d) for d in shape)
+        m = _LAYER_RE.match(name)
+        if m is None:
+            jobs.append(TensorJob(name, name, dtype, shape, shape, "copy"))
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        if i >= plan.source.num_hidden_layers:
+            raise CheckpointError(
+                f"tensor {name!r}: layer {i} does not exist in a model of "
+                f"{plan.source.num_hidden_layers} layers (config.json num_hidden_layers)"
+            )
+        if i not in new_index:
+            continue
+        j = new_index[i]
+        out_name = f"model.layers.{j}.{rest}"
+        s, w = stored[i], plan.widths[j]
+        if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            _expect(name, shape, (s, h))
+            jobs.append(TensorJob(out_name, name, dtype, shape, (w, h), "rows" if w < s else "copy"))
+        elif rest == "mlp.down_proj.weight":
+            _expect(name, shape, (h, s))
+            jobs.append(TensorJob(out_name, name, dtype, shape, (h, w), "cols" if w < s else "copy"))
+        elif rest in ("mlp.gate_proj.bias", "mlp.up_proj.bias"):
+            _expect(name, shape, (s,))
+            jobs.append(TensorJob(out_name, name, dtype, shape, (w,), "rows" if w < s else "copy"))
+        else:
+            jobs.append(TensorJob(out_name, name, dtype, shape, shape, "copy"))
+    return jobs
+
+
+def _expect(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if found != expected:
+        raise CheckpointError(
+            f"tensor {name!r} has shape {list(found)}, expected {list(expected)} from config.json "
+            f"(intermediate_size / hidden_size); the config does not describe these weights"
+        )
+
+
+# ---- multi-tier manifest -------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_entries(root: Path, folder: str) -> list[dict[str, Any]]:
+    entries = []
+    for p in sorted((root / folder).iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            entries.append({"path": f"{folder}/{p.name}", "size": p.stat().st_size, "sha256": _sha256(p)})
+    return entries
+
+
+def build_manifest(root: Path, base: int, folders: dict[int, str], widths: dict[int, int]) -> dict[str, Any]:
+    """The manifest object for tier folders already written under `root`."""
+    return {
+        "format": "matformer-manifest",
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "base_intermediate_size": base,
+        "tiers": {
+            str(t): {"intermediate_size": widths[t], "folder": folders[t],
+                     "files": _file_entries(root, folders[t])}
+            for t in sorted(folders)
+        },
+    }
+
+
+def _safe_relpath(p: Any, where: str) -> str:
+    """A manifest path must stay inside the repo: relative, '/'-separated, no '..'."""
+    if not isinstance(p, str) or not p:
+        raise CheckpointError(f"{where}: expected a relative file path, got {p!r}")
+    parts = p.split("/")
+    if (p.startswith("/") or "\\" in p or ":" in p or any(x in ("", ".", "..") for x in parts)):
+        raise CheckpointError(f"{where}: path {p!r} is not a plain relative path inside the repo")
+    return p
+
+
+def parse_manifest(obj: Any, source: str = MANIFEST_NAME) -> dict[int, dict[str, Any]]:
+    """Validate a manifest object; returns {tier: {"intermediate_size", "folder", "files"}}."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a JSON object")
+    version = obj.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{source}: missing or invalid 'schema_version' ({version!r})")
+    if version > MANIFEST_SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{source}: schema_version {version} is newer than this matformer reads "
+            f"({MANIFEST_SCHEMA_VERSION}); upgrade matformer"
+        )
+    base = obj.get("base_intermediate_size")
+    if not isinstance(base, int) or isinstance(base, bool) or base <= 0:
+        raise CheckpointError(f"{source}: 'base_intermediate_size' must be a positive integer, got {base!r}")
+    tiers = obj.get("tiers")
+    if not isinstance(tiers, dict) or not tiers:
+        raise CheckpointError(f"{source}: 'tiers' must be a non-empty object of tier -> files")
+    out: dict[int, dict[str, Any]] = {}
+    for key, entry in tiers.items():
+        where = f"{source}: tiers[{key!r}]"
+        if not (isinstance(key, str) and key.isdigit()):
+            raise CheckpointError(f"{where}: tier keys must be non-negative integers")
+        t = int(key)
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: expected an object")
+        folder = _safe_relpath(entry.get("folder"), f"{where}.folder")
+        width = entry.get("intermediate_size")
+        if not isinstance(width, int) or isinstance(width, bool) or tier_of(base, width) != t:
+            raise CheckpointError(
+                f"{where}: intermediate_size {width!r} is not tier {t} of base {base}"
+            )
+        files = entry.get("files")
+        if not isinstance(files, list) or not files:
+            raise CheckpointError(f"{where}.files: expected a non-empty list")
+        checked = []
+        for k, f in enumerate(files):
+            fw = f"{where}.files[{k}]"
+            if not isinstance(f, dict):
+                raise CheckpointError(f"{fw}: expected an object")
+            path = _safe_relpath(f.get("path"), f"{fw}.path")
+            if not path.startswith(folder + "/") or path.count("/") != folder.count("/") + 1:
+                raise CheckpointError(f"{fw}: {path!r} is not a file directly in folder {folder!r}")
+            size, digest = f.get("size"), f.get("sha256")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise CheckpointError(f"{fw}: size must be a non-negative integer, got {size!r}")
+            if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise CheckpointError(f"{fw}: sha256 must be 64 lowercase hex digits, got {digest!r}")
+            checked.append({"path": path, "size": size, "sha256": digest})
+        if not any(c["path"] == f"{folder}/config.json" for c in checked):
+            raise CheckpointError(f"{where}: the file list has no {folder}/config.json")
+        out[t] = {"intermediate_size": width, "folder": folder, "files": checked}
+    return out
+
+
+def _pick_tier(tiers: dict[int, dict[str, Any]], tier: int | None, base: int, source: str) -> int:
+    held = ", ".join(f"{t} (width {tiers[t]['intermediate_size']})" for t in sorted(tiers))
+    if tier is None:
+        raise TierError(
+            f"{source} is a multi-tier repo holding tiers {held}; pass tier= (or --tier) to "
+            f"choose one"
+        )
+    if tier in tiers:
+        return tier
+    want = width_of(base, tier)
+    # The narrowest stored tier that still holds the requested width: runtime slicing does the rest.
+    wider = [t for t in tiers if tiers[t]["intermediate_size"] >= want]
+    if not wider:
+        raise TierError(
+            f"{source} holds tiers {held}; tier {tier} needs width {want}, wider than all of "
+            f"them — use the full checkpoint"
+        )
+    return max(wider)
+
+
+def find_manifest(src: str | os.PathLike, revision: str | None = None) -> Path | None:
+    """Local path of `src`'s matformer_manifest.json (downloading it for a Hub repo id), or None
+    when `src` is not a multi-tier repo (it has config.json at its top, or no manifest)."""
+    p = Path(src)
+    if p.exists():
+        if not p.is_dir():
+            return None
+        m = p / MANIFEST_NAME
+        return m if m.is_file() and not (p / "config.json").exists() else None
+    if not _looks_like_repo_id(str(src)):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(str(src), MANIFEST_NAME, revision=revision))
+    except EntryNotFoundError:
+        return None
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s) is not None and ".." not in s
+
+
+def resolve_manifest_tier(
+    src: str | os.PathLike, tier: int | None, revision: str | None = None
+) -> Path:
+    """Local folder holding `tier` of the multi-tier repo or folder `src`, with every file of
+    that tier (and only those) fetched and checked against the manifest's size and sha256.
+
+    A tier not in the manifest is served by the narrowest stored tier that holds its width (the
+    loader then slices at run time); a tier wider than all of them is a `TierError`. A file whose
+    size or hash differs is a `CheckpointError` naming it."""
+    manifest_path = find_manifest(src, revision)
+    if manifest_path is None:
+        raise CheckpointError(f"{src}: no {MANIFEST_NAME} here; it is not a multi-tier repo")
+    try:
+        obj = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: cannot read the manifest ({e})") from None
+    tiers = parse_manifest(obj, source=str(manifest_path))
+    chosen = _pick_tier(tiers, tier, obj["base_intermediate_size"], str(src))
+    entry = tiers[chosen]
+    local = Path(src).exists()
+    root = manifest_path.parent
+    for f in entry["files"]:
+        if local:
+            path = root / f["path"]
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {MANIFEST_NAME} but missing")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(src), f["path"], revision=revision))
+            root = path.parents[f["path"].count("/")]
+        size = path.stat().st_size
+        if size != f["size"]:
+            raise CheckpointError(
+                f"{path}: size {size} bytes, the manifest says {f['size']} — a truncated or "
+                f"replaced file; download it again"
+            )
+        digest = _sha256(path)
+        if digest != f["sha256"]:
+            raise CheckpointError(
+                f"{path}: sha256 {digest} does not match the manifest ({f['sha256']}) — the file "
+                f"is corrupt or was replaced; download it again"
+            )
+    return root / entry["folder"]
+
+
+# ---- streaming extraction ------------------------------------------------------------------
+
+
+@dataclass
+class SliceResult:
+    """What `slice_checkpoint` wrote. For `tiers=[...]`, `parts` holds one result per tier and
+    `manifest` the manifest's path; the byte counts are then totals."""
+
+    path: Path
+    config: MatFormerConfig | None
+    widths: list[int]
+    keep_layers: list[int]
+    explanation: str
+    files: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    parts: dict[int, SliceResult] | None = None
+    manifest: Path | None = None
+
+    @property
+    def tier(self) -> int | None:
+        return self.config.stored_tier if self.config is not None else None
+
+    def summary(self) -> str:
+        if self.parts is not None:
+            lines = [f"wrote {len(self.parts)} tiers to {self.path} with {self.manifest}"]
+            lines += [f"  {p.summary()}" for p in self.parts.values()]
+            return "\n".join(lines)
+        assert self.config is not None
+        t = self.tier
+        what = f"tier {t} (width {self.widths[0]})" if t is not None else f"widths {self.widths}"
+        return (
+            f"{self.path}: {what}, {len(self.widths)} layers, "
+            f"{_fmt_params(non_embedding_parameters(self.config))} non-embedding parameters; "
+            f"{len(self.files)} files, read {self.bytes_read / 1e6:.1f} MB, wrote "
+            f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.2f} s"
+        )
+
+
+class _PrefixReader:
+    """Reads the needed part of one source tensor at a time with pread into a fresh buffer:
+    no memory map (mapped pages would count against the process and stay resident), no copy
+    beyond the output tensor itself. Counts the bytes it reads."""
+
+    def __init__(self, folder: Path, checkpoint: Any) -> None:
+        self.folder = folder
+        self.ck = checkpoint
+        self.fds: dict[str, int] = {}
+        self.bytes_read = 0
+
+    def _fd(self, shard: str) -> int:
+        if shard not in self.fds:
+            try:
+                self.fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{self.folder / shard}: cannot open ({e.strerror or e})") from None
+        return self.fds[shard]
+
+    def _pread_into(self, fd: int, mv: memoryview, offset: int, shard: str) -> None:
+        done = 0
+        while done < len(mv):
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.folder / shard}: file ended early (changed while reading?)")
+            done += n
+        self.bytes_read += done
+
+    def read(self, job: TensorJob):
+        import torch
+
+        from .io.safetensors import DTYPES, torch_dtype
+
+        info = self.ck.info(job.src_name)
+        shard = self.ck.where[job.src_name]
+        fd = self._fd(shard)
+        item = DTYPES[job.dtype][0]
+        numel = 1
+        for d in job.out_shape:
+            numel *= d
+        buf = torch.empty(numel * item, dtype=torch.uint8)  # the output tensor's own storage
+        mv = memoryview(buf.numpy()) if numel else memoryview(b"")
+        if job.kind in ("copy", "rows"):
+            # A prefix of dim 0 is a prefix of the bytes: one contiguous read.
+            self._pread_into(fd, mv, info.start, shard)
+        else:  # "cols": [H, I] -> [H, m]: the first m*item bytes of each of the H rows
+            rows, src_cols = job.src_shape
+            run, stride = job.out_shape[1] * item, src_cols * item
+            for r in range(rows):
+                self._pread_into(fd, mv[r * run:(r + 1) * run], info.start + r * stride, shard)
+        dt = torch_dtype(job.dtype)
+        return (buf.view(dt) if numel else torch.empty(0, dtype=dt)).reshape(job.out_shape)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _open_source(src: str | os.PathLike, revision: str | None):
+    """(folder, validated Checkpoint, source config) for a local folder or a Hub repo id."""
+    from .io.layout import CONFIG_NAME, open_checkpoint, resolve_files
+
+    p = Path(src)
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: not a checkpoint folder")
+        if find_manifest(p) is not None:
+            raise CheckpointError(
+                f"{p}: is a multi-tier repo ({MANIFEST_NAME}); slice one of its tier folders, "
+                f"e.g. {p / 'tier-0'}"
+            )
+        layout = resolve_files(p)
+    else:
+        from .io.hub import fetch, is_repo_id, split_revision
+
+        if not is_repo_id(str(src)):
+            raise CheckpointError(f"{src}: no such folder (and not a Hub repo id like org/name)")
+        repo, rev = split_revision(str(src), revision)
+        layout = fetch(repo, rev)
+    if layout.pickle:
+        raise CheckpointError(f"{layout.folder}: holds pickle (.bin) weights; slicing reads safetensors only")
+    config = MatFormerConfig.from_json_file(layout.folder / CONFIG_NAME)
+    config.check_tier_label(str(layout.folder / CONFIG_NAME))
+    return layout.folder, open_checkpoint(layout), config
+
+
+def _file_order(ck: Any) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Source tensors in (shard, offset) order: the writer's order is then a sequential read."""
+    order = {s: i for i, s in enumerate(ck.layout.shards)}
+    infos = sorted(ck.tensors.values(), key=lambda t: (order[ck.where[t.name]], t.start))
+    return [(t.name, t.dtype, t.shape) for t in infos]
+
+
+def slice_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tier: int | None = None,
+    widths: int | Sequence[int] | None = None,
+    layer_tiers: Sequence[int] | None = None,
+    budget: int | str | None = None,
+    skip_layers: Sequence[int] | None = None,
+    tiers: Sequence[int] | None = None,
+    max_shard_size: int | str = "5GB",
+    revision: str | None = None,
+    log: Any = None,
+) -> SliceResult:
+    """Write a smaller checkpoint cut from `src` into `out` (see the module docstring).
+
+    Choose at most one of `tier`, `widths` (int or one per layer), `layer_tiers`, `budget` (a
+    non-embedding parameter count; the choice is explained in the result and logged), or
+    `tiers` (several uniform tiers: OUT/tier-T/ each, plus OUT/matformer_manifest.json).
+    `skip_layers` drops source layers and renumbers the rest. `log` (e.g. `print`) receives
+    progress lines. Raises TierError for widths the source does not hold."""
+    import time
+
+    say = log or (lambda *_: None)
+    if tiers is not None:
+        others = [n for n, v in (("tier", tier), ("widths", widths), ("layer_tiers", layer_tiers),
+                                 ("budget", budget)) if v is not None]
+        if others:
+            raise ConfigError(f"tiers= writes several uniform tiers; drop {', '.join(others)}")
+        return _slice_many(src, out, list(tiers), skip_layers=skip_layers,
+                           max_shard_size=max_shard_size, revision=revision, say=say)
+    t0 = time.perf_counter()
+    folder, ck, source = _open_source(src, revision)
+    out_path = Path(out)
+    if out_path.exists() and out_path.resolve() == folder.resolve():
+        raise CheckpointError(f"{out_path}: is the source folder; write the slice to another folder")
+    plan = plan_slice(source, tier=tier, widths=widths, layer_tiers=layer_tiers, budget=budget,
+                      skip_layers=skip_layers)
+    say(plan.explanation)
+    jobs = map_tensors(plan, _file_order(ck))
+    by_name = {j.out_name: j for j in jobs}
+    reader = _PrefixReader(folder, ck)
+    extra = {name: folder / name for name in CARRIED_FILES if (folder / name).is_file()}
+    from .io.checkpoint import write_checkpoint
+
+    try:
+        written = write_checkpoint(
+            out_path, plan.config, [(j.out_name, j.dtype, j.out_shape) for j in jobs],
+            lambda name: reader.read(by_name[name]), max_shard_size=max_shard_size,
+            extra_files=extra,
+        )
+    finally:
+        reader.close()
+    files = _written_files(out_path, written)
+    nbytes = sum((out_path / f).stat().st_size for f in files)
+    return SliceResult(out_path, plan.config, plan.widths, plan.keep_layers, plan.explanation,
+                       files, reader.bytes_read, nbytes, time.perf_counter() - t0)
+
+
+def _written_files(out: Path, written: Any) -> list[str]:
+    """File names the writer reports (list of names/paths), else the folder's contents."""
+    if isinstance(written, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in written):
+        return [Path(w).name for w in written]
+    return sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _slice_many(src, out, tiers: list[int], *, skip_layers, max_shard_size, revision, say) -> SliceResult:
+    import time
+
+    t0 = time.perf_counter()
+    if not tiers:
+        raise ConfigError("tiers: give at least one tier")
+    if len(set(tiers)) != len(tiers):
+        raise ConfigError(f"tiers: {tiers} names a tier twice")
+    root = Path(out)
+    if (root / "config.json").exists():
+        raise CheckpointError(
+            f"{root}: holds a checkpoint (config.json); a multi-tier repo needs its own folder"
+        )
+    # Validate every tier before writing anything.
+    _, _, source = _open_source(src, revision)
+    for t in tiers:
+        plan_slice(source, tier=t, skip_layers=skip_layers)
+    root.mkdir(parents=True, exist_ok=True)
+    parts: dict[int, SliceResult] = {}
+    for t in sorted(tiers):
+        say(f"tier {t} -> {root / f'tier-{t}'}")
+        parts[t] = slice_checkpoint(src, root / f"tier-{t}", tier=t, skip_layers=skip_layers,
+                                    max_shard_size=max_shard_size, revision=revision)
+    manifest = build_manifest(root, source.base, {t: f"tier-{t}" for t in parts},
+                              {t: parts[t].widths[0] for t in parts})
+    path = root / MANIFEST_NAME
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return SliceResult(
+        root, None, [], [], "\n".join(p.explanation for p in parts.values()),
+        [MANIFEST_NAME] + [f"tier-{t}/{f}" for t, p in parts.items() for f in p.files],
+        sum(p.bytes_read for p in parts.values()), sum(p.bytes_written for p in parts.values()),
+        time.perf_counter() - t0, parts=parts, manifest=path,
+    )
