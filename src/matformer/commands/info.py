@@ -1,0 +1,56 @@
+"""Show what a checkpoint stores: widths, base, tier, runnable tiers, files, parameters, dtype.
+
+SRC is a checkpoint folder, a .safetensors file, or a Hub repo id (org/name[@revision]).
+Only config.json and the safetensors headers are read; no tensor data, no torch import.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="checkpoint folder, .safetensors file or org/name")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from matformer.io.checkpoint import checkpoint_info
+
+    info = checkpoint_info(args.src, revision=args.revision)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    base = info["matformer_base_intermediate_size"]
+    tier = info["matformer_tier"]
+    widths = info["stored_widths"]
+    stored = (f"tier {tier} (width {widths[0]})" if tier is not None
+              else f"per layer {widths}" if len(set(widths)) > 1 else f"width {widths[0]} (no tier)")
+    n = info["num_parameters"]
+    lines = [
+        f"checkpoint       {info['folder']}",
+        f"stored           {stored}",
+        f"base width       {base}",
+        "runtime tiers    " + ", ".join(f"{t} (width {w})" for t, w in
+                                         zip(info["runnable_tiers"], info["runnable_widths"])),
+        f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, vocab {info['vocab_size']}"
+        + (", tied embeddings" if info["tie_word_embeddings"] else ""),
+        f"parameters       {n['total']:,} ({n['embedding']:,} embedding, "
+        f"{n['non_embedding']:,} non-embedding)",
+        f"dtype            {info['dtype']}",
+        f"files            {len(info['files'])}, {_size(sum(f['size'] for f in info['files']))}",
+    ]
+    lines += [f"  {f['name']:<40} {_size(f['size']):>10}" for f in info["files"]]
+    print("\n".join(lines))
+    return 0

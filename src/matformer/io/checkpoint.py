@@ -1,0 +1,567 @@
+"""Loading and saving checkpoints: the public API of the spec (docs/FORMAT.md).
+
+- `load_state_dict(src)`: tensors of a folder, a single .safetensors file, or a Hub repo id.
+- `load_model(src, tier=None, widths=None, dtype=None)`: build the model on the meta device and
+  assign zero-copy memory-mapped tensors (about 1x the checkpoint in memory); the stored width is
+  checked against config.json and the shapes, a requested width is applied as runtime slicing.
+- `write_checkpoint(out_dir, config, specs, produce)`: the streaming writer (one tensor in
+  memory at a time); `save_model(model, out_dir)` is built on it.
+- `checkpoint_info(src)`: what `matformer info` prints; reads headers only, imports no torch.
+
+Writes are atomic per folder: everything goes into a temporary folder beside the target, is
+fsynced, then swapped in with one `renameat2(RENAME_EXCHANGE)` (the old folder stays complete
+until the instant the new one replaces it), so a crash leaves the old checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import MatFormerConfig
+from ..errors import CheckpointError, ConfigError
+from ..tiers import max_tier, uniform_tier
+from . import hub
+from .layout import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
+    SINGLE_NAMES,
+    Checkpoint,
+    Layout,
+    open_checkpoint,
+    resolve_files,
+)
+from .safetensors import DTYPES, mmap_tensors, st_dtype, write_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import MatFormerLM
+
+# Tensors of old transformers checkpoints that carry no weights (recomputed at run time).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+# ---- locating a checkpoint ------------------------------------------------------------------
+
+
+def _locate(src: str | os.PathLike, revision: str | None = None) -> tuple[Layout, Path]:
+    """The weights layout and the config.json path of a folder, a file or a Hub repo."""
+    p = Path(src)
+    if p.exists():
+        if p.is_dir():
+            return resolve_files(p), p / CONFIG_NAME
+        if p.suffix != ".safetensors":
+            if p.suffix == ".bin":
+                return Layout(p.parent, [p.name], pickle=True), p.parent / CONFIG_NAME
+            raise CheckpointError(f"{p}: not a folder or a .safetensors file")
+        return Layout(p.parent, [p.name]), p.parent / CONFIG_NAME
+    s = str(src)
+    if hub.is_repo_id(s):
+        repo, rev = hub.split_revision(s, revision)
+        layout = hub.fetch(repo, rev)
+        return layout, layout.folder / CONFIG_NAME
+    raise CheckpointError(f"{src}: no such file or folder (and not a Hub repo id like org/name)")
+
+
+def _read_config(path: Path) -> MatFormerConfig:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no config.json beside the weights; a checkpoint needs one")
+    cfg = MatFormerConfig.from_json_file(path)
+    cfg.check_tier_label(source=str(path))
+    return cfg
+
+
+def expected_shapes(config: MatFormerConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint of `config` and its shape (transformers' Llama names)."""
+    h, v = config.hidden_size, config.vocab_size
+    hd, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    assert hd is not None and nkv is not None
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i, w in enumerate(config.layer_widths):
+        pre = f"model.layers.{i}."
+        out[pre + "self_attn.q_proj.weight"] = (nh * hd, h)
+        out[pre + "self_attn.k_proj.weight"] = (nkv * hd, h)
+        out[pre + "self_attn.v_proj.weight"] = (nkv * hd, h)
+        out[pre + "self_attn.o_proj.weight"] = (h, nh * hd)
+        out[pre + "mlp.gate_proj.weight"] = (w, h)
+        out[pre + "mlp.up_proj.weight"] = (w, h)
+        out[pre + "mlp.down_proj.weight"] = (h, w)
+        out[pre + "input_layernorm.weight"] = (h,)
+        out[pre + "post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def _check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, where: str,
+                  file_of: Callable[[str], str] | None = None) -> None:
+    """Tensor names and shapes must be what config.json describes (spec §2 detection)."""
+    want = expected_shapes(config)
+    for name, shape in found.items():
+        if name not in want:
+            continue
+        if tuple(shape) != want[name]:
+            hint = ""
+            if ".mlp." in name:
+                hint = (f" (config.json says intermediate_size={config.intermediate_size}; the "
+                        f"stored FFN width must match it)")
+            loc = f"{file_of(name)}: " if file_of else ""
+            raise CheckpointError(f"{where}: {loc}tensor {name!r} has shape {list(shape)}, "
+                                  f"config.json expects {list(want[name])}{hint}")
+    missing = [n for n in want if n not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where}: tensors {missing[:3]}{more} are missing from the "
+                              f"checkpoint")
+    extra = [n for n in found if n not in want and not _IGNORED.search(n)
+             and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise CheckpointError(f"{where}: unexpected tensors {extra[:3]}{more} (not part of a "
+                              f"model described by config.json)")
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _load_pickle(layout: Layout) -> dict[str, torch.Tensor]:
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for s in layout.shards:
+        try:
+            part = torch.load(layout.folder / s, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{layout.folder / s}: cannot load the pickle ({e})") from None
+        for k, v in part.items():
+            if k in out:
+                raise CheckpointError(f"{layout.folder}: tensor {k!r} is in two .bin shards")
+            out[k] = v
+    return out
+
+
+def _tensors(layout: Layout, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Checkpoint | None]:
+    if layout.pickle:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{layout.folder}: only pickle weights ({layout.shards[0]}) found; pickles can "
+                f"run arbitrary code when loaded, so they are refused. Convert the checkpoint to "
+                f"safetensors, or pass allow_pickle=True if you trust its source"
+            )
+        return _load_pickle(layout), None
+    ck = open_checkpoint(layout)
+    out: dict[str, torch.Tensor] = {}
+    by_shard: dict[str, list[str]] = {}
+    for n, s in ck.where.items():
+        by_shard.setdefault(s, []).append(n)
+    for s, names in by_shard.items():
+        out.update(mmap_tensors(ck.headers[s], names))
+    return out, ck
+
+
+def load_state_dict(src: str | os.PathLike, revision: str | None = None, *,
+                    allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (folder, .safetensors file or Hub repo id), validated, as
+    read-only-on-disk memory-mapped CPU tensors (writing to one never changes the file)."""
+    layout, _ = _locate(src, revision)
+    sd, _ = _tensors(layout, allow_pickle)
+    return sd
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32"}
+    name = aliases.get(name, name)
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
+    return getattr(torch, name)
+
+
+def load_model(src: str | os.PathLike, tier: int | None = None,
+               widths: int | Sequence[int] | None = None, dtype: Any = None,
+               revision: str | None = None, device: Any = None, *,
+               allow_pickle: bool = False) -> MatFormerLM:
+    """Config + weights -> `MatFormerLM`, without a second copy of the weights.
+
+    `tier` (absolute: width = base >> tier) or `widths` selects the active width by runtime
+    slicing; asking for more than the checkpoint stores raises a TierError. `dtype` converts the
+    floating-point weights (default: as stored)."""
+    import torch
+
+    from ..model import MatFormerLM
+
+    layout, config_path = _locate(src, revision)
+    config = _read_config(config_path)
+    sd, ck = _tensors(layout, allow_pickle)
+    file_of = (lambda n: ck.where[n]) if ck is not None else None
+    _check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(layout.folder), file_of)
+    for k in [k for k in sd if _IGNORED.search(k)]:
+        del sd[k]
+    target = _resolve_dtype(dtype)
+    if target is None:
+        floats = {v.dtype for v in sd.values() if v.is_floating_point()}
+        if len(floats) == 1 and str(next(iter(floats))).removeprefix("torch.") in (
+                "float32", "float16", "bfloat16"):
+            target = next(iter(floats))
+        else:  # mixed or exotic storage: use the config's dtype for every weight
+            target = config.dtype
+    for k, v in sd.items():
+        if v.dtype != target:
+            sd[k] = v.to(target)
+    if config.tie_word_embeddings:
+        # One tensor on disk; the model holds it under both names.
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    config.torch_dtype = str(target).removeprefix("torch.")
+    with torch.device("meta"):
+        model = MatFormerLM(config)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:  # already shape-checked; keep the message short anyway
+        raise CheckpointError(f"{layout.folder}: {str(e).splitlines()[0]}") from None
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if device is not None:
+        model.to(device)
+    if tier is not None or widths is not None:
+        model.set_widths(tier=tier, widths=widths)
+    return model
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as transformers); 'KiB', 'MiB', 'GiB' are binary."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise CheckpointError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'")
+    unit = (m.group(2) or "b").lower()
+    mult = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+            "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit]
+    n = int(float(m.group(1)) * mult)
+    if n <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
+    return n
+
+
+def plan_shards(specs: Sequence[tuple[str, str, Sequence[int]]], max_shard_size: int | str
+                ) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """Greedy in order: a shard is closed when the next tensor would take it over the limit; a
+    tensor larger than the limit gets a shard of its own."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for name, dtype, shape in specs:
+        n = DTYPES[dtype][0]
+        for d in shape:
+            n *= int(d)
+        if shards[-1] and used + n > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, dtype, tuple(int(d) for d in shape)))
+        used += n
+    return shards
+
+
+def _check_plain_name(name: str) -> str:
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
+            or "\x00" in name):
+        raise CheckpointError(f"extra file name {name!r} must be a plain file name")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False where the OS can't."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise CheckpointError(f"{b}: cannot swap in the new checkpoint ({os.strerror(err)})")
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.matformer-"
+
+
+def _cleanup_stale(target: Path) -> None:
+    """Remove temporary folders left by saves that were killed (their process is gone)."""
+    prefix = _tmp_prefix(target)
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            m = re.match(r"(tmp|old)-(\d+)-", entry.name[len(prefix):])
+            if not m:
+                continue
+            pid = int(m.group(2))
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, 0)
+                    continue  # a live process may still be writing it
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _old_checkpoint_files(folder: Path) -> set[str]:
+    """Names in an existing folder that belong to its checkpoint (not carried into the new one)."""
+    names = {CONFIG_NAME, INDEX_NAME, PICKLE_INDEX, PICKLE_SINGLE, *SINGLE_NAMES}
+    with contextlib.suppress(Exception):
+        wm = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
+        names.update(v for v in wm.values() if isinstance(v, str))
+    with contextlib.suppress(Exception):
+        names.update(entry.name for entry in folder.iterdir() if _SHARD_RE.match(entry.name))
+    return names
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
+    """Files of the old folder that are not part of the checkpoint (logs, notes, a tokenizer not
+    given again) stay: hard links, so nothing is copied."""
+    for entry in old.iterdir():
+        if entry.name in skip or (new / entry.name).exists():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
+
+
+def _atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]]) -> Path:
+    """Run `fill(tmp)` to write the new checkpoint into a fresh folder beside `out_dir`, then
+    swap it in atomically. `fill` returns the names it wrote."""
+    target = Path(out_dir).absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(target)
+    tmp = target.parent / f"{_tmp_prefix(target)}tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        written = fill(tmp)
+        if target.exists():
+            _carry_over(target, tmp, _old_checkpoint_files(target) | written)
+        _fsync_dir(tmp)
+        if target.exists():
+            if _exchange(tmp, target):
+                _fsync_dir(target.parent)
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
+                return target
+            # No atomic exchange on this platform: two renames (a crash between them leaves the
+            # old checkpoint in `.NAME.matformer-old-*` beside the target).
+            old = target.parent / f"{_tmp_prefix(target)}old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_extra(folder: Path, extra_files: Mapping[str, str | os.PathLike | bytes] | None) -> set[str]:
+    names: set[str] = set()
+    for name, content in (extra_files or {}).items():
+        _check_plain_name(name)
+        dst = folder / name
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            dst.write_bytes(bytes(content))
+        else:
+            try:
+                shutil.copyfile(content, dst)
+            except OSError as e:
+                raise CheckpointError(f"{content}: cannot copy into the checkpoint as {name} "
+                                      f"({e.strerror or e})") from None
+        with open(dst, "rb") as f:
+            os.fsync(f.fileno())
+        names.add(name)
+    return names
+
+
+def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
+                     specs: Sequence[tuple[str, str, Sequence[int]]],
+                     produce: Callable[[str], torch.Tensor], max_shard_size: int | str = "5GB",
+                     extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+    """Write a checkpoint tensor by tensor: `specs` is [(name, safetensors dtype like "BF16",
+    shape)] in file order, `produce(name)` returns that tensor (CPU or not, any layout) and is
+    called once per name, one at a time, so a source larger than memory can be streamed.
+
+    config.json describes the tensors written: `intermediate_size` must match the FFN shapes,
+    `matformer_tier` is derived from the sizes, `matformer_base_intermediate_size` always set.
+    Atomic: the folder holds the old checkpoint or the new one, never a mix."""
+    specs = [(n, st_dtype(d), tuple(int(x) for x in s)) for n, d, s in specs]
+    if config.tie_word_embeddings:
+        specs = [s for s in specs if s[0] != "lm_head.weight"]  # tied: written once
+    _check_shapes({n: s for n, _, s in specs}, config, str(out_dir))
+    config = MatFormerConfig.from_dict(config.to_dict())  # a copy; tier recomputed below
+    floats = {d for n, d, _ in specs if d in _FLOAT_ST}
+    if len(floats) == 1:
+        config.torch_dtype = _FLOAT_ST[next(iter(floats))]
+    config.matformer_tier = uniform_tier(config.base, config.layer_widths)
+    plan = plan_shards(specs, max_shard_size)
+    n = len(plan)
+    names = ["model.safetensors"] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def fill(tmp: Path) -> set[str]:
+        written = _write_extra(tmp, extra_files)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for fname, shard in zip(names, plan):
+            write_file(tmp / fname, shard, produce, metadata={"format": "pt"})
+            for name, dtype, shape in shard:
+                weight_map[name] = fname
+                size = DTYPES[dtype][0]
+                for d in shape:
+                    size *= d
+                total += size
+        written.update(names)
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+            written.add(INDEX_NAME)
+        _write_text(tmp / CONFIG_NAME, config.to_json_string())  # last: a folder with a config
+        written.add(CONFIG_NAME)
+        return written
+
+    return _atomic_folder(out_dir, fill)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _unwrap(model: Any) -> Any:
+    # DDP wraps in .module, torch.compile in ._orig_mod; their state dicts carry prefixes.
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and not hasattr(model, "config"):
+            model = model.module
+        else:
+            return model
+
+
+def save_model(model: MatFormerLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+               extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+    """Save config.json + safetensors (sharded above `max_shard_size`, decimal units).
+
+    The config describes the tensors written — the stored widths — whatever width the model is
+    running at: a full-width model running at tier 2 writes `matformer_tier: 0`."""
+    model = _unwrap(model)
+    config = model.config.with_widths(model.stored_widths)
+    sd = model.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    specs = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in sd.items()]
+    return write_checkpoint(out_dir, config, specs, sd.__getitem__, max_shard_size, extra_files)
+
+
+# ---- info -----------------------------------------------------------------------------------
+
+
+def checkpoint_info(src: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """Everything `matformer info` shows, from config.json and the safetensors headers (no
+    tensor data is read, torch is not imported). Raises CheckpointError/ConfigError on any
+    inconsistency a load would refuse."""
+    layout, config_path = _locate(src, revision)
+    if layout.pickle:
+        raise CheckpointError(f"{layout.folder}: only pickle (.bin) weights; matformer reads "
+                              f"safetensors (pickles can run code when loaded)")
+    config = _read_config(config_path)
+    ck = open_checkpoint(layout)
+    tensors = ck.tensors
+    _check_shapes({n: t.shape for n, t in tensors.items()}, config, str(layout.folder),
+                  lambda n: ck.where[n])
+    emb = sum(t.numel for n, t in tensors.items()
+              if n == "model.embed_tokens.weight" or (n == "lm_head.weight" and not config.tie_word_embeddings))
+    total = sum(t.numel for n, t in tensors.items() if not _IGNORED.search(n)
+                and not (n == "lm_head.weight" and config.tie_word_embeddings))
+    dtypes = sorted({t.dtype for t in tensors.values()})
+    widths = config.layer_widths
+    base = config.base
+    runnable = [t for t in range(max_tier(base) + 1) if (base >> t) <= min(widths)]
+    files = [{"name": name, "size": size} for name, size in ck.files]
+    if layout.index is not None:
+        files.insert(0, {"name": layout.index.name, "size": layout.index.stat().st_size})
+    return {
+        "source": str(src),
+        "folder": str(layout.folder),
+        "intermediate_size": config.intermediate_size,
+        "matformer_base_intermediate_size": base,
+        "matformer_tier": config.stored_tier,
+        "stored_widths": widths,
+        "runnable_tiers": runnable,
+        "runnable_widths": [base >> t for t in runnable],
+        "files": files,
+        "num_tensors": len(tensors),
+        "tensor_bytes": sum(t.nbytes for t in tensors.values()),
+        "num_parameters": {"embedding": emb, "non_embedding": total - emb, "total": total},
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+    }
