@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         f"stored           {stored}",
         f"base width       {base}",
         "runtime tiers    " + ", ".join(f"{t} (width {w})" for t, w in
-                                         zip(info["runnable_tiers"], info["runnable_widths"])),
+                                         zip(info["runnable_tiers"], info["runnable_widths"], strict=True)),
         f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, vocab {info['vocab_size']}"
         + (", tied embeddings" if info["tie_word_embeddings"] else ""),
         f"parameters       {n['total']:,} ({n['embedding']:,} embedding, "

@@ -466,7 +466,7 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
         written = _write_extra(tmp, extra_files)
         weight_map: dict[str, str] = {}
         total = 0
-        for fname, shard in zip(names, plan):
+        for fname, shard in zip(names, plan, strict=True):
             write_file(tmp / fname, shard, produce, metadata={"format": "pt"})
             for name, dtype, shape in shard:
                 weight_map[name] = fname

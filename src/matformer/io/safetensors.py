@@ -292,7 +292,7 @@ def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, Sequence
     p = Path(path)
     with open(p, "wb") as f:
         f.write(header)
-        for (name, dtype, shape), n in zip(specs, sizes):
+        for (name, dtype, shape), n in zip(specs, sizes, strict=True):
             t = produce(name)
             got = st_dtype(t.dtype)
             if got != dtype or tuple(t.shape) != tuple(int(d) for d in shape):
