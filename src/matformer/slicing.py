@@ -483,19 +483,37 @@ def find_manifest(src: str | os.PathLike, revision: str | None = None) -> Path |
             return None
         m = p / MANIFEST_NAME
         return m if m.is_file() and not (p / "config.json").exists() else None
-    if not _looks_like_repo_id(str(src)):
+    from .io.hub import is_repo_id, split_revision
+
+    if not is_repo_id(str(src)):
         return None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    repo, rev = split_revision(str(src), revision)
+    return _hub_get(repo, MANIFEST_NAME, rev, missing_ok=True)
+
+
+def _hub_get(repo: str, filename: str, revision: str | None, missing_ok: bool = False) -> Path | None:
+    """hf_hub_download with our errors: None for an absent file when `missing_ok`."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(str(src), MANIFEST_NAME, revision=revision))
-    except EntryNotFoundError:
-        return None
-
-
-def _looks_like_repo_id(s: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s) is not None and ".." not in s
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except RemoteEntryNotFoundError:
+        if missing_ok:
+            return None
+        raise CheckpointError(f"{repo}: {filename} is listed in {MANIFEST_NAME} but not in the repo") from None
+    except LocalEntryNotFoundError:
+        # Offline and not cached: a recorded absence means "no manifest"; anything else is
+        # left to the ordinary loader (it reports what it cannot reach).
+        if missing_ok:
+            cached = try_to_load_from_cache(repo, filename, revision=revision)
+            if cached is None or not isinstance(cached, str):
+                return None
+        raise CheckpointError(
+            f"{repo}: {filename} is not in the local cache and the Hub cannot be reached"
+        ) from None
+    except Exception as e:  # HTTP, auth, disk: report, never swallow
+        raise CheckpointError(f"{repo}: cannot download {filename} ({type(e).__name__}: {e})") from None
 
 
 def resolve_manifest_tier(
@@ -519,15 +537,21 @@ def resolve_manifest_tier(
     entry = tiers[chosen]
     local = Path(src).exists()
     root = manifest_path.parent
+    if not local:
+        from .io.hub import split_revision
+
+        repo, rev = split_revision(str(src), revision)
+        # Every file from the commit the manifest came from (snapshots/<commit>/...).
+        commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else rev
     for f in entry["files"]:
+        path = root / f["path"]
         if local:
-            path = root / f["path"]
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {MANIFEST_NAME} but missing")
         else:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(src), f["path"], revision=revision))
+            got = _hub_get(repo, f["path"], commit)
+            assert got is not None
+            path = got
             root = path.parents[f["path"].count("/")]
         size = path.stat().st_size
         if size != f["size"]:
