@@ -517,15 +517,17 @@ def _hub_get(repo: str, filename: str, revision: str | None, missing_ok: bool = 
 
 
 def resolve_manifest_tier(
-    src: str | os.PathLike, tier: int | None, revision: str | None = None
+    src: str | os.PathLike, tier: int | None, revision: str | None = None, *,
+    manifest: Path | None = None,
 ) -> Path:
     """Local folder holding `tier` of the multi-tier repo or folder `src`, with every file of
     that tier (and only those) fetched and checked against the manifest's size and sha256.
 
     A tier not in the manifest is served by the narrowest stored tier that holds its width (the
     loader then slices at run time); a tier wider than all of them is a `TierError`. A file whose
-    size or hash differs is a `CheckpointError` naming it."""
-    manifest_path = find_manifest(src, revision)
+    size or hash differs is a `CheckpointError` naming it. `manifest`: the manifest's local path
+    when the caller already has it (from `find_manifest`)."""
+    manifest_path = manifest if manifest is not None else find_manifest(src, revision)
     if manifest_path is None:
         raise CheckpointError(f"{src}: no {MANIFEST_NAME} here; it is not a multi-tier repo")
     try:

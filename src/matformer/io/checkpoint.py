@@ -211,9 +211,10 @@ def load_model(src: str | os.PathLike, tier: int | None = None,
     from ..model import MatFormerLM
     from ..slicing import find_manifest, resolve_manifest_tier
 
-    if find_manifest(src, revision) is not None:
+    manifest = find_manifest(src, revision)
+    if manifest is not None:
         # A multi-tier repo (matformer_manifest.json): fetch and hash-check only this tier's files.
-        src, revision = resolve_manifest_tier(src, tier, revision), None
+        src, revision = resolve_manifest_tier(src, tier, revision, manifest=manifest), None
     layout, config_path = _locate(src, revision)
     config = _read_config(config_path)
     sd, ck = _tensors(layout, allow_pickle)
