@@ -423,3 +423,85 @@ def speculative_generate(
     extra = {"cache": cache} if return_cache else {}
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target), stats=stats,
                             draft_widths=list(draft), extra=extra)
+
+
+# ---- text in, text out (the `matformer generate` verb) -----------------------------------------
+
+
+class _TextStream:
+    """Prints decoded text as tokens arrive. Decodes the whole output each time and prints the
+    new suffix: byte-level BPE tokens can split a UTF-8 character, so a trailing replacement
+    character is held back until the next token completes it."""
+
+    def __init__(self, tokenizer: Any, out: Any) -> None:
+        self.tok = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new: list[int]) -> None:
+        self.ids.extend(new)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+
+
+def generate_text(
+    ckpt: str,
+    prompt: str,
+    max_new_tokens: int = 128,
+    *,
+    tier: int | None = None,
+    widths: int | Sequence[int] | None = None,
+    draft_tier: int | None = None,
+    draft_widths: int | Sequence[int] | None = None,
+    draft_tokens: int | str = 4,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    out: Any = None,
+) -> GenerationOutput:
+    """Load a checkpoint and its tokenizer, decode after `prompt`, stream the text to `out`
+    (default stdout). Speculative when a draft width is given. Returns the output with
+    `extra["text"]`."""
+    import sys
+
+    from .data import load_tokenizer
+    from .evaluate import _checkpoint_folder
+    from .io.checkpoint import load_model
+
+    if not prompt or not prompt.strip():
+        raise DataError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
+    if tier is not None and widths is not None:
+        raise ConfigError("give --tier or --widths, not both")
+    if draft_tier is not None and draft_widths is not None:
+        raise ConfigError("give --draft-tier or --draft-widths, not both")
+    # The tokenizer first: a missing one fails before any weights are read.
+    tok = load_tokenizer(_checkpoint_folder(ckpt))
+    model = load_model(ckpt, dtype=dtype, device=device).eval()
+    model.set_widths(tier=tier, widths=widths)  # a width the checkpoint can't run: TierError
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise DataError("the prompt is empty after tokenization; give some text")
+    stream = _TextStream(tok, out or sys.stdout)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=stream)
+    if draft_tier is not None or draft_widths is not None:
+        result = speculative_generate(model, ids, max_new_tokens, draft_tier=draft_tier,
+                                      draft_widths=draft_widths, draft_tokens=draft_tokens, **kw)
+    else:
+        result = generate(model, ids, max_new_tokens, **kw)
+    stream.finish()
+    result.extra["text"] = tok.decode(result.tokens, skip_special_tokens=True)
+    result.extra["base_width"] = model.base_width
+    return result

@@ -1,0 +1,114 @@
+"""Plots of an evaluation report (matplotlib, imported only when a plot is asked for).
+
+`plot_elastic_curve(report, path)` draws the paper's elastic curve: validation loss against
+non-embedding parameters for every evaluated width, the trained tiers joined by a line and
+labelled, Mix'n'Match points between them, and beside it the consistency with the full width
+(greedy-token match) on the same x axis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_TIER_NAMES = {0: "XL", 1: "L", 2: "M", 3: "S"}  # the paper's names for g = 4 granularities
+
+
+def _mix_label(widths: list[int], base: int) -> str:
+    """'2×t2 + 2×t1' for a per-layer list (counts of each width, narrow first)."""
+    counts = Counter(widths)
+    parts = []
+    for w in sorted(counts):
+        ratio = base // w if base % w == 0 else None
+        t = ratio.bit_length() - 1 if ratio and ratio & (ratio - 1) == 0 else None
+        parts.append(f"{counts[w]}×{'t' + str(t) if t is not None else str(w)}")
+    return " + ".join(parts)
+
+
+def _fmt_params(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write a PNG of `report` (an `EvalReport` or its `to_dict()`) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    base = d["base_width"]
+    rows = d["results"]
+    tiers = sorted((r for r in rows if r["kind"] == "tier"), key=lambda r: r["non_embedding_params"])
+    mixes = [r for r in rows if r["kind"] == "mix"]
+    custom = [r for r in rows if r["kind"] == "custom"]
+
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.6, 1]}, constrained_layout=True
+    )
+    fmt = FuncFormatter(lambda x, _pos: _fmt_params(x))
+
+    def series(axis, key, scale=1.0):
+        if mixes:
+            axis.scatter([r["non_embedding_params"] for r in mixes],
+                         [r[key] * scale for r in mixes], marker="D", s=28, color="#ff7f0e",
+                         zorder=3, label="Mix'n'Match (least slope)")
+        if custom:
+            axis.scatter([r["non_embedding_params"] for r in custom],
+                         [r[key] * scale for r in custom], marker="s", s=40, color="#2ca02c",
+                         zorder=3, label="requested widths")
+        if tiers:
+            axis.plot([r["non_embedding_params"] for r in tiers], [r[key] * scale for r in tiers],
+                      "-o", color="#1f77b4", ms=8, lw=2, zorder=4, label="trained tiers")
+
+    series(ax, "loss")
+    for r in tiers:
+        t = r["tier"]
+        ax.annotate(f"tier {t}" + (f" ({_TIER_NAMES[t]})" if t in _TIER_NAMES else ""),
+                    (r["non_embedding_params"], r["loss"]), textcoords="offset points",
+                    xytext=(6, 8), fontsize=10, fontweight="bold", color="#1f77b4")
+    for r in mixes + custom:
+        ax.annotate(_mix_label(r["widths"], base), (r["non_embedding_params"], r["loss"]),
+                    textcoords="offset points", xytext=(5, -12), fontsize=7.5, color="#555555")
+    ax.margins(x=0.12, y=0.12)
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.xaxis.set_major_formatter(fmt)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    ax.set_title("Elastic curve: one model, every width")
+    # Perplexity on the right axis of the loss plot: same curve, another unit.
+    lo, hi = ax.get_ylim()
+    sec = ax.secondary_yaxis("right", functions=(lambda y: np.exp(np.clip(y, None, 700)),
+                                                 lambda p: np.log(np.clip(p, 1e-300, None))))
+    sec.set_ylabel("perplexity")
+    ax.set_ylim(lo, hi)
+
+    series(ax2, "greedy_match", 100.0)
+    ax2.margins(x=0.12, y=0.1)
+    ax2.set_xlabel("non-embedding parameters")
+    ax2.set_ylabel("greedy tokens matching the full width (%)")
+    ax2.xaxis.set_major_formatter(fmt)
+    ax2.grid(alpha=0.3)
+    ax2.set_title("Consistency with the full width")
+    for r in tiers:
+        ax2.annotate(f"KL {r['kl_from_reference']:.3f}",
+                     (r["non_embedding_params"], 100 * r["greedy_match"]),
+                     textcoords="offset points", xytext=(6, -12), fontsize=8, color="#1f77b4")
+
+    sub = (f"{d.get('source', '')} — {d.get('data', '')}, {d.get('tokens', 0):,} tokens per width"
+           f"; KL = {d.get('kl_direction', '')}")
+    fig.suptitle(title or "MatFormer evaluation", fontsize=13, fontweight="bold")
+    fig.text(0.5, -0.02, sub, ha="center", fontsize=8, color="#555555")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return out
