@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job, from a fresh clone: set up .venv, train a small MatFormer on the default corpus
+# (the Python standard library's own source; offline), evaluate every tier and a few Mix'n'Match
+# configurations, print the table, and write the checkpoint and the elastic-curve plot.
+# OUT (default runs/demo) is where everything goes; extra args go to `matformer train`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+OUT=${OUT:-runs/demo}
+.venv/bin/matformer train --out "$OUT" "$@"
+.venv/bin/matformer eval "$OUT" --plot "$OUT/elastic.png" --json "$OUT/eval.json"
+echo
+echo "checkpoint: $OUT/   plot: $OUT/elastic.png   eval report: $OUT/eval.json"
