@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -176,12 +177,15 @@ def test_write_checkpoint_streams_one_tensor_at_a_time(tmp_path):
     src = make_model().state_dict()
     specs = [(k, "F32", tuple(v.shape)) for k, v in src.items()]
     calls: list[str] = []
-    alive: list[int] = []
+    previous: list[weakref.ref] = []
 
     def produce(name):
+        # The writer must have dropped the tensor it was given before asking for the next one.
+        assert all(r() is None for r in previous), "two produced tensors alive at once"
         calls.append(name)
-        alive.append(sum(1 for c in calls))
-        return src[name].clone()
+        t = src[name].clone()
+        previous.append(weakref.ref(t))
+        return t
 
     write_checkpoint(tmp_path / "ck", DEBUG, specs, produce, max_shard_size="150KB")
     assert calls == list(src)  # each once, in file order

@@ -68,7 +68,7 @@ def fetch(repo_id: str, revision: str | None = None, *, cache_dir: str | Path | 
     idx = get(INDEX_NAME, commit)
     if idx is not None:
         wm = parse_index(idx)
-        shards = list(dict.fromkeys(wm.values()))
+        shards = sorted(set(wm.values()))
         for s in shards:
             check_shard_name(s, str(idx))
         for s in shards:

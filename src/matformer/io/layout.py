@@ -67,7 +67,7 @@ class Layout:
     """The files of one checkpoint folder (not yet opened beyond the index)."""
 
     folder: Path
-    shards: list[str]  # file names, in first-use order
+    shards: list[str]  # file names, sorted
     index: Path | None = None
     weight_map: dict[str, str] | None = None
     pickle: bool = False  # .bin files: only loaded when the caller opted in
@@ -81,7 +81,7 @@ def resolve_files(folder: str | os.PathLike) -> Layout:
     idx = d / INDEX_NAME
     if _exists(idx):
         wm = parse_index(idx)
-        shards = list(dict.fromkeys(wm.values()))
+        shards = sorted(set(wm.values()))
         for s in shards:
             if not _exists(d / s):
                 raise CheckpointError(f"{idx}: names shard {s!r}, which is missing from {d}")
@@ -91,7 +91,7 @@ def resolve_files(folder: str | os.PathLike) -> Layout:
             return Layout(d, [name])
     if _exists(d / PICKLE_INDEX):
         wm = _parse_pickle_index(d / PICKLE_INDEX)
-        return Layout(d, list(dict.fromkeys(wm.values())), d / PICKLE_INDEX, wm, pickle=True)
+        return Layout(d, sorted(set(wm.values())), d / PICKLE_INDEX, wm, pickle=True)
     if _exists(d / PICKLE_SINGLE):
         return Layout(d, [PICKLE_SINGLE], pickle=True)
     raise CheckpointError(
