@@ -624,9 +624,15 @@ class _PrefixReader:
     def _fd(self, shard: str) -> int:
         if shard not in self.fds:
             try:
-                self.fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
+                fd = os.open(self.folder / shard, os.O_RDONLY)
             except OSError as e:
                 raise CheckpointError(f"{self.folder / shard}: cannot open ({e.strerror or e})") from None
+            if hasattr(os, "posix_fadvise"):
+                # Readahead off: every read names exactly the bytes it needs (row prefixes,
+                # column runs); readahead would pull in the skipped tails (measured: 740 MB from
+                # disk instead of 586 MB for 431 MB of tensors, 1 GB source to tier 3).
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self.fds[shard] = fd
         return self.fds[shard]
 
     def _pread_into(self, fd: int, mv: memoryview, offset: int, shard: str) -> None:

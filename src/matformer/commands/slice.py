@@ -16,7 +16,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="source checkpoint folder")
+    parser.add_argument("src", metavar="SRC", help="source checkpoint folder or Hub repo id (org/name)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (must not be the source)")
     what = parser.add_mutually_exclusive_group()
