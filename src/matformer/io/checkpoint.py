@@ -197,6 +197,25 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     return getattr(torch, name)
 
 
+def _SkipMetaInit():
+    """A torch function mode that skips random init of meta tensors: their values are replaced
+    by the checkpoint anyway, and the first `normal_` on a meta tensor costs ~3 s in torch 2.x
+    (it loads the Python decompositions)."""
+    from torch.overrides import TorchFunctionMode
+
+    class _Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in ("normal_", "uniform_", "kaiming_uniform_",
+                                                  "trunc_normal_"):
+                t = args[0] if args else kwargs.get("tensor")
+                if getattr(t, "is_meta", False):
+                    return t
+            return func(*args, **kwargs)
+
+    return _Mode()
+
+
 def load_model(src: str | os.PathLike, tier: int | None = None,
                widths: int | Sequence[int] | None = None, dtype: Any = None,
                revision: str | None = None, device: Any = None, *,
@@ -237,7 +256,7 @@ def load_model(src: str | os.PathLike, tier: int | None = None,
         # One tensor on disk; the model holds it under both names.
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     config.torch_dtype = str(target).removeprefix("torch.")
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipMetaInit():
         model = MatFormerLM(config)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
