@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.errors import CheckpointError, ConfigError, MatFormerError, TierError
@@ -84,7 +86,7 @@ def test_model_holding_tier_2_weights_writes_tier_2_and_base(tmp_path):
     assert m.widths == [64, 64] and m.stored_widths == [64, 64]
     m = load_model(tmp_path / "ck", tier=3)  # narrower: runtime slicing
     assert m.widths == [32, 32] and m.stored_widths == [64, 64]
-    with pytest.raises(TierError, match="stores tier 2, width 64; tier 1 needs width 128 — load the full"):
+    with pytest.raises(TierError, match="this checkpoint stores tier 2, width 64; tier 1 needs width 128 — load the full"):
         load_model(tmp_path / "ck", tier=1)
     with pytest.raises(TierError):
         load_model(tmp_path / "ck", widths=100)
@@ -535,3 +537,81 @@ def test_cli_info_errors_are_one_or_two_lines(tmp_path):
 
 def test_errors_are_our_type():
     assert issubclass(CheckpointError, MatFormerError)
+
+
+# ---- property-based: mutated index entries only ever raise our error type --------------------
+
+_index_value = st.one_of(
+    st.sampled_from(["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
+                     "model-00004-of-00004.safetensors", "model-00005-of-00004.safetensors",
+                     "../model-00001-of-00004.safetensors", "/tmp/x.safetensors", "x.bin", "", ".",
+                     "model.safetensors", "config.json"]),
+    st.none(), st.integers(), st.lists(st.text(max_size=3), max_size=2), st.text(max_size=8),
+)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_index_raises_only_checkpoint_error(tmp_path_factory, data):
+    folder = _pristine(tmp_path_factory)
+    idx = json.loads((folder / "model.safetensors.index.json").read_text())
+    wm = idx["weight_map"]
+    names = sorted(wm)
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["set", "drop", "add", "rename", "whole", "meta"]))
+        if op == "set":
+            wm[data.draw(st.sampled_from(names))] = data.draw(_index_value)
+        elif op == "drop" and wm:
+            wm.pop(data.draw(st.sampled_from(sorted(wm))), None)
+        elif op == "add":
+            wm[data.draw(st.text(max_size=12))] = data.draw(_index_value)
+        elif op == "rename" and wm:
+            k = data.draw(st.sampled_from(sorted(wm)))
+            wm[k + data.draw(st.text(min_size=1, max_size=3))] = wm.pop(k)
+        elif op == "whole":
+            idx["weight_map"] = data.draw(st.none() | st.lists(st.integers(), max_size=2) | st.just({}))
+        else:
+            idx["metadata"] = data.draw(st.none() | st.just({"total_size": -1}) | st.text(max_size=4))
+    work = tmp_path_factory.mktemp("mut")
+    for p in folder.iterdir():
+        os.link(p, work / p.name)
+    (work / "model.safetensors.index.json").unlink()
+    (work / "model.safetensors.index.json").write_text(json.dumps(idx))
+    try:
+        m = load_model(work)
+    except MatFormerError as e:
+        assert "Traceback" not in str(e)
+        return
+    # Accepted: then it must be exactly the original model (metadata is advisory).
+    assert_same_tensors(m.state_dict(), load_model(folder).state_dict())
+
+
+_PRISTINE: dict[str, Path] = {}
+
+
+def _pristine(factory) -> Path:
+    if "p" not in _PRISTINE:
+        folder = factory.mktemp("pristine") / "ck"
+        save_model(make_model(), folder, max_shard_size="200KB")
+        assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 4
+        _PRISTINE["p"] = folder
+    return _PRISTINE["p"]
+
+
+def test_write_errors_are_our_type_and_leave_the_old_checkpoint(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="not a folder|cannot create"):
+        save_model(make_model(), tmp_path / "file" / "ck")
+    save_model(make_model(0), tmp_path / "ck")
+
+    class Boom(RuntimeError):
+        pass
+
+    def produce(name):
+        raise Boom  # a failure half-way through a save
+    sd = make_model(1).state_dict()
+    with pytest.raises(Boom):
+        write_checkpoint(tmp_path / "ck", DEBUG, [(k, "F32", tuple(v.shape)) for k, v in sd.items()], produce)
+    assert_same_tensors(load_state_dict(tmp_path / "ck"), make_model(0).state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import MatFormerConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TierError
 from ..tiers import max_tier, uniform_tier
 from . import hub
 from .layout import (
@@ -267,7 +267,10 @@ def load_model(src: str | os.PathLike, tier: int | None = None,
     if device is not None:
         model.to(device)
     if tier is not None or widths is not None:
-        model.set_widths(tier=tier, widths=widths)
+        try:
+            model.set_widths(tier=tier, widths=widths)
+        except TierError as e:  # name the checkpoint, not "this model"
+            raise TierError(f"{src}: " + str(e).replace("this model stores", "this checkpoint stores")) from None
     return model
 
 
@@ -412,10 +415,14 @@ def _atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]])
     target = Path(out_dir).absolute()
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target}: exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(target)
-    tmp = target.parent / f"{_tmp_prefix(target)}tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _cleanup_stale(target)
+        tmp = target.parent / f"{_tmp_prefix(target)}tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"{target}: cannot create a temporary folder beside it "
+                              f"({e.strerror or e}); the parent folder must be writable") from None
     try:
         written = fill(tmp)
         if target.exists():
@@ -436,6 +443,11 @@ def _atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]])
         else:
             os.rename(tmp, target)
             _fsync_dir(target.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise CheckpointError(f"{target}: cannot write the checkpoint: {e.strerror or e}{where}; "
+                              f"the previous checkpoint (if any) is unchanged") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
