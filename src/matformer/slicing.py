@@ -683,10 +683,12 @@ def _open_source(src: str | os.PathLike, revision: str | None):
     if p.exists():
         if not p.is_dir():
             raise CheckpointError(f"{p}: not a checkpoint folder")
-        if find_manifest(p) is not None:
+        manifest = find_manifest(p)
+        if manifest is not None:
+            folders = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "config.json").exists())
             raise CheckpointError(
-                f"{p}: is a multi-tier repo ({MANIFEST_NAME}); slice one of its tier folders, "
-                f"e.g. {p / 'tier-0'}"
+                f"{p}: is a multi-tier repo ({MANIFEST_NAME}); slice one of its tier folders "
+                f"({', '.join(folders) or 'none found'}), e.g. {p / (folders[0] if folders else 'tier-0')}"
             )
         layout = resolve_files(p)
     else:
