@@ -72,7 +72,10 @@ def _locate(src: str | os.PathLike, revision: str | None = None) -> tuple[Layout
     s = str(src)
     if hub.is_repo_id(s):
         repo, rev = hub.split_revision(s, revision)
-        layout = hub.fetch(repo, rev)
+        try:
+            layout = hub.fetch(repo, rev)
+        except CheckpointError as e:  # maybe a mistyped local path: say both
+            raise CheckpointError(f"{e} (no local folder {src!r} either)") from None
         return layout, layout.folder / CONFIG_NAME
     raise CheckpointError(f"{src}: no such file or folder (and not a Hub repo id like org/name)")
 
