@@ -44,7 +44,8 @@ def hub():
         yield h
 
 
-INFO = "import sys; from matformer.cli import main; sys.exit(main(['info', *sys.argv[1:], '--json']))"
+INFO = ("import sys; from matformer.cli import main; rc = main(['info', *sys.argv[1:], '--json']); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; sys.exit(rc)")
 LOAD = (
     "import sys, json, hashlib; from matformer import load_model; m = load_model(sys.argv[1]); "
     "print(json.dumps({k: hashlib.sha256(v.contiguous().view(-1).view(__import__('torch').uint8)"
