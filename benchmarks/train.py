@@ -1,0 +1,156 @@
+"""Training speed: our model against transformers' LlamaForCausalLM, and `joint` vs single widths.
+
+Part 1: training tokens/s of one step (forward + backward + AdamW step) of MatFormerLM at full
+width against LlamaForCausalLM of the same shape and dtype (sdpa attention), same threads, same
+batches, measured interleaved in one process. Both with torch.optim.AdamW (the model compared
+alone), and ours also with NestedAdamW (the optimizer `matformer train` uses). Goal: >= 1.0x.
+
+Part 2: the `joint` objective's step (all 4 tiers on one batch, one backward, one optimizer
+step) against the sum of the 4 single-width steps (each its own forward/backward/step), the
+same code `matformer.train` runs (Objective + NestedAdamW). Goal: joint / sum <= 1.05.
+
+    .venv/bin/python benchmarks/train.py              # ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/train.py --quick      # smoke run
+Timings are noisy on a shared machine: each number is the median of interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from matformer import MatFormerConfig, MatFormerLM
+from matformer.train import NestedAdamW, Objective
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_vs_llama(cfg: MatFormerConfig, batch: int, seq: int, repeats: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ours = MatFormerLM(cfg)
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_dict().items()
+                            if k not in ("matformer_tier", "matformer_base_intermediate_size")})
+    hf_cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_cfg).to(cfg.dtype)
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same weights: same numerics per step
+    hf.train()
+    ours.train()
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    kw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opts = {
+        "ours+AdamW": (ours, torch.optim.AdamW(ours.parameters(), **kw)),
+        "llama+AdamW": (hf, torch.optim.AdamW(hf.parameters(), **kw)),
+    }
+    ours2 = MatFormerLM(cfg)
+    ours2.load_state_dict(ours.state_dict())
+    opts["ours+NestedAdamW"] = (ours2, NestedAdamW(ours2, **kw))
+
+    def step(name: str) -> None:
+        model, opt = opts[name]
+        if model is hf:
+            loss = model(input_ids=x, labels=x).loss
+        else:
+            loss = model.loss(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for name in opts:  # warm-up
+        step(name)
+        step(name)
+    times = {n: [] for n in opts}
+    for _ in range(repeats):
+        for n in opts:
+            times[n].append(_timed(lambda n=n: step(n)))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    tps = {n: batch * seq / med[n] for n in opts}
+    return {"step_seconds": med, "tokens_per_second": tps,
+            "ratio_ours_vs_llama": tps["ours+AdamW"] / tps["llama+AdamW"],
+            "ratio_ours_nested_vs_llama": tps["ours+NestedAdamW"] / tps["llama+AdamW"]}
+
+
+def bench_joint(cfg: MatFormerConfig, batch: int, seq: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = MatFormerLM(cfg)
+    obj = Objective(model)
+    opt = NestedAdamW(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    tiers = [0, 1, 2, 3]
+    base = cfg.base
+
+    def step(plan) -> None:
+        loss, _ = obj(x, plan)
+        loss.backward()
+        opt.step(max(base >> t for t, _ in plan))
+        opt.zero_grad(set_to_none=True)
+
+    plans = {"joint": [(t, 1.0) for t in tiers], **{f"single t{t}": [(t, 1.0)] for t in tiers}}
+    for p in plans.values():
+        step(p)
+    times = {n: [] for n in plans}
+    for _ in range(repeats):
+        for n, p in plans.items():
+            times[n].append(_timed(lambda p=p: step(p)))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    singles = sum(med[f"single t{t}"] for t in tiers)
+    return {"step_seconds": med, "sum_of_singles": singles, "ratio_joint_vs_sum": med["joint"] / singles}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="debug preset, 3 repeats (smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.preset, args.repeats, args.seq = "debug", 3, 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = MatFormerConfig.from_preset(args.preset)
+    print(f"preset {args.preset}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, FFN "
+          f"{cfg.base}, vocab {cfg.vocab_size}; batch {args.batch} x {args.seq} tokens, float32, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    a = bench_vs_llama(cfg, args.batch, args.seq, args.repeats)
+    print("\n| model + optimizer | step (ms) | tokens/s | vs Llama |")
+    print("|---|---|---|---|")
+    for n in a["step_seconds"]:
+        r = a["tokens_per_second"][n] / a["tokens_per_second"]["llama+AdamW"]
+        print(f"| {n} | {a['step_seconds'][n] * 1e3:.1f} | {a['tokens_per_second'][n]:,.0f} | {r:.3f}x |")
+    j = bench_joint(cfg, args.batch, args.seq, args.repeats)
+    print("\n| step | time (ms) |")
+    print("|---|---|")
+    for n, s in j["step_seconds"].items():
+        print(f"| {n} | {s * 1e3:.1f} |")
+    print(f"| sum of singles | {j['sum_of_singles'] * 1e3:.1f} |")
+    print(f"\nours vs Llama: {a['ratio_ours_vs_llama']:.3f}x (goal >= 1.0); with NestedAdamW "
+          f"{a['ratio_ours_nested_vs_llama']:.3f}x; joint / sum of singles: "
+          f"{j['ratio_joint_vs_sum']:.3f} (goal <= 1.05)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine(),
+              "vs_llama": a, "joint": j}
+    name = "train_quick.json" if args.quick else "train.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
