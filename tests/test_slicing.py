@@ -466,3 +466,34 @@ def test_streaming_memory_is_bounded_by_the_largest_tensor(tmp_path) -> None:
     out = load_state_dict(tmp_path / "out")
     assert out["model.layers.7.mlp.down_proj.weight"].shape == (512, 1024)
     assert r["read"] < total
+
+
+def test_fake_hub_multi_tier_repo_fetches_one_tier_and_checks_hashes(repo, tmp_path) -> None:
+    """Through the real huggingface_hub client against the loopback fake Hub (tests/fake_hub.py):
+    only the manifest and tier 2's files are downloaded; a file altered on the Hub is refused."""
+    import os
+
+    from fake_hub import FakeHub
+
+    files = {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    code = ("import sys; from matformer import load_model, MatFormerError\n"
+            "try:\n    m = load_model(sys.argv[1], tier=2); print(m.stored_widths)\n"
+            "except MatFormerError as e:\n    print('ERR', e); sys.exit(2)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    with FakeHub() as hub:
+        hub.add_repo("acme/multi", files)
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1")
+        r = subprocess.run([sys.executable, "-c", code, "acme/multi"], capture_output=True,
+                           text=True, env=env, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.strip() == "[64, 64, 64, 64]"
+        tier2 = sorted(f for f in files if f.startswith("tier-2/"))
+        assert sorted(hub.requests("GET")) == sorted([MANIFEST_NAME, *tier2])
+        bad = dict(files)
+        shard = "tier-2/model.safetensors"
+        bad[shard] = bad[shard][:-1] + bytes([bad[shard][-1] ^ 1])
+        hub.add_repo("acme/tampered", bad)
+        r = subprocess.run([sys.executable, "-c", code, "acme/tampered"], capture_output=True,
+                           text=True, env=env, timeout=180)
+        assert r.returncode == 2 and "does not match the manifest" in r.stdout, r.stdout + r.stderr
