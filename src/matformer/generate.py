@@ -48,10 +48,18 @@ class GenerationStats:
     """Draft tokens the verifier kept."""
     stop_reason: str = "length"
     """'eos' or 'length'."""
+    prefill_seconds: float = 0.0
+    """Time to the first new token (the prompt's forward and the first pick)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first per second of decoding (the prompt's forward excluded)."""
+        t = self.seconds - self.prefill_seconds
+        return (self.new_tokens - 1) / t if self.new_tokens > 1 and t > 0 else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -61,6 +69,7 @@ class GenerationStats:
         d = asdict(self)
         d["tokens_per_s"] = self.tokens_per_s
         d["acceptance_rate"] = self.acceptance_rate
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
         return d
 
 
@@ -250,6 +259,8 @@ def generate(
         stats.target_forwards += 1
         while True:
             tok = int(sampler.pick(logits))
+            if not out:
+                stats.prefill_seconds = time.perf_counter() - t0
             out.append(tok)
             if stream is not None:
                 stream([tok])
@@ -340,6 +351,8 @@ def speculative_generate(
             if P > 1:  # the verifier's entries for the prompt but its last token
                 model(ids[:, :-1], cache=cache)
                 stats.target_forwards += 1
+            _sync(device)
+            stats.prefill_seconds = time.perf_counter() - t0
             cur = ids[:, -1:]  # (1, 1): emitted, not yet in the cache
             done = False
             while not done:
