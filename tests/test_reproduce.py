@@ -1,0 +1,145 @@
+"""Smoke test of benchmarks/reproduce.py: the whole pipeline on a debug-size budget (structure of
+the report, parameter counts, compute accounting), the tie/verdict rule, the Mix'n'Match shapes
+and the two-model consistency measure (checked against `matformer.evaluate` within one model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matformer.config import MatFormerConfig
+from matformer.evaluate import evaluate
+from matformer.model import MatFormerLM, parameter_counts
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def rp():
+    spec = importlib.util.spec_from_file_location("reproduce_bench", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_calls_differences_within_the_spread_ties(rp):
+    # Ranges 0.2 and 0.1; means 1.1 and 1.1 -> tie.
+    c = rp.compare([1.0, 1.2], [1.05, 1.15], names=("base", "mat"))
+    assert c["verdict"] == "tie" and c["spread"] == pytest.approx(0.2)
+    # Means 1.005 vs 0.805, spread 0.01: a real difference, b is lower (better) loss.
+    c = rp.compare([1.0, 1.01], [0.8, 0.81], names=("base", "mat"))
+    assert c["verdict"] == "mat better"
+    assert c["delta"] == pytest.approx(-0.2)
+    # The same numbers as an accuracy (higher is better) flip the verdict.
+    assert rp.compare([1.0, 1.01], [0.8, 0.81], lower_is_better=False, names=("base", "mat"))["verdict"] == "base better"
+    # A difference exactly as large as the spread is still a tie; a bit more is not.
+    assert rp.compare([0.0, 0.5], [0.5, 1.0])["verdict"] == "tie"
+    assert rp.compare([0.0, 0.5], [0.75, 1.25])["verdict"] == "A better"
+    s = rp.spread([3.0, 1.0, 2.0])
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+
+
+def test_mix_shapes_pair_equal_parameter_counts(rp):
+    base, L = 512, 4
+    mixes = rp.mix_shapes(base, L)
+    shapes = [rp.shape_of(m) for m in mixes]
+    # Per neighbouring pair: 3 non-decreasing, 3 decreasing, 2 alternating.
+    assert shapes.count("non-decreasing") == 9 and shapes.count("decreasing") == 9
+    assert shapes.count("other") == 6 and "uniform" not in shapes
+    assert rp.shape_of([64, 64, 128, 128]) == "non-decreasing"
+    assert rp.shape_of([128, 64, 64, 64]) == "decreasing"
+    assert rp.shape_of([64, 128, 64, 128]) == "other"
+    assert rp.shape_of([256] * 4) == "uniform"
+    # Every non-non-decreasing shape has a non-decreasing one with the same parameter count.
+    cfg = MatFormerConfig.from_preset("tiny")
+    nd = {parameter_counts(cfg, m)["non_embedding"] for m in mixes if rp.shape_of(m) == "non-decreasing"}
+    for m in mixes:
+        assert parameter_counts(cfg, m)["non_embedding"] in nd
+    # Only neighbouring tiers are mixed.
+    for m in mixes:
+        assert len(set(m)) == 2 and max(m) == 2 * min(m)
+
+
+def test_two_model_consistency_matches_evaluate_within_one_model(rp):
+    torch.manual_seed(0)
+    cfg = MatFormerConfig.from_preset("debug")
+    model = MatFormerLM(cfg)
+    model.reset_parameters(seed=1)
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16))
+    same = rp.consistency(model, model, windows, batch_size=3)
+    assert same["greedy_match"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
+    # A second copy at tier 2 against the first at full width: the numbers `evaluate` reports
+    # for tier 2 of the one model.
+    narrow = MatFormerLM(cfg)
+    narrow.load_state_dict(model.state_dict())
+    narrow.set_widths(tier=2)
+    two = rp.consistency(model, narrow, windows, batch_size=3)
+    rep = evaluate(model, windows, tiers=[0, 2], mix_n_match=False, decode=False, speculative=False,
+                   seq_len=16, max_tokens=64)
+    (row,) = [r for r in rep.results if r.tier == 2]
+    assert two["greedy_match"] == pytest.approx(row.greedy_match)
+    assert two["kl"] == pytest.approx(row.kl_from_reference, rel=1e-4)
+    assert two["kl"] > 0
+
+
+def test_xl_upweighted_probabilities_follow_the_library_order(rp):
+    # Library granularities [0, 1, 2, 3] are XL, L, M, S; the paper lists S, M, L, XL.
+    assert rp.XL_UPWEIGHTED_PROBS == (0.41, 0.22, 0.20, 0.17)
+    assert math.isclose(sum(rp.XL_UPWEIGHTED_PROBS), 1.0)
+
+
+def test_pipeline_smoke(rp, tmp_path):
+    s = rp.Settings(preset="debug", vocab_size=300, seq_len=32, batch_size=2, baseline_steps=2,
+                    seeds=[0, 1], eval_windows=3, jobs=1, max_corpus_bytes=40_000,
+                    cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"))
+    report = rp.run_experiment(s, log=lambda _m: None)
+    cfg = MatFormerConfig.from_preset("debug", vocab_size=300)
+    base, L = cfg.base, cfg.num_hidden_layers
+    table = report["table"]
+    assert set(table) == set(rp.CONFIGS)
+    for name in rp.CONFIGS:
+        tiers = {r["tier"]: r for r in table[name] if r["shape"] == "uniform"}
+        assert sorted(tiers) == [0, 1, 2, 3]
+        for t, r in tiers.items():
+            # Parameters are those of the width, not of the stored full model.
+            assert r["non_embedding_params"] == parameter_counts(cfg, [base >> t] * L)["non_embedding"]
+            assert r["seeds"] == [0, 1] and len(r["loss"]) == 2
+            assert all(math.isfinite(x) and x > 0 for x in r["loss"])
+            st = r["loss_stats"]
+            assert st["min"] <= st["mean"] <= st["max"]
+        assert tiers[0]["greedy_match"] == [1.0, 1.0]  # XL against itself
+        if name != "baseline":  # Mix'n'Match rows only exist for the nested models
+            # 2 layers: one change each way, no alternating shape.
+            assert {r["shape"] for r in table[name]} == {"uniform", "non-decreasing", "decreasing"}
+    assert {r["shape"] for r in table["baseline"]} == {"uniform"}
+    # A baseline's consistency is against the XL baseline: a different model, so not identical.
+    assert any(r["kl"][0] > 0 for r in table["baseline"] if r["tier"] != 0)
+    verdicts = {"tie", "baseline better", "matlm_uniform better", "matlm_xl better", "joint better",
+                "uniform better", "xl-upweighted better"}
+    claims = report["claims"]
+    for name in ("matlm_uniform", "matlm_xl", "joint"):
+        assert set(claims["loss_vs_baseline"][name]) == {"XL", "L", "M", "S"}
+        assert all(v["verdict"] in verdicts for v in claims["loss_vs_baseline"][name].values())
+        assert set(claims["consistency_vs_baseline"][name]) == {"L", "M", "S"}
+        assert len(claims["mix_n_match"][name]) == 3  # one parameter count per pair (2 layers)
+    assert set(claims["xl_upweighting_vs_uniform"]) == {"XL", "L", "M", "S"}
+    # Compute: each baseline 2 steps; sampled MatLM 4x the steps; joint = every tier every step.
+    c = report["compute"]
+    assert c["baseline-seed0"]["steps_per_tier"] == {"XL": 2, "L": 2, "M": 2, "S": 2}
+    assert c["joint-seed0"]["steps_per_tier"] == {"XL": 2, "L": 2, "M": 2, "S": 2}
+    assert c["joint-seed0"]["train_flops"] == c["baseline-seed0"]["train_flops"]
+    assert sum(c["matlm_uniform-seed1"]["steps_per_tier"].values()) == 8
+    assert c["matlm_uniform-seed0"]["train_tokens"] == 4 * report["settings"]["x_tokens"]
+    assert len({r["name"] for r in report["runs"]}) == 14
+    text = rp.format_tables(report)
+    for name in rp.CONFIGS:
+        assert name in text
+    plots = rp.make_plots(report, tmp_path, "-t", "\ntest")
+    assert all(p.stat().st_size > 10_000 for p in plots)
