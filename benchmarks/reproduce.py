@@ -260,6 +260,23 @@ def compare(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True
     return {"a": sa, "b": sb, "delta": delta, "spread": noise, "verdict": verdict}
 
 
+def compare_paired(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True,
+                   names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
+    """Compare two measurements of the SAME models (one per seed, e.g. two Mix'n'Match shapes
+    cut from one trained model): d_s = b_s - a_s. A tie when |mean d| is not larger than the
+    min..max range of d over seeds, or when the seeds disagree on the sign."""
+    d = [float(y) - float(x) for x, y in zip(a, b, strict=True)]
+    st = spread(d)
+    noise = st["max"] - st["min"]
+    if abs(st["mean"]) <= noise + 1e-12 or (st["min"] < 0 < st["max"]):
+        verdict = "tie"
+    else:
+        b_better = (st["mean"] < 0) if lower_is_better else (st["mean"] > 0)
+        verdict = f"{names[1]} better" if b_better else f"{names[0]} better"
+    return {"delta": st["mean"], "delta_min": st["min"], "delta_max": st["max"], "spread": noise,
+            "verdict": verdict}
+
+
 def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """Per config and per width: loss / params / consistency over seeds; the claims' comparisons."""
     by: dict[str, dict[tuple[int, ...], dict[str, Any]]] = {}
@@ -325,7 +342,9 @@ def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
                     entry["others"].append({"shape": shape, "widths": r["widths"],
                                             "loss": r["loss_stats"],
                                             "vs_non_decreasing": compare(best_nd["loss"], r["loss"],
-                                                                         names=("non-decreasing", shape))})
+                                                                         names=("non-decreasing", shape)),
+                                            "vs_non_decreasing_paired": compare_paired(
+                                                best_nd["loss"], r["loss"], names=("non-decreasing", shape))})
             mm.append(entry)
         claims["mix_n_match"][cfg] = mm
     for t in TIERS:
@@ -369,10 +388,11 @@ def format_tables(summary: dict[str, Any]) -> str:
             f"{k} {100 * v['greedy_match']['delta']:+.1f} pts {v['greedy_match']['verdict']}"
             for k, v in rows.items()))
     for cfg, groups in c["mix_n_match"].items():
-        wins = [o["vs_non_decreasing"]["verdict"] for g in groups for o in g["others"]]
-        lines.append(f"  Mix'n'Match {cfg}: non-decreasing vs other shapes at equal params: "
-                     f"{wins.count('non-decreasing better')} better, {wins.count('tie')} ties, "
-                     f"{len(wins) - wins.count('non-decreasing better') - wins.count('tie')} worse")
+        for key, what in (("vs_non_decreasing", "unpaired"), ("vs_non_decreasing_paired", "paired by seed")):
+            wins = [o[key]["verdict"] for g in groups for o in g["others"]]
+            lines.append(f"  Mix'n'Match {cfg} ({what}): non-decreasing vs other shapes at equal "
+                         f"params: {wins.count('non-decreasing better')} better, {wins.count('tie')} "
+                         f"ties, {len(wins) - wins.count('non-decreasing better') - wins.count('tie')} worse")
     return "\n".join(lines)
 
 
@@ -482,6 +502,42 @@ def make_plots(summary: dict[str, Any], folder: Path, suffix: str, subtitle: str
     fig.suptitle(f"Consistency with XL: MatLM submodels vs their own XL, baselines vs the XL "
                  f"baseline{subtitle}", fontsize=12, fontweight="bold")
     p = folder / f"consistency{suffix}.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    # 3. loss difference to the baseline of the same width and seed (paired by seed).
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
+    base_rows = {r["tier"]: r for r in tiers_of("baseline")}
+    offsets = {"matlm_uniform": -0.18, "matlm_xl": 0.0, "joint": 0.18}
+    for cfg, off in offsets.items():
+        xs, ys, lo, hi = [], [], [], []
+        for r in tiers_of(cfg):
+            b = base_rows.get(r["tier"])
+            if b is None:
+                continue
+            bl = dict(zip(b["seeds"], b["loss"], strict=True))
+            d = [m - bl[sd] for sd, m in zip(r["seeds"], r["loss"], strict=True) if sd in bl]
+            if not d:
+                continue
+            xs.append(3 - r["tier"] + off)  # S, M, L, XL left to right
+            ys.append(sum(d) / len(d))
+            lo.append(ys[-1] - min(d))
+            hi.append(max(d) - ys[-1])
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=_COLORS[cfg], ms=7, capsize=4,
+                        label=CONFIG_LABELS[cfg])
+    ax.axhline(0, color="#444444", lw=1)
+    ax.set_xticks(range(4), [f"{TIER_NAMES[t]}\n{base_rows[t]['non_embedding_params'] / 1e3:.0f}K"
+                             if t in base_rows else TIER_NAMES[t] for t in (3, 2, 1, 0)])
+    ax.set_xlabel("width (non-embedding parameters)")
+    ax.set_ylabel("loss − baseline loss (nats/token)")
+    ax.set_title("Below 0: better than the independently trained model of that width\n"
+                 "(paired by seed; bars: min..max over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8.5)
+    fig.suptitle(f"MatLM vs baselines, per width{subtitle}", fontsize=12, fontweight="bold")
+    p = folder / f"delta_vs_baseline{suffix}.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)

@@ -46,6 +46,19 @@ def test_compare_calls_differences_within_the_spread_ties(rp):
     assert (s["mean"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
 
 
+def test_paired_compare_uses_the_spread_of_the_differences(rp):
+    # Seed-to-seed spread of each side is large (1.0), but b is 0.1 lower on every seed.
+    a, b = [5.0, 6.0], [4.9, 5.9]
+    assert rp.compare(a, b)["verdict"] == "tie"
+    c = rp.compare_paired(a, b, names=("nd", "dec"))
+    assert c["verdict"] == "dec better" and c["delta"] == pytest.approx(-0.1)
+    # Seeds disagreeing on the sign: a tie, however the mean falls.
+    assert rp.compare_paired([1.0, 1.0, 1.0], [0.5, 0.6, 1.2])["verdict"] == "tie"
+    # Differences that vary more than their mean: a tie.
+    assert rp.compare_paired([0.0, 0.0], [0.1, 0.3])["verdict"] == "tie"
+    assert rp.compare_paired([0.0, 0.0], [0.3, 0.4])["verdict"] == "A better"
+
+
 def test_mix_shapes_pair_equal_parameter_counts(rp):
     base, L = 512, 4
     mixes = rp.mix_shapes(base, L)
@@ -129,6 +142,10 @@ def test_pipeline_smoke(rp, tmp_path):
         assert all(v["verdict"] in verdicts for v in claims["loss_vs_baseline"][name].values())
         assert set(claims["consistency_vs_baseline"][name]) == {"L", "M", "S"}
         assert len(claims["mix_n_match"][name]) == 3  # one parameter count per pair (2 layers)
+        for g in claims["mix_n_match"][name]:
+            assert [o["shape"] for o in g["others"]] == ["decreasing"]
+            assert g["others"][0]["vs_non_decreasing_paired"]["verdict"] in {
+                "tie", "non-decreasing better", "decreasing better"}
     assert set(claims["xl_upweighting_vs_uniform"]) == {"XL", "L", "M", "S"}
     # Compute: each baseline 2 steps; sampled MatLM 4x the steps; joint = every tier every step.
     c = report["compute"]
