@@ -65,7 +65,7 @@ class TrainConfig:
     """Text file, folder of text files, or datasets folder; None: the default corpus (stdlib)."""
     preset: str = "tiny"
     """Model size (matformer.config.PRESETS); its vocab_size is replaced by the tokenizer's."""
-    steps: int = 300
+    steps: int = 160
     objective: str = "sample"
     """sample | joint | single."""
     tier: int | None = None
@@ -90,13 +90,13 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
-    eval_every: int = 100
+    eval_every: int = 40
     eval_windows: int = 32
     """Held-out windows (of seq_len tokens) per evaluation."""
-    save_every: int = 100
+    save_every: int = 80
     keep_checkpoints: int = 2
     seed: int = 0
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     val_fraction: float = D.DEFAULT_VAL_FRACTION
     split_seed: int = D.DEFAULT_SPLIT_SEED
     max_corpus_bytes: int | None = None
@@ -559,6 +559,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             print(msg, flush=True)
 
     validate(cfg, world=dist.world)
+    if cfg.data is not None:  # recorded absolute: evaluation may run from another folder
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else D.default_cache_dir()
 
     # -- where we start: fresh (empty out) or the newest complete checkpoint ------------------
