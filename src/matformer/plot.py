@@ -69,11 +69,14 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
                       "-o", color="#1f77b4", ms=8, lw=2, zorder=4, label="trained tiers")
 
     series(ax, "loss")
+    x_max = max((r["non_embedding_params"] for r in rows), default=0)
     for r in tiers:
         t = r["tier"]
+        rightmost = r["non_embedding_params"] == x_max  # label it leftwards: stays inside
         ax.annotate(f"tier {t}" + (f" ({_TIER_NAMES[t]})" if t in _TIER_NAMES else ""),
                     (r["non_embedding_params"], r["loss"]), textcoords="offset points",
-                    xytext=(6, 8), fontsize=10, fontweight="bold", color="#1f77b4")
+                    xytext=(-8, 8) if rightmost else (6, 8), ha="right" if rightmost else "left",
+                    fontsize=10, fontweight="bold", color="#1f77b4")
     for r in mixes + custom:
         ax.annotate(_mix_label(r["widths"], base), (r["non_embedding_params"], r["loss"]),
                     textcoords="offset points", xytext=(5, -12), fontsize=7.5, color="#555555")
@@ -82,7 +85,7 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
     ax.set_ylabel("validation loss (nats/token)")
     ax.xaxis.set_major_formatter(fmt)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
     ax.set_title("Elastic curve: one model, every width")
     # Perplexity on the right axis of the loss plot: same curve, another unit.
     lo, hi = ax.get_ylim()

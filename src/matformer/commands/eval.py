@@ -4,8 +4,9 @@ Default widths: every tier the checkpoint can run, plus least-slope Mix'n'Match 
 neighbouring tiers (--no-mix to skip) and any --widths lists. Default data: the held-out split
 of the corpus the checkpoint was trained on (the default corpus), tokenized with its tokenizer.
 Consistency is measured against the stored (full) width: greedy-token match and
-KL(P_full || P_width) in nats per position. --json prints one JSON object (or --json FILE writes
-it); --plot FILE.png draws loss against non-embedding parameters (the elastic curve).
+KL(P_full || P_width) in nats per position. --json prints one JSON object instead of the table;
+--plot FILE.png draws loss against non-embedding parameters (the elastic curve). Progress goes
+to stderr.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (with tokenizer.json) or org/name")
     parser.add_argument("--data", default=None,
                         help="text file or folder to evaluate on (default: the held-out split)")
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                        help="print the report as JSON (or write it to FILE)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object instead of the table")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw validation loss against non-embedding parameters")
     parser.add_argument("--tiers", default=None, help="comma-separated tiers (default: all runnable)")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from matformer.tiers import parse_int_list
 
     run_eval(
-        args.ckpt, json_out=args.json, plot=args.plot, data=args.data,
+        args.ckpt, json_out="-" if args.json else None, plot=args.plot, data=args.data,
         tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         widths=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
