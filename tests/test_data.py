@@ -121,3 +121,17 @@ def test_eval_windows_and_default_eval_tokens(tok):
     val = data.default_eval_tokens(tok, max_bytes=100_000)
     _, val_texts = data.split_texts(data.load_texts(None, max_bytes=100_000))
     np.testing.assert_array_equal(val, data.tokenize(tok, val_texts))
+
+
+def test_datasets_folder_needs_datasets(tmp_path):
+    try:
+        import datasets
+    except ImportError:
+        (tmp_path / "state.json").write_text("{}")
+        (tmp_path / "dataset_info.json").write_text("{}")
+        with pytest.raises(DataError, match="datasets"):
+            data.load_texts(tmp_path)
+        return
+    ds = datasets.Dataset.from_dict({"text": ["first doc", "second doc"], "n": [1, 2]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert data.load_texts(tmp_path / "ds") == ["first doc", "second doc"]

@@ -103,8 +103,10 @@ def load_texts(data: str | os.PathLike | None, max_bytes: int | None = None) -> 
         raise DataError(f"{path}: no such file or folder (--data takes text files, a folder of "
                         f"them, or a datasets folder saved with save_to_disk)")
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
-                or (path / "state.json").is_file():
+        # What `save_to_disk` writes: a Dataset (state.json + dataset_info.json + arrow files)
+        # or a DatasetDict (dataset_dict.json + one such folder per split).
+        if (path / "dataset_dict.json").is_file() or (
+                (path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
             return _nonempty(_load_hf_dataset(path), str(path))
         files = sorted(p for p in path.rglob("*")
                        if p.is_file() and not any(part.startswith(".")
