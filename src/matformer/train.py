@@ -65,7 +65,7 @@ class TrainConfig:
     """Text file, folder of text files, or datasets folder; None: the default corpus (stdlib)."""
     preset: str = "tiny"
     """Model size (matformer.config.PRESETS); its vocab_size is replaced by the tokenizer's."""
-    steps: int = 160
+    steps: int = 240
     objective: str = "sample"
     """sample | joint | single."""
     tier: int | None = None
@@ -81,7 +81,7 @@ class TrainConfig:
     batch_size: int = 16
     """Sequences per process per step."""
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 6e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1

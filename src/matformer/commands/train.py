@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 # The demo's settings (TrainConfig's defaults; a test keeps them equal): ~2-3 minutes on 2 cores.
-_DEFAULTS = dict(preset="tiny", steps=160, batch_size=16, seq_len=128, lr=3e-3, vocab_size=2048,
+_DEFAULTS = dict(preset="tiny", steps=240, batch_size=16, seq_len=128, lr=6e-3, vocab_size=2048,
                  eval_every=40, save_every=80, seed=0, warmup_steps=20, weight_decay=0.1,
                  grad_clip=1.0, eval_windows=32, val_fraction=0.05)
 
