@@ -192,7 +192,7 @@ def bench_speculative(args) -> dict:
             "projected_speedup_memory_bound": per_round / (mean_k * c + 1),
         })
     return {"checkpoint": str(ckpt), "config": cfg.to_dict(),
-            "trained_by": "matformer train" + ("" if args.ckpt else f" ({args.train_steps} steps, this script)"),
+            "trained_by": "matformer train" + ("" if args.ckpt else f" (defaults, {args.train_steps} steps)"),
             "prompts": len(prompts), "prompt_len": plen, "new_tokens": n,
             "rows": rows}
 

@@ -77,9 +77,20 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
                     (r["non_embedding_params"], r["loss"]), textcoords="offset points",
                     xytext=(-8, 8) if rightmost else (6, 8), ha="right" if rightmost else "left",
                     fontsize=10, fontweight="bold", color="#1f77b4")
-    for r in mixes + custom:
-        ax.annotate(_mix_label(r["widths"], base), (r["non_embedding_params"], r["loss"]),
-                    textcoords="offset points", xytext=(5, -12), fontsize=7.5, color="#555555")
+    # Label Mix'n'Match points only where the label has room: a label goes on a point at least
+    # 15% of the x range or 12% of the y range from every point already labelled (tiers first).
+    xs = [r["non_embedding_params"] for r in rows]
+    ys = [r["loss"] for r in rows]
+    xspan = (max(xs) - min(xs)) or 1.0
+    yspan = (max(ys) - min(ys)) or 1.0
+    placed = [(r["non_embedding_params"] / xspan, r["loss"] / yspan) for r in tiers]
+    for r in custom + mixes:
+        px, py = r["non_embedding_params"] / xspan, r["loss"] / yspan
+        if all(abs(px - qx) > 0.15 or abs(py - qy) > 0.12 for qx, qy in placed):
+            placed.append((px, py))
+            ax.annotate(_mix_label(r["widths"], base), (r["non_embedding_params"], r["loss"]),
+                        textcoords="offset points", xytext=(5, -12), fontsize=7.5,
+                        color="#555555")
     ax.margins(x=0.12, y=0.12)
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("validation loss (nats/token)")

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens drafted per verification, or 'adaptive' (default 4)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from matformer.evaluate import run_eval
     from matformer.tiers import parse_int_list
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_eval(
         args.ckpt, json_out="-" if args.json else None, plot=args.plot, data=args.data,
         tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,

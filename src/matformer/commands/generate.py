@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                         help="compute dtype (default: as stored)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
 
 
 def _widths(text: str | None, what: str) -> list[int] | int | None:
@@ -59,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from matformer.errors import DataError
     from matformer.generate import generate_text
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     prompt = args.prompt
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
