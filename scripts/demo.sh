@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT=${OUT:-runs/demo}
 .venv/bin/matformer train --out "$OUT" "$@"
-.venv/bin/matformer eval "$OUT" --plot "$OUT/elastic.png" --json "$OUT/eval.json"
+.venv/bin/matformer eval "$OUT" --plot "$OUT/elastic.png" --json-out "$OUT/eval.json"
 echo
 echo "checkpoint: $OUT/   plot: $OUT/elastic.png   eval report: $OUT/eval.json"

@@ -184,8 +184,13 @@ def test_eval_verb_json_plot_and_data(ckpt, tmp_path, capsys) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = tmp_path / "val.txt"
     text.write_text("import os\nprint(os.getcwd())\n" * 40)
+    report_file = tmp_path / "report.json"
     code, out, err = _cli(["eval", str(ckpt), "--data", str(text), "--seq-len", "32",
-                           "--no-speculative", "--no-decode", "--tiers", "0,2"], capsys)
+                           "--no-speculative", "--no-decode", "--tiers", "0,2",
+                           "--json-out", str(report_file)], capsys)
     assert code == 0 and "tier 2" in out and "tier 1" not in out
+    # --json-out writes the same report the table shows.
+    written = json.loads(report_file.read_text())
+    assert {r["name"] for r in written["results"]} >= {"tier 0", "tier 2"}
     code, out, err = _cli(["eval", str(ckpt), "--plot", str(tmp_path / "x.pdf")], capsys)
     assert code == 2 and ".png" in err

@@ -254,7 +254,7 @@ class MatFormerLM(nn.Module):
             return self.stored_widths
         ws = resolve_widths(self.base_width, len(self.model.layers), tier=tier, tiers=tiers, widths=widths)
         stored = self.stored_widths
-        for i, (w, s) in enumerate(zip(ws, stored)):
+        for i, (w, s) in enumerate(zip(ws, stored, strict=True)):
             if w > s:
                 st = uniform_tier(self.base_width, stored)
                 held = f"tier {st}, width {s}" if st is not None else f"width {s} in layer {i}"
@@ -272,7 +272,7 @@ class MatFormerLM(nn.Module):
                    widths: int | Sequence[int] | None = None) -> MatFormerLM:
         """Set the active width of every FFN (no argument: back to the stored widths)."""
         ws = self.resolve_widths(tier=tier, tiers=tiers, widths=widths)
-        for layer, w in zip(self.model.layers, ws):
+        for layer, w in zip(self.model.layers, ws, strict=True):
             layer.mlp.width = w
         return self
 

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text file or folder to evaluate on (default: the held-out split)")
     parser.add_argument("--json", action="store_true",
                         help="print the report as one JSON object instead of the table")
+    parser.add_argument("--json-out", default=None, metavar="FILE.json",
+                        help="also write the JSON report to FILE (the table is still printed)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw validation loss against non-embedding parameters")
     parser.add_argument("--tiers", default=None, help="comma-separated tiers (default: all runnable)")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     run_eval(
-        args.ckpt, json_out="-" if args.json else None, plot=args.plot, data=args.data,
+        args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot, data=args.data,
         tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         widths=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
