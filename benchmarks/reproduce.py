@@ -397,6 +397,8 @@ def format_tables(summary: dict[str, Any]) -> str:
 
 
 _COLORS = {"baseline": "#444444", "matlm_uniform": "#1f77b4", "matlm_xl": "#d62728", "joint": "#2ca02c"}
+_SHAPE_LABELS = {"non-decreasing": "non-decreasing (least slope)", "decreasing": "decreasing",
+                 "other": "alternating"}
 _SHAPE_MARKERS = {"non-decreasing": ("D", "#ff7f0e"), "decreasing": ("v", "#9467bd"),
                   "other": ("x", "#8c564b")}
 
@@ -443,32 +445,48 @@ def make_plots(summary: dict[str, Any], folder: Path, suffix: str, subtitle: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8.5)
 
+    # Mix'n'Match of the uniform MatLM on the same axes (means over seeds, no bars: see right).
     cfg = "matlm_uniform"
-    rows = tiers_of(cfg)
-    if rows:
-        _errbar(ax2, rows, "loss", 1.0, fmt="-o", color=_COLORS[cfg], ms=7, lw=2,
-                label="MatLM uniform: trained widths", zorder=4)
-    rows_b = tiers_of("baseline")
-    if rows_b:
-        _errbar(ax2, rows_b, "loss", 1.0, fmt="--o", color=_COLORS["baseline"], ms=5, lw=1.2,
-                label="baselines", alpha=0.7)
     for shape, (marker, color) in _SHAPE_MARKERS.items():
         pts = [r for r in table.get(cfg, []) if r["shape"] == shape]
-        if not pts:
+        if pts:
+            ax.scatter([r["non_embedding_params"] for r in pts], [r["loss_stats"]["mean"] for r in pts],
+                       marker=marker, color=color, s=22, zorder=3,
+                       label=f"MatLM uniform Mix'n'Match, {_SHAPE_LABELS[shape]}")
+    ax.legend(fontsize=8)
+
+    # Right: each Mix'n'Match point relative to the same model's (same seed's) trained-widths
+    # curve, linearly interpolated in parameters: seed-to-seed offsets cancel, shapes compare.
+    tier_rows = tiers_of(cfg)
+    for shape, (marker, color) in _SHAPE_MARKERS.items():
+        pts = [r for r in table.get(cfg, []) if r["shape"] == shape]
+        if not pts or not tier_rows:
             continue
-        # Shapes sharing a parameter count are nudged apart horizontally so they stay visible.
         dx = {"non-decreasing": -0.012, "decreasing": 0.0, "other": 0.012}[shape]
-        xs = [r["non_embedding_params"] * (1 + dx) for r in pts]
-        ys = [r["loss_stats"]["mean"] for r in pts]
-        err = [[r["loss_stats"]["mean"] - r["loss_stats"]["min"] for r in pts],
-               [r["loss_stats"]["max"] - r["loss_stats"]["mean"] for r in pts]]
-        label = {"non-decreasing": "Mix'n'Match non-decreasing (least slope)",
-                 "decreasing": "Mix'n'Match decreasing", "other": "Mix'n'Match alternating"}[shape]
-        ax2.errorbar(xs, ys, yerr=err, fmt=marker, color=color, ms=6, capsize=2, lw=0.8,
-                     label=label, zorder=3)
-    ax2.set_title("Mix'n'Match from one MatLM (uniform): shapes at equal parameters")
+        xs, ys, lo, hi = [], [], [], []
+        for r in pts:
+            rel = []
+            for sd, loss in zip(r["seeds"], r["loss"], strict=True):
+                curve = [(t["non_embedding_params"], dict(zip(t["seeds"], t["loss"], strict=True))[sd])
+                         for t in tier_rows]
+                rel.append(loss - float(np.interp(r["non_embedding_params"], *zip(*curve, strict=True))))
+            m = sum(rel) / len(rel)
+            xs.append(r["non_embedding_params"] * (1 + dx))
+            ys.append(m)
+            lo.append(m - min(rel))
+            hi.append(max(rel) - m)
+        ax2.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, color=color, ms=6, capsize=2, lw=0.8,
+                     label=f"Mix'n'Match {_SHAPE_LABELS[shape]}", zorder=3)
+    ax2.axhline(0, color=_COLORS[cfg], lw=2, label="trained widths (interpolated)")
+    for t in tier_rows:
+        ax2.axvline(t["non_embedding_params"], color="#bbbbbb", lw=0.8, ls=":")
+        ax2.annotate(TIER_NAMES[t["tier"]], (t["non_embedding_params"], 1.0),
+                     xycoords=("data", "axes fraction"), textcoords="offset points",
+                     xytext=(0, -12), ha="center", fontsize=9, color="#777777")
+    ax2.set_title("Mix'n'Match (MatLM uniform) relative to its trained widths\n"
+                  "same seed's curve subtracted; bars: min..max over seeds", fontsize=10)
     ax2.set_xlabel("non-embedding parameters (shapes nudged ±1% apart)")
-    ax2.set_ylabel("validation loss (nats/token)")
+    ax2.set_ylabel("loss − trained-widths curve (nats/token)")
     ax2.xaxis.set_major_formatter(fmt)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8.5)
