@@ -7,7 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT=${OUT:-runs/demo}
-.venv/bin/matformer train --out "$OUT" "$@"
+RESUME=()
+# A second run of the demo continues (or, if finished, just reports) the first: a finished run is
+# never overwritten.
+if [ -d "$OUT/checkpoints" ]; then RESUME=(--resume); fi
+.venv/bin/matformer train --out "$OUT" "${RESUME[@]}" "$@"
 .venv/bin/matformer eval "$OUT" --plot "$OUT/elastic.png" --json-out "$OUT/eval.json"
 echo
 echo "checkpoint: $OUT/   plot: $OUT/elastic.png   eval report: $OUT/eval.json"

@@ -322,12 +322,14 @@ class MatFormerLM(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Shifted cross-entropy: logits (B, T, V) at position t predict labels[:, t+1]."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-    )
+    """Shifted cross-entropy: logits (B, T, V) at position t predict labels[:, t+1].
+
+    The labels are shifted (and padded with the ignore index) rather than the logits sliced, so
+    the (B, T, V) logits are never copied."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                           ignore_index=-100)
 
 
 def parameter_counts(config: MatFormerConfig, widths: Sequence[int] | None = None) -> dict[str, int]:
