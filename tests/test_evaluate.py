@@ -10,28 +10,16 @@ import sys
 
 import pytest
 import torch
+from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM, parameter_counts
 from matformer.cli import main
 from matformer.evaluate import evaluate, mix_n_match_widths
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(seed: int = 0, **overrides) -> MatFormerLM:
-    torch.manual_seed(seed)
-    model = MatFormerLM(MatFormerConfig.from_preset("debug", **overrides)).eval()
-    with torch.no_grad():  # make the widths disagree visibly (random init: FFN is a whisper)
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.mul_(8)
-        model.lm_head.weight.mul_(4)
-    return model
+_model = distinct_widths_model
 
 
 def test_eval_numbers_agree_with_a_direct_computation() -> None:

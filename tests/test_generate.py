@@ -6,32 +6,16 @@ import math
 
 import pytest
 import torch
+from conftest import distinct_widths_model
 
-from matformer import MatFormerConfig, MatFormerLM
+from matformer import MatFormerLM
 from matformer.errors import ConfigError, DataError, TierError
 from matformer.generate import Sampler, generate, speculative_generate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: threads only add contention on a shared CI machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(seed: int = 0, **overrides) -> MatFormerLM:
-    torch.manual_seed(seed)
-    cfg = MatFormerConfig.from_preset("debug", **overrides)
-    model = MatFormerLM(cfg).eval()
-    with torch.no_grad():
-        # Make the FFN matter (random init leaves it a small correction) so that widths really
-        # disagree and drafts get rejected: the tests then cover every branch.
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.mul_(8)
-        model.lm_head.weight.mul_(4)
-    return model
+_model = distinct_widths_model
 
 
 PROMPT = [5, 17, 300, 42, 8, 99, 123]

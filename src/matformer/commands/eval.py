@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _draft_tokens(text: str) -> int | str:
-    if text == "adaptive":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'adaptive', got {text!r}") from None
+from . import draft_tokens_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--no-speculative", action="store_true", help="skip the speculative decoding report")
     parser.add_argument("--no-decode", action="store_true", help="skip per-width decoding speed")
-    parser.add_argument("--draft-tokens", type=_draft_tokens, default=4,
+    parser.add_argument("--draft-tokens", type=draft_tokens_arg, default=4,
                         help="tokens drafted per verification, or 'adaptive' (default 4)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))

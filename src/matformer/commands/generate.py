@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _draft_tokens(text: str) -> int | str:
-    if text == "adaptive":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'adaptive', got {text!r}") from None
+from . import draft_tokens_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft-tier", type=int, default=None, help="draft at tier T of the same model")
     spec.add_argument("--draft-widths", default=None, help="draft at these per-layer widths")
-    spec.add_argument("--draft-tokens", type=_draft_tokens, default=4,
+    spec.add_argument("--draft-tokens", type=draft_tokens_arg, default=4,
                       help="tokens drafted per verification, or 'adaptive' (default 4)")
     samp = parser.add_argument_group("sampling")
     samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
