@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.train import NestedAdamW, Objective
+from matformer.train import NestedAdamW, Objective, forward_backward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,8 +95,7 @@ def bench_joint(cfg: MatFormerConfig, batch: int, seq: int, repeats: int) -> dic
     base = cfg.base
 
     def step(plan) -> None:
-        loss, _ = obj(x, plan)
-        loss.backward()
+        forward_backward(obj, x, plan)  # what `matformer train` runs
         opt.step(max(base >> t for t, _ in plan))
         opt.zero_grad(set_to_none=True)
 

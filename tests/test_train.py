@@ -212,9 +212,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, corpus):
 # ---- distributed -------------------------------------------------------------------------------
 
 
-def test_two_process_gloo_rank_tiers_match_single_process(tmp_path, corpus):
-    cfg = tiny(tmp_path, corpus, steps=5, objective="sample", rank_tiers=[1, 2])
-    args = cli_args(cfg) + ["--rank-tiers", "1,2", "--objective", "sample"]
+@pytest.mark.parametrize("objective", ["sample", "joint"])
+def test_two_process_gloo_rank_tiers_match_single_process(tmp_path, corpus, objective):
+    # joint: the ranks' plans hold different numbers of granularities (tiers >= 1 vs >= 2), and
+    # each rank still all-reduces exactly once per step.
+    cfg = tiny(tmp_path, corpus, steps=5, objective=objective, rank_tiers=[1, 2])
+    args = cli_args(cfg) + ["--rank-tiers", "1,2", "--objective", objective]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

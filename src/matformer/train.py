@@ -26,6 +26,7 @@ never interrupted. The final model is also written to `out/` itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -404,6 +405,28 @@ class Objective(nn.Module):
         return total, torch.stack(losses)
 
 
+def forward_backward(objective: nn.Module, input_ids: torch.Tensor,
+                     plan: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """Accumulate the gradient of sum_i w_i * loss_i into .grad; returns the per-granularity
+    losses (len(plan),).
+
+    One forward+backward per granularity rather than one backward through a graph holding all of
+    them: the same gradient (up to float summation order), but each width's activations are
+    freed before the next width runs, so `joint` costs no more than its single-width steps. Under
+    DDP every backward but the last runs in `no_sync()`, so each rank all-reduces once per step
+    however many granularities its plan holds (ranks at different runtime tiers may hold
+    different numbers)."""
+    ddp = isinstance(objective, nn.parallel.DistributedDataParallel)
+    losses = []
+    for i, item in enumerate(plan):
+        last = i == len(plan) - 1
+        with objective.no_sync() if ddp and not last else contextlib.nullcontext():
+            loss, per_tier = objective(input_ids, [item])
+            loss.backward()
+        losses.append(per_tier)
+    return torch.cat(losses)
+
+
 @torch.no_grad()
 def evaluate_tiers(model: MatFormerLM, windows: torch.Tensor, tiers: Sequence[int],
                    batch_size: int) -> dict[int, float]:
@@ -693,8 +716,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, per_tier = objective(x, plan)
-        loss.backward()
+        per_tier = forward_backward(objective, x, plan)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step(update_extent(cfg, base, step, dist.world))
