@@ -88,9 +88,13 @@ def check_saved_config(folder: Path, base: int = 256) -> None:
     ("joint", None, [0, 1, 2, 3]),
     ("single", 2, [2]),
 ])
-def test_objective_lowers_loss_of_every_trained_width(tmp_path, corpus, objective, tier, trained):
-    cfg = tiny(tmp_path, corpus, objective=objective, tier=tier)
+def test_objective_lowers_loss_of_every_trained_width(tmp_path, corpus, objective, tier, trained,
+                                                     capsys):
+    cfg = tiny(tmp_path, corpus, objective=objective, tier=tier, quiet=False, log_every=1000)
     res = train(cfg)
+    printed = capsys.readouterr().out
+    # A run that never trained tier 0 says how to get a checkpoint of the width it did train.
+    assert ("only tiers [2] were trained" in printed and "--tier 2" in printed) == (0 not in trained)
     out = Path(cfg.out)
     assert sorted(res.final_val_loss) == trained
     before = evaluate_tiers(initial_model(out, cfg), val_windows(out, cfg), trained, 8)

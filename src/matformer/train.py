@@ -760,6 +760,14 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
             "train_summary.json": (json.dumps(summary, indent=2) + "\n").encode()})
         log(f"\nfinal model: {out}  ({tokens_seen:,} training tokens, "
             f"{run_tokens / max(elapsed, 1e-9):,.0f} tok/s this session)\n{table}")
+        if 0 not in trained:
+            # The checkpoint stores full width (config says tier 0, the truth about the tensors),
+            # but the neurons past the widest trained tier were never trained: say how to get a
+            # checkpoint that runs the trained width by default.
+            t = min(trained)
+            log(f"note: only tiers {trained} were trained; the stored full width holds untrained "
+                f"neurons past width {base >> t}. Load with tier={t}, or cut a tier-{t} checkpoint: "
+                f"matformer slice {out} -o {out}-tier{t} --tier {t}")
     if dist.world > 1:
         torch.distributed.barrier()
     return TrainResult(out=out, steps=cfg.steps, final_val_loss=final, history=history,
