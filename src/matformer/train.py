@@ -391,14 +391,9 @@ class Objective(nn.Module):
     def forward(self, input_ids: torch.Tensor, plan: Sequence[tuple[int, float]]):
         total: torch.Tensor | None = None
         losses = []
-        # Next-token labels padded with an ignored last position: the logits (B, T, V) are used
-        # as they are, not sliced and copied (model.loss's logits[:, :-1] copies B*T*V floats).
-        labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
         for tier, w in plan:
             with self.model.at_width(tier=tier):
-                logits = self.model(input_ids)  # (B, T, V)
-                loss = torch.nn.functional.cross_entropy(
-                    logits.view(-1, logits.shape[-1]).float(), labels, ignore_index=-100)
+                loss = self.model.loss(input_ids)  # shifted labels; the (B, T, V) logits not copied
             losses.append(loss.detach())
             total = loss * w if total is None else total + loss * w
         assert total is not None
