@@ -340,9 +340,6 @@ def map_tensors(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[
         elif rest == "mlp.down_proj.weight":
             _expect(name, shape, (h, s))
             jobs.append(TensorJob(out_name, name, dtype, shape, (h, w), "cols" if w < s else "copy"))
-        elif rest in ("mlp.gate_proj.bias", "mlp.up_proj.bias"):
-            _expect(name, shape, (s,))
-            jobs.append(TensorJob(out_name, name, dtype, shape, (w,), "rows" if w < s else "copy"))
         else:
             jobs.append(TensorJob(out_name, name, dtype, shape, shape, "copy"))
     return jobs
@@ -647,17 +644,15 @@ class _PrefixReader:
     def read(self, job: TensorJob):
         import torch
 
-        from .io.safetensors import DTYPES, torch_dtype
+        from .io.safetensors import DTYPES, nbytes_of, torch_dtype
 
         info = self.ck.info(job.src_name)
         shard = self.ck.where[job.src_name]
         fd = self._fd(shard)
         item = DTYPES[job.dtype][0]
-        numel = 1
-        for d in job.out_shape:
-            numel *= d
-        buf = torch.empty(numel * item, dtype=torch.uint8)  # the output tensor's own storage
-        mv = memoryview(buf.numpy()) if numel else memoryview(b"")
+        size = nbytes_of(job.dtype, job.out_shape)
+        buf = torch.empty(size, dtype=torch.uint8)  # the output tensor's own storage
+        mv = memoryview(buf.numpy()) if size else memoryview(b"")
         if job.kind in ("copy", "rows"):
             # A prefix of dim 0 is a prefix of the bytes: one contiguous read.
             self._pread_into(fd, mv, info.start, shard)
@@ -667,7 +662,7 @@ class _PrefixReader:
             for r in range(rows):
                 self._pread_into(fd, mv[r * run:(r + 1) * run], info.start + r * stride, shard)
         dt = torch_dtype(job.dtype)
-        return (buf.view(dt) if numel else torch.empty(0, dtype=dt)).reshape(job.out_shape)
+        return (buf.view(dt) if size else torch.empty(0, dtype=dt)).reshape(job.out_shape)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -677,6 +672,7 @@ class _PrefixReader:
 
 def _open_source(src: str | os.PathLike, revision: str | None):
     """(folder, validated Checkpoint, source config) for a local folder or a Hub repo id."""
+    from .io.checkpoint import _check_shapes
     from .io.layout import CONFIG_NAME, open_checkpoint, resolve_files
 
     p = Path(src)
@@ -702,7 +698,12 @@ def _open_source(src: str | os.PathLike, revision: str | None):
         raise CheckpointError(f"{layout.folder}: holds pickle (.bin) weights; slicing reads safetensors only")
     config = MatFormerConfig.from_json_file(layout.folder / CONFIG_NAME)
     config.check_tier_label(str(layout.folder / CONFIG_NAME))
-    return layout.folder, open_checkpoint(layout), config
+    ck = open_checkpoint(layout)
+    # A tensor missing from (or misshapen in) the source is reported against the source, not
+    # later against the output folder by the writer's own check.
+    _check_shapes({n: t.shape for n, t in ck.tensors.items()}, config, str(layout.folder),
+                  lambda n: ck.where[n])
+    return layout.folder, ck, config
 
 
 def _file_order(ck: Any) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -758,23 +759,21 @@ def slice_checkpoint(
     from .io.checkpoint import write_checkpoint
 
     try:
-        written = write_checkpoint(
+        write_checkpoint(
             out_path, plan.config, [(j.out_name, j.dtype, j.out_shape) for j in jobs],
             lambda name: reader.read(by_name[name]), max_shard_size=max_shard_size,
             extra_files=extra,
         )
     finally:
         reader.close()
-    files = _written_files(out_path, written)
+    files = _written_files(out_path)
     nbytes = sum((out_path / f).stat().st_size for f in files)
     return SliceResult(out_path, plan.config, plan.widths, plan.keep_layers, plan.explanation,
                        files, reader.bytes_read, nbytes, time.perf_counter() - t0)
 
 
-def _written_files(out: Path, written: Any) -> list[str]:
-    """File names the writer reports (list of names/paths), else the folder's contents."""
-    if isinstance(written, (list, tuple)) and all(isinstance(w, (str, os.PathLike)) for w in written):
-        return [Path(w).name for w in written]
+def _written_files(out: Path) -> list[str]:
+    """The files of the written checkpoint folder."""
     return sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
 
 

@@ -42,7 +42,7 @@ from .layout import (
     open_checkpoint,
     resolve_files,
 )
-from .safetensors import DTYPES, mmap_tensors, st_dtype, write_file
+from .safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
 
 if TYPE_CHECKING:
     import torch
@@ -306,9 +306,7 @@ def plan_shards(specs: Sequence[tuple[str, str, Sequence[int]]], max_shard_size:
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     used = 0
     for name, dtype, shape in specs:
-        n = DTYPES[dtype][0]
-        for d in shape:
-            n *= int(d)
+        n = nbytes_of(dtype, shape)
         if shards[-1] and used + n > limit:
             shards.append([])
             used = 0
@@ -509,10 +507,7 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
             write_file(tmp / fname, shard, produce, metadata={"format": "pt"})
             for name, dtype, shape in shard:
                 weight_map[name] = fname
-                size = DTYPES[dtype][0]
-                for d in shape:
-                    size *= d
-                total += size
+                total += nbytes_of(dtype, shape)
         written.update(names)
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -22,7 +22,7 @@ PICKLE_SINGLE = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
 
 
-def check_shard_name(name: object, where: str) -> str:
+def check_shard_name(name: object, where: str, suffix: str = ".safetensors") -> str:
     """A shard name from an index must be a plain file name inside the checkpoint folder."""
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{where}: shard name {name!r} is not a non-empty string")
@@ -35,8 +35,8 @@ def check_shard_name(name: object, where: str) -> str:
             f"{where}: shard name {name!r} is not a plain file name (no '/', '\\', '..', drive or "
             f"root allowed); refusing to open anything outside the checkpoint folder"
         )
-    if not name.endswith(".safetensors"):
-        raise CheckpointError(f"{where}: shard name {name!r} does not end in .safetensors")
+    if not name.endswith(suffix):
+        raise CheckpointError(f"{where}: shard name {name!r} does not end in {suffix}")
     return name
 
 
@@ -102,15 +102,13 @@ def resolve_files(folder: str | os.PathLike) -> Layout:
 def _parse_pickle_index(path: Path) -> dict[str, str]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-        wm = obj["weight_map"]
-        assert isinstance(wm, dict) and wm
-    except Exception:
-        raise CheckpointError(f"{path}: not a valid index (expected a 'weight_map' object)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{path}: not a valid index (expected a 'weight_map' object)")
     for tensor, shard in wm.items():
-        if (not isinstance(shard, str) or "/" in shard or "\\" in shard or ".." in shard
-                or ":" in shard or not shard.endswith(".bin")):
-            raise CheckpointError(f"{path}: shard name {shard!r} of tensor {tensor!r} is not a "
-                                  f"plain .bin file name")
+        check_shard_name(shard, f"{path} (tensor {tensor!r})", suffix=".bin")
     return dict(wm)
 
 

@@ -49,6 +49,14 @@ DTYPES: dict[str, tuple[int, str]] = {
 _TORCH_TO_ST = {name: st for st, (_, name) in DTYPES.items()}
 
 
+def nbytes_of(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes of a tensor of safetensors `dtype` and `shape`."""
+    n = DTYPES[dtype][0]
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -258,9 +266,7 @@ def build_header(specs: Sequence[tuple[str, str, Sequence[int]]],
             raise CheckpointError(f"tensor {name!r}: unknown dtype {dtype!r}")
         if name in entries or name == "__metadata__":
             raise CheckpointError(f"tensor name {name!r} given twice (or reserved)")
-        n = DTYPES[dtype][0]
-        for d in shape:
-            n *= int(d)
+        n = nbytes_of(dtype, shape)
         entries[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [off, off + n]}
         sizes.append(n)
         off += n
