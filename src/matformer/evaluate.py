@@ -24,7 +24,6 @@ identical (it must be).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import perplexity
 from .errors import ConfigError, DataError
-from .model import MatFormerLM, lm_loss, parameter_counts
+from .generate import _sync, generate, speculative_generate
+from .model import MatFormerLM, parameter_counts
 from .tiers import available_tiers, describe_widths, uniform_tier
 
 
@@ -225,14 +226,6 @@ def _checkpoint_folder(src: str | os.PathLike) -> Path:
     return _locate(src)[0].folder
 
 
-# ---- timing helpers ----------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---- the evaluation --------------------------------------------------------------------------
 
 
@@ -337,7 +330,8 @@ def evaluate(
             model(torch.as_tensor(windows[:1], device=dev))
             for b0 in range(0, n_windows, batch_size):
                 x = torch.as_tensor(windows[b0:b0 + batch_size], device=dev)  # (B, T)
-                ref_logp = ref_best = None
+                ref_logp = ref_p = ref_best = None
+                labels = x[:, 1:].unsqueeze(-1)  # (B, T-1, 1): position t predicts token t+1
                 for i, (_name, _kind, ws) in enumerate(plan):
                     model.set_widths(widths=ws)
                     _sync(dev)
@@ -345,15 +339,16 @@ def evaluate(
                     logits = model(x)  # (B, T, V)
                     _sync(dev)
                     seconds[i] += time.perf_counter() - t0
-                    # lm_loss is a mean over the B*(T-1) labels; windows are equal length.
-                    ce_sum[i] += float(lm_loss(logits, x)) * x.shape[0] * (seq_len - 1)
                     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+                    # Summed next-token cross-entropy over the B*(T-1) labels (what lm_loss
+                    # averages), from the same log-probabilities the consistency uses.
+                    ce_sum[i] -= float(logp[:, :-1].gather(-1, labels).sum())
                     best = logp.argmax(-1)  # (B, T)
                     if i == 0:  # the reference (stored widths) comes first
-                        ref_logp, ref_best = logp, best
-                    assert ref_logp is not None and ref_best is not None
+                        ref_logp, ref_p, ref_best = logp, logp.exp(), best
+                    assert ref_logp is not None and ref_p is not None and ref_best is not None
                     # KL(P_ref || P_w) per position, summed.
-                    kl_sum[i] += float((ref_logp.exp() * (ref_logp - logp)).sum())
+                    kl_sum[i] += float((ref_p * (ref_logp - logp)).sum())
                     match[i] += int((best == ref_best).sum())
                 n_pred += x.shape[0] * (seq_len - 1)
                 n_pos += x.numel()
@@ -366,7 +361,7 @@ def evaluate(
                     name=name, widths=list(ws), kind=kind,
                     tier=uniform_tier(model.base_width, ws),
                     non_embedding_params=parameter_counts(model.config, ws)["non_embedding"],
-                    loss=loss, perplexity=math.exp(min(loss, 700.0)),
+                    loss=loss, perplexity=perplexity(loss),
                     tokens_per_s=n_windows * seq_len / seconds[i] if seconds[i] > 0 else 0.0,
                     greedy_match=match[i] / n_pos, kl_from_reference=max(0.0, kl_sum[i] / n_pos),
                 ))
@@ -390,8 +385,6 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, plan, report: EvalRe
                    decode: bool, speculative: bool, draft_tokens: int | str, n_prompts: int,
                    prompt_len: int, new_tokens: int, say: Callable[[str], None]) -> None:
     """Batch-1 greedy decoding speed per width, and speculative decoding per draft width."""
-    from .generate import generate, speculative_generate
-
     prompt_len = max(1, min(prompt_len, windows.shape[1]))
     new_tokens = min(new_tokens, model.config.max_position_embeddings - prompt_len)
     if new_tokens < 2 or n_prompts < 1:
