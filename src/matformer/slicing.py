@@ -552,13 +552,16 @@ def resolve_manifest_tier(
             assert got is not None
             path = got
             root = path.parents[f["path"].count("/")]
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+            digest = _sha256(path) if size == f["size"] else ""
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
         if size != f["size"]:
             raise CheckpointError(
                 f"{path}: size {size} bytes, the manifest says {f['size']} — a truncated or "
                 f"replaced file; download it again"
             )
-        digest = _sha256(path)
         if digest != f["sha256"]:
             raise CheckpointError(
                 f"{path}: sha256 {digest} does not match the manifest ({f['sha256']}) — the file "
