@@ -456,9 +456,18 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
     else:
         out.write(report.format() + "\n")
         if json_out is not None:
-            Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+            try:
+                Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
+                                          encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"{json_out}: cannot write the JSON report ({e.strerror or e}); "
+                                  f"choose another --json-out") from None
     if plot is not None:
         from .plot import plot_elastic_curve
 
-        plot_elastic_curve(report, plot, title=f"MatFormer evaluation: {Path(ckpt).name}")
+        try:
+            plot_elastic_curve(report, plot, title=f"MatFormer evaluation: {Path(ckpt).name}")
+        except OSError as e:
+            raise ConfigError(f"{plot}: cannot write the plot ({e.strerror or e}); choose another "
+                              f"--plot") from None
     return report

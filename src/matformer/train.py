@@ -697,7 +697,11 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
         _append_log(out, {"step": step, "val_loss": {str(k): v for k, v in losses.items()}})
 
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"{out}: cannot create the output folder ({e.strerror or e}); "
+                                  f"choose another --out") from None
         _trim_log(out, start)  # a killed run may have logged steps past its last checkpoint
     tokens_per_step = dist.world * cfg.batch_size * cfg.seq_len
     run_t0 = time.time()
