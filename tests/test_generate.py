@@ -214,6 +214,11 @@ def test_bad_requests_are_clear_errors() -> None:
         generate(model, [], 5)
     with pytest.raises(DataError, match="max_position_embeddings"):
         generate(model, PROMPT, 1000)
+    # an id outside the vocabulary: a DataError naming it, not an IndexError from the embedding
+    with pytest.raises(DataError, match=f"token id {model.config.vocab_size}\\b"):
+        generate(model, [1, model.config.vocab_size], 5)
+    with pytest.raises(DataError, match="token id -1"):
+        speculative_generate(model, [-1, 2], 5)
     with pytest.raises(ConfigError, match="temperature"):
         generate(model, PROMPT, 5, temperature=-1)
     with pytest.raises(ConfigError, match="top_p"):

@@ -151,8 +151,9 @@ class Sampler:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _prompt_ids(prompt: Any, device: torch.device) -> torch.Tensor:
-    """A prompt as token ids (1, P): a list of ints, a 1-D tensor, or a (1, P) tensor."""
+def _prompt_ids(prompt: Any, device: torch.device, vocab_size: int) -> torch.Tensor:
+    """A prompt as token ids (1, P): a list of ints, a 1-D tensor, or a (1, P) tensor, each id
+    in 0..vocab_size-1."""
     if isinstance(prompt, torch.Tensor):
         ids = prompt.detach()
         if ids.dim() == 2:
@@ -171,6 +172,10 @@ def _prompt_ids(prompt: Any, device: torch.device) -> torch.Tensor:
             raise DataError("prompt must be a sequence of integer token ids") from None
     if ids.numel() == 0:
         raise DataError("the prompt is empty; give at least one token")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise DataError(f"the prompt holds token id {lo if lo < 0 else hi}, outside the model's "
+                        f"vocabulary of {vocab_size}; tokenize it with this model's tokenizer")
     return ids.to(device).unsqueeze(0)
 
 
@@ -241,7 +246,7 @@ def generate(
     tests; same tokens, much slower).
     """
     device = model.model.embed_tokens.weight.device
-    ids = _prompt_ids(prompt, device)  # (1, P)
+    ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
     P = ids.shape[1]
     max_len = _check_lengths(model, P, max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p, seed, device)
@@ -322,7 +327,7 @@ def speculative_generate(
     `return_cache=True` puts that cache in `output.extra["cache"]` (for inspection).
     """
     device = model.model.embed_tokens.weight.device
-    ids = _prompt_ids(prompt, device)
+    ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
     P = ids.shape[1]
     max_len = _check_lengths(model, P, max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p, seed, device)
