@@ -293,6 +293,7 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path, corpus, capsys):
         (["--resume"], fresh, "no complete checkpoint"),
         (["--resume", "--preset", "tiny"], cfg.out, "preset"),
         (["--resume", "--seed", "5"], cfg.out, "seed"),
+        (["--resume", "--steps", "2"], cfg.out, "past --steps 2"),
     ]
     for extra, where, message in cases:
         args = cli_args(dataclasses.replace(cfg, out=where)) + extra

@@ -516,7 +516,7 @@ def _read_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{path}: cannot read the training state ({e})") from None
-    if not isinstance(meta, dict) or "step" not in meta:
+    if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
         raise CheckpointError(f"{path}: no training metadata (not written by matformer train?)")
     return tensors, meta
 
@@ -533,6 +533,10 @@ def _check_resume(cfg: TrainConfig, ckpt: Path, model_cfg_now: dict[str, Any] | 
         desc = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in diff[:4])
         raise CheckpointError(f"{ckpt}: this run's settings differ from the checkpoint's ({desc}); "
                               f"resume with the same settings, or train into a new --out")
+    if int(meta["step"]) > cfg.steps:
+        # Resuming would write the weights of a longer run as this run's final model.
+        raise CheckpointError(f"{ckpt}: the checkpoint is at step {meta['step']}, past --steps "
+                              f"{cfg.steps}; resume with --steps {meta['step']} or more")
     if meta.get("world_size", 1) != world:
         raise CheckpointError(f"{ckpt}: saved by {meta.get('world_size')} process(es), resumed "
                               f"with {world}; resume with the same number of processes")
