@@ -347,96 +347,92 @@ def speculative_generate(
 
     stats = GenerationStats(prompt_tokens=P)
     out: list[int] = []
-    previous = model.widths
-    try:
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            cache = model.new_cache(1, max_len)
-            model.set_widths(widths=target)
-            if P > 1:  # the verifier's entries for the prompt but its last token
-                model(ids[:, :-1], cache=cache)
-                stats.target_forwards += 1
-            _sync(device)
-            stats.prefill_seconds = time.perf_counter() - t0
-            cur = ids[:, -1:]  # (1, 1): emitted, not yet in the cache
-            done = False
-            while not done:
-                L = cache.length
-                # One token always comes from the verifier, so at most remaining-1 drafts count.
-                kk = min(k, max_new_tokens - len(out) - 1)
-                # ---- draft kk tokens at the draft width (their cache entries are temporary)
-                drafts = []  # kk tensors of shape (1, 1)
-                q_rows = []  # kk processed draft distributions (V,), sampling only
+    # at_width restores the caller's widths on exit, whatever draft/target switching happened.
+    with model.at_width(widths=target), torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = model.new_cache(1, max_len)
+        if P > 1:  # the verifier's entries for the prompt but its last token
+            model(ids[:, :-1], cache=cache)
+            stats.target_forwards += 1
+        _sync(device)
+        stats.prefill_seconds = time.perf_counter() - t0
+        cur = ids[:, -1:]  # (1, 1): emitted, not yet in the cache
+        done = False
+        while not done:
+            L = cache.length
+            # One token always comes from the verifier, so at most remaining-1 drafts count.
+            kk = min(k, max_new_tokens - len(out) - 1)
+            # ---- draft kk tokens at the draft width (their cache entries are temporary)
+            drafts = []  # kk tensors of shape (1, 1)
+            q_rows = []  # kk processed draft distributions (V,), sampling only
+            if kk > 0:
+                model.set_widths(widths=draft)
+                tok = cur
+                for _ in range(kk):
+                    q_logits = model(tok, cache=cache)[0, -1]  # (V,)
+                    stats.draft_forwards += 1
+                    if sampler.greedy:
+                        tok = q_logits.argmax(-1).view(1, 1)
+                    else:
+                        q = sampler.probs(q_logits)
+                        q_rows.append(q)
+                        tok = sampler.draw(q).view(1, 1)
+                    drafts.append(tok)
+                cache.crop(L)
+                model.set_widths(widths=target)
+            # ---- verify cur, d1..dk at the target width in one forward
+            block = torch.cat([cur, *drafts], dim=1)  # (1, kk+1)
+            p_logits = model(block, cache=cache)[0]  # (kk+1, V); cache now L+kk+1
+            stats.target_forwards += 1
+            d = block[0, 1:]  # (kk,)
+            if sampler.greedy:
+                best = p_logits.argmax(-1)  # (kk+1,)
+                agree = (best[:kk] == d).tolist()
+                n = agree.index(False) if False in agree else kk
+                new = d[:n].tolist() + [int(best[n])]
+            else:
+                p = sampler.probs(p_logits)  # (kk+1, V)
                 if kk > 0:
-                    model.set_widths(widths=draft)
-                    tok = cur
-                    for _ in range(kk):
-                        q_logits = model(tok, cache=cache)[0, -1]  # (V,)
-                        stats.draft_forwards += 1
-                        if sampler.greedy:
-                            tok = q_logits.argmax(-1).view(1, 1)
-                        else:
-                            q = sampler.probs(q_logits)
-                            q_rows.append(q)
-                            tok = sampler.draw(q).view(1, 1)
-                        drafts.append(tok)
-                    cache.crop(L)
-                    model.set_widths(widths=target)
-                # ---- verify cur, d1..dk at the target width in one forward
-                block = torch.cat([cur, *drafts], dim=1)  # (1, kk+1)
-                p_logits = model(block, cache=cache)[0]  # (kk+1, V); cache now L+kk+1
-                stats.target_forwards += 1
-                d = block[0, 1:]  # (kk,)
-                if sampler.greedy:
-                    best = p_logits.argmax(-1)  # (kk+1,)
-                    agree = (best[:kk] == d).tolist()
-                    n = agree.index(False) if False in agree else kk
-                    new = d[:n].tolist() + [int(best[n])]
+                    q = torch.stack(q_rows)  # (kk, V)
+                    rows = torch.arange(kk, device=device)
+                    p_d, q_d = p[rows, d], q[rows, d]
+                    # accept d_i with probability min(1, p/q): u*q <= p avoids dividing
+                    ok = (sampler.uniform(kk, device) * q_d <= p_d).tolist()
+                    n = ok.index(False) if False in ok else kk
                 else:
-                    p = sampler.probs(p_logits)  # (kk+1, V)
-                    if kk > 0:
-                        q = torch.stack(q_rows)  # (kk, V)
-                        rows = torch.arange(kk, device=device)
-                        p_d, q_d = p[rows, d], q[rows, d]
-                        # accept d_i with probability min(1, p/q): u*q <= p avoids dividing
-                        ok = (sampler.uniform(kk, device) * q_d <= p_d).tolist()
-                        n = ok.index(False) if False in ok else kk
-                    else:
-                        n = 0
-                    if n < kk:
-                        resid = (p[n] - q[n]).clamp_min(0.0)
-                        total = resid.sum()
-                        # p == q exactly leaves no residual (and rejection had probability 0)
-                        dist = resid / total if float(total) > 0 else p[n]
-                        last = int(sampler.draw(dist))
-                    else:
-                        last = int(sampler.draw(p[kk]))
-                    new = d[:n].tolist() + [last]
-                stats.drafted += kk
-                stats.accepted += n
-                # keep the verifier's entries for cur and the n accepted drafts
-                cache.crop(L + 1 + n)
-                # ---- emit, stopping at EOS or the length limit
-                for j, t in enumerate(new):
-                    if t in eos:
-                        new = new[: j + 1]
-                        stats.stop_reason = "eos"
-                        done = True
-                        break
-                room = max_new_tokens - len(out)
-                if len(new) >= room:
-                    new = new[:room]
+                    n = 0
+                if n < kk:
+                    resid = (p[n] - q[n]).clamp_min(0.0)
+                    total = resid.sum()
+                    # p == q exactly leaves no residual (and rejection had probability 0)
+                    dist = resid / total if float(total) > 0 else p[n]
+                    last = int(sampler.draw(dist))
+                else:
+                    last = int(sampler.draw(p[kk]))
+                new = d[:n].tolist() + [last]
+            stats.drafted += kk
+            stats.accepted += n
+            # keep the verifier's entries for cur and the n accepted drafts
+            cache.crop(L + 1 + n)
+            # ---- emit, stopping at EOS or the length limit
+            for j, t in enumerate(new):
+                if t in eos:
+                    new = new[: j + 1]
+                    stats.stop_reason = "eos"
                     done = True
-                out.extend(new)
-                if stream is not None and new:
-                    stream(new)
-                cur = torch.tensor([[new[-1]]], device=device)
-                if adaptive:
-                    k = min(k + 2, max_draft_tokens) if n == kk and kk > 0 else max(1, k - 1)
-            _sync(device)
-            stats.seconds = time.perf_counter() - t0
-    finally:
-        model.set_widths(widths=previous)
+                    break
+            room = max_new_tokens - len(out)
+            if len(new) >= room:
+                new = new[:room]
+                done = True
+            out.extend(new)
+            if stream is not None and new:
+                stream(new)
+            cur = torch.tensor([[new[-1]]], device=device)
+            if adaptive:
+                k = min(k + 2, max_draft_tokens) if n == kk and kk > 0 else max(1, k - 1)
+        _sync(device)
+        stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
     extra = {"cache": cache} if return_cache else {}
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target), stats=stats,
