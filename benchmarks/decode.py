@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.generate import generate, speculative_generate
+from matformer.generation import generate, speculative_generate
 from matformer.model import parameter_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"

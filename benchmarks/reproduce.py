@@ -161,7 +161,7 @@ def consistency(reference: torch.nn.Module, model: torch.nn.Module, windows: np.
                 batch_size: int = 16) -> dict[str, float]:
     """Greedy-token agreement and KL(P_ref || P_model) (nats per position) of two models, each at
     its current width, on the same windows (n, T): every position of every window, the same
-    definitions as `matformer.evaluate` uses within one model."""
+    definitions as `matformer.evaluation` uses within one model."""
     match = 0
     kl = 0.0
     n = 0
@@ -213,7 +213,7 @@ def _eval_one(group: dict[str, Any], windows: np.ndarray, batch_size: int) -> di
     own XL), or one seed's four baselines (each at its tier; consistency with the XL baseline)."""
     torch.set_num_threads(1)
     from matformer import load_model
-    from matformer.evaluate import evaluate
+    from matformer.evaluation import evaluate
 
     kw = dict(mix_n_match=False, decode=False, speculative=False, seq_len=windows.shape[1],
               max_tokens=windows.size, batch_size=batch_size)

@@ -14,7 +14,7 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM, parameter_counts
 from matformer.cli import main
-from matformer.evaluate import evaluate, mix_n_match_widths
+from matformer.evaluation import evaluate, mix_n_match_widths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerLM
 from matformer.errors import ConfigError, DataError, TierError
-from matformer.generate import Sampler, generate, speculative_generate
+from matformer.generation import Sampler, generate, speculative_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/reproduce.py: the whole pipeline on a debug-size budget (structure of
 the report, parameter counts, compute accounting), the tie/verdict rule, the Mix'n'Match shapes
-and the two-model consistency measure (checked against `matformer.evaluate` within one model)."""
+and the two-model consistency measure (checked against `matformer.evaluation` within one model)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from matformer.config import MatFormerConfig
-from matformer.evaluate import evaluate
+from matformer.evaluation import evaluate
 from matformer.model import MatFormerLM, parameter_counts
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"

@@ -33,9 +33,9 @@ _EXPORTS = {
     "slice_checkpoint": "matformer.slicing",
     "train": "matformer.train",
     "TrainConfig": "matformer.train",
-    "generate": "matformer.generate",
-    "speculative_generate": "matformer.generate",
-    "evaluate": "matformer.evaluate",
+    "generate": "matformer.generation",
+    "speculative_generate": "matformer.generation",
+    "evaluate": "matformer.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from matformer.evaluate import run_eval
+    from matformer.evaluation import run_eval
     from matformer.tiers import parse_int_list
 
     if args.threads:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from matformer.errors import DataError
-    from matformer.generate import generate_text
+    from matformer.generation import generate_text
 
     if args.threads:
         import torch

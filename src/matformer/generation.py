@@ -492,7 +492,7 @@ def generate_text(
     import sys
 
     from .data import load_tokenizer
-    from .evaluate import _checkpoint_folder
+    from .evaluation import _checkpoint_folder
     from .io.checkpoint import load_model
 
     if not prompt or not prompt.strip():

@@ -36,7 +36,7 @@ import torch
 
 from .config import perplexity
 from .errors import ConfigError, DataError
-from .generate import _sync, generate, speculative_generate
+from .generation import _sync, generate, speculative_generate
 from .model import MatFormerLM, parameter_counts
 from .tiers import available_tiers, describe_widths, uniform_tier
 
