@@ -19,6 +19,7 @@ VERBS = {
     "train": "train",
     "generate": "generate",
     "eval": "eval",
+    "export": "export",
 }
 
 
