@@ -20,10 +20,12 @@ API (used by `matformer.train` and `matformer.evaluate`):
   `cache_dir`, keyed by a hash of the texts and the tokenizer.
 - `WindowSampler(tokens, seq_len, seed)`: fixed-length windows in a seeded order per epoch;
   `next(n) -> (n, seq_len) int64`; `state()` / `load_state()` save and restore the exact position.
-- `eval_windows(tokens, seq_len, max_windows)`: the first non-overlapping windows of a held-out
-  stream (the same every time). `default_eval_tokens(tok)` is the held-out split of the default
-  corpus tokenized with `tok`; `heldout_tokens(ckpt_dir)` reproduces the held-out split a
-  checkpoint was trained with (from its `train_config.json`) with its own tokenizer.
+- `heldout_windows(tokens, seq_len, max_windows)`: the held-out windows both training-time
+  evaluation and `matformer eval` score (default `HELDOUT_WINDOWS` windows, evenly spaced over
+  the whole stream). `default_eval_tokens(tok)` is the held-out split of the default corpus
+  tokenized with `tok`; `heldout_tokens(ckpt_dir)` reproduces the held-out split a checkpoint was
+  trained with (from its `train_config.json`) with its own tokenizer, and
+  `heldout_shape(training_settings(ckpt_dir))` the (seq_len, windows) its training evaluated.
 """
 
 from __future__ import annotations
@@ -391,15 +393,53 @@ class WindowSampler:
         self.index = int(state["index"])
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """The first non-overlapping windows of a held-out stream: (n, seq_len) int64."""
-    n = len(tokens) // seq_len
+HELDOUT_SEQ_LEN = 128
+"""Tokens per held-out window, for `matformer eval` of a checkpoint that records no training
+settings (training uses its own `seq_len`; the demo's is this)."""
+HELDOUT_WINDOWS = 64
+"""Held-out windows per evaluation, for training-time evaluation and `matformer eval` alike."""
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int = HELDOUT_SEQ_LEN,
+                    max_windows: int | None = HELDOUT_WINDOWS) -> np.ndarray:
+    """Windows of `seq_len` tokens spread evenly over the whole held-out stream: (n, seq_len) int64.
+
+    The stream is cut into n = min(max_windows, len // seq_len) equal segments and each window is
+    the first `seq_len` tokens of one segment (non-overlapping, the same every time). Training-time
+    evaluation and `matformer eval` both call this, so they score the same tokens; spreading the
+    windows matters because a held-out split is not uniform (its first documents alone are not
+    representative of the rest)."""
+    total = len(tokens)
+    n = total // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
-        raise DataError(f"the held-out data has {len(tokens)} tokens, fewer than one window of "
+        raise DataError(f"the held-out data has {total} tokens, fewer than one window of "
                         f"seq_len={seq_len}; use more data, a larger val fraction or a smaller seq_len")
-    return np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    starts = np.arange(n, dtype=np.int64) * total // n
+    idx = starts[:, None] + np.arange(seq_len, dtype=np.int64)[None, :]
+    return np.asarray(tokens, dtype=np.int64)[idx]
+
+
+def training_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The train_config.json a checkpoint was trained with ({} if it has none)."""
+    path = Path(ckpt_dir) / "train_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not isinstance(settings, dict):
+        raise DataError(f"{path}: expected a JSON object of training settings")
+    return settings
+
+
+def heldout_shape(settings: dict[str, Any]) -> tuple[int, int]:
+    """(seq_len, windows) of the held-out evaluation a run with these settings logged: its own
+    seq_len and eval_windows, else the defaults."""
+    return (int(settings.get("seq_len") or HELDOUT_SEQ_LEN),
+            int(settings.get("eval_windows") or HELDOUT_WINDOWS))
 
 
 def default_eval_tokens(tok, data: str | os.PathLike | None = None,
@@ -417,13 +457,7 @@ def heldout_tokens(ckpt_dir: str | os.PathLike,
     and split (defaults: the default corpus and split), its tokenizer.json tokenizes them."""
     ckpt = Path(ckpt_dir)
     tok = load_tokenizer(ckpt)
-    settings: dict[str, Any] = {}
-    cfg_path = ckpt / "train_config.json"
-    if cfg_path.is_file():
-        try:
-            settings = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{cfg_path}: cannot read ({e})") from None
+    settings = training_settings(ckpt)
     return default_eval_tokens(
         tok, data=settings.get("data"),
         val_fraction=float(settings.get("val_fraction", DEFAULT_VAL_FRACTION)),
