@@ -36,7 +36,7 @@ import torch
 
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.generation import generate, speculative_generate
-from matformer.model import parameter_counts
+from matformer.shapes import parameter_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

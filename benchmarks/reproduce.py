@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from matformer.tiers import least_slope_plans
+
 TIER_NAMES = {0: "XL", 1: "L", 2: "M", 3: "S"}
 TIERS = (0, 1, 2, 3)  # the library's granularity order: tier 0 = XL (full width) ... tier 3 = S
 # The paper's Table 6 probabilities, written in its order S, M, L, XL ...
@@ -180,13 +182,14 @@ def consistency(reference: torch.nn.Module, model: torch.nn.Module, windows: np.
 
 def mix_shapes(base: int, num_layers: int) -> list[list[int]]:
     """Per-layer width lists mixing two neighbouring tiers: non-decreasing with depth (one change,
-    the paper's least-slope heuristic), the same counts decreasing, and alternating."""
+    the paper's least-slope heuristic, `matformer.tiers.least_slope_plans`), the same counts
+    decreasing, and alternating."""
     out: list[list[int]] = []
     for wide in TIERS[:-1]:
         w, nw = base >> wide, base >> (wide + 1)
-        for k in range(1, num_layers):  # k layers at the wider width
-            out.append([nw] * (num_layers - k) + [w] * k)  # non-decreasing
-            out.append([w] * k + [nw] * (num_layers - k))  # decreasing
+        for plan in least_slope_plans([nw, w], num_layers, range(1, num_layers)):
+            out.append(plan)  # non-decreasing: the last k layers wide
+            out.append(plan[::-1])  # decreasing
         if num_layers >= 3:
             out.append([nw if i % 2 == 0 else w for i in range(num_layers)])  # n, w, n, w ...
             out.append([w if i % 2 == 0 else nw for i in range(num_layers)])  # w, n, w, n ...
@@ -221,7 +224,7 @@ def _eval_one(group: dict[str, Any], windows: np.ndarray, batch_size: int) -> di
     if group["config"] != "baseline":
         model = load_model(group["runs"][0]["out"])
         L = model.config.num_hidden_layers
-        rep = evaluate(model, windows, tiers=list(TIERS), widths=mix_shapes(model.base_width, L), **kw)
+        rep = evaluate(model, windows, uniform_tiers=list(TIERS), plans=mix_shapes(model.base_width, L), **kw)
         for r in rep.results:
             rows.append(dict(widths=r.widths, tier=r.tier, shape=shape_of(r.widths), loss=r.loss,
                              non_embedding_params=r.non_embedding_params,
@@ -233,7 +236,7 @@ def _eval_one(group: dict[str, Any], windows: np.ndarray, batch_size: int) -> di
         models[t] = load_model(run["out"], tier=t)  # runtime width = the width it was trained at
     ref = models[0]
     for t in TIERS:
-        rep = evaluate(models[t], windows, tiers=[t], **kw)
+        rep = evaluate(models[t], windows, uniform_tiers=[t], **kw)
         (r,) = [r for r in rep.results if r.tier == t]
         cons = consistency(ref, models[t], windows, batch_size)
         rows.append(dict(widths=r.widths, tier=t, shape="uniform", loss=r.loss,
@@ -606,7 +609,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     """Train every run, evaluate every model on the same held-out windows, summarise."""
     from matformer import data as D
     from matformer.config import MatFormerConfig
-    from matformer.model import parameter_counts
+    from matformer.shapes import parameter_counts
 
     t_start = time.time()
     hw = hardware()

@@ -96,7 +96,8 @@ def build_source(folder: Path, size_mb: int, shard: str) -> dict:
     import torch
 
     from matformer.config import MatFormerConfig
-    from matformer.io.checkpoint import expected_shapes, write_checkpoint
+    from matformer.io.checkpoint import write_checkpoint
+    from matformer.shapes import expected_shapes
 
     per_layer = (4 * H * H + 3 * H * FFN + 2 * H) * 4
     emb = 2 * VOCAB * H * 4
@@ -144,7 +145,7 @@ def main() -> int:
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "slice.json"))
     args = ap.parse_args()
 
-    from matformer.slicing import non_embedding_parameters
+    from matformer.shapes import non_embedding_parameters
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)

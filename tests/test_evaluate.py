@@ -14,7 +14,10 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM, parameter_counts
 from matformer.cli import main
-from matformer.evaluation import evaluate, mix_n_match_widths
+from matformer.commands.report import format_eval_report
+from matformer.data import heldout_windows
+from matformer.evaluation import evaluate
+from matformer.tiers import mix_n_match_plans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,8 +30,8 @@ def test_eval_numbers_agree_with_a_direct_computation() -> None:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (700,), generator=g)
     rep = evaluate(model, tokens, seq_len=32, max_tokens=640, batch_size=3, mix_n_match=False,
-                   widths=[[64, 128]], decode=False, speculative=False)
-    windows = tokens[: 20 * 32].view(20, 32)
+                   plans=[[64, 128]], decode=False, speculative=False)
+    windows = torch.as_tensor(heldout_windows(tokens.numpy(), 32, 20))  # spread over the stream
     assert rep.windows == 20 and rep.seq_len == 32 and rep.tokens == 20 * 31
     # reference first, then from the largest to the smallest
     assert [r.name for r in rep.results] == ["tier 0", "tier 1", "mix[64,128]", "tier 2", "tier 3"]
@@ -67,13 +70,13 @@ def test_speculative_report_and_decode_speed() -> None:
     assert all(r.decode_tokens_per_s and r.decode_tokens_per_s > 0 for r in rep.results)
     mixes = [r for r in rep.results if r.kind == "mix"]
     assert mixes and all(r.widths == sorted(r.widths) for r in mixes)
-    text = rep.format()
+    text = format_eval_report(rep)
     assert "KL(P_reference || P_width)" in text and "speed-up" in text
     json.dumps(rep.to_dict())
 
 
 def test_mix_n_match_points_follow_least_slope() -> None:
-    mixes = mix_n_match_widths(1024, 8, [0, 1, 2])
+    mixes = mix_n_match_plans(1024, 8, [0, 1, 2])
     assert [512] * 6 + [1024] * 2 in mixes and [256] * 4 + [512] * 4 in mixes
     for ws in mixes:
         assert ws == sorted(ws)  # non-decreasing with depth

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM, TierError
-from matformer.model import parameter_counts
+from matformer.shapes import parameter_counts
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,7 +98,7 @@ def test_mix_and_match_equals_model_built_with_those_widths() -> None:
         b = small(x)
     assert (a - b).abs().max().item() <= 1e-5
     # Per-layer tiers give the same widths.
-    full.set_widths(tiers=[3, 2, 2, 0])
+    full.set_widths(layer_tiers=[3, 2, 2, 0])
     assert full.widths == widths
 
 

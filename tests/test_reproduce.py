@@ -15,7 +15,8 @@ import torch
 
 from matformer.config import MatFormerConfig
 from matformer.evaluation import evaluate
-from matformer.model import MatFormerLM, parameter_counts
+from matformer.model import MatFormerLM
+from matformer.shapes import parameter_counts
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
@@ -94,7 +95,7 @@ def test_two_model_consistency_matches_evaluate_within_one_model(rp):
     narrow.load_state_dict(model.state_dict())
     narrow.set_widths(tier=2)
     two = rp.consistency(model, narrow, windows, batch_size=3)
-    rep = evaluate(model, windows, tiers=[0, 2], mix_n_match=False, decode=False, speculative=False,
+    rep = evaluate(model, windows, uniform_tiers=[0, 2], mix_n_match=False, decode=False, speculative=False,
                    seq_len=16, max_tokens=64)
     (row,) = [r for r in rep.results if r.tier == 2]
     assert two["greedy_match"] == pytest.approx(row.greedy_match)

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from matformer.errors import TierError
 from matformer.tiers import (
-    available_tiers,
     max_tier,
     parse_int_list,
     resolve_widths,
+    runnable_tiers,
     tier_of,
     uniform_tier,
     width_of,
@@ -44,23 +44,24 @@ def test_width_and_tier_are_inverse(base: int, tier: int) -> None:
         assert tier > max_tier(base)
 
 
-def test_uniform_tier_and_available_tiers() -> None:
+def test_uniform_tier_and_runnable_tiers() -> None:
     assert uniform_tier(256, [64, 64, 64]) == 2
     assert uniform_tier(256, [64, 128]) is None
     assert uniform_tier(256, 256) == 0
-    assert available_tiers(256, 256) == [0, 1, 2, 3]
-    assert available_tiers(256, 64) == [2, 3]
-    assert available_tiers(256, [256, 64]) == [2, 3]
-    assert available_tiers(12, 12) == [0, 1, 2]  # 12 -> 6 -> 3, then not divisible
+    assert runnable_tiers(256, 256, limit=4) == [0, 1, 2, 3]
+    assert runnable_tiers(256, 256) == list(range(9))  # no limit: down to width 1
+    assert runnable_tiers(256, 64, limit=4) == [2, 3]
+    assert runnable_tiers(256, [256, 64], limit=4) == [2, 3]
+    assert runnable_tiers(12, 12) == [0, 1, 2]  # 12 -> 6 -> 3, then not divisible
 
 
 def test_resolve_widths_forms() -> None:
     assert resolve_widths(256, 3, tier=1) == [128, 128, 128]
-    assert resolve_widths(256, 3, tiers=[3, 2, 0]) == [32, 64, 256]
+    assert resolve_widths(256, 3, layer_tiers=[3, 2, 0]) == [32, 64, 256]
     assert resolve_widths(256, 3, widths=100) == [100, 100, 100]
     assert resolve_widths(256, 2, widths=[10, 256]) == [10, 256]
     with pytest.raises(TierError, match="3 layers"):
-        resolve_widths(256, 3, tiers=[1, 1])
+        resolve_widths(256, 3, layer_tiers=[1, 1])
     with pytest.raises(TierError, match="layer 1"):
         resolve_widths(256, 2, widths=[10, 300])
     with pytest.raises(TierError, match="exactly one"):

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, DataError
-from .model import MatFormerLM
+from .model import KVCache, MatFormerLM
+from .tiers import runnable_tiers
 
 StreamCallback = Callable[[list[int]], None]
 """Called with the tokens emitted by each decoding step (one token, or several accepted ones)."""
@@ -206,16 +207,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _width_kwargs(tier, tiers, widths) -> dict[str, Any]:
-    return {"tier": tier, "tiers": tiers, "widths": widths}
+def _requested(tier: int | None, layer_tiers: Sequence[int] | None,
+               widths: int | Sequence[int] | None) -> dict[str, Any] | None:
+    """The width request of one call as `set_widths` keywords, or None when none was made."""
+    if tier is None and layer_tiers is None and widths is None:
+        return None
+    return {"tier": tier, "layer_tiers": layer_tiers, "widths": widths}
 
 
 def default_draft_tier(model: MatFormerLM, limit: int = 3) -> int:
     """The smallest tier (at most `limit`, the paper's S = tier 3) the model can run."""
-    from .tiers import available_tiers
-
-    tiers = available_tiers(model.base_width, model.stored_widths, limit=limit + 1)
-    return tiers[-1]
+    return runnable_tiers(model.base_width, model.stored_widths, limit=limit + 1)[-1]
 
 
 # ---- plain decoding --------------------------------------------------------------------------
@@ -234,13 +236,13 @@ def generate(
     ignore_eos: bool = False,
     stream: StreamCallback | None = None,
     tier: int | None = None,
-    tiers: Sequence[int] | None = None,
+    layer_tiers: Sequence[int] | None = None,
     widths: int | Sequence[int] | None = None,
     use_cache: bool = True,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` tokens after `prompt` (token ids, one sequence).
 
-    Width: `tier`/`tiers`/`widths` for this call only (restored afterwards), else the model's
+    Width: `tier`/`layer_tiers`/`widths` for this call only (restored afterwards), else the model's
     current setting. Stops after an EOS (`eos_token_id`, default the config's) unless
     `ignore_eos`. `use_cache=False` recomputes the whole sequence every step (a reference for
     tests; same tokens, much slower).
@@ -253,9 +255,9 @@ def generate(
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
     stats = GenerationStats(prompt_tokens=P)
     out: list[int] = []
-    wk = _width_kwargs(tier, tiers, widths)
-    named = any(v is not None for v in wk.values())
-    with model.at_width(**wk) if named else contextlib.nullcontext(), torch.inference_mode():
+    request = _requested(tier, layer_tiers, widths)
+    with (model.at_width(**request) if request else contextlib.nullcontext(),
+          torch.inference_mode()):
         run_widths = model.widths
         t0 = time.perf_counter()
         cache = model.new_cache(1, max_len) if use_cache else None
@@ -297,7 +299,7 @@ def speculative_generate(
     max_new_tokens: int = 64,
     *,
     draft_tier: int | None = None,
-    draft_tiers: Sequence[int] | None = None,
+    draft_layer_tiers: Sequence[int] | None = None,
     draft_widths: int | Sequence[int] | None = None,
     draft_tokens: int | str = 4,
     max_draft_tokens: int = 16,
@@ -309,16 +311,17 @@ def speculative_generate(
     ignore_eos: bool = False,
     stream: StreamCallback | None = None,
     tier: int | None = None,
-    tiers: Sequence[int] | None = None,
+    layer_tiers: Sequence[int] | None = None,
     widths: int | Sequence[int] | None = None,
     return_cache: bool = False,
 ) -> GenerationOutput:
     """Speculative decoding within one model: draft at the draft width, verify at the target.
 
-    Target width: `tier`/`tiers`/`widths`, else the model's current setting. Draft width:
-    `draft_tier`/`draft_tiers`/`draft_widths`, else the smallest tier the model can run (at most
-    tier 3). `draft_tokens`: k tokens drafted per round, or "adaptive" (start at 4; +2 after a
-    round whose drafts were all accepted, -1 after a rejection; within 1..`max_draft_tokens`).
+    Target width: `tier`/`layer_tiers`/`widths`, else the model's current setting. Draft width:
+    `draft_tier`/`draft_layer_tiers`/`draft_widths`, else the smallest tier the model can run
+    (at most tier 3). `draft_tokens`: k tokens drafted per round, or "adaptive" (start at 4; +2
+    after a round whose drafts were all accepted, -1 after a rejection; within
+    1..`max_draft_tokens`).
 
     Cache invariant: before each round the cache holds the verifier's entries for every token
     but the last one emitted (`cur`). The draft feeds cur, d1 .. d(k-1) (writing draft entries at
@@ -332,18 +335,11 @@ def speculative_generate(
     max_len = _check_lengths(model, P, max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p, seed, device)
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
-    adaptive = draft_tokens == "adaptive"
-    if adaptive:
-        k = min(4, max_draft_tokens)
-    elif isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ConfigError(f"draft_tokens must be a positive integer or 'adaptive', got {draft_tokens!r}")
-    else:
-        k = draft_tokens
-    wk = _width_kwargs(tier, tiers, widths)
-    target = model.resolve_widths(**wk) if any(v is not None for v in wk.values()) else model.widths
-    if draft_tier is None and draft_tiers is None and draft_widths is None:
-        draft_tier = default_draft_tier(model)
-    draft = model.resolve_widths(tier=draft_tier, tiers=draft_tiers, widths=draft_widths)
+    k, adaptive = _first_draft_length(draft_tokens, max_draft_tokens)
+    request = _requested(tier, layer_tiers, widths)
+    target = model.resolve_widths(**request) if request else model.widths
+    draft_request = _requested(draft_tier, draft_layer_tiers, draft_widths)
+    draft = model.resolve_widths(**(draft_request or {"tier": default_draft_tier(model)}))
 
     stats = GenerationStats(prompt_tokens=P)
     out: list[int] = []
@@ -357,74 +353,21 @@ def speculative_generate(
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - t0
         cur = ids[:, -1:]  # (1, 1): emitted, not yet in the cache
-        done = False
-        while not done:
-            L = cache.length
+        while stats.stop_reason != "eos" and len(out) < max_new_tokens:
+            start = cache.length
             # One token always comes from the verifier, so at most remaining-1 drafts count.
             kk = min(k, max_new_tokens - len(out) - 1)
-            # ---- draft kk tokens at the draft width (their cache entries are temporary)
-            drafts = []  # kk tensors of shape (1, 1)
-            q_rows = []  # kk processed draft distributions (V,), sampling only
-            if kk > 0:
-                model.set_widths(widths=draft)
-                tok = cur
-                for _ in range(kk):
-                    q_logits = model(tok, cache=cache)[0, -1]  # (V,)
-                    stats.draft_forwards += 1
-                    if sampler.greedy:
-                        tok = q_logits.argmax(-1).view(1, 1)
-                    else:
-                        q = sampler.probs(q_logits)
-                        q_rows.append(q)
-                        tok = sampler.draw(q).view(1, 1)
-                    drafts.append(tok)
-                cache.crop(L)
-                model.set_widths(widths=target)
+            drafts, q_rows = _draft(model, cache, cur, kk, draft, sampler, stats)
+            model.set_widths(widths=target)
             # ---- verify cur, d1..dk at the target width in one forward
             block = torch.cat([cur, *drafts], dim=1)  # (1, kk+1)
-            p_logits = model(block, cache=cache)[0]  # (kk+1, V); cache now L+kk+1
+            p_logits = model(block, cache=cache)[0]  # (kk+1, V); cache now start+kk+1
             stats.target_forwards += 1
-            d = block[0, 1:]  # (kk,)
-            if sampler.greedy:
-                best = p_logits.argmax(-1)  # (kk+1,)
-                agree = (best[:kk] == d).tolist()
-                n = agree.index(False) if False in agree else kk
-                new = d[:n].tolist() + [int(best[n])]
-            else:
-                p = sampler.probs(p_logits)  # (kk+1, V)
-                if kk > 0:
-                    q = torch.stack(q_rows)  # (kk, V)
-                    rows = torch.arange(kk, device=device)
-                    p_d, q_d = p[rows, d], q[rows, d]
-                    # accept d_i with probability min(1, p/q): u*q <= p avoids dividing
-                    ok = (sampler.uniform(kk, device) * q_d <= p_d).tolist()
-                    n = ok.index(False) if False in ok else kk
-                else:
-                    n = 0
-                if n < kk:
-                    resid = (p[n] - q[n]).clamp_min(0.0)
-                    total = resid.sum()
-                    # p == q exactly leaves no residual (and rejection had probability 0)
-                    dist = resid / total if float(total) > 0 else p[n]
-                    last = int(sampler.draw(dist))
-                else:
-                    last = int(sampler.draw(p[kk]))
-                new = d[:n].tolist() + [last]
+            n, new = _verify(sampler, p_logits, block[0, 1:], q_rows)
             stats.drafted += kk
             stats.accepted += n
-            # keep the verifier's entries for cur and the n accepted drafts
-            cache.crop(L + 1 + n)
-            # ---- emit, stopping at EOS or the length limit
-            for j, t in enumerate(new):
-                if t in eos:
-                    new = new[: j + 1]
-                    stats.stop_reason = "eos"
-                    done = True
-                    break
-            room = max_new_tokens - len(out)
-            if len(new) >= room:
-                new = new[:room]
-                done = True
+            cache.crop(start + 1 + n)  # keep the verifier's entries for cur and the n accepted
+            new = _emit(new, eos, max_new_tokens - len(out), stats)
             out.extend(new)
             if stream is not None and new:
                 stream(new)
@@ -437,6 +380,80 @@ def speculative_generate(
     extra = {"cache": cache} if return_cache else {}
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target), stats=stats,
                             draft_widths=list(draft), extra=extra)
+
+
+def _first_draft_length(draft_tokens: int | str, max_draft_tokens: int) -> tuple[int, bool]:
+    """(tokens drafted in the first round, adaptive?) for a `draft_tokens` setting."""
+    if draft_tokens == "adaptive":
+        return min(4, max_draft_tokens), True
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise ConfigError(f"draft_tokens must be a positive integer or 'adaptive', got {draft_tokens!r}")
+    return draft_tokens, False
+
+
+def _draft(model: MatFormerLM, cache: KVCache, cur: torch.Tensor, kk: int, draft: list[int],
+           sampler: Sampler, stats: GenerationStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Draft `kk` tokens after `cur` at the `draft` widths. Their cache entries are temporary:
+    the cache is cropped back to where it was. Returns the drafts ((1, 1) each) and, when
+    sampling, the processed draft distributions ((V,) each) the acceptance rule needs."""
+    drafts: list[torch.Tensor] = []
+    q_rows: list[torch.Tensor] = []
+    if kk == 0:
+        return drafts, q_rows
+    start = cache.length
+    model.set_widths(widths=draft)
+    tok = cur
+    for _ in range(kk):
+        q_logits = model(tok, cache=cache)[0, -1]  # (V,)
+        stats.draft_forwards += 1
+        if sampler.greedy:
+            tok = q_logits.argmax(-1).view(1, 1)
+        else:
+            q = sampler.probs(q_logits)
+            q_rows.append(q)
+            tok = sampler.draw(q).view(1, 1)
+        drafts.append(tok)
+    cache.crop(start)
+    return drafts, q_rows
+
+
+def _verify(sampler: Sampler, p_logits: torch.Tensor, d: torch.Tensor,
+            q_rows: list[torch.Tensor]) -> tuple[int, list[int]]:
+    """The verifier's decision on drafts `d` (kk,) from its logits (kk+1, V): (accepted count
+    n, the tokens to emit: d[:n] and one token of the verifier's own)."""
+    kk = d.shape[0]
+    if sampler.greedy:
+        best = p_logits.argmax(-1)  # (kk+1,)
+        agree = (best[:kk] == d).tolist()
+        n = agree.index(False) if False in agree else kk
+        return n, d[:n].tolist() + [int(best[n])]
+    p = sampler.probs(p_logits)  # (kk+1, V)
+    if kk == 0:
+        return 0, [int(sampler.draw(p[0]))]
+    q = torch.stack(q_rows)  # (kk, V)
+    rows = torch.arange(kk, device=p.device)
+    p_d, q_d = p[rows, d], q[rows, d]
+    # accept d_i with probability min(1, p/q): u*q <= p avoids dividing
+    ok = (sampler.uniform(kk, p.device) * q_d <= p_d).tolist()
+    n = ok.index(False) if False in ok else kk
+    if n < kk:
+        resid = (p[n] - q[n]).clamp_min(0.0)
+        total = resid.sum()
+        # p == q exactly leaves no residual (and rejection had probability 0)
+        last = int(sampler.draw(resid / total if float(total) > 0 else p[n]))
+    else:
+        last = int(sampler.draw(p[kk]))
+    return n, d[:n].tolist() + [last]
+
+
+def _emit(new: list[int], eos: set[int], room: int, stats: GenerationStats) -> list[int]:
+    """`new` cut after the first EOS (recorded as the stop reason) and to `room` tokens."""
+    for j, t in enumerate(new):
+        if t in eos:
+            new = new[: j + 1]
+            stats.stop_reason = "eos"
+            break
+    return new[:room]
 
 
 # ---- text in, text out (the `matformer generate` verb) -----------------------------------------

@@ -26,7 +26,8 @@ from torch import nn
 
 from .config import MatFormerConfig
 from .errors import TierError
-from .tiers import resolve_widths, tier_of, uniform_tier
+from .shapes import parameter_counts
+from .tiers import check_held, resolve_widths, uniform_tier
 
 
 class RMSNorm(nn.Module):
@@ -247,41 +248,31 @@ class MatFormerLM(nn.Module):
         """Uniform tier the model currently computes at, or None for a Mix'n'Match setting."""
         return uniform_tier(self.base_width, self.widths)
 
-    def resolve_widths(self, *, tier: int | None = None, tiers: Sequence[int] | None = None,
+    def resolve_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                        widths: int | Sequence[int] | None = None) -> list[int]:
-        """Validated per-layer widths for a request; tiers are absolute (relative to the base)."""
-        if tier is None and tiers is None and widths is None:
+        """Validated per-layer widths for a request (no argument: the stored widths); tiers are
+        absolute (relative to the base). A width wider than a layer stores is a TierError."""
+        if tier is None and layer_tiers is None and widths is None:
             return self.stored_widths
-        ws = resolve_widths(self.base_width, len(self.model.layers), tier=tier, tiers=tiers, widths=widths)
-        stored = self.stored_widths
-        for i, (w, s) in enumerate(zip(ws, stored, strict=True)):
-            if w > s:
-                st = uniform_tier(self.base_width, stored)
-                held = f"tier {st}, width {s}" if st is not None else f"width {s} in layer {i}"
-                want = f"tier {tier}" if tier is not None else f"layer {i}"
-                wt = tier_of(self.base_width, w)
-                if tier is None and wt is not None:
-                    want = f"layer {i} at tier {wt}"
-                raise TierError(
-                    f"this model stores {held}; {want} needs width {w} — load the full "
-                    f"checkpoint (base width {self.base_width})"
-                )
+        ws = resolve_widths(self.base_width, len(self.model.layers), tier=tier,
+                            layer_tiers=layer_tiers, widths=widths)
+        check_held(self.base_width, self.stored_widths, ws, tier=tier)
         return ws
 
-    def set_widths(self, *, tier: int | None = None, tiers: Sequence[int] | None = None,
+    def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                    widths: int | Sequence[int] | None = None) -> MatFormerLM:
         """Set the active width of every FFN (no argument: back to the stored widths)."""
-        ws = self.resolve_widths(tier=tier, tiers=tiers, widths=widths)
+        ws = self.resolve_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
         for layer, w in zip(self.model.layers, ws, strict=True):
             layer.mlp.width = w
         return self
 
     @contextlib.contextmanager
-    def at_width(self, *, tier: int | None = None, tiers: Sequence[int] | None = None,
+    def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                  widths: int | Sequence[int] | None = None) -> Iterator[MatFormerLM]:
         """Run at another width inside a `with` block; the previous setting is restored after."""
         previous = self.widths
-        self.set_widths(tier=tier, tiers=tiers, widths=widths)
+        self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
         try:
             yield self
         finally:
@@ -318,6 +309,8 @@ class MatFormerLM(nn.Module):
     # ---- sizes -----------------------------------------------------------------------------
 
     def num_parameters_at(self, widths: Sequence[int] | None = None) -> dict[str, int]:
+        """Parameter counts (see `matformer.shapes.parameter_counts`) at `widths`, default the
+        active widths."""
         return parameter_counts(self.config, self.widths if widths is None else list(widths))
 
 
@@ -331,15 +324,3 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
                            ignore_index=-100)
 
-
-def parameter_counts(config: MatFormerConfig, widths: Sequence[int] | None = None) -> dict[str, int]:
-    """Parameters of the model running at `widths` (default: the stored widths), split into
-    embedding (token embedding + untied lm_head) and non-embedding (everything else)."""
-    ws = config.layer_widths if widths is None else list(widths)
-    h, hd = config.hidden_size, config.head_dim
-    assert hd is not None and config.num_key_value_heads is not None
-    attn = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_layer_fixed = attn + 2 * h
-    non_emb = sum(per_layer_fixed + 3 * h * w for w in ws) + h
-    emb = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return {"embedding": emb, "non_embedding": non_emb, "total": emb + non_emb}

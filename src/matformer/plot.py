@@ -13,7 +13,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .shapes import format_count
+from .tiers import tier_of
+
 _TIER_NAMES = {0: "XL", 1: "L", 2: "M", 3: "S"}  # the paper's names for g = 4 granularities
+_X = "non_embedding_params"
 
 
 def _mix_label(widths: list[int], base: int) -> str:
@@ -21,17 +25,9 @@ def _mix_label(widths: list[int], base: int) -> str:
     counts = Counter(widths)
     parts = []
     for w in sorted(counts):
-        ratio = base // w if base % w == 0 else None
-        t = ratio.bit_length() - 1 if ratio and ratio & (ratio - 1) == 0 else None
+        t = tier_of(base, w)
         parts.append(f"{counts[w]}×{'t' + str(t) if t is not None else str(w)}")
     return " + ".join(parts)
-
-
-def _fmt_params(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None = None) -> Path:
@@ -40,83 +36,19 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import FuncFormatter
 
     d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    base = d["base_width"]
     rows = d["results"]
-    tiers = sorted((r for r in rows if r["kind"] == "tier"), key=lambda r: r["non_embedding_params"])
-    mixes = [r for r in rows if r["kind"] == "mix"]
-    custom = [r for r in rows if r["kind"] == "custom"]
-
+    groups = {
+        "tier": sorted((r for r in rows if r["kind"] == "tier"), key=lambda r: r[_X]),
+        "mix": [r for r in rows if r["kind"] == "mix"],
+        "custom": [r for r in rows if r["kind"] == "custom"],
+    }
     fig, (ax, ax2) = plt.subplots(
         1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.6, 1]}, constrained_layout=True
     )
-    fmt = FuncFormatter(lambda x, _pos: _fmt_params(x))
-
-    def series(axis, key, scale=1.0):
-        if mixes:
-            axis.scatter([r["non_embedding_params"] for r in mixes],
-                         [r[key] * scale for r in mixes], marker="D", s=28, color="#ff7f0e",
-                         zorder=3, label="Mix'n'Match (least slope)")
-        if custom:
-            axis.scatter([r["non_embedding_params"] for r in custom],
-                         [r[key] * scale for r in custom], marker="s", s=40, color="#2ca02c",
-                         zorder=3, label="requested widths")
-        if tiers:
-            axis.plot([r["non_embedding_params"] for r in tiers], [r[key] * scale for r in tiers],
-                      "-o", color="#1f77b4", ms=8, lw=2, zorder=4, label="trained tiers")
-
-    series(ax, "loss")
-    x_max = max((r["non_embedding_params"] for r in rows), default=0)
-    for r in tiers:
-        t = r["tier"]
-        rightmost = r["non_embedding_params"] == x_max  # label it leftwards: stays inside
-        ax.annotate(f"tier {t}" + (f" ({_TIER_NAMES[t]})" if t in _TIER_NAMES else ""),
-                    (r["non_embedding_params"], r["loss"]), textcoords="offset points",
-                    xytext=(-8, 8) if rightmost else (6, 8), ha="right" if rightmost else "left",
-                    fontsize=10, fontweight="bold", color="#1f77b4")
-    # Label Mix'n'Match points only where the label has room: a label goes on a point at least
-    # 15% of the x range or 12% of the y range from every point already labelled (tiers first).
-    xs = [r["non_embedding_params"] for r in rows]
-    ys = [r["loss"] for r in rows]
-    xspan = (max(xs) - min(xs)) or 1.0
-    yspan = (max(ys) - min(ys)) or 1.0
-    placed = [(r["non_embedding_params"] / xspan, r["loss"] / yspan) for r in tiers]
-    for r in custom + mixes:
-        px, py = r["non_embedding_params"] / xspan, r["loss"] / yspan
-        if all(abs(px - qx) > 0.15 or abs(py - qy) > 0.12 for qx, qy in placed):
-            placed.append((px, py))
-            ax.annotate(_mix_label(r["widths"], base), (r["non_embedding_params"], r["loss"]),
-                        textcoords="offset points", xytext=(5, -12), fontsize=7.5,
-                        color="#555555")
-    ax.margins(x=0.12, y=0.12)
-    ax.set_xlabel("non-embedding parameters")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.xaxis.set_major_formatter(fmt)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=9, framealpha=0.9)
-    ax.set_title("Elastic curve: one model, every width")
-    # Perplexity on the right axis of the loss plot: same curve, another unit.
-    lo, hi = ax.get_ylim()
-    sec = ax.secondary_yaxis("right", functions=(lambda y: np.exp(np.clip(y, None, 700)),
-                                                 lambda p: np.log(np.clip(p, 1e-300, None))))
-    sec.set_ylabel("perplexity")
-    ax.set_ylim(lo, hi)
-
-    series(ax2, "greedy_match", 100.0)
-    ax2.margins(x=0.12, y=0.1)
-    ax2.set_xlabel("non-embedding parameters")
-    ax2.set_ylabel("greedy tokens matching the full width (%)")
-    ax2.xaxis.set_major_formatter(fmt)
-    ax2.grid(alpha=0.3)
-    ax2.set_title("Consistency with the full width")
-    for r in tiers:
-        ax2.annotate(f"KL {r['kl_from_reference']:.3f}",
-                     (r["non_embedding_params"], 100 * r["greedy_match"]),
-                     textcoords="offset points", xytext=(6, -12), fontsize=8, color="#1f77b4")
-
+    _loss_panel(ax, groups, rows, d["base_width"])
+    _consistency_panel(ax2, groups)
     sub = (f"{d.get('source', '')} — {d.get('data', '')}, {d.get('tokens', 0):,} tokens per width"
            f"; KL = {d.get('kl_direction', '')}")
     fig.suptitle(title or "MatFormer evaluation", fontsize=13, fontweight="bold")
@@ -126,3 +58,74 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
     fig.savefig(out, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _series(axis: Any, groups: dict[str, list[dict]], key: str, scale: float = 1.0) -> None:
+    """Mix'n'Match and requested widths as points, the trained tiers as a labelled line."""
+    mixes, custom, tiers = groups["mix"], groups["custom"], groups["tier"]
+    if mixes:
+        axis.scatter([r[_X] for r in mixes], [r[key] * scale for r in mixes], marker="D", s=28,
+                     color="#ff7f0e", zorder=3, label="Mix'n'Match (least slope)")
+    if custom:
+        axis.scatter([r[_X] for r in custom], [r[key] * scale for r in custom], marker="s", s=40,
+                     color="#2ca02c", zorder=3, label="requested widths")
+    if tiers:
+        axis.plot([r[_X] for r in tiers], [r[key] * scale for r in tiers], "-o", color="#1f77b4",
+                  ms=8, lw=2, zorder=4, label="trained tiers")
+
+
+def _style(axis: Any, ylabel: str, title: str) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_xlabel("non-embedding parameters")
+    axis.set_ylabel(ylabel)
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_count(x)))
+    axis.grid(alpha=0.3)
+    axis.set_title(title)
+
+
+def _loss_panel(ax: Any, groups: dict[str, list[dict]], rows: list[dict], base: int) -> None:
+    """Validation loss against size, tiers labelled, perplexity on the right axis."""
+    import numpy as np
+
+    _series(ax, groups, "loss")
+    x_max = max((r[_X] for r in rows), default=0)
+    for r in groups["tier"]:
+        t = r["tier"]
+        rightmost = r[_X] == x_max  # label it leftwards: stays inside
+        ax.annotate(f"tier {t}" + (f" ({_TIER_NAMES[t]})" if t in _TIER_NAMES else ""),
+                    (r[_X], r["loss"]), textcoords="offset points",
+                    xytext=(-8, 8) if rightmost else (6, 8), ha="right" if rightmost else "left",
+                    fontsize=10, fontweight="bold", color="#1f77b4")
+    # Label Mix'n'Match points only where the label has room: a label goes on a point at least
+    # 15% of the x range or 12% of the y range from every point already labelled (tiers first).
+    xs, ys = [r[_X] for r in rows], [r["loss"] for r in rows]
+    xspan = (max(xs) - min(xs)) or 1.0
+    yspan = (max(ys) - min(ys)) or 1.0
+    placed = [(r[_X] / xspan, r["loss"] / yspan) for r in groups["tier"]]
+    for r in groups["custom"] + groups["mix"]:
+        px, py = r[_X] / xspan, r["loss"] / yspan
+        if all(abs(px - qx) > 0.15 or abs(py - qy) > 0.12 for qx, qy in placed):
+            placed.append((px, py))
+            ax.annotate(_mix_label(r["widths"], base), (r[_X], r["loss"]),
+                        textcoords="offset points", xytext=(5, -12), fontsize=7.5,
+                        color="#555555")
+    ax.margins(x=0.12, y=0.12)
+    _style(ax, "validation loss (nats/token)", "Elastic curve: one model, every width")
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    # Perplexity on the right axis of the loss plot: same curve, another unit.
+    lo, hi = ax.get_ylim()
+    sec = ax.secondary_yaxis("right", functions=(lambda y: np.exp(np.clip(y, None, 700)),
+                                                 lambda p: np.log(np.clip(p, 1e-300, None))))
+    sec.set_ylabel("perplexity")
+    ax.set_ylim(lo, hi)
+
+
+def _consistency_panel(ax2: Any, groups: dict[str, list[dict]]) -> None:
+    """Greedy-token match with the full width against size, KL written beside each tier."""
+    _series(ax2, groups, "greedy_match", 100.0)
+    ax2.margins(x=0.12, y=0.1)
+    _style(ax2, "greedy tokens matching the full width (%)", "Consistency with the full width")
+    for r in groups["tier"]:
+        ax2.annotate(f"KL {r['kl_from_reference']:.3f}", (r[_X], 100 * r["greedy_match"]),
+                     textcoords="offset points", xytext=(6, -12), fontsize=8, color="#1f77b4")

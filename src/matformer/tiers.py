@@ -3,6 +3,13 @@
 Tier t of a model whose full (tier-0) FFN width is B is the width B >> t, defined only when B is
 divisible by 2**t. A per-layer list of widths (Mix'n'Match) may mix tiers, or hold widths that
 are no tier at all; such a list has no uniform tier.
+
+Vocabulary (used everywhere in matformer): a `tier` is one uniform tier; `layer_tiers` is one
+tier per layer; `widths` is one FFN width per layer (a "width plan"); several of those are
+`plans` (a list of width plans) or `uniform_tiers` (a list of uniform tiers).
+
+Also here: which tiers a stored model can run (`runnable_tiers`), the one "stores X, needs width
+Y" error (`check_held`), and the paper's least-slope Mix'n'Match plans.
 """
 
 from __future__ import annotations
@@ -43,12 +50,13 @@ def max_tier(base: int) -> int:
     return (base & -base).bit_length() - 1
 
 
-def available_tiers(base: int, stored: int | Sequence[int], limit: int = 4) -> list[int]:
-    """Tiers (at most `limit` of them, counted from tier 0) that a model storing `stored` widths
-    can run by runtime slicing: those whose width fits within every stored layer width."""
+def runnable_tiers(base: int, stored: int | Sequence[int], limit: int | None = None) -> list[int]:
+    """Tiers a model storing `stored` widths can run by runtime slicing: those whose width fits
+    within every stored layer width, counted from tier 0 (at most `limit` of them)."""
     stored_list = [stored] if isinstance(stored, int) else list(stored)
     smallest = min(stored_list)
-    return [t for t in range(min(max_tier(base), limit - 1) + 1) if (base >> t) <= smallest]
+    top = max_tier(base) if limit is None else min(max_tier(base), limit - 1)
+    return [t for t in range(top + 1) if (base >> t) <= smallest]
 
 
 def uniform_tier(base: int, widths: int | Sequence[int]) -> int | None:
@@ -67,18 +75,20 @@ def resolve_widths(
     num_layers: int,
     *,
     tier: int | None = None,
-    tiers: Sequence[int] | None = None,
+    layer_tiers: Sequence[int] | None = None,
     widths: int | Sequence[int] | None = None,
 ) -> list[int]:
-    """Turn exactly one of a tier, a per-layer list of tiers, or a width (per layer or uniform)
-    into a validated per-layer width list (widths are absolute: relative to `base`)."""
-    given = [name for name, v in (("tier", tier), ("tiers", tiers), ("widths", widths)) if v is not None]
+    """Turn exactly one of a `tier`, `layer_tiers` (one tier per layer), or `widths` (one per
+    layer, or one int for every layer) into a validated per-layer width list (widths are
+    absolute: relative to `base`)."""
+    given = [name for name, v in (("tier", tier), ("layer_tiers", layer_tiers), ("widths", widths))
+             if v is not None]
     if len(given) != 1:
-        raise TierError(f"give exactly one of tier, tiers, widths (got {given or 'none'})")
+        raise TierError(f"give exactly one of tier, layer_tiers, widths (got {given or 'none'})")
     if tier is not None:
         return [width_of(base, tier)] * num_layers
-    if tiers is not None:
-        tl = list(tiers)
+    if layer_tiers is not None:
+        tl = list(layer_tiers)
         if len(tl) != num_layers:
             raise TierError(f"got {len(tl)} per-layer tiers for a model of {num_layers} layers")
         return [width_of(base, t) for t in tl]
@@ -90,6 +100,67 @@ def resolve_widths(
         if not 0 < w <= base:
             raise TierError(f"width {w} of layer {i} is outside 1..{base} (the base width)")
     return wl
+
+
+def check_held(
+    base: int,
+    stored: Sequence[int],
+    widths: Sequence[int],
+    *,
+    holder: str = "this model",
+    remedy: str = "load the full checkpoint",
+    tier: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> None:
+    """The one "stores X, needs width Y" check: a `TierError` when a requested per-layer width is
+    wider than the width its layer stores (runtime slicing only narrows).
+
+    `holder` names what stores the weights ("this model", "CKPT: this checkpoint", "the
+    source"); `remedy` says what to do; `tier`: the uniform tier that was asked for, if one was.
+    `layers`: the stored layer each entry is cut from, when the request renumbers them (an
+    extraction dropping layers); the entry is then named as an output layer."""
+    for j, (w, s) in enumerate(zip(widths, stored, strict=True)):
+        if w <= s:
+            continue
+        i = j if layers is None else layers[j]
+        st = uniform_tier(base, stored)
+        held = f"tier {st}, width {s}" if st is not None else f"width {s} in layer {i}"
+        where = f"layer {i}" if layers is None else f"output layer {j}"
+        wt = tier_of(base, w)
+        if tier is not None and layers is None:
+            want = f"tier {tier}"
+        else:
+            want = f"tier {wt} ({where})" if wt is not None else where
+        raise TierError(f"{holder} stores {held}; {want} needs width {w} — {remedy} "
+                        f"(base width {base})")
+
+
+# ---- Mix'n'Match: least-slope width plans -------------------------------------------------------
+
+
+def least_slope_plan(narrow: int, wide: int, num_layers: int, wide_layers: int) -> list[int]:
+    """The paper's least-slope Mix'n'Match shape: widths non-decreasing with depth, one change:
+    the first layers at `narrow`, the last `wide_layers` at `wide`."""
+    if not 0 <= wide_layers <= num_layers:
+        raise TierError(f"wide_layers={wide_layers} is outside 0..{num_layers}")
+    return [narrow] * (num_layers - wide_layers) + [wide] * wide_layers
+
+
+def least_slope_plans(widths: Sequence[int], num_layers: int,
+                      wide_layers: Sequence[int] | None = None) -> list[list[int]]:
+    """Least-slope plans between each pair of neighbouring `widths` (narrow first): for every
+    pair, one plan per count of wide last layers in `wide_layers` (default 0..num_layers)."""
+    ws = sorted(set(widths))
+    counts = range(num_layers + 1) if wide_layers is None else wide_layers
+    return [least_slope_plan(narrow, wide, num_layers, k)
+            for narrow, wide in zip(ws, ws[1:], strict=False) for k in counts]
+
+
+def mix_n_match_plans(base: int, num_layers: int, tiers: Sequence[int]) -> list[list[int]]:
+    """The Mix'n'Match points evaluated by default: between each pair of neighbouring `tiers`,
+    least-slope plans with the last k layers at the wider tier, k about L/4, L/2 and 3L/4."""
+    ks = sorted({round(num_layers * f) for f in (0.25, 0.5, 0.75)} - {0, num_layers})
+    return least_slope_plans([width_of(base, t) for t in tiers], num_layers, ks)
 
 
 def parse_int_list(text: str, what: str = "list") -> list[int]:

@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     run_eval(
         args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot, data=args.data,
-        tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
-        widths=[parse_int_list(w, "--widths") for w in args.widths or []],
+        uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
+        plans=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
         batch_size=args.batch_size, decode=not args.no_decode,
         speculative=not args.no_speculative, draft_tokens=args.draft_tokens,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from . import draft_tokens_arg
+from .report import format_generation_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,14 +71,5 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         device=args.device, dtype=args.dtype,
     )
-    from matformer.tiers import describe_widths
-
-    s = result.stats
-    base = result.extra["base_width"]
-    msg = (f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:.1f} tok/s at "
-           f"{describe_widths(base, result.widths)}; stopped by {s.stop_reason}")
-    if result.draft_widths is not None:
-        msg += (f"; draft {describe_widths(base, result.draft_widths)}: accepted "
-                f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
-    print(msg + "]", file=sys.stderr)
+    print(format_generation_summary(result, result.extra["base_width"]), file=sys.stderr)
     return 0

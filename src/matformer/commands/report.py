@@ -1,0 +1,76 @@
+"""Text the CLI prints for what the library returns: the `matformer eval` table and the
+`matformer generate` summary line. The library returns data (`EvalReport`, `GenerationOutput`);
+only the command line turns it into text. Torch-free: it reads fields, never tensors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..shapes import format_count
+from ..tiers import describe_widths
+
+if TYPE_CHECKING:
+    from ..evaluation import EvalReport, WidthResult
+    from ..generation import GenerationOutput
+
+
+def _short_name(r: WidthResult) -> str:
+    if r.kind == "tier":
+        return r.name
+    return (r.kind + " " + ",".join(str(w) for w in r.widths))[:24]
+
+
+def format_eval_report(report: EvalReport) -> str:
+    """The plain-text report of `matformer eval`: a header, one row per width, and the
+    speculative decoding table when there is one."""
+    lines = [
+        f"matformer eval: {report.source}",
+        f"data: {report.data} — {report.windows} windows x {report.seq_len} tokens "
+        f"({report.tokens} predicted tokens per width); device {report.device}, {report.dtype}",
+        f"reference (full) width: {describe_widths(report.base_width, report.reference_widths)}; "
+        f"consistency = greedy-token match and {report.kl_direction}",
+        "",
+    ]
+    head = (f"{'width':<24} {'non-emb params':>14} {'loss':>7} {'ppl':>9} {'match%':>7} "
+            f"{'KL':>8} {'eval tok/s':>11} {'decode tok/s':>12}")
+    lines += [head, "-" * len(head)]
+    for r in report.results:
+        dec = f"{r.decode_tokens_per_s:12.1f}" if r.decode_tokens_per_s is not None else f"{'-':>12}"
+        lines.append(
+            f"{_short_name(r):<24} {format_count(r.non_embedding_params):>14} {r.loss:7.4f} "
+            f"{r.perplexity:9.2f} {100 * r.greedy_match:7.2f} {r.kl_from_reference:8.4f} "
+            f"{r.tokens_per_s:11.0f} {dec}"
+        )
+    if report.speculative:
+        lines += ["", *_speculative_table(report)]
+    return "\n".join(lines)
+
+
+def _speculative_table(report: EvalReport) -> list[str]:
+    s = report.speculative_settings
+    lines = [
+        f"speculative decoding (greedy, target = reference width, shared KV cache; "
+        f"{s.get('prompts')} prompts x {s.get('prompt_len')} tokens, "
+        f"{s.get('new_tokens')} new tokens each, draft_tokens={s.get('draft_tokens')})",
+    ]
+    head = (f"{'draft':<24} {'accept%':>8} {'plain tok/s':>12} {'spec tok/s':>11} "
+            f"{'speed-up':>9} {'identical':>9}")
+    lines += [head, "-" * len(head)]
+    for sp in report.speculative:
+        lines.append(
+            f"{sp.draft_name[:24]:<24} {100 * sp.acceptance_rate:8.1f} "
+            f"{sp.plain_tokens_per_s:12.1f} {sp.speculative_tokens_per_s:11.1f} "
+            f"{sp.speedup:8.2f}x {'yes' if sp.identical else 'NO':>9}"
+        )
+    return lines
+
+
+def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
+    """The one-line summary `matformer generate` prints to stderr after the text."""
+    s = output.stats
+    msg = (f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:.1f} tok/s at "
+           f"{describe_widths(base_width, output.widths)}; stopped by {s.stop_reason}")
+    if output.draft_widths is not None:
+        msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
+                f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
+    return msg + "]"
