@@ -16,13 +16,13 @@ import torch
 from matformer import CheckpointError, ConfigError, MatFormerConfig, MatFormerLM, TierError
 from matformer.cli import main
 from matformer.io.checkpoint import load_model, load_state_dict, save_model
+from matformer.io.manifest import MANIFEST_NAME
+from matformer.io.source import resolve_source
 from matformer.slicing import (
-    MANIFEST_NAME,
     non_embedding_parameters,
     parse_count,
     plan_budget,
     plan_slice,
-    resolve_manifest_tier,
     slice_checkpoint,
 )
 from matformer.tiers import tier_of
@@ -346,30 +346,12 @@ def test_manifest_hash_mismatch_is_a_clear_error(repo, tmp_path) -> None:
     assert load_model(bad, tier=1).stored_widths == [128] * 4  # other tiers unaffected
     (bad / "tier-2" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="size"):
-        resolve_manifest_tier(bad, 2)
+        resolve_source(bad, tier=2)
     m = json.loads((bad / MANIFEST_NAME).read_text())
     m["tiers"]["1"]["files"][0]["path"] = "tier-1/../../etc/passwd"
     (bad / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="not a plain relative path"):
-        resolve_manifest_tier(bad, 1)
-
-
-def test_hub_repo_downloads_only_the_requested_tier(repo, full, monkeypatch) -> None:
-    import huggingface_hub
-
-    requested: list[str] = []
-
-    def fake_download(repo_id, filename, revision=None, **kwargs):
-        assert repo_id == "someone/multi"
-        requested.append(filename)
-        return str(repo / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    model = load_model("someone/multi", tier=2)
-    m = json.loads((repo / MANIFEST_NAME).read_text())
-    assert requested[0] == MANIFEST_NAME
-    assert sorted(requested[1:]) == sorted(f["path"] for f in m["tiers"]["2"]["files"])
-    assert model.stored_widths == [64] * 4
+        resolve_source(bad, tier=1)
 
 
 # ---- CLI -----------------------------------------------------------------------------------

@@ -10,9 +10,13 @@ What it does (never builds a model; see docs/SLICING.md):
   are prefixes: rows [:m] of gate_proj/up_proj ([I, H]) are one contiguous byte range; columns
   [:, :m] of down_proj ([H, I]) are H short runs, read row block by row block. Peak memory is
   about one (sliced) tensor, whatever the model's size.
-- multi-tier: `tiers=[1, 2, 3]` writes OUT/tier-1/, OUT/tier-2/, ... and OUT/matformer_manifest.json
-  (schema version, base width, per tier its width and files with sizes and sha256), which
-  `resolve_manifest_tier` reads to fetch and verify only one tier's files.
+- multi-tier: `tiers=[1, 2, 3]` writes OUT/tier-1/, OUT/tier-2/, ... (each with the source's
+  tokenizer) and OUT/matformer_manifest.json (`io.manifest`: schema version, base width, per tier
+  its width and files with sizes and sha256), from which `io.source` fetches and verifies only
+  one tier's files.
+
+The source is anything `io.source.resolve_source` takes (a multi-tier repo too: the tier folder
+that holds the requested widths is used); reading goes through `io.reader.PrefixReader`.
 
 Budget heuristic (MatFormer paper, Mix'n'Match): widths non-decreasing with depth and as few
 changes as possible ("least slope"): between the two adjacent granularities whose uniform models
@@ -23,10 +27,9 @@ k as large as the budget allows. That is at most one change, between neighbourin
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +37,13 @@ from typing import Any
 
 from .config import MatFormerConfig
 from .errors import CheckpointError, ConfigError, TierError
+from .io.checkpoint import check_shapes, write_checkpoint
+from .io.layout import Checkpoint, open_checkpoint
+from .io.manifest import MANIFEST_NAME, write_manifest
+from .io.reader import PrefixReader
+from .io.source import COMPANION_FILES, Source, resolve_source
 from .tiers import max_tier, resolve_widths, tier_of, uniform_tier, width_of
 
-MANIFEST_NAME = "matformer_manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
-# Files copied next to the sliced weights unchanged (tokenizer, generation settings).
-CARRIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 # The paper's granularities: g = 4 widths, d_ff/8 .. d_ff (tiers 0..3).
 DEFAULT_GRANULARITIES = 4
 
@@ -259,7 +258,7 @@ def plan_slice(
             if widths is not None:
                 out_widths = resolve_widths(base, n_keep, widths=lst)
             else:
-                out_widths = resolve_widths(base, n_keep, tiers=lst)
+                out_widths = resolve_widths(base, n_keep, layer_tiers=lst)
     else:
         out_widths = [stored[i] for i in keep]  # only dropping layers (or a plain copy)
     # Every output width must be held by the source layer it is cut from.
@@ -353,223 +352,6 @@ def _expect(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -> Non
         )
 
 
-# ---- multi-tier manifest -------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_entries(root: Path, folder: str) -> list[dict[str, Any]]:
-    entries = []
-    for p in sorted((root / folder).iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            entries.append({"path": f"{folder}/{p.name}", "size": p.stat().st_size, "sha256": _sha256(p)})
-    return entries
-
-
-def build_manifest(root: Path, base: int, folders: dict[int, str], widths: dict[int, int]) -> dict[str, Any]:
-    """The manifest object for tier folders already written under `root`."""
-    return {
-        "format": "matformer-manifest",
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "base_intermediate_size": base,
-        "tiers": {
-            str(t): {"intermediate_size": widths[t], "folder": folders[t],
-                     "files": _file_entries(root, folders[t])}
-            for t in sorted(folders)
-        },
-    }
-
-
-def _safe_relpath(p: Any, where: str) -> str:
-    """A manifest path must stay inside the repo: relative, '/'-separated, no '..'."""
-    if not isinstance(p, str) or not p:
-        raise CheckpointError(f"{where}: expected a relative file path, got {p!r}")
-    parts = p.split("/")
-    if (p.startswith("/") or "\\" in p or ":" in p or any(x in ("", ".", "..") for x in parts)):
-        raise CheckpointError(f"{where}: path {p!r} is not a plain relative path inside the repo")
-    return p
-
-
-def parse_manifest(obj: Any, source: str = MANIFEST_NAME) -> dict[int, dict[str, Any]]:
-    """Validate a manifest object; returns {tier: {"intermediate_size", "folder", "files"}}."""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{source}: expected a JSON object")
-    version = obj.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"{source}: missing or invalid 'schema_version' ({version!r})")
-    if version > MANIFEST_SCHEMA_VERSION:
-        raise CheckpointError(
-            f"{source}: schema_version {version} is newer than this matformer reads "
-            f"({MANIFEST_SCHEMA_VERSION}); upgrade matformer"
-        )
-    base = obj.get("base_intermediate_size")
-    if not isinstance(base, int) or isinstance(base, bool) or base <= 0:
-        raise CheckpointError(f"{source}: 'base_intermediate_size' must be a positive integer, got {base!r}")
-    tiers = obj.get("tiers")
-    if not isinstance(tiers, dict) or not tiers:
-        raise CheckpointError(f"{source}: 'tiers' must be a non-empty object of tier -> files")
-    out: dict[int, dict[str, Any]] = {}
-    for key, entry in tiers.items():
-        where = f"{source}: tiers[{key!r}]"
-        if not (isinstance(key, str) and key.isdigit()):
-            raise CheckpointError(f"{where}: tier keys must be non-negative integers")
-        t = int(key)
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{where}: expected an object")
-        folder = _safe_relpath(entry.get("folder"), f"{where}.folder")
-        width = entry.get("intermediate_size")
-        if not isinstance(width, int) or isinstance(width, bool) or tier_of(base, width) != t:
-            raise CheckpointError(
-                f"{where}: intermediate_size {width!r} is not tier {t} of base {base}"
-            )
-        files = entry.get("files")
-        if not isinstance(files, list) or not files:
-            raise CheckpointError(f"{where}.files: expected a non-empty list")
-        checked = []
-        for k, f in enumerate(files):
-            fw = f"{where}.files[{k}]"
-            if not isinstance(f, dict):
-                raise CheckpointError(f"{fw}: expected an object")
-            path = _safe_relpath(f.get("path"), f"{fw}.path")
-            if not path.startswith(folder + "/") or path.count("/") != folder.count("/") + 1:
-                raise CheckpointError(f"{fw}: {path!r} is not a file directly in folder {folder!r}")
-            size, digest = f.get("size"), f.get("sha256")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise CheckpointError(f"{fw}: size must be a non-negative integer, got {size!r}")
-            if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-                raise CheckpointError(f"{fw}: sha256 must be 64 lowercase hex digits, got {digest!r}")
-            checked.append({"path": path, "size": size, "sha256": digest})
-        if not any(c["path"] == f"{folder}/config.json" for c in checked):
-            raise CheckpointError(f"{where}: the file list has no {folder}/config.json")
-        out[t] = {"intermediate_size": width, "folder": folder, "files": checked}
-    return out
-
-
-def _pick_tier(tiers: dict[int, dict[str, Any]], tier: int | None, base: int, source: str) -> int:
-    held = ", ".join(f"{t} (width {tiers[t]['intermediate_size']})" for t in sorted(tiers))
-    if tier is None:
-        raise TierError(
-            f"{source} is a multi-tier repo holding tiers {held}; pass tier= (or --tier) to "
-            f"choose one"
-        )
-    if tier in tiers:
-        return tier
-    want = width_of(base, tier)
-    # The narrowest stored tier that still holds the requested width: runtime slicing does the rest.
-    wider = [t for t in tiers if tiers[t]["intermediate_size"] >= want]
-    if not wider:
-        raise TierError(
-            f"{source} holds tiers {held}; tier {tier} needs width {want}, wider than all of "
-            f"them — use the full checkpoint"
-        )
-    return max(wider)
-
-
-def find_manifest(src: str | os.PathLike, revision: str | None = None) -> Path | None:
-    """Local path of `src`'s matformer_manifest.json (downloading it for a Hub repo id), or None
-    when `src` is not a multi-tier repo (it has config.json at its top, or no manifest)."""
-    p = Path(src)
-    if p.exists():
-        if not p.is_dir():
-            return None
-        m = p / MANIFEST_NAME
-        return m if m.is_file() and not (p / "config.json").exists() else None
-    from .io.hub import is_repo_id, split_revision
-
-    if not is_repo_id(str(src)):
-        return None
-    repo, rev = split_revision(str(src), revision)
-    return _hub_get(repo, MANIFEST_NAME, rev, missing_ok=True)
-
-
-def _hub_get(repo: str, filename: str, revision: str | None, missing_ok: bool = False) -> Path | None:
-    """hf_hub_download with our errors: None for an absent file when `missing_ok`."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo, filename, revision=revision))
-    except RemoteEntryNotFoundError:
-        if missing_ok:
-            return None
-        raise CheckpointError(f"{repo}: {filename} is listed in {MANIFEST_NAME} but not in the repo") from None
-    except LocalEntryNotFoundError:
-        # Offline and not cached: a recorded absence means "no manifest"; anything else is
-        # left to the ordinary loader (it reports what it cannot reach).
-        if missing_ok:
-            cached = try_to_load_from_cache(repo, filename, revision=revision)
-            if cached is None or not isinstance(cached, str):
-                return None
-        raise CheckpointError(
-            f"{repo}: {filename} is not in the local cache and the Hub cannot be reached"
-        ) from None
-    except Exception as e:  # HTTP, auth, disk: report, never swallow
-        raise CheckpointError(f"{repo}: cannot download {filename} ({type(e).__name__}: {e})") from None
-
-
-def resolve_manifest_tier(
-    src: str | os.PathLike, tier: int | None, revision: str | None = None, *,
-    manifest: Path | None = None,
-) -> Path:
-    """Local folder holding `tier` of the multi-tier repo or folder `src`, with every file of
-    that tier (and only those) fetched and checked against the manifest's size and sha256.
-
-    A tier not in the manifest is served by the narrowest stored tier that holds its width (the
-    loader then slices at run time); a tier wider than all of them is a `TierError`. A file whose
-    size or hash differs is a `CheckpointError` naming it. `manifest`: the manifest's local path
-    when the caller already has it (from `find_manifest`)."""
-    manifest_path = manifest if manifest is not None else find_manifest(src, revision)
-    if manifest_path is None:
-        raise CheckpointError(f"{src}: no {MANIFEST_NAME} here; it is not a multi-tier repo")
-    try:
-        obj = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{manifest_path}: cannot read the manifest ({e})") from None
-    tiers = parse_manifest(obj, source=str(manifest_path))
-    chosen = _pick_tier(tiers, tier, obj["base_intermediate_size"], str(src))
-    entry = tiers[chosen]
-    local = Path(src).exists()
-    root = manifest_path.parent
-    if not local:
-        from .io.hub import split_revision
-
-        repo, rev = split_revision(str(src), revision)
-        # Every file from the commit the manifest came from (snapshots/<commit>/...).
-        commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else rev
-    for f in entry["files"]:
-        path = root / f["path"]
-        if local:
-            if not path.is_file():
-                raise CheckpointError(f"{path}: listed in {MANIFEST_NAME} but missing")
-        else:
-            got = _hub_get(repo, f["path"], commit)
-            assert got is not None
-            path = got
-            root = path.parents[f["path"].count("/")]
-        try:
-            size = path.stat().st_size
-            digest = _sha256(path) if size == f["size"] else ""
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-        if size != f["size"]:
-            raise CheckpointError(
-                f"{path}: size {size} bytes, the manifest says {f['size']} — a truncated or "
-                f"replaced file; download it again"
-            )
-        if digest != f["sha256"]:
-            raise CheckpointError(
-                f"{path}: sha256 {digest} does not match the manifest ({f['sha256']}) — the file "
-                f"is corrupt or was replaced; download it again"
-            )
-    return root / entry["folder"]
-
-
 # ---- streaming extraction ------------------------------------------------------------------
 
 
@@ -610,106 +392,31 @@ class SliceResult:
         )
 
 
-class _PrefixReader:
-    """Reads the needed part of one source tensor at a time with pread into a fresh buffer:
-    no memory map (mapped pages would count against the process and stay resident), no copy
-    beyond the output tensor itself. Counts the bytes it reads."""
-
-    def __init__(self, folder: Path, checkpoint: Any) -> None:
-        self.folder = folder
-        self.ck = checkpoint
-        self.fds: dict[str, int] = {}
-        self.bytes_read = 0
-
-    def _fd(self, shard: str) -> int:
-        if shard not in self.fds:
-            try:
-                fd = os.open(self.folder / shard, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{self.folder / shard}: cannot open ({e.strerror or e})") from None
-            if hasattr(os, "posix_fadvise"):
-                # Readahead off: every read names exactly the bytes it needs (row prefixes,
-                # column runs); readahead would pull in the skipped tails (measured: 740 MB from
-                # disk instead of 586 MB for 431 MB of tensors, 1 GB source to tier 3).
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            self.fds[shard] = fd
-        return self.fds[shard]
-
-    def _pread_into(self, fd: int, mv: memoryview, offset: int, shard: str) -> None:
-        done = 0
-        while done < len(mv):
-            n = os.preadv(fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{self.folder / shard}: file ended early (changed while reading?)")
-            done += n
-        self.bytes_read += done
-
-    def read(self, job: TensorJob):
-        import torch
-
-        from .io.safetensors import DTYPES, nbytes_of, torch_dtype
-
-        info = self.ck.info(job.src_name)
-        shard = self.ck.where[job.src_name]
-        fd = self._fd(shard)
-        item = DTYPES[job.dtype][0]
-        size = nbytes_of(job.dtype, job.out_shape)
-        buf = torch.empty(size, dtype=torch.uint8)  # the output tensor's own storage
-        mv = memoryview(buf.numpy()) if size else memoryview(b"")
-        if job.kind in ("copy", "rows"):
-            # A prefix of dim 0 is a prefix of the bytes: one contiguous read.
-            self._pread_into(fd, mv, info.start, shard)
-        else:  # "cols": [H, I] -> [H, m]: the first m*item bytes of each of the H rows
-            rows, src_cols = job.src_shape
-            run, stride = job.out_shape[1] * item, src_cols * item
-            for r in range(rows):
-                self._pread_into(fd, mv[r * run:(r + 1) * run], info.start + r * stride, shard)
-        dt = torch_dtype(job.dtype)
-        return (buf.view(dt) if size else torch.empty(0, dtype=dt)).reshape(job.out_shape)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _open_source(src: str | os.PathLike, revision: str | None):
-    """(folder, validated Checkpoint, source config) for a local folder or a Hub repo id."""
-    from .io.checkpoint import _check_shapes
-    from .io.layout import CONFIG_NAME, open_checkpoint, resolve_files
-
-    p = Path(src)
-    if p.exists():
-        if not p.is_dir():
-            raise CheckpointError(f"{p}: not a checkpoint folder")
-        manifest = find_manifest(p)
-        if manifest is not None:
-            folders = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "config.json").exists())
-            raise CheckpointError(
-                f"{p}: is a multi-tier repo ({MANIFEST_NAME}); slice one of its tier folders "
-                f"({', '.join(folders) or 'none found'}), e.g. {p / (folders[0] if folders else 'tier-0')}"
-            )
-        layout = resolve_files(p)
-    else:
-        from .io.hub import fetch, is_repo_id, split_revision
-
-        if not is_repo_id(str(src)):
-            raise CheckpointError(f"{src}: no such folder (and not a Hub repo id like org/name)")
-        repo, rev = split_revision(str(src), revision)
-        layout = fetch(repo, rev)
-    if layout.pickle:
-        raise CheckpointError(f"{layout.folder}: holds pickle (.bin) weights; slicing reads safetensors only")
-    config = MatFormerConfig.from_json_file(layout.folder / CONFIG_NAME)
-    config.check_tier_label(str(layout.folder / CONFIG_NAME))
-    ck = open_checkpoint(layout)
+def _open_source(src: str | os.PathLike | Source, revision: str | None, *,
+                 tier: int | None = None, widths: int | Sequence[int] | None = None
+                 ) -> tuple[Source, Checkpoint]:
+    """The resolved source (tokenizer and companions fetched too) and its validated headers."""
+    source = resolve_source(src, tier=tier, widths=widths, revision=revision, companions=True)
+    if source.layout.pickle:
+        raise CheckpointError(f"{source.folder}: holds pickle (.bin) weights; slicing reads "
+                              f"safetensors only")
+    ck = open_checkpoint(source.layout)
     # A tensor missing from (or misshapen in) the source is reported against the source, not
     # later against the output folder by the writer's own check.
-    _check_shapes({n: t.shape for n, t in ck.tensors.items()}, config, str(layout.folder),
-                  lambda n: ck.where[n])
-    return layout.folder, ck, config
+    check_shapes({n: t.shape for n, t in ck.tensors.items()}, source.config, str(source.folder),
+                 lambda n: ck.where[n])
+    return source, ck
 
 
-def _file_order(ck: Any) -> list[tuple[str, str, tuple[int, ...]]]:
+def _widest_request(tier: int | None, widths: int | Sequence[int] | None,
+                    layer_tiers: Sequence[int] | None) -> tuple[int | None, int | Sequence[int] | None]:
+    """(tier, widths) that pick a multi-tier source's folder: the widest output width asked for."""
+    if layer_tiers is not None:
+        return min(int(t) for t in layer_tiers), None
+    return tier, widths
+
+
+def _file_order(ck: Checkpoint) -> list[tuple[str, str, tuple[int, ...]]]:
     """Source tensors in (shard, offset) order: the writer's order is then a sequential read."""
     order = {s: i for i, s in enumerate(ck.layout.shards)}
     infos = sorted(ck.tensors.values(), key=lambda t: (order[ck.where[t.name]], t.start))
@@ -717,7 +424,7 @@ def _file_order(ck: Any) -> list[tuple[str, str, tuple[int, ...]]]:
 
 
 def slice_checkpoint(
-    src: str | os.PathLike,
+    src: str | os.PathLike | Source,
     out: str | os.PathLike,
     *,
     tier: int | None = None,
@@ -737,8 +444,6 @@ def slice_checkpoint(
     `tiers` (several uniform tiers: OUT/tier-T/ each, plus OUT/matformer_manifest.json).
     `skip_layers` drops source layers and renumbers the rest. `log` (e.g. `print`) receives
     progress lines. Raises TierError for widths the source does not hold."""
-    import time
-
     say = log or (lambda *_: None)
     if tiers is not None:
         others = [n for n, v in (("tier", tier), ("widths", widths), ("layer_tiers", layer_tiers),
@@ -748,27 +453,23 @@ def slice_checkpoint(
         return _slice_many(src, out, list(tiers), skip_layers=skip_layers,
                            max_shard_size=max_shard_size, revision=revision, say=say)
     t0 = time.perf_counter()
-    folder, ck, source = _open_source(src, revision)
+    pick_tier, pick_widths = _widest_request(tier, widths, layer_tiers)
+    source, ck = _open_source(src, revision, tier=pick_tier, widths=pick_widths)
+    folder = source.folder
     out_path = Path(out)
     if out_path.exists() and out_path.resolve() == folder.resolve():
         raise CheckpointError(f"{out_path}: is the source folder; write the slice to another folder")
-    plan = plan_slice(source, tier=tier, widths=widths, layer_tiers=layer_tiers, budget=budget,
-                      skip_layers=skip_layers)
+    plan = plan_slice(source.config, tier=tier, widths=widths, layer_tiers=layer_tiers,
+                      budget=budget, skip_layers=skip_layers)
     say(plan.explanation)
-    jobs = map_tensors(plan, _file_order(ck))
-    by_name = {j.out_name: j for j in jobs}
-    reader = _PrefixReader(folder, ck)
-    extra = {name: folder / name for name in CARRIED_FILES if (folder / name).is_file()}
-    from .io.checkpoint import write_checkpoint
-
-    try:
+    jobs = {j.out_name: j for j in map_tensors(plan, _file_order(ck))}
+    extra = {name: folder / name for name in COMPANION_FILES if (folder / name).is_file()}
+    with PrefixReader(ck) as reader:
         write_checkpoint(
-            out_path, plan.config, [(j.out_name, j.dtype, j.out_shape) for j in jobs],
-            lambda name: reader.read(by_name[name]), max_shard_size=max_shard_size,
-            extra_files=extra,
+            out_path, plan.config, [(j.out_name, j.dtype, j.out_shape) for j in jobs.values()],
+            lambda name: reader.read(jobs[name].src_name, jobs[name].out_shape),
+            max_shard_size=max_shard_size, extra_files=extra,
         )
-    finally:
-        reader.close()
     files = _written_files(out_path)
     nbytes = sum((out_path / f).stat().st_size for f in files)
     return SliceResult(out_path, plan.config, plan.widths, plan.keep_layers, plan.explanation,
@@ -780,9 +481,9 @@ def _written_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _slice_many(src, out, tiers: list[int], *, skip_layers, max_shard_size, revision, say) -> SliceResult:
-    import time
-
+def _slice_many(src: str | os.PathLike | Source, out: str | os.PathLike, tiers: list[int], *,
+                skip_layers: Sequence[int] | None, max_shard_size: int | str,
+                revision: str | None, say: Any) -> SliceResult:
     t0 = time.perf_counter()
     if not tiers:
         raise ConfigError("tiers: give at least one tier")
@@ -793,22 +494,18 @@ def _slice_many(src, out, tiers: list[int], *, skip_layers, max_shard_size, revi
         raise CheckpointError(
             f"{root}: holds a checkpoint (config.json); a multi-tier repo needs its own folder"
         )
-    # Validate every tier before writing anything.
-    _, _, source = _open_source(src, revision)
+    # Validate every tier before writing anything (a multi-tier source: the folder holding all).
+    source, _ = _open_source(src, revision, tier=min(tiers))
     for t in tiers:
-        plan_slice(source, tier=t, skip_layers=skip_layers)
+        plan_slice(source.config, tier=t, skip_layers=skip_layers)
     root.mkdir(parents=True, exist_ok=True)
     parts: dict[int, SliceResult] = {}
     for t in sorted(tiers):
         say(f"tier {t} -> {root / f'tier-{t}'}")
-        parts[t] = slice_checkpoint(src, root / f"tier-{t}", tier=t, skip_layers=skip_layers,
-                                    max_shard_size=max_shard_size, revision=revision)
-    manifest = build_manifest(root, source.base, {t: f"tier-{t}" for t in parts},
-                              {t: parts[t].widths[0] for t in parts})
-    path = root / MANIFEST_NAME
-    tmp = root / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        parts[t] = slice_checkpoint(source, root / f"tier-{t}", tier=t, skip_layers=skip_layers,
+                                    max_shard_size=max_shard_size)
+    path = write_manifest(root, source.config.base, {t: f"tier-{t}" for t in parts},
+                          {t: parts[t].widths[0] for t in parts})
     return SliceResult(
         root, None, [], [], "\n".join(p.explanation for p in parts.values()),
         [MANIFEST_NAME] + [f"tier-{t}/{f}" for t, p in parts.items() for f in p.files],

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import MatFormerConfig
 from ..errors import CheckpointError, ConfigError, TierError
 from ..tiers import max_tier, uniform_tier
-from . import hub
+from .atomic import atomic_write, fsync_dir, fsync_file
 from .layout import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -40,9 +40,9 @@ from .layout import (
     Checkpoint,
     Layout,
     open_checkpoint,
-    resolve_files,
 )
 from .safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
+from .source import Source, resolve_source
 
 if TYPE_CHECKING:
     import torch
@@ -55,37 +55,7 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-# ---- locating a checkpoint ------------------------------------------------------------------
-
-
-def _locate(src: str | os.PathLike, revision: str | None = None) -> tuple[Layout, Path]:
-    """The weights layout and the config.json path of a folder, a file or a Hub repo."""
-    p = Path(src)
-    if p.exists():
-        if p.is_dir():
-            return resolve_files(p), p / CONFIG_NAME
-        if p.suffix != ".safetensors":
-            if p.suffix == ".bin":
-                return Layout(p.parent, [p.name], pickle=True), p.parent / CONFIG_NAME
-            raise CheckpointError(f"{p}: not a folder or a .safetensors file")
-        return Layout(p.parent, [p.name]), p.parent / CONFIG_NAME
-    s = str(src)
-    if hub.is_repo_id(s):
-        repo, rev = hub.split_revision(s, revision)
-        try:
-            layout = hub.fetch(repo, rev)
-        except CheckpointError as e:  # maybe a mistyped local path: say both
-            raise CheckpointError(f"{e} (no local folder {src!r} either)") from None
-        return layout, layout.folder / CONFIG_NAME
-    raise CheckpointError(f"{src}: no such file or folder (and not a Hub repo id like org/name)")
-
-
-def _read_config(path: Path) -> MatFormerConfig:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no config.json beside the weights; a checkpoint needs one")
-    cfg = MatFormerConfig.from_json_file(path)
-    cfg.check_tier_label(source=str(path))
-    return cfg
+# ---- checking a checkpoint against its config ------------------------------------------
 
 
 def expected_shapes(config: MatFormerConfig) -> dict[str, tuple[int, ...]]:
@@ -111,7 +81,7 @@ def expected_shapes(config: MatFormerConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, where: str,
+def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, where: str,
                   file_of: Callable[[str], str] | None = None) -> None:
     """Tensor names and shapes must be what config.json describes (spec §2 detection)."""
     want = expected_shapes(config)
@@ -177,12 +147,13 @@ def _tensors(layout: Layout, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     return out, ck
 
 
-def load_state_dict(src: str | os.PathLike, revision: str | None = None, *,
-                    allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint (folder, .safetensors file or Hub repo id), validated, as
-    read-only-on-disk memory-mapped CPU tensors (writing to one never changes the file)."""
-    layout, _ = _locate(src, revision)
-    sd, _ = _tensors(layout, allow_pickle)
+def load_state_dict(src: str | os.PathLike | Source, revision: str | None = None, *,
+                    tier: int | None = None, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (folder, .safetensors file, Hub repo id, or multi-tier repo
+    with `tier`; see `io.source`), validated, as read-only-on-disk memory-mapped CPU tensors
+    (writing to one never changes the file)."""
+    source = resolve_source(src, tier=tier, revision=revision)
+    sd, _ = _tensors(source.layout, allow_pickle)
     return sd
 
 
@@ -219,7 +190,7 @@ def _SkipMetaInit():
     return _Mode()
 
 
-def load_model(src: str | os.PathLike, tier: int | None = None,
+def load_model(src: str | os.PathLike | Source, tier: int | None = None,
                widths: int | Sequence[int] | None = None, dtype: Any = None,
                revision: str | None = None, device: Any = None, *,
                allow_pickle: bool = False) -> MatFormerLM:
@@ -227,21 +198,18 @@ def load_model(src: str | os.PathLike, tier: int | None = None,
 
     `tier` (absolute: width = base >> tier) or `widths` selects the active width by runtime
     slicing; asking for more than the checkpoint stores raises a TierError. `dtype` converts the
-    floating-point weights (default: as stored)."""
+    floating-point weights (default: as stored). `src`: anything `io.source.resolve_source`
+    takes (of a multi-tier repo only the folder of the tier asked for is fetched and checked)."""
     import torch
 
     from ..model import MatFormerLM
-    from ..slicing import find_manifest, resolve_manifest_tier
 
-    manifest = find_manifest(src, revision)
-    if manifest is not None:
-        # A multi-tier repo (matformer_manifest.json): fetch and hash-check only this tier's files.
-        src, revision = resolve_manifest_tier(src, tier, revision, manifest=manifest), None
-    layout, config_path = _locate(src, revision)
-    config = _read_config(config_path)
+    source = resolve_source(src, tier=tier, widths=widths, revision=revision)
+    layout = source.layout
+    config = MatFormerConfig.from_dict(source.config.to_dict())  # the model may change it
     sd, ck = _tensors(layout, allow_pickle)
     file_of = (lambda n: ck.where[n]) if ck is not None else None
-    _check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(layout.folder), file_of)
+    check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(layout.folder), file_of)
     for k in [k for k in sd if _IGNORED.search(k)]:
         del sd[k]
     target = _resolve_dtype(dtype)
@@ -273,7 +241,7 @@ def load_model(src: str | os.PathLike, tier: int | None = None,
         try:
             model.set_widths(tier=tier, widths=widths)
         except TierError as e:  # name the checkpoint, not "this model"
-            raise TierError(f"{src}: " + str(e).replace("this model stores", "this checkpoint stores")) from None
+            raise TierError(f"{source.describe()}: " + str(e).replace("this model stores", "this checkpoint stores")) from None
     return model
 
 
@@ -320,15 +288,6 @@ def _check_plain_name(name: str) -> str:
             or "\x00" in name):
         raise CheckpointError(f"extra file name {name!r} must be a plain file name")
     return name
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 _RENAME_EXCHANGE = 2
@@ -428,10 +387,10 @@ def _atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]])
         written = fill(tmp)
         if target.exists():
             _carry_over(target, tmp, _old_checkpoint_files(target) | written)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if target.exists():
             if _exchange(tmp, target):
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
                 return target
             # No atomic exchange on this platform: two renames (a crash between them leaves the
@@ -439,11 +398,11 @@ def _atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]])
             old = target.parent / f"{_tmp_prefix(target)}old-{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(target, old)
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
@@ -461,15 +420,14 @@ def _write_extra(folder: Path, extra_files: Mapping[str, str | os.PathLike | byt
         _check_plain_name(name)
         dst = folder / name
         if isinstance(content, (bytes, bytearray, memoryview)):
-            dst.write_bytes(bytes(content))
+            atomic_write(dst, bytes(content))
         else:
             try:
                 shutil.copyfile(content, dst)
             except OSError as e:
                 raise CheckpointError(f"{content}: cannot copy into the checkpoint as {name} "
                                       f"({e.strerror or e})") from None
-        with open(dst, "rb") as f:
-            os.fsync(f.fileno())
+            fsync_file(dst)
         names.add(name)
     return names
 
@@ -488,7 +446,7 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
     specs = [(n, st_dtype(d), tuple(int(x) for x in s)) for n, d, s in specs]
     if config.tie_word_embeddings:
         specs = [s for s in specs if s[0] != "lm_head.weight"]  # tied: written once
-    _check_shapes({n: s for n, _, s in specs}, config, str(out_dir))
+    check_shapes({n: s for n, _, s in specs}, config, str(out_dir))
     config = MatFormerConfig.from_dict(config.to_dict())  # a copy; tier recomputed below
     floats = {d for n, d, _ in specs if d in _FLOAT_ST}
     if len(floats) == 1:
@@ -511,20 +469,13 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
         written.update(names)
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+            atomic_write(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
             written.add(INDEX_NAME)
-        _write_text(tmp / CONFIG_NAME, config.to_json_string())  # last: a folder with a config
+        atomic_write(tmp / CONFIG_NAME, config.to_json_string())  # last: a folder with a config
         written.add(CONFIG_NAME)
         return written
 
     return _atomic_folder(out_dir, fill)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _unwrap(model: Any) -> Any:
@@ -556,18 +507,19 @@ def save_model(model: MatFormerLM, out_dir: str | os.PathLike, max_shard_size: i
 # ---- info -----------------------------------------------------------------------------------
 
 
-def checkpoint_info(src: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+def checkpoint_info(src: str | os.PathLike | Source, revision: str | None = None, *,
+                    tier: int | None = None) -> dict[str, Any]:
     """Everything `matformer info` shows, from config.json and the safetensors headers (no
-    tensor data is read, torch is not imported). Raises CheckpointError/ConfigError on any
-    inconsistency a load would refuse."""
-    layout, config_path = _locate(src, revision)
+    tensor data is read, torch is not imported). `tier` picks the folder of a multi-tier repo.
+    Raises CheckpointError/ConfigError on any inconsistency a load would refuse."""
+    source = resolve_source(src, tier=tier, revision=revision)
+    layout, config = source.layout, source.config
     if layout.pickle:
         raise CheckpointError(f"{layout.folder}: only pickle (.bin) weights; matformer reads "
                               f"safetensors (pickles can run code when loaded)")
-    config = _read_config(config_path)
     ck = open_checkpoint(layout)
     tensors = ck.tensors
-    _check_shapes({n: t.shape for n, t in tensors.items()}, config, str(layout.folder),
+    check_shapes({n: t.shape for n, t in tensors.items()}, config, str(layout.folder),
                   lambda n: ck.where[n])
     emb = sum(t.numel for n, t in tensors.items()
               if n == "model.embed_tokens.weight" or (n == "lm_head.weight" and not config.tie_word_embeddings))
@@ -581,8 +533,10 @@ def checkpoint_info(src: str | os.PathLike, revision: str | None = None) -> dict
     if layout.index is not None:
         files.insert(0, {"name": layout.index.name, "size": layout.index.stat().st_size})
     return {
-        "source": str(src),
+        "source": source.spec,
         "folder": str(layout.folder),
+        "revision": source.revision,
+        "manifest_tier": source.tier_entry.tier if source.tier_entry is not None else None,
         "intermediate_size": config.intermediate_size,
         "matformer_base_intermediate_size": base,
         "matformer_tier": config.stored_tier,
