@@ -30,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", action="append", default=None, metavar="W1,W2,...",
                         help="an extra per-layer width list to evaluate (repeatable)")
     parser.add_argument("--no-mix", action="store_true", help="skip the Mix'n'Match points")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window")
-    parser.add_argument("--max-tokens", type=int, default=32768, help="evaluate on at most this many tokens")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per evaluation window (default: the checkpoint's training "
+                             "seq_len, else 128)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="evaluate on at most this many tokens (default: the windows the "
+                             "checkpoint's training evaluated, else 64 windows)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--no-speculative", action="store_true", help="skip the speculative decoding report")
     parser.add_argument("--no-decode", action="store_true", help="skip per-width decoding speed")
