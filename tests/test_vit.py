@@ -1,0 +1,306 @@
+"""MatViT against transformers' ViTForImageClassification, and the nesting contract on both axes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from matformer.errors import ConfigError, DataError, TierError
+from matformer.vision_data import (
+    BatchSampler,
+    load_digits,
+    load_image_folder,
+    load_split,
+    stratified_split,
+)
+from matformer.vit import MatViT
+from matformer.vit_config import MatViTConfig, expected_shapes, parameter_counts
+
+transformers = pytest.importorskip("transformers")
+
+
+def _random_model(seed: int = 0, **overrides) -> MatViT:
+    """Every parameter drawn at random (biases, norms, class token too), so nothing is left at
+    an init value that would hide a missing or misplaced tensor."""
+    torch.manual_seed(seed)
+    model = MatViT(MatViTConfig.from_preset("vit-debug", **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _save(folder, config: MatViTConfig, state: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(config.to_json_string())
+
+
+def _hf_from_folder(folder, attn: str = "sdpa"):
+    """transformers reads our file names as is (its own legacy-name conversion, no renaming by us)."""
+    hf, info = transformers.ViTForImageClassification.from_pretrained(
+        str(folder), attn_implementation=attn, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    return hf.eval()
+
+
+def _pixels(cfg: MatViTConfig, n: int = 3, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)
+
+
+def _cut(state: dict[str, torch.Tensor], hd: int, widths: list[int], heads: list[int]) -> dict[str, torch.Tensor]:
+    """The first widths[i] FFN neurons and heads[i] heads of layer i, copied out (the slice)."""
+    out = {}
+    for k, v in state.items():
+        if ".encoder.layer." in k:
+            i = int(k.split(".")[3])
+            m, n = widths[i], heads[i] * hd
+            if "intermediate.dense" in k:
+                v = v[:m]
+            elif k.endswith(f"layer.{i}.output.dense.weight"):
+                v = v[:, :m]
+            elif ".attention.attention." in k:
+                v = v[:n]
+            elif k.endswith("attention.output.dense.weight"):
+                v = v[:, :n]
+        out[k] = v.clone()
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"hidden_act": "gelu_pytorch_tanh", "qkv_bias": False}],
+                         ids=["vit", "tanh-gelu-no-qkv-bias"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_width_logits_match_transformers(tmp_path, overrides, attn) -> None:
+    model = _random_model(**overrides)
+    _save(tmp_path, model.config, model.state_dict())
+    hf = _hf_from_folder(tmp_path, attn)
+    x = _pixels(model.config)
+    with torch.no_grad():
+        logits, emb = model(x), model.embed(x)
+        out = hf(x, output_hidden_states=True)
+        ref_emb = hf.vit.layernorm(out.hidden_states[-1])[:, 0]
+    assert logits.shape == (3, 10)
+    assert (logits - out.logits).abs().max().item() <= 1e-5
+    assert (emb - ref_emb).abs().max().item() <= 1e-5
+    labels = torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        assert abs(model.loss(x, labels).item() - hf(x, labels=labels).loss.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("tier,kv_heads", [(1, None), (2, None), (3, None), (0, 2), (2, 1), (1, 3)])
+def test_uniform_cut_is_a_transformers_vit_equal_to_the_runtime_setting(tmp_path, tier, kv_heads) -> None:
+    """Cut a tier (and/or the first g heads) out by copying prefixes into a transformers ViT built
+    at that size: its logits equal ours running at that setting through views."""
+    model = _random_model(1)
+    cfg = model.config
+    m, g = cfg.base >> tier, kv_heads or cfg.base_heads
+    small_cfg = cfg.with_widths(m, g)
+    assert small_cfg.matformer_tier == tier and small_cfg.to_dict()["architectures"] == ["ViTForImageClassification"]
+    L = cfg.num_hidden_layers
+    _save(tmp_path, small_cfg, _cut(model.state_dict(), cfg.head_dim, [m] * L, [g] * L))
+    hf = _hf_from_folder(tmp_path)
+    assert hf.config.intermediate_size == m and hf.config.num_attention_heads == g
+    x = _pixels(cfg)
+    with torch.no_grad(), model.at_width(tier=tier, kv_heads=kv_heads):
+        ours = model(x)
+    with torch.no_grad():
+        ref = hf(x).logits
+        full = model(x)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert (ours - full).abs().max().item() > 1e-3  # the setting really changed the computation
+
+
+def test_unused_neurons_and_heads_get_exactly_zero_gradient() -> None:
+    model = _random_model(2).train()
+    cfg = model.config
+    hd = cfg.head_dim
+    model.set_widths(layer_tiers=[2, 1], layer_kv_heads=[1, 3])
+    model.loss(_pixels(cfg, 4), torch.tensor([1, 2, 3, 4])).backward()
+    for layer, m, g in zip(model.layers, [cfg.base >> 2, cfg.base >> 1], [1, 3], strict=True):
+        up, down = layer.intermediate.dense, layer.output.dense
+        assert up.weight.grad[m:].abs().max() == 0 and up.bias.grad[m:].abs().max() == 0
+        assert down.weight.grad[:, m:].abs().max() == 0
+        assert up.weight.grad[:m].abs().max() > 0 and down.weight.grad[:, :m].abs().max() > 0
+        n = g * hd
+        for proj in (layer.attention.attention.query, layer.attention.attention.key,
+                     layer.attention.attention.value):
+            assert proj.weight.grad[n:].abs().max() == 0 and proj.bias.grad[n:].abs().max() == 0
+            assert proj.weight.grad[:n].abs().max() > 0
+        out = layer.attention.output.dense.weight.grad
+        assert out[:, n:].abs().max() == 0 and out[:, :n].abs().max() > 0
+
+
+def test_mix_n_match_equals_a_model_storing_those_widths() -> None:
+    """Per-layer widths and heads at run time equal a MatViT built storing exactly those."""
+    model = _random_model(3)
+    cfg = model.config
+    widths, heads = [cfg.base >> 3, cfg.base >> 1], [4, 2]
+    small = MatViT(cfg.with_widths(widths, heads)).eval()
+    assert small.config.to_dict()["architectures"] == ["MatViTForImageClassification"]
+    assert small.config.to_dict()["matformer_tier"] is None
+    small.load_state_dict(_cut(model.state_dict(), cfg.head_dim, widths, heads))
+    x = _pixels(cfg)
+    with torch.no_grad(), model.at_width(widths=widths, layer_kv_heads=heads):
+        assert model.widths == widths and model.heads == heads and model.tier is None
+        a = model(x)
+    with torch.no_grad():
+        b = small(x)
+    assert (a - b).abs().max().item() <= 1e-5
+    assert model.widths == [cfg.base] * 2 and model.heads == [4, 4]  # at_width restored the setting
+    # The small model runs its own stored setting, and refuses more than it stores.
+    assert small.widths == widths and small.heads == heads
+    with pytest.raises(TierError, match="needs width"):
+        small.set_widths(tier=1)
+    with pytest.raises(TierError, match="stores 2 heads in layer 1"):
+        small.set_widths(kv_heads=3)
+
+
+def test_bad_width_requests_are_clear_errors() -> None:
+    model = _random_model()
+    with pytest.raises(TierError, match="outside 1..4"):
+        model.set_widths(kv_heads=5)
+    with pytest.raises(TierError, match="not both"):
+        model.set_widths(kv_heads=2, layer_kv_heads=[2, 2])
+    with pytest.raises(TierError, match="2 layers"):
+        model.set_widths(layer_tiers=[1, 1, 1])
+    with pytest.raises(TierError, match="exactly one"):
+        model.set_widths(tier=1, widths=64)
+    with pytest.raises(DataError, match=r"\(batch, 1, 8, 8\)"):
+        model(torch.zeros(2, 3, 8, 8))
+    assert model.widths == [128, 128] and model.heads == [4, 4]  # a failed request changes nothing
+
+
+def test_parameter_counts_and_shapes_match_the_modules() -> None:
+    cfg = MatViTConfig.from_preset("vit-debug")
+    model = MatViT(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == expected_shapes(cfg)
+    assert parameter_counts(cfg)["total"] == sum(p.numel() for p in model.parameters())
+    small_cfg = cfg.with_widths([32, 64], [1, 2])
+    small = MatViT(small_cfg)
+    assert {k: tuple(v.shape) for k, v in small.state_dict().items()} == expected_shapes(small_cfg)
+    assert model.num_parameters_at([32, 64], [1, 2]) == parameter_counts(small_cfg)
+    assert parameter_counts(small_cfg)["total"] == sum(p.numel() for p in small.parameters())
+
+
+def test_config_round_trip_and_transformers_reads_it() -> None:
+    cfg = MatViTConfig.from_preset("vit-digits", id2label={i: f"digit {i}" for i in range(10)},
+                                   extra={"hidden_dropout_prob": 0.0, "encoder_stride": 2})
+    d = json.loads(cfg.to_json_string())
+    assert d["model_type"] == "vit" and d["architectures"] == ["ViTForImageClassification"]
+    assert d["matformer_base_intermediate_size"] == 512 and d["matformer_tier"] == 0
+    assert d["matformer_base_num_key_value_heads"] == 4 and d["head_dim"] == 16
+    assert d["label2id"]["digit 3"] == 3 and d["encoder_stride"] == 2
+    again = MatViTConfig.from_dict(d)
+    assert again.to_dict() == d
+    hf = transformers.ViTConfig.from_dict(d)
+    assert (hf.image_size, hf.patch_size, hf.num_channels, hf.num_labels) == (8, 2, 1, 10)
+    assert hf.id2label[3] == "digit 3"
+    # A plain transformers ViT config (no MatFormer keys) is a tier-0 MatViT.
+    plain = MatViTConfig.from_dict(transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1,
+                                                          hidden_size=32, num_attention_heads=4,
+                                                          intermediate_size=64).to_dict())
+    assert plain.base == 64 and plain.stored_tier == 0 and plain.num_labels == 2
+
+
+def test_truth_rule_and_config_errors() -> None:
+    cfg = MatViTConfig.from_preset("vit-debug")
+    assert cfg.with_widths(32).to_dict()["matformer_tier"] == 2
+    assert cfg.with_widths(96).to_dict()["matformer_tier"] is None  # 3/4 of B is no tier
+    bad = MatViTConfig.from_dict({**cfg.with_widths(32).to_dict(), "matformer_tier": 1})
+    with pytest.raises(ConfigError, match="matformer_tier=1 disagrees"):
+        bad.check_tier_label()
+    base = cfg.to_dict()
+    for change, message in [
+        ({"patch_size": 3}, "not divisible by patch_size"),
+        ({"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
+        ({"num_labels": 3}, "disagrees with id2label"),
+        ({"intermediate_size": [64, 64, 64]}, "3 entries but num_hidden_layers=2"),
+        ({"intermediate_size": 256}, "more than matformer_base_intermediate_size=128"),
+        ({"model_type": "llama"}, "not a ViT"),
+        ({"image_size": None}, "image_size must be a positive integer"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as e:
+            MatViTConfig.from_dict({**base, **change}, source="x/config.json")
+        assert str(e.value).startswith("x/config.json: ") and "\n" not in str(e.value)
+    d = dict(base)
+    del d["hidden_size"]
+    with pytest.raises(ConfigError, match="required key 'hidden_size'"):
+        MatViTConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="unknown ViT preset"):
+        MatViTConfig.from_preset("vit-huge")
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def test_digits_split_is_stratified_fixed_and_normalised() -> None:
+    digits = load_digits()
+    assert digits.images.shape == (1797, 1, 8, 8) and digits.images.max() == 1.0
+    a, b = load_split("digits", 8, 1), load_split(None, 8, 1)
+    assert len(a.train) + len(a.heldout) == 1797
+    assert np.array_equal(a.heldout.labels, b.heldout.labels)
+    assert np.array_equal(a.heldout.images, b.heldout.images)
+    counts = np.bincount(a.heldout.labels)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of each class (~180 images per class)
+    assert abs(a.train.images.mean()) < 1e-5 and abs(a.train.images.std() - 1) < 1e-4
+    train_idx, heldout_idx = stratified_split(digits.labels)
+    assert len(np.intersect1d(train_idx, heldout_idx)) == 0
+    assert len(train_idx) + len(heldout_idx) == 1797
+    norm = a.normalisation
+    assert np.allclose(digits.images[heldout_idx], a.heldout.images * norm.std[0] + norm.mean[0], atol=1e-6)
+    with pytest.raises(DataError, match="class 1 has 1 image"):
+        stratified_split(np.array([0, 0, 1, 2, 2]))
+    rgb = load_split("digits", 16, 3)
+    assert rgb.train.images.shape[1:] == (3, 16, 16) and len(rgb.normalisation.mean) == 3
+
+
+def test_image_folder(tmp_path) -> None:
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for name, value in (("cats", 40), ("dogs", 200)):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            arr = np.clip(rng.normal(value, 5, (12, 10, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    gray = load_image_folder(tmp_path, 8, 1)
+    assert gray.images.shape == (10, 1, 8, 8) and gray.class_names == ["cats", "dogs"]
+    assert list(gray.labels) == [0] * 5 + [1] * 5
+    assert gray.images[:5].mean() < 0.25 < 0.7 < gray.images[5:].mean()
+    rgb = load_split(tmp_path, 4, 3, heldout_fraction=0.4)
+    assert rgb.train.images.shape == (6, 3, 4, 4) and sorted(rgb.heldout.labels) == [0, 0, 1, 1]
+    (tmp_path / "dogs" / "9.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="9.png: cannot read as an image"):
+        load_image_folder(tmp_path, 8, 1)
+    (tmp_path / "birds").mkdir()
+    with pytest.raises(DataError, match="birds: no images"):
+        load_image_folder(tmp_path, 8, 1)
+    with pytest.raises(DataError, match="no such folder"):
+        load_image_folder(tmp_path / "missing", 8, 1)
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    with pytest.raises(DataError, match="found 1 class"):
+        load_image_folder(tmp_path / "one", 8, 1)
+
+
+def test_batch_sampler_resumes_the_same_batches() -> None:
+    a = BatchSampler(10, seed=3)
+    first = [a.next(4) for _ in range(2)]
+    state = a.state()
+    rest = [a.next(4) for _ in range(3)]
+    b = BatchSampler(10, seed=3)
+    b.load_state(state)
+    assert all(np.array_equal(x, y) for x, y in zip(rest, [b.next(4) for _ in range(3)], strict=True))
+    # One epoch visits every item once.
+    epoch = np.concatenate(first + [rest[0][:2]])
+    assert sorted(epoch.tolist()) == list(range(10))
+    with pytest.raises(DataError, match="num_items=10"):
+        BatchSampler(11, seed=3).load_state(state)
