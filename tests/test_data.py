@@ -113,14 +113,30 @@ def test_window_sampler_resumes_exactly():
         data.WindowSampler(tokens, 8, seed=1).load_state(state)
 
 
-def test_eval_windows_and_default_eval_tokens(tok):
-    w = data.eval_windows(np.arange(100), 16, max_windows=3)
-    assert w.shape == (3, 16) and w[1, 0] == 16
-    with pytest.raises(DataError):
-        data.eval_windows(np.arange(10), 16)
+def test_heldout_windows_are_spread_over_the_whole_split(tok):
+    w = data.heldout_windows(np.arange(1000), 16, max_windows=4)
+    assert w.shape == (4, 16) and w.dtype == np.int64
+    assert w[:, 0].tolist() == [0, 250, 500, 750]  # one per quarter, not the first 64 tokens
+    assert (np.diff(w, axis=1) == 1).all()  # each a contiguous run of the stream
+    every = data.heldout_windows(np.arange(1000), 16, max_windows=None)  # as many as fit
+    assert len(every) == 62 and (np.diff(every[:, 0]) >= 16).all()  # never overlapping
+    assert every[-1, -1] < 1000
+    np.testing.assert_array_equal(data.heldout_windows(np.arange(1000), 16, 4), w)  # fixed
+    with pytest.raises(DataError, match="fewer than one window"):
+        data.heldout_windows(np.arange(10), 16)
     val = data.default_eval_tokens(tok, max_bytes=100_000)
     _, val_texts = data.split_texts(data.load_texts(None, max_bytes=100_000))
     np.testing.assert_array_equal(val, data.tokenize(tok, val_texts))
+
+
+def test_heldout_shape_is_what_the_run_evaluated(tmp_path):
+    assert data.training_settings(tmp_path) == {}
+    assert data.heldout_shape({}) == (data.HELDOUT_SEQ_LEN, data.HELDOUT_WINDOWS)
+    (tmp_path / "train_config.json").write_text(json.dumps({"seq_len": 32, "eval_windows": 8}))
+    assert data.heldout_shape(data.training_settings(tmp_path)) == (32, 8)
+    (tmp_path / "train_config.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="train_config.json"):
+        data.training_settings(tmp_path)
 
 
 def test_datasets_folder_needs_datasets(tmp_path):

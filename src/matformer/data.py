@@ -31,6 +31,7 @@ API (used by `matformer.train` and `matformer.evaluate`):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .io.atomic import atomic_write
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -246,7 +248,7 @@ def save_tokenizer(tok, folder: str | os.PathLike, model_max_length: int | None 
         "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
     }
     for name, text in files.items():
-        _atomic_write_text(folder / name, text)
+        atomic_write(folder / name, text)
     return list(files)
 
 
@@ -271,15 +273,6 @@ def load_tokenizer(folder: str | os.PathLike):
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         raise DataError(f"{path}: not a valid tokenizer file ({e})") from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---- token streams ---------------------------------------------------------------------------
@@ -325,10 +318,9 @@ def tokenize(tok, texts: Sequence[str], cache_dir: str | os.PathLike | None = No
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            atomic_write(path, buf.getvalue())
         except OSError:
             pass
     return arr
