@@ -1,23 +1,43 @@
 """Evaluate every width of a checkpoint: loss, perplexity, consistency, speed, speculative decoding.
 
-Default widths: every tier the checkpoint can run, plus least-slope Mix'n'Match mixes between
-neighbouring tiers (--no-mix to skip) and any --widths lists. Default data: the held-out split
-of the corpus the checkpoint was trained on (the default corpus), tokenized with its tokenizer.
-Consistency is measured against the stored (full) width: greedy-token match and
-KL(P_full || P_width) in nats per position. --json prints one JSON object instead of the table;
---plot FILE.png draws loss against non-embedding parameters (the elastic curve). Progress goes
-to stderr.
+CKPT is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revision]) or a
+multi-tier repo written by `matformer slice --tiers` (with --tier). Default widths: every tier
+the checkpoint can run, plus least-slope Mix'n'Match mixes between neighbouring tiers (--no-mix
+to skip) and any --widths lists; --tier T evaluates tier T alone (and the stored reference).
+Default data: the held-out windows the checkpoint's training evaluated (its train_config.json;
+the default corpus otherwise), tokenized with its tokenizer. Consistency is measured against
+the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
+--json prints one JSON object instead of the table; --plot FILE.png draws loss against
+non-embedding parameters (the elastic curve). Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
+from ..errors import ConfigError
+from ..io.atomic import atomic_write
+from ..io.source import resolve_source
+from ..tiers import parse_int_list
 from . import draft_tokens_arg
+from .report import format_eval_report
+
+if TYPE_CHECKING:
+    from ..evaluation import EvalReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (with tokenizer.json) or org/name")
+    parser.add_argument("ckpt", metavar="CKPT",
+                        help="checkpoint folder (with tokenizer.json), .safetensors file, org/name "
+                        "or multi-tier repo")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--tier", type=int, default=None, metavar="T",
+                        help="run at tier T: evaluate that tier (with --tiers: those instead); of "
+                        "a multi-tier repo, the folder that holds it")
     parser.add_argument("--data", default=None,
                         help="text file or folder to evaluate on (default: the held-out split)")
     parser.add_argument("--json", action="store_true",
@@ -31,11 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an extra per-layer width list to evaluate (repeatable)")
     parser.add_argument("--no-mix", action="store_true", help="skip the Mix'n'Match points")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="tokens per evaluation window (default: the checkpoint's training "
-                             "seq_len, else 128)")
+                        help="tokens per evaluation window (default: as the checkpoint's training)")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="evaluate on at most this many tokens (default: the windows the "
-                             "checkpoint's training evaluated, else 64 windows)")
+                        help="evaluate on at most this many tokens (default: as the training)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--no-speculative", action="store_true", help="skip the speculative decoding report")
     parser.add_argument("--no-decode", action="store_true", help="skip per-width decoding speed")
@@ -47,18 +65,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
 
 
+def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
+             out: TextIO | None = None, revision: str | None = None, **kwargs: Any) -> EvalReport:
+    """Evaluate a checkpoint (`matformer.evaluate` with `kwargs`), print the table (or JSON with
+    `json_out="-"`, or also write JSON to the file `json_out`), draw the elastic curve to `plot`."""
+    from ..evaluation import evaluate  # torch: imported only when a command runs
+
+    out = out or sys.stdout
+    if plot is not None and not str(plot).lower().endswith(".png"):
+        raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
+    source = resolve_source(ckpt, tier=kwargs.get("tier"), revision=revision, companions=True)
+    report = evaluate(source, **kwargs)
+    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    if json_out == "-":
+        out.write(text)
+    else:
+        out.write(format_eval_report(report) + "\n")
+        if json_out is not None:
+            try:
+                atomic_write(json_out, text)
+            except OSError as e:
+                raise ConfigError(f"{json_out}: cannot write the JSON report ({e.strerror or e}); "
+                                  f"choose another --json-out") from None
+    if plot is not None:
+        _plot(report, plot, Path(ckpt).name)
+    return report
+
+
+def _plot(report: EvalReport, path: str, name: str) -> None:
+    from ..plot import plot_elastic_curve  # matplotlib: optional
+
+    try:
+        plot_elastic_curve(report, path, title=f"MatFormer evaluation: {name}")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e}); choose another "
+                          f"--plot") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from matformer.evaluation import run_eval
-    from matformer.tiers import parse_int_list
-
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     run_eval(
-        args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot, data=args.data,
+        args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot,
+        revision=args.revision, tier=args.tier, data=args.data,
         uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         plans=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,

@@ -1,17 +1,24 @@
 """Show what a checkpoint stores: widths, base, tier, runnable tiers, files, parameters, dtype.
 
-SRC is a checkpoint folder, a .safetensors file, or a Hub repo id (org/name[@revision]).
+SRC is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revision]), or a
+multi-tier repo written by `matformer slice --tiers` with --tier T (the folder holding tier T).
 Only config.json and the safetensors headers are read; no tensor data, no torch import.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+
+from ..io.checkpoint import checkpoint_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="checkpoint folder, .safetensors file or org/name")
+    parser.add_argument("src", metavar="SRC",
+                        help="checkpoint folder, .safetensors file, org/name or multi-tier repo")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--tier", type=int, default=None, metavar="T",
+                        help="of a multi-tier repo: show the folder that holds tier T")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -24,11 +31,7 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from matformer.io.checkpoint import checkpoint_info
-
-    info = checkpoint_info(args.src, revision=args.revision)
+    info = checkpoint_info(args.src, revision=args.revision, tier=args.tier)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -39,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
               else f"per layer {widths}" if len(set(widths)) > 1 else f"width {widths[0]} (no tier)")
     n = info["num_parameters"]
     lines = [
-        f"checkpoint       {info['folder']}",
+        f"checkpoint       {info['folder']}"
+        + (f" (tier {info['manifest_tier']} of a multi-tier repo)"
+           if info["manifest_tier"] is not None else ""),
         f"stored           {stored}",
         f"base width       {base}",
         "runtime tiers    " + ", ".join(f"{t} (width {w})" for t, w in

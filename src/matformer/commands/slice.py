@@ -2,6 +2,8 @@
 
 Choose the width with one of --tier, --widths, --layer-tiers or --budget (or --tiers for a
 multi-tier repo with a manifest). Tensors stream one at a time: memory stays about one tensor.
+SRC may itself be a multi-tier repo: the tier folder that holds the widths asked for is used
+(--budget needs a plain checkpoint or one tier folder, e.g. REPO/tier-1).
 
 examples:
   matformer slice runs/full -o runs/tier2 --tier 2
@@ -14,9 +16,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..slicing import slice_checkpoint
+from ..tiers import parse_int_list
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="source checkpoint folder or Hub repo id (org/name)")
+    parser.add_argument("src", metavar="SRC",
+                        help="source checkpoint folder, .safetensors file, Hub repo id (org/name) "
+                        "or multi-tier repo (the tier folder holding the widths asked for is used)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (must not be the source)")
     what = parser.add_mutually_exclusive_group()
@@ -37,9 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..slicing import slice_checkpoint
-    from ..tiers import parse_int_list
-
     widths: int | list[int] | None = None
     if args.widths is not None:
         wl = parse_int_list(args.widths, "--widths")
@@ -54,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         skip_layers=parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else None,
         tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         max_shard_size=args.max_shard_size,
+        revision=args.revision,
         log=print,
     )
     print(result.summary())
