@@ -1,0 +1,31 @@
+"""Gemma 3n in: `matformer slice` and `matformer info` on Hugging Face Gemma 3n checkpoints
+(docs/GEMMA3N.md).
+
+- `slice_gemma3n(src, out, widths=/layer_tiers=/tier=, skip_layers=, config_csv=, config_name=)`
+  cuts per-layer FFN widths and layers out of a Gemma 3n folder, streamed tensor by tensor;
+- `gemma3n_info(src)` describes one from config.json and the headers (no torch import);
+- `is_gemma3n_folder(src)` is the check the `slice` and `info` verbs dispatch on.
+"""
+
+from __future__ import annotations
+
+from .config import Gemma3nConfig, is_gemma3n_folder, read_config
+from .info import format_info, gemma3n_info
+from .plan import Gemma3nPlan, plan_gemma3n
+from .slicer import Gemma3nSliceResult, slice_gemma3n
+from .slicing_configs import SlicingConfig, parse_expression, read_slicing_config
+
+__all__ = [
+    "Gemma3nConfig",
+    "Gemma3nPlan",
+    "Gemma3nSliceResult",
+    "SlicingConfig",
+    "format_info",
+    "gemma3n_info",
+    "is_gemma3n_folder",
+    "parse_expression",
+    "plan_gemma3n",
+    "read_config",
+    "read_slicing_config",
+    "slice_gemma3n",
+]

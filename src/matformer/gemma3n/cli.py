@@ -1,0 +1,41 @@
+"""The Gemma 3n halves of the `slice` and `info` verbs; `matformer.commands.slice` / `.info`
+hand over to these when SRC's config.json declares a Gemma 3n model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import ConfigError
+from ..tiers import parse_int_list
+from .info import format_info, gemma3n_info
+
+
+def run_slice(args: argparse.Namespace) -> int:
+    from .slicer import slice_gemma3n
+
+    for flag, value in (("--budget", args.budget), ("--tiers", args.tiers)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not available for Gemma 3n checkpoints; give --widths, "
+                              f"--layer-tiers, --tier or --config-csv/--config-name")
+    widths = parse_int_list(args.widths, "--widths") if args.widths is not None else None
+    result = slice_gemma3n(
+        args.src,
+        args.output,
+        tier=args.tier,
+        widths=widths,
+        layer_tiers=parse_int_list(args.layer_tiers, "--layer-tiers") if args.layer_tiers else None,
+        skip_layers=parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else None,
+        config_csv=args.config_csv,
+        config_name=args.config_name,
+        max_shard_size=args.max_shard_size,
+        log=print,
+    )
+    print(result.summary())
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = gemma3n_info(args.src)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
