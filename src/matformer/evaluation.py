@@ -48,7 +48,7 @@ from .data import (
 from .errors import ConfigError, DataError
 from .generation import _sync, generate, speculative_generate
 from .io.checkpoint import load_model
-from .io.source import resolve_source
+from .io.source import Source, resolve_source
 from .model import MatFormerLM
 from .shapes import non_embedding_parameters
 from .tiers import describe_widths, mix_n_match_plans, runnable_tiers, uniform_tier
@@ -175,7 +175,7 @@ def _as_windows(tokens: Any, seq_len: int, max_windows: int | None) -> np.ndarra
     return heldout_windows(arr, seq_len, max_windows)
 
 
-def _checkpoint_folder(src: str | os.PathLike) -> Path:
+def _checkpoint_folder(src: str | os.PathLike | Source) -> Path:
     return resolve_source(src).folder
 
 
@@ -218,9 +218,10 @@ def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: An
 
 
 def evaluate(
-    model_or_ckpt: MatFormerLM | str | os.PathLike,
+    model_or_ckpt: MatFormerLM | str | os.PathLike | Source,
     data: Any = None,
     *,
+    tier: int | None = None,
     uniform_tiers: Sequence[int] | None = None,
     plans: Sequence[Sequence[int] | int] | None = None,
     mix_n_match: bool = True,
@@ -240,8 +241,11 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate widths of one model on the same data; see the module docstring.
 
-    `model_or_ckpt`: a `MatFormerLM`, or a checkpoint (folder, file or Hub id) loaded with
-    `load_model`. `data`: token ids (a 1-D stream or (n, T) windows), a path of text files
+    `model_or_ckpt`: a `MatFormerLM`, or a checkpoint (folder, .safetensors file, Hub id or
+    multi-tier repo: anything `io.source.resolve_source` takes) loaded with `load_model`.
+    `tier`: run at that tier: of a multi-tier repo the folder that holds it is used, and the
+    widths evaluated are that tier (plus the stored reference) unless `uniform_tiers` is given.
+    `data`: token ids (a 1-D stream or (n, T) windows), a path of text files
     (tokenized with `tokenizer`, default the checkpoint's tokenizer.json), or None: the held-out
     split the checkpoint was trained beside (the default corpus's held-out split).
     `uniform_tiers` (default every tier the model can run) and `plans` (extra per-layer width
@@ -263,8 +267,13 @@ def evaluate(
         if dtype is not None:
             model.to(getattr(torch, dtype))
     else:
+        # One resolution (a multi-tier repo: the folder holding `tier`; the Hub: the tokenizer
+        # too); every later use of `model_or_ckpt` reads this Source's folder.
+        model_or_ckpt = resolve_source(model_or_ckpt, tier=tier, companions=True)
         source = str(model_or_ckpt)
         model = load_model(model_or_ckpt, dtype=dtype, device=device)
+    if tier is not None and uniform_tiers is None:
+        uniform_tiers = [tier]
     model.eval()
     seq_len, max_windows = _window_shape(model_or_ckpt, data, seq_len, max_tokens,
                                          model.config.max_position_embeddings)
@@ -404,38 +413,3 @@ def _speculative_result(model: MatFormerLM, prompts: list[list[int]], plain: lis
         plain_tokens_per_s=plain_rate, speculative_tokens_per_s=rate,
         speedup=rate / plain_rate, identical=identical, new_tokens=len(prompts) * new_tokens,
     )
-
-
-def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
-             out: Any = None, **kwargs: Any) -> EvalReport:
-    """`matformer eval`: evaluate a checkpoint, print the table (or JSON with `json_out="-"`,
-    or write JSON to the file `json_out`), draw the elastic curve to `plot`."""
-    import json
-    import sys
-
-    out = out or sys.stdout
-    if plot is not None and not str(plot).lower().endswith(".png"):
-        raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
-    report = evaluate(ckpt, **kwargs)
-    if json_out == "-":
-        out.write(json.dumps(report.to_dict(), indent=2) + "\n")
-    else:
-        from .commands.report import format_eval_report  # run_eval moves to commands/eval.py
-
-        out.write(format_eval_report(report) + "\n")
-        if json_out is not None:
-            try:
-                Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
-                                          encoding="utf-8")
-            except OSError as e:
-                raise ConfigError(f"{json_out}: cannot write the JSON report ({e.strerror or e}); "
-                                  f"choose another --json-out") from None
-    if plot is not None:
-        from .plot import plot_elastic_curve
-
-        try:
-            plot_elastic_curve(report, plot, title=f"MatFormer evaluation: {Path(ckpt).name}")
-        except OSError as e:
-            raise ConfigError(f"{plot}: cannot write the plot ({e.strerror or e}); choose another "
-                              f"--plot") from None
-    return report
