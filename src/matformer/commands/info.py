@@ -31,6 +31,12 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..gemma3n.config import is_gemma3n_folder
+
+    if is_gemma3n_folder(args.src):
+        from ..gemma3n.cli import run_info
+
+        return run_info(args)
     info = checkpoint_info(args.src, revision=args.revision, tier=args.tier)
     if args.json:
         print(json.dumps(info, indent=2))

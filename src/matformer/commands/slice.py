@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from ..slicing import slice_checkpoint
 from ..tiers import parse_int_list
 
@@ -40,11 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="write OUT/tier-T/ for each tier plus OUT/matformer_manifest.json")
     parser.add_argument("--skip-layers", metavar="I,J,...",
                         help="drop these source layers (0-based) and renumber the rest")
+    parser.add_argument("--config-csv", metavar="FILE",
+                        help="Gemma 3n: a CSV of named slicing configs (Google's columns)")
+    parser.add_argument("--config-name", metavar="NAME", help="Gemma 3n: the row of --config-csv")
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                         help="largest shard file, decimal units (default: 5GB)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..gemma3n.config import is_gemma3n_folder
+
+    if is_gemma3n_folder(args.src):
+        from ..gemma3n.cli import run_slice
+
+        return run_slice(args)
+    if args.config_csv or args.config_name:
+        raise ConfigError("--config-csv/--config-name apply to Gemma 3n checkpoints only")
     widths: int | list[int] | None = None
     if args.widths is not None:
         wl = parse_int_list(args.widths, "--widths")
