@@ -12,6 +12,9 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+from .errors import MatFormerError
+
 # verb -> module under matformer.commands (a verb whose module is absent is not offered)
 VERBS = {
     "info": "info",
@@ -24,8 +27,6 @@ VERBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="matformer",
         description="Elastic nested transformers: train one model, run or extract any width of it.",
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
-    from .errors import MatFormerError
-
     try:
         return int(args._run(args) or 0)
     except MatFormerError as e:

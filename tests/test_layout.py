@@ -1,0 +1,199 @@
+"""The package's layout contract (issue 10).
+
+- The public API is the same objects whatever was imported first: no submodule shadows a public
+  function (`matformer.train`, `matformer.generate`, `matformer.evaluate` are functions).
+- The import graph of `src/matformer` (read with `ast`, module-level and function-level imports)
+  has no cycle.
+- No matformer module is imported inside a function, except the CLI's lazy verb loading (so
+  `matformer --help` and `matformer info` never import torch), listed below with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import matformer
+
+PACKAGE = Path(matformer.__file__).parent
+
+# Where a function may import a matformer module, and why: the command line stays torch-free
+# until a verb runs (`matformer --help` and `matformer info` never import torch), so the CLI and
+# each verb's `run` import the library lazily; `load_model` imports the model (torch) while the
+# rest of io/checkpoint serves `info` without it.
+LAZY_IMPORT_MODULES = ("matformer.cli", "matformer.commands.")
+LAZY_IMPORT_FUNCTIONS = {("matformer.io.checkpoint", "load_model")}
+
+
+def _lazy_allowed(module: str, function: str) -> bool:
+    return (module == LAZY_IMPORT_MODULES[0] or module.startswith(LAZY_IMPORT_MODULES[1])
+            or (module, function) in LAZY_IMPORT_FUNCTIONS)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(module: str, node: ast.ImportFrom | ast.Import, is_package: bool) -> list[str]:
+    """The matformer modules an import statement in `module` loads."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "matformer"]
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "matformer":
+        return []
+    out = []
+    for a in node.names:  # `from pkg import submodule` loads the submodule
+        sub = f"{target}.{a.name}"
+        out.append(sub if sub in MODULES else target)
+    return out
+
+
+def _imports(module: str) -> list[tuple[str, str | None]]:
+    """(imported matformer module, enclosing function or None) for every runtime import;
+    imports under `if TYPE_CHECKING:` are for annotations only and are skipped."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: list[tuple[str, str | None]] = []
+
+    def visit(node: ast.AST, func: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for c in child.orelse:
+                    visit(c, func)
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                for target in _resolve(module, child, path.name == "__init__.py"):
+                    found.append((target, func))
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+            visit(child, func or inner)
+
+    visit(tree, None)
+    return [(t, f) for t, f in found if t != module]
+
+
+GRAPH = {m: _imports(m) for m in MODULES}
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    edges = {m: sorted({t for t, _ in GRAPH[m] if t in MODULES}) for m in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[list[str]] = []
+
+    def walk(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in edges[m]:
+            if state.get(t) == 1:
+                cycles.append(path[path.index(t):] + [t])
+            elif t not in state:
+                walk(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(MODULES):
+        if m not in state:
+            walk(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_matformer_imports_inside_functions_but_the_lazy_cli() -> None:
+    lazy = sorted({(m, f, t) for m in MODULES for t, f in GRAPH[m]
+                   if f is not None and not _lazy_allowed(m, f)})
+    assert not lazy, "function-level imports of matformer modules: " + ", ".join(
+        f"{m}.{f} imports {t}" for m, f, t in lazy)
+
+
+def test_the_graph_reader_sees_imports() -> None:
+    # The two tests above would pass vacuously on a reader that finds nothing.
+    assert ("matformer.config", None) in GRAPH["matformer.model"]
+    assert any(f is not None for _, f in GRAPH["matformer.commands.eval"])
+
+
+def test_no_module_is_named_like_a_public_name() -> None:
+    # A submodule import sets the package attribute of its name: it would replace the function.
+    short = {m.split(".")[1] for m in MODULES if m.count(".") >= 1}
+    assert not short & set(matformer.__all__)
+
+
+_CHECK_ORDERS = r"""
+import importlib, json, pkgutil, sys, types
+
+def purge():
+    for name in [n for n in sys.modules if n == "matformer" or n.startswith("matformer.")]:
+        del sys.modules[name]
+
+def every_module():
+    import matformer
+    return sorted(m.name for m in pkgutil.walk_packages(matformer.__path__, "matformer."))
+
+def check():
+    import matformer
+    bad = []
+    for name in matformer.__all__:
+        obj = getattr(matformer, name)
+        want = getattr(importlib.import_module(matformer._EXPORTS[name]), name)
+        if isinstance(obj, types.ModuleType) or obj is not want:
+            bad.append(name)
+    return bad
+
+modules = every_module()
+orders = [[("name", n)] for n in importlib.import_module("matformer").__all__]
+orders += [[("module", m)] for m in modules]
+failures = {}
+for first in orders:
+    purge()
+    import matformer
+    kind, what = first[0]
+    if kind == "name":
+        getattr(matformer, what)
+    else:
+        importlib.import_module(what)
+    bad = check()
+    for m in modules:  # then everything else
+        importlib.import_module(m)
+    bad += check()
+    if bad:
+        failures[f"{kind} {what} first"] = sorted(set(bad))
+print(json.dumps({"orders": len(orders), "failures": failures}))
+"""
+
+
+def test_public_names_are_the_same_objects_in_every_import_order() -> None:
+    # One fresh interpreter; before each order every matformer module is dropped from
+    # sys.modules, so each order starts from a fresh package (torch stays loaded: it is not ours).
+    out = subprocess.run([sys.executable, "-c", _CHECK_ORDERS], capture_output=True, text=True,
+                         check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["orders"] > 2 * len(matformer.__all__) - 1
+    assert result["failures"] == {}
+
+
+@pytest.mark.parametrize("first", [
+    "matformer.TrainConfig",  # the issue's example: train was the module after this
+    "__import__('matformer.generation')",
+    "__import__('matformer.evaluation')",
+])
+def test_public_functions_in_a_fresh_interpreter(first: str) -> None:
+    code = (
+        "import types, matformer\n"
+        f"{first}\n"
+        "for n in ('train', 'generate', 'evaluate', 'speculative_generate', 'load_model'):\n"
+        "    assert callable(getattr(matformer, n)) and not isinstance(getattr(matformer, n),"
+        " types.ModuleType), n\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
