@@ -42,7 +42,8 @@ from .io.layout import Checkpoint, open_checkpoint
 from .io.manifest import MANIFEST_NAME, write_manifest
 from .io.reader import PrefixReader
 from .io.source import COMPANION_FILES, Source, resolve_source
-from .tiers import max_tier, resolve_widths, tier_of, uniform_tier, width_of
+from .shapes import format_count, non_embedding_parameters, parse_count
+from .tiers import check_held, least_slope_plans, max_tier, resolve_widths, tier_of, width_of
 
 # The paper's granularities: g = 4 widths, d_ff/8 .. d_ff (tiers 0..3).
 DEFAULT_GRANULARITIES = 4
@@ -74,41 +75,6 @@ class SlicePlan:
         if skipped:
             what += f", layers {skipped} dropped ({len(self.keep_layers)} kept)"
         return what
-
-
-def _non_embedding(config: MatFormerConfig, n_layers: int, widths: Sequence[int]) -> int:
-    """Non-embedding parameters of `n_layers` layers with FFN `widths` (same count as
-    `matformer.model.parameter_counts`, without building a model or importing torch)."""
-    h, hd = config.hidden_size, config.head_dim
-    assert hd is not None and config.num_key_value_heads is not None
-    attn = h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    # per layer: attention + two RMSNorms + SwiGLU (3 matrices of h x w); plus the final norm
-    return n_layers * (attn + 2 * h) + sum(3 * h * w for w in widths) + h
-
-
-def non_embedding_parameters(config: MatFormerConfig, widths: Sequence[int] | None = None) -> int:
-    """Non-embedding parameter count of `config` running (or storing) per-layer `widths`."""
-    ws = config.layer_widths if widths is None else list(widths)
-    return _non_embedding(config, len(ws), ws)
-
-
-def _fmt_params(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
-def parse_count(text: str | int) -> int:
-    """'120M', '1.5B', '250k', '123456' -> an int (decimal units)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    s = str(text).strip().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMbBgG]?)", s)
-    if not m:
-        raise ConfigError(f"budget must be a parameter count like 120M, 1.5B or 250000, got {text!r}")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}[m.group(2).lower()]
-    return int(round(float(m.group(1)) * scale))
 
 
 def plan_budget(
@@ -144,32 +110,29 @@ def plan_budget(
     cands.sort()  # narrow -> wide
     L = len(stored)
     options: list[tuple[int, int, list[int]]] = []  # (params, -changes, widths)
-    for lo_i in range(len(cands)):
-        hi_i = min(lo_i + 1, len(cands) - 1)
-        lo, hi = cands[lo_i], cands[hi_i]
-        for k in range(L + 1):  # last k layers wide
-            ws = [lo] * (L - k) + [hi] * k
-            if any(w > s for w, s in zip(ws, stored, strict=True)):
-                continue
-            p = _non_embedding(config, L, ws)
-            if p <= budget:
-                changes = sum(1 for a, b in zip(ws, ws[1:], strict=False) if a != b)
-                options.append((p, -changes, ws))
+    # every least-slope plan between adjacent granularities, and each granularity alone
+    for ws in least_slope_plans(cands, L) + [[w] * L for w in cands]:
+        if any(w > s for w, s in zip(ws, stored, strict=True)):
+            continue
+        p = non_embedding_parameters(config, ws)
+        if p <= budget:
+            changes = sum(1 for a, b in zip(ws, ws[1:], strict=False) if a != b)
+            options.append((p, -changes, ws))
     layers_note = f"{L} layers" + (f" (layers {sorted(set(range(config.num_hidden_layers)) - set(keep))} dropped)" if L != config.num_hidden_layers else "")
     uniform_lines = []
     for w in cands:
         t = tier_of(base, w)
         fits = all(w <= s for s in stored)
-        p = _non_embedding(config, L, [w] * L)
+        p = non_embedding_parameters(config, [w] * L)
         uniform_lines.append(
-            f"  tier {t} (width {w}) everywhere: {_fmt_params(p)} ({p:,})"
+            f"  tier {t} (width {w}) everywhere: {format_count(p)} ({p:,})"
             + ("" if fits else " — not held by the source")
         )
     if not options:
-        smallest = _non_embedding(config, L, [cands[0]] * L)
+        smallest = non_embedding_parameters(config, [cands[0]] * L)
         raise TierError(
-            f"budget {_fmt_params(budget)} ({budget:,}) non-embedding parameters is below the "
-            f"smallest submodel, {_fmt_params(smallest)} ({smallest:,}) at width {cands[0]} with "
+            f"budget {format_count(budget)} ({budget:,}) non-embedding parameters is below the "
+            f"smallest submodel, {format_count(smallest)} ({smallest:,}) at width {cands[0]} with "
             f"{layers_note}; raise the budget or drop layers with --skip-layers"
         )
     p, neg_changes, ws = max(options, key=lambda o: (o[0], o[1]))
@@ -185,10 +148,10 @@ def plan_budget(
         )
     explanation = "\n".join(
         [
-            f"budget: {_fmt_params(budget)} ({budget:,}) non-embedding parameters, {layers_note}",
+            f"budget: {format_count(budget)} ({budget:,}) non-embedding parameters, {layers_note}",
             "uniform submodels:",
             *uniform_lines,
-            f"chose: {choice}: {_fmt_params(p)} ({p:,}), {100.0 * p / budget:.1f}% of the budget",
+            f"chose: {choice}: {format_count(p)} ({p:,}), {100.0 * p / budget:.1f}% of the budget",
             "why: the paper's Mix'n'Match heuristic — widths non-decreasing with depth, at most "
             "one change between adjacent granularities (least slope), the largest such model "
             "within the budget",
@@ -262,17 +225,8 @@ def plan_slice(
     else:
         out_widths = [stored[i] for i in keep]  # only dropping layers (or a plain copy)
     # Every output width must be held by the source layer it is cut from.
-    for j, (i, w) in enumerate(zip(keep, out_widths, strict=True)):
-        s = stored[i]
-        if w > s:
-            st = uniform_tier(base, stored)
-            held = f"tier {st}, width {s}" if st is not None else f"width {s} in layer {i}"
-            wt = tier_of(base, w)
-            want = f"tier {wt}" if wt is not None else f"width {w}"
-            raise TierError(
-                f"the source stores {held}; {want} (output layer {j}) needs width {w} — slice "
-                f"from a checkpoint that holds it (the full one has base width {base})"
-            )
+    check_held(base, [stored[i] for i in keep], out_widths, layers=keep, holder="the source",
+               remedy="slice from a checkpoint that holds it")
     cfg = copy.deepcopy(source)
     cfg.num_hidden_layers = n_keep
     cfg.intermediate_size = list(out_widths)
@@ -386,7 +340,7 @@ class SliceResult:
         what = f"tier {t} (width {self.widths[0]})" if t is not None else f"widths {self.widths}"
         return (
             f"{self.path}: {what}, {len(self.widths)} layers, "
-            f"{_fmt_params(non_embedding_parameters(self.config))} non-embedding parameters; "
+            f"{format_count(non_embedding_parameters(self.config))} non-embedding parameters; "
             f"{len(self.files)} files, read {self.bytes_read / 1e6:.1f} MB, wrote "
             f"{self.bytes_written / 1e6:.1f} MB in {self.seconds:.2f} s"
         )

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import MatFormerConfig
-from ..errors import CheckpointError, ConfigError, TierError
-from ..tiers import max_tier, uniform_tier
+from ..errors import CheckpointError, ConfigError
+from ..shapes import expected_shapes
+from ..tiers import check_held, resolve_widths, runnable_tiers, uniform_tier
 from .atomic import atomic_write, fsync_dir, fsync_file
 from .layout import (
     CONFIG_NAME,
@@ -56,29 +57,6 @@ _FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 # ---- checking a checkpoint against its config ------------------------------------------
-
-
-def expected_shapes(config: MatFormerConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a checkpoint of `config` and its shape (transformers' Llama names)."""
-    h, v = config.hidden_size, config.vocab_size
-    hd, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-    assert hd is not None and nkv is not None
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for i, w in enumerate(config.layer_widths):
-        pre = f"model.layers.{i}."
-        out[pre + "self_attn.q_proj.weight"] = (nh * hd, h)
-        out[pre + "self_attn.k_proj.weight"] = (nkv * hd, h)
-        out[pre + "self_attn.v_proj.weight"] = (nkv * hd, h)
-        out[pre + "self_attn.o_proj.weight"] = (h, nh * hd)
-        out[pre + "mlp.gate_proj.weight"] = (w, h)
-        out[pre + "mlp.up_proj.weight"] = (w, h)
-        out[pre + "mlp.down_proj.weight"] = (h, w)
-        out[pre + "input_layernorm.weight"] = (h,)
-        out[pre + "post_attention_layernorm.weight"] = (h,)
-    out["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    return out
 
 
 def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, where: str,
@@ -207,6 +185,10 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     source = resolve_source(src, tier=tier, widths=widths, revision=revision)
     layout = source.layout
     config = MatFormerConfig.from_dict(source.config.to_dict())  # the model may change it
+    if tier is not None or widths is not None:  # before any tensor is read
+        wanted = resolve_widths(config.base, config.num_hidden_layers, tier=tier, widths=widths)
+        check_held(config.base, config.layer_widths, wanted, tier=tier,
+                   holder=f"{source.describe()}: this checkpoint")
     sd, ck = _tensors(layout, allow_pickle)
     file_of = (lambda n: ck.where[n]) if ck is not None else None
     check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(layout.folder), file_of)
@@ -238,10 +220,7 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     if device is not None:
         model.to(device)
     if tier is not None or widths is not None:
-        try:
-            model.set_widths(tier=tier, widths=widths)
-        except TierError as e:  # name the checkpoint, not "this model"
-            raise TierError(f"{source.describe()}: " + str(e).replace("this model stores", "this checkpoint stores")) from None
+        model.set_widths(tier=tier, widths=widths)
     return model
 
 
@@ -528,7 +507,7 @@ def checkpoint_info(src: str | os.PathLike | Source, revision: str | None = None
     dtypes = sorted({t.dtype for t in tensors.values()})
     widths = config.layer_widths
     base = config.base
-    runnable = [t for t in range(max_tier(base) + 1) if (base >> t) <= min(widths)]
+    runnable = runnable_tiers(base, widths)
     files = [{"name": name, "size": size} for name, size in ck.files]
     if layout.index is not None:
         files.insert(0, {"name": layout.index.name, "size": layout.index.stat().st_size})
