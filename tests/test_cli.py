@@ -41,3 +41,14 @@ def test_help_does_not_import_transformers_or_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("verb", ["info", "generate", "eval", "slice"])
+def test_every_checkpoint_verb_takes_tier_and_revision(verb: str) -> None:
+    """Each verb reading a checkpoint accepts every kind of SRC the same way (io.source): a Hub
+    revision, and --tier to pick a multi-tier repo's folder (slice: the output tier, whose
+    folder is then the source's)."""
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[verb]  # type: ignore[union-attr]
+    flags = {o for a in sub._actions for o in a.option_strings}
+    assert {"--tier", "--revision"} <= flags, flags

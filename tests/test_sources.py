@@ -176,3 +176,39 @@ def test_not_a_source_is_one_clear_error(tmp_path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["info", str(tmp_path / "empty")]) == 2
     assert "no weights found" in capsys.readouterr().err
+
+
+# ---- train --resume SRC ----------------------------------------------------------------------
+
+TRAIN = ["--preset", "debug", "--save-every", "2", "--eval-every", "2", "--batch-size", "2",
+         "--seq-len", "32", "--vocab-size", "300", "--eval-windows", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(built, tmp_path_factory) -> Path:
+    """A two-step training run (one checkpoint, at step 2) on the test text."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    argv = ["train", *TRAIN, "--data", str(built["text"]), "--steps", "2", "--out", str(out),
+            "--cache-dir", str(out.parent / "cache")]
+    assert main(argv) == 0
+    return out
+
+
+def test_train_resume(built, run, hub, tmp_path, capsys) -> None:
+    step = run / "checkpoints" / "step-0000002"
+    hub.add_repo("acme/step2", {p.name: p.read_bytes() for p in step.iterdir() if p.is_file()})
+    finals = {}
+    for kind, src in (("folder", run), ("step folder", step), ("file", step / "model.safetensors"),
+                      ("hub", "acme/step2")):
+        out = tmp_path / kind.replace(" ", "-")
+        argv = ["train", *TRAIN, "--data", str(built["text"]), "--steps", "3", "--out", str(out),
+                "--cache-dir", str(run.parent / "cache"), "--resume", str(src)]
+        assert main(argv) == 0, (kind, capsys.readouterr().err)
+        finals[kind] = load_state_dict(out)
+    ref = finals.pop("folder")
+    for kind, sd in finals.items():  # the same step-3 model whichever way step 2 was named
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), kind
+    assert main(["train", *TRAIN, "--steps", "3", "--out", str(tmp_path / "m"),
+                 "--resume", str(built["repo"])]) == 2
+    # A multi-tier repo holds models, not training state: one clear line.
+    assert "no complete checkpoint to resume from" in capsys.readouterr().err
