@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def draft_tokens_arg(text: str) -> int | str:
     """argparse type of --draft-tokens: a positive integer or 'adaptive'."""
-    import argparse
-
     if text == "adaptive":
         return text
     try:
