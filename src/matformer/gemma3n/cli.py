@@ -9,11 +9,10 @@ import json
 from ..errors import ConfigError
 from ..tiers import parse_int_list
 from .info import format_info, gemma3n_info
+from .slicer import slice_gemma3n
 
 
 def run_slice(args: argparse.Namespace) -> int:
-    from .slicer import slice_gemma3n
-
     for flag, value in (("--budget", args.budget), ("--tiers", args.tiers)):
         if value is not None:
             raise ConfigError(f"{flag} is not available for Gemma 3n checkpoints; give --widths, "

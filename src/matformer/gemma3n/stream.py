@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.layout import Checkpoint
-from ..io.safetensors import DTYPES, nbytes_of
+from ..io.safetensors import DTYPES, nbytes_of, torch_dtype
 from .config import Gemma3nConfig
 from .plan import Gemma3nPlan
 from .shapes import PER_LAYER_EMBEDDING, PER_LAYER_PROJECTION, text_shapes
@@ -160,8 +160,6 @@ class RangeReader:
 
     def read(self, job: Job) -> Any:
         import torch
-
-        from ..io.safetensors import torch_dtype
 
         info, shard = self.ck.info(job.src_name), self.ck.where[job.src_name]
         fd, item = self._fd(shard), DTYPES[job.dtype][0]
