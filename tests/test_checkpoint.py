@@ -615,3 +615,19 @@ def test_write_errors_are_our_type_and_leave_the_old_checkpoint(tmp_path):
         write_checkpoint(tmp_path / "ck", DEBUG, [(k, "F32", tuple(v.shape)) for k, v in sd.items()], produce)
     assert_same_tensors(load_state_dict(tmp_path / "ck"), make_model(0).state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]
+
+
+# ---- atomic single-file writes ---------------------------------------------------------------
+
+
+def test_atomic_write_replaces_whole_and_leaves_nothing_behind(tmp_path):
+    from matformer.io.atomic import atomic_write
+
+    p = tmp_path / "f.json"
+    atomic_write(p, "old ✓")
+    atomic_write(p, b"new")
+    assert p.read_bytes() == b"new" and [x.name for x in tmp_path.iterdir()] == ["f.json"]
+    with pytest.raises(IsADirectoryError):
+        atomic_write(tmp_path, "x")  # cannot replace a folder: nothing changed, no temp file
+    assert p.read_bytes() == b"new" and [x.name for x in tmp_path.iterdir()] == ["f.json"]
+    assert not [x for x in tmp_path.parent.iterdir() if x.name.startswith(f".{tmp_path.name}.tmp")]
