@@ -260,21 +260,13 @@ def evaluate(
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
-    if isinstance(model_or_ckpt, MatFormerLM):
-        model, source = model_or_ckpt, "in-memory model"
-        if device is not None:
-            model.to(device)
-        if dtype is not None:
-            model.to(getattr(torch, dtype))
-    else:
+    if not isinstance(model_or_ckpt, MatFormerLM):
         # One resolution (a multi-tier repo: the folder holding `tier`; the Hub: the tokenizer
         # too); every later use of `model_or_ckpt` reads this Source's folder.
         model_or_ckpt = resolve_source(model_or_ckpt, tier=tier, companions=True)
-        source = str(model_or_ckpt)
-        model = load_model(model_or_ckpt, dtype=dtype, device=device)
+    model, source = _model_to_evaluate(model_or_ckpt, device, dtype)
     if tier is not None and uniform_tiers is None:
         uniform_tiers = [tier]
-    model.eval()
     seq_len, max_windows = _window_shape(model_or_ckpt, data, seq_len, max_tokens,
                                          model.config.max_position_embeddings)
     windows, data_desc = _evaluation_windows(model_or_ckpt, data, tokenizer, seq_len, max_windows, say)
@@ -298,6 +290,19 @@ def evaluate(
                        draft_tokens=draft_tokens, n_prompts=spec_prompts,
                        prompt_len=spec_prompt_len, new_tokens=spec_new_tokens, say=say)
     return report
+
+
+def _model_to_evaluate(model_or_source: MatFormerLM | Source, device: str | torch.device | None,
+                       dtype: str | None) -> tuple[MatFormerLM, str]:
+    """(the model in eval mode on `device` in `dtype`, a description of where it came from)."""
+    if isinstance(model_or_source, MatFormerLM):
+        model = model_or_source
+        if device is not None:
+            model.to(device)
+        if dtype is not None:
+            model.to(getattr(torch, dtype))
+        return model.eval(), "in-memory model"
+    return load_model(model_or_source, dtype=dtype, device=device).eval(), str(model_or_source)
 
 
 def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[EvalWidth],

@@ -336,10 +336,8 @@ def speculative_generate(
     sampler = Sampler(temperature, top_k, top_p, seed, device)
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
     k, adaptive = _first_draft_length(draft_tokens, max_draft_tokens)
-    request = _requested(tier, layer_tiers, widths)
-    target = model.resolve_widths(**request) if request else model.widths
-    draft_request = _requested(draft_tier, draft_layer_tiers, draft_widths)
-    draft = model.resolve_widths(**(draft_request or {"tier": default_draft_tier(model)}))
+    target, draft = _target_and_draft(model, _requested(tier, layer_tiers, widths),
+                                      _requested(draft_tier, draft_layer_tiers, draft_widths))
 
     stats = GenerationStats(prompt_tokens=P)
     out: list[int] = []
@@ -347,12 +345,8 @@ def speculative_generate(
     with model.at_width(widths=target), torch.inference_mode():
         t0 = time.perf_counter()
         cache = model.new_cache(1, max_len)
-        if P > 1:  # the verifier's entries for the prompt but its last token
-            model(ids[:, :-1], cache=cache)
-            stats.target_forwards += 1
-        _sync(device)
+        cur = _prefill(model, ids, cache, stats)  # (1, 1): emitted, not yet in the cache
         stats.prefill_seconds = time.perf_counter() - t0
-        cur = ids[:, -1:]  # (1, 1): emitted, not yet in the cache
         while stats.stop_reason != "eos" and len(out) < max_new_tokens:
             start = cache.length
             # One token always comes from the verifier, so at most remaining-1 drafts count.
@@ -380,6 +374,25 @@ def speculative_generate(
     extra = {"cache": cache} if return_cache else {}
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target), stats=stats,
                             draft_widths=list(draft), extra=extra)
+
+
+def _target_and_draft(model: MatFormerLM, target: dict[str, Any] | None,
+                      draft: dict[str, Any] | None) -> tuple[list[int], list[int]]:
+    """Per-layer widths of the verifier (default: the model's current widths) and of the draft
+    (default: `default_draft_tier`) for these `set_widths` requests."""
+    return (model.resolve_widths(**target) if target else model.widths,
+            model.resolve_widths(**(draft or {"tier": default_draft_tier(model)})))
+
+
+def _prefill(model: MatFormerLM, ids: torch.Tensor, cache: KVCache,
+             stats: GenerationStats) -> torch.Tensor:
+    """Write the verifier's entries for the prompt `ids` (1, P) but its last token into `cache`;
+    returns that last token (1, 1), emitted but not yet in the cache."""
+    if ids.shape[1] > 1:
+        model(ids[:, :-1], cache=cache)
+        stats.target_forwards += 1
+    _sync(ids.device)
+    return ids[:, -1:]
 
 
 def _first_draft_length(draft_tokens: int | str, max_draft_tokens: int) -> tuple[int, bool]:
