@@ -1,0 +1,331 @@
+"""GGUF for llama.cpp: tensor names, metadata, the embedded tokenizer, and a streaming writer.
+
+Conventions follow llama.cpp's own converter (convert_hf_to_gguf.py, `LlamaModel` and
+`DeciModel`) so that llama.cpp reads our files exactly as it reads a converted Llama:
+
+- architecture `llama` when every layer has the same FFN width and head counts; `deci` when
+  they differ per layer (Mix'n'Match). llama.cpp's `llama` graph builds every layer with the FFN
+  width of layer 0, so a per-layer `llama.feed_forward_length` array does not load there;
+  `deci` is the same Llama block (RMSNorm, GQA with rope, SwiGLU) with per-layer
+  `deci.feed_forward_length`, `deci.attention.head_count` and `.head_count_kv` arrays.
+- tensor names from gguf's own map (`token_embd`, `blk.N.attn_q`, ..., `output`); q_proj and
+  k_proj rows are permuted per head (`permute_rope`) because llama.cpp applies rope to
+  interleaved pairs (x[2i], x[2i+1]) where transformers rotates halves (x[i], x[i + d/2]).
+- the tokenizer is our byte-level BPE as llama.cpp's `gpt2` model: tokens, types, merges, and
+  `tokenizer.ggml.pre = "gpt-2"`, whose split regex is the GPT-2 one that tokenizers'
+  `ByteLevel(use_regex=True)` pre-tokenizer applies (see `read_tokenizer`).
+
+Writing streams: tensor infos are declared first (shapes and types are known from the plan),
+then each tensor's data is produced, converted and written one at a time. The file is written
+to a temporary name in the target folder and renamed over the target only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# The llama.cpp pre-tokenizer whose regex is the one of tokenizers' ByteLevel(use_regex=True):
+# 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+TOKENIZER_PRE = "gpt-2"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("GGUF export needs the `gguf` package: pip install 'matformer[export]'"
+                          ) from None
+    return gguf
+
+
+# ---- names and layout -------------------------------------------------------------------------
+
+
+def gguf_name(hf_name: str, n_layers: int) -> str:
+    """The GGUF tensor name of a transformers Llama tensor (gguf's own name map)."""
+    gguf = _gguf()
+    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers).get_name(
+        hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise CheckpointError(f"tensor {hf_name!r} has no GGUF name in a Llama model")
+    return name
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorder each head's rows from halves (transformers) to interleaved pairs (llama.cpp)."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `permute_rope`."""
+    return (w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def check_outtype(outtype: str) -> str:
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    return outtype
+
+
+def tensor_qtype(outtype: str, shape: Sequence[int]):
+    """The GGML type a tensor of `shape` is stored as: 1-D tensors (norms) stay F32; 2-D ones
+    take `outtype`, except Q8_0 rows that are not a whole number of 32-value blocks, which fall
+    back to F16 as llama.cpp's converter does."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if len(shape) < 2:
+        return Q.F32
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[check_outtype(outtype)]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block:
+        return Q.F16
+    return qtype
+
+
+def file_type(outtype: str) -> int:
+    gguf = _gguf()
+    F = gguf.LlamaFileType
+    return int({"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16,
+                "q8_0": F.MOSTLY_Q8_0}[check_outtype(outtype)])
+
+
+def _byte_count(shape: Sequence[int], qtype) -> int:
+    gguf = _gguf()
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n // block * type_size
+
+
+def encode(data: np.ndarray, qtype) -> np.ndarray:
+    """float32 values -> the bytes (or float array) GGUF stores for `qtype`."""
+    from gguf.quants import quantize
+
+    return quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerSpec:
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    add_bos: bool
+    add_eos: bool
+
+
+def read_tokenizer(path: Path, vocab_size: int) -> TokenizerSpec:
+    """Our byte-level BPE `path` (a tokenizer.json) as llama.cpp's `gpt2` tokenizer. Anything else (another
+    model type, a normalizer, a pre-tokenizer other than ByteLevel with the GPT-2 regex and no
+    prefix space) is refused: llama.cpp would tokenize differently from the model's training."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    pre = obj.get("pre_tokenizer") if isinstance(obj, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(
+            model.get("vocab"), dict):
+        raise CheckpointError(f"{path}: model is not a BPE vocabulary; only byte-level BPE "
+                              f"tokenizers can be exported to llama.cpp")
+    if obj.get("normalizer") is not None or model.get("byte_fallback") or not (
+            isinstance(pre, dict) and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space")):
+        raise CheckpointError(
+            f"{path}: pre_tokenizer {pre!r} (normalizer {obj.get('normalizer')!r}) is not "
+            f"ByteLevel(add_prefix_space=False, use_regex=True) without a normalizer; llama.cpp's "
+            f"'{TOKENIZER_PRE}' pre-tokenizer would split text differently")
+    return _tokenizer_spec(path, obj, model, vocab_size)
+
+
+def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> TokenizerSpec:
+    gguf = _gguf()
+    by_id: dict[int, str] = {}
+    for tok, i in model["vocab"].items():
+        by_id[int(i)] = tok
+    special: set[int] = set()
+    for added in obj.get("added_tokens") or []:
+        by_id[int(added["id"])] = added["content"]
+        if added.get("special"):
+            special.add(int(added["id"]))
+    if by_id and max(by_id) >= vocab_size:
+        raise CheckpointError(f"{path}: token id {max(by_id)} does not fit the model's "
+                              f"vocab_size={vocab_size} (config.json)")
+    tokens, types = [], []
+    for i in range(vocab_size):  # ids the tokenizer never produces: padding rows of the embedding
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+        else:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    cfg_path = path.parent / "tokenizer_config.json"
+    try:
+        tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        tcfg = {}
+    return TokenizerSpec(tokens, types, merges, bool(tcfg.get("add_bos_token", False)),
+                         bool(tcfg.get("add_eos_token", False)))
+
+
+# ---- metadata and writing -----------------------------------------------------------------------
+
+
+@dataclass
+class ModelMeta:
+    """The hyperparameters llama.cpp reads (per-layer lists may all be equal)."""
+
+    name: str
+    context_length: int
+    hidden_size: int
+    ffn_widths: list[int]
+    heads: list[int]
+    kv_heads: list[int]
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    @property
+    def uniform(self) -> bool:
+        return all(len(set(v)) == 1 for v in (self.ffn_widths, self.heads, self.kv_heads))
+
+    @property
+    def arch(self) -> str:
+        return "llama" if self.uniform else "deci"
+
+
+def _scalar_or_list(values: list[int]) -> int | list[int]:
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
+def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> None:
+    """Key/values as convert_hf_to_gguf.py writes them for LlamaForCausalLM (or DeciLM)."""
+    gguf = _gguf()
+    w.add_type("model")
+    w.add_name(meta.name)
+    w.add_block_count(len(meta.ffn_widths))
+    w.add_context_length(meta.context_length)
+    w.add_embedding_length(meta.hidden_size)
+    w.add_feed_forward_length(_scalar_or_list(meta.ffn_widths))
+    w.add_head_count(_scalar_or_list(meta.heads))
+    w.add_head_count_kv(_scalar_or_list(meta.kv_heads))
+    w.add_rope_freq_base(meta.rope_theta)
+    w.add_layer_norm_rms_eps(meta.rms_norm_eps)
+    w.add_key_length(meta.head_dim)
+    w.add_value_length(meta.head_dim)
+    w.add_file_type(file_type(outtype))
+    w.add_vocab_size(meta.vocab_size)
+    w.add_rope_dimension_count(meta.head_dim)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(TOKENIZER_PRE)
+    w.add_token_list(tok.tokens)
+    w.add_token_types(tok.token_types)
+    w.add_token_merges(tok.merges)
+    for key, value in (("bos", meta.bos_token_id), ("eos", meta.eos_token_id),
+                       ("pad", meta.pad_token_id)):
+        if value is not None:
+            getattr(w, f"add_{key}_token_id")(value)
+    w.add_add_bos_token(tok.add_bos)
+    w.add_add_eos_token(tok.add_eos)
+
+
+@dataclass
+class TensorPlan:
+    """One GGUF tensor: its name, logical shape (numpy order) and storage type."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+
+
+def write_gguf(out: str | os.PathLike, meta: ModelMeta, tok: TokenizerSpec, outtype: str,
+               tensors: Sequence[TensorPlan], produce: Callable[[TensorPlan], np.ndarray]) -> int:
+    """Write the GGUF file: metadata, tensor infos, then `produce(t)` (float32 values) for one
+    tensor at a time. Atomic: a temporary file beside `out` is renamed over it when complete.
+    Returns the file size."""
+    gguf = _gguf()
+    target = Path(out)
+    tmp = _temp_beside(target)
+    try:
+        w = gguf.GGUFWriter(tmp, meta.arch)
+        add_metadata(w, meta, tok, outtype)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _byte_count(t.shape, t.qtype),
+                              raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tensors:
+            data = encode(produce(t), t.qtype)
+            w.write_tensor_data(data)
+            del data
+        assert w.fout is not None
+        f = w.fout[0]
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+        w.close()
+        os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return size
+
+
+def _temp_beside(target: Path) -> Path:
+    """A fresh temporary file in the target's folder (so the final rename is atomic), or a
+    CheckpointError naming the path when that folder cannot be written."""
+    if target.is_dir():
+        raise CheckpointError(f"{target}: is a folder; give the .gguf file name to write")
+    folder = target.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except FileNotFoundError:
+        raise CheckpointError(f"{target}: cannot write (folder {folder} does not exist)") from None
+    except OSError as e:
+        raise CheckpointError(f"{target}: cannot write ({e.strerror or e})") from None
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would otherwise survive the rename
+    return Path(name)
+
+
+def _remove_quietly(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
+
+
+def field_value(reader: Any, key: str) -> Any:
+    """A metadata value of a `gguf.GGUFReader` of a written file: scalar, string, or list."""
+    f = reader.fields[key]
+    if not f.types:
+        return None
+    gguf = _gguf()
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return list(f.contents())
+    return f.contents()
