@@ -21,7 +21,7 @@ from matformer import data as D
 from matformer.cli import main as cli_main
 from matformer.io.checkpoint import load_state_dict
 from matformer.model import MatFormerLM
-from matformer.train import (
+from matformer.training import (
     NestedAdamW,
     Objective,
     TrainConfig,
@@ -71,7 +71,7 @@ def initial_model(out: Path, cfg: TrainConfig) -> MatFormerLM:
 
 
 def val_windows(out: Path, cfg: TrainConfig) -> torch.Tensor:
-    return torch.from_numpy(D.eval_windows(D.heldout_tokens(out), cfg.seq_len, cfg.eval_windows))
+    return torch.from_numpy(D.heldout_windows(D.heldout_tokens(out), cfg.seq_len, cfg.eval_windows))
 
 
 def check_saved_config(folder: Path, base: int = 256) -> None:
@@ -283,6 +283,7 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path, corpus, capsys):
     fresh = str(tmp_path / "fresh")
     cases = [
         (["--granularity-probs", "0.5,0.2,0.1,0.1"], fresh, "sum to 1"),
+        (["--tier-probs", "0.5,x"], fresh, "comma-separated numbers"),
         (["--granularity-probs", "0.5,0.5"], fresh, "one probability per tier"),
         (["--tier", "9"], fresh, "tier 9"),
         (["--rank-tiers", "0,1"], fresh, "one tier per rank"),
@@ -305,16 +306,89 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path, corpus, capsys):
     assert not Path(fresh).exists() or not any(Path(fresh).iterdir())
 
 
-def test_cli_defaults_are_trainconfig_defaults():
+# ---- the held-out numbers: training's log and `matformer eval` agree ---------------------------
+
+
+def test_last_logged_val_loss_is_what_eval_reports(tmp_path, corpus, capsys):
+    import matformer
+
+    cfg = tiny(tmp_path, corpus, steps=8, eval_every=4, quiet=False, log_every=1000)
+    matformer.train(cfg)
+    printed = capsys.readouterr().out
+    assert f"held-out evaluation: {cfg.eval_windows} windows x {cfg.seq_len} tokens" in printed
+    records = [json.loads(line) for line in (Path(cfg.out) / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in records if "val_loss" in r][-1]
+    assert last["step"] == cfg.steps
+    for t in (0, 2):
+        rep = matformer.evaluate(cfg.out, uniform_tiers=[t], mix_n_match=False, decode=False,
+                                 speculative=False)
+        assert (rep.windows, rep.seq_len) == (cfg.eval_windows, cfg.seq_len)
+        got = next(r.loss for r in rep.results if r.name == f"tier {t}")
+        assert got == pytest.approx(last["val_loss"][str(t)], abs=1e-5)
+    # the verb, as a user runs it: the same number, and it says which windows it used
+    assert cli_main(["eval", cfg.out, "--tiers", "2", "--json", "--no-mix", "--no-decode",
+                     "--no-speculative"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    got = next(r["loss"] for r in report["results"] if r["name"] == "tier 2")
+    assert got == pytest.approx(last["val_loss"]["2"], abs=1e-5)
+    assert f"{cfg.eval_windows} windows x {cfg.seq_len} tokens" in out.err
+
+
+# ---- settings and flags ------------------------------------------------------------------------
+
+
+def test_every_setting_is_a_flag_with_its_default():
     import argparse
 
     from matformer.commands import train as cmd
 
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
-    ns = vars(p.parse_args([]))
-    defaults = TrainConfig()
-    for k, v in ns.items():
-        if hasattr(defaults, k) and k not in ("rank_tiers", "granularities", "granularity_probs",
-                                              "joint_weights"):
-            assert getattr(defaults, k) == v, k
+    assert cmd.config_from_args(p.parse_args([])) == TrainConfig()
+    flags = {s for a in p._actions for s in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    cfg = cmd.config_from_args(p.parse_args([
+        "--granularities", "1,2", "--granularity-probs", "0.25,0.75", "--rank-tiers", "0,1",
+        "--lr", "1e-3", "--tier", "1", "--max-corpus-bytes", "1000", "--quiet", "--resume"]))
+    assert (cfg.trained_tiers, cfg.tier_probs, cfg.rank_tiers) == ([1, 2], [0.25, 0.75], [0, 1])
+    assert (cfg.lr, cfg.tier, cfg.max_corpus_bytes, cfg.quiet, cfg.resume) == (1e-3, 1, 1000, True, True)
+    assert cmd.config_from_args(p.parse_args(["--resume", "runs/x"])).resume == "runs/x"
+    # train_config.json files written before the rename still read back
+    old = TrainConfig.from_dict({"granularities": [0, 1], "granularity_probs": [0.5, 0.5]})
+    assert (old.trained_tiers, old.tier_probs) == ([0, 1], [0.5, 0.5])
+
+
+# ---- resuming from another SRC -----------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_folder_or_a_hub_id_into_a_new_out(tmp_path, corpus):
+    from fake_hub import FakeHub
+
+    ref = tiny(tmp_path / "a", corpus, steps=6, save_every=3, eval_every=3)
+    train(ref)
+    step3 = Path(ref.out) / "checkpoints" / "step-0000003"
+    fork = dataclasses.replace(ref, out=str(tmp_path / "fork"), resume=str(step3))
+    train(fork)
+    a, b = load_state_dict(ref.out), load_state_dict(fork.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with FakeHub() as hub:
+        hub.add_repo("acme/run-step3", {p.name: p.read_bytes() for p in step3.iterdir()})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1",
+                   HF_HUB_DISABLE_TELEMETRY="1")
+        hubbed = dataclasses.replace(ref, out=str(tmp_path / "hub"))
+        r = subprocess.run([sys.executable, "-m", "matformer.cli", *cli_args(hubbed), "--steps",
+                            "6", "--resume", "acme/run-step3"], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        # a model without its training state is not a resumable checkpoint
+        hub.add_repo("acme/model-only", {p.name: p.read_bytes() for p in step3.iterdir()
+                                         if p.name != "training_state.safetensors"})
+        other = dataclasses.replace(ref, out=str(tmp_path / "other"))
+        r = subprocess.run([sys.executable, "-m", "matformer.cli", *cli_args(other), "--resume",
+                            "acme/model-only"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "holds no training_state.safetensors" in r.stderr, r.stderr
+    c = load_state_dict(hubbed.out)
+    assert all(torch.equal(a[k], c[k]) for k in a)

@@ -1,0 +1,129 @@
+"""The training loop: `train(TrainConfig(...)) -> TrainResult`.
+
+`prepare` builds the run (or restores it from a checkpoint); each step reads this rank's batch,
+runs the step's plan forward and backward, clips, and lets `NestedAdamW` update the prefix some
+rank used; every `log_every` / `eval_every` / `save_every` steps it logs, evaluates the held-out
+windows (rank 0) and writes a checkpoint (rank 0). The final model goes to `out/`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed, state
+from .evaluation import evaluate_tiers, loss_table
+from .objective import forward_backward, step_plan, update_extent
+from .optimizer import lr_at, set_lr
+from .prepare import Run, prepare
+from .report import step_losses
+from .settings import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_val_loss: dict[int, float]
+    """Validation loss of every trained tier at the end (rank 0; empty on other ranks)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per evaluation: {"step", "val_loss": {tier: loss}}."""
+    train_tokens: int = 0
+    tokens_per_second: float = 0.0
+    elapsed_s: float = 0.0
+    table: str = ""
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) a MatFormer as `cfg` says; returns the final per-tier validation losses."""
+    dist = distributed.setup(cfg.device)
+    try:
+        return _loop(prepare(cfg, dist))
+    finally:
+        distributed.teardown(dist)
+
+
+def _loop(run: Run) -> TrainResult:
+    cfg, dist = run.cfg, run.dist
+    run.report.start(run.start)
+    tokens_per_step = dist.world * cfg.batch_size * cfg.seq_len
+    t0, run_tokens, lr = time.time(), 0, lr_at(cfg, max(run.start - 1, 0))
+    run.model.train()
+    for step in range(run.start, cfg.steps):
+        x = run.batch()
+        plan = step_plan(cfg, run.base, step, dist.rank, dist.world)
+        lr = set_lr(run.opt, lr_at(cfg, step))
+        per_tier = forward_backward(run.objective, x, plan)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.opt.step(update_extent(cfg, run.base, step, dist.world))
+        run.opt.zero_grad(set_to_none=True)
+        run.tokens_seen += tokens_per_step
+        run_tokens += tokens_per_step
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            losses = step_losses(plan, per_tier, run.trained, dist)  # a collective: every rank
+            elapsed = time.time() - t0
+            run.report.step(done, cfg.steps, losses, lr, run_tokens / max(elapsed, 1e-9),
+                            elapsed / (done - run.start) * (cfg.steps - done))
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            _evaluate(run, done)
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            _save(run, done, lr)
+    return _finish(run, run_tokens, time.time() - t0)
+
+
+def _evaluate(run: Run, step: int) -> None:
+    if run.dist.main:
+        losses = evaluate_tiers(run.model, run.val_windows, run.trained, run.cfg.batch_size)
+        run.history.append({"step": step, "val_loss": losses})
+        run.report.eval(step, losses)
+
+
+def _save(run: Run, step: int, lr: float) -> None:
+    if run.dist.main:
+        blob = state.state_bytes(run.opt, run.training_state(step, lr))
+        path = state.save_checkpoint(run.out, run.model, state.run_files(run.cfg, run.tok), blob,
+                                     step, run.cfg.keep_checkpoints)
+        run.report.say(f"saved {path}")
+
+
+def _finish(run: Run, run_tokens: int, elapsed: float) -> TrainResult:
+    """Rank 0 writes the final model (with train_summary.json) to out/ and prints the table."""
+    cfg, dist = run.cfg, run.dist
+    tps = run_tokens / max(elapsed, 1e-9)
+    final: dict[int, float] = {}
+    table = ""
+    if dist.main:
+        last = run.history[-1] if run.history else None
+        final = last["val_loss"] if last and last["step"] == cfg.steps else \
+            evaluate_tiers(run.model, run.val_windows, run.trained, cfg.batch_size)
+        table = loss_table(run.model_cfg, final)
+        summary = {"steps": cfg.steps, "final_val_loss": {str(k): v for k, v in final.items()},
+                   "history": state.history_json(run.history), "train_tokens": run.tokens_seen,
+                   "tokens_per_second": tps}
+        state.save_final(run.out, run.model, state.run_files(cfg, run.tok), summary)
+        run.report.say(f"\nfinal model: {run.out}  ({run.tokens_seen:,} training tokens, "
+                       f"{tps:,.0f} tok/s this session)\n{table}")
+        _note_untrained_tail(run)
+    distributed.barrier(dist)
+    return TrainResult(out=run.out, steps=cfg.steps, final_val_loss=final, history=run.history,
+                       train_tokens=run.tokens_seen, tokens_per_second=tps, elapsed_s=elapsed,
+                       table=table)
+
+
+def _note_untrained_tail(run: Run) -> None:
+    """The checkpoint stores full width (config says tier 0, the truth about the tensors); if tier
+    0 was never trained, the neurons past the widest trained tier are untrained: say how to get a
+    checkpoint that runs the trained width by default."""
+    if 0 in run.trained:
+        return
+    t, out = min(run.trained), run.out
+    run.report.say(f"note: only tiers {run.trained} were trained; the stored full width holds "
+                   f"untrained neurons past width {run.base >> t}. Load with tier={t}, or cut a "
+                   f"tier-{t} checkpoint: matformer slice {out} -o {out}-tier{t} --tier {t}")

@@ -1,0 +1,82 @@
+"""What one rank computes at one step: the step's plan and the loss it backpropagates.
+
+Objectives (per optimizer step, on one batch):
+- `sample`: one tier drawn from the rank's trained tiers with `tier_probs` (default uniform);
+- `joint`: every trained tier on the same batch, loss = sum_i w_i * loss_i (`joint_weights`);
+- `single`: one fixed tier (independently trained baselines).
+
+A plan is [(tier, loss weight)]; `step_plan` is a pure function of (seed, step, rank), so every
+rank knows every other rank's plan (`update_extent`) and a resumed run draws the same tiers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model import MatFormerLM
+from .settings import TrainConfig, rank_choices, runtime_tiers
+
+Plan = list[tuple[int, float]]
+
+
+def step_plan(cfg: TrainConfig, base: int, step: int, rank: int, world: int) -> Plan:
+    """[(tier, loss weight)] that `rank` trains at `step`. Stateless (a function of the seed, step
+    and rank), so every rank knows every other rank's plan and a resumed run draws the same."""
+    rt = runtime_tiers(cfg, world)[rank]
+    tiers, ps = rank_choices(cfg, base, rt)
+    if cfg.objective == "sample":
+        rng = np.random.default_rng([cfg.seed, step, rank, 0x5A3])
+        return [(tiers[int(rng.choice(len(tiers), p=np.asarray(ps)))], 1.0)]
+    return list(zip(tiers, ps, strict=False))
+
+
+def update_extent(cfg: TrainConfig, base: int, step: int, world: int) -> int:
+    """FFN prefix width that receives a (possibly) non-zero averaged gradient at `step`: the
+    widest tier any rank trains."""
+    return max(base >> t for r in range(world) for t, _ in step_plan(cfg, base, step, r, world))
+
+
+class Objective(nn.Module):
+    """forward(input_ids (B, T), plan [(tier, weight)]) -> (sum_i w_i * loss_i, losses (len(plan),))"""
+
+    def __init__(self, model: MatFormerLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, plan: Sequence[tuple[int, float]]):
+        total: torch.Tensor | None = None
+        losses = []
+        for tier, w in plan:
+            with self.model.at_width(tier=tier):
+                loss = self.model.loss(input_ids)  # shifted labels; the (B, T, V) logits not copied
+            losses.append(loss.detach())
+            total = loss * w if total is None else total + loss * w
+        assert total is not None
+        return total, torch.stack(losses)
+
+
+def forward_backward(objective: nn.Module, input_ids: torch.Tensor,
+                     plan: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """Accumulate the gradient of sum_i w_i * loss_i into .grad; returns the per-tier
+    losses (len(plan),).
+
+    One forward+backward per tier rather than one backward through a graph holding all of
+    them: the same gradient (up to float summation order), but each width's activations are
+    freed before the next width runs, so `joint` costs no more than its single-width steps. Under
+    DDP every backward but the last runs in `no_sync()`, so each rank all-reduces once per step
+    however many tiers its plan holds (ranks at different runtime tiers may hold
+    different numbers)."""
+    ddp = isinstance(objective, nn.parallel.DistributedDataParallel)
+    losses = []
+    for i, item in enumerate(plan):
+        last = i == len(plan) - 1
+        with objective.no_sync() if ddp and not last else contextlib.nullcontext():
+            loss, per_tier = objective(input_ids, [item])
+            loss.backward()
+        losses.append(per_tier)
+    return torch.cat(losses)

@@ -1,0 +1,238 @@
+"""The settings of a training run: `TrainConfig`, and what they mean (validation, the tiers each
+rank trains, the model they build). Torch-free: `matformer train --help` reads these fields.
+
+Every setting is one field declared with `setting(default, help, ...)`; the CLI generates its
+flag from the field (name, type, default, help), so adding a setting is one edit here.
+
+Vocabulary: `tier` is one uniform tier (width B >> tier); `trained_tiers` are the tiers the
+objectives train (the paper's "granularities"; `--granularities` still works as a flag and the
+key is read from old train_config.json files); a step's `plan` is the list of (tier, weight) one
+rank trains at that step (matformer.training.objective). A *runtime* tier (`tier`, `rank_tiers`)
+limits what a rank can run: it trains only tiers >= its runtime tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import data as D
+from ..config import MatFormerConfig
+from ..errors import CheckpointError, ConfigError, TierError
+from ..tiers import max_tier, width_of
+
+OBJECTIVES = ("sample", "joint", "single")
+
+# Keys older train_config.json files used, mapped to today's field names.
+LEGACY_KEYS = {"granularities": "trained_tiers", "granularity_probs": "tier_probs"}
+
+
+def setting(default: Any, help: str, *, resumable: bool = False, **cli: Any) -> Any:
+    """A TrainConfig field. `help` is the flag's help text; `resumable`: may change when a run is
+    resumed (it does not change the math); `cli`: extra argparse keywords (aliases, metavar,
+    choices, nargs/const)."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, "cli": cli})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (saved as train_config.json in every checkpoint)."""
+
+    out: str = setting("runs/matformer", "output folder: checkpoints/step-*/ during training, the "
+                       "final model in the folder itself", resumable=True)
+    data: str | None = setting(None, "text file, folder of text files (.jsonl: one {\"text\": ...} "
+                               "per line), or a datasets folder saved with save_to_disk (default: "
+                               "the Python standard library's source, offline)")
+    preset: str = setting("tiny", "model size: debug, tiny, small, base, 850m; the vocabulary size "
+                          "comes from the trained tokenizer")
+    steps: int = setting(240, "optimizer steps", resumable=True)
+    objective: str = setting("sample", "sample: one tier per step; joint: every trained tier on "
+                             "the same batch; single: one tier (baselines)", choices=OBJECTIVES)
+    tier: int | None = setting(None, "runtime tier T: a full-width model of which only the first "
+                               "B>>T FFN neurons are used and updated (with --objective single: "
+                               "the tier trained)")
+    rank_tiers: list[int] | None = setting(None, "one runtime tier per torchrun process "
+                                           "(heterogeneous participants; overrides --tier)",
+                                           metavar="T0,T1,...")
+    trained_tiers: list[int] | None = setting(None, "tiers the objectives train (default: 0,1,2,3, "
+                                              "fewer if the base width can't be halved so often)",
+                                              metavar="T,...", aliases=("--granularities",))
+    tier_probs: list[float] | None = setting(None, "sample: probability of each trained tier, "
+                                             "summing to 1 (default: uniform)",
+                                             metavar="P0,P1,...", aliases=("--granularity-probs",))
+    joint_weights: list[float] | None = setting(None, "joint: loss weight of each trained tier "
+                                                "(default: 1 each, the plain sum)",
+                                                metavar="W0,W1,...")
+    batch_size: int = setting(16, "sequences per process per step")
+    seq_len: int = setting(128, "tokens per sequence (training and held-out windows)")
+    lr: float = setting(6e-3, "peak learning rate")
+    min_lr_ratio: float = setting(0.1, "final learning rate of the cosine decay, as a fraction of --lr")
+    warmup_steps: int = setting(20, "linear warm-up steps (at most a tenth of --steps)")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay (matrices and embeddings)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "max global gradient norm, 0 = off")
+    eval_every: int = setting(40, "steps between held-out evaluations of every trained tier",
+                              resumable=True)
+    eval_windows: int = setting(D.HELDOUT_WINDOWS, "held-out windows of --seq-len tokens per "
+                                "evaluation, evenly spaced over the held-out split (matformer "
+                                "eval uses the same ones)", resumable=True)
+    save_every: int = setting(80, "steps between checkpoints", resumable=True)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept", resumable=True)
+    seed: int = setting(0, "seed of the initialisation, data order and tier draws")
+    vocab_size: int = setting(2048, "BPE vocabulary size to train")
+    val_fraction: float = setting(D.DEFAULT_VAL_FRACTION, "held-out fraction of the documents")
+    split_seed: int = setting(D.DEFAULT_SPLIT_SEED, "seed of the held-out split")
+    max_corpus_bytes: int | None = setting(None, "cap on the default corpus (default: 3 MB of "
+                                           "source); user data is not capped")
+    cache_dir: str | None = setting(None, "token cache (default: $MATFORMER_CACHE or "
+                                    "~/.cache/matformer)", resumable=True)
+    resume: bool | str = setting(False, "continue a run from a complete checkpoint: bare, the "
+                                 "newest one in --out; or SRC: a run folder, a step-*/ checkpoint "
+                                 "folder or a file in one", resumable=True,
+                                 nargs="?", const=True, metavar="SRC")
+    device: str = setting("auto", "auto, cpu or cuda", resumable=True)
+    log_every: int = setting(1, "steps between log lines", resumable=True)
+    quiet: bool = setting(False, "no progress output", resumable=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "train_config.json") -> TrainConfig:
+        """Settings read back from a train_config.json (older key names accepted)."""
+        return cls(**normalized(d, source))
+
+
+def normalized(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """A saved settings dict with today's field names; unknown keys are a CheckpointError."""
+    out = {LEGACY_KEYS.get(k, k): v for k, v in d.items()}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(out) - names)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown training setting(s) {unknown} (written by a newer "
+                              f"matformer?)")
+    return out
+
+
+def resumable_settings() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"]}
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
+    mc = MatFormerConfig.from_preset(cfg.preset, vocab_size=vocab_size, bos_token_id=D.BOS_ID,
+                                     eos_token_id=D.EOS_ID, pad_token_id=D.PAD_ID)
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the {cfg.preset!r} preset's "
+                          f"max_position_embeddings={mc.max_position_embeddings}")
+    return mc
+
+
+# ---- which tiers are trained -----------------------------------------------------------------
+
+
+def trained_tiers(cfg: TrainConfig, base: int) -> list[int]:
+    """The tiers the objectives train (before runtime tiers limit a rank to some of them)."""
+    if cfg.trained_tiers is not None:
+        ts = list(cfg.trained_tiers)
+        if not ts or len(set(ts)) != len(ts):
+            raise ConfigError(f"trained_tiers must be distinct tiers, got {ts}")
+        for t in ts:
+            _check_tier(base, t, "trained_tiers")
+        return ts
+    return list(range(min(3, max_tier(base)) + 1))
+
+
+def _check_tier(base: int, t: int, what: str) -> int:
+    try:
+        return width_of(base, t)
+    except TierError as e:
+        raise TierError(f"{what}: {e} (the model's FFN base width is {base})") from None
+
+
+def runtime_tiers(cfg: TrainConfig, world: int) -> list[int]:
+    """The runtime tier of every rank."""
+    if cfg.rank_tiers is not None:
+        if len(cfg.rank_tiers) != world:
+            raise ConfigError(f"rank_tiers has {len(cfg.rank_tiers)} entries ({cfg.rank_tiers}) "
+                              f"but {world} process(es) are running; give one tier per rank")
+        return list(cfg.rank_tiers)
+    return [cfg.tier if cfg.tier is not None else 0] * world
+
+
+def rank_choices(cfg: TrainConfig, base: int, rt: int) -> tuple[list[int], list[float]]:
+    """The tiers a rank at runtime tier `rt` trains, with their probabilities (sample) or loss
+    weights (joint)."""
+    if cfg.objective == "single":
+        return [rt], [1.0]
+    ts = trained_tiers(cfg, base)
+    if cfg.objective == "sample":
+        probs = cfg.tier_probs or [1.0 / len(ts)] * len(ts)
+    else:
+        probs = cfg.joint_weights or [1.0] * len(ts)
+    allowed = [(t, p) for t, p in zip(ts, probs, strict=False) if t >= rt]
+    if not allowed:
+        raise ConfigError(f"runtime tier {rt} leaves none of the trained tiers {ts} to train "
+                          f"(a tier-{rt} participant can only train tiers >= {rt})")
+    tiers, ps = [t for t, _ in allowed], [p for _, p in allowed]
+    if cfg.objective == "sample":
+        total = sum(ps)
+        if total <= 0:
+            raise ConfigError(f"tier_probs give probability 0 to every tier a runtime "
+                              f"tier-{rt} rank can train ({tiers})")
+        ps = [p / total for p in ps]  # renormalised over what this rank can run
+    return tiers, ps
+
+
+def all_trained_tiers(cfg: TrainConfig, base: int, world: int) -> list[int]:
+    """Every tier some rank trains (what evaluation scores), sorted."""
+    return sorted({t for rt in runtime_tiers(cfg, world) for t in rank_choices(cfg, base, rt)[0]})
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:
+    """Raise a ConfigError/TierError naming the setting on bad input (before anything is written)."""
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    for key in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "eval_windows",
+                "keep_checkpoints", "log_every"):
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    for key in ("lr", "eps"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)!r}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise ConfigError(f"beta1/beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0 or cfg.warmup_steps < 0:
+        raise ConfigError("weight_decay, grad_clip and warmup_steps must be non-negative")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if base is None:  # from_preset raises the ConfigError listing the presets
+        base = MatFormerConfig.from_preset(cfg.preset).base
+    _validate_tiers(cfg, base, world)
+
+
+def _validate_tiers(cfg: TrainConfig, base: int, world: int) -> None:
+    ts = trained_tiers(cfg, base)
+    if cfg.tier_probs is not None:
+        ps = list(cfg.tier_probs)
+        if len(ps) != len(ts):
+            raise ConfigError(f"tier_probs has {len(ps)} values {ps} for {len(ts)} trained "
+                              f"tiers ({ts}); give one probability per tier")
+        if any(p < 0 for p in ps) or abs(sum(ps) - 1.0) > 1e-6:
+            raise ConfigError(f"tier_probs {ps} must be non-negative and sum to 1 "
+                              f"(they sum to {sum(ps):g})")
+    if cfg.joint_weights is not None and len(cfg.joint_weights) != len(ts):
+        raise ConfigError(f"joint_weights has {len(cfg.joint_weights)} values for {len(ts)} "
+                          f"trained tiers ({ts})")
+    if cfg.tier is not None:
+        _check_tier(base, cfg.tier, "tier")
+    for t in cfg.rank_tiers or []:
+        _check_tier(base, t, "rank_tiers")
+    for rt in runtime_tiers(cfg, world):
+        rank_choices(cfg, base, rt)

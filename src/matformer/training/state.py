@@ -1,0 +1,233 @@
+"""Checkpoints of a run and resuming from them.
+
+`OUT/checkpoints/step-NNNNNNN/` (written atomically through `save_model`) hold the weights, the
+tokenizer, `train_config.json` and `training_state.safetensors` (optimizer moments, per-neuron
+step counts, RNG state; the step, data position and history as JSON metadata). Only the newest
+`keep_checkpoints` complete ones are kept. Resuming restores all of it: on CPU the result is
+bit-identical to a run that was never interrupted. The final model goes to `OUT` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import data as D
+from ..config import MatFormerConfig
+from ..errors import CheckpointError
+from ..io.checkpoint import load_state_dict, save_model
+from ..io.hub import download
+from ..io.source import resolve_source
+from .optimizer import NestedAdamW
+from .settings import TrainConfig, normalized, resumable_settings
+
+STATE_FILE = "training_state.safetensors"
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "train_summary.json"
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+History = list[dict[str, Any]]
+"""One entry per evaluation: {"step": int, "val_loss": {tier: loss}}."""
+
+
+@dataclass
+class TrainingState:
+    """Where a run is: what `training_state.safetensors` records beside the optimizer tensors."""
+
+    step: int = 0
+    data_position: dict[str, int] = field(default_factory=dict)
+    tokens_seen: int = 0
+    world_size: int = 1
+    lr: float = 0.0
+    history: History = field(default_factory=list)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"step": self.step, "data_position": self.data_position,
+                "tokens_seen": self.tokens_seen, "world_size": self.world_size, "lr": self.lr,
+                "history": history_json(self.history)}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> TrainingState:
+        return cls(step=int(meta["step"]), data_position=meta["data_position"],
+                   tokens_seen=int(meta.get("tokens_seen", 0)),
+                   world_size=int(meta.get("world_size", 1)), lr=float(meta.get("lr", 0.0)),
+                   history=[{"step": h["step"], "val_loss": {int(k): v for k, v in h["val_loss"].items()}}
+                            for h in meta.get("history", [])])
+
+
+def history_json(history: History) -> list[dict[str, Any]]:
+    return [{"step": h["step"], "val_loss": {str(k): v for k, v in h["val_loss"].items()}}
+            for h in history]
+
+
+# ---- finding checkpoints ---------------------------------------------------------------------
+
+
+def checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under out/checkpoints, oldest first. A folder is complete once it has
+    its name (save_model writes into a temporary folder and renames it)."""
+    root = Path(out) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            m = _STEP_DIR.match(entry.name)
+            if m and entry.is_dir() and (entry / STATE_FILE).is_file() and (entry / "config.json").is_file():
+                found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh run, into an unused --out).
+
+    `resume=True`: the newest complete checkpoint in `out`. `resume=SRC`: a run folder (its newest
+    checkpoint), a step-*/ checkpoint folder, or a file inside one; the run continues into `out`,
+    which must then be that run's folder, or unused. A Hub repo id holding a step checkpoint
+    works too."""
+    out = Path(cfg.out)
+    occupied = bool(checkpoints(out)) or (out / "config.json").exists()
+    if cfg.resume is False or cfg.resume is None:
+        if occupied:
+            raise CheckpointError(f"{out}: already holds a training run; pass --resume to continue "
+                                  f"it, or choose another --out (nothing was changed)")
+        return None
+    if cfg.resume is True:
+        ckpt = _local(out)
+    else:
+        ckpt = _locate(Path(str(cfg.resume)))
+    if occupied and out.resolve() not in ckpt.resolve().parents:
+        raise CheckpointError(f"{out}: already holds another training run; resume {ckpt} into "
+                              f"its own run folder or an unused --out (nothing was changed)")
+    return ckpt
+
+
+def _locate(src: Path) -> Path:
+    """The checkpoint folder to resume from: a local folder or file (`_local`), otherwise a Hub
+    repo id, resolved like every verb's SRC (io.source) with the training state fetched too."""
+    if src.exists():
+        return _local(resolve_source(src).folder if src.is_file() else src)
+    source = resolve_source(src, companions=True)
+    if source.repo_id is not None:
+        download(source.repo_id, STATE_FILE, source.revision, missing_ok=True)
+    if not (source.folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{src}: holds no {STATE_FILE} (a model, not a training checkpoint); "
+                              f"only a checkpoint written by matformer train can be resumed")
+    return source.folder
+
+
+def _local(folder: Path) -> Path:
+    """A step-*/ folder holding the training state, or a run folder's newest complete checkpoint."""
+    if (folder / STATE_FILE).is_file():
+        return folder
+    found = checkpoints(folder)
+    if found:
+        return found[-1][1]
+    raise CheckpointError(f"{folder}: no complete checkpoint to resume from (expected "
+                          f"{folder}/checkpoints/step-*/ or a step-*/ folder holding "
+                          f"{STATE_FILE}); run without --resume")
+
+
+# ---- saving ----------------------------------------------------------------------------------
+
+
+def run_files(cfg: TrainConfig, tok: Any) -> dict[str, bytes]:
+    """What every saved folder of a run carries beside the weights: tokenizer and settings."""
+    return {**D.tokenizer_files(tok, cfg.seq_len),
+            CONFIG_FILE: (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()}
+
+
+def state_bytes(opt: NestedAdamW, state: TrainingState) -> bytes:
+    from safetensors.torch import save
+
+    tensors = opt.state_tensors()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return save(tensors, metadata={"format": "pt", "matformer_training": json.dumps(state.to_meta())})
+
+
+def save_checkpoint(out: Path, model: nn.Module, files: dict[str, bytes], state: bytes,
+                    step: int, keep: int) -> Path:
+    """Write step-NNNNNNN/ atomically, then drop all but the newest `keep` checkpoints."""
+    path = save_model(model, out / "checkpoints" / f"step-{step:07d}",
+                      extra_files={**files, STATE_FILE: state})
+    for _, old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_final(out: Path, model: nn.Module, files: dict[str, bytes], summary: dict[str, Any]) -> Path:
+    return save_model(model, out, extra_files={
+        **files, SUMMARY_FILE: (json.dumps(summary, indent=2) + "\n").encode()})
+
+
+# ---- resuming --------------------------------------------------------------------------------
+
+
+def read_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
+    from safetensors import safe_open
+
+    path = ckpt / STATE_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("matformer_training", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: cannot read the training state ({e})") from None
+    if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
+        raise CheckpointError(f"{path}: no training metadata (not written by matformer train?)")
+    return tensors, TrainingState.from_meta(meta)
+
+
+def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world: int,
+                 state: TrainingState) -> None:
+    """A CheckpointError unless this run continues the checkpoint's with the same math."""
+    try:
+        saved = normalized(json.loads((ckpt / CONFIG_FILE).read_text(encoding="utf-8")),
+                           str(ckpt / CONFIG_FILE))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: cannot read ({e})") from None
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in resumable_settings() and saved.get(k) != now[k]]
+    if diff:
+        desc = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in diff[:4])
+        raise CheckpointError(f"{ckpt}: this run's settings differ from the checkpoint's ({desc}); "
+                              f"resume with the same settings, or train into a new --out")
+    if state.step > cfg.steps:
+        # Resuming would write the weights of a longer run as this run's final model.
+        raise CheckpointError(f"{ckpt}: the checkpoint is at step {state.step}, past --steps "
+                              f"{cfg.steps}; resume with --steps {state.step} or more")
+    if state.world_size != world:
+        raise CheckpointError(f"{ckpt}: saved by {state.world_size} process(es), resumed "
+                              f"with {world}; resume with the same number of processes")
+    saved_model = MatFormerConfig.from_json_file(ckpt / "config.json").to_dict()
+    now_model = model_cfg.to_dict()
+    mdiff = [k for k in now_model if saved_model.get(k) != now_model[k]
+             and k not in ("dtype", "torch_dtype")]
+    if mdiff:
+        desc = ", ".join(f"{k}: saved {saved_model.get(k)!r}, now {now_model[k]!r}" for k in mdiff[:4])
+        raise CheckpointError(f"{ckpt}: holds another model ({desc}); resume with the same "
+                              f"--preset, or train into a new --out")
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    sd = load_state_dict(ckpt)
+    model.load_state_dict({k: v.clone() for k, v in sd.items()},
+                          strict=not model.config.tie_word_embeddings)
+
+
+def restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW, sampler: D.WindowSampler,
+            state: TrainingState, device: torch.device) -> None:
+    """Optimizer moments, data position and RNG as the checkpoint left them."""
+    opt.load_state_tensors(tensors, str(ckpt / STATE_FILE))
+    sampler.load_state(state.data_position)
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
