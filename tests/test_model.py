@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM, TierError
-from matformer.shapes import parameter_counts
+from matformer.shapes import expected_shapes, format_count, parameter_counts, parse_count
 
 transformers = pytest.importorskip("transformers")
 
@@ -258,3 +258,25 @@ def test_bfloat16_forward_runs_and_stays_close() -> None:
         out = model(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max().item() < 0.05
+
+
+def test_shapes_and_counts_match_the_model_at_mixed_widths_and_dropped_layers() -> None:
+    # matformer.shapes is torch-free arithmetic; the model is the ground truth it must match.
+    cfg = MatFormerConfig.from_preset("debug", num_hidden_layers=3)
+    mixed = cfg.with_widths([32, 256, 96])  # a tier, the base and a width that is no tier
+    model = MatFormerLM(mixed)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected_shapes(mixed) == shapes
+    counts = parameter_counts(cfg, [32, 256, 96])
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    # Two widths for a three-layer config: a model with a layer dropped.
+    two = MatFormerLM(MatFormerConfig.from_preset("debug", num_hidden_layers=2).with_widths([32, 96]))
+    assert parameter_counts(cfg, [32, 96])["total"] == sum(p.numel() for p in two.parameters())
+    assert list(expected_shapes(cfg, [32, 96])) == list(two.state_dict())
+
+
+def test_format_and_parse_count_round_trip() -> None:
+    assert [format_count(n) for n in (999, 984_375, 1_234_567, 7_500_000_000)] == [
+        "999", "984K", "1.23M", "7.5B"]
+    assert parse_count("984K") == 984_000 and parse_count("1.5B") == 1_500_000_000
+    assert parse_count(12) == 12

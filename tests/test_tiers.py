@@ -8,7 +8,11 @@ from hypothesis import strategies as st
 
 from matformer.errors import TierError
 from matformer.tiers import (
+    check_held,
+    least_slope_plan,
+    least_slope_plans,
     max_tier,
+    mix_n_match_plans,
     parse_int_list,
     resolve_widths,
     runnable_tiers,
@@ -72,3 +76,27 @@ def test_parse_int_list() -> None:
     assert parse_int_list("3, 3,2,1") == [3, 3, 2, 1]
     with pytest.raises(TierError, match="--layer-tiers"):
         parse_int_list("3,a", "--layer-tiers")
+
+
+def test_check_held_is_the_one_stores_needs_error() -> None:
+    check_held(256, [64, 64], [64, 32])  # narrowing is always fine
+    with pytest.raises(TierError, match=r"^this model stores tier 2, width 64; tier 1 needs width "
+                                        r"128 — load the full checkpoint \(base width 256\)$"):
+        check_held(256, [64, 64], [128, 128], tier=1)
+    with pytest.raises(TierError, match="stores width 64 in layer 1; tier 0 \\(layer 1\\) needs width 256"):
+        check_held(256, [256, 64], [256, 256])
+    # An extraction that dropped layer 0: the entry is named as an output layer.
+    with pytest.raises(TierError, match="^the source stores .*tier 1 \\(output layer 0\\) needs "
+                                        "width 128 — slice from it"):
+        check_held(256, [64, 64], [128, 64], holder="the source", remedy="slice from it",
+                   layers=[1, 2])
+
+
+def test_least_slope_plans() -> None:
+    assert least_slope_plan(64, 128, 4, 1) == [64, 64, 64, 128]
+    plans = least_slope_plans([128, 64, 256], 2)  # pairs (64, 128), (128, 256); k = 0..2
+    assert plans == [[64, 64], [64, 128], [128, 128], [128, 128], [128, 256], [256, 256]]
+    with pytest.raises(TierError):
+        least_slope_plan(64, 128, 4, 5)
+    mixes = mix_n_match_plans(1024, 8, [0, 1, 2])
+    assert len(mixes) == 6 and [512] * 6 + [1024] * 2 in mixes
