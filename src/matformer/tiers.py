@@ -156,11 +156,12 @@ def least_slope_plans(widths: Sequence[int], num_layers: int,
             for narrow, wide in zip(ws, ws[1:], strict=False) for k in counts]
 
 
-def mix_n_match_plans(base: int, num_layers: int, tiers: Sequence[int]) -> list[list[int]]:
-    """The Mix'n'Match points evaluated by default: between each pair of neighbouring `tiers`,
-    least-slope plans with the last k layers at the wider tier, k about L/4, L/2 and 3L/4."""
+def mix_n_match_plans(base: int, num_layers: int, uniform_tiers: Sequence[int]) -> list[list[int]]:
+    """The Mix'n'Match points evaluated by default: between each pair of neighbouring
+    `uniform_tiers`, least-slope plans with the last k layers at the wider tier, k about L/4,
+    L/2 and 3L/4."""
     ks = sorted({round(num_layers * f) for f in (0.25, 0.5, 0.75)} - {0, num_layers})
-    return least_slope_plans([width_of(base, t) for t in tiers], num_layers, ks)
+    return least_slope_plans([width_of(base, t) for t in uniform_tiers], num_layers, ks)
 
 
 def parse_int_list(text: str, what: str = "list") -> list[int]:
