@@ -103,7 +103,7 @@ def trained_checkpoint(args) -> Path:
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         print(f"using the model trained earlier in {out}")
         return out
-    from matformer.train import TrainConfig, train
+    from matformer.training import TrainConfig, train
 
     print(f"training the benchmark model (matformer train defaults, {args.train_steps} steps) "
           f"into {out} ...")

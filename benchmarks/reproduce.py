@@ -49,10 +49,10 @@ import torch
 from matformer.tiers import least_slope_plans
 
 TIER_NAMES = {0: "XL", 1: "L", 2: "M", 3: "S"}
-TIERS = (0, 1, 2, 3)  # the library's granularity order: tier 0 = XL (full width) ... tier 3 = S
+TIERS = (0, 1, 2, 3)  # the library's tier order: tier 0 = XL (full width) ... tier 3 = S
 # The paper's Table 6 probabilities, written in its order S, M, L, XL ...
 XL_UPWEIGHTED_SML_XL = (0.17, 0.20, 0.22, 0.41)
-# ... and mapped to the library's order of `granularities=[0, 1, 2, 3]` (XL, L, M, S).
+# ... and mapped to the library's order of `trained_tiers=[0, 1, 2, 3]` (XL, L, M, S).
 XL_UPWEIGHTED_PROBS = tuple(XL_UPWEIGHTED_SML_XL[3 - t] for t in TIERS)  # (0.41, 0.22, 0.20, 0.17)
 MARKER = ".reproduce-runs"  # marks an --out folder as ours, so a re-run may clear it
 
@@ -104,7 +104,7 @@ def run_specs(s: Settings) -> list[dict[str, Any]]:
                   batch_size=s.batch_size, lr=s.lr, min_lr_ratio=0.1, warmup_steps=20,
                   weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0,
                   max_corpus_bytes=s.max_corpus_bytes,
-                  cache_dir=s.cache_dir, granularities=list(TIERS), quiet=True,
+                  cache_dir=s.cache_dir, trained_tiers=list(TIERS), quiet=True,
                   eval_windows=min(8, s.eval_windows))
     for seed in s.seeds:
         for t in TIERS:
@@ -116,7 +116,7 @@ def run_specs(s: Settings) -> list[dict[str, Any]]:
                                                 seed=seed)))
         specs.append(dict(name=f"matlm_xl-seed{seed}", config="matlm_xl", seed=seed, tier=None,
                           train=dict(common, objective="sample", steps=4 * s.baseline_steps, seed=seed,
-                                     granularity_probs=list(XL_UPWEIGHTED_PROBS))))
+                                     tier_probs=list(XL_UPWEIGHTED_PROBS))))
         specs.append(dict(name=f"joint-seed{seed}", config="joint", seed=seed, tier=None,
                           train=dict(common, objective="joint", steps=s.baseline_steps, seed=seed,
                                      joint_weights=[1.0 / len(TIERS)] * len(TIERS))))
@@ -131,7 +131,7 @@ def _train_one(spec: dict[str, Any], out_root: str) -> dict[str, Any]:
     """Worker: one training run, one torch thread (two runs share two cores better than one run
     with two threads, which oversubscribes a busy machine)."""
     torch.set_num_threads(1)
-    from matformer.train import TrainConfig, train
+    from matformer.training import TrainConfig, train
 
     out = Path(out_root) / spec["name"]
     t0 = time.time()
@@ -145,7 +145,7 @@ def _train_one(spec: dict[str, Any], out_root: str) -> dict[str, Any]:
 def _tier_passes(spec: dict[str, Any], base: int) -> dict[int, int]:
     """How many steps trained each tier (the library's own stateless step plan, so the sampled
     runs' realised draws are counted exactly)."""
-    from matformer.train import TrainConfig, step_plan
+    from matformer.training import TrainConfig, step_plan
 
     cfg = TrainConfig(**spec["train"])
     counts = {t: 0 for t in TIERS}
@@ -634,9 +634,9 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     log(f"training done in {train_wall:.0f}s; evaluating")
 
     # The same held-out windows for every model: the held-out split tokenized with the (shared)
-    # tokenizer, the first eval_windows non-overlapping windows.
+    # tokenizer, eval_windows windows evenly spaced over the split (data.heldout_windows).
     val = D.heldout_tokens(specs[0]["out"], cache_dir=s.cache_dir)
-    windows = D.eval_windows(val, s.seq_len, s.eval_windows)
+    windows = D.heldout_windows(val, s.seq_len, s.eval_windows)
     groups = []
     for seed in s.seeds:
         groups.append(dict(config="baseline", seed=seed,
@@ -677,8 +677,8 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
                   "embedding_params": parameter_counts(mcfg)["embedding"]},
         "objectives": {
             "baseline": "single, runtime tier t (only the first B>>t FFN neurons used and updated)",
-            "matlm_uniform": "sample, granularity_probs uniform over tiers 0..3",
-            "matlm_xl": f"sample, granularity_probs {list(XL_UPWEIGHTED_PROBS)} for tiers [0,1,2,3] "
+            "matlm_uniform": "sample, tier_probs uniform over tiers 0..3",
+            "matlm_xl": f"sample, tier_probs {list(XL_UPWEIGHTED_PROBS)} for tiers [0,1,2,3] "
                         f"(= S/M/L/XL {list(XL_UPWEIGHTED_SML_XL)})",
             "joint": "joint, all four tiers per step, loss = mean of the four (weights 0.25), "
                      "baseline_steps steps: equal FLOPs to the four baselines together",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.train import NestedAdamW, Objective, forward_backward
+from matformer.training import NestedAdamW, Objective, forward_backward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
