@@ -16,6 +16,9 @@ identical to the ones its `save_pretrained` writes, so the Hugging Face key map 
 - Both are views of the stored weights: switching width copies nothing, the unused tail gets
   exactly zero gradient, and compute shrinks with the width. The active widths and heads are a
   setting of the model (`set_widths`, `at_width`), not forward arguments.
+- The last block computes only the [CLS] row after its keys and values (the only row the head
+  reads; everything after attention is row-wise, so logits are unchanged): about 1/N of the
+  blocks' compute saved.
 - Dropout is not implemented (ViT's configs default it to 0; a rate in config.json is kept but
   not applied).
 """
@@ -97,17 +100,20 @@ class Attention(nn.Module):
     def stored_heads(self) -> int:
         return self.attention.query.weight.shape[0] // self.hd
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, Q, H): every token attends to all T; `queries` keeps only the
+        first Q query rows (the [CLS] row in the last block), keys and values stay all T."""
         B, T, _ = x.shape
         n = self.heads * self.hd
         full = self.heads == self.stored_heads
         qkv = []
-        for proj in (self.attention.query, self.attention.key, self.attention.value):
+        for proj, inp in zip((self.attention.query, self.attention.key, self.attention.value),
+                             (x if queries is None else x[:, :queries], x, x), strict=True):
             # Rows [:n] of a [G*hd, H] weight: a contiguous view, no copy.
             w, b = (proj.weight, proj.bias) if full else (proj.weight[:n], _head(proj.bias, n))
-            qkv.append(F.linear(x, w, b).view(B, T, self.heads, self.hd).transpose(1, 2))
-        y = F.scaled_dot_product_attention(*qkv, scale=self.hd**-0.5)  # (B, g, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, n)
+            qkv.append(F.linear(inp, w, b).view(B, inp.shape[1], self.heads, self.hd).transpose(1, 2))
+        y = F.scaled_dot_product_attention(*qkv, scale=self.hd**-0.5)  # (B, g, Q, hd)
+        y = y.transpose(1, 2).reshape(B, -1, n)
         w_out = self.output.dense.weight if full else self.output.dense.weight[:, :n]
         return F.linear(y, w_out, self.output.dense.bias)
 
@@ -155,8 +161,10 @@ class Layer(nn.Module):
         h = self.act(F.linear(x, up.weight[:m], up.bias[:m]))  # (B, T, m)
         return F.linear(h, down.weight[:, :m], down.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.layernorm_before(x))
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """(B, T, H) -> (B, T, H), or (B, Q, H): the first `queries` rows only."""
+        h = self.attention(self.layernorm_before(x), queries)
+        x = (x if queries is None else x[:, :queries]) + h
         return x + self.ffn(self.layernorm_after(x))
 
 
@@ -314,9 +322,11 @@ class MatViT(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1:] != (c, s, s):
             raise DataError(f"pixel_values must be (batch, {c}, {s}, {s}); got {tuple(pixel_values.shape)}")
         x = self.vit.embeddings(pixel_values.to(self.classifier.weight.dtype))  # (B, N+1, H)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x)
-        # Only the [CLS] row is read: normalising it alone equals normalising all rows first.
+        # Only the [CLS] row is read from the last block: its other rows are never computed
+        # (every op past the last keys/values is row-wise, so this is exact).
+        x = self.layers[-1](x, queries=1)  # (B, 1, H)
         return self.vit.layernorm(x[:, 0])  # (B, H)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
