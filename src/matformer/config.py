@@ -7,6 +7,10 @@ MatFormer keys (see docs/FORMAT.md, rules from the checkpoint spec §2):
 - `matformer_base_intermediate_size`: the full (tier-0) width B the weights were cut from;
 - `matformer_tier`: tier of the stored tensors (B >> t == stored width), derived from the sizes,
   never from the width the model happens to compute at. None for widths that are no tier.
+- heads (the second elastic axis): `num_key_value_heads` / `num_attention_heads` are the heads
+  stored (an int, or one per layer), `matformer_base_num_key_value_heads` the G they were cut
+  from (always written), `head_dim` is always written (it no longer follows from hidden_size once
+  heads are cut). The query heads per KV head (r) are the same in every layer.
 
 Unknown keys are kept in `extra` and written back unchanged.
 """
@@ -47,6 +51,7 @@ _KNOWN = {
     "initializer_range",
     "matformer_base_intermediate_size",
     "matformer_tier",
+    "matformer_base_num_key_value_heads",
 }
 # Keys that we derive or rewrite on every write (not preserved from `extra`).
 _REWRITTEN = {"model_type", "architectures", "rope_parameters", "dtype", "transformers_version"}
@@ -59,11 +64,13 @@ class MatFormerConfig:
     intermediate_size: int | list[int] = 11008
     """FFN width stored in the weights: one int, or one int per layer (Mix'n'Match)."""
     num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    """Grouped-query attention: None means num_attention_heads (plain multi-head attention)."""
+    num_attention_heads: int | list[int] = 32
+    """Query heads stored: one int, or one per layer (heads cut per layer)."""
+    num_key_value_heads: int | list[int] | None = None
+    """KV heads stored (grouped-query attention): one int or one per layer; None means
+    num_attention_heads (plain multi-head attention)."""
     head_dim: int | None = None
-    """None means hidden_size // num_attention_heads."""
+    """None means hidden_size // num_attention_heads (of an uncut model)."""
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -77,16 +84,21 @@ class MatFormerConfig:
     """Full (tier-0) width B. None: B = the stored width (a dense model is tier 0)."""
     matformer_tier: int | None = None
     """Tier of the stored weights as read from a file; recomputed from the sizes on write."""
+    matformer_base_num_key_value_heads: int | None = None
+    """Full number of KV heads G the heads were cut from. None: G = the stored count."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Unknown config.json keys, kept for the round trip."""
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings"):
+            self.num_key_value_heads = copy.copy(self.num_attention_heads)
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
             _positive_int(key, getattr(self, key))
+        self.num_attention_heads = self._per_layer("num_attention_heads")
+        self.num_key_value_heads = self._per_layer("num_key_value_heads")
         if self.head_dim is None:
+            if not isinstance(self.num_attention_heads, int):
+                raise ConfigError("num_attention_heads is a per-layer list; set head_dim explicitly")
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
@@ -96,11 +108,7 @@ class MatFormerConfig:
         _positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+        self._check_heads()
         if isinstance(self.intermediate_size, (list, tuple)):
             sizes = list(self.intermediate_size)
             if len(sizes) != self.num_hidden_layers:
@@ -136,7 +144,81 @@ class MatFormerConfig:
         if self.torch_dtype not in _DTYPES:
             raise ConfigError(f"torch_dtype={self.torch_dtype!r} is not one of {_DTYPES}")
 
+    def _per_layer(self, key: str) -> int | list[int]:
+        """A head count as stored: an int, or a per-layer list (a uniform list becomes an int, so
+        the config stays loadable by transformers)."""
+        v = getattr(self, key)
+        if isinstance(v, (list, tuple)):
+            vals = list(v)
+            if len(vals) != self.num_hidden_layers:
+                raise ConfigError(f"{key} has {len(vals)} entries but num_hidden_layers="
+                                  f"{self.num_hidden_layers}; a per-layer list needs one per layer")
+            for i, x in enumerate(vals):
+                _positive_int(f"{key}[{i}]", x)
+            return vals[0] if all(x == vals[0] for x in vals) else vals
+        _positive_int(key, v)
+        return v
+
+    def _check_heads(self) -> None:
+        heads, kv = self.layer_heads, self.layer_kv_heads
+        ratios = set()
+        for i, (nh, g) in enumerate(zip(heads, kv, strict=True)):
+            if nh % g:
+                raise ConfigError(f"num_attention_heads={nh} is not divisible by "
+                                  f"num_key_value_heads={g}" + (f" in layer {i}" if
+                                                                 self._varies() else ""))
+            ratios.add(nh // g)
+        if len(ratios) > 1:
+            raise ConfigError(f"num_attention_heads / num_key_value_heads must be the same in every "
+                              f"layer (query heads per KV head), got {sorted(ratios)}")
+        if self.matformer_base_num_key_value_heads is None:
+            self.matformer_base_num_key_value_heads = max(kv)
+        _positive_int("matformer_base_num_key_value_heads", self.matformer_base_num_key_value_heads)
+        for i, g in enumerate(kv):
+            if g > self.matformer_base_num_key_value_heads:
+                raise ConfigError(f"num_key_value_heads of layer {i} is {g}, more than "
+                                  f"matformer_base_num_key_value_heads="
+                                  f"{self.matformer_base_num_key_value_heads}")
+
+    def _varies(self) -> bool:
+        return isinstance(self.num_key_value_heads, list)
+
     # ---- derived -------------------------------------------------------------------------
+
+    @property
+    def layer_kv_heads(self) -> list[int]:
+        """Stored KV heads of each layer."""
+        v = self.num_key_value_heads
+        assert v is not None
+        return list(v) if isinstance(v, list) else [v] * self.num_hidden_layers
+
+    @property
+    def layer_heads(self) -> list[int]:
+        """Stored query heads of each layer."""
+        v = self.num_attention_heads
+        return list(v) if isinstance(v, list) else [v] * self.num_hidden_layers
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (r), the same in every layer."""
+        return self.layer_heads[0] // self.layer_kv_heads[0]
+
+    @property
+    def base_kv_heads(self) -> int:
+        """G: the full number of KV heads (matformer_base_num_key_value_heads)."""
+        assert self.matformer_base_num_key_value_heads is not None
+        return self.matformer_base_num_key_value_heads
+
+    def with_kv_heads(self, kv_heads: int | list[int]) -> MatFormerConfig:
+        """A copy describing the same model storing `kv_heads` KV heads (int or per layer; the
+        query heads follow: r per KV head); same base G and head_dim."""
+        new = copy.deepcopy(self)
+        r = self.group_size
+        new.num_key_value_heads = kv_heads if isinstance(kv_heads, int) else list(kv_heads)
+        new.num_attention_heads = (kv_heads * r if isinstance(kv_heads, int)
+                                   else [g * r for g in kv_heads])
+        new.__post_init__()
+        return new
 
     @property
     def layer_widths(self) -> list[int]:
@@ -240,7 +322,7 @@ class MatFormerConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config.json object. `matformer_tier` is recomputed from the stored sizes."""
         d: dict[str, Any] = dict(self.extra)
-        uniform = isinstance(self.intermediate_size, int)
+        uniform = isinstance(self.intermediate_size, int) and not self._varies()
         d["model_type"] = "llama"
         d["architectures"] = ["LlamaForCausalLM"] if uniform else ["MatFormerForCausalLM"]
         for f in dataclasses.fields(self):

@@ -8,11 +8,17 @@ so the Hugging Face key map is the identity):
   [H, I_i]. Running at width m uses rows [:m] of gate/up and columns [:, :m] of down. These are
   views of the stored weights: switching width copies nothing, the unused tail receives exactly
   zero gradient, and the matmuls shrink with m (compute is proportional to the width).
-- The active width is a setting of the model (`set_widths`, `at_width`), not a forward argument,
-  so a generation loop can't silently drift to another width between calls.
-- A KV cache (`KVCache`, preallocated, gpt-fast style) for incremental decoding; `crop()` rolls
-  back positions, which speculative decoding uses to let the verifier overwrite the draft's
-  entries in the same cache.
+- Nested attention heads (the second elastic axis): layer i stores G_i KV heads and r query
+  heads per KV head. Running at g KV heads uses rows [:g*r*hd] of q_proj, rows [:g*hd] of
+  k_proj/v_proj and columns [:, :g*r*hd] of o_proj: the first g KV groups, again as views (no
+  copy, zero gradient on the rest, attention compute and KV cache proportional to g).
+- The active setting (FFN widths and KV heads) is a setting of the model (`set_widths`,
+  `at_width`), not a forward argument, so a generation loop can't silently drift to another
+  width between calls. One call sets both axes; an axis not named goes back to what is stored.
+- A KV cache (`KVCache`, preallocated, gpt-fast style) for incremental decoding, per layer at a
+  given KV head count (`new_cache` allocates the active heads: memory proportional to g); a
+  forward uses the first g heads of it. `crop()` rolls back positions, which speculative decoding
+  uses to let the verifier overwrite the draft's entries in the same cache.
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ from torch import nn
 from .config import MatFormerConfig
 from .errors import TierError
 from .shapes import parameter_counts
-from .tiers import check_held, resolve_widths, uniform_tier
+from .tiers import (
+    check_heads_held,
+    check_held,
+    resolve_kv_heads,
+    resolve_widths,
+    uniform_kv_heads,
+    uniform_tier,
+)
 
 
 class RMSNorm(nn.Module):
@@ -73,25 +86,38 @@ class Rotary:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each.
+    """Preallocated keys/values for every layer: (B, heads_i, max_len, hd) each, heads_i the KV
+    heads allocated for layer i (default: every stored head). A forward at g <= heads_i KV heads
+    reads and writes heads [:g].
 
     `length` is the number of valid positions. A forward with a cache writes its keys at
     [length, length+T) and then advances `length`; `crop(n)` forgets everything from n on.
     """
 
     def __init__(self, config: MatFormerConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 kv_heads: Sequence[int] | None = None) -> None:
         if max_len > config.max_position_embeddings:
             raise TierError(
                 f"KV cache of {max_len} positions exceeds max_position_embeddings="
                 f"{config.max_position_embeddings}"
             )
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        heads = config.layer_kv_heads if kv_heads is None else list(kv_heads)
+        if len(heads) != config.num_hidden_layers:
+            raise TierError(f"KV cache: got {len(heads)} per-layer head counts for "
+                            f"{config.num_hidden_layers} layers")
         dtype = dtype or config.dtype
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.zeros((batch_size, g, max_len, config.head_dim), device=device, dtype=dtype)
+                  for g in heads]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.kv_heads = heads
         self.max_len = max_len
         self.length = 0
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one position of one sequence takes (keys and values, every layer)."""
+        return sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k in self.k)
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
@@ -103,24 +129,46 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """GQA self-attention whose first `kv_heads` KV groups form the smaller model's attention."""
+
     def __init__(self, config: MatFormerConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head = config.num_attention_heads
-        self.n_kv = config.num_key_value_heads
+        self.group = config.group_size  # query heads per KV head (r)
         self.hd = config.head_dim
+        stored = config.layer_kv_heads[layer_idx]
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_head * self.hd, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.hd, h, bias=False)
+        self.q_proj = nn.Linear(h, stored * self.group * self.hd, bias=False)
+        self.k_proj = nn.Linear(h, stored * self.hd, bias=False)
+        self.v_proj = nn.Linear(h, stored * self.hd, bias=False)
+        self.o_proj = nn.Linear(stored * self.group * self.hd, h, bias=False)
+        self.kv_heads = stored
+        """Active KV heads g (the first g KV groups run)."""
+
+    @property
+    def stored_kv_heads(self) -> int:
+        return self.k_proj.weight.shape[0] // self.hd
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        """q, k, v, o weights of the active heads: the stored tensors or prefix views of them
+        (rows of q/k/v are contiguous; columns of o a strided view read with the stored stride)."""
+        g = self.kv_heads
+        wq, wk, wv, wo = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                          self.o_proj.weight)
+        if g == self.stored_kv_heads:
+            return wq, wk, wv, wo
+        q_rows, kv_rows = g * self.group * self.hd, g * self.hd
+        return wq[:q_rows], wk[:kv_rows], wv[:kv_rows], wo[:, :q_rows]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        g = self.kv_heads
+        nh = g * self.group
+        wq, wk, wv, wo = self._weights()
+        q = F.linear(x, wq).view(B, T, nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = F.linear(x, wk).view(B, T, g, self.hd).transpose(1, 2)  # (B, g, T, hd)
+        v = F.linear(x, wv).view(B, T, g, self.hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -130,10 +178,15 @@ class Attention(nn.Module):
             end = start + T
             if end > cache.max_len:
                 raise TierError(f"KV cache holds {cache.max_len} positions; this call needs {end}")
-            cache.k[self.layer_idx][:, :, start:end] = k
-            cache.v[self.layer_idx][:, :, start:end] = v
-            k = cache.k[self.layer_idx][:, :, :end]
-            v = cache.v[self.layer_idx][:, :, :end]
+            ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            if g > ck.shape[1]:
+                raise TierError(f"KV cache holds {ck.shape[1]} KV heads in layer "
+                                f"{self.layer_idx}; this model runs {g} (allocate the cache "
+                                f"at the heads it will run: new_cache(..., kv_heads=...))")
+            ck[:, :g, start:end] = k
+            cv[:, :g, start:end] = v
+            k = ck[:, :g, :end]
+            v = cv[:, :g, :end]
             if start > 0 and T > 1:
                 # Query i sits at absolute position start+i and sees keys 0..start+i.
                 q_pos = torch.arange(start, end, device=x.device)[:, None]
@@ -143,9 +196,9 @@ class Attention(nn.Module):
                 is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.hd**-0.5,
-            enable_gqa=self.n_kv != self.n_head,
+            enable_gqa=self.group != 1,
         )  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        return F.linear(y.transpose(1, 2).reshape(B, T, nh * self.hd), wo)
 
 
 class NestedMLP(nn.Module):
@@ -248,6 +301,26 @@ class MatFormerLM(nn.Module):
         """Uniform tier the model currently computes at, or None for a Mix'n'Match setting."""
         return uniform_tier(self.base_width, self.widths)
 
+    @property
+    def stored_kv_heads(self) -> list[int]:
+        """KV heads each layer stores."""
+        return [layer.self_attn.stored_kv_heads for layer in self.model.layers]
+
+    @property
+    def layer_kv_heads(self) -> list[int]:
+        """Active KV heads of each layer."""
+        return [layer.self_attn.kv_heads for layer in self.model.layers]
+
+    @property
+    def kv_heads(self) -> int | None:
+        """KV heads every layer currently runs, or None when the layers differ."""
+        return uniform_kv_heads(self.layer_kv_heads)
+
+    @property
+    def setting(self) -> dict[str, list[int]]:
+        """The active setting as `set_widths` keywords (restores it exactly)."""
+        return {"widths": self.widths, "layer_kv_heads": self.layer_kv_heads}
+
     def resolve_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                        widths: int | Sequence[int] | None = None) -> list[int]:
         """Validated per-layer widths for a request (no argument: the stored widths); tiers are
@@ -259,24 +332,43 @@ class MatFormerLM(nn.Module):
         check_held(self.base_width, self.stored_widths, ws, tier=tier)
         return ws
 
+    def resolve_kv_heads(self, *, kv_heads: int | None = None,
+                         layer_kv_heads: Sequence[int] | None = None) -> list[int]:
+        """Validated per-layer KV heads for a request (no argument: the stored heads). More heads
+        than a layer stores is a TierError."""
+        if kv_heads is None and layer_kv_heads is None:
+            return self.stored_kv_heads
+        hl = resolve_kv_heads(self.config.base_kv_heads, len(self.model.layers),
+                              kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+        check_heads_held(self.stored_kv_heads, hl, uniform=kv_heads)
+        return hl
+
     def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                   widths: int | Sequence[int] | None = None) -> MatFormerLM:
-        """Set the active width of every FFN (no argument: back to the stored widths)."""
+                   widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
+                   layer_kv_heads: Sequence[int] | None = None) -> MatFormerLM:
+        """Set the active FFN width (`tier`/`layer_tiers`/`widths`) and KV heads (`kv_heads`/
+        `layer_kv_heads`) of every layer. An axis not named goes back to what is stored (no
+        argument: the stored model)."""
         ws = self.resolve_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
-        for layer, w in zip(self.model.layers, ws, strict=True):
+        hl = self.resolve_kv_heads(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+        for layer, w, g in zip(self.model.layers, ws, hl, strict=True):
             layer.mlp.width = w
+            layer.self_attn.kv_heads = g
         return self
 
     @contextlib.contextmanager
     def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                 widths: int | Sequence[int] | None = None) -> Iterator[MatFormerLM]:
-        """Run at another width inside a `with` block; the previous setting is restored after."""
-        previous = self.widths
-        self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
+                 widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
+                 layer_kv_heads: Sequence[int] | None = None) -> Iterator[MatFormerLM]:
+        """Run at another setting inside a `with` block (as `set_widths`); the previous setting
+        (widths and heads) is restored after."""
+        previous = self.setting
+        self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
+                        layer_kv_heads=layer_kv_heads)
         try:
             yield self
         finally:
-            self.set_widths(widths=previous)
+            self.set_widths(**previous)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -302,16 +394,23 @@ class MatFormerLM(nn.Module):
         logits = self(input_ids)
         return lm_loss(logits, input_ids if labels is None else labels)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int,
+                  kv_heads: Sequence[int] | None = None) -> KVCache:
+        """A KV cache for `batch_size` sequences of up to `max_len` positions, holding per layer
+        `kv_heads` heads (default: the active heads, so memory is proportional to them)."""
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        heads = self.layer_kv_heads if kv_heads is None else list(kv_heads)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype,
+                       kv_heads=heads)
 
     # ---- sizes -----------------------------------------------------------------------------
 
-    def num_parameters_at(self, widths: Sequence[int] | None = None) -> dict[str, int]:
-        """Parameter counts (see `matformer.shapes.parameter_counts`) at `widths`, default the
-        active widths."""
-        return parameter_counts(self.config, self.widths if widths is None else list(widths))
+    def num_parameters_at(self, widths: Sequence[int] | None = None,
+                          kv_heads: Sequence[int] | None = None) -> dict[str, int]:
+        """Parameter counts (see `matformer.shapes.parameter_counts`) at `widths` and per-layer
+        `kv_heads`, default the active setting."""
+        return parameter_counts(self.config, self.widths if widths is None else list(widths),
+                                self.layer_kv_heads if kv_heads is None else list(kv_heads))
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Architecture arithmetic of a `MatFormerConfig`, without torch: the tensors a checkpoint holds
-(transformers' Llama names and shapes) and the parameter counts at any per-layer widths.
+(transformers' Llama names and shapes) and the parameter counts at any per-layer widths and
+KV head counts (the two elastic axes), and the KV-cache bytes per token at any head counts.
 
 The model, the checkpoint validator, the slicer, training and evaluation all count from here, so
 "how many parameters at these widths" and "what shape is this tensor" have one answer.
@@ -22,11 +23,26 @@ def _widths(config: MatFormerConfig, widths: Sequence[int] | None) -> list[int]:
     return config.layer_widths if widths is None else [int(w) for w in widths]
 
 
-def layer_shapes(config: MatFormerConfig, index: int, width: int) -> dict[str, tuple[int, ...]]:
-    """Tensors of decoder layer `index` storing FFN `width`, by full name."""
+def _kv_heads(config: MatFormerConfig, n: int, kv_heads: Sequence[int] | None) -> list[int]:
+    """Per-layer KV heads for `n` layers: as given, else the stored ones (of the first n layers
+    when layers are dropped)."""
+    if kv_heads is not None:
+        hl = [int(g) for g in kv_heads]
+        if len(hl) != n:
+            raise ConfigError(f"got {len(hl)} per-layer KV head counts for {n} layers")
+        return hl
+    return config.layer_kv_heads[:n]
+
+
+def layer_shapes(config: MatFormerConfig, index: int, width: int,
+                 kv_heads: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Tensors of decoder layer `index` storing FFN `width` and `kv_heads` KV heads (default: the
+    heads config stores in that layer), by full name. Heads nest by KV group: g KV heads keep
+    g * r query heads (r = config.group_size)."""
     h, hd = config.hidden_size, config.head_dim
-    nh, nkv = config.num_attention_heads, config.num_key_value_heads
-    assert hd is not None and nkv is not None  # set by MatFormerConfig.__post_init__
+    assert hd is not None  # set by MatFormerConfig.__post_init__
+    nkv = config.layer_kv_heads[index] if kv_heads is None else kv_heads
+    nh = nkv * config.group_size
     pre = f"model.layers.{index}."
     return {
         pre + "self_attn.q_proj.weight": (nh * hd, h),
@@ -41,15 +57,18 @@ def layer_shapes(config: MatFormerConfig, index: int, width: int) -> dict[str, t
     }
 
 
-def expected_shapes(config: MatFormerConfig,
-                    widths: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: MatFormerConfig, widths: Sequence[int] | None = None,
+                    kv_heads: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint of `config` and its shape, in the model's order. `widths`
-    (default: the stored widths) gives one FFN width per layer; fewer widths than the config has
-    layers describe a model with layers dropped (numbered 0..len(widths)-1)."""
+    (default: the stored widths) gives one FFN width per layer, `kv_heads` (default: the stored
+    heads) one KV head count per layer; fewer widths than the config has layers describe a model
+    with layers dropped (numbered 0..len(widths)-1)."""
     h, v = config.hidden_size, config.vocab_size
+    ws = _widths(config, widths)
+    hl = _kv_heads(config, len(ws), kv_heads)
     out: dict[str, tuple[int, ...]] = {EMBEDDING: (v, h)}
-    for i, w in enumerate(_widths(config, widths)):
-        out.update(layer_shapes(config, i, w))
+    for i, (w, g) in enumerate(zip(ws, hl, strict=True)):
+        out.update(layer_shapes(config, i, w, g))
     out["model.norm.weight"] = (h,)
     if not config.tie_word_embeddings:
         out[LM_HEAD] = (v, h)
@@ -63,20 +82,32 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def parameter_counts(config: MatFormerConfig, widths: Sequence[int] | None = None) -> dict[str, int]:
-    """Parameters of the model running (or storing) per-layer `widths` (default: the stored
-    widths; fewer widths than layers: layers dropped), split into embedding (token embedding +
-    an untied lm_head) and non-embedding (everything else). A tied lm_head is counted once."""
+def parameter_counts(config: MatFormerConfig, widths: Sequence[int] | None = None,
+                     kv_heads: Sequence[int] | None = None) -> dict[str, int]:
+    """Parameters of the model running (or storing) per-layer `widths` and `kv_heads` (default:
+    the stored ones; fewer widths than layers: layers dropped), split into embedding (token
+    embedding + an untied lm_head) and non-embedding (everything else). A tied lm_head is
+    counted once."""
     counts = {"embedding": 0, "non_embedding": 0}
-    for name, shape in expected_shapes(config, widths).items():
+    for name, shape in expected_shapes(config, widths, kv_heads).items():
         counts["embedding" if name in (EMBEDDING, LM_HEAD) else "non_embedding"] += _numel(shape)
     counts["total"] = counts["embedding"] + counts["non_embedding"]
     return counts
 
 
-def non_embedding_parameters(config: MatFormerConfig, widths: Sequence[int] | None = None) -> int:
-    """The paper's size measure: non-embedding parameters at per-layer `widths`."""
-    return parameter_counts(config, widths)["non_embedding"]
+def non_embedding_parameters(config: MatFormerConfig, widths: Sequence[int] | None = None,
+                             kv_heads: Sequence[int] | None = None) -> int:
+    """The paper's size measure: non-embedding parameters at per-layer `widths` and `kv_heads`."""
+    return parameter_counts(config, widths, kv_heads)["non_embedding"]
+
+
+def kv_cache_bytes_per_token(config: MatFormerConfig, kv_heads: Sequence[int] | None = None,
+                             itemsize: int = 4) -> int:
+    """Bytes of KV cache one token of one sequence takes at per-layer `kv_heads` (default: the
+    stored heads): keys and values, every layer, `itemsize` bytes per element."""
+    hl = _kv_heads(config, config.num_hidden_layers, kv_heads)
+    assert config.head_dim is not None
+    return 2 * sum(hl) * config.head_dim * itemsize
 
 
 def format_count(n: float) -> str:

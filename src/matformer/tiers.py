@@ -9,7 +9,9 @@ tier per layer; `widths` is one FFN width per layer (a "width plan"); several of
 `plans` (a list of width plans) or `uniform_tiers` (a list of uniform tiers).
 
 Also here: which tiers a stored model can run (`runnable_tiers`), the one "stores X, needs width
-Y" error (`check_held`), and the paper's least-slope Mix'n'Match plans.
+Y" error (`check_held`), the paper's least-slope Mix'n'Match plans, and the same arithmetic for
+the second elastic axis, attention heads (`kv_heads` uniform, `layer_kv_heads` per layer; see
+the heads section at the end).
 """
 
 from __future__ import annotations
@@ -178,3 +180,90 @@ def describe_widths(base: int, widths: Sequence[int]) -> str:
     if t is not None:
         return f"tier {t} (width {widths[0]})"
     return "mix[" + ",".join(str(w) for w in widths) + "]"
+
+
+# ---- attention heads: the second elastic axis ---------------------------------------------------
+#
+# Heads nest by KV group: keeping g of the G stored KV heads keeps those KV heads and the r query
+# heads that read each of them (r = num_attention_heads / num_key_value_heads, fixed). Any
+# 1 <= g <= stored heads is runnable (the weights of g heads are a prefix of the stored ones);
+# the *granularities* training targets and evaluation reports by default are G, G/2, G/4, ...
+# (halving while exact) and then 1: for G=8: 8,4,2,1; G=6: 6,3,1; G=5: 5,1.
+
+
+def head_granularities(base_kv_heads: int) -> list[int]:
+    """The KV head counts a model of `base_kv_heads` (G) nests by default: G, G/2, ... (while the
+    halving is exact), then 1; widest first."""
+    if isinstance(base_kv_heads, bool) or not isinstance(base_kv_heads, int) or base_kv_heads <= 0:
+        raise TierError(f"base KV head count must be a positive integer, got {base_kv_heads!r}")
+    out = [base_kv_heads]
+    while out[-1] % 2 == 0:
+        out.append(out[-1] // 2)
+    if out[-1] != 1:
+        out.append(1)
+    return out
+
+
+def runnable_kv_heads(base_kv_heads: int, stored: int | Sequence[int]) -> list[int]:
+    """Head granularities a model storing `stored` KV heads (per layer) can run: those held by
+    every layer, widest first."""
+    smallest = stored if isinstance(stored, int) else min(stored)
+    return [g for g in head_granularities(base_kv_heads) if g <= smallest]
+
+
+def resolve_kv_heads(base_kv_heads: int, num_layers: int, *, kv_heads: int | None = None,
+                     layer_kv_heads: Sequence[int] | None = None) -> list[int]:
+    """Turn one of `kv_heads` (every layer) or `layer_kv_heads` (one per layer) into a validated
+    per-layer list of KV head counts, each in 1..`base_kv_heads`."""
+    if kv_heads is not None and layer_kv_heads is not None:
+        raise TierError("give kv_heads or layer_kv_heads, not both")
+    if kv_heads is None and layer_kv_heads is None:
+        raise TierError("give kv_heads or layer_kv_heads")
+    if kv_heads is not None:
+        hl = [kv_heads] * num_layers
+    else:
+        hl = list(layer_kv_heads)  # type: ignore[arg-type]
+        if len(hl) != num_layers:
+            raise TierError(f"got {len(hl)} per-layer KV head counts for a model of {num_layers} "
+                            f"layers")
+    for i, g in enumerate(hl):
+        if isinstance(g, bool) or not isinstance(g, int) or not 0 < g <= base_kv_heads:
+            raise TierError(f"KV head count {g!r} of layer {i} is outside 1..{base_kv_heads} (the "
+                            f"base number of KV heads)")
+    return hl
+
+
+def check_heads_held(
+    stored: Sequence[int],
+    kv_heads: Sequence[int],
+    *,
+    holder: str = "this model",
+    remedy: str = "load the full checkpoint",
+    uniform: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> None:
+    """The heads twin of `check_held`: a `TierError` when a layer is asked to run more KV heads
+    than it stores (runtime slicing only drops heads). `uniform`: the kv_heads asked for, if one
+    count for every layer; `layers`: the stored layer each entry is cut from (see check_held)."""
+    for j, (g, s) in enumerate(zip(kv_heads, stored, strict=True)):
+        if g <= s:
+            continue
+        i = j if layers is None else layers[j]
+        held = (f"{s} KV heads" if all(x == s for x in stored)
+                else f"{s} KV heads in layer {i}")
+        want = (f"kv_heads {uniform}" if uniform is not None and layers is None
+                else f"{g} KV heads in {'layer' if layers is None else 'output layer'} "
+                     f"{i if layers is None else j}")
+        raise TierError(f"{holder} stores {held}; {want} needs {g} — {remedy}")
+
+
+def uniform_kv_heads(kv_heads: Sequence[int]) -> int | None:
+    """The common KV head count of every layer, or None when the layers differ."""
+    hl = list(kv_heads)
+    return hl[0] if hl and all(g == hl[0] for g in hl) else None
+
+
+def describe_heads(kv_heads: Sequence[int]) -> str:
+    """'2 KV heads' or 'kv[4,4,2,2]'."""
+    g = uniform_kv_heads(kv_heads)
+    return f"{g} KV heads" if g is not None else "kv[" + ",".join(str(h) for h in kv_heads) + "]"
