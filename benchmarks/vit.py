@@ -139,10 +139,10 @@ def bench_runtime_settings(cfg: MatViTConfig, batch: int, repeats: int) -> list[
     full = MatViT(cfg)
     x = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size)
     y = torch.randint(0, cfg.num_labels or 1, (batch,))
-    settings = [(t, None) for t in range(4)] + [(0, max(1, cfg.base_heads // 2)), (2, max(1, cfg.base_heads // 2))]
+    settings = [(t, None) for t in range(4)] + [(0, max(1, cfg.base_kv_heads // 2)), (2, max(1, cfg.base_kv_heads // 2))]
     rows = []
     for tier, heads in settings:
-        m, g = cfg.base >> tier, heads or cfg.base_heads
+        m, g = cfg.base >> tier, heads or cfg.base_kv_heads
         built = MatViT(cfg.with_widths(m, g))
         built.load_state_dict(_sliced(full.state_dict(), cfg.head_dim or 0, m, g))
         full.set_widths(tier=tier, kv_heads=heads)
@@ -182,7 +182,7 @@ def main() -> None:
                            hidden_size=args.hidden, num_hidden_layers=args.layers,
                            num_attention_heads=args.heads, intermediate_size=args.ffn, num_labels=10)
     print(f"MatViT {cfg.image_size}px/{cfg.patch_size} ({cfg.num_patches + 1} tokens), hidden "
-          f"{cfg.hidden_size}, FFN {cfg.base}, {cfg.num_hidden_layers} layers, {cfg.base_heads} heads; "
+          f"{cfg.hidden_size}, FFN {cfg.base}, {cfg.num_hidden_layers} layers, {cfg.base_kv_heads} heads; "
           f"batch {args.batch}, float32, {torch.get_num_threads()} threads, median of {args.repeats}")
     a = bench_vs_transformers(cfg, args.batch, args.repeats)
     print("\n| training step (fwd+bwd+AdamW) | ms | images/s |")

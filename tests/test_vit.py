@@ -102,7 +102,7 @@ def test_uniform_cut_is_a_transformers_vit_equal_to_the_runtime_setting(tmp_path
     at that size: its logits equal ours running at that setting through views."""
     model = _random_model(1)
     cfg = model.config
-    m, g = cfg.base >> tier, kv_heads or cfg.base_heads
+    m, g = cfg.base >> tier, kv_heads or cfg.base_kv_heads
     small_cfg = cfg.with_widths(m, g)
     assert small_cfg.matformer_tier == tier and small_cfg.to_dict()["architectures"] == ["ViTForImageClassification"]
     L = cfg.num_hidden_layers
@@ -150,14 +150,14 @@ def test_mix_n_match_equals_a_model_storing_those_widths() -> None:
     small.load_state_dict(_cut(model.state_dict(), cfg.head_dim, widths, heads))
     x = _pixels(cfg)
     with torch.no_grad(), model.at_width(widths=widths, layer_kv_heads=heads):
-        assert model.widths == widths and model.heads == heads and model.tier is None
+        assert model.widths == widths and model.layer_kv_heads == heads and model.tier is None
         a = model(x)
     with torch.no_grad():
         b = small(x)
     assert (a - b).abs().max().item() <= 1e-5
-    assert model.widths == [cfg.base] * 2 and model.heads == [4, 4]  # at_width restored the setting
+    assert model.widths == [cfg.base] * 2 and model.layer_kv_heads == [4, 4]  # at_width restored the setting
     # The small model runs its own stored setting, and refuses more than it stores.
-    assert small.widths == widths and small.heads == heads
+    assert small.widths == widths and small.layer_kv_heads == heads
     with pytest.raises(TierError, match="needs width"):
         small.set_widths(tier=1)
     with pytest.raises(TierError, match="stores 2 heads in layer 1"):
@@ -176,7 +176,7 @@ def test_bad_width_requests_are_clear_errors() -> None:
         model.set_widths(tier=1, widths=64)
     with pytest.raises(DataError, match=r"\(batch, 1, 8, 8\)"):
         model(torch.zeros(2, 3, 8, 8))
-    assert model.widths == [128, 128] and model.heads == [4, 4]  # a failed request changes nothing
+    assert model.widths == [128, 128] and model.layer_kv_heads == [4, 4]  # a failed request changes nothing
 
 
 def test_parameter_counts_and_shapes_match_the_modules() -> None:

@@ -94,24 +94,26 @@ class Attention(nn.Module):
         self.attention = SelfAttention(config, heads)
         self.output = SelfOutput(config, heads)
         self.hd = config.head_dim
-        self.heads = heads
+        self.kv_heads = heads
+        """Active heads g (the first g run; ViT attention is multi-head: its KV heads are its heads)."""
 
     @property
-    def stored_heads(self) -> int:
+    def stored_kv_heads(self) -> int:
         return self.attention.query.weight.shape[0] // self.hd
 
     def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
         """x (B, T, H) -> (B, Q, H): every token attends to all T; `queries` keeps only the
         first Q query rows (the [CLS] row in the last block), keys and values stay all T."""
         B, T, _ = x.shape
-        n = self.heads * self.hd
-        full = self.heads == self.stored_heads
+        g = self.kv_heads
+        n = g * self.hd
+        full = g == self.stored_kv_heads
         qkv = []
         for proj, inp in zip((self.attention.query, self.attention.key, self.attention.value),
                              (x if queries is None else x[:, :queries], x, x), strict=True):
             # Rows [:n] of a [G*hd, H] weight: a contiguous view, no copy.
             w, b = (proj.weight, proj.bias) if full else (proj.weight[:n], _head(proj.bias, n))
-            qkv.append(F.linear(inp, w, b).view(B, inp.shape[1], self.heads, self.hd).transpose(1, 2))
+            qkv.append(F.linear(inp, w, b).view(B, inp.shape[1], g, self.hd).transpose(1, 2))
         y = F.scaled_dot_product_attention(*qkv, scale=self.hd**-0.5)  # (B, g, Q, hd)
         y = y.transpose(1, 2).reshape(B, -1, n)
         w_out = self.output.dense.weight if full else self.output.dense.weight[:, :n]
@@ -172,7 +174,7 @@ class Encoder(nn.Module):
     def __init__(self, config: MatViTConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(
-            Layer(config, w, g) for w, g in zip(config.layer_widths, config.layer_heads, strict=True)
+            Layer(config, w, g) for w, g in zip(config.layer_widths, config.layer_kv_heads, strict=True)
         )
 
 
@@ -230,16 +232,16 @@ class MatViT(nn.Module):
         return self.config.base
 
     @property
-    def base_heads(self) -> int:
-        return self.config.base_heads
+    def base_kv_heads(self) -> int:
+        return self.config.base_kv_heads
 
     @property
     def stored_widths(self) -> list[int]:
         return [layer.stored_width for layer in self.layers]
 
     @property
-    def stored_heads(self) -> list[int]:
-        return [layer.attention.stored_heads for layer in self.layers]
+    def stored_kv_heads(self) -> list[int]:
+        return [layer.attention.stored_kv_heads for layer in self.layers]
 
     @property
     def widths(self) -> list[int]:
@@ -247,9 +249,20 @@ class MatViT(nn.Module):
         return [layer.width for layer in self.layers]
 
     @property
-    def heads(self) -> list[int]:
-        """Active attention heads of each layer."""
-        return [layer.attention.heads for layer in self.layers]
+    def layer_kv_heads(self) -> list[int]:
+        """Active heads of each layer."""
+        return [layer.attention.kv_heads for layer in self.layers]
+
+    @property
+    def kv_heads(self) -> int | None:
+        """Heads every layer currently runs, or None when the layers differ."""
+        hl = self.layer_kv_heads
+        return hl[0] if all(g == hl[0] for g in hl) else None
+
+    @property
+    def setting(self) -> dict[str, list[int]]:
+        """The active setting as `set_widths` keywords (restores it exactly)."""
+        return {"widths": self.widths, "layer_kv_heads": self.layer_kv_heads}
 
     @property
     def tier(self) -> int | None:
@@ -267,25 +280,25 @@ class MatViT(nn.Module):
         check_held(self.base_width, self.stored_widths, ws, tier=tier)
         return ws
 
-    def resolve_heads(self, *, kv_heads: int | None = None,
-                      layer_kv_heads: Sequence[int] | None = None) -> list[int]:
+    def resolve_kv_heads(self, *, kv_heads: int | None = None,
+                         layer_kv_heads: Sequence[int] | None = None) -> list[int]:
         """Validated per-layer head counts: `kv_heads` for every layer or one per layer (ViT
         attention is multi-head: its KV heads are its heads); no request means the stored ones."""
         if kv_heads is not None and layer_kv_heads is not None:
             raise TierError("give kv_heads or layer_kv_heads, not both")
-        stored = self.stored_heads
+        stored = self.stored_kv_heads
         if kv_heads is None and layer_kv_heads is None:
             return stored
         gs = [kv_heads] * len(stored) if kv_heads is not None else list(layer_kv_heads or [])
         if len(gs) != len(stored):
             raise TierError(f"got {len(gs)} per-layer head counts for a model of {len(stored)} layers")
         for i, (g, s) in enumerate(zip(gs, stored, strict=True)):
-            if isinstance(g, bool) or not isinstance(g, int) or not 0 < g <= self.base_heads:
-                raise TierError(f"kv_heads {g!r} of layer {i} is outside 1..{self.base_heads} "
+            if isinstance(g, bool) or not isinstance(g, int) or not 0 < g <= self.base_kv_heads:
+                raise TierError(f"kv_heads {g!r} of layer {i} is outside 1..{self.base_kv_heads} "
                                 f"(the base head count)")
             if g > s:
                 raise TierError(f"this model stores {s} heads in layer {i}; {g} heads need the "
-                                f"full checkpoint (base {self.base_heads} heads)")
+                                f"full checkpoint (base {self.base_kv_heads} heads)")
         return gs
 
     def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
@@ -294,10 +307,10 @@ class MatViT(nn.Module):
         """Set the whole width setting: the FFN axis from `tier`/`layer_tiers`/`widths`, the
         head axis from `kv_heads`/`layer_kv_heads`; an axis not named runs at its stored size."""
         ws = self.resolve_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
-        gs = self.resolve_heads(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+        gs = self.resolve_kv_heads(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
         for layer, w, g in zip(self.layers, ws, gs, strict=True):
             layer.width = w
-            layer.attention.heads = g
+            layer.attention.kv_heads = g
         return self
 
     @contextlib.contextmanager
@@ -305,13 +318,13 @@ class MatViT(nn.Module):
                  widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
                  layer_kv_heads: Sequence[int] | None = None) -> Iterator[MatViT]:
         """Run at another setting inside a `with` block; the previous one is restored after."""
-        previous = self.widths, self.heads
+        previous = self.setting
         self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
                         layer_kv_heads=layer_kv_heads)
         try:
             yield self
         finally:
-            self.set_widths(widths=previous[0], layer_kv_heads=previous[1])
+            self.set_widths(**previous)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -340,6 +353,6 @@ class MatViT(nn.Module):
     # ---- sizes -----------------------------------------------------------------------------
 
     def num_parameters_at(self, widths: Sequence[int] | None = None,
-                          heads: Sequence[int] | None = None) -> dict[str, int]:
+                          kv_heads: Sequence[int] | None = None) -> dict[str, int]:
         return parameter_counts(self.config, list(self.widths if widths is None else widths),
-                                list(self.heads if heads is None else heads))
+                                list(self.layer_kv_heads if kv_heads is None else kv_heads))

@@ -92,16 +92,16 @@ class MatViTConfig:
         if self.matformer_base_intermediate_size is None:
             self.matformer_base_intermediate_size = max(self.layer_widths)
         if self.matformer_base_num_key_value_heads is None:
-            self.matformer_base_num_key_value_heads = max(self.layer_heads)
+            self.matformer_base_num_key_value_heads = max(self.layer_kv_heads)
         self._check_base("matformer_base_intermediate_size", "intermediate_size", self.layer_widths)
-        self._check_base("matformer_base_num_key_value_heads", "num_attention_heads", self.layer_heads)
+        self._check_base("matformer_base_num_key_value_heads", "num_attention_heads", self.layer_kv_heads)
         if self.head_dim is None:
-            if self.hidden_size % self.base_heads:
+            if self.hidden_size % self.base_kv_heads:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.base_heads}; change one of them or set head_dim explicitly"
+                    f"{self.base_kv_heads}; change one of them or set head_dim explicitly"
                 )
-            self.head_dim = self.hidden_size // self.base_heads
+            self.head_dim = self.hidden_size // self.base_kv_heads
         _positive_int("head_dim", self.head_dim)
         if self.matformer_tier is not None:
             _nonneg_int("matformer_tier", self.matformer_tier)
@@ -169,8 +169,8 @@ class MatViTConfig:
         return list(s) if isinstance(s, list) else [s] * self.num_hidden_layers
 
     @property
-    def layer_heads(self) -> list[int]:
-        """Stored attention heads of each layer."""
+    def layer_kv_heads(self) -> list[int]:
+        """Stored attention heads of each layer (multi-head attention: they are its KV heads)."""
         h = self.num_attention_heads
         return list(h) if isinstance(h, list) else [h] * self.num_hidden_layers
 
@@ -180,7 +180,7 @@ class MatViTConfig:
         return self.matformer_base_intermediate_size
 
     @property
-    def base_heads(self) -> int:
+    def base_kv_heads(self) -> int:
         assert self.matformer_base_num_key_value_heads is not None
         return self.matformer_base_num_key_value_heads
 
@@ -319,7 +319,7 @@ def expected_shapes(config: MatViTConfig) -> dict[str, tuple[int, ...]]:
         "vit.embeddings.patch_embeddings.projection.weight": (h, c, p, p),
         "vit.embeddings.patch_embeddings.projection.bias": (h,),
     }
-    for i, (w, g) in enumerate(zip(config.layer_widths, config.layer_heads, strict=True)):
+    for i, (w, g) in enumerate(zip(config.layer_widths, config.layer_kv_heads, strict=True)):
         pre = _layer_prefix(i)
         for proj in ("query", "key", "value"):
             shapes[f"{pre}attention.attention.{proj}.weight"] = (g * hd, h)
@@ -342,12 +342,12 @@ def expected_shapes(config: MatViTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def parameter_counts(config: MatViTConfig, widths: list[int] | None = None,
-                     heads: list[int] | None = None) -> dict[str, int]:
-    """Parameters of the model running at `widths` FFN neurons and `heads` heads per layer
+                     kv_heads: list[int] | None = None) -> dict[str, int]:
+    """Parameters of the model running at `widths` FFN neurons and `kv_heads` heads per layer
     (default: the stored ones): `embedding` (patch projection, class token, positions),
     `head` (classifier), `non_embedding` (the encoder blocks and final norm), `total`."""
     ws = config.layer_widths if widths is None else list(widths)
-    gs = config.layer_heads if heads is None else list(heads)
+    gs = config.layer_kv_heads if kv_heads is None else list(kv_heads)
     h, hd = config.hidden_size, config.head_dim
     assert hd is not None and config.num_labels is not None
     qkv_bias = 1 if config.qkv_bias else 0
