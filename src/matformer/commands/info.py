@@ -1,4 +1,5 @@
-"""Show what a checkpoint stores: widths, base, tier, runnable tiers, files, parameters, dtype.
+"""Show what a checkpoint stores: widths, base, tier, runnable tiers, stored and base KV heads,
+files, parameters, dtype.
 
 SRC is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revision]), or a
 multi-tier repo written by `matformer slice --tiers` with --tier T (the folder holding tier T).
@@ -30,6 +31,15 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _heads(info: dict) -> str:
+    """'2 of base 4 (query heads 4, head_dim 16); runnable 2, 1' or per layer."""
+    kv, q = info["num_key_value_heads"], info["num_attention_heads"]
+    stored = f"{kv}" if isinstance(kv, int) else f"per layer {kv}"
+    return (f"{stored} of base {info['matformer_base_num_key_value_heads']} (query heads {q}, "
+            f"head_dim {info['head_dim']}); runtime kv_heads "
+            + ", ".join(str(g) for g in info["runnable_kv_heads"]))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..gemma3n.config import is_gemma3n_folder
 
@@ -55,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         f"base width       {base}",
         "runtime tiers    " + ", ".join(f"{t} (width {w})" for t, w in
                                          zip(info["runnable_tiers"], info["runnable_widths"], strict=True)),
+        f"KV heads         {_heads(info)}",
         f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, vocab {info['vocab_size']}"
         + (", tied embeddings" if info["tie_word_embeddings"] else ""),
         f"parameters       {n['total']:,} ({n['embedding']:,} embedding, "

@@ -1,9 +1,10 @@
 """Loading and saving checkpoints: the public API of the spec (docs/FORMAT.md).
 
 - `load_state_dict(src)`: tensors of a folder, a single .safetensors file, or a Hub repo id.
-- `load_model(src, tier=None, widths=None, dtype=None)`: build the model on the meta device and
-  assign zero-copy memory-mapped tensors (about 1x the checkpoint in memory); the stored width is
-  checked against config.json and the shapes, a requested width is applied as runtime slicing.
+- `load_model(src, tier=None, widths=None, dtype=None, kv_heads=None, layer_kv_heads=None)`:
+  build the model on the meta device and assign zero-copy memory-mapped tensors (about 1x the
+  checkpoint in memory); the stored widths and heads are checked against config.json and the
+  shapes, a requested width / head count is applied as runtime slicing.
 - `write_checkpoint(out_dir, config, specs, produce)`: the streaming writer (one tensor in
   memory at a time); `save_model(model, out_dir)` is built on it.
 - `checkpoint_info(src)`: what `matformer info` prints; reads headers only, imports no torch.
@@ -30,7 +31,15 @@ from typing import TYPE_CHECKING, Any
 from ..config import MatFormerConfig
 from ..errors import CheckpointError, ConfigError
 from ..shapes import expected_shapes
-from ..tiers import check_held, resolve_widths, runnable_tiers, uniform_tier
+from ..tiers import (
+    check_heads_held,
+    check_held,
+    resolve_kv_heads,
+    resolve_widths,
+    runnable_kv_heads,
+    runnable_tiers,
+    uniform_tier,
+)
 from .atomic import atomic_write, fsync_dir, fsync_file
 from .layout import (
     CONFIG_NAME,
@@ -71,6 +80,10 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, 
             if ".mlp." in name:
                 hint = (f" (config.json says intermediate_size={config.intermediate_size}; the "
                         f"stored FFN width must match it)")
+            elif ".self_attn." in name:
+                hint = (f" (config.json says num_key_value_heads={config.num_key_value_heads}, "
+                        f"num_attention_heads={config.num_attention_heads}, head_dim="
+                        f"{config.head_dim}; the stored heads must match them)")
             loc = f"{file_of(name)}: " if file_of else ""
             raise CheckpointError(f"{where}: {loc}tensor {name!r} has shape {list(shape)}, "
                                   f"config.json expects {list(want[name])}{hint}")
@@ -171,11 +184,13 @@ def _SkipMetaInit():
 def load_model(src: str | os.PathLike | Source, tier: int | None = None,
                widths: int | Sequence[int] | None = None, dtype: Any = None,
                revision: str | None = None, device: Any = None, *,
+               kv_heads: int | None = None, layer_kv_heads: Sequence[int] | None = None,
                allow_pickle: bool = False) -> MatFormerLM:
     """Config + weights -> `MatFormerLM`, without a second copy of the weights.
 
-    `tier` (absolute: width = base >> tier) or `widths` selects the active width by runtime
-    slicing; asking for more than the checkpoint stores raises a TierError. `dtype` converts the
+    `tier` (absolute: width = base >> tier) or `widths` selects the active width, `kv_heads` /
+    `layer_kv_heads` the active KV heads, by runtime slicing; asking for more than the
+    checkpoint stores raises a TierError before any tensor is read. `dtype` converts the
     floating-point weights (default: as stored). `src`: anything `io.source.resolve_source`
     takes (of a multi-tier repo only the folder of the tier asked for is fetched and checked)."""
     import torch
@@ -189,6 +204,7 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
         wanted = resolve_widths(config.base, config.num_hidden_layers, tier=tier, widths=widths)
         check_held(config.base, config.layer_widths, wanted, tier=tier,
                    holder=f"{source.describe()}: this checkpoint")
+    _check_heads_request(config, kv_heads, layer_kv_heads, f"{source.describe()}: this checkpoint")
     sd, ck = _tensors(layout, allow_pickle)
     file_of = (lambda n: ck.where[n]) if ck is not None else None
     check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(layout.folder), file_of)
@@ -219,9 +235,20 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
         model.lm_head.weight = model.model.embed_tokens.weight
     if device is not None:
         model.to(device)
-    if tier is not None or widths is not None:
-        model.set_widths(tier=tier, widths=widths)
+    if any(v is not None for v in (tier, widths, kv_heads, layer_kv_heads)):
+        model.set_widths(tier=tier, widths=widths, kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
     return model
+
+
+def _check_heads_request(config: MatFormerConfig, kv_heads: int | None,
+                         layer_kv_heads: Sequence[int] | None, holder: str) -> None:
+    """A KV head request the stored heads can't serve is a TierError naming both."""
+    if kv_heads is None and layer_kv_heads is None:
+        return
+    wanted = resolve_kv_heads(config.base_kv_heads, config.num_hidden_layers, kv_heads=kv_heads,
+                              layer_kv_heads=layer_kv_heads)
+    check_heads_held(config.layer_kv_heads, wanted, uniform=kv_heads, holder=holder,
+                     remedy="load a checkpoint that stores them")
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -419,8 +446,10 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
     shape)] in file order, `produce(name)` returns that tensor (CPU or not, any layout) and is
     called once per name, one at a time, so a source larger than memory can be streamed.
 
-    config.json describes the tensors written: `intermediate_size` must match the FFN shapes,
-    `matformer_tier` is derived from the sizes, `matformer_base_intermediate_size` always set.
+    config.json describes the tensors written: `intermediate_size` must match the FFN shapes and
+    the head counts the attention shapes, `matformer_tier` is derived from the sizes,
+    `matformer_base_intermediate_size`, `matformer_base_num_key_value_heads` and `head_dim`
+    always set.
     Atomic: the folder holds the old checkpoint or the new one, never a mix."""
     specs = [(n, st_dtype(d), tuple(int(x) for x in s)) for n, d, s in specs]
     if config.tie_word_embeddings:
@@ -472,10 +501,11 @@ def save_model(model: MatFormerLM, out_dir: str | os.PathLike, max_shard_size: i
                extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
     """Save config.json + safetensors (sharded above `max_shard_size`, decimal units).
 
-    The config describes the tensors written — the stored widths — whatever width the model is
-    running at: a full-width model running at tier 2 writes `matformer_tier: 0`."""
+    The config describes the tensors written — the stored widths and heads — whatever the model
+    is running at: a full model running at tier 2 with 1 KV head writes `matformer_tier: 0` and
+    its stored `num_key_value_heads`."""
     model = _unwrap(model)
-    config = model.config.with_widths(model.stored_widths)
+    config = model.config.with_widths(model.stored_widths).with_kv_heads(model.stored_kv_heads)
     sd = model.state_dict()
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -522,6 +552,11 @@ def checkpoint_info(src: str | os.PathLike | Source, revision: str | None = None
         "stored_widths": widths,
         "runnable_tiers": runnable,
         "runnable_widths": [base >> t for t in runnable],
+        "num_key_value_heads": config.num_key_value_heads,
+        "num_attention_heads": config.num_attention_heads,
+        "head_dim": config.head_dim,
+        "matformer_base_num_key_value_heads": config.base_kv_heads,
+        "runnable_kv_heads": runnable_kv_heads(config.base_kv_heads, config.layer_kv_heads),
         "files": files,
         "num_tensors": len(tensors),
         "tensor_bytes": sum(t.nbytes for t in tensors.values()),
