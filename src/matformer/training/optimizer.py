@@ -15,6 +15,7 @@ import re
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
 from .settings import TrainConfig
@@ -53,7 +54,10 @@ class NestedAdamW(torch.optim.Optimizer):
     step counts stay bit-identical. Each neuron keeps its own step count for bias correction (a
     vector per FFN matrix). Counts are non-increasing along the neuron axis, so the update runs
     once per run of equal counts with scalar bias corrections, the same arithmetic as torch's
-    single-tensor AdamW (with `extent` = full width it matches `torch.optim.AdamW(foreach=False)`).
+    single-tensor AdamW (with `extent` = full width it matches `torch.optim.AdamW(foreach=False)`
+    bit for bit). No Python loop per parameter does math: the views of every (group, step count)
+    are updated by one list of `torch._foreach_*` ops. Under FSDP2 each rank updates its local
+    shard (nested matrices are sharded along their non-nested dimension, so prefixes are local).
     Non-FFN parameters get plain AdamW; weight decay applies to matrices and embeddings only."""
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
@@ -72,43 +76,82 @@ class NestedAdamW(torch.optim.Optimizer):
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._counters: list[tuple[int, int | None, torch.Tensor, list[nn.Parameter]]] | None = None
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self.state[p]
         if not st:
+            # Moments like the parameter (a DTensor under FSDP2: sharded like it, so DCP can
+            # reshard them); step counts are replicated CPU vectors (read by Python each step).
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             n = p.shape[self.nest_dim[p]] if p in self.nest_dim else 1
-            st["step"] = torch.zeros(n, dtype=torch.int64)  # on CPU: read by Python each step
+            st["step"] = torch.zeros(n, dtype=torch.int64)
+            if isinstance(p, DTensor):
+                for pl in p.placements:
+                    if getattr(pl, "dim", None) == self.nest_dim.get(p):
+                        raise ValueError(f"{self.names[p]} is sharded along its nested dimension; "
+                                         f"shard it along the other one (distributed.wrap does)")
+            self._counters = None
         return st
+
+    def _counter_groups(self) -> list[tuple[int, int | None, torch.Tensor, list[nn.Parameter]]]:
+        """Parameters whose per-neuron step counts are equal share one count vector:
+        [(param group index, nested dim or None, counts, params)]. In a nested run every FFN
+        matrix of a layer stack has the same counts, so the bookkeeping below runs once per
+        distinct count vector, not once per parameter."""
+        if self._counters is None:
+            shared: dict[tuple, tuple[int, int | None, torch.Tensor, list[nn.Parameter]]] = {}
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if not st:
+                        continue
+                    counts = st["step"]
+                    key = (gi, self.nest_dim.get(p), len(counts), counts.numpy().tobytes())
+                    if key not in shared:
+                        shared[key] = (gi, self.nest_dim.get(p), counts, [])
+                    st["step"] = shared[key][2]
+                    shared[key][3].append(p)
+            self._counters = list(shared.values())
+        return self._counters
 
     @torch.no_grad()
     def step(self, extent: int | None = None, closure=None):  # type: ignore[override]
+        """Update neurons [:extent] of every nested matrix (all of them with None) and every
+        other parameter: one foreach update per (param group, step count), none per parameter."""
         assert closure is None, "NestedAdamW does not take a closure"
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self._init_state(p)
-                if p not in self.nest_dim:
-                    st["step"] += 1
-                    _adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"][0]),
-                            lr, wd, beta1, beta2, eps)
-                    continue
-                dim = self.nest_dim[p]
-                m = p.shape[dim] if extent is None else min(extent, p.shape[dim])
-                counts = st["step"]
-                counts[:m] += 1
-                # Runs of equal step counts inside [:m]: (value, length), value non-increasing.
-                values, lengths = torch.unique_consecutive(counts[:m], return_counts=True)
-                a = 0
-                for c, n in zip(values.tolist(), lengths.tolist(), strict=False):
-                    sl = (slice(a, a + n),) if dim == 0 else (slice(None), slice(a, a + n))
-                    _adamw_(p[sl], p.grad[sl], st["exp_avg"][sl], st["exp_avg_sq"][sl], c,
-                            lr, wd, beta1, beta2, eps)
-                    a += n
+                if p.grad is not None:
+                    self._init_state(p)
+        buckets: dict[tuple[int, int], list[list[torch.Tensor]]] = {}
+        for gi, dim, counts, params in list(self._counter_groups()):
+            live = [p for p in params if p.grad is not None]
+            if not live:
+                continue
+            if len(live) < len(params):  # the others keep their counts: stop sharing
+                counts = counts.clone()
+                for p in live:
+                    self.state[p]["step"] = counts
+                self._counters = None
+            m = len(counts) if dim is None or extent is None else min(extent, len(counts))
+            counts[:m] += 1
+            # Runs of equal step counts inside [:m]: (value, length), value non-increasing.
+            values, lengths = torch.unique_consecutive(counts[:m], return_counts=True)
+            a = 0
+            for c, n in zip(values.tolist(), lengths.tolist(), strict=True):
+                lists = buckets.setdefault((gi, c), [[], [], [], []])
+                for p in live:
+                    st = self.state[p]
+                    for out, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"]),
+                                      strict=True):
+                        out.append(_prefix(_local(t), dim, a, n))
+                a += n
+        for (gi, c), (ps, gs, ms, vs) in buckets.items():
+            group = self.param_groups[gi]
+            _foreach_adamw_(ps, gs, ms, vs, c, group["lr"], group["weight_decay"],
+                            *group["betas"], group["eps"])
 
     # Tensors-only state (safetensors), keyed by parameter name.
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -134,17 +177,38 @@ class NestedAdamW(torch.optim.Optimizer):
                 if tuple(t.shape) != tuple(st[k].shape):
                     raise CheckpointError(f"{source}: {key} has shape {tuple(t.shape)}, this model "
                                           f"needs {tuple(st[k].shape)} (another model?)")
-                st[k].copy_(t)
+                if k == "step":  # its own vector: counts may be shared (_counter_groups)
+                    st[k] = t.to(torch.int64).clone()
+                else:
+                    st[k].copy_(t)
+        self._counters = None
 
 
-def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
-            lr: float, wd: float, beta1: float, beta2: float, eps: float) -> None:
-    """One AdamW update in place (views allowed), torch's single-tensor arithmetic."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2 shards), the tensor itself otherwise."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _prefix(t: torch.Tensor, dim: int | None, a: int, n: int) -> torch.Tensor:
+    """Neurons [a, a+n) of a nested matrix (rows for dim 0, columns for dim 1) as a view."""
+    if dim is None:
+        return t
+    return t[a:a + n] if dim == 0 else t[:, a:a + n]
+
+
+def _foreach_adamw_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor],
+                    vs: list[torch.Tensor], step: int, lr: float, wd: float, beta1: float,
+                    beta2: float, eps: float) -> None:
+    """One AdamW update in place of tensors (views allowed) that share a step count: torch's
+    single-tensor AdamW arithmetic, op for op, as foreach ops (bit-identical to it)."""
     if wd:
-        p.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        torch._foreach_mul_(ps, 1 - lr * wd)
+    torch._foreach_lerp_(ms, gs, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
     bc1 = 1 - beta1**step
     bc2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.addcdiv_(m, denom, value=-(lr / bc1))
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, ms, denom, value=-(lr / bc1))
