@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from matformer.errors import ConfigError, DataError, TierError
@@ -17,6 +18,7 @@ from matformer.vision_data import (
     load_split,
     stratified_split,
 )
+from matformer.vision_eval import cross_retrieval, evaluate_vit, nearest_neighbour_accuracy
 from matformer.vit import MatViT
 from matformer.vit_config import MatViTConfig, expected_shapes, parameter_counts
 
@@ -304,3 +306,69 @@ def test_batch_sampler_resumes_the_same_batches() -> None:
     assert sorted(epoch.tolist()) == list(range(10))
     with pytest.raises(DataError, match="num_items=10"):
         BatchSampler(11, seed=3).load_state(state)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+def test_nearest_neighbour_accuracy_against_a_direct_computation() -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    g = torch.Generator().manual_seed(0)
+    gallery, queries = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    gl, ql = np.arange(60) % 4, np.arange(25) % 4
+    knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(gallery.numpy(), gl)
+    expected = float((knn.predict(queries.numpy()) == ql).mean())
+    assert nearest_neighbour_accuracy(queries, ql, gallery, gl) == pytest.approx(expected)
+    # Leave-one-out: query i never retrieves item i (a plain 1-NN would score 100% here).
+    assert nearest_neighbour_accuracy(gallery, gl, gallery, gl) == 1.0
+    loo = nearest_neighbour_accuracy(gallery, gl, gallery, gl, leave_one_out=True)
+    direct = []
+    for i in range(60):
+        sims = [float(F.cosine_similarity(gallery[i], gallery[j], dim=0)) if j != i else -2.0
+                for j in range(60)]
+        direct.append(gl[int(np.argmax(sims))] == gl[i])
+    assert loo == pytest.approx(float(np.mean(direct)))
+
+
+def test_evaluate_vit_rows_against_direct_computation() -> None:
+    model = _random_model(4)
+    split = load_split("digits", 8, 1)
+    heldout = split.heldout.subset(np.arange(64))
+    model.set_widths(tier=1)
+    report = evaluate_vit(model, heldout, kv_heads=[2], repeats=1)
+    assert model.widths == [64, 64] and model.layer_kv_heads == [4, 4]  # setting restored
+    names = [r.name for r in report.results]
+    assert names[0] == "tier 0 (width 128)" and "tier 3" in names and "tier 1, 2 heads" in names
+    assert any(r.kind == "mix" for r in report.results)
+    ref = report.results[0]
+    assert ref.agreement == 1.0 and ref.non_embedding_params == parameter_counts(model.config)["non_embedding"]
+    x = torch.as_tensor(heldout.images)
+    model.set_widths()
+    with torch.no_grad():
+        full_emb, full_pred = model.embed(x), model(x).argmax(1)
+        with model.at_width(tier=2, kv_heads=2):
+            small_emb, small_pred = model.embed(x), model(x).argmax(1)
+    row = next(r for r in report.results if r.name == "tier 2, 2 heads")
+    labels = torch.as_tensor(heldout.labels)
+    assert row.top1 == pytest.approx(float((small_pred == labels).float().mean()))
+    assert row.agreement == pytest.approx(float((small_pred == full_pred).float().mean()))
+    assert row.retrieval == pytest.approx(cross_retrieval_direct(small_emb, full_emb, heldout.labels))
+    assert row.non_embedding_params == parameter_counts(model.config, [32, 32], [2, 2])["non_embedding"]
+
+
+def cross_retrieval_direct(queries: torch.Tensor, gallery: torch.Tensor, labels: np.ndarray) -> float:
+    hits = 0
+    for i in range(len(queries)):
+        sims = F.cosine_similarity(queries[i][None], gallery, dim=1)
+        sims[i] = float("-inf")
+        hits += int(labels[int(sims.argmax())] == labels[i])
+    return hits / len(queries)
+
+
+def test_cross_retrieval_between_two_models() -> None:
+    a, b = _random_model(5), _random_model(6)
+    heldout = load_split("digits", 8, 1).heldout.subset(np.arange(50))
+    x = torch.as_tensor(heldout.images)
+    with torch.no_grad():
+        expected = cross_retrieval_direct(a.embed(x), b.embed(x), heldout.labels)
+    assert cross_retrieval(a, b, heldout) == pytest.approx(expected)
