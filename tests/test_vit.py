@@ -162,7 +162,7 @@ def test_mix_n_match_equals_a_model_storing_those_widths() -> None:
     assert small.widths == widths and small.layer_kv_heads == heads
     with pytest.raises(TierError, match="needs width"):
         small.set_widths(tier=1)
-    with pytest.raises(TierError, match="stores 2 heads in layer 1"):
+    with pytest.raises(TierError, match="stores 2 KV heads in layer 1; kv_heads 3 needs 3"):
         small.set_widths(kv_heads=3)
 
 

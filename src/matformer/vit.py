@@ -32,8 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, TierError
-from .tiers import check_held, resolve_widths, uniform_tier
+from .errors import DataError
+from .tiers import (
+    check_heads_held,
+    check_held,
+    resolve_kv_heads,
+    resolve_widths,
+    uniform_kv_heads,
+    uniform_tier,
+)
 from .vit_config import MatViTConfig, parameter_counts
 
 
@@ -256,8 +263,7 @@ class MatViT(nn.Module):
     @property
     def kv_heads(self) -> int | None:
         """Heads every layer currently runs, or None when the layers differ."""
-        hl = self.layer_kv_heads
-        return hl[0] if all(g == hl[0] for g in hl) else None
+        return uniform_kv_heads(self.layer_kv_heads)
 
     @property
     def setting(self) -> dict[str, list[int]]:
@@ -284,22 +290,12 @@ class MatViT(nn.Module):
                          layer_kv_heads: Sequence[int] | None = None) -> list[int]:
         """Validated per-layer head counts: `kv_heads` for every layer or one per layer (ViT
         attention is multi-head: its KV heads are its heads); no request means the stored ones."""
-        if kv_heads is not None and layer_kv_heads is not None:
-            raise TierError("give kv_heads or layer_kv_heads, not both")
-        stored = self.stored_kv_heads
         if kv_heads is None and layer_kv_heads is None:
-            return stored
-        gs = [kv_heads] * len(stored) if kv_heads is not None else list(layer_kv_heads or [])
-        if len(gs) != len(stored):
-            raise TierError(f"got {len(gs)} per-layer head counts for a model of {len(stored)} layers")
-        for i, (g, s) in enumerate(zip(gs, stored, strict=True)):
-            if isinstance(g, bool) or not isinstance(g, int) or not 0 < g <= self.base_kv_heads:
-                raise TierError(f"kv_heads {g!r} of layer {i} is outside 1..{self.base_kv_heads} "
-                                f"(the base head count)")
-            if g > s:
-                raise TierError(f"this model stores {s} heads in layer {i}; {g} heads need the "
-                                f"full checkpoint (base {self.base_kv_heads} heads)")
-        return gs
+            return self.stored_kv_heads
+        hl = resolve_kv_heads(self.base_kv_heads, len(self.layers), kv_heads=kv_heads,
+                              layer_kv_heads=layer_kv_heads)
+        check_heads_held(self.stored_kv_heads, hl, uniform=kv_heads)
+        return hl
 
     def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                    widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
