@@ -388,6 +388,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "850m": dict(vocab_size=32000, hidden_size=1536, intermediate_size=6144,
                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                  max_position_embeddings=2048),
+    # FFN-heavy, shaped like the models MatFormer is used for (Gemma 3n: FFN = 8x hidden) with the
+    # embeddings a small share of the parameters, so the nested FFN widths differ in what they
+    # can do. Parameter splits (shapes.parameter_counts, untied embeddings) are in docs/RESULTS.md.
+    "ffn8-micro": dict(vocab_size=512, hidden_size=64, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "ffn8-tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "ffn8-small": dict(vocab_size=8192, hidden_size=384, intermediate_size=3072,
+                       num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                       max_position_embeddings=1024),
 }
 
 

