@@ -23,6 +23,7 @@ VERBS = {
     "generate": "generate",
     "eval": "eval",
     "export": "export",
+    "convert": "convert",
 }
 
 
