@@ -264,6 +264,8 @@ def uniform_kv_heads(kv_heads: Sequence[int]) -> int | None:
 
 
 def describe_heads(kv_heads: Sequence[int]) -> str:
-    """'2 KV heads' or 'kv[4,4,2,2]'."""
+    """'2 KV heads', '1 KV head' or 'kv[4,4,2,2]'."""
     g = uniform_kv_heads(kv_heads)
-    return f"{g} KV heads" if g is not None else "kv[" + ",".join(str(h) for h in kv_heads) + "]"
+    if g is not None:
+        return f"{g} KV head" + ("s" if g != 1 else "")
+    return "kv[" + ",".join(str(h) for h in kv_heads) + "]"

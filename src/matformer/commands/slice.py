@@ -1,7 +1,9 @@
 """Cut a tier or a Mix'n'Match submodel out of a checkpoint into a real, smaller checkpoint.
 
 Choose the width with one of --tier, --widths, --layer-tiers or --budget (or --tiers for a
-multi-tier repo with a manifest). Tensors stream one at a time: memory stays about one tensor.
+multi-tier repo with a manifest), and the attention heads with --kv-heads or --layer-kv-heads
+(combinable with any of them; --budget searches both axes when the source's heads nest, unless
+--kv-heads pins them). Tensors stream one at a time: memory stays about one tensor.
 SRC may itself be a multi-tier repo: the tier folder that holds the widths asked for is used
 (--budget needs a plain checkpoint or one tier folder, e.g. REPO/tier-1).
 
@@ -10,6 +12,7 @@ examples:
   matformer slice runs/full -o runs/mix --layer-tiers 3,3,2,2,1,1
   matformer slice runs/full -o runs/120m --budget 120M --skip-layers 5
   matformer slice runs/full -o runs/repo --tiers 0,1,2,3
+  matformer slice runs/full -o runs/t1-kv1 --tier 1 --kv-heads 1
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "MatFormer Mix'n'Match heuristic and prints why")
     what.add_argument("--tiers", metavar="T1,T2,...",
                       help="write OUT/tier-T/ for each tier plus OUT/matformer_manifest.json")
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument("--kv-heads", type=int, metavar="G",
+                       help="keep the first G KV heads (and their query heads) in every layer")
+    heads.add_argument("--layer-kv-heads", metavar="G1,G2,...", help="KV heads kept per layer")
     parser.add_argument("--skip-layers", metavar="I,J,...",
                         help="drop these source layers (0-based) and renumber the rest")
     parser.add_argument("--config-csv", metavar="FILE",
@@ -70,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         skip_layers=parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else None,
         tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
+        kv_heads=args.kv_heads,
+        layer_kv_heads=(parse_int_list(args.layer_kv_heads, "--layer-kv-heads")
+                        if args.layer_kv_heads else None),
         max_shard_size=args.max_shard_size,
         revision=args.revision,
         log=print,

@@ -13,7 +13,8 @@ from .slicer import slice_gemma3n
 
 
 def run_slice(args: argparse.Namespace) -> int:
-    for flag, value in (("--budget", args.budget), ("--tiers", args.tiers)):
+    for flag, value in (("--budget", args.budget), ("--tiers", args.tiers),
+                        ("--kv-heads", args.kv_heads), ("--layer-kv-heads", args.layer_kv_heads)):
         if value is not None:
             raise ConfigError(f"{flag} is not available for Gemma 3n checkpoints; give --widths, "
                               f"--layer-tiers, --tier or --config-csv/--config-name")
