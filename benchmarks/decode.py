@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.generation import generate, speculative_generate
+from matformer.generation import generate
+from matformer.speculative import speculative_generate
 from matformer.shapes import parameter_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"

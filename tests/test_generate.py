@@ -10,7 +10,8 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerLM
 from matformer.errors import ConfigError, DataError, TierError
-from matformer.generation import Sampler, generate, speculative_generate
+from matformer.generation import Sampler, generate, generate_batch
+from matformer.speculative import speculative_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -37,7 +37,8 @@ _EXPORTS = {
     "train": "matformer.training",
     "TrainConfig": "matformer.training",
     "generate": "matformer.generation",
-    "speculative_generate": "matformer.generation",
+    "generate_batch": "matformer.generation",
+    "speculative_generate": "matformer.speculative",
     "evaluate": "matformer.evaluation",
 }
 

@@ -46,7 +46,8 @@ from .data import (
     training_settings,
 )
 from .errors import ConfigError, DataError
-from .generation import _sync, generate, speculative_generate
+from .generation import _sync, generate
+from .speculative import speculative_generate
 from .io.checkpoint import load_model
 from .io.source import Source, resolve_source
 from .model import MatFormerLM

@@ -1,33 +1,33 @@
-"""Text generation at any width, and speculative decoding inside one elastic model.
+"""Text generation at any width: one sequence, or a batch of prompts of different lengths.
 
 - `generate(model, prompt, ...)`: greedy (temperature 0) or sampled (temperature, top-k, top-p,
   seed) decoding with a preallocated KV cache, at the model's current width or at the tier/widths
   given for this call (the previous width is restored afterwards, so one loaded model can serve
-  any width call after call without reloading).
-- `speculative_generate(model, prompt, ...)`: a small width of the same model drafts `k` tokens,
-  the target width verifies them in one forward. Draft and verifier share ONE KV cache: before
-  verifying, the cache is cropped back to the verified prefix and the verify forward writes its
-  own keys/values over the draft's, so every position the output keeps holds the verifier's
-  entries (the paper's "shared cache"). Greedy output is token-for-token the target width's
-  greedy output; with sampling the standard rule (accept a draft token d with probability
-  min(1, p(d)/q(d)), else resample from norm(max(0, p - q))) leaves the output distributed as
-  the target width's (processed) distribution p.
+  any width call after call without reloading). `compile=True` decodes through
+  `decoding.StaticDecoder`'s compiled step (static cache, one graph per width, CUDA graphs on a
+  GPU); the eager default runs the model's forward with a growing cache slice.
+- `generate_batch(model, prompts, ...)`: several prompts at once on one static cache (left-padded,
+  masked, per-row rotary positions), every row at the model's current width; a row's greedy
+  output is the one it gets alone.
+- The sampling (`Sampler`) stays on the logits' device; only the picked token ids are read back.
 
-Both work on one sequence (batch 1), the case decoding latency matters for.
+Speculative decoding is `matformer.speculative`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from .decoding import StaticDecoder
 from .errors import ConfigError, DataError
-from .model import KVCache, MatFormerLM
+from .model import MatFormerLM
 from .tiers import runnable_tiers
 
 StreamCallback = Callable[[list[int]], None]
@@ -239,14 +239,21 @@ def generate(
     layer_tiers: Sequence[int] | None = None,
     widths: int | Sequence[int] | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` tokens after `prompt` (token ids, one sequence).
 
     Width: `tier`/`layer_tiers`/`widths` for this call only (restored afterwards), else the model's
     current setting. Stops after an EOS (`eos_token_id`, default the config's) unless
     `ignore_eos`. `use_cache=False` recomputes the whole sequence every step (a reference for
-    tests; same tokens, much slower).
+    tests; same tokens, much slower). `compile=True`: the static-cache compiled step (the first
+    call at a width compiles it; later calls reuse it).
     """
+    if compile and use_cache:
+        return generate_batch(
+            model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos, stream=stream,
+            tier=tier, layer_tiers=layer_tiers, widths=widths, compile=True)[0]
     device = model.model.embed_tokens.weight.device
     ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
     P = ids.shape[1]
@@ -289,20 +296,34 @@ def generate(
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=run_widths, stats=stats)
 
 
+# ---- batched decoding on the static cache -----------------------------------------------------
 
-# ---- speculative decoding ----------------------------------------------------------------------
+
+_DECODERS: weakref.WeakKeyDictionary[MatFormerLM, dict[tuple, StaticDecoder]] = (
+    weakref.WeakKeyDictionary())
 
 
-def speculative_generate(
+def static_decoder(model: MatFormerLM, batch_size: int, min_len: int, *,
+                   compile: bool = False) -> StaticDecoder:
+    """A `StaticDecoder` of at least `min_len` columns. Compiled ones are kept per model and
+    their length rounded up to a multiple of 128 (capped at the context), so later calls find
+    the same shapes, the same cache tensors and so the same graphs."""
+    if not compile:
+        return StaticDecoder(model, batch_size, min_len)
+    ctx = model.config.max_position_embeddings
+    max_len = min(ctx, -(-min_len // 128) * 128)
+    kept = _DECODERS.setdefault(model, {})
+    key = (batch_size, max_len)
+    if key not in kept:
+        kept[key] = StaticDecoder(model, batch_size, max_len, compile=True)
+    return kept[key]
+
+
+def generate_batch(
     model: MatFormerLM,
-    prompt: Sequence[int] | torch.Tensor,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
     max_new_tokens: int = 64,
     *,
-    draft_tier: int | None = None,
-    draft_layer_tiers: Sequence[int] | None = None,
-    draft_widths: int | Sequence[int] | None = None,
-    draft_tokens: int | str = 4,
-    max_draft_tokens: int = 16,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -313,157 +334,53 @@ def speculative_generate(
     tier: int | None = None,
     layer_tiers: Sequence[int] | None = None,
     widths: int | Sequence[int] | None = None,
-    return_cache: bool = False,
-) -> GenerationOutput:
-    """Speculative decoding within one model: draft at the draft width, verify at the target.
-
-    Target width: `tier`/`layer_tiers`/`widths`, else the model's current setting. Draft width:
-    `draft_tier`/`draft_layer_tiers`/`draft_widths`, else the smallest tier the model can run
-    (at most tier 3). `draft_tokens`: k tokens drafted per round, or "adaptive" (start at 4; +2
-    after a round whose drafts were all accepted, -1 after a rejection; within
-    1..`max_draft_tokens`).
-
-    Cache invariant: before each round the cache holds the verifier's entries for every token
-    but the last one emitted (`cur`). The draft feeds cur, d1 .. d(k-1) (writing draft entries at
-    those positions); the cache is then cropped back and the verifier feeds cur, d1 .. dk in one
-    forward, overwriting them with its own; finally it is cropped to the accepted prefix.
-    `return_cache=True` puts that cache in `output.extra["cache"]` (for inspection).
-    """
+    compile: bool = False,
+) -> list[GenerationOutput]:
+    """Decode after each of `prompts` (token id lists of any lengths) at once, one row each,
+    on one static cache; arguments as `generate` (`stream` sees row 0's tokens). A row stops
+    at its EOS (the batch runs on while any row is going; a finished row's later tokens are
+    dropped). Every row's `stats.seconds` is the wall time of the whole batch."""
+    if not prompts:
+        raise DataError("no prompts: give at least one")
     device = model.model.embed_tokens.weight.device
-    ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
-    P = ids.shape[1]
-    max_len = _check_lengths(model, P, max_new_tokens)
+    rows = [_prompt_ids(p, device, model.config.vocab_size)[0] for p in prompts]
+    max_len = _check_lengths(model, max(r.shape[0] for r in rows), max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p, seed, device)
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
-    k, adaptive = _first_draft_length(draft_tokens, max_draft_tokens)
-    target, draft = _target_and_draft(model, _requested(tier, layer_tiers, widths),
-                                      _requested(draft_tier, draft_layer_tiers, draft_widths))
-
-    stats = GenerationStats(prompt_tokens=P)
-    out: list[int] = []
-    # at_width restores the caller's widths on exit, whatever draft/target switching happened.
-    with model.at_width(widths=target), torch.inference_mode():
+    stats = [GenerationStats(prompt_tokens=r.shape[0]) for r in rows]
+    outs: list[list[int]] = [[] for _ in rows]
+    request = _requested(tier, layer_tiers, widths)
+    with (model.at_width(**request) if request else contextlib.nullcontext(),
+          torch.inference_mode()):
+        run_widths = model.widths
+        dec = static_decoder(model, len(rows), max_len, compile=compile)
         t0 = time.perf_counter()
-        cache = model.new_cache(1, max_len)
-        cur = _prefill(model, ids, cache, stats)  # (1, 1): emitted, not yet in the cache
-        stats.prefill_seconds = time.perf_counter() - t0
-        while stats.stop_reason != "eos" and len(out) < max_new_tokens:
-            start = cache.length
-            # One token always comes from the verifier, so at most remaining-1 drafts count.
-            kk = min(k, max_new_tokens - len(out) - 1)
-            drafts, q_rows = _draft(model, cache, cur, kk, draft, sampler, stats)
-            model.set_widths(widths=target)
-            # ---- verify cur, d1..dk at the target width in one forward
-            block = torch.cat([cur, *drafts], dim=1)  # (1, kk+1)
-            p_logits = model(block, cache=cache)[0]  # (kk+1, V); cache now start+kk+1
-            stats.target_forwards += 1
-            n, new = _verify(sampler, p_logits, block[0, 1:], q_rows)
-            stats.drafted += kk
-            stats.accepted += n
-            cache.crop(start + 1 + n)  # keep the verifier's entries for cur and the n accepted
-            new = _emit(new, eos, max_new_tokens - len(out), stats)
-            out.extend(new)
-            if stream is not None and new:
-                stream(new)
-            cur = torch.tensor([[new[-1]]], device=device)
-            if adaptive:
-                k = min(k + 2, max_draft_tokens) if n == kk and kk > 0 else max(1, k - 1)
+        logits = dec.prefill(rows)  # (B, V)
+        forwards = 1
+        going = list(range(len(rows)))
+        while True:
+            picked = sampler.pick(logits)  # (B,) on the device
+            toks = picked.tolist()
+            if forwards == 1:
+                prefill = time.perf_counter() - t0
+            for b in going:
+                outs[b].append(toks[b])
+                if toks[b] in eos:
+                    stats[b].stop_reason = "eos"
+            if stream is not None and 0 in going:
+                stream([toks[0]])
+            going = [b for b in going if stats[b].stop_reason != "eos"
+                     and len(outs[b]) < max_new_tokens]
+            if not going:
+                break
+            logits = dec.step(picked.view(-1, 1))
+            forwards += 1
         _sync(device)
-        stats.seconds = time.perf_counter() - t0
-    stats.new_tokens = len(out)
-    extra = {"cache": cache} if return_cache else {}
-    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target), stats=stats,
-                            draft_widths=list(draft), extra=extra)
-
-
-def _target_and_draft(model: MatFormerLM, target: dict[str, Any] | None,
-                      draft: dict[str, Any] | None) -> tuple[list[int], list[int]]:
-    """Per-layer widths of the verifier (default: the model's current widths) and of the draft
-    (default: `default_draft_tier`) for these `set_widths` requests."""
-    return (model.resolve_widths(**target) if target else model.widths,
-            model.resolve_widths(**(draft or {"tier": default_draft_tier(model)})))
-
-
-def _prefill(model: MatFormerLM, ids: torch.Tensor, cache: KVCache,
-             stats: GenerationStats) -> torch.Tensor:
-    """Write the verifier's entries for the prompt `ids` (1, P) but its last token into `cache`;
-    returns that last token (1, 1), emitted but not yet in the cache."""
-    if ids.shape[1] > 1:
-        model(ids[:, :-1], cache=cache)
-        stats.target_forwards += 1
-    _sync(ids.device)
-    return ids[:, -1:]
-
-
-def _first_draft_length(draft_tokens: int | str, max_draft_tokens: int) -> tuple[int, bool]:
-    """(tokens drafted in the first round, adaptive?) for a `draft_tokens` setting."""
-    if draft_tokens == "adaptive":
-        return min(4, max_draft_tokens), True
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ConfigError(f"draft_tokens must be a positive integer or 'adaptive', got {draft_tokens!r}")
-    return draft_tokens, False
-
-
-def _draft(model: MatFormerLM, cache: KVCache, cur: torch.Tensor, kk: int, draft: list[int],
-           sampler: Sampler, stats: GenerationStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Draft `kk` tokens after `cur` at the `draft` widths. Their cache entries are temporary:
-    the cache is cropped back to where it was. Returns the drafts ((1, 1) each) and, when
-    sampling, the processed draft distributions ((V,) each) the acceptance rule needs."""
-    drafts: list[torch.Tensor] = []
-    q_rows: list[torch.Tensor] = []
-    if kk == 0:
-        return drafts, q_rows
-    start = cache.length
-    model.set_widths(widths=draft)
-    tok = cur
-    for _ in range(kk):
-        q_logits = model(tok, cache=cache)[0, -1]  # (V,)
-        stats.draft_forwards += 1
-        if sampler.greedy:
-            tok = q_logits.argmax(-1).view(1, 1)
-        else:
-            q = sampler.probs(q_logits)
-            q_rows.append(q)
-            tok = sampler.draw(q).view(1, 1)
-        drafts.append(tok)
-    cache.crop(start)
-    return drafts, q_rows
-
-
-def _verify(sampler: Sampler, p_logits: torch.Tensor, d: torch.Tensor,
-            q_rows: list[torch.Tensor]) -> tuple[int, list[int]]:
-    """The verifier's decision on drafts `d` (kk,) from its logits (kk+1, V): (accepted count
-    n, the tokens to emit: d[:n] and one token of the verifier's own)."""
-    kk = d.shape[0]
-    if sampler.greedy:
-        best = p_logits.argmax(-1)  # (kk+1,)
-        agree = (best[:kk] == d).tolist()
-        n = agree.index(False) if False in agree else kk
-        return n, d[:n].tolist() + [int(best[n])]
-    p = sampler.probs(p_logits)  # (kk+1, V)
-    if kk == 0:
-        return 0, [int(sampler.draw(p[0]))]
-    q = torch.stack(q_rows)  # (kk, V)
-    rows = torch.arange(kk, device=p.device)
-    p_d, q_d = p[rows, d], q[rows, d]
-    # accept d_i with probability min(1, p/q): u*q <= p avoids dividing
-    ok = (sampler.uniform(kk, p.device) * q_d <= p_d).tolist()
-    n = ok.index(False) if False in ok else kk
-    if n < kk:
-        resid = (p[n] - q[n]).clamp_min(0.0)
-        total = resid.sum()
-        # p == q exactly leaves no residual (and rejection had probability 0)
-        last = int(sampler.draw(resid / total if float(total) > 0 else p[n]))
-    else:
-        last = int(sampler.draw(p[kk]))
-    return n, d[:n].tolist() + [last]
-
-
-def _emit(new: list[int], eos: set[int], room: int, stats: GenerationStats) -> list[int]:
-    """`new` cut after the first EOS (recorded as the stop reason) and to `room` tokens."""
-    for j, t in enumerate(new):
-        if t in eos:
-            new = new[: j + 1]
-            stats.stop_reason = "eos"
-            break
-    return new[:room]
+        seconds = time.perf_counter() - t0
+    results = []
+    for r, out, st in zip(rows, outs, stats, strict=True):
+        st.new_tokens, st.seconds, st.prefill_seconds = len(out), seconds, prefill
+        st.target_forwards = forwards
+        results.append(GenerationOutput(tokens=out, prompt=r.tolist(), widths=run_widths,
+                                        stats=st, extra={"compiled": compile}))
+    return results

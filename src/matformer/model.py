@@ -161,7 +161,11 @@ class Attention(nn.Module):
         return wq[:q_rows], wk[:kv_rows], wv[:kv_rows], wo[:, :q_rows]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start: int) -> torch.Tensor:
+                cache: KVCache | None, start: int | torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`start`: the cache position of x's first token; or, for static decoding
+        (`MatFormerLM.forward_static`), the cache columns (T,) of x's tokens as a tensor, with
+        `mask` (B, 1, T, max_len) saying which cached columns each query sees."""
         B, T, _ = x.shape
         g = self.kv_heads
         nh = g * self.group
@@ -172,9 +176,15 @@ class Attention(nn.Module):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
-        mask = None
         is_causal = T > 1
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            # Static shapes for torch.compile: write at the columns `start`, attend over the
+            # whole cache; `mask` hides future, padding and stale columns.
+            cache.k[self.layer_idx].index_copy_(2, start, k)
+            cache.v[self.layer_idx].index_copy_(2, start, v)
+            k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            is_causal = False
+        elif cache is not None:
             end = start + T
             if end > cache.max_len:
                 raise TierError(f"KV cache holds {cache.max_len} positions; this call needs {end}")
@@ -234,8 +244,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache, start, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -386,6 +396,30 @@ class MatFormerLM(nn.Module):
             x = layer(x, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + T
+        return self.lm_head(self.model.norm(x))
+
+    def forward_static(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
+                       pad: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """The decode step with static shapes (what `matformer.decoding` compiles, gpt-fast
+        style): input_ids (B, T) go to cache columns `input_pos` (T,), every row's prompt is
+        left-padded by `pad` (B,) columns, and attention runs over all `cache.max_len` columns
+        under a mask, so neither the position nor the cache length changes a shape. Row b's
+        token in column c has rotary position c - pad[b]. Returns logits (B, T, V), or
+        (B, 1, V) for the last token only. `cache.length` is left to the caller."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        positions = (input_pos[None, :] - pad[:, None]).clamp_min(0)  # (B, T)
+        cos, sin = self.rotary(positions, x.dtype)
+        cols = torch.arange(cache.max_len, device=input_ids.device)  # (L,)
+        q_col = input_pos[None, :, None]  # (1, T, 1)
+        # Column c is seen by the query in column q when c <= q and c is no padding; a padding
+        # query sees itself (a row of -inf would give NaN keys for later layers to read).
+        mask = (cols <= q_col) & ((cols >= pad[:, None, None]) | (cols == q_col))  # (B, T, L)
+        mask = mask[:, None]  # (B, 1, T, L)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, input_pos, mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
