@@ -1,9 +1,9 @@
 """Export one width of a checkpoint to a GGUF file that llama.cpp runs (`matformer export`).
 
 - plan: the request (`tier`, per-layer `layer_tiers`, or `widths`; none = the stored widths) is
-  resolved to per-layer FFN widths, each of which the source must hold. Head counts per layer
-  are read from the stored q/k projections, so a checkpoint whose heads nest gets per-layer
-  head counts. Uniform models are written as llama.cpp's `llama` architecture, per-layer ones
+  resolved to per-layer FFN widths, and `kv_heads`/`layer_kv_heads` (none = the stored heads) to
+  per-layer KV heads, each of which the source must hold. Head counts are written per layer
+  (`head_count`/`head_count_kv` arrays) when they differ between layers. Uniform models are written as llama.cpp's `llama` architecture, per-layer ones
   as `deci` (see `matformer.io.gguf` for why).
 - stream: each GGUF tensor is read from its memory-mapped source shard (only its prefix rows,
   or the first columns of each row for down_proj), converted to float32, permuted for rope if it
@@ -40,7 +40,14 @@ from .io.gguf import (
 from .io.layout import Checkpoint, open_checkpoint
 from .io.safetensors import DTYPES
 from .io.source import Source, resolve_source
-from .tiers import check_held, describe_widths, resolve_widths
+from .tiers import (
+    check_heads_held,
+    check_held,
+    describe_heads,
+    describe_widths,
+    resolve_kv_heads,
+    resolve_widths,
+)
 
 _FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
@@ -74,11 +81,14 @@ class ExportResult:
     n_tensors: int
     bytes_written: int
     seconds: float
+    kv_heads: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"wrote {self.path} ({self.bytes_written / 1e6:.1f} MB, {self.n_tensors} tensors, "
                 f"{self.outtype}): llama.cpp architecture '{self.arch}', "
-                f"{describe_widths(self.base, self.widths)}, in {self.seconds:.1f}s")
+                f"{describe_widths(self.base, self.widths)}"
+                + (f", {describe_heads(self.kv_heads)}" if self.kv_heads else "")
+                + f", in {self.seconds:.1f}s")
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -98,13 +108,26 @@ def request_widths(config: MatFormerConfig, *, tier: int | None = None,
     return out
 
 
+def request_kv_heads(config: MatFormerConfig, *, kv_heads: int | None = None,
+                     layer_kv_heads: Sequence[int] | None = None) -> list[int]:
+    """Per-layer KV heads for a request (none: the stored heads), each held by the source."""
+    if kv_heads is None and layer_kv_heads is None:
+        return config.layer_kv_heads
+    out = resolve_kv_heads(config.base_kv_heads, config.num_hidden_layers, kv_heads=kv_heads,
+                           layer_kv_heads=layer_kv_heads)
+    check_heads_held(config.layer_kv_heads, out, holder="the source", uniform=kv_heads,
+                     remedy="export from a checkpoint that holds them")
+    return out
+
+
 def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], widths: list[int],
-                outtype: str, name: str) -> ExportPlan:
-    """GGUF tensors and metadata for `config` cut to `widths` (shapes: the stored tensors)."""
+                outtype: str, name: str, kv_heads: list[int] | None = None) -> ExportPlan:
+    """GGUF tensors and metadata for `config` cut to `widths` and per-layer `kv_heads` (default:
+    the stored heads; shapes: the stored tensors)."""
     n, hd = config.num_hidden_layers, config.head_dim
     assert hd is not None
-    heads = [shapes[f"model.layers.{i}.self_attn.q_proj.weight"][0] // hd for i in range(n)]
-    kv_heads = [shapes[f"model.layers.{i}.self_attn.k_proj.weight"][0] // hd for i in range(n)]
+    kv_heads = config.layer_kv_heads if kv_heads is None else list(kv_heads)
+    heads = [g * config.group_size for g in kv_heads]
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     meta = ModelMeta(name=name, context_length=config.max_position_embeddings,
                      hidden_size=config.hidden_size, ffn_widths=list(widths), heads=heads,
@@ -136,10 +159,18 @@ def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> Te
             rows, shape = w, (w, *shape[1:])
         elif src.endswith("down_proj.weight"):
             cols, shape = w, (shape[0], w)
-        elif src.endswith("q_proj.weight"):
-            heads = plan.meta.heads[i]
-        elif src.endswith("k_proj.weight"):
-            heads = plan.meta.kv_heads[i]
+        elif ".self_attn." in src:  # heads nest by KV group: prefixes of rows / columns
+            hd = plan.config.head_dim
+            assert hd is not None
+            q, kv = plan.meta.heads[i] * hd, plan.meta.kv_heads[i] * hd
+            if src.endswith("q_proj.weight"):
+                heads, rows, shape = plan.meta.heads[i], q, (q, *shape[1:])
+            elif src.endswith("k_proj.weight"):
+                heads, rows, shape = plan.meta.kv_heads[i], kv, (kv, *shape[1:])
+            elif src.endswith("v_proj.weight"):
+                rows, shape = kv, (kv, *shape[1:])
+            else:  # o_proj
+                cols, shape = q, (shape[0], q)
     name = gguf_name(src, plan.config.num_hidden_layers)
     return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape)), src, rows,
                      cols, heads)
@@ -205,8 +236,10 @@ def open_source(src: str | os.PathLike | Source, *, tier: int | None = None,
 def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier: int | None = None,
                 layer_tiers: Sequence[int] | None = None,
                 widths: int | Sequence[int] | None = None, outtype: str = "f16",
-                revision: str | None = None) -> ExportResult:
-    """Write the GGUF file `out` for one width of `src` (see the module docstring). Bad requests
+                revision: str | None = None, kv_heads: int | None = None,
+                layer_kv_heads: Sequence[int] | None = None) -> ExportResult:
+    """Write the GGUF file `out` for one width (and head count) of `src` (see the module
+    docstring). Bad requests
     raise our errors before anything is written; an existing `out` is replaced only by a
     complete file."""
     t0 = time.perf_counter()
@@ -218,11 +251,12 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     if any(out_path.resolve() == (folder / s).resolve() for s in ck.layout.shards):
         raise CheckpointError(f"{out_path}: is a weights file of the source; write elsewhere")
     ws = request_widths(config, tier=tier, layer_tiers=layer_tiers, widths=widths)
+    hl = request_kv_heads(config, kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
     tok = read_tokenizer(source.require_tokenizer(), config.vocab_size)
     shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
-    plan = plan_export(config, shapes, ws, outtype, folder.resolve().name)
+    plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)
     by_name = {j.plan.name: j for j in plan.jobs}
     size = write_gguf(out_path, plan.meta, tok, outtype, [j.plan for j in plan.jobs],
                        lambda t: produce(ck, by_name[t.name]))
     return ExportResult(out_path, plan.meta.arch, ws, config.base, outtype, len(plan.jobs), size,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, kv_heads=hl)
