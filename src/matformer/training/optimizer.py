@@ -160,7 +160,7 @@ class NestedAdamW(torch.optim.Optimizer):
             st = self.state.get(p)
             if st:
                 for k in ("exp_avg", "exp_avg_sq", "step"):
-                    out[f"optim.{name}.{k}"] = st[k].detach().cpu().contiguous()
+                    out[f"optim.{name}.{k}"] = st[k].detach().cpu().clone()  # counts are shared
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -23,6 +23,12 @@ from ..errors import CheckpointError, ConfigError, TierError
 from ..tiers import max_tier, width_of
 
 OBJECTIVES = ("sample", "joint", "single")
+DTYPES = ("float32", "bfloat16", "float16")
+# Model-shape overrides: TrainConfig field -> MatFormerConfig key.
+SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+              "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+              "max_positions": "max_position_embeddings"}
 
 # Keys older train_config.json files used, mapped to today's field names.
 LEGACY_KEYS = {"granularities": "trained_tiers", "granularity_probs": "tier_probs"}
@@ -94,6 +100,42 @@ class TrainConfig:
                                  "folder or a file in one", resumable=True,
                                  nargs="?", const=True, metavar="SRC")
     device: str = setting("auto", "auto, cpu or cuda", resumable=True)
+    # ---- model shape (issue 12): any config, not only the presets ----
+    model_config: str | None = setting(None, "config.json file giving the model's shape (its "
+                                       "vocab_size is raised to the tokenizer's if smaller); "
+                                       "replaces --preset", metavar="FILE")
+    hidden_size: int | None = setting(None, "override of the preset's / config's hidden size")
+    intermediate_size: int | None = setting(None, "override: FFN width of every layer (the "
+                                            "tier-0 width B of the nested FFN)")
+    num_layers: int | None = setting(None, "override: number of decoder layers")
+    num_heads: int | None = setting(None, "override: attention heads")
+    num_kv_heads: int | None = setting(None, "override: key/value heads (grouped-query attention)")
+    head_dim: int | None = setting(None, "override: dimension per head (default hidden/heads)")
+    max_positions: int | None = setting(None, "override: max_position_embeddings")
+    # ---- precision, compile, distribution (issue 12) ----
+    dtype: str = setting("float32", "compute dtype: autocast to bfloat16/float16 with float32 "
+                         "master weights and optimizer state (float16: dynamic loss scaling)",
+                         choices=DTYPES)
+    save_dtype: str | None = setting(None, "dtype of the saved weights (default: --dtype); "
+                                     "a non-float32 one keeps float32 master weights in the "
+                                     "training state for exact resume", resumable=True,
+                                     choices=DTYPES)
+    compile: str | None = setting(None, "torch.compile the model (one graph per trained width); "
+                                  "bare: the inductor backend", resumable=True,
+                                  nargs="?", const="inductor", metavar="BACKEND")
+    fsdp: bool = setting(False, "FSDP2 (fully_shard per decoder layer, then the root) under "
+                         "torchrun: parameters, gradients and optimizer state sharded; sharded "
+                         "training state through torch.distributed.checkpoint")
+    grad_accum: int = setting(1, "micro-batches of --batch-size per optimizer step and process")
+    activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward "
+                                             "(less memory, ~1/3 more compute)", resumable=True)
+    data_workers: int = setting(2, "DataLoader worker processes reading batches ahead (0: in "
+                                "the training process)", resumable=True)
+    peak_tflops: float | None = setting(None, "peak dense TFLOP/s of one device for the MFU "
+                                        "log (default: from the device name; unknown: no MFU)",
+                                        resumable=True)
+    tensorboard: bool = setting(False, "also write TensorBoard scalars to OUT/tensorboard "
+                                "(needs the tensorboard package)", resumable=True)
     log_every: int = setting(1, "steps between log lines", resumable=True)
     quiet: bool = setting(False, "no progress output", resumable=True)
 
@@ -122,11 +164,37 @@ def resumable_settings() -> set[str]:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
-    mc = MatFormerConfig.from_preset(cfg.preset, vocab_size=vocab_size, bos_token_id=D.BOS_ID,
-                                     eos_token_id=D.EOS_ID, pad_token_id=D.PAD_ID)
+    """The model the settings describe: `--model-config FILE` or the preset, with the shape
+    overrides applied, validated as a config.json is. The vocabulary is the tokenizer's (a file's
+    larger vocab_size is kept: rows to spare, e.g. padded for fast matmuls)."""
+    if cfg.model_config is not None:
+        d = MatFormerConfig.from_json_file(cfg.model_config).to_dict()
+        what = cfg.model_config
+        vocab_size = max(vocab_size, d["vocab_size"])
+    else:
+        d = MatFormerConfig.from_preset(cfg.preset).to_dict()
+        what = f"the {cfg.preset!r} preset"
+    overrides = {key: getattr(cfg, f) for f, key in SHAPE_KEYS.items() if getattr(cfg, f) is not None}
+    if overrides:
+        what += " with " + " ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)}"
+                                    for f in SHAPE_KEYS if getattr(cfg, f) is not None)
+        if "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & overrides.keys():
+            d.pop("head_dim", None)  # derived again from the new hidden size / heads
+        if "intermediate_size" in overrides:
+            d["matformer_base_intermediate_size"] = overrides["intermediate_size"]
+        if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+            d["num_key_value_heads"] = min(d["num_key_value_heads"], overrides["num_attention_heads"])
+    d.update(overrides, vocab_size=vocab_size, bos_token_id=D.BOS_ID, eos_token_id=D.EOS_ID,
+             pad_token_id=D.PAD_ID, torch_dtype="float32")  # float32 master weights
+    d.pop("matformer_tier", None)
+    mc = MatFormerConfig.from_dict(d, source=what)
+    if mc.layer_widths != [mc.base] * mc.num_hidden_layers:
+        raise ConfigError(f"{what}: intermediate_size={mc.intermediate_size} is not the full width "
+                          f"matformer_base_intermediate_size={mc.base} in every layer; training "
+                          f"builds the full-width model (drop the narrower sizes)")
     if cfg.seq_len > mc.max_position_embeddings:
-        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the {cfg.preset!r} preset's "
-                          f"max_position_embeddings={mc.max_position_embeddings}")
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds {what}'s max_position_embeddings="
+                          f"{mc.max_position_embeddings}; lower --seq-len or raise --max-positions")
     return mc
 
 
@@ -212,9 +280,29 @@ def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:
         raise ConfigError("weight_decay, grad_clip and warmup_steps must be non-negative")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    _validate_scale(cfg)
     if base is None:  # from_preset raises the ConfigError listing the presets
-        base = MatFormerConfig.from_preset(cfg.preset).base
+        base = model_config(cfg, cfg.vocab_size).base
     _validate_tiers(cfg, base, world)
+
+
+def _validate_scale(cfg: TrainConfig) -> None:
+    """The issue-12 settings: shapes, precision, accumulation, workers, logs."""
+    for key in (*SHAPE_KEYS, "grad_accum"):
+        v = getattr(cfg, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    for key in ("dtype", "save_dtype"):
+        v = getattr(cfg, key)
+        if v is not None and v not in DTYPES:
+            raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
+    if isinstance(cfg.data_workers, bool) or not isinstance(cfg.data_workers, int) \
+            or cfg.data_workers < 0:
+        raise ConfigError(f"data_workers must be a non-negative integer, got {cfg.data_workers!r}")
+    if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
+        raise ConfigError(f"peak_tflops must be positive, got {cfg.peak_tflops!r}")
+    if cfg.compile is not None and (not isinstance(cfg.compile, str) or not cfg.compile):
+        raise ConfigError(f"compile must name a torch.compile backend, got {cfg.compile!r}")
 
 
 def _validate_tiers(cfg: TrainConfig, base: int, world: int) -> None:
