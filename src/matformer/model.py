@@ -177,26 +177,23 @@ class Attention(nn.Module):
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
         is_causal = T > 1
+        if cache is not None:
+            # The first g heads of the cache (a view; the whole cache when it holds g).
+            ck, cv = self._cache_heads(cache, g)
         if cache is not None and isinstance(start, torch.Tensor):
             # Static shapes for torch.compile: write at the columns `start`, attend over the
             # whole cache; `mask` hides future, padding and stale columns.
-            cache.k[self.layer_idx].index_copy_(2, start, k)
-            cache.v[self.layer_idx].index_copy_(2, start, v)
-            k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            ck.index_copy_(2, start, k)
+            cv.index_copy_(2, start, v)
+            k, v = ck, cv
             is_causal = False
         elif cache is not None:
             end = start + T
             if end > cache.max_len:
                 raise TierError(f"KV cache holds {cache.max_len} positions; this call needs {end}")
-            ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            if g > ck.shape[1]:
-                raise TierError(f"KV cache holds {ck.shape[1]} KV heads in layer "
-                                f"{self.layer_idx}; this model runs {g} (allocate the cache "
-                                f"at the heads it will run: new_cache(..., kv_heads=...))")
-            ck[:, :g, start:end] = k
-            cv[:, :g, start:end] = v
-            k = ck[:, :g, :end]
-            v = cv[:, :g, :end]
+            ck[:, :, start:end] = k
+            cv[:, :, start:end] = v
+            k, v = ck[:, :, :end], cv[:, :, :end]
             if start > 0 and T > 1:
                 # Query i sits at absolute position start+i and sees keys 0..start+i.
                 q_pos = torch.arange(start, end, device=x.device)[:, None]
@@ -209,6 +206,14 @@ class Attention(nn.Module):
             enable_gqa=self.group != 1,
         )  # (B, nh, T, hd)
         return F.linear(y.transpose(1, 2).reshape(B, T, nh * self.hd), wo)
+
+    def _cache_heads(self, cache: KVCache, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        if g > ck.shape[1]:
+            raise TierError(f"KV cache holds {ck.shape[1]} KV heads in layer {self.layer_idx}; "
+                            f"this model runs {g} (allocate the cache at the heads it will run: "
+                            f"new_cache(..., kv_heads=...))")
+        return (ck, cv) if g == ck.shape[1] else (ck[:, :g], cv[:, :g])
 
 
 class NestedMLP(nn.Module):
