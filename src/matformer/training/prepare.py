@@ -70,7 +70,8 @@ class Run:
 
 def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     validate(cfg, world=dist.world)
-    if cfg.data is not None:  # recorded absolute: evaluation may run from another folder
+    if cfg.data is not None and cfg.data not in D.PACKAGED_CORPORA:  # recorded absolute:
+        # evaluation may run from another folder (a packaged corpus is a name, not a path)
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
     report = Reporter(Path(cfg.out), dist.main, cfg.quiet)
     ckpt = state.resume_checkpoint(cfg)
