@@ -57,7 +57,7 @@ def _loop(run: Run) -> TrainResult:
         x = run.batch()
         plan = step_plan(cfg, run.base, step, dist.rank, dist.world)
         lr = set_lr(run.opt, lr_at(cfg, step))
-        per_tier = forward_backward(run.objective, x, plan)
+        per_tier = forward_backward(run.objective, x, plan, run.teacher)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
         run.opt.step(update_extent(cfg, run.base, step, dist.world))

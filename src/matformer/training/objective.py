@@ -12,13 +12,14 @@ rank knows every other rank's plan (`update_extent`) and a resumed run draws the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..model import MatFormerLM
+from ..model import MatFormerLM, lm_loss
+from .distill import Distillation
 from .settings import TrainConfig, rank_choices, runtime_tiers
 
 Plan = list[tuple[int, float]]
@@ -42,26 +43,34 @@ def update_extent(cfg: TrainConfig, base: int, step: int, world: int) -> int:
 
 
 class Objective(nn.Module):
-    """forward(input_ids (B, T), plan [(tier, weight)]) -> (sum_i w_i * loss_i, losses (len(plan),))"""
+    """forward(input_ids (B, T), plan [(tier, weight)], teacher_logits=None) ->
+    (sum_i w_i * loss_i, LM losses (len(plan),)). With `distill` and teacher logits, loss_i mixes
+    the distillation loss in (matformer.training.distill); the LM losses are reported either way."""
 
-    def __init__(self, model: MatFormerLM) -> None:
+    def __init__(self, model: MatFormerLM, distill: Distillation | None = None) -> None:
         super().__init__()
         self.model = model
+        self.distill = distill
 
-    def forward(self, input_ids: torch.Tensor, plan: Sequence[tuple[int, float]]):
+    def forward(self, input_ids: torch.Tensor, plan: Sequence[tuple[int, float]],
+                teacher_logits: torch.Tensor | None = None):
         total: torch.Tensor | None = None
         losses = []
         for tier, w in plan:
             with self.model.at_width(tier=tier):
-                loss = self.model.loss(input_ids)  # shifted labels; the (B, T, V) logits not copied
+                logits = self.model(input_ids)
+            loss = lm_loss(logits, input_ids)  # shifted labels; the (B, T, V) logits not copied
             losses.append(loss.detach())
+            if self.distill is not None and teacher_logits is not None:
+                loss = self.distill.mix(logits, teacher_logits, loss)
             total = loss * w if total is None else total + loss * w
         assert total is not None
         return total, torch.stack(losses)
 
 
 def forward_backward(objective: nn.Module, input_ids: torch.Tensor,
-                     plan: Sequence[tuple[int, float]]) -> torch.Tensor:
+                     plan: Sequence[tuple[int, float]],
+                     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Accumulate the gradient of sum_i w_i * loss_i into .grad; returns the per-tier
     losses (len(plan),).
 
@@ -70,13 +79,15 @@ def forward_backward(objective: nn.Module, input_ids: torch.Tensor,
     freed before the next width runs, so `joint` costs no more than its single-width steps. Under
     DDP every backward but the last runs in `no_sync()`, so each rank all-reduces once per step
     however many tiers its plan holds (ranks at different runtime tiers may hold
-    different numbers)."""
+    different numbers). A `teacher` (distillation) runs once per step; every tier of the plan
+    learns from the same logits."""
     ddp = isinstance(objective, nn.parallel.DistributedDataParallel)
+    teacher_logits = teacher(input_ids) if teacher is not None else None
     losses = []
     for i, item in enumerate(plan):
         last = i == len(plan) - 1
         with objective.no_sync() if ddp and not last else contextlib.nullcontext():
-            loss, per_tier = objective(input_ids, [item])
+            loss, per_tier = objective(input_ids, [item], teacher_logits)
             loss.backward()
         losses.append(per_tier)
     return torch.cat(losses)

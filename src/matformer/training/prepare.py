@@ -19,7 +19,8 @@ from torch import nn
 from .. import data as D
 from ..config import MatFormerConfig
 from ..model import MatFormerLM, parameter_counts
-from . import distributed, state
+from . import distributed, state, warmstart
+from .distill import Distillation, Teacher
 from .distributed import Dist
 from .evaluation import heldout
 from .objective import Objective
@@ -44,6 +45,8 @@ class Run:
     val_windows: torch.Tensor
     trained: list[int]
     """Every tier some rank trains (what evaluation scores)."""
+    teacher: Teacher | None = None
+    """--distill: the frozen teacher (outside the DDP-wrapped objective)."""
     start: int = 0
     tokens_seen: int = 0
     history: History = field(default_factory=list)
@@ -75,8 +78,10 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
     report = Reporter(Path(cfg.out), dist.main, cfg.quiet)
     ckpt = state.resume_checkpoint(cfg)
-    tok, train_tokens, val_tokens = _load_data(cfg, dist, ckpt, report)
-    mcfg = model_config(cfg, tok.get_vocab_size())
+    init = warmstart.init_source(cfg.init_from) if cfg.init_from else None
+    tok, train_tokens, val_tokens = _load_data(cfg, dist, ckpt, report, init)
+    mcfg = (warmstart.init_model_config(init, tok.get_vocab_size(), cfg.seq_len) if init
+            else model_config(cfg, tok.get_vocab_size()))
     validate(cfg, base=mcfg.base, world=dist.world)
     resumed = None
     if ckpt is not None:
@@ -87,13 +92,17 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     model.reset_parameters(seed=cfg.seed)
     if ckpt is not None:
         state.load_weights(model, ckpt)
+    elif init is not None:
+        state.load_weights(model, init.folder)
     model.to(dist.device)
     opt = build_optimizer(model, cfg)
     sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
     val_windows, val_desc = heldout(val_tokens, cfg.seq_len, cfg.eval_windows, dist.device)
     run = Run(cfg=cfg, dist=dist, report=report, tok=tok, model_cfg=mcfg, model=model,
-              objective=distributed.wrap(Objective(model), dist), opt=opt, sampler=sampler,
-              val_windows=val_windows, trained=all_trained_tiers(cfg, mcfg.base, dist.world))
+              objective=distributed.wrap(Objective(model, _distillation(cfg)), dist), opt=opt,
+              sampler=sampler, val_windows=val_windows,
+              trained=all_trained_tiers(cfg, mcfg.base, dist.world),
+              teacher=_teacher(cfg, tok, model, dist))
     if ckpt is not None and resumed is not None:
         state.restore(tensors, ckpt, opt, sampler, resumed, dist.device)
         run.start, run.tokens_seen, run.history = resumed.step, resumed.tokens_seen, resumed.history
@@ -104,8 +113,21 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     return run
 
 
-def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None,
-               report: Reporter) -> tuple[Any, np.ndarray, np.ndarray]:
+def _distillation(cfg: TrainConfig) -> Distillation | None:
+    return Distillation(cfg.distill_alpha, cfg.distill_temperature) if cfg.distill else None
+
+
+def _teacher(cfg: TrainConfig, tok: Any, model: MatFormerLM, dist: Dist) -> Teacher | None:
+    """--distill: the teacher, loaded once, checked against the student."""
+    if not cfg.distill:
+        return None
+    teacher = Teacher(cfg.distill, dist.device)
+    teacher.check_student(model, tok.to_str(), cfg.seq_len)
+    return teacher
+
+
+def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None, report: Reporter,
+               init: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
     """The tokenizer (the checkpoint's, or trained on rank 0 and broadcast) and the train and
     held-out token streams."""
     t0 = time.time()
@@ -113,6 +135,8 @@ def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None,
     train_texts, val_texts = D.split_texts(texts, cfg.val_fraction, cfg.split_seed)
     if ckpt is not None:
         tok = D.load_tokenizer(ckpt)
+    elif init is not None:
+        tok = warmstart.init_tokenizer(init)
     else:
         tok_json = D.train_tokenizer(train_texts, cfg.vocab_size).to_str() if dist.main else None
         tok = Tokenizer.from_str(distributed.broadcast_str(tok_json, dist))
@@ -131,9 +155,13 @@ def _describe(run: Run, val_desc: str) -> None:
     counts = parameter_counts(mcfg)
     rts = runtime_tiers(cfg, run.dist.world)
     run.report.say(
-        f"model: preset {cfg.preset}, {mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
+        f"model: {'--init-from ' + cfg.init_from if cfg.init_from else 'preset ' + cfg.preset}, {mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
         f"FFN base {mcfg.base}; {counts['non_embedding']:,} non-embedding + "
         f"{counts['embedding']:,} embedding parameters; objective {cfg.objective}, tiers "
         f"{run.trained}" + (f", runtime tier(s) {rts}" if any(rts) else "")
         + f", {run.dist.world} process(es)")
     run.report.say(f"held-out evaluation: {val_desc}")
+    if run.teacher is not None:
+        d = _distillation(cfg)
+        assert d is not None
+        run.report.say(run.teacher.describe(d))

@@ -99,6 +99,15 @@ class TrainConfig:
                                  "newest one in --out; or SRC: a run folder, a step-*/ checkpoint "
                                  "folder or a file in one", resumable=True,
                                  nargs="?", const=True, metavar="SRC")
+    init_from: str | None = setting(None, "start from this checkpoint's weights, architecture and "
+                                    "tokenizer (e.g. the output of matformer convert) instead of "
+                                    "a fresh --preset model", metavar="SRC")
+    distill: str | None = setting(None, "teacher checkpoint (e.g. the dense model --init-from was "
+                                  "converted from), frozen: each tier's loss is alpha * T^2 * "
+                                  "KL(teacher || student at temperature T) + (1 - alpha) * LM "
+                                  "loss", metavar="SRC")
+    distill_alpha: float = setting(0.5, "--distill: weight alpha of the distillation loss")
+    distill_temperature: float = setting(1.0, "--distill: softmax temperature T")
     device: str = setting("auto", "auto, cpu or cuda", resumable=True)
     # ---- model shape (issue 12): any config, not only the presets ----
     model_config: str | None = setting(None, "config.json file giving the model's shape (its "
@@ -280,6 +289,9 @@ def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:
         raise ConfigError("weight_decay, grad_clip and warmup_steps must be non-negative")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0 <= cfg.distill_alpha <= 1 or not cfg.distill_temperature > 0:
+        raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature positive, got "
+                          f"{cfg.distill_alpha}, {cfg.distill_temperature}")
     _validate_scale(cfg)
     if base is None:  # from_preset raises the ConfigError listing the presets
         base = model_config(cfg, cfg.vocab_size).base

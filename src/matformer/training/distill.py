@@ -1,0 +1,93 @@
+"""Distillation from a frozen teacher: `matformer train --distill SRC`.
+
+Loss of one trained tier (what `Objective` backpropagates when distilling):
+
+    loss = alpha * KD + (1 - alpha) * LM
+    KD   = T^2 * mean over every position of KL(softmax(z_teacher / T) || softmax(z_student / T))
+    LM   = the usual shifted next-token cross-entropy (`model.lm_loss`)
+
+with alpha = `distill_alpha` (default 0.5) and T = `distill_temperature` (default 1). The T^2
+factor keeps the gradient of the soft targets at the LM loss's scale when T changes (Hinton et
+al., 2015). KL runs from the teacher to the student (forward KL, as Minitron's logit
+distillation), over all B x T positions of the window (the last one included: the teacher's
+distribution there is as good a target as any other). The logged per-tier losses stay the LM
+loss, so they compare with held-out losses and with runs that do not distill.
+
+The teacher is loaded once per run (memory-mapped, float32), put in eval mode with every
+parameter frozen, and runs under `torch.no_grad()` once per step; every tier of a `joint` step
+learns from the same teacher logits. It lives outside the DDP-wrapped objective, so its weights
+are never broadcast or all-reduced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import data as D
+from ..errors import ConfigError
+from ..io.checkpoint import load_model
+from ..io.source import resolve_source
+from ..model import MatFormerLM
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over positions (nats)."""
+    T = float(temperature)
+    V = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, V) / T, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, V) / T, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * (T * T)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How the distillation loss mixes with the LM loss."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def mix(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            lm: torch.Tensor) -> torch.Tensor:
+        """alpha * KD + (1 - alpha) * LM."""
+        kd = kd_loss(student_logits, teacher_logits, self.temperature)
+        return self.alpha * kd + (1.0 - self.alpha) * lm
+
+
+class Teacher:
+    """A frozen model whose logits the student learns from: `teacher(input_ids) -> logits`."""
+
+    def __init__(self, src: str | os.PathLike, device: torch.device | str) -> None:
+        self.source = resolve_source(src, companions=True)
+        self.model: MatFormerLM = load_model(self.source, dtype=torch.float32, device=device)
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def check_student(self, student: MatFormerLM, tokenizer_json: str | None, seq_len: int) -> None:
+        """The teacher must read the same tokens the student does and predict over the same
+        vocabulary; a ConfigError naming both otherwise."""
+        src = self.source.describe()
+        tv, sv = self.model.config.vocab_size, student.config.vocab_size
+        if tv != sv:
+            raise ConfigError(f"--distill {src}: the teacher's vocab_size is {tv}, the student's "
+                              f"{sv}; distillation needs the same vocabulary (convert the teacher "
+                              f"with matformer convert and --init-from its output)")
+        if tokenizer_json is not None and self.source.tokenizer_path is not None:
+            if D.load_tokenizer(self.source.folder).to_str() != tokenizer_json:
+                raise ConfigError(f"--distill {src}: its tokenizer.json differs from the run's "
+                                  f"tokenizer; teacher and student must tokenize alike")
+        if seq_len > self.model.config.max_position_embeddings:
+            raise ConfigError(f"--distill {src}: seq_len={seq_len} exceeds the teacher's "
+                              f"max_position_embeddings={self.model.config.max_position_embeddings}")
+
+    def describe(self, d: Distillation) -> str:
+        return (f"distilling from {self.source.describe()} (frozen): loss = {d.alpha:g} * "
+                f"T^2 KL(teacher || student, T={d.temperature:g}) + {1 - d.alpha:g} * LM; logged "
+                f"losses are the LM part")
