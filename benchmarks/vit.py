@@ -169,13 +169,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quick", action="store_true", help="the vit-debug shape, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="the debug preset's shape, 3 repeats")
     ap.add_argument("--out", default=str(RESULTS / "vit.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        cfg = MatViTConfig.from_preset("vit-debug")
+        cfg = MatViTConfig.from_preset("debug")
         args.repeats, args.batch = 3, 16
     else:
         cfg = MatViTConfig(image_size=args.image_size, patch_size=args.patch_size, num_channels=3,

@@ -29,7 +29,7 @@ def _random_model(seed: int = 0, **overrides) -> MatViT:
     """Every parameter drawn at random (biases, norms, class token too), so nothing is left at
     an init value that would hide a missing or misplaced tensor."""
     torch.manual_seed(seed)
-    model = MatViT(MatViTConfig.from_preset("vit-debug", **overrides)).eval()
+    model = MatViT(MatViTConfig.from_preset("debug", **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name and name.endswith("weight"):
@@ -182,7 +182,7 @@ def test_bad_width_requests_are_clear_errors() -> None:
 
 
 def test_parameter_counts_and_shapes_match_the_modules() -> None:
-    cfg = MatViTConfig.from_preset("vit-debug")
+    cfg = MatViTConfig.from_preset("debug")
     model = MatViT(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == expected_shapes(cfg)
@@ -195,7 +195,7 @@ def test_parameter_counts_and_shapes_match_the_modules() -> None:
 
 
 def test_config_round_trip_and_transformers_reads_it() -> None:
-    cfg = MatViTConfig.from_preset("vit-digits", id2label={i: f"digit {i}" for i in range(10)},
+    cfg = MatViTConfig.from_preset("tiny", id2label={i: f"digit {i}" for i in range(10)},
                                    extra={"hidden_dropout_prob": 0.0, "encoder_stride": 2})
     d = json.loads(cfg.to_json_string())
     assert d["model_type"] == "vit" and d["architectures"] == ["ViTForImageClassification"]
@@ -215,7 +215,7 @@ def test_config_round_trip_and_transformers_reads_it() -> None:
 
 
 def test_truth_rule_and_config_errors() -> None:
-    cfg = MatViTConfig.from_preset("vit-debug")
+    cfg = MatViTConfig.from_preset("debug")
     assert cfg.with_widths(32).to_dict()["matformer_tier"] == 2
     assert cfg.with_widths(96).to_dict()["matformer_tier"] is None  # 3/4 of B is no tier
     bad = MatViTConfig.from_dict({**cfg.with_widths(32).to_dict(), "matformer_tier": 1})
@@ -239,7 +239,7 @@ def test_truth_rule_and_config_errors() -> None:
     with pytest.raises(ConfigError, match="required key 'hidden_size'"):
         MatViTConfig.from_dict(d)
     with pytest.raises(ConfigError, match="unknown ViT preset"):
-        MatViTConfig.from_preset("vit-huge")
+        MatViTConfig.from_preset("huge")
 
 
 # ---- data ------------------------------------------------------------------------------------

@@ -309,17 +309,21 @@ def _layer_prefix(i: int) -> str:
     return f"vit.encoder.layer.{i}."
 
 
-def expected_shapes(config: MatViTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a MatViT storing `config`'s widths and heads, by transformers' ViT name."""
+def expected_shapes(config: MatViTConfig, widths: list[int] | None = None,
+                    kv_heads: list[int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a MatViT of `config` storing `widths` FFN neurons and `kv_heads` heads per
+    layer (default: the stored ones), by transformers' ViT name (the names its files use)."""
     h, c, p, hd = config.hidden_size, config.num_channels, config.patch_size, config.head_dim
     assert hd is not None
+    ws = config.layer_widths if widths is None else list(widths)
+    gs = config.layer_kv_heads if kv_heads is None else list(kv_heads)
     shapes: dict[str, tuple[int, ...]] = {
         "vit.embeddings.cls_token": (1, 1, h),
         "vit.embeddings.position_embeddings": (1, config.num_patches + 1, h),
         "vit.embeddings.patch_embeddings.projection.weight": (h, c, p, p),
         "vit.embeddings.patch_embeddings.projection.bias": (h,),
     }
-    for i, (w, g) in enumerate(zip(config.layer_widths, config.layer_kv_heads, strict=True)):
+    for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
         pre = _layer_prefix(i)
         for proj in ("query", "key", "value"):
             shapes[f"{pre}attention.attention.{proj}.weight"] = (g * hd, h)
@@ -373,19 +377,21 @@ def _nonneg_int(key: str, v: Any) -> None:
         raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
 
 
-# Named shapes. `vit-debug` is for tests; `vit-digits` trains on the 8x8 digits in minutes on two
-# cores (patch 2: 16 patches + the class token); `vit-tiny`/`vit-base` are DeiT-Ti / ViT-B/16.
+# Named shapes, by the same names as the language model's presets (`--arch vit --preset tiny`).
+# `debug` is for tests; `tiny` trains on the 8x8 digits in minutes on two cores (patch 2: 16
+# patches + the class token; FFN 8x hidden, so the widths differ in size); `small` is a
+# DeiT-Ti-like encoder for 32x32 images (CIFAR-sized folders); `base` is ViT-B/16.
 VIT_PRESETS: dict[str, dict[str, Any]] = {
-    "vit-debug": dict(image_size=8, patch_size=4, num_channels=1, hidden_size=32,
-                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      num_labels=10),
-    "vit-digits": dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64,
-                       num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                       num_labels=10),
-    "vit-tiny": dict(image_size=224, patch_size=16, num_channels=3, hidden_size=192,
-                     num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                     num_labels=1000),
-    "vit-base": dict(image_size=224, patch_size=16, num_channels=3, hidden_size=768,
-                     num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                     num_labels=1000),
+    "debug": dict(image_size=8, patch_size=4, num_channels=1, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  num_labels=10),
+    "tiny": dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64,
+                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                 num_labels=10),
+    "small": dict(image_size=32, patch_size=4, num_channels=3, hidden_size=192,
+                  num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                  num_labels=10),
+    "base": dict(image_size=224, patch_size=16, num_channels=3, hidden_size=768,
+                 num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 num_labels=1000),
 }

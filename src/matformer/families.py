@@ -1,0 +1,62 @@
+"""Model families: which config, architecture arithmetic and model a config.json describes.
+
+Two families share the nesting machinery (tiers, views, checkpoints, training objectives):
+- the language model (`MatFormerConfig` / `MatFormerLM`, transformers' Llama layout), the default;
+- MatViT (`MatViTConfig` / `MatViT`, transformers' ViT layout), chosen by `model_type: "vit"`.
+
+Loaders and writers ask here instead of naming one family, so detection has one rule. Torch is
+imported only by `build_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import shapes
+from . import vit_config as V
+from .config import MatFormerConfig
+from .vit_config import MatViTConfig
+
+Config = MatFormerConfig | MatViTConfig
+
+
+def is_vit(config_dict: Any) -> bool:
+    return V.is_vit_config(config_dict)
+
+
+def config_from_dict(d: Any, source: str = "config.json") -> Config:
+    """The config a parsed config.json describes (`model_type: "vit"`: a MatViT; else the LM)."""
+    if is_vit(d):
+        return MatViTConfig.from_dict(d, source=source)
+    return MatFormerConfig.from_dict(d, source=source)
+
+
+def expected_shapes(config: Config, widths: Sequence[int] | None = None,
+                    kv_heads: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint of `config` at `widths`/`kv_heads` (default: as stored)."""
+    if isinstance(config, MatViTConfig):
+        return V.expected_shapes(config, None if widths is None else list(widths),
+                                 None if kv_heads is None else list(kv_heads))
+    return shapes.expected_shapes(config, widths, kv_heads)
+
+
+def parameter_counts(config: Config, widths: Sequence[int] | None = None,
+                     kv_heads: Sequence[int] | None = None) -> dict[str, int]:
+    """Parameter counts of `config` at `widths`/`kv_heads`; both families report `embedding`,
+    `non_embedding` and `total` (MatViT also its classifier `head`)."""
+    if isinstance(config, MatViTConfig):
+        return V.parameter_counts(config, None if widths is None else list(widths),
+                                  None if kv_heads is None else list(kv_heads))
+    return shapes.parameter_counts(config, widths, kv_heads)
+
+
+def build_model(config: Config) -> Any:
+    """An (initialised, or meta-device when built under one) model of `config`."""
+    if isinstance(config, MatViTConfig):
+        from .vit import MatViT
+
+        return MatViT(config)
+    from .model import MatFormerLM
+
+    return MatFormerLM(config)
