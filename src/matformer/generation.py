@@ -84,6 +84,9 @@ class GenerationOutput:
     stats: GenerationStats
     draft_widths: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    kv_heads: list[int] | None = None
+    """Per-layer KV heads the output was decoded at (the target's)."""
+    draft_kv_heads: list[int] | None = None
 
     @property
     def sequence(self) -> list[int]:
@@ -208,11 +211,27 @@ def _sync(device: torch.device) -> None:
 
 
 def _requested(tier: int | None, layer_tiers: Sequence[int] | None,
-               widths: int | Sequence[int] | None) -> dict[str, Any] | None:
-    """The width request of one call as `set_widths` keywords, or None when none was made."""
-    if tier is None and layer_tiers is None and widths is None:
+               widths: int | Sequence[int] | None, kv_heads: int | None = None,
+               layer_kv_heads: Sequence[int] | None = None) -> dict[str, Any] | None:
+    """The width (and KV head) request of one call: the keywords given, or None when none was
+    made (an FFN-only request suits `resolve_widths`, a heads-only one `resolve_kv_heads`)."""
+    given = {"tier": tier, "layer_tiers": layer_tiers, "widths": widths, "kv_heads": kv_heads,
+             "layer_kv_heads": layer_kv_heads}
+    return {k: v for k, v in given.items() if v is not None} or None
+
+
+_FFN_KEYS = ("tier", "layer_tiers", "widths")
+
+
+def _call_setting(model: MatFormerLM, request: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The full setting (`set_widths` keywords) one call runs at: each axis the request names,
+    the model's current setting on the other; None for no request."""
+    if request is None:
         return None
-    return {"tier": tier, "layer_tiers": layer_tiers, "widths": widths}
+    ffn = {k: v for k, v in request.items() if k in _FFN_KEYS}
+    heads = {k: v for k, v in request.items() if k not in _FFN_KEYS}
+    return {"widths": model.resolve_widths(**ffn) if ffn else model.widths,
+            "layer_kv_heads": model.resolve_kv_heads(**heads) if heads else model.layer_kv_heads}
 
 
 def default_draft_tier(model: MatFormerLM, limit: int = 3) -> int:
@@ -240,11 +259,13 @@ def generate(
     widths: int | Sequence[int] | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    kv_heads: int | None = None,
+    layer_kv_heads: Sequence[int] | None = None,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` tokens after `prompt` (token ids, one sequence).
 
-    Width: `tier`/`layer_tiers`/`widths` for this call only (restored afterwards), else the model's
-    current setting. Stops after an EOS (`eos_token_id`, default the config's) unless
+    Width: `tier`/`layer_tiers`/`widths` and KV heads: `kv_heads`/`layer_kv_heads` for this call
+    only (restored afterwards); an axis not named runs at the model's current setting. Stops after an EOS (`eos_token_id`, default the config's) unless
     `ignore_eos`. `use_cache=False` recomputes the whole sequence every step (a reference for
     tests; same tokens, much slower). `compile=True`: the static-cache compiled step (the first
     call at a width compiles it; later calls reuse it).
@@ -253,7 +274,8 @@ def generate(
         return generate_batch(
             model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos, stream=stream,
-            tier=tier, layer_tiers=layer_tiers, widths=widths, compile=True)[0]
+            tier=tier, layer_tiers=layer_tiers, widths=widths, compile=True, kv_heads=kv_heads,
+            layer_kv_heads=layer_kv_heads)[0]
     device = model.model.embed_tokens.weight.device
     ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
     P = ids.shape[1]
@@ -262,10 +284,10 @@ def generate(
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
     stats = GenerationStats(prompt_tokens=P)
     out: list[int] = []
-    request = _requested(tier, layer_tiers, widths)
-    with (model.at_width(**request) if request else contextlib.nullcontext(),
+    setting = _call_setting(model, _requested(tier, layer_tiers, widths, kv_heads, layer_kv_heads))
+    with (model.at_width(**setting) if setting else contextlib.nullcontext(),
           torch.inference_mode()):
-        run_widths = model.widths
+        run_widths, run_heads = model.widths, model.layer_kv_heads
         t0 = time.perf_counter()
         cache = model.new_cache(1, max_len) if use_cache else None
         seq = ids
@@ -293,7 +315,8 @@ def generate(
         _sync(device)
         stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
-    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=run_widths, stats=stats)
+    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=run_widths, stats=stats,
+                            kv_heads=run_heads)
 
 
 # ---- batched decoding on the static cache -----------------------------------------------------
@@ -313,7 +336,7 @@ def static_decoder(model: MatFormerLM, batch_size: int, min_len: int, *,
     ctx = model.config.max_position_embeddings
     max_len = min(ctx, -(-min_len // 128) * 128)
     kept = _DECODERS.setdefault(model, {})
-    key = (batch_size, max_len)
+    key = (batch_size, max_len, tuple(model.layer_kv_heads))  # the cache holds the active heads
     if key not in kept:
         kept[key] = StaticDecoder(model, batch_size, max_len, compile=True)
     return kept[key]
@@ -335,6 +358,8 @@ def generate_batch(
     layer_tiers: Sequence[int] | None = None,
     widths: int | Sequence[int] | None = None,
     compile: bool = False,
+    kv_heads: int | None = None,
+    layer_kv_heads: Sequence[int] | None = None,
 ) -> list[GenerationOutput]:
     """Decode after each of `prompts` (token id lists of any lengths) at once, one row each,
     on one static cache; arguments as `generate` (`stream` sees row 0's tokens). A row stops
@@ -349,10 +374,10 @@ def generate_batch(
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
     stats = [GenerationStats(prompt_tokens=r.shape[0]) for r in rows]
     outs: list[list[int]] = [[] for _ in rows]
-    request = _requested(tier, layer_tiers, widths)
-    with (model.at_width(**request) if request else contextlib.nullcontext(),
+    setting = _call_setting(model, _requested(tier, layer_tiers, widths, kv_heads, layer_kv_heads))
+    with (model.at_width(**setting) if setting else contextlib.nullcontext(),
           torch.inference_mode()):
-        run_widths = model.widths
+        run_widths, run_heads = model.widths, model.layer_kv_heads
         dec = static_decoder(model, len(rows), max_len, compile=compile)
         t0 = time.perf_counter()
         logits = dec.prefill(rows)  # (B, V)
@@ -382,5 +407,6 @@ def generate_batch(
         st.new_tokens, st.seconds, st.prefill_seconds = len(out), seconds, prefill
         st.target_forwards = forwards
         results.append(GenerationOutput(tokens=out, prompt=r.tolist(), widths=run_widths,
-                                        stats=st, extra={"compiled": compile}))
+                                        stats=st, extra={"compiled": compile},
+                                        kv_heads=run_heads))
     return results

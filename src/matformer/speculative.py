@@ -49,7 +49,7 @@ from .generation import (
     static_decoder,
 )
 from .model import MatFormerLM
-from .tiers import describe_widths, runnable_tiers
+from .tiers import check_heads_held, describe_heads, describe_widths, runnable_tiers
 
 AUTO_MAX_DRAFT_TOKENS = 8
 """Largest k `draft_tokens="auto"` considers (each k is one more compiled verify graph)."""
@@ -66,6 +66,14 @@ class Draft:
     name: str
     widths: list[int]
     model: MatFormerLM | None = None
+    kv_heads: list[int] | None = None
+    """KV heads per layer (None: as the model stores); a width of the target runs at most the
+    target's heads (it shares the target's cache)."""
+
+    @property
+    def setting(self) -> dict[str, Any]:
+        """`set_widths` keywords of this draft."""
+        return {"widths": self.widths, "layer_kv_heads": self.kv_heads}
 
 
 @dataclass
@@ -148,11 +156,12 @@ def _timed(fn: Any, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: list[int],
+def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: dict[str, Any],
                   drafts: Sequence[Draft], draft_decs: dict[str, StaticDecoder],
                   ks: Sequence[int], reps: int = 3) -> DecodeCosts:
     """Time a target step, each draft's step and each k's verify at `dec`'s position (every
-    forward is cropped away again); the model is left at the `target` widths."""
+    forward is cropped away again); the model is left at the `target` setting (`set_widths`
+    keywords: widths and KV heads)."""
     t0 = time.perf_counter()
     pos = dec.pos
     tok = torch.zeros(1, max(ks, default=0) + 1, dtype=torch.long, device=dec.device)
@@ -163,35 +172,35 @@ def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: list[int],
         d.crop(at)
 
     verify = {}
-    model.set_widths(widths=target)
+    model.set_widths(**target)
     target_step = _timed(lambda: run(dec, 1), dec.device, reps)
     for k in ks:
         verify[k] = _timed(lambda k=k: run(dec, k + 1), dec.device, reps)
     steps = {}
     for d in drafts:
         if d.model is None:
-            model.set_widths(widths=d.widths)
+            model.set_widths(**d.setting)
             steps[d.name] = _timed(lambda: run(dec, 1), dec.device, reps)
         else:
             steps[d.name] = _timed(lambda d=d: run(draft_decs[d.name], 1), dec.device, reps)
-    model.set_widths(widths=target)
+    model.set_widths(**target)
     return DecodeCosts(target_step, steps, verify, pos, time.perf_counter() - t0)
 
 
-def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: list[int],
+def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: dict[str, Any],
                      drafts: Sequence[Draft], sampler: Sampler) -> dict[str, float]:
     """Each draft's acceptance probability estimated on the prompt `ids` (1, P), teacher-forced:
     greedy, the fraction of positions whose argmax equals the target's; sampling, the mean of
     sum_v min(p, q) (the probability the rule accepts a draft token)."""
-    def dist(m: MatFormerLM, widths: list[int] | None) -> torch.Tensor:
-        with m.at_width(widths=widths) if widths is not None else contextlib.nullcontext():
+    def dist(m: MatFormerLM, setting: dict[str, Any] | None) -> torch.Tensor:
+        with m.at_width(**setting) if setting is not None else contextlib.nullcontext():
             logits = m(ids)[0]  # (P, V)
         return logits.argmax(-1) if sampler.greedy else sampler.probs(logits)
 
     p = dist(model, target)
     agree = {}
     for d in drafts:
-        q = dist(d.model, None) if d.model is not None else dist(model, d.widths)
+        q = dist(d.model, None) if d.model is not None else dist(model, d.setting)
         agree[d.name] = float((p == q).float().mean() if sampler.greedy
                               else torch.minimum(p, q).sum(-1).mean())
     return agree
@@ -200,11 +209,14 @@ def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: list[int],
 # ---- decoding ---------------------------------------------------------------------------------
 
 
-def _drafts(model: MatFormerLM, target: list[int], draft_tier: int | str | None,
+def _drafts(model: MatFormerLM, target: dict[str, Any], draft_tier: int | str | None,
             draft_layer_tiers: Sequence[int] | None, draft_widths: int | Sequence[int] | None,
-            draft_model: MatFormerLM | None) -> list[Draft]:
+            draft_model: MatFormerLM | None,
+            draft_heads: dict[str, Any] | None = None) -> list[Draft]:
     """The draft candidates a request names: a separate model; every runnable tier narrower
-    than the target ("auto"); the named width; or by default the smallest tier (at most 3)."""
+    than the target ("auto"); the named width; or by default the smallest tier (at most 3).
+    `draft_heads` (kv_heads / layer_kv_heads keywords): the drafts' KV heads, at most the
+    target's in every layer (default: the target's heads)."""
     base = model.base_width
     if draft_model is not None:
         if draft_model.config.vocab_size != model.config.vocab_size:
@@ -213,16 +225,35 @@ def _drafts(model: MatFormerLM, target: list[int], draft_tier: int | str | None,
                               f"with a model trained with the same tokenizer")
         return [Draft("draft model", draft_model.widths, draft_model)]
     if draft_tier == "auto":
-        found = [Draft(f"tier {t}", model.resolve_widths(tier=t))
+        heads = _draft_kv_heads(model, target, draft_heads)
+        found = [Draft(f"tier {t}", model.resolve_widths(tier=t), kv_heads=heads)
                  for t in runnable_tiers(base, model.stored_widths, limit=5)]
-        found = [d for d in found if sum(d.widths) < sum(target)]
+        found = [d for d in found if sum(d.widths) < sum(target["widths"])]
         if not found:
             raise ConfigError(f"no tier narrower than the target "
-                              f"({describe_widths(base, target)}) to draft with")
+                              f"({describe_widths(base, target['widths'])}) to draft with")
         return found
     request = _requested(draft_tier, draft_layer_tiers, draft_widths)  # type: ignore[arg-type]
-    widths = model.resolve_widths(**(request or {"tier": default_draft_tier(model)}))
-    return [Draft(describe_widths(base, widths), widths)]
+    if request is None and draft_heads is not None:  # fewer heads alone: the target's FFN
+        widths = list(target["widths"])
+    else:
+        widths = model.resolve_widths(**(request or {"tier": default_draft_tier(model)}))
+    heads = _draft_kv_heads(model, target, draft_heads)
+    name = describe_widths(base, widths) + (f", {describe_heads(heads)}" if draft_heads else "")
+    return [Draft(name, widths, kv_heads=heads)]
+
+
+def _draft_kv_heads(model: MatFormerLM, target: dict[str, Any],
+                    request: dict[str, Any] | None) -> list[int]:
+    """The drafts' KV heads: as requested (at most the target's: they share its cache), else
+    the target's."""
+    if request is None:
+        return list(target["layer_kv_heads"])
+    heads = model.resolve_kv_heads(**request)
+    check_heads_held(target["layer_kv_heads"], heads, holder="the target",
+                     uniform=request.get("kv_heads"),
+                     remedy="draft with at most the target's heads (they share its KV cache)")
+    return heads
 
 
 def _draft_lengths(draft_tokens: int | str, max_draft_tokens: int) -> tuple[list[int], str]:
@@ -280,6 +311,10 @@ def speculative_generate(
     compile: bool = False,
     costs: DecodeCosts | None = None,
     return_cache: bool = False,
+    kv_heads: int | None = None,
+    layer_kv_heads: Sequence[int] | None = None,
+    draft_kv_heads: int | None = None,
+    draft_layer_kv_heads: Sequence[int] | None = None,
 ) -> GenerationOutput:
     """Speculative decoding: draft, then verify at the target width; see the module docstring.
 
@@ -287,6 +322,9 @@ def speculative_generate(
     `draft_model` (a separate model with the same vocabulary, at its own widths), or
     `draft_tier`/`draft_layer_tiers`/`draft_widths` of this model, `draft_tier="auto"` for the
     choice among every narrower tier from measured costs, else the smallest tier (at most 3).
+    Heads: `kv_heads`/`layer_kv_heads` for the target (else the model's current heads),
+    `draft_kv_heads`/`draft_layer_kv_heads` for a draft of this model (at most the target's;
+    alone, the draft keeps the target's FFN widths; default: the target's heads).
     `draft_tokens`: k per round; "adaptive" (start at 4; +2 after a round whose drafts were all
     accepted, -1 after a rejection; within 1..`max_draft_tokens`); or "auto" (from the costs;
     the default with `draft_tier="auto"`). `costs`: reuse costs measured by an earlier call
@@ -304,13 +342,17 @@ def speculative_generate(
         draft_tokens = "auto"
     ks, mode = _draft_lengths(draft_tokens, max_draft_tokens)
     request = _requested(tier, layer_tiers, widths)
-    target = model.resolve_widths(**request) if request else model.widths
-    drafts = _drafts(model, target, draft_tier, draft_layer_tiers, draft_widths, draft_model)
+    heads = _requested(None, None, None, kv_heads, layer_kv_heads)
+    target = {"widths": model.resolve_widths(**request) if request else model.widths,
+              "layer_kv_heads": (model.resolve_kv_heads(**heads) if heads
+                                 else model.layer_kv_heads)}
+    drafts = _drafts(model, target, draft_tier, draft_layer_tiers, draft_widths, draft_model,
+                     _requested(None, None, None, draft_kv_heads, draft_layer_kv_heads))
     choose = mode == "auto" or len(drafts) > 1
     stats = GenerationStats(prompt_tokens=P)
     extra: dict[str, Any] = {}
-    # at_width restores the caller's widths on exit, whatever draft/target switching happened.
-    with model.at_width(widths=target), torch.inference_mode():
+    # at_width restores the caller's setting on exit, whatever draft/target switching happened.
+    with model.at_width(**target), torch.inference_mode():
         t0 = time.perf_counter()
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
@@ -329,8 +371,10 @@ def speculative_generate(
     stats.new_tokens = len(out)
     if return_cache:
         extra["cache"] = dec.finish()
-    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target), stats=stats,
-                            draft_widths=list(state.draft.widths), extra=extra)
+    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target["widths"]),
+                            stats=stats, draft_widths=list(state.draft.widths), extra=extra,
+                            kv_heads=list(target["layer_kv_heads"]),
+                            draft_kv_heads=state.draft.kv_heads)
 
 
 def _draft_decoders(drafts: Sequence[Draft], max_len: int,
@@ -369,7 +413,8 @@ def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Se
 
 
 def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
-            cur: torch.Tensor, state: _Round, target: list[int], sampler: Sampler, eos: set[int],
+            cur: torch.Tensor, state: _Round, target: dict[str, Any], sampler: Sampler,
+            eos: set[int],
             max_new_tokens: int, stats: GenerationStats, stream: StreamCallback | None,
             ks: Sequence[int] | None, costs: DecodeCosts | None, drafts: Sequence[Draft],
             extra: dict[str, Any]) -> list[int]:
@@ -381,7 +426,7 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         kk = min(state.k, max_new_tokens - len(out) - 1)
         ddec = draft_decs.get(state.draft.name)
         drafts_, q_rows = _draft(model, dec, ddec, cur, kk, state.draft, sampler, stats)
-        model.set_widths(widths=target)
+        model.set_widths(**target)
         block = torch.cat([cur, *drafts_], dim=1)  # (1, kk+1): cur, d1..dk
         p_logits = dec.forward(block)[0]  # (kk+1, V)
         stats.target_forwards += 1
@@ -429,7 +474,7 @@ def _draft(model: MatFormerLM, dec: StaticDecoder, ddec: StaticDecoder | None, c
         return drafts, q_rows
     start = dec.pos
     if ddec is None:
-        model.set_widths(widths=draft.widths)
+        model.set_widths(**draft.setting)
     step = ddec or dec
     tok = cur
     for _ in range(kk):

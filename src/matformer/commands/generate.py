@@ -6,7 +6,9 @@ The prompt comes from --prompt or stdin and is tokenized with the checkpoint's t
 the text streams to stdout as it is decoded, and decoding stops at the end-of-text token or
 after --max-new-tokens. Temperature 0 (the default) is greedy. --draft-tier T drafts tokens at
 tier T of the same model and verifies them at the target width in one forward (the output is
-the target width's output; with greedy decoding, token for token). A summary goes to stderr.
+the target width's output; with greedy decoding, token for token). --kv-heads G runs the first
+G KV heads (the second elastic axis); --draft-kv-heads G drafts with fewer heads than the
+target. A summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -38,9 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "that holds it")
     width.add_argument("--widths", default=None,
                        help="per-layer FFN widths, comma-separated (or one width for all layers)")
+    width.add_argument("--kv-heads", type=int, default=None, metavar="G",
+                       help="run the first G KV heads (and their query heads) of every layer")
+    width.add_argument("--layer-kv-heads", default=None, metavar="G1,G2,...",
+                       help="KV heads per layer")
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft-tier", type=int, default=None, help="draft at tier T of the same model")
     spec.add_argument("--draft-widths", default=None, help="draft at these per-layer widths")
+    spec.add_argument("--draft-kv-heads", type=int, default=None, metavar="G",
+                      help="draft with the first G KV heads (at most the target's; alone: the "
+                      "target's FFN widths)")
+    spec.add_argument("--draft-layer-kv-heads", default=None, metavar="G1,G2,...",
+                      help="draft with these KV heads per layer")
     spec.add_argument("--draft-tokens", type=draft_tokens_arg, default=4,
                       help="tokens drafted per verification, or 'adaptive' (default 4)")
     samp = parser.add_argument_group("sampling")
@@ -53,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: as stored)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
+
+
+def _heads(text: str | None, what: str) -> list[int] | None:
+    return None if text is None else parse_int_list(text, what)
 
 
 def _widths(text: str | None, what: str) -> list[int] | int | None:
@@ -98,6 +113,10 @@ def generate_text(
     draft_tier: int | None = None,
     draft_widths: int | Sequence[int] | None = None,
     draft_tokens: int | str = 4,
+    kv_heads: int | None = None,
+    layer_kv_heads: Sequence[int] | None = None,
+    draft_kv_heads: int | None = None,
+    draft_layer_kv_heads: Sequence[int] | None = None,
     revision: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -117,17 +136,24 @@ def generate_text(
         raise ConfigError("give --tier or --widths, not both")
     if draft_tier is not None and draft_widths is not None:
         raise ConfigError("give --draft-tier or --draft-widths, not both")
+    if kv_heads is not None and layer_kv_heads is not None:
+        raise ConfigError("give --kv-heads or --layer-kv-heads, not both")
+    if draft_kv_heads is not None and draft_layer_kv_heads is not None:
+        raise ConfigError("give --draft-kv-heads or --draft-layer-kv-heads, not both")
     source = resolve_source(ckpt, tier=tier, widths=widths, revision=revision, companions=True)
     # The tokenizer first: a missing one fails before any weights are read.
     tok = load_tokenizer(source.folder)
-    model = load_model(source, tier=tier, widths=widths, dtype=dtype, device=device).eval()
+    model = load_model(source, tier=tier, widths=widths, dtype=dtype, device=device,
+                       kv_heads=kv_heads, layer_kv_heads=layer_kv_heads).eval()
     ids = tok.encode(prompt).ids
     if not ids:
         raise DataError("the prompt is empty after tokenization; give some text")
     stream = TextStream(tok, out or sys.stdout)
-    if draft_tier is not None or draft_widths is not None:
+    draft_heads = {"draft_kv_heads": draft_kv_heads, "draft_layer_kv_heads": draft_layer_kv_heads}
+    if any(v is not None for v in (draft_tier, draft_widths, *draft_heads.values())):
         result = speculative_generate(model, ids, max_new_tokens, draft_tier=draft_tier,
                                       draft_widths=draft_widths, draft_tokens=draft_tokens,
+                                      **draft_heads,
                                       stream=stream, **sampling)
     else:
         result = generate(model, ids, max_new_tokens, stream=stream, **sampling)
@@ -151,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
         args.ckpt, prompt, args.max_new_tokens, tier=args.tier,
         widths=_widths(args.widths, "--widths"), draft_tier=args.draft_tier,
         draft_widths=_widths(args.draft_widths, "--draft-widths"), draft_tokens=args.draft_tokens,
+        kv_heads=args.kv_heads, draft_kv_heads=args.draft_kv_heads,
+        layer_kv_heads=_heads(args.layer_kv_heads, "--layer-kv-heads"),
+        draft_layer_kv_heads=_heads(args.draft_layer_kv_heads, "--draft-layer-kv-heads"),
         revision=args.revision, device=args.device, dtype=args.dtype,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
