@@ -9,6 +9,9 @@ the default corpus otherwise), tokenized with its tokenizer. Consistency is meas
 the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
 --json prints one JSON object instead of the table; --plot FILE.png draws loss against
 non-embedding parameters (the elastic curve). Progress goes to stderr.
+--compare B,C scores CKPT, B and C tier by tier on the same windows (loss only), e.g. a dense
+source (naive truncation), its `matformer convert` output (importance order) and the distilled
+model: `matformer eval runs/dense --compare runs/mat,runs/distilled`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..io.atomic import atomic_write
 from ..io.source import resolve_source
 from ..tiers import parse_int_list
 from . import draft_tokens_arg
-from .report import format_eval_report
+from .report import format_comparison, format_eval_report
 
 if TYPE_CHECKING:
     from ..evaluation import EvalReport
@@ -61,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens drafted per verification, or 'adaptive' (default 4)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--compare", default=None, metavar="CKPT,...",
+                        help="also score these checkpoints (same tokenizer) on the same windows "
+                        "and print one loss column per checkpoint and a row per tier (e.g. a "
+                        "dense source, its convert output and the distilled model); loss only")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
 
@@ -102,11 +109,31 @@ def _plot(report: EvalReport, path: str, name: str) -> None:
                           f"--plot") from None
 
 
+def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
+    """`--compare`: CKPT and the listed checkpoints, tier by tier (matformer.comparison)."""
+    from ..comparison import compare  # torch: imported only when a command runs
+
+    out = out or sys.stdout
+    others = [c for c in args.compare.split(",") if c]
+    result = compare([args.ckpt, *others], revision=args.revision,
+                     tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
+                     data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                     batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                     progress=lambda msg: print(msg, file=sys.stderr))
+    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    out.write(text if args.json else format_comparison(result) + "\n")
+    if args.json_out:
+        atomic_write(args.json_out, text)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.compare:
+        run_compare(args)
+        return 0
     run_eval(
         args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot,
         revision=args.revision, tier=args.tier, data=args.data,

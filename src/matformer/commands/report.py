@@ -10,6 +10,7 @@ from ..shapes import format_count
 from ..tiers import describe_widths
 
 if TYPE_CHECKING:
+    from ..comparison import Comparison
     from ..evaluation import EvalReport, WidthResult
     from ..generation import GenerationOutput
 
@@ -74,3 +75,17 @@ def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
         msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
                 f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
     return msg + "]"
+
+
+def format_comparison(c: Comparison) -> str:
+    """`matformer eval A --compare B,C`: one row per tier, one loss column per checkpoint."""
+    names = [n if len(n) <= 28 else "…" + n[-27:] for n in c.checkpoints]
+    colw = max(10, *(len(n) for n in names))
+    lines = [f"matformer eval --compare: {c.data} — {c.windows} windows x {c.seq_len} tokens",
+             "held-out loss, nats/token (lower is better); the same windows for every checkpoint",
+             "tier    FFN  non-emb params  " + "  ".join(f"{n:>{colw}}" for n in names)]
+    for k, t in enumerate(c.tiers):
+        cells = "  ".join(f"{c.losses[i][k]:>{colw}.4f}" for i in range(len(names)))
+        lines.append(f"{t:>4}  {c.widths[k]:>5}  {format_count(c.non_embedding_params[k]):>14}  "
+                     f"{cells}")
+    return "\n".join(lines)
