@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io.files import read_json
 from .tiers import uniform_tier, width_of
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -94,6 +95,10 @@ class MatFormerConfig:
             self.num_key_value_heads = copy.copy(self.num_attention_heads)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
             _positive_int(key, getattr(self, key))
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise ConfigError(f"num_hidden_layers={self.num_hidden_layers} is over the limit of "
+                              f"{MAX_LAYERS} layers; the config is damaged or not a model's")
+        self._check_scalars()
         self.num_attention_heads = self._per_layer("num_attention_heads")
         self.num_key_value_heads = self._per_layer("num_key_value_heads")
         if self.head_dim is None:
@@ -142,7 +147,31 @@ class MatFormerConfig:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         self.rope_theta = float(self.rope_theta)
         if self.torch_dtype not in _DTYPES:
-            raise ConfigError(f"torch_dtype={self.torch_dtype!r} is not one of {_DTYPES}")
+            raise ConfigError(f"torch_dtype={_show(self.torch_dtype)} is not one of {_DTYPES}")
+
+    def _check_scalars(self) -> None:
+        """Types and ranges of the non-size keys: a wrong type is refused, never coerced (a
+        string "false" is true in Python; Infinity is no epsilon)."""
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got "
+                              f"{_show(self.tie_word_embeddings)}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{key} must be a positive finite number, got {_show(v)}")
+        v = self.initializer_range
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ConfigError(f"initializer_range must be a non-negative finite number, got {_show(v)}")
+        for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            v = getattr(self, key)
+            ids = v if key == "eos_token_id" and isinstance(v, list) else [v]
+            if v is None:
+                continue
+            if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (1 << 40)
+                              for i in ids):
+                what = "a token id or a list of them" if key == "eos_token_id" else "a token id"
+                raise ConfigError(f"{key} must be {what} (a non-negative integer) or null, got "
+                                  f"{_show(v)}")
 
     def _per_layer(self, key: str) -> int | list[int]:
         """A head count as stored: an int, or a per-layer list (a uniform list becomes an int, so
@@ -342,18 +371,9 @@ class MatFormerConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> MatFormerConfig:
+        """A config.json (a regular file, strict JSON; see io.files.read_json)."""
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: cannot read ({e})") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(p))
+        return cls.from_dict(read_json(p, error=ConfigError), source=str(p))
 
     # ---- presets ---------------------------------------------------------------------------
 
@@ -364,14 +384,29 @@ class MatFormerConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+MAX_LAYERS = 100_000
+"""More layers than any model has: a config asking for more is damaged (nothing proportional to
+num_hidden_layers is allocated before this check)."""
+MAX_SIZE = 1 << 40
+"""Bound on any size or count in a config (widths, vocabulary, heads, positions)."""
+
+
+def _show(v: Any) -> str:
+    """repr of a config value for a message, short even for huge integers or long strings."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of {v.bit_length()} bits"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _positive_int(key: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < MAX_SIZE:
+        raise ConfigError(f"{key} must be a positive integer below 2^40, got {_show(v)}")
 
 
 def _nonneg_int(key: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_SIZE:
+        raise ConfigError(f"{key} must be a non-negative integer below 2^40, got {_show(v)}")
 
 
 # Named sizes. `debug` is what tests and examples use; the rest are for real runs. Vocab sizes are

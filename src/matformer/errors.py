@@ -22,3 +22,8 @@ class CheckpointError(MatFormerError):
 
 class DataError(MatFormerError):
     """Training or evaluation data that cannot be used."""
+
+
+class CheckpointChanged(CheckpointError):
+    """A checkpoint was replaced or removed while it was being read (a save ran at the same
+    time). Nothing of the two versions was mixed; reading again sees the new one."""

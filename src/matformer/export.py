@@ -191,9 +191,10 @@ def read_prefix(ck: Any, src: str, rows: int | None = None, cols: int | None = N
     if count == 0:
         return np.zeros(shape, dtype=np.float32)
     path = ck.layout.folder / ck.where[src]
-    try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=info.start,
-                       shape=(count * DTYPES[info.dtype][0],))
+    try:  # the validated file itself (not the path again: a save may have replaced it since)
+        with ck.open_file(ck.where[src]) as f:
+            mm = np.memmap(f, dtype=np.uint8, mode="r", offset=info.start,
+                           shape=(count * DTYPES[info.dtype][0],))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot map tensor {src!r} ({e})") from None
     arr = mm.view(_FLOAT_NP[info.dtype]).reshape(shape)

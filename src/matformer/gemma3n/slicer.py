@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..io.checkpoint import _atomic_folder, plan_shards
+from ..io.checkpoint import plan_shards, replace_folder
 from ..io.layout import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, resolve_files
 from ..io.safetensors import nbytes_of, write_file
 from .config import Gemma3nConfig, read_config
@@ -103,7 +103,7 @@ def write_folder(out: Path, config: dict[str, Any], jobs: Sequence[Job],
         written.add(CONFIG_NAME)
         return written
 
-    _atomic_folder(out, fill)
+    replace_folder(out, fill)
     return sorted(names + list(extra) + [CONFIG_NAME] + ([INDEX_NAME] if n > 1 else []))
 
 

@@ -17,19 +17,19 @@ until the instant the new one replaces it), so a crash leaves the old checkpoint
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import os
 import re
-import secrets
 import shutil
+import struct
+import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import MatFormerConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointChanged, CheckpointError, ConfigError
 from ..shapes import expected_shapes
 from ..tiers import (
     check_heads_held,
@@ -40,19 +40,22 @@ from ..tiers import (
     runnable_tiers,
     uniform_tier,
 )
-from .atomic import atomic_write, fsync_dir, fsync_file
+from .atomic import atomic_write, fsync_file
 from .layout import (
     CONFIG_NAME,
     INDEX_NAME,
     PICKLE_INDEX,
     PICKLE_SINGLE,
+    SAVE_ID_KEY,
     SINGLE_NAMES,
     Checkpoint,
     Layout,
     open_checkpoint,
 )
+from .manifest import MANIFEST_NAME
 from .safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
 from .source import Source, resolve_source
+from .swap import atomic_folder
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
 # Tensors of old transformers checkpoints that carry no weights (recomputed at run time).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d{1,9})\.")
 _FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -70,7 +74,14 @@ _FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, where: str,
                   file_of: Callable[[str], str] | None = None) -> None:
-    """Tensor names and shapes must be what config.json describes (spec §2 detection)."""
+    """Tensor names and shapes must be what config.json describes (spec §2 detection). The
+    layer count is compared first, before anything proportional to the config's sizes is built."""
+    layers = {int(m.group(1)) for n in found if (m := _LAYER_RE.match(n))}
+    on_disk = max(layers) + 1 if layers else 0
+    if on_disk != config.num_hidden_layers:
+        raise CheckpointError(f"{where}: config.json says num_hidden_layers="
+                              f"{config.num_hidden_layers} but the weights hold {on_disk} layers; "
+                              f"the config does not describe these weights")
     want = expected_shapes(config)
     for name, shape in found.items():
         if name not in want:
@@ -128,14 +139,30 @@ def _tensors(layout: Layout, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
                 f"safetensors, or pass allow_pickle=True if you trust its source"
             )
         return _load_pickle(layout), None
-    ck = open_checkpoint(layout)
     out: dict[str, torch.Tensor] = {}
     by_shard: dict[str, list[str]] = {}
-    for n, s in ck.where.items():
-        by_shard.setdefault(s, []).append(n)
-    for s, names in by_shard.items():
-        out.update(mmap_tensors(ck.headers[s], names))
+    with open_checkpoint(layout) as ck:
+        for n, s in ck.where.items():
+            by_shard.setdefault(s, []).append(n)
+        for s, names in by_shard.items():
+            out.update(mmap_tensors(ck.headers[s], names, ck.fds[s]))
     return out, ck
+
+
+_READ_ATTEMPTS = 3
+
+
+def consistent_read(read: Callable[[], Any], src: Any) -> Any:
+    """`read()`, again when a save replaced the checkpoint while it was read
+    (`CheckpointChanged`): each attempt reads one version whole; after the last, the error."""
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return read()
+        except CheckpointChanged:
+            if isinstance(src, Source) or attempt == _READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def load_state_dict(src: str | os.PathLike | Source, revision: str | None = None, *,
@@ -143,9 +170,10 @@ def load_state_dict(src: str | os.PathLike | Source, revision: str | None = None
     """All tensors of a checkpoint (folder, .safetensors file, Hub repo id, or multi-tier repo
     with `tier`; see `io.source`), validated, as read-only-on-disk memory-mapped CPU tensors
     (writing to one never changes the file)."""
-    source = resolve_source(src, tier=tier, revision=revision)
-    sd, _ = _tensors(source.layout, allow_pickle)
-    return sd
+    def read() -> dict[str, torch.Tensor]:
+        return _tensors(resolve_source(src, tier=tier, revision=revision).layout, allow_pickle)[0]
+
+    return consistent_read(read, src)
 
 
 def _resolve_dtype(dtype: Any) -> torch.dtype | None:
@@ -289,58 +317,20 @@ def plan_shards(specs: Sequence[tuple[str, str, Sequence[int]]], max_shard_size:
     return shards
 
 
+RESERVED_NAMES = {CONFIG_NAME, INDEX_NAME, PICKLE_INDEX, PICKLE_SINGLE, *SINGLE_NAMES,
+                  MANIFEST_NAME}
+"""Names a checkpoint's own files use: an extra file by one of these names would replace or
+shadow the weights, the index or the config and make the checkpoint unloadable."""
+
+
 def _check_plain_name(name: str) -> str:
     if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
             or "\x00" in name):
         raise CheckpointError(f"extra file name {name!r} must be a plain file name")
+    if name in RESERVED_NAMES or _SHARD_RE.match(name) or name.startswith(".matformer"):
+        raise CheckpointError(f"extra file name {name!r} is reserved for the checkpoint's own "
+                              f"files; give the file another name")
     return name
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2). False where the OS can't."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise CheckpointError(f"{b}: cannot swap in the new checkpoint ({os.strerror(err)})")
-
-
-def _tmp_prefix(target: Path) -> str:
-    return f".{target.name}.matformer-"
-
-
-def _cleanup_stale(target: Path) -> None:
-    """Remove temporary folders left by saves that were killed (their process is gone)."""
-    prefix = _tmp_prefix(target)
-    with contextlib.suppress(OSError):
-        for entry in target.parent.iterdir():
-            if not entry.name.startswith(prefix):
-                continue
-            m = re.match(r"(tmp|old)-(\d+)-", entry.name[len(prefix):])
-            if not m:
-                continue
-            pid = int(m.group(2))
-            if pid != os.getpid():
-                try:
-                    os.kill(pid, 0)
-                    continue  # a live process may still be writing it
-                except ProcessLookupError:
-                    pass
-                except PermissionError:
-                    continue
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _old_checkpoint_files(folder: Path) -> set[str]:
@@ -354,70 +344,48 @@ def _old_checkpoint_files(folder: Path) -> set[str]:
     return names
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+_ID_SLOT = b'"' + SAVE_ID_KEY.encode() + b'":"' + b"0" * 16 + b'"'
 
 
-def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
-    """Files of the old folder that are not part of the checkpoint (logs, notes, a tokenizer not
-    given again) stay: hard links, so nothing is copied."""
-    for entry in old.iterdir():
-        if entry.name in skip or (new / entry.name).exists():
-            continue
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), new / entry.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(new / entry.name))
+def _write_shards(tmp: Path, names: list[str], plan: list[list[tuple[str, str, tuple[int, ...]]]],
+                  produce: Callable[[str], Any]) -> tuple[dict[str, str], int, str]:
+    """Write the shards; returns (weight_map, total bytes, save id). The save id, recorded in
+    every shard and the index so that a load never mixes two saves, is a checksum of all the
+    tensor bytes: the same weights always give the same files (reproducible slices), and two
+    saves that differ in any byte differ in it (up to a 2^-64 chance). It is patched into each
+    shard's header once all data is written."""
+    crc, adler = 0, 1
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def observe(buf: memoryview) -> None:
+        nonlocal crc, adler
+        crc, adler = zlib.crc32(buf, crc), zlib.adler32(buf, adler)
+
+    for fname, shard in zip(names, plan, strict=True):
+        write_file(tmp / fname, shard, produce, metadata={"format": "pt", SAVE_ID_KEY: "0" * 16},
+                   observe=observe)
+        for name, dtype, shape in shard:
+            weight_map[name] = fname
+            total += nbytes_of(dtype, shape)
+    save_id = f"{crc:08x}{adler:08x}"
+    for fname in names:
+        with open(tmp / fname, "r+b") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(n)
+            at = head.find(_ID_SLOT)
+            f.seek(8 + at + len(_ID_SLOT) - 17)
+            f.write(save_id.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    return weight_map, total, save_id
 
 
-def _atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]]) -> Path:
-    """Run `fill(tmp)` to write the new checkpoint into a fresh folder beside `out_dir`, then
-    swap it in atomically. `fill` returns the names it wrote."""
-    target = Path(out_dir).absolute()
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"{target}: exists and is not a folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _cleanup_stale(target)
-        tmp = target.parent / f"{_tmp_prefix(target)}tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as e:
-        raise CheckpointError(f"{target}: cannot create a temporary folder beside it "
-                              f"({e.strerror or e}); the parent folder must be writable") from None
-    try:
-        written = fill(tmp)
-        if target.exists():
-            _carry_over(target, tmp, _old_checkpoint_files(target) | written)
-        fsync_dir(tmp)
-        if target.exists():
-            if _exchange(tmp, target):
-                fsync_dir(target.parent)
-                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
-                return target
-            # No atomic exchange on this platform: two renames (a crash between them leaves the
-            # old checkpoint in `.NAME.matformer-old-*` beside the target).
-            old = target.parent / f"{_tmp_prefix(target)}old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        raise CheckpointError(f"{target}: cannot write the checkpoint: {e.strerror or e}{where}; "
-                              f"the previous checkpoint (if any) is unchanged") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+def replace_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]]) -> Path:
+    """Write a checkpoint folder with `fill(tmp) -> names written` and put it in place of
+    `out_dir` atomically (io.swap: symlinks written through, files others add kept, per-file
+    replacement where the folder cannot be swapped)."""
+    return atomic_folder(out_dir, fill, _old_checkpoint_files)
 
 
 def _write_extra(folder: Path, extra_files: Mapping[str, str | os.PathLike | bytes] | None) -> set[str]:
@@ -460,6 +428,8 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
     if len(floats) == 1:
         config.torch_dtype = _FLOAT_ST[next(iter(floats))]
     config.matformer_tier = uniform_tier(config.base, config.layer_widths)
+    for name in extra_files or {}:
+        _check_plain_name(name)
     plan = plan_shards(specs, max_shard_size)
     n = len(plan)
     names = ["model.safetensors"] if n == 1 else [
@@ -467,23 +437,18 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
 
     def fill(tmp: Path) -> set[str]:
         written = _write_extra(tmp, extra_files)
-        weight_map: dict[str, str] = {}
-        total = 0
-        for fname, shard in zip(names, plan, strict=True):
-            write_file(tmp / fname, shard, produce, metadata={"format": "pt"})
-            for name, dtype, shape in shard:
-                weight_map[name] = fname
-                total += nbytes_of(dtype, shape)
+        weight_map, total, save_id = _write_shards(tmp, names, plan, produce)
         written.update(names)
         if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {"metadata": {"total_size": total, SAVE_ID_KEY: save_id},
+                     "weight_map": dict(sorted(weight_map.items()))}
             atomic_write(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
             written.add(INDEX_NAME)
         atomic_write(tmp / CONFIG_NAME, config.to_json_string())  # last: a folder with a config
         written.add(CONFIG_NAME)
         return written
 
-    return _atomic_folder(out_dir, fill)
+    return replace_folder(out_dir, fill)
 
 
 def _unwrap(model: Any) -> Any:
@@ -521,13 +486,17 @@ def checkpoint_info(src: str | os.PathLike | Source, revision: str | None = None
     """Everything `matformer info` shows, from config.json and the safetensors headers (no
     tensor data is read, torch is not imported). `tier` picks the folder of a multi-tier repo.
     Raises CheckpointError/ConfigError on any inconsistency a load would refuse."""
+    return consistent_read(lambda: _info(src, revision, tier), src)
+
+
+def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | None) -> dict[str, Any]:
     source = resolve_source(src, tier=tier, revision=revision)
     layout, config = source.layout, source.config
     if layout.pickle:
         raise CheckpointError(f"{layout.folder}: only pickle (.bin) weights; matformer reads "
                               f"safetensors (pickles can run code when loaded)")
-    ck = open_checkpoint(layout)
-    tensors = ck.tensors
+    with open_checkpoint(layout) as ck:
+        tensors = ck.tensors
     check_shapes({n: t.shape for n, t in tensors.items()}, config, str(layout.folder),
                   lambda n: ck.where[n])
     emb = sum(t.numel for n, t in tensors.items()
@@ -540,7 +509,8 @@ def checkpoint_info(src: str | os.PathLike | Source, revision: str | None = None
     runnable = runnable_tiers(base, widths)
     files = [{"name": name, "size": size} for name, size in ck.files]
     if layout.index is not None:
-        files.insert(0, {"name": layout.index.name, "size": layout.index.stat().st_size})
+        files.insert(0, {"name": layout.index.name,
+                         "size": os.stat(layout.index.name, dir_fd=layout.opened().fd).st_size})
     return {
         "source": source.spec,
         "folder": str(layout.folder),

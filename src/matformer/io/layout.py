@@ -7,13 +7,15 @@ are never globbed: a stale shard or a stray file in the folder is never mixed in
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError
-from .safetensors import Header, TensorInfo, read_header
+from ..errors import CheckpointChanged, CheckpointError
+from .files import read_json
+from .folder import Folder
+from .safetensors import Header, TensorInfo, read_header_fd
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.safetensors", "model-00001-of-00001.safetensors")
@@ -40,26 +42,29 @@ def check_shard_name(name: object, where: str, suffix: str = ".safetensors") -> 
     return name
 
 
-def parse_index(path: Path) -> dict[str, str]:
-    """The validated weight_map (tensor name -> shard file name) of an index file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text") from None
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+SAVE_ID_KEY = "matformer_save_id"
+"""Written by every matformer save into the index's metadata and each shard's `__metadata__`:
+one random id per save, so a load that met files of two saves says so instead of mixing them."""
+
+
+def parse_index_obj(obj: object, where: str) -> tuple[dict[str, str], str | None]:
+    """The validated weight_map (tensor name -> shard file name) of a parsed index, and the save
+    id its metadata records (None when not written by matformer)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
-        raise CheckpointError(f"{path}: expected an object with a 'weight_map' object")
+        raise CheckpointError(f"{where}: expected an object with a 'weight_map' object")
     wm = obj["weight_map"]
     if not wm:
-        raise CheckpointError(f"{path}: weight_map is empty")
+        raise CheckpointError(f"{where}: weight_map is empty")
     for tensor, shard in wm.items():
-        check_shard_name(shard, f"{path} (tensor {tensor!r})")
-    return dict(wm)
+        check_shard_name(shard, f"{where} (tensor {tensor!r})")
+    meta = obj.get("metadata")
+    save_id = meta.get(SAVE_ID_KEY) if isinstance(meta, dict) else None
+    return dict(wm), save_id if isinstance(save_id, str) else None
+
+
+def parse_index(path: Path) -> dict[str, str]:
+    """The validated weight_map of an index file."""
+    return parse_index_obj(read_json(path), str(path))[0]
 
 
 @dataclass
@@ -71,38 +76,46 @@ class Layout:
     index: Path | None = None
     weight_map: dict[str, str] | None = None
     pickle: bool = False  # .bin files: only loaded when the caller opted in
+    dir: Folder | None = None
+    """The folder, opened once: every file of this layout is opened relative to it."""
+    save_id: str | None = None
+    """The index's save id (see SAVE_ID_KEY)."""
+
+    def opened(self) -> Folder:
+        if self.dir is None:
+            self.dir = Folder(self.folder)
+        return self.dir
 
 
-def resolve_files(folder: str | os.PathLike) -> Layout:
+def resolve_files(folder: str | os.PathLike | Folder) -> Layout:
     """Find the weights of a checkpoint folder: index first, then the single-file names."""
-    d = Path(folder)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: not a folder")
-    idx = d / INDEX_NAME
-    if _exists(idx):
-        wm = parse_index(idx)
+    fo = folder if isinstance(folder, Folder) else Folder(folder)
+    d = fo.path
+    if fo.exists(INDEX_NAME):
+        idx = d / INDEX_NAME
+        wm, save_id = parse_index_obj(fo.read_json(INDEX_NAME), str(idx))
         shards = sorted(set(wm.values()))
         for s in shards:
-            if not _exists(d / s):
+            if not fo.exists(s):
                 raise CheckpointError(f"{idx}: names shard {s!r}, which is missing from {d}")
-        return Layout(d, shards, idx, wm)
+        return Layout(d, shards, idx, wm, dir=fo, save_id=save_id)
     for name in SINGLE_NAMES:
-        if _exists(d / name):
-            return Layout(d, [name])
-    if _exists(d / PICKLE_INDEX):
-        wm = _parse_pickle_index(d / PICKLE_INDEX)
-        return Layout(d, sorted(set(wm.values())), d / PICKLE_INDEX, wm, pickle=True)
-    if _exists(d / PICKLE_SINGLE):
-        return Layout(d, [PICKLE_SINGLE], pickle=True)
+        if fo.exists(name):
+            return Layout(d, [name], dir=fo)
+    if fo.exists(PICKLE_INDEX):
+        wm = _parse_pickle_index(fo, d / PICKLE_INDEX)
+        return Layout(d, sorted(set(wm.values())), d / PICKLE_INDEX, wm, pickle=True, dir=fo)
+    if fo.exists(PICKLE_SINGLE):
+        return Layout(d, [PICKLE_SINGLE], pickle=True, dir=fo)
     raise CheckpointError(
         f"{d}: no weights found (looked for {INDEX_NAME}, {', '.join(SINGLE_NAMES)})"
     )
 
 
-def _parse_pickle_index(path: Path) -> dict[str, str]:
+def _parse_pickle_index(fo: Folder, path: Path) -> dict[str, str]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = fo.read_json(PICKLE_INDEX)
+    except CheckpointError:
         obj = None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -112,26 +125,16 @@ def _parse_pickle_index(path: Path) -> dict[str, str]:
     return dict(wm)
 
 
-def _exists(p: Path) -> bool:
-    """True if `p` exists; an error other than absence (permission...) is reported."""
-    try:
-        p.stat()
-    except FileNotFoundError:
-        return False
-    except NotADirectoryError:
-        return False
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot access ({e.strerror or e})") from None
-    return True
-
-
 @dataclass
 class Checkpoint:
-    """A validated set of safetensors files: every tensor, where it lives."""
+    """A validated set of safetensors files: every tensor, where it lives, and an open
+    descriptor of each file (the headers were read from them; maps and reads use them too, so
+    everything comes from the files that were validated). `close()` releases them."""
 
     layout: Layout
     headers: dict[str, Header] = field(default_factory=dict)  # shard file name -> header
     where: dict[str, str] = field(default_factory=dict)  # tensor name -> shard file name
+    fds: dict[str, int] = field(default_factory=dict)  # shard file name -> open descriptor
 
     def info(self, name: str) -> TensorInfo:
         return self.headers[self.where[name]].tensors[name]
@@ -144,19 +147,62 @@ class Checkpoint:
     def files(self) -> list[tuple[str, int]]:
         return [(s, self.headers[s].file_size) for s in self.layout.shards]
 
+    def open_file(self, shard: str):
+        """A binary file object of `shard` (the validated file; close it after use)."""
+        return os.fdopen(os.dup(self.fds[shard]), "rb")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
 
 def open_checkpoint(layout: Layout) -> Checkpoint:
-    """Read and cross-check every header of a safetensors layout (spec §4)."""
+    """Open every file of a safetensors layout once, read and cross-check its headers (spec §4)
+    and check that index and shards come from one save."""
     if layout.pickle:
         raise CheckpointError(f"{layout.folder}: holds pickle (.bin) weights; headers are "
                               f"safetensors-only")
+    fo = layout.opened()
     ck = Checkpoint(layout)
-    for s in layout.shards:
-        ck.headers[s] = read_header(layout.folder / s)
+    try:
+        for s in layout.shards:
+            ck.fds[s] = fo.open(s)
+            ck.headers[s] = read_header_fd(ck.fds[s], layout.folder / s)
+        _check_one_save(layout, ck.headers)
+        _cross_check(layout, ck)
+    except BaseException:
+        ck.close()
+        raise
+    return ck
+
+
+def _check_one_save(layout: Layout, headers: dict[str, Header]) -> None:
+    ids = {s: (h.metadata or {}).get(SAVE_ID_KEY) for s, h in headers.items()}
+    found = {v for v in ids.values() if v is not None}
+    if layout.save_id is not None:
+        found.add(layout.save_id)
+    if len(found) > 1:
+        raise CheckpointChanged(f"{layout.folder}: the index and shards come from different saves "
+                                f"(a save replaced files while they were read, or files of two "
+                                f"checkpoints were mixed); read it again, or save it again")
+
+
+def _cross_check(layout: Layout, ck: Checkpoint) -> None:
     if layout.weight_map is None:
         (s,) = layout.shards
         ck.where = {n: s for n in ck.headers[s].tensors}
-        return ck
+        return
     assert layout.index is not None
     seen: dict[str, str] = {}
     for s, h in ck.headers.items():
@@ -177,4 +223,3 @@ def open_checkpoint(layout: Layout) -> Checkpoint:
             f"the index; the index and shards are from different saves"
         )
     ck.where = dict(layout.weight_map)
-    return ck

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from ..errors import CheckpointError, TierError
 from ..tiers import tier_of, width_of
 from .atomic import atomic_write
+from .files import open_regular, read_json
+from .folder import Folder
 
 MANIFEST_NAME = "matformer_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -136,8 +139,9 @@ def _parse_file(f: Any, folder: str, where: str) -> ManifestFile:
 
 def _parse_tier(key: Any, entry: Any, base: int, source: str) -> TierEntry:
     where = f"{source}: tiers[{key!r}]"
-    if not (isinstance(key, str) and key.isdigit()):
-        raise CheckpointError(f"{where}: tier keys must be non-negative integers")
+    if not (isinstance(key, str) and re.fullmatch(r"[0-9]{1,3}", key)):
+        raise CheckpointError(f"{where}: tier keys must be small non-negative integers written "
+                              f"with the digits 0-9")
     t = int(key)
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: expected an object")
@@ -151,6 +155,11 @@ def _parse_tier(key: Any, entry: Any, base: int, source: str) -> TierEntry:
     checked = tuple(_parse_file(f, folder, f"{where}.files[{k}]") for k, f in enumerate(files))
     if not any(c.path == f"{folder}/config.json" for c in checked):
         raise CheckpointError(f"{where}: the file list has no {folder}/config.json")
+    if not any(c.path.endswith(".safetensors") for c in checked):
+        raise CheckpointError(f"{where}: the file list names no .safetensors weights; a tier "
+                              f"lists every file it is loaded from")
+    if len({c.path for c in checked}) != len(checked):
+        raise CheckpointError(f"{where}: the file list names a file twice")
     return TierEntry(t, width, folder, checked)
 
 
@@ -175,24 +184,40 @@ def parse_manifest(obj: Any, source: str = MANIFEST_NAME) -> Manifest:
     return Manifest(base, {e.tier: e for e in entries})
 
 
-def read_manifest(path: Path) -> Manifest:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: cannot read the manifest ({e})") from None
+def read_manifest(path: Path, folder: Folder | None = None) -> Manifest:
+    """The validated manifest at `path` (read through `folder`, the repo opened once, if given)."""
+    if folder is not None:
+        obj = folder.read_json(MANIFEST_NAME)
+    else:
+        obj = read_json(path)
     return parse_manifest(obj, source=str(path))
 
 
-def verify_file(path: Path, f: ManifestFile) -> None:
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    with os.fdopen(os.dup(fd), "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: Path, f: ManifestFile, folder: Folder | None = None) -> None:
     """`path` must have the manifest's size and sha256 (a truncated, replaced or corrupt file is
-    a CheckpointError naming it)."""
+    a CheckpointError naming it). With `folder` (the tier folder, opened once), the file is
+    opened through it, so a later open of the same name in this load must be this same file."""
     try:
-        size = path.stat().st_size
-        digest = sha256_file(path) if size == f.size else ""
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: listed in {MANIFEST_NAME} but missing") from None
+        fd = folder.open(path.name) if folder is not None else open_regular(path)
+    except CheckpointError as e:
+        if "no such file" in str(e):
+            raise CheckpointError(f"{path}: listed in {MANIFEST_NAME} but missing") from None
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        digest = _sha256_fd(fd) if size == f.size else ""
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
     if size != f.size:
         raise CheckpointError(f"{path}: size {size} bytes, the manifest says {f.size} — a "
                               f"truncated or replaced file; download it again")

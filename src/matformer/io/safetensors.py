@@ -12,6 +12,7 @@ and reports every problem as a `CheckpointError` that names the file.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointChanged, CheckpointError
+from .files import identity, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 _U64_MAX = (1 << 64) - 1
@@ -84,6 +86,8 @@ class Header:
     tensors: dict[str, TensorInfo]  # in file order (sorted by offset)
     metadata: dict[str, str] | None
     file_size: int
+    identity: tuple[int, int, int, int] | None = None
+    """(st_dev, st_ino, size, mtime_ns) of the file the header was read from."""
 
     @property
     def data_start(self) -> int:
@@ -110,32 +114,46 @@ def _is_int(v: Any) -> bool:
 
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and fully validate the header of a safetensors file (spec §3)."""
-    p = Path(path)
+    fd = open_regular(path)
     try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if head == _LFS_MAGIC[:8] and (head + f.read(len(_LFS_MAGIC) - 8)) == _LFS_MAGIC:
-                raise CheckpointError(
-                    f"{p}: is a Git LFS pointer, not weights; fetch the real file "
-                    f"(`git lfs pull`, or download through huggingface_hub)"
-                )
-            if len(head) < 8:
-                raise CheckpointError(f"{p}: file of {size} bytes is too short to be safetensors "
-                                      f"(truncated download?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{p}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte "
-                                      f"limit; not a safetensors file or corrupted")
-            if n + 8 > size:
-                raise CheckpointError(f"{p}: header says {n} bytes but the file has only {size}; "
-                                      f"truncated download or not a safetensors file")
-            f.seek(8)
-            raw = f.read(n)
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"{p}: no such file") from None
+        return read_header_fd(fd, Path(path))
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+def read_header_fd(fd: int, p: Path) -> Header:
+    """`read_header` of an open file (`p` names it in messages): the header and, later, the
+    memory map come from this one descriptor, so from one file even if the path is replaced."""
+    try:
+        size = os.fstat(fd).st_size
+        head = _pread_exact(fd, 8, 0)
+        if head == _LFS_MAGIC[:8] and _pread_exact(fd, len(_LFS_MAGIC), 0) == _LFS_MAGIC:
+            raise CheckpointError(
+                f"{p}: is a Git LFS pointer, not weights; fetch the real file "
+                f"(`git lfs pull`, or download through huggingface_hub)"
+            )
+        if len(head) < 8:
+            raise CheckpointError(f"{p}: file of {size} bytes is too short to be safetensors "
+                                  f"(truncated download?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{p}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte "
+                                  f"limit; not a safetensors file or corrupted")
+        if n + 8 > size:
+            raise CheckpointError(f"{p}: header says {n} bytes but the file has only {size}; "
+                                  f"truncated download or not a safetensors file")
+        raw = _pread_exact(fd, n, 8)
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
     if len(raw) != n:
@@ -148,7 +166,9 @@ def read_header(path: str | os.PathLike) -> Header:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except _Dup as e:
         raise CheckpointError(f"{p}: header has the key {e.key!r} twice; refusing an ambiguous file") from None
-    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+    except RecursionError:
+        raise CheckpointError(f"{p}: header is not valid JSON (nested too deeply)") from None
+    except (json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"{p}: header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: header must be a JSON object, got {type(obj).__name__}")
@@ -209,7 +229,7 @@ def read_header(path: str | os.PathLike) -> Header:
     if covered < buffer_len:
         raise CheckpointError(f"{p}: {buffer_len - covered} trailing bytes after the last tensor; "
                               f"the file is corrupted or was written by a broken tool")
-    return Header(p, n, {t.name: t for t in entries}, metadata, size)
+    return Header(p, n, {t.name: t for t in entries}, metadata, size, identity(fd))
 
 
 # ---- tensors --------------------------------------------------------------------------------
@@ -231,21 +251,34 @@ def st_dtype(dtype) -> str:
     return _TORCH_TO_ST[name]
 
 
-def mmap_tensors(header: Header, names: Iterable[str] | None = None) -> dict[str, Any]:
+def mmap_tensors(header: Header, names: Iterable[str] | None = None,
+                 fd: int | None = None) -> dict[str, Any]:
     """Tensors of a validated file as zero-copy views of a private (copy-on-write) memory map:
     nothing is read until used, the page cache is shared, and writing to a tensor never touches
-    the file. The map stays alive as long as any of the tensors does."""
+    the file. The map stays alive as long as any of the tensors does. `fd`: the descriptor the
+    header was read from (the map must be of that same file; a file changed since is a
+    `CheckpointChanged`); default: the path is opened again."""
     import numpy as np
     import torch
 
+    own = fd is None
+    if fd is None:
+        fd = open_regular(header.path)
     try:
-        mm = np.memmap(header.path, dtype=np.uint8, mode="c", shape=(header.file_size,))
+        if header.identity is not None and identity(fd) != header.identity:
+            raise CheckpointChanged(f"{header.path}: changed since its header was read (a save "
+                                    f"ran at the same time); read it again")
+        mm = mmap.mmap(fd, header.file_size, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{header.path}: cannot map the file ({e})") from None
+    finally:
+        if own:
+            os.close(fd)
+    buf = np.frombuffer(mm, dtype=np.uint8)
     out: dict[str, Any] = {}
     wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
     for name, t in wanted.items():
-        raw = torch.from_numpy(mm[t.start:t.end])  # uint8 view, storage starts at this tensor
+        raw = torch.from_numpy(buf[t.start:t.end])  # uint8 view, storage starts at this tensor
         dt = torch_dtype(t.dtype)
         out[name] = (raw.view(dt) if raw.numel() else torch.empty(0, dtype=dt)).reshape(t.shape)
     return out
@@ -291,9 +324,11 @@ def tensor_bytes(t) -> memoryview:
 
 
 def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, Sequence[int]]],
-               produce: Callable[[str], Any], metadata: Mapping[str, str] | None = None) -> int:
+               produce: Callable[[str], Any], metadata: Mapping[str, str] | None = None,
+               observe: Callable[[memoryview], None] | None = None) -> int:
     """Write one safetensors file, calling `produce(name)` for one tensor at a time (so the
-    peak memory is one tensor). Checks each tensor against its spec; fsyncs. Returns the size."""
+    peak memory is one tensor). Checks each tensor against its spec; fsyncs. Returns the size.
+    `observe(bytes)` sees every tensor's bytes as written (checksums)."""
     header, sizes = build_header(specs, metadata)
     p = Path(path)
     with open(p, "wb") as f:
@@ -309,6 +344,8 @@ def write_file(path: str | os.PathLike, specs: Sequence[tuple[str, str, Sequence
             buf = tensor_bytes(t)
             if len(buf) != n:
                 raise CheckpointError(f"{p.name}: tensor {name!r} has {len(buf)} bytes, expected {n}")
+            if observe is not None:
+                observe(buf)
             f.write(buf)
             del t, buf
         f.flush()

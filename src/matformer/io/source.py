@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import MatFormerConfig
-from ..errors import CheckpointError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
+from .files import is_regular, read_json
+from .folder import Folder
 from .hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
 from .layout import CONFIG_NAME, Layout, resolve_files
 from .manifest import MANIFEST_NAME, Manifest, TierEntry, read_manifest, verify_file
@@ -61,6 +63,9 @@ class Source:
     manifest: Manifest | None = None
     tier_entry: TierEntry | None = None
     """Multi-tier repo: the manifest entry of the tier folder in use."""
+    listed: frozenset[str] | None = None
+    """Multi-tier repo: the file names the manifest lists (and that were hash-checked) in the
+    tier folder; nothing else in it is read. None: no such restriction."""
 
     @property
     def config_path(self) -> Path:
@@ -79,9 +84,16 @@ class Source:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        """The tokenizer.json beside the weights, or None (Hub: only fetched with companions)."""
-        p = self.folder / TOKENIZER_NAME
-        return p if p.is_file() else None
+        """The tokenizer.json beside the weights, or None (Hub: only fetched with companions;
+        a tier of a multi-tier repo: only when the manifest lists it)."""
+        return self.companion(TOKENIZER_NAME)
+
+    def companion(self, name: str) -> Path | None:
+        """A regular file `name` beside the weights that may be read (see `listed`), or None."""
+        if self.listed is not None and name not in self.listed:
+            return None
+        p = self.folder / name
+        return p if is_regular(p) else None
 
     def require_tokenizer(self) -> Path:
         p = self.tokenizer_path
@@ -104,12 +116,19 @@ class Source:
         return name
 
 
-def read_config(path: Path) -> MatFormerConfig | None:
-    """config.json of a checkpoint, its tier label checked against its sizes; None if absent
-    (a bare state dict can still be loaded; a model cannot)."""
-    if not path.exists():
+def read_config(path: Path, folder: Folder | None = None) -> MatFormerConfig | None:
+    """config.json of a checkpoint (read through `folder`, the checkpoint folder opened once,
+    when given), its tier label checked against its sizes; None if absent (a bare state dict
+    can still be loaded; a model cannot)."""
+    if folder is not None:
+        if not folder.exists(path.name):
+            return None
+        obj = folder.read_json(path.name, error=ConfigError)
+    elif not path.exists():
         return None
-    cfg = MatFormerConfig.from_json_file(path)
+    else:
+        obj = read_json(path, error=ConfigError)
+    cfg = MatFormerConfig.from_dict(obj, source=str(path))
     cfg.check_tier_label(source=str(path))
     return cfg
 
@@ -134,29 +153,58 @@ def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
         return src
     spec = os.fspath(src)
     p = Path(spec)
-    if p.exists():
+    if os.path.lexists(p):
         return _local(spec, p, tier, _widest(widths))
-    if is_repo_id(spec):
+    if is_repo_id(spec) and not _looks_local(spec):
         return _hub(spec, revision, tier, _widest(widths), companions)
     raise CheckpointError(f"{spec}: no such file or folder (and not a Hub repo id like org/name)")
 
 
+def _looks_local(spec: str) -> bool:
+    """A missing path that names a local place rather than a Hub repo: './x', '../x', '~/x', an
+    absolute path, or 'a/b' where the folder 'a' exists here."""
+    if spec.startswith(("./", "../", "/", "~", ".\\")):
+        return True
+    first = spec.split("/", 1)[0]
+    return os.path.isdir(first)
+
+
 def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:
-    if p.is_file():
+    if os.path.isfile(p):
         if p.suffix not in (".safetensors", ".bin"):
             raise CheckpointError(f"{p}: not a folder or a .safetensors file")
-        layout = Layout(p.parent, [p.name], pickle=p.suffix == ".bin")
-        return Source(spec, "file", p.parent, layout, read_config(p.parent / CONFIG_NAME))
-    manifest_path = p / MANIFEST_NAME
-    if manifest_path.is_file() and not (p / CONFIG_NAME).exists():
-        manifest = read_manifest(manifest_path)
+        fo = Folder(p.parent)
+        if not fo.exists(p.name):
+            raise CheckpointError(f"{p}: no such file")
+        layout = Layout(p.parent, [p.name], pickle=p.suffix == ".bin", dir=fo)
+        return Source(spec, "file", p.parent, layout, read_config(p.parent / CONFIG_NAME, fo))
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise CheckpointError(f"{p}: not a folder or a .safetensors file")
+    fo = Folder(p)
+    if fo.is_file(MANIFEST_NAME) and not fo.exists(CONFIG_NAME):
+        manifest = read_manifest(p / MANIFEST_NAME, fo)
         entry = manifest.pick(tier, width, source=spec)
-        for f in entry.files:
-            verify_file(p / f.path, f)
-        folder = p / entry.folder
-        return Source(spec, "folder", folder, resolve_files(folder),
-                      read_config(folder / CONFIG_NAME), manifest=manifest, tier_entry=entry)
-    return Source(spec, "folder", p, resolve_files(p), read_config(p / CONFIG_NAME))
+        tier_dir = fo.sub(entry.folder)
+        return _tier_source(spec, "folder", p, tier_dir, manifest, entry)
+    return Source(spec, "folder", p, resolve_files(fo), read_config(p / CONFIG_NAME, fo))
+
+
+def _tier_source(spec: str, kind: str, root: Path, tier_dir: Folder, manifest: Manifest,
+                 entry: TierEntry, **hub: str | None) -> Source:
+    """The Source of one tier folder: every listed file hash-checked through the folder opened
+    once, and every file the load will read listed."""
+    listed = frozenset(f.path.rsplit("/", 1)[1] for f in entry.files)
+    for f in entry.files:
+        verify_file(root / f.path, f, tier_dir)
+    layout = resolve_files(tier_dir)
+    reads = [CONFIG_NAME, *layout.shards] + ([layout.index.name] if layout.index else [])
+    unlisted = [n for n in reads if n not in listed]
+    if unlisted:
+        raise CheckpointError(f"{tier_dir.path}: {', '.join(unlisted)} would be read but "
+                              f"{MANIFEST_NAME} does not list (and hash) it; refusing files "
+                              f"added to a tier folder after it was written")
+    return Source(spec, kind, tier_dir.path, layout, read_config(tier_dir.path / CONFIG_NAME, tier_dir),
+                  manifest=manifest, tier_entry=entry, listed=listed, **hub)
 
 
 def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
@@ -169,11 +217,16 @@ def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
     if config is None:
         return _hub_multi_tier(spec, repo, rev, tier, width)
     commit = snapshot_commit(config, CONFIG_NAME, rev)
-    layout = fetch_weights(repo, config.parent, commit)
+    fetched = fetch_weights(repo, config.parent, commit)
     if companions:
         for name in COMPANION_FILES:
             download(repo, name, commit, missing_ok=True)
-    return Source(spec, "hub", config.parent, layout, read_config(config), repo_id=repo,
+    fo = Folder(config.parent)
+    layout = resolve_files(fo)
+    if layout.shards != fetched.shards:
+        raise CheckpointError(f"{repo}: the downloaded snapshot {config.parent} holds other "
+                              f"weights than the index names; clear it from the cache")
+    return Source(spec, "hub", config.parent, layout, read_config(config, fo), repo_id=repo,
                   revision=commit)
 
 
@@ -184,15 +237,14 @@ def _hub_multi_tier(spec: str, repo: str, rev: str | None, tier: int | None,
         raise CheckpointError(f"{repo}: the repo has no {CONFIG_NAME} (and no {MANIFEST_NAME}); "
                               f"it is not a matformer checkpoint")
     commit = snapshot_commit(path, MANIFEST_NAME, rev)
-    manifest = read_manifest(path)
-    entry = manifest.pick(tier, width, source=spec)
     root = path.parent
+    fo = Folder(root)
+    manifest = read_manifest(path, fo)
+    entry = manifest.pick(tier, width, source=spec)
     for f in entry.files:  # only this tier's files, every one checked before use
         got = download(repo, f.path, commit)
         assert got is not None
         if got != root / f.path:
             raise CheckpointError(f"{repo}: {f.path} resolved outside the snapshot folder {root}")
-        verify_file(got, f)
-    folder = root / entry.folder
-    return Source(spec, "hub", folder, resolve_files(folder), read_config(folder / CONFIG_NAME),
-                  repo_id=repo, revision=commit, manifest=manifest, tier_entry=entry)
+    return _tier_source(spec, "hub", root, fo.sub(entry.folder), manifest, entry,
+                        repo_id=repo, revision=commit)
