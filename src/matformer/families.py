@@ -10,7 +10,10 @@ imported only by `build_model`.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import shapes
@@ -30,6 +33,15 @@ def config_from_dict(d: Any, source: str = "config.json") -> Config:
     if is_vit(d):
         return MatViTConfig.from_dict(d, source=source)
     return MatFormerConfig.from_dict(d, source=source)
+
+
+def read_config_file(path: str | os.PathLike) -> Config:
+    """A checkpoint's config.json, as the config of its family (errors name the file)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = None  # the family's own reader reports what is wrong with the file
+    return (MatViTConfig if is_vit(d) else MatFormerConfig).from_json_file(path)
 
 
 def expected_shapes(config: Config, widths: Sequence[int] | None = None,

@@ -210,6 +210,15 @@ class MatViTConfig:
             f"{self.base}: that is {what}); fix or remove matformer_tier"
         )
 
+    # The LM config's names for what a MatViT also has, so loaders and writers read both alike.
+    tie_word_embeddings = False
+    """A ViT has no token embedding to tie."""
+
+    @property
+    def num_key_value_heads(self) -> int | list[int]:
+        """Multi-head attention: the KV heads are the heads."""
+        return self.num_attention_heads
+
     @property
     def dtype(self):
         import torch
@@ -229,6 +238,10 @@ class MatViTConfig:
         new.__post_init__()
         new.matformer_tier = new.stored_tier
         return new
+
+    def with_kv_heads(self, heads: int | list[int]) -> MatViTConfig:
+        """A copy storing `heads` heads per layer (the LM config's name for `with_widths(heads=)`)."""
+        return self.with_widths(heads=heads)
 
     # ---- config.json ---------------------------------------------------------------------
 
