@@ -2,7 +2,8 @@
 
 `evaluate(model_or_ckpt, data, ...)` runs each requested width (default: every tier the model can
 run, a few Mix'n'Match mixes between neighbouring tiers, and any extra per-layer width lists) on
-the same held-out windows and reports, per width:
+the same held-out windows; with nested heads (issue 11) every tier also at every KV head count
+the checkpoint can run (the (tier, kv_heads) grid). It reports, per point:
 
 - validation loss (mean natural-log next-token cross-entropy over every predicted token of the
   windows; exactly the mean of `model.loss` over the windows, which all have the same length)
@@ -16,6 +17,7 @@ the same held-out windows and reports, per width:
     (the direction the paper's soft consistency uses: how much the width loses of the full
     model's distribution);
 - decoding tokens/s (greedy, batch 1, KV cache) on prompts cut from the data;
+- KV-cache bytes per token at the point's heads (what a long context costs in memory);
 and a speculative decoding report: for each smaller tier (and each extra width list) as the
 draft and the reference as the target, the acceptance rate of greedy drafts, the speed-up of
 `speculative_generate` over plain `generate` at the reference width, and whether the output was
@@ -47,21 +49,29 @@ from .data import (
 )
 from .errors import ConfigError, DataError
 from .generation import _sync, generate
-from .speculative import speculative_generate
 from .io.checkpoint import load_model
 from .io.source import Source, resolve_source
 from .model import MatFormerLM
-from .shapes import non_embedding_parameters
-from .tiers import describe_widths, mix_n_match_plans, runnable_tiers, uniform_tier
+from .shapes import kv_cache_bytes_per_token, non_embedding_parameters
+from .speculative import speculative_generate
+from .tiers import (
+    describe_heads,
+    describe_widths,
+    mix_n_match_plans,
+    runnable_kv_heads,
+    runnable_tiers,
+    uniform_tier,
+)
 
 
 @dataclass
 class WidthResult:
     name: str
-    """'tier 2', or 'mix' + per-layer widths."""
+    """'tier 2', 'tier 2, 1 KV head', or 'mix' + per-layer widths."""
     widths: list[int]
     kind: str
-    """'tier' (a trained granularity), 'mix' (Mix'n'Match) or 'custom' (a requested plan)."""
+    """'tier' (a trained granularity at the stored heads), 'heads' (a tier at fewer KV heads:
+    the second axis), 'mix' (Mix'n'Match) or 'custom' (a requested plan)."""
     tier: int | None
     non_embedding_params: int
     loss: float
@@ -72,6 +82,10 @@ class WidthResult:
     kl_from_reference: float
     """KL(P_ref || P_width), nats per position."""
     decode_tokens_per_s: float | None = None
+    kv_heads: list[int] = field(default_factory=list)
+    """KV heads per layer at this point."""
+    kv_cache_bytes_per_token: int = 0
+    """KV cache one token of one sequence takes at these heads, in the evaluated dtype."""
 
 
 @dataclass
@@ -88,6 +102,7 @@ class SpeculativeResult:
     identical: bool
     """Greedy speculative output equal, token for token, to plain decoding at the target."""
     new_tokens: int
+    draft_kv_heads: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -115,12 +130,18 @@ class EvalReport:
 
 @dataclass
 class EvalWidth:
-    """One width to evaluate."""
+    """One width (and KV head setting) to evaluate."""
 
     name: str
     kind: str
-    """'tier', 'mix' or 'custom' (see `WidthResult.kind`)."""
+    """'tier', 'heads', 'mix' or 'custom' (see `WidthResult.kind`)."""
     widths: list[int]
+    kv_heads: list[int] = field(default_factory=list)
+    """KV heads per layer (empty: as stored)."""
+
+    def setting(self, model: MatFormerLM) -> dict[str, list[int]]:
+        """`set_widths` keywords of this point."""
+        return {"widths": self.widths, "layer_kv_heads": self.kv_heads or model.stored_kv_heads}
 
 
 # ---- which widths ----------------------------------------------------------------------------
@@ -128,10 +149,13 @@ class EvalWidth:
 
 def select_widths(model: MatFormerLM, uniform_tiers: Sequence[int] | None = None,
                   plans: Sequence[Sequence[int] | int] | None = None,
-                  mix_n_match: bool = True) -> list[EvalWidth]:
-    """Every width to evaluate, the reference (the stored widths) first, then by size:
+                  mix_n_match: bool = True, kv_heads: Sequence[int] | None = None,
+                  layer_kv_heads: Sequence[Sequence[int]] | None = None) -> list[EvalWidth]:
+    """Every point to evaluate, the reference (the stored widths and heads) first, then by size:
     `uniform_tiers` (default: every tier the model can run, at most 4), least-slope Mix'n'Match
-    plans between neighbouring ones when `mix_n_match`, and the extra width `plans`."""
+    plans between neighbouring ones when `mix_n_match`, and the extra width `plans`; each
+    uniform tier also at every KV head count in `kv_heads` and every per-layer list in
+    `layer_kv_heads` (the (tier, kv_heads) grid of the two elastic axes)."""
     base, num_layers = model.base_width, len(model.model.layers)
     stored = model.stored_widths
     if uniform_tiers is None:
@@ -151,14 +175,44 @@ def select_widths(model: MatFormerLM, uniform_tiers: Sequence[int] | None = None
     for w in plans or []:
         ws = model.resolve_widths(widths=w)
         selected.append(EvalWidth(describe_widths(base, ws), "custom", ws))
-    seen: set[tuple[int, ...]] = set()
+    selected += _head_points(model, [e for e in selected if e.kind == "tier"], kv_heads,
+                             layer_kv_heads)
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     unique = []
     for e in selected:
-        if tuple(e.widths) not in seen:
-            seen.add(tuple(e.widths))
+        key = (tuple(e.widths), tuple(e.kv_heads or model.stored_kv_heads))
+        if key not in seen:
+            seen.add(key)
             unique.append(e)
-    unique.sort(key=lambda e: (e.widths != stored, -sum(e.widths)))
+    full = (stored, model.stored_kv_heads)
+    unique.sort(key=lambda e: ((e.widths, e.kv_heads or full[1]) != full,
+                               -sum(e.widths), -sum(e.kv_heads or full[1])))
     return unique
+
+
+def _head_points(model: MatFormerLM, tiers: Sequence[EvalWidth], kv_heads: Sequence[int] | None,
+                 layer_kv_heads: Sequence[Sequence[int]] | None) -> list[EvalWidth]:
+    """Each uniform tier at each requested KV head setting other than the stored one."""
+    stored = model.stored_kv_heads
+    settings = [model.resolve_kv_heads(kv_heads=g) for g in kv_heads or []]
+    settings += [model.resolve_kv_heads(layer_kv_heads=list(hl)) for hl in layer_kv_heads or []]
+    out = []
+    for hl in settings:
+        if hl == stored:
+            continue
+        for e in tiers:
+            out.append(EvalWidth(f"{e.name}, {describe_heads(hl)}", "heads", e.widths, hl))
+    return out
+
+
+def default_kv_heads(model: MatFormerLM, folder: Path | None) -> list[int]:
+    """The KV head counts `evaluate` crosses with the tiers by default: every head granularity
+    the model holds when its heads nest (its training's train_config.json says nest_heads, or
+    its heads are already cut below the base), else the stored heads only."""
+    stored = model.stored_kv_heads
+    nested = any(g < model.config.base_kv_heads for g in stored) or bool(
+        folder is not None and training_settings(folder).get("nest_heads"))
+    return runnable_kv_heads(model.config.base_kv_heads, stored) if nested else []
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -239,6 +293,8 @@ def evaluate(
     device: str | torch.device | None = None,
     dtype: str | None = None,
     progress: Callable[[str], None] | None = None,
+    kv_heads: int | Sequence[int] | None = None,
+    layer_kv_heads: Sequence[Sequence[int]] | None = None,
 ) -> EvalReport:
     """Evaluate widths of one model on the same data; see the module docstring.
 
@@ -251,6 +307,9 @@ def evaluate(
     split the checkpoint was trained beside (the default corpus's held-out split).
     `uniform_tiers` (default every tier the model can run) and `plans` (extra per-layer width
     lists) select the widths; `mix_n_match` adds least-slope mixes between neighbouring tiers.
+    `kv_heads` (one count or several) and `layer_kv_heads` (per-layer lists): the head settings
+    every uniform tier is also evaluated at (default: every head granularity the checkpoint
+    holds when its heads nest, see `default_kv_heads`; the stored heads are always evaluated).
     Windows of `seq_len` tokens, at most `max_tokens` tokens in all, evenly spaced over the data
     (`data.heldout_windows`); by default the windows the checkpoint's training evaluated, so a
     tier's loss here is its last logged val loss. `progress` receives
@@ -275,7 +334,11 @@ def evaluate(
     if windows.size and (windows.min() < 0 or windows.max() >= vocab):
         raise DataError(f"evaluation data holds token id {int(windows.max())} outside the model's "
                         f"vocabulary of {vocab}; was it tokenized with this checkpoint's tokenizer?")
-    selected = select_widths(model, uniform_tiers, plans, mix_n_match)
+    if kv_heads is None and layer_kv_heads is None:
+        own = None if isinstance(model_or_ckpt, MatFormerLM) else _checkpoint_folder(model_or_ckpt)
+        kv_heads = default_kv_heads(model, own)
+    heads = [kv_heads] if isinstance(kv_heads, int) else kv_heads
+    selected = select_widths(model, uniform_tiers, plans, mix_n_match, heads, layer_kv_heads)
     say(f"evaluating {len(selected)} widths on {windows.shape[0]} windows x {windows.shape[1]} tokens")
     weight = model.model.embed_tokens.weight
     report = EvalReport(
@@ -314,16 +377,16 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
     n_windows, seq_len = windows.shape
     n = len(selected)
     ce_sum, kl_sum, seconds, match = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
-    with model.at_width(widths=model.widths), torch.inference_mode():
+    with model.at_width(**model.setting), torch.inference_mode():
         # Warm-up (first-call allocations would be charged to the first width otherwise).
-        model.set_widths(widths=selected[0].widths)
+        model.set_widths(**selected[0].setting(model))
         model(torch.as_tensor(windows[:1], device=dev))
         for b0 in range(0, n_windows, batch_size):
             x = torch.as_tensor(windows[b0:b0 + batch_size], device=dev)  # (B, T)
             labels = x[:, 1:].unsqueeze(-1)  # (B, T-1, 1): position t predicts token t+1
             ref_logp = ref_p = ref_best = torch.empty(0)
             for i, width in enumerate(selected):
-                model.set_widths(widths=width.widths)
+                model.set_widths(**width.setting(model))
                 _sync(dev)
                 t0 = time.perf_counter()
                 logits = model(x)  # (B, T, V)
@@ -340,12 +403,16 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                 match[i] += int((best == ref_best).sum())
     n_pred, n_pos = n_windows * (seq_len - 1), n_windows * seq_len
     results = []
+    itemsize = model.model.embed_tokens.weight.element_size()
     for i, width in enumerate(selected):
         loss = ce_sum[i] / n_pred
+        heads = width.setting(model)["layer_kv_heads"]
         results.append(WidthResult(
             name=width.name, widths=list(width.widths), kind=width.kind,
             tier=uniform_tier(model.base_width, width.widths),
-            non_embedding_params=non_embedding_parameters(model.config, width.widths),
+            non_embedding_params=non_embedding_parameters(model.config, width.widths, heads),
+            kv_heads=list(heads),
+            kv_cache_bytes_per_token=kv_cache_bytes_per_token(model.config, heads, itemsize),
             loss=loss, perplexity=perplexity(loss),
             tokens_per_s=n_pos / seconds[i] if seconds[i] > 0 else 0.0,
             greedy_match=match[i] / n_pos, kl_from_reference=max(0.0, kl_sum[i] / n_pos),
@@ -363,17 +430,19 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
     if new_tokens < 2 or n_prompts < 1:
         return
     prompts = [windows[i % len(windows), :prompt_len].tolist() for i in range(n_prompts)]
-    ref = model.stored_widths
+    ref, ref_heads = model.stored_widths, model.stored_kv_heads
     # Warm-up at the reference and the smallest width.
-    generate(model, prompts[0], 4, widths=ref, ignore_eos=True)
-    generate(model, prompts[0], 4, widths=selected[-1].widths, ignore_eos=True)
-    plain = [generate(model, p, new_tokens, widths=ref, ignore_eos=True) for p in prompts]
+    generate(model, prompts[0], 4, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True)
+    generate(model, prompts[0], 4, ignore_eos=True, **selected[-1].setting(model))
+    plain = [generate(model, p, new_tokens, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True)
+             for p in prompts]
     plain_rate = n_prompts * new_tokens / sum(out.stats.seconds for out in plain)
     if decode:
         say("decoding speed per width ...")
         for r in report.results:
-            r.decode_tokens_per_s = plain_rate if r.widths == ref else _decode_rate(
-                model, prompts, new_tokens, r.widths)
+            full = r.widths == ref and r.kv_heads == ref_heads
+            r.decode_tokens_per_s = plain_rate if full else _decode_rate(
+                model, prompts, new_tokens, {"widths": r.widths, "layer_kv_heads": r.kv_heads})
     if not speculative:
         return
     say("speculative decoding per draft width ...")
@@ -381,17 +450,18 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                                    "new_tokens": new_tokens, "draft_tokens": draft_tokens,
                                    "target_widths": list(ref)}
     for width in selected:
-        if width.widths != ref and width.kind != "mix":
+        if (width.widths, width.setting(model)["layer_kv_heads"]) != (ref, ref_heads) \
+                and width.kind != "mix":
             report.speculative.append(_speculative_result(
                 model, prompts, [out.tokens for out in plain], plain_rate, width, new_tokens,
                 draft_tokens))
 
 
 def _decode_rate(model: MatFormerLM, prompts: list[list[int]], new_tokens: int,
-                 widths: list[int]) -> float:
-    """Greedy batch-1 decoding tokens/s at `widths` over `prompts` (fixed lengths: EOS ignored,
-    so speeds compare like with like)."""
-    secs = sum(generate(model, p, new_tokens, widths=widths, ignore_eos=True).stats.seconds
+                 setting: dict[str, list[int]]) -> float:
+    """Greedy batch-1 decoding tokens/s at `setting` (widths and KV heads) over `prompts` (fixed
+    lengths: EOS ignored, so speeds compare like with like)."""
+    secs = sum(generate(model, p, new_tokens, ignore_eos=True, **setting).stats.seconds
                for p in prompts)
     return len(prompts) * new_tokens / secs
 
@@ -406,7 +476,9 @@ def _speculative_result(model: MatFormerLM, prompts: list[list[int]], plain: lis
     identical = True
     for p, want in zip(prompts, plain, strict=True):
         out = speculative_generate(model, p, new_tokens, widths=model.stored_widths,
+                                   layer_kv_heads=model.stored_kv_heads,
                                    draft_widths=draft.widths, draft_tokens=draft_tokens,
+                                   draft_layer_kv_heads=draft.setting(model)["layer_kv_heads"],
                                    ignore_eos=True)
         identical &= out.tokens == want
         acc += out.stats.accepted
@@ -415,6 +487,7 @@ def _speculative_result(model: MatFormerLM, prompts: list[list[int]], plain: lis
     rate = len(prompts) * new_tokens / secs
     return SpeculativeResult(
         draft_name=draft.name, draft_widths=list(draft.widths), draft_tokens=draft_tokens,
+        draft_kv_heads=list(draft.setting(model)["layer_kv_heads"]),
         acceptance_rate=acc / dra if dra else 0.0, accepted=acc, drafted=dra,
         plain_tokens_per_s=plain_rate, speculative_tokens_per_s=rate,
         speedup=rate / plain_rate, identical=identical, new_tokens=len(prompts) * new_tokens,

@@ -2,7 +2,8 @@
 
 `plot_elastic_curve(report, path)` draws the paper's elastic curve: validation loss against
 non-embedding parameters for every evaluated width, the trained tiers joined by a line and
-labelled, Mix'n'Match points between them, and beside it the consistency with the full width
+labelled, Mix'n'Match points between them, the tiers at fewer KV heads (the second elastic axis)
+as one labelled line per head setting, and beside it the consistency with the full width
 (greedy-token match) on the same x axis.
 """
 
@@ -43,6 +44,7 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
         "tier": sorted((r for r in rows if r["kind"] == "tier"), key=lambda r: r[_X]),
         "mix": [r for r in rows if r["kind"] == "mix"],
         "custom": [r for r in rows if r["kind"] == "custom"],
+        "heads": sorted((r for r in rows if r["kind"] == "heads"), key=lambda r: r[_X]),
     }
     fig, (ax, ax2) = plt.subplots(
         1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.6, 1]}, constrained_layout=True
@@ -72,6 +74,25 @@ def _series(axis: Any, groups: dict[str, list[dict]], key: str, scale: float = 1
     if tiers:
         axis.plot([r[_X] for r in tiers], [r[key] * scale for r in tiers], "-o", color="#1f77b4",
                   ms=8, lw=2, zorder=4, label="trained tiers")
+    for i, (heads, rs) in enumerate(_by_heads(groups.get("heads", [])).items()):
+        axis.plot([r[_X] for r in rs], [r[key] * scale for r in rs], "--^", ms=7, lw=1.5,
+                  color=_HEAD_COLORS[i % len(_HEAD_COLORS)], zorder=4,
+                  label=f"tiers at {_heads_label(list(heads))}")
+
+
+_HEAD_COLORS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf")
+
+
+def _by_heads(rows: list[dict]) -> dict[tuple[int, ...], list[dict]]:
+    """Rows of the 'heads' kind grouped by their KV head setting, each sorted by size."""
+    out: dict[tuple[int, ...], list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r["kv_heads"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r[_X]) for k, v in out.items()}
+
+
+def _heads_label(heads: list[int]) -> str:
+    return f"{heads[0]} KV" if len(set(heads)) == 1 else "kv[" + ",".join(map(str, heads)) + "]"
 
 
 def _style(axis: Any, ylabel: str, title: str) -> None:
@@ -103,6 +124,10 @@ def _loss_panel(ax: Any, groups: dict[str, list[dict]], rows: list[dict], base: 
     xspan = (max(xs) - min(xs)) or 1.0
     yspan = (max(ys) - min(ys)) or 1.0
     placed = [(r[_X] / xspan, r["loss"] / yspan) for r in groups["tier"]]
+    for r in groups["heads"]:  # every (tier, heads) point labelled: t1/2 KV
+        ax.annotate(f"t{r['tier']}/{_heads_label(r['kv_heads'])}", (r[_X], r["loss"]),
+                    textcoords="offset points", xytext=(5, -11), fontsize=7.5, color="#6a3d9a")
+        placed.append((r[_X] / xspan, r["loss"] / yspan))
     for r in groups["custom"] + groups["mix"]:
         px, py = r[_X] / xspan, r["loss"] / yspan
         if all(abs(px - qx) > 0.15 or abs(py - qy) > 0.12 for qx, qy in placed):

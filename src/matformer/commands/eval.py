@@ -7,6 +7,9 @@ to skip) and any --widths lists; --tier T evaluates tier T alone (and the stored
 Default data: the held-out windows the checkpoint's training evaluated (its train_config.json;
 the default corpus otherwise), tokenized with its tokenizer. Consistency is measured against
 the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
+Heads (the second elastic axis): each tier also at every KV head count in --kv-heads (default:
+every head granularity G, G/2, ..., 1 the checkpoint holds, when its heads nest), with the
+KV-cache bytes per token of each point.
 --json prints one JSON object instead of the table; --plot FILE.png draws loss against
 non-embedding parameters (the elastic curve). Progress goes to stderr.
 --compare B,C scores CKPT, B and C tier by tier on the same windows (loss only), e.g. a dense
@@ -53,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", action="append", default=None, metavar="W1,W2,...",
                         help="an extra per-layer width list to evaluate (repeatable)")
     parser.add_argument("--no-mix", action="store_true", help="skip the Mix'n'Match points")
+    parser.add_argument("--kv-heads", default=None, metavar="G[,G2,...]",
+                        help="KV head counts every tier is also evaluated at (default: every "
+                        "head granularity the checkpoint holds when its heads nest)")
+    parser.add_argument("--layer-kv-heads", action="append", default=None, metavar="G1,G2,...",
+                        help="a per-layer KV head list every tier is also evaluated at "
+                        "(repeatable)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per evaluation window (default: as the checkpoint's training)")
     parser.add_argument("--max-tokens", type=int, default=None,
@@ -140,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
         uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         plans=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
+        kv_heads=parse_int_list(args.kv_heads, "--kv-heads") if args.kv_heads else None,
+        layer_kv_heads=[parse_int_list(h, "--layer-kv-heads") for h in args.layer_kv_heads or []]
+        or None,
         batch_size=args.batch_size, decode=not args.no_decode,
         speculative=not args.no_speculative, draft_tokens=args.draft_tokens,
         device=args.device, dtype=args.dtype,

@@ -13,10 +13,11 @@ if TYPE_CHECKING:
     from ..comparison import Comparison
     from ..evaluation import EvalReport, WidthResult
     from ..generation import GenerationOutput
+    from ..speculative import DecodeCosts, DraftChoice
 
 
 def _short_name(r: WidthResult) -> str:
-    if r.kind == "tier":
+    if r.kind in ("tier", "heads"):
         return r.name
     return (r.kind + " " + ",".join(str(w) for w in r.widths))[:24]
 
@@ -33,14 +34,14 @@ def format_eval_report(report: EvalReport) -> str:
         "",
     ]
     head = (f"{'width':<24} {'non-emb params':>14} {'loss':>7} {'ppl':>9} {'match%':>7} "
-            f"{'KL':>8} {'eval tok/s':>11} {'decode tok/s':>12}")
+            f"{'KL':>8} {'eval tok/s':>11} {'decode tok/s':>12} {'KV B/tok':>9}")
     lines += [head, "-" * len(head)]
     for r in report.results:
         dec = f"{r.decode_tokens_per_s:12.1f}" if r.decode_tokens_per_s is not None else f"{'-':>12}"
         lines.append(
             f"{_short_name(r):<24} {format_count(r.non_embedding_params):>14} {r.loss:7.4f} "
             f"{r.perplexity:9.2f} {100 * r.greedy_match:7.2f} {r.kl_from_reference:8.4f} "
-            f"{r.tokens_per_s:11.0f} {dec}"
+            f"{r.tokens_per_s:11.0f} {dec} {r.kv_cache_bytes_per_token:9,d}"
         )
     if report.speculative:
         lines += ["", *_speculative_table(report)]
@@ -74,7 +75,29 @@ def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
     if output.draft_widths is not None:
         msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
                 f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
+    if "choice" in output.extra:
+        msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
     return msg + "]"
+
+
+def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
+    """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
+    verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
+    drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
+    pick = ("plain decoding (no draft expected to pay)" if choice.draft is None
+            else f"{choice.draft}, k={choice.k} (acceptance {100 * choice.acceptance:.0f}%, "
+                 f"expected {choice.expected_speedup:.2f}x)")
+    return (f"chose {pick} from costs measured here in ms: target step "
+            f"{1e3 * costs.target_step:.2f}; draft steps {drafts}; verify of k+1 tokens {verify}")
+
+
+def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> str:
+    """The summary `matformer generate --prompts-file` prints to stderr."""
+    s = outputs[0].stats
+    n = sum(o.stats.new_tokens for o in outputs)
+    rate = n / s.seconds if s.seconds > 0 else 0.0
+    return (f"[{len(outputs)} prompts, {n} tokens in {s.seconds:.2f}s, {rate:.1f} tok/s in all, "
+            f"at {describe_widths(base_width, outputs[0].widths)}]")
 
 
 def format_comparison(c: Comparison) -> str:
