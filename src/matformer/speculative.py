@@ -296,7 +296,7 @@ def speculative_generate(
     draft_layer_tiers: Sequence[int] | None = None,
     draft_widths: int | Sequence[int] | None = None,
     draft_model: MatFormerLM | None = None,
-    draft_tokens: int | str = 4,
+    draft_tokens: int | str | None = None,
     max_draft_tokens: int = 16,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -326,8 +326,8 @@ def speculative_generate(
     `draft_kv_heads`/`draft_layer_kv_heads` for a draft of this model (at most the target's;
     alone, the draft keeps the target's FFN widths; default: the target's heads).
     `draft_tokens`: k per round; "adaptive" (start at 4; +2 after a round whose drafts were all
-    accepted, -1 after a rejection; within 1..`max_draft_tokens`); or "auto" (from the costs;
-    the default with `draft_tier="auto"`). `costs`: reuse costs measured by an earlier call
+    accepted, -1 after a rejection; within 1..`max_draft_tokens`); "auto" (from the costs);
+    None: "auto" with `draft_tier="auto"`, else 4. `costs`: reuse costs measured by an earlier call
     (`output.extra["costs"]`) instead of timing again. `compile`: the compiled static-cache
     steps. Output `extra`: "choice" (the last (draft, k) chosen and why) and "costs" when
     chosen from costs, "cache" with `return_cache`.
@@ -338,8 +338,8 @@ def speculative_generate(
     max_len = _check_lengths(model, P, max_new_tokens)
     sampler = Sampler(temperature, top_k, top_p, seed, device)
     eos = set() if ignore_eos else _eos_set(model, eos_token_id)
-    if draft_tier == "auto" and draft_tokens == 4:
-        draft_tokens = "auto"
+    if draft_tokens is None:
+        draft_tokens = "auto" if draft_tier == "auto" else 4
     ks, mode = _draft_lengths(draft_tokens, max_draft_tokens)
     request = _requested(tier, layer_tiers, widths)
     heads = _requested(None, None, None, kv_heads, layer_kv_heads)
