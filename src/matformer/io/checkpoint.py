@@ -152,6 +152,16 @@ def _tensors(layout: Layout, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
 _READ_ATTEMPTS = 3
 
 
+def _check_float(dtypes: Mapping[str, Any], where: str,
+                 file_of: Callable[[str], str] | None) -> None:
+    """Model weights are floating point: an integer or bool tensor is refused, never cast."""
+    for name, dt in dtypes.items():
+        if not dt.is_floating_point and not _IGNORED.search(name):
+            loc = f"{file_of(name)}: " if file_of else ""
+            raise CheckpointError(f"{where}: {loc}tensor {name!r} is {st_dtype(dt)}; model "
+                                  f"weights must be F32, F16 or BF16 (not a model checkpoint?)")
+
+
 def consistent_read(read: Callable[[], Any], src: Any) -> Any:
     """`read()`, again when a save replaced the checkpoint while it was read
     (`CheckpointChanged`): each attempt reads one version whole; after the last, the error."""
@@ -225,17 +235,24 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
 
     from ..model import MatFormerLM
 
-    source = resolve_source(src, tier=tier, widths=widths, revision=revision)
+    def read() -> tuple[Source, MatFormerConfig, dict[str, torch.Tensor]]:
+        source = resolve_source(src, tier=tier, widths=widths, revision=revision)
+        config = MatFormerConfig.from_dict(source.config.to_dict())  # the model may change it
+        holder = f"{source.describe()}: this checkpoint"
+        if tier is not None or widths is not None:  # before any tensor is read
+            wanted = resolve_widths(config.base, config.num_hidden_layers, tier=tier, widths=widths)
+            check_held(config.base, config.layer_widths, wanted, tier=tier, holder=holder)
+        _check_heads_request(config, kv_heads, layer_kv_heads, holder)
+        sd, ck = _tensors(source.layout, allow_pickle)
+        file_of = (lambda n: ck.where[n]) if ck is not None else None
+        _check_float({k: v.dtype for k, v in sd.items()}, str(source.folder), file_of)
+        check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(source.folder),
+                     file_of)
+        return source, config, sd
+
+    # One version whole, even while a save replaces the checkpoint (read again if it did).
+    source, config, sd = consistent_read(read, src)
     layout = source.layout
-    config = MatFormerConfig.from_dict(source.config.to_dict())  # the model may change it
-    if tier is not None or widths is not None:  # before any tensor is read
-        wanted = resolve_widths(config.base, config.num_hidden_layers, tier=tier, widths=widths)
-        check_held(config.base, config.layer_widths, wanted, tier=tier,
-                   holder=f"{source.describe()}: this checkpoint")
-    _check_heads_request(config, kv_heads, layer_kv_heads, f"{source.describe()}: this checkpoint")
-    sd, ck = _tensors(layout, allow_pickle)
-    file_of = (lambda n: ck.where[n]) if ck is not None else None
-    check_shapes({k: tuple(v.shape) for k, v in sd.items()}, config, str(layout.folder), file_of)
     for k in [k for k in sd if _IGNORED.search(k)]:
         del sd[k]
     target = _resolve_dtype(dtype)

@@ -141,11 +141,15 @@ def _tmp_prefix(target: Path) -> str:
     return f".{target.name}.matformer-"
 
 
+_ACTIVE: set[str] = set()
+"""Temporary folders this process is writing now (other threads' saves must not remove them)."""
+
+
 def _cleanup_stale(folder: Path, prefix: str) -> None:
     """Remove temporary folders left by saves that were killed (their process is gone)."""
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
-            if not entry.name.startswith(prefix):
+            if not entry.name.startswith(prefix) or str(entry) in _ACTIVE:
                 continue
             m = re.match(r"(tmp|old|stage)-(\d+)-", entry.name[len(prefix):])
             if not m:
@@ -209,6 +213,7 @@ def atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]],
         target.parent.mkdir(parents=True, exist_ok=True)
         _cleanup_stale(target.parent, _tmp_prefix(target))
         tmp = target.parent / f"{_tmp_prefix(target)}tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        _ACTIVE.add(str(tmp))
         tmp.mkdir()
     except OSError as e:
         raise CheckpointError(f"{target}: cannot create a temporary folder beside it "
@@ -226,6 +231,7 @@ def atomic_folder(out_dir: str | os.PathLike, fill: Callable[[Path], set[str]],
                               f"the previous checkpoint (if any) is unchanged") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _ACTIVE.discard(str(tmp))
     return target
 
 
@@ -258,6 +264,7 @@ def _replace_files(target: Path, fill: Callable[[Path], set[str]],
     inside the target (same file system), then replace file by file."""
     _cleanup_stale(target, ".matformer-")
     stage = target / f".matformer-stage-{os.getpid()}-{secrets.token_hex(4)}"
+    _ACTIVE.add(str(stage))
     try:
         stage.mkdir()
         written = fill(stage)
@@ -268,6 +275,7 @@ def _replace_files(target: Path, fill: Callable[[Path], set[str]],
                               f"not yet replaced are unchanged") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        _ACTIVE.discard(str(stage))
     return target
 
 
