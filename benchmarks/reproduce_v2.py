@@ -66,7 +66,7 @@ from reproduce import (  # noqa: E402  (v1's helpers: one tie rule, one set of s
 CORPORA = {"python": None, "kjv": "builtin:kjv"}
 """corpus name -> TrainConfig.data (None = the default corpus)."""
 ALL_CONFIGS = ("baseline", "matlm_uniform", "matlm_xl", "joint", "joint_xl")
-SECONDARY_CONFIGS = ("baseline", "matlm_uniform", "joint")
+SECONDARY_CONFIGS = ("baseline", "matlm_uniform")
 """What the second corpus trains (the budget comparison, not every variant)."""
 LABELS = {
     "baseline": "baselines (4 models, X tokens each)",
@@ -83,13 +83,13 @@ BUDGET = {"baseline": "X each", "matlm_uniform": "paper (4X)", "matlm_xl": "pape
 class Settings:
     preset: str = "ffn8-micro"
     vocab_size: int = 512
-    seq_len: int = 128
+    seq_len: int = 64
     batch_size: int = 16
     baseline_steps: int = 300
     """Steps of one baseline: X = baseline_steps * batch_size * seq_len tokens."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     corpora: list[str] = field(default_factory=lambda: ["python", "kjv"])
-    eval_windows: int = 64
+    eval_windows: int = 128
     jobs: int = 2
     threads: int = 1
     """torch threads per process."""

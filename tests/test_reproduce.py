@@ -161,3 +161,109 @@ def test_pipeline_smoke(rp, tmp_path):
         assert name in text
     plots = rp.make_plots(report, tmp_path, "-t", "\ntest")
     assert all(p.stat().st_size > 10_000 for p in plots)
+
+
+# ---- v2 (issue 15): benchmarks/reproduce_v2.py -----------------------------------------------
+
+_PATH_V2 = _PATH.with_name("reproduce_v2.py")
+
+
+@pytest.fixture(scope="module")
+def rp2(rp):
+    spec = importlib.util.spec_from_file_location("reproduce_v2_bench", _PATH_V2)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_v2_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kjv_corpus_is_natural_language_by_chapter():
+    from matformer.data import load_texts
+
+    texts = load_texts("builtin:kjv", max_bytes=200_000)
+    assert texts[0].startswith("Genesis 1\nIn the beginning God created the heaven and the earth.")
+    assert texts[1].startswith("Genesis 2\n")
+    assert 150_000 < sum(len(t.encode()) for t in texts) <= 200_000  # capped like the default corpus
+    assert len(load_texts("builtin:kjv", max_bytes=10**8)) == 1189  # every chapter of the book
+
+
+def test_speculative_acceptance_counts_leading_matches(rp2):
+    torch.manual_seed(0)
+    cfg = MatFormerConfig.from_preset("debug")
+    model = MatFormerLM(cfg)
+    model.reset_parameters(seed=1)
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (5, 24))
+    same = rp2.speculative_acceptance(model, model, windows, gamma=3, device="cpu", batch=2)
+    assert same["acceptance_rate"] == 1.0 and same["accepted_per_round"] == 3.0
+    assert same["tokens_per_target_call"] == 4.0 and same["rounds"] == 15  # 5 windows x 3 cuts
+    other = MatFormerLM(cfg)
+    other.reset_parameters(seed=2)
+    diff = rp2.speculative_acceptance(model, other, windows, gamma=3, device="cpu", batch=2)
+    assert 0.0 <= diff["acceptance_rate"] < 1.0
+    # By hand: cuts at 1/4, 1/2, 3/4 of 24 tokens; accepted = the leading run of draft tokens
+    # equal to the target's greedy choice.
+    hand = []
+    with torch.no_grad():
+        for cut in (6, 12, 18):
+            seq = torch.as_tensor(windows[:1, :cut])
+            for _ in range(3):
+                seq = torch.cat([seq, other(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+            want = model(seq)[0, cut - 1:cut + 2].argmax(-1)
+            n = 0
+            while n < 3 and int(want[n]) == int(seq[0, cut + n]):
+                n += 1
+            hand.append(n)
+    one = rp2.speculative_acceptance(model, other, windows[:1], gamma=3, device="cpu")
+    assert one["rounds"] == 3 and one["accepted_per_round"] == pytest.approx(sum(hand) / 3)
+
+
+def test_v2_pipeline_end_to_end(rp2, tmp_path):
+    s = rp2.Settings(preset="debug", vocab_size=300, seq_len=32, batch_size=2, baseline_steps=2,
+                     seeds=[0, 1], eval_windows=3, jobs=1, max_corpus_bytes=40_000,
+                     cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"))
+    report = rp2.run_experiment(s, log=lambda _m: None)
+    cfg = MatFormerConfig.from_preset("debug", vocab_size=300)
+    base, L = cfg.base, cfg.num_hidden_layers
+    assert set(report["table"]) == {"python", "kjv"}
+    assert set(report["table"]["python"]) == set(rp2.ALL_CONFIGS)
+    assert set(report["table"]["kjv"]) == set(rp2.SECONDARY_CONFIGS) == {"baseline", "matlm_uniform"}
+    assert len(report["runs"]) == 2 * (4 + 4) + 2 * (4 + 1)
+    assert report["tokenizer_sha256"]["python"] != report["tokenizer_sha256"]["kjv"]
+    for corpus, by_cfg in report["table"].items():
+        for name, rows in by_cfg.items():
+            for t in rp2.TIERS:
+                r = rp2._tier(rows, t)
+                assert r["non_embedding_params"] == parameter_counts(cfg, [base >> t] * L)["non_embedding"]
+                assert r["seeds"] == [0, 1] and all(math.isfinite(x) and x > 0 for x in r["loss"])
+            assert rp2._tier(rows, 0)["greedy_match"] == [1.0, 1.0]
+            shapes = {r["shape"] for r in rows}
+            assert shapes == ({"uniform"} if name == "baseline" else {"uniform", "non-decreasing", "decreasing"})
+        cl = report["claims"][corpus]
+        wm = cl["width_matters"]
+        assert wm["verdict"].startswith(("width matters", "not shown"))
+        assert wm["baseline_s_minus_xl"]["mean"] == pytest.approx(
+            rp2._tier(by_cfg["baseline"], 3)["loss_stats"]["mean"] - rp2._tier(by_cfg["baseline"], 0)["loss_stats"]["mean"])
+        assert set(cl["loss_vs_baseline"]) == set(by_cfg) - {"baseline"}
+        assert set(cl["speculative"]) == {"same_target_matlm_xl", "same_target_matlm_xl_paired", "own_pair"}
+        spec = report["spec"][corpus]
+        assert spec["matlm_xl<-matlm_s"]["seeds"] == [0, 1]
+        for pair in spec.values():
+            assert all(0.0 <= v["acceptance_rate"] <= 1.0 for v in pair["values"])
+    assert set(report["claims"]["python"]["closes_gap_at_equal_compute"]) == {"joint", "joint_xl"}
+    assert set(report["claims"]["python"]["xl_upweighting_sample"]) == {"XL", "L", "M", "S"}
+    # Budgets: baseline X per width; sampled MatLM 4X tokens; joint X tokens at the baselines' FLOPs.
+    c = report["compute"]
+    x = report["settings"]["x_tokens"]
+    assert c["python-baseline-seed0"]["passes_per_width"] == {"XL": 2, "L": 2, "M": 2, "S": 2}
+    assert c["python-baseline-seed0"]["train_tokens"] == 4 * x
+    assert c["python-matlm_uniform-seed0"]["train_tokens"] == 4 * x
+    assert c["python-joint-seed1"]["train_tokens"] == x
+    assert c["python-joint-seed1"]["train_flops"] == c["python-baseline-seed1"]["train_flops"]
+    text = rp2.format_tables(report)
+    assert "corpus python" in text and "corpus kjv" in text and "equal compute" in text
+    plots = rp2.make_plots(report, tmp_path, "-t")
+    assert len(plots) == 3 and all(p.stat().st_size > 10_000 for p in plots)
+    # --replot recomputes the same summary from the raw evaluations.
+    js = tmp_path / "r.json"
+    js.write_text(__import__("json").dumps(report))
+    assert rp2.replot(js) == 0
