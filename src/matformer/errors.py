@@ -27,3 +27,8 @@ class DataError(MatFormerError):
 class CheckpointChanged(CheckpointError):
     """A checkpoint was replaced or removed while it was being read (a save ran at the same
     time). Nothing of the two versions was mixed; reading again sees the new one."""
+
+
+class TrainingDiverged(MatFormerError):
+    """A training run whose loss, gradients or weights stopped being finite: stopped before
+    anything non-finite was saved (the last good checkpoint is kept)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import distributed, state
+from . import distributed, divergence, state
 from .evaluation import evaluate_tiers, loss_table
 from .objective import forward_backward, step_plan, update_extent
 from .optimizer import lr_at, set_lr
@@ -58,9 +58,11 @@ def _loop(run: Run) -> TrainResult:
         plan = step_plan(cfg, run.base, step, dist.rank, dist.world)
         lr = set_lr(run.opt, lr_at(cfg, step))
         per_tier = forward_backward(run.objective, x, plan, run.teacher)
+        norm = None
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        run.opt.step(update_extent(cfg, run.base, step, dist.world))
+            norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        if divergence.guard(run, step, per_tier.detach().float().cpu(), norm):  # stop or skip
+            run.opt.step(update_extent(cfg, run.base, step, dist.world))
         run.opt.zero_grad(set_to_none=True)
         run.tokens_seen += tokens_per_step
         run_tokens += tokens_per_step
@@ -86,6 +88,7 @@ def _evaluate(run: Run, step: int) -> None:
 
 
 def _save(run: Run, step: int, lr: float) -> None:
+    divergence.check_weights(run, step)  # NaN weights are never saved, nothing is rotated out
     if run.dist.main:
         blob = state.state_bytes(run.opt, run.training_state(step, lr))
         path = state.save_checkpoint(run.out, run.model, state.run_files(run.cfg, run.tok), blob,
@@ -99,6 +102,7 @@ def _finish(run: Run, run_tokens: int, elapsed: float) -> TrainResult:
     tps = run_tokens / max(elapsed, 1e-9)
     final: dict[int, float] = {}
     table = ""
+    divergence.check_weights(run, cfg.steps)
     if dist.main:
         last = run.history[-1] if run.history else None
         final = last["val_loss"] if last and last["step"] == cfg.steps else \

@@ -70,10 +70,13 @@ class Reporter:
 
 
 def _step_of(line: str) -> int | None:
+    """The step of a log line; None for a line that is not a record with an integer step
+    (damaged, or `Infinity`/`NaN` where a number was expected)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def fmt_time(s: float) -> str:

@@ -14,6 +14,7 @@ limits what a rank can run: it trains only tiers >= its runtime tier.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,10 @@ class TrainConfig:
                                 "(needs the tensorboard package)", resumable=True)
     log_every: int = setting(1, "steps between log lines", resumable=True)
     quiet: bool = setting(False, "no progress output", resumable=True)
+    skip_nonfinite: bool = setting(False, "skip an optimizer step whose loss or gradient norm is "
+                                   "not finite (NaN/inf), up to 20 in a row (default: stop the "
+                                   "run with exit status 2; nothing non-finite is ever saved)",
+                                   resumable=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,6 +285,7 @@ def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:
         v = getattr(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    _validate_finite(cfg)
     for key in ("lr", "eps"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)!r}")
@@ -315,6 +321,20 @@ def _validate_scale(cfg: TrainConfig) -> None:
         raise ConfigError(f"peak_tflops must be positive, got {cfg.peak_tflops!r}")
     if cfg.compile is not None and (not isinstance(cfg.compile, str) or not cfg.compile):
         raise ConfigError(f"compile must name a torch.compile backend, got {cfg.compile!r}")
+
+
+def _validate_finite(cfg: TrainConfig) -> None:
+    """Every number a finite number, every seed one torch and numpy take (NaN passes every
+    comparison, so the range checks below would not see it)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{f.name} must be a finite number, got {x!r}")
+    for key in ("seed", "split_seed"):
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+            raise ConfigError(f"{key} must be an integer in [0, 2^63), got {v!r}")
 
 
 def _validate_tiers(cfg: TrainConfig, base: int, world: int) -> None:
