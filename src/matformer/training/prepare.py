@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import data as D
 from ..config import MatFormerConfig
+from ..io.swap import check_save_target
 from ..model import MatFormerLM, parameter_counts
 from . import distributed, state, warmstart
 from .distill import Distillation, Teacher
@@ -77,6 +78,8 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
         # evaluation may run from another folder (a packaged corpus is a name, not a path)
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
     report = Reporter(Path(cfg.out), dist.main, cfg.quiet)
+    if dist.main:  # a save that would fail (or a mount point: per-file saves) known before step 1
+        check_save_target(cfg.out)
     ckpt = state.resume_checkpoint(cfg)
     init = warmstart.init_source(cfg.init_from) if cfg.init_from else None
     tok, train_tokens, val_tokens = _load_data(cfg, dist, ckpt, report, init)
