@@ -183,7 +183,31 @@ def read_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
         raise CheckpointError(f"{path}: cannot read the training state ({e})") from None
     if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
         raise CheckpointError(f"{path}: no training metadata (not written by matformer train?)")
-    return tensors, TrainingState.from_meta(meta)
+    try:
+        state = TrainingState.from_meta(meta)
+        _check_state(state, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: "
+                              f"{str(e)[:200]}); resume from another checkpoint") from None
+    return tensors, state
+
+
+def _check_state(state: TrainingState, tensors: dict[str, torch.Tensor]) -> None:
+    """What from_meta's conversions do not catch: ranges, the position's fields, the RNG."""
+    if state.step < 0 or state.tokens_seen < 0 or state.world_size < 1:
+        raise ValueError(f"step {state.step}, tokens_seen {state.tokens_seen}, world_size "
+                         f"{state.world_size} out of range")
+    pos = state.data_position
+    if not isinstance(pos, dict) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                        for v in pos.values()):
+        raise ValueError(f"data position {str(pos)[:80]} is not a mapping to non-negative integers")
+    for h in state.history:
+        if not isinstance(h["step"], int) or not all(v is None or isinstance(v, (int, float))
+                                                     for v in h["val_loss"].values()):
+            raise ValueError("history entries need an integer step and numeric losses")
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise KeyError("rng.torch (the random generator state) is missing or malformed")
 
 
 def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world: int,
@@ -226,6 +250,16 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
 def restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW, sampler: D.WindowSampler,
             state: TrainingState, device: torch.device) -> None:
     """Optimizer moments, data position and RNG as the checkpoint left them."""
+    try:
+        _restore(tensors, ckpt, opt, sampler, state, device)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: cannot restore the training state "
+                              f"({type(e).__name__}: {str(e)[:200]}); resume from another "
+                              f"checkpoint") from None
+
+
+def _restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW,
+             sampler: D.WindowSampler, state: TrainingState, device: torch.device) -> None:
     opt.load_state_tensors(tensors, str(ckpt / STATE_FILE))
     sampler.load_state(state.data_position)
     torch.set_rng_state(tensors["rng.torch"])
