@@ -392,16 +392,27 @@ class WindowSampler:
 
     def next(self, n: int) -> np.ndarray:
         """The next `n` windows: (n, seq_len) int64."""
-        out = np.empty((n, self.seq_len), dtype=np.int64)
+        return self.read(self.starts(n))
+
+    def starts(self, n: int) -> np.ndarray:
+        """Token offsets of the next `n` windows (advances the position; `read` fetches them,
+        which a DataLoader worker can do while the position stays in the training process)."""
+        out = np.empty(n, dtype=np.int64)
         for i in range(n):
             offset, perm = self._order(self.epoch)
             if self.index >= len(perm):
                 self.epoch += 1
                 self.index = 0
                 offset, perm = self._order(self.epoch)
-            start = offset + int(perm[self.index]) * self.seq_len
-            out[i] = self.tokens[start:start + self.seq_len]
+            out[i] = offset + int(perm[self.index]) * self.seq_len
             self.index += 1
+        return out
+
+    def read(self, starts: np.ndarray) -> np.ndarray:
+        """The windows at `starts`: (len(starts), seq_len) int64."""
+        out = np.empty((len(starts), self.seq_len), dtype=np.int64)
+        for i, start in enumerate(starts.tolist()):
+            out[i] = self.tokens[start:start + self.seq_len]
         return out
 
     def state(self) -> dict[str, int]:

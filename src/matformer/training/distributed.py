@@ -1,15 +1,22 @@
 """Processes and devices: one code path for 1 and N processes.
 
 `setup(device)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), picks the device and
-starts the process group (gloo on CPU, NCCL on GPU); `wrap(module, dist)` is the data-parallel
-wrapper of the objective (DDP today: the per-rank losses' gradients are averaged once per step;
-an FSDP2 path belongs here, beside it); the rest are the few collectives the loop needs, no-ops
-in a single process.
+starts the process group (gloo on CPU, NCCL on GPU); `wrap(module, dist)` is the DDP wrapper of
+the objective (the per-rank losses' gradients are averaged once per step); `shard(model, dist)`
+is the FSDP2 path (`fully_shard` per decoder layer, then the root); the rest are the few
+collectives the loop needs, no-ops in a single process.
+
+FSDP2 and nested widths: each rank runs every layer (all ranks issue the same all-gathers and
+reduce-scatters) at its own width, on views of the unsharded parameters. A nested matrix is
+sharded along its *other* dimension (gate/up [I, H] by columns, down [H, I] by rows), so every
+rank's shard holds all neurons of its slice and `NestedAdamW`'s prefix updates stay local.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +55,7 @@ def setup(device: str) -> Dist:
 
 
 def teardown(dist: Dist) -> None:
-    if dist.world > 1 and torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # also the group of one that `shard` starts
         torch.distributed.destroy_process_group()
 
 
@@ -58,6 +65,31 @@ def wrap(module: nn.Module, dist: Dist) -> nn.Module:
         return module
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+
+def shard(model: nn.Module, dist: Dist, nested_dim: Callable[[str], int | None]) -> nn.Module:
+    """FSDP2 in place: `fully_shard` on every decoder layer, then on the root (embedding, final
+    norm, lm_head). `nested_dim(name)` (NestedAdamW's) is the nested dimension of a parameter,
+    None for plain ones; nested matrices are sharded along the other dimension. Works in one
+    process too (a process group of one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    if not torch.distributed.is_initialized():  # one process without torchrun
+        store = torch.distributed.FileStore(tempfile.mktemp(prefix="matformer-pg-"), 1)
+        torch.distributed.init_process_group("nccl" if dist.device.type == "cuda" else "gloo",
+                                             store=store, rank=0, world_size=1)
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    dims = {id(p): d for name, p in model.named_parameters() if (d := nested_dim(name)) is not None}
+
+    def placement(p: nn.Parameter) -> Shard:
+        return Shard(1 - dims[id(p)]) if id(p) in dims else Shard(0)
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+    return model
 
 
 def broadcast_str(text: str | None, dist: Dist) -> str:

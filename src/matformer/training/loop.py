@@ -1,9 +1,10 @@
 """The training loop: `train(TrainConfig(...)) -> TrainResult`.
 
-`prepare` builds the run (or restores it from a checkpoint); each step reads this rank's batch,
-runs the step's plan forward and backward, clips, and lets `NestedAdamW` update the prefix some
-rank used; every `log_every` / `eval_every` / `save_every` steps it logs, evaluates the held-out
-windows (rank 0) and writes a checkpoint (rank 0). The final model goes to `out/`.
+`prepare` builds the run (or restores it from a checkpoint); each step (`step.train_step`) runs
+this rank's micro-batches through the step's plan, clips, and lets `NestedAdamW` update the
+prefix some rank used; every `log_every` / `eval_every` / `save_every` steps it logs (losses,
+tokens/s, MFU, peak memory), evaluates the held-out windows (rank 0; every rank under FSDP2,
+whose forward is collective) and writes a checkpoint. The final model goes to `out/`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import distributed, divergence, state
+from . import distributed, divergence, sharded, state
 from .evaluation import evaluate_tiers, loss_table
-from .objective import forward_backward, step_plan, update_extent
+from .metrics import TensorBoard, Throughput
 from .optimizer import lr_at, set_lr
 from .prepare import Run, prepare
 from .report import step_losses
 from .settings import TrainConfig
+from .step import train_step
+from .weights import write_model
 
 
 @dataclass
@@ -50,50 +51,67 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _loop(run: Run) -> TrainResult:
     cfg, dist = run.cfg, run.dist
     run.report.start(run.start)
-    tokens_per_step = dist.world * cfg.batch_size * cfg.seq_len
+    tokens_per_step = dist.world * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    speed = Throughput(run.model_cfg, cfg, dist)
+    tb = TensorBoard(run.out, cfg.tensorboard and dist.main)
     t0, run_tokens, lr = time.time(), 0, lr_at(cfg, max(run.start - 1, 0))
     run.model.train()
     for step in range(run.start, cfg.steps):
-        x = run.batch()
-        plan = step_plan(cfg, run.base, step, dist.rank, dist.world)
         lr = set_lr(run.opt, lr_at(cfg, step))
-        per_tier = forward_backward(run.objective, x, plan, run.teacher)
-        norm = None
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        if divergence.guard(run, step, per_tier.detach().float().cpu(), norm):  # stop or skip
-            run.opt.step(update_extent(cfg, run.base, step, dist.world))
-        run.opt.zero_grad(set_to_none=True)
+        plan, per_tier, _ = train_step(run, step)
         run.tokens_seen += tokens_per_step
         run_tokens += tokens_per_step
+        speed.add(step)
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             losses = step_losses(plan, per_tier, run.trained, dist)  # a collective: every rank
             elapsed = time.time() - t0
+            extra = speed.summary(elapsed)
             run.report.step(done, cfg.steps, losses, lr, run_tokens / max(elapsed, 1e-9),
-                            elapsed / (done - run.start) * (cfg.steps - done))
+                            elapsed / (done - run.start) * (cfg.steps - done), extra)
+            tb.scalars(done, {**{f"loss/tier{t}": v for t, v in losses.items()}, "lr": lr,
+                              "tokens_per_s": run_tokens / max(elapsed, 1e-9), **extra})
         if done % cfg.eval_every == 0 or done == cfg.steps:
             _evaluate(run, done)
         if done % cfg.save_every == 0 or done == cfg.steps:
             _save(run, done, lr)
+    tb.close()
+    if run.batches is not None:
+        run.batches.close()
     return _finish(run, run_tokens, time.time() - t0)
 
 
 def _evaluate(run: Run, step: int) -> None:
-    if run.dist.main:
+    if run.dist.main or run.cfg.fsdp:  # FSDP2: every rank joins the forward's all-gathers
         losses = evaluate_tiers(run.model, run.val_windows, run.trained, run.cfg.batch_size)
-        run.history.append({"step": step, "val_loss": losses})
-        run.report.eval(step, losses)
+        if run.dist.main:
+            run.history.append({"step": step, "val_loss": losses})
+            run.report.eval(step, losses)
 
 
 def _save(run: Run, step: int, lr: float) -> None:
+    cfg, dist = run.cfg, run.dist
     divergence.check_weights(run, step)  # NaN weights are never saved, nothing is rotated out
-    if run.dist.main:
-        blob = state.state_bytes(run.opt, run.training_state(step, lr))
-        path = state.save_checkpoint(run.out, run.model, state.run_files(run.cfg, run.tok), blob,
-                                     step, run.cfg.keep_checkpoints)
-        run.report.say(f"saved {path}")
+    meta = run.training_state(step, lr)
+    meta.extra["loss_scale"] = run.scaler.state()
+    files, dtype = state.run_files(cfg, run.tok), cfg.save_dtype or cfg.dtype
+    if cfg.fsdp:  # every rank: its shards of the state, and its part of the model's gathers
+        folder = state.step_folder(run.out, step)
+        tmp = sharded.save_state(folder.parent, folder.name, run.model, run.opt, dist)
+        write_model(run.model, folder, files, dtype, dist, sharded=True)
+        if dist.main:
+            sharded.finish(tmp, folder, meta.to_meta())
+            state.rotate(run.out, cfg.keep_checkpoints)
+        distributed.barrier(dist)
+        path = folder
+    elif dist.main:
+        blob = state.state_bytes(run.opt, meta, run.model if dtype != "float32" else None)
+        path = state.save_checkpoint(run.out, run.model, files, blob, step, cfg.keep_checkpoints,
+                                     dtype)
+    else:
+        return
+    run.report.say(f"saved {path}")
 
 
 def _finish(run: Run, run_tokens: int, elapsed: float) -> TrainResult:
@@ -103,15 +121,17 @@ def _finish(run: Run, run_tokens: int, elapsed: float) -> TrainResult:
     final: dict[int, float] = {}
     table = ""
     divergence.check_weights(run, cfg.steps)
-    if dist.main:
+    if dist.main or cfg.fsdp:  # under FSDP2 the forward and the model's gathers are collective
         last = run.history[-1] if run.history else None
         final = last["val_loss"] if last and last["step"] == cfg.steps else \
             evaluate_tiers(run.model, run.val_windows, run.trained, cfg.batch_size)
-        table = loss_table(run.model_cfg, final)
         summary = {"steps": cfg.steps, "final_val_loss": {str(k): v for k, v in final.items()},
                    "history": state.history_json(run.history), "train_tokens": run.tokens_seen,
                    "tokens_per_second": tps}
-        state.save_final(run.out, run.model, state.run_files(cfg, run.tok), summary)
+        state.save_final(run.out, run.model, state.run_files(cfg, run.tok), summary,
+                         cfg.save_dtype or cfg.dtype, dist, cfg.fsdp)
+    if dist.main:
+        table = loss_table(run.model_cfg, final)
         run.report.say(f"\nfinal model: {run.out}  ({run.tokens_seen:,} training tokens, "
                        f"{tps:,.0f} tok/s this session)\n{table}")
         _note_untrained_tail(run)

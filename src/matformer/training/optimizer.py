@@ -45,6 +45,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 _FFN_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+def nested_dim(name: str) -> int | None:
+    """The dimension along which a parameter's neurons are nested (0: rows of gate/up, 1: columns
+    of down), None for a plain parameter."""
+    m = _FFN_PARAM.match(name)
+    if m is None:
+        return None
+    return 1 if m.group(2) == "down_proj" else 0
+
+
 class NestedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) that updates only the used prefix of
     each nested FFN.
@@ -69,9 +78,9 @@ class NestedAdamW(torch.optim.Optimizer):
             if not p.requires_grad:
                 continue
             self.names[p] = name
-            m = _FFN_PARAM.match(name)
-            if m:
-                self.nest_dim[p] = 1 if m.group(2) == "down_proj" else 0
+            dim = nested_dim(name)
+            if dim is not None:
+                self.nest_dim[p] = dim
             (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
@@ -152,6 +161,24 @@ class NestedAdamW(torch.optim.Optimizer):
             group = self.param_groups[gi]
             _foreach_adamw_(ps, gs, ms, vs, c, group["lr"], group["weight_decay"],
                             *group["betas"], group["eps"])
+
+    # Sharded state for torch.distributed.checkpoint (training.sharded), keyed by parameter name.
+    def state_for_dcp(self, for_load: bool) -> dict[str, torch.Tensor]:
+        """Moments (DTensors under FSDP2) and step counts of every parameter. `for_load`: the
+        tensors DCP loads into in place (state created if missing; counts unshared first)."""
+        out = {}
+        for p, name in self.names.items():
+            st = self._init_state(p) if for_load else self.state.get(p)
+            if not st:
+                continue
+            if for_load:
+                st["step"] = st["step"].clone()
+            out[f"{name}.exp_avg"], out[f"{name}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
+            out[f"{name}.step"] = st["step"] if for_load else st["step"].clone()
+        return out
+
+    def loaded_from_dcp(self) -> None:
+        self._counters = None  # counts read per parameter: group equal ones again
 
     # Tensors-only state (safetensors), keyed by parameter name.
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -20,12 +20,14 @@ from .. import data as D
 from ..config import MatFormerConfig
 from ..io.swap import check_save_target
 from ..model import MatFormerLM, parameter_counts
-from . import distributed, state, warmstart
+from . import distributed, execution, sharded, state, warmstart
+from .batches import Batches
 from .distill import Distillation, Teacher
 from .distributed import Dist
 from .evaluation import heldout
 from .objective import Objective
-from .optimizer import NestedAdamW, build_optimizer
+from .optimizer import NestedAdamW, build_optimizer, nested_dim
+from .precision import LossScaler
 from .report import Reporter
 from .settings import TrainConfig, all_trained_tiers, model_config, runtime_tiers, validate
 from .state import History, TrainingState
@@ -40,7 +42,8 @@ class Run:
     model_cfg: MatFormerConfig
     model: MatFormerLM
     objective: nn.Module
-    """What each rank runs: Objective(model), DDP-wrapped under torchrun."""
+    """What each rank runs: Objective(model), DDP-wrapped under torchrun (with --fsdp the model
+    itself is sharded and the objective is not wrapped)."""
     opt: NestedAdamW
     sampler: D.WindowSampler
     val_windows: torch.Tensor
@@ -51,6 +54,9 @@ class Run:
     start: int = 0
     tokens_seen: int = 0
     history: History = field(default_factory=list)
+    batches: Batches | None = None
+    """This rank's micro-batches, read ahead (training.batches)."""
+    scaler: LossScaler = field(default_factory=lambda: LossScaler(False))
 
     @property
     def out(self) -> Path:
@@ -62,12 +68,17 @@ class Run:
 
     def batch(self) -> torch.Tensor:
         """This rank's share of the next global batch (every rank reads the same stream)."""
-        B, rank = self.cfg.batch_size, self.dist.rank
-        windows = self.sampler.next(self.dist.world * B)
-        return torch.from_numpy(windows[rank * B:(rank + 1) * B]).to(self.dist.device, non_blocking=True)
+        if self.batches is None:
+            workers = self.cfg.data_workers
+            if workers is None:
+                workers = 2 if self.dist.device.type == "cuda" else 0
+            self.batches = Batches(self.sampler, self.dist.rank, self.dist.world,
+                                   self.cfg.batch_size, self.dist.device, workers)
+        return self.batches.next()
 
     def training_state(self, step: int, lr: float) -> TrainingState:
-        return TrainingState(step=step, data_position=self.sampler.state(),
+        position = self.batches.position if self.batches is not None else self.sampler.state()
+        return TrainingState(step=step, data_position=position,
                              tokens_seen=self.tokens_seen, world_size=self.dist.world, lr=lr,
                              history=self.history)
 
@@ -88,7 +99,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     validate(cfg, base=mcfg.base, world=dist.world)
     resumed = None
     if ckpt is not None:
-        tensors, resumed = state.read_state(ckpt)
+        tensors, resumed = _read_resume(ckpt)
         state.check_resume(cfg, ckpt, mcfg, dist.world, resumed)
 
     model = MatFormerLM(mcfg)
@@ -98,22 +109,51 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     elif init is not None:
         state.load_weights(model, init.folder)
     model.to(dist.device)
-    opt = build_optimizer(model, cfg)
+    objective = _parallel(cfg, model, dist, Objective(model, _distillation(cfg)),
+                          len(all_trained_tiers(cfg, mcfg.base, dist.world)))
+    opt = build_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
     sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
     val_windows, val_desc = heldout(val_tokens, cfg.seq_len, cfg.eval_windows, dist.device)
     run = Run(cfg=cfg, dist=dist, report=report, tok=tok, model_cfg=mcfg, model=model,
-              objective=distributed.wrap(Objective(model, _distillation(cfg)), dist), opt=opt,
+              objective=objective, opt=opt,
               sampler=sampler, val_windows=val_windows,
               trained=all_trained_tiers(cfg, mcfg.base, dist.world),
               teacher=_teacher(cfg, tok, model, dist))
+    run.scaler = LossScaler(cfg.dtype == "float16")
     if ckpt is not None and resumed is not None:
-        state.restore(tensors, ckpt, opt, sampler, resumed, dist.device)
+        if tensors is None:  # sharded (--fsdp) state
+            sharded.load_state(ckpt, model, opt)
+            sampler.load_state(resumed.data_position)
+        else:
+            state.restore(tensors, ckpt, opt, sampler, resumed, dist.device)
+        run.scaler.load_state(resumed.extra.get("loss_scale", {}))
         run.start, run.tokens_seen, run.history = resumed.step, resumed.tokens_seen, resumed.history
         report.say(f"resumed from {ckpt} at step {run.start}")
     else:
         torch.manual_seed(cfg.seed)
     _describe(run, val_desc)
     return run
+
+
+def _read_resume(ckpt: Path) -> tuple[dict[str, torch.Tensor] | None, TrainingState]:
+    """The training state a checkpoint holds: tensors + state (single-file), or None + state
+    (sharded, loaded into the model and optimizer later by every rank)."""
+    if sharded.is_sharded(ckpt):
+        return None, TrainingState.from_meta(sharded.read_meta(ckpt))
+    return state.read_state(ckpt)
+
+
+def _parallel(cfg: TrainConfig, model: MatFormerLM, dist: Dist, objective: Objective,
+              widths: int) -> nn.Module:
+    """Activation checkpointing, torch.compile, then FSDP2 sharding or the DDP wrapper."""
+    if cfg.activation_checkpointing:
+        execution.checkpoint_layers(model)
+    if cfg.compile:
+        execution.compile_model(model, cfg.compile, widths, per_layer=cfg.fsdp)
+    if cfg.fsdp:
+        distributed.shard(model, dist, nested_dim)
+        return objective
+    return distributed.wrap(objective, dist)
 
 
 def _distillation(cfg: TrainConfig) -> Distillation | None:

@@ -57,12 +57,16 @@ class Reporter:
             print(f"warning: cannot write {self.out / LOG_FILE} ({e})", file=sys.stderr)
 
     def step(self, step: int, steps: int, losses: dict[int, float], lr: float, tokens_per_s: float,
-             eta_s: float) -> None:
+             eta_s: float, extra: dict[str, float] | None = None) -> None:
+        """`extra`: measurements beside the loss (metrics.Throughput: mfu, peak_memory_gb)."""
+        extra = extra or {}
+        shown = (f" | MFU {extra['mfu']:.1%}" if "mfu" in extra else "") + \
+            (f" | peak {extra['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in extra else "")
         self.say(f"step {step:>{len(str(steps))}}/{steps} | loss "
                  + " ".join(f"t{t} {v:.4f}" for t, v in losses.items())
-                 + f" | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | ETA {fmt_time(eta_s)}")
+                 + f" | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s{shown} | ETA {fmt_time(eta_s)}")
         self.record({"step": step, "loss": {str(k): v for k, v in losses.items()}, "lr": lr,
-                     "tokens_per_s": tokens_per_s})
+                     "tokens_per_s": tokens_per_s, **extra})
 
     def eval(self, step: int, losses: dict[int, float]) -> None:
         self.say(f"eval step {step}: val loss " + "  ".join(f"t{t} {v:.4f}" for t, v in losses.items()))

@@ -139,8 +139,10 @@ class TrainConfig:
     grad_accum: int = setting(1, "micro-batches of --batch-size per optimizer step and process")
     activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward "
                                              "(less memory, ~1/3 more compute)", resumable=True)
-    data_workers: int = setting(2, "DataLoader worker processes reading batches ahead (0: in "
-                                "the training process)", resumable=True)
+    data_workers: int | None = setting(None, "DataLoader worker processes reading batches "
+                                       "ahead into pinned memory (0: in the training process; "
+                                       "default: 2 on CUDA, 0 on CPU where they would take the "
+                                       "compute threads' cores)", resumable=True)
     peak_tflops: float | None = setting(None, "peak dense TFLOP/s of one device for the MFU "
                                         "log (default: from the device name; unknown: no MFU)",
                                         resumable=True)
@@ -314,8 +316,8 @@ def _validate_scale(cfg: TrainConfig) -> None:
         v = getattr(cfg, key)
         if v is not None and v not in DTYPES:
             raise ConfigError(f"{key} must be one of {', '.join(DTYPES)}, got {v!r}")
-    if isinstance(cfg.data_workers, bool) or not isinstance(cfg.data_workers, int) \
-            or cfg.data_workers < 0:
+    if cfg.data_workers is not None and (isinstance(cfg.data_workers, bool) or not isinstance(
+            cfg.data_workers, int) or cfg.data_workers < 0):
         raise ConfigError(f"data_workers must be a non-negative integer, got {cfg.data_workers!r}")
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise ConfigError(f"peak_tflops must be positive, got {cfg.peak_tflops!r}")

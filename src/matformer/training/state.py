@@ -23,11 +23,14 @@ from torch import nn
 from .. import data as D
 from ..config import MatFormerConfig
 from ..errors import CheckpointError
-from ..io.checkpoint import load_state_dict, save_model
+from ..io.checkpoint import load_state_dict
 from ..io.hub import download
 from ..io.source import resolve_source
+from .distributed import Dist
 from .optimizer import NestedAdamW
 from .settings import TrainConfig, normalized, resumable_settings
+from .sharded import is_sharded
+from .weights import write_model
 
 STATE_FILE = "training_state.safetensors"
 CONFIG_FILE = "train_config.json"
@@ -48,11 +51,13 @@ class TrainingState:
     world_size: int = 1
     lr: float = 0.0
     history: History = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Small state of optional parts (the float16 loss scale)."""
 
     def to_meta(self) -> dict[str, Any]:
         return {"step": self.step, "data_position": self.data_position,
                 "tokens_seen": self.tokens_seen, "world_size": self.world_size, "lr": self.lr,
-                "history": history_json(self.history)}
+                "history": history_json(self.history), "extra": self.extra}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> TrainingState:
@@ -60,7 +65,8 @@ class TrainingState:
                    tokens_seen=int(meta.get("tokens_seen", 0)),
                    world_size=int(meta.get("world_size", 1)), lr=float(meta.get("lr", 0.0)),
                    history=[{"step": h["step"], "val_loss": {int(k): v for k, v in h["val_loss"].items()}}
-                            for h in meta.get("history", [])])
+                            for h in meta.get("history", [])],
+                   extra=dict(meta.get("extra", {})))
 
 
 def history_json(history: History) -> list[dict[str, Any]]:
@@ -79,9 +85,14 @@ def checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
     if root.is_dir():
         for entry in root.iterdir():
             m = _STEP_DIR.match(entry.name)
-            if m and entry.is_dir() and (entry / STATE_FILE).is_file() and (entry / "config.json").is_file():
+            if m and entry.is_dir() and has_state(entry) and (entry / "config.json").is_file():
                 found.append((int(m.group(1)), entry))
     return sorted(found)
+
+
+def has_state(folder: Path) -> bool:
+    """The folder holds a complete training state: single-file or sharded (--fsdp)."""
+    return (folder / STATE_FILE).is_file() or is_sharded(folder)
 
 
 def resume_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -124,7 +135,7 @@ def _locate(src: Path) -> Path:
 
 def _local(folder: Path) -> Path:
     """A step-*/ folder holding the training state, or a run folder's newest complete checkpoint."""
-    if (folder / STATE_FILE).is_file():
+    if has_state(folder):
         return folder
     found = checkpoints(folder)
     if found:
@@ -143,10 +154,15 @@ def run_files(cfg: TrainConfig, tok: Any) -> dict[str, bytes]:
             CONFIG_FILE: (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()}
 
 
-def state_bytes(opt: NestedAdamW, state: TrainingState) -> bytes:
+def state_bytes(opt: NestedAdamW, state: TrainingState, master: nn.Module | None = None) -> bytes:
+    """The single-file training state; `master`: also the model's float32 weights (when the
+    checkpoint's weights are saved in a lower dtype, resuming needs the exact ones)."""
     from safetensors.torch import save
 
     tensors = opt.state_tensors()
+    if master is not None:
+        tensors.update({f"master.{k}": v.detach().cpu().clone()
+                        for k, v in master.state_dict().items() if k in opt.names.values()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -154,18 +170,28 @@ def state_bytes(opt: NestedAdamW, state: TrainingState) -> bytes:
 
 
 def save_checkpoint(out: Path, model: nn.Module, files: dict[str, bytes], state: bytes,
-                    step: int, keep: int) -> Path:
+                    step: int, keep: int, save_dtype: str = "float32") -> Path:
     """Write step-NNNNNNN/ atomically, then drop all but the newest `keep` checkpoints."""
-    path = save_model(model, out / "checkpoints" / f"step-{step:07d}",
-                      extra_files={**files, STATE_FILE: state})
-    for _, old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    path = write_model(model, step_folder(out, step), {**files, STATE_FILE: state}, save_dtype)
+    rotate(out, keep)
     return path
 
 
-def save_final(out: Path, model: nn.Module, files: dict[str, bytes], summary: dict[str, Any]) -> Path:
-    return save_model(model, out, extra_files={
-        **files, SUMMARY_FILE: (json.dumps(summary, indent=2) + "\n").encode()})
+def step_folder(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:07d}"
+
+
+def rotate(out: Path, keep: int) -> None:
+    """Drop all but the newest `keep` complete checkpoints."""
+    for _, old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(out: Path, model: nn.Module, files: dict[str, bytes], summary: dict[str, Any],
+               save_dtype: str = "float32", dist: Dist | None = None, sharded: bool = False) -> Path | None:
+    """The final model in `out` (collective when `sharded`)."""
+    return write_model(model, out, {**files, SUMMARY_FILE: (json.dumps(summary, indent=2) + "\n").encode()},
+                       save_dtype, dist, sharded)
 
 
 # ---- resuming --------------------------------------------------------------------------------
@@ -228,7 +254,7 @@ def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world
         # Resuming would write the weights of a longer run as this run's final model.
         raise CheckpointError(f"{ckpt}: the checkpoint is at step {state.step}, past --steps "
                               f"{cfg.steps}; resume with --steps {state.step} or more")
-    if state.world_size != world:
+    if state.world_size != world and not is_sharded(ckpt):  # DCP reshards: any world size
         raise CheckpointError(f"{ckpt}: saved by {state.world_size} process(es), resumed "
                               f"with {world}; resume with the same number of processes")
     saved_model = MatFormerConfig.from_json_file(ckpt / "config.json").to_dict()
@@ -261,6 +287,11 @@ def restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW, samp
 def _restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW,
              sampler: D.WindowSampler, state: TrainingState, device: torch.device) -> None:
     opt.load_state_tensors(tensors, str(ckpt / STATE_FILE))
+    master = {k.removeprefix("master."): v for k, v in tensors.items() if k.startswith("master.")}
+    if master:  # float32 weights beside lower-precision saved ones
+        with torch.no_grad():
+            for name, p in opt.names.items():
+                p.copy_(master[name])
     sampler.load_state(state.data_position)
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and device.type == "cuda":

@@ -1,0 +1,86 @@
+"""Sharded training state through `torch.distributed.checkpoint` (DCP), for `--fsdp` runs.
+
+A checkpoint `OUT/checkpoints/step-NNNNNNN/` of an FSDP2 run holds the usual Hugging Face model
+(written from the shards by `weights.write_model`), the tokenizer, train_config.json, and:
+- `training_state/`: a DCP folder (`.metadata` + one `.distcp` file per rank) with the float32
+  parameters, NestedAdamW's moments (sharded like the parameters) and per-neuron step counts
+  (replicated: written once), and rank 0's RNG state;
+- `training_state.json`: step, data position, tokens seen, world size, lr, history, loss scale.
+
+DCP records every tensor by its global offsets, so a run can resume with any number of
+processes (it reshards on load); with the same number the result is bit-identical to an
+uninterrupted run. The DCP folder is written first into `.step-NNNNNNN.dcp/` beside the
+checkpoints and moved into the finished model folder last: a checkpoint counts as complete only
+once `training_state/.metadata` is in it (`state.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from ..errors import CheckpointError
+from ..io.atomic import atomic_write, fsync_dir
+from .distributed import Dist, barrier
+from .optimizer import NestedAdamW
+
+STATE_DIR = "training_state"
+META_FILE = "training_state.json"
+
+
+def is_sharded(folder: Path) -> bool:
+    return (folder / STATE_DIR / ".metadata").is_file() and (folder / META_FILE).is_file()
+
+
+def _state(model: nn.Module, opt: NestedAdamW, for_load: bool) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optim": opt.state_for_dcp(for_load),
+            "rng": torch.get_rng_state()}
+
+
+def save_state(root: Path, step_name: str, model: nn.Module, opt: NestedAdamW, dist: Dist) -> Path:
+    """Every rank writes its shards into `root/.{step_name}.dcp` (collective); returns it."""
+    tmp = root / f".{step_name}.dcp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
+        root.mkdir(parents=True, exist_ok=True)
+    barrier(dist)
+    dcp.save(_state(model, opt, for_load=False), checkpoint_id=str(tmp))
+    barrier(dist)
+    return tmp
+
+
+def finish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
+    """Rank 0, after the model folder is written: the JSON state, then the DCP folder moved in
+    (the step that makes the checkpoint complete)."""
+    atomic_write(folder / META_FILE, json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, folder / STATE_DIR)
+    fsync_dir(folder)
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / META_FILE}: cannot read the training state ({e})") from None
+    if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
+        raise CheckpointError(f"{folder / META_FILE}: no training metadata")
+    return meta
+
+
+def load_state(folder: Path, model: nn.Module, opt: NestedAdamW) -> None:
+    """Every rank reads its shards (resharded to this run's world size) in place (collective)."""
+    state = _state(model, opt, for_load=True)
+    try:
+        dcp.load(state, checkpoint_id=str(folder / STATE_DIR))
+    except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, ...)
+        raise CheckpointError(f"{folder / STATE_DIR}: cannot load the sharded training state "
+                              f"({str(e).splitlines()[0][:300]}); is it from the same model?") from None
+    opt.loaded_from_dcp()
+    torch.set_rng_state(state["rng"])
