@@ -45,6 +45,7 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .io.atomic import atomic_write
+from .io.files import read_bytes
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -156,11 +157,13 @@ PACKAGED_CORPORA = {"builtin:kjv": kjv_texts}
 """Corpora a package installs (no download): `--data builtin:kjv`."""
 
 
+MAX_DATA_FILE_BYTES = 1 << 36
+"""64 GiB: one data file is read into memory whole; above this it is refused up front."""
+
+
 def _read_file(path: Path) -> list[str]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    # Regular files only: /dev/zero or a FIFO named as data is refused, never read or waited on.
+    raw = read_bytes(path, limit=MAX_DATA_FILE_BYTES, error=DataError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -493,8 +496,15 @@ def heldout_tokens(ckpt_dir: str | os.PathLike,
     ckpt = Path(ckpt_dir)
     tok = load_tokenizer(ckpt)
     settings = training_settings(ckpt)
+    data = settings.get("data")
+    if data is not None and data not in PACKAGED_CORPORA:
+        # A checkpoint's metadata never chooses a local path to read (it could name /dev/zero,
+        # a FIFO or someone's private file): only the user does.
+        raise DataError(f"{ckpt / 'train_config.json'}: the run trained on {str(data)[:200]!r}; "
+                        f"a checkpoint's settings do not choose local files to read. Pass --data "
+                        f"with the text to evaluate on")
     return default_eval_tokens(
-        tok, data=settings.get("data"),
+        tok, data=data,
         val_fraction=float(settings.get("val_fraction", DEFAULT_VAL_FRACTION)),
         seed=int(settings.get("split_seed", DEFAULT_SPLIT_SEED)),
         max_bytes=settings.get("max_corpus_bytes"),

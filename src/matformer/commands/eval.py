@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -29,7 +30,7 @@ from ..errors import ConfigError
 from ..io.atomic import atomic_write
 from ..io.source import resolve_source
 from ..tiers import parse_int_list
-from . import draft_tokens_arg
+from . import check_device, draft_tokens_arg, set_threads
 from .report import format_comparison, format_eval_report
 
 if TYPE_CHECKING:
@@ -92,7 +93,11 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
         raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
     source = resolve_source(ckpt, tier=kwargs.get("tier"), revision=revision, companions=True)
     report = evaluate(source, **kwargs)
-    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    data, nonfinite = _strict_json(report.to_dict())
+    if nonfinite:
+        print(f"warning: {nonfinite} value(s) of the report are not finite (NaN/inf weights or "
+              f"overflow); they are null in the JSON", file=sys.stderr)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     if json_out == "-":
         out.write(text)
     else:
@@ -106,6 +111,19 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
     if plot is not None:
         _plot(report, plot, Path(ckpt).name)
     return report
+
+
+def _strict_json(obj: Any) -> tuple[Any, int]:
+    """`obj` with every NaN/inf replaced by None (strict JSON has no such numbers), and how many."""
+    if isinstance(obj, float):
+        return (obj, 0) if math.isfinite(obj) else (None, 1)
+    if isinstance(obj, dict):
+        pairs = [(k, _strict_json(v)) for k, v in obj.items()]
+        return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
+    if isinstance(obj, (list, tuple)):
+        items = [_strict_json(v) for v in obj]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return obj, 0
 
 
 def _plot(report: EvalReport, path: str, name: str) -> None:
@@ -136,10 +154,8 @@ def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    check_device(args.device)
     if args.compare:
         run_compare(args)
         return 0

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..errors import ConfigError, DataError
 from ..io.source import Source, resolve_source
 from ..tiers import parse_int_list
-from . import draft_tier_arg, draft_tokens_arg
+from . import check_device, draft_tier_arg, draft_tokens_arg, set_threads
 from .report import format_batch_summary, format_generation_summary
 
 if TYPE_CHECKING:
@@ -169,6 +169,9 @@ def generate_text(
     ids = [tok.encode(t).ids for t in texts]
     if not all(ids):
         raise DataError("a prompt is empty after tokenization; give some text")
+    if not _finite(model):
+        print(f"warning: {source.describe()} has non-finite weights (NaN or inf); what it "
+              f"generates is meaningless", file=sys.stderr)
     draft_heads = {"draft_kv_heads": draft_kv_heads, "draft_layer_kv_heads": draft_layer_kv_heads}
     speculative = any(v is not None for v in (draft_tier, draft_widths, draft_model,
                                               *draft_heads.values()))
@@ -233,21 +236,58 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
+def read_stdin_prompt() -> str:
+    """The prompt piped on stdin, which must be UTF-8 text."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise DataError("no prompt: pass --prompt TEXT or pipe text on stdin")
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"the prompt on stdin is not UTF-8 text (byte {e.start}); convert it to "
+                        f"UTF-8") from None
 
-        torch.set_num_threads(args.threads)
+
+def check_utf8(text: str, what: str) -> str:
+    """argv bytes that are not UTF-8 arrive as lone surrogates: refuse them in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{what} is not UTF-8 text (character {e.start}); pass UTF-8") from None
+    return text
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+def check_sampling(temperature: float, seed: int | None) -> None:
+    """Temperatures that would overflow the logits (or are not numbers) and seeds torch cannot
+    take are one-line errors."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ConfigError(f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                          f"{MAX_TEMPERATURE:g}, got {temperature!r}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed must be an integer in [0, 2^63), got {seed}")
+
+
+def _finite(model: Any) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    check_device(args.device)
+    check_sampling(args.temperature, args.seed)
     if args.prompts_file is not None:
         if args.prompt is not None:
             raise ConfigError("give --prompt or --prompts-file, not both")
         prompt: str | list[str] = _read_prompts(args.prompts_file)
     elif args.prompt is not None:
-        prompt = args.prompt
+        prompt = check_utf8(args.prompt, "--prompt")
     else:
-        if sys.stdin is None or sys.stdin.isatty():
-            raise DataError("no prompt: pass --prompt TEXT or pipe text on stdin")
-        prompt = sys.stdin.read()
+        prompt = read_stdin_prompt()
     result = generate_text(
         args.ckpt, prompt, args.max_new_tokens, tier=args.tier,
         widths=_widths(args.widths, "--widths"), draft_tier=args.draft_tier,
