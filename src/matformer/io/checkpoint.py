@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import MatFormerConfig
 from ..errors import CheckpointChanged, CheckpointError, ConfigError
-from ..shapes import expected_shapes
+from ..families import Config, build_model, expected_shapes
 from ..tiers import (
     check_heads_held,
     check_held,
@@ -61,11 +61,12 @@ if TYPE_CHECKING:
     import torch
 
     from ..model import MatFormerLM
+    from ..vit import MatViT
 
 # Tensors of old transformers checkpoints that carry no weights (recomputed at run time).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d{1,9})\.")
+_LAYER_RE = re.compile(r"^(?:model\.layers|vit\.encoder\.layer)\.(\d{1,9})\.")  # LM, MatViT
 _FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -223,8 +224,9 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
                widths: int | Sequence[int] | None = None, dtype: Any = None,
                revision: str | None = None, device: Any = None, *,
                kv_heads: int | None = None, layer_kv_heads: Sequence[int] | None = None,
-               allow_pickle: bool = False) -> MatFormerLM:
-    """Config + weights -> `MatFormerLM`, without a second copy of the weights.
+               allow_pickle: bool = False) -> MatFormerLM | MatViT:
+    """Config + weights -> `MatFormerLM` (or `MatViT` for a ViT config.json), without a second
+    copy of the weights.
 
     `tier` (absolute: width = base >> tier) or `widths` selects the active width, `kv_heads` /
     `layer_kv_heads` the active KV heads, by runtime slicing; asking for more than the
@@ -233,11 +235,9 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     takes (of a multi-tier repo only the folder of the tier asked for is fetched and checked)."""
     import torch
 
-    from ..model import MatFormerLM
-
-    def read() -> tuple[Source, MatFormerConfig, dict[str, torch.Tensor]]:
+    def read() -> tuple[Source, Config, dict[str, torch.Tensor]]:
         source = resolve_source(src, tier=tier, widths=widths, revision=revision)
-        config = MatFormerConfig.from_dict(source.config.to_dict())  # the model may change it
+        config = type(source.config).from_dict(source.config.to_dict())  # the model may change it
         holder = f"{source.describe()}: this checkpoint"
         if tier is not None or widths is not None:  # before any tensor is read
             wanted = resolve_widths(config.base, config.num_hidden_layers, tier=tier, widths=widths)
@@ -271,7 +271,7 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     config.torch_dtype = str(target).removeprefix("torch.")
     with torch.device("meta"), _SkipMetaInit():
-        model = MatFormerLM(config)
+        model = build_model(config)  # MatFormerLM, or MatViT for a ViT config
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:  # already shape-checked; keep the message short anyway
@@ -440,7 +440,7 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
     if config.tie_word_embeddings:
         specs = [s for s in specs if s[0] != "lm_head.weight"]  # tied: written once
     check_shapes({n: s for n, _, s in specs}, config, str(out_dir))
-    config = MatFormerConfig.from_dict(config.to_dict())  # a copy; tier recomputed below
+    config = type(config).from_dict(config.to_dict())  # a copy; tier recomputed below
     floats = {d for n, d, _ in specs if d in _FLOAT_ST}
     if len(floats) == 1:
         config.torch_dtype = _FLOAT_ST[next(iter(floats))]

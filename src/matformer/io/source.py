@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import MatFormerConfig
 from ..errors import CheckpointError, ConfigError, DataError
+from ..families import Config, config_from_dict
 from .files import is_regular, read_json
 from .folder import Folder
 from .hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
@@ -55,7 +55,7 @@ class Source:
     folder: Path
     """The local folder with config.json and the weights (a multi-tier repo: the tier folder)."""
     layout: Layout
-    stored_config: MatFormerConfig | None
+    stored_config: Config | None
     """The parsed config.json; None only when the folder has none (`config` then raises)."""
     repo_id: str | None = None
     revision: str | None = None
@@ -72,7 +72,7 @@ class Source:
         return self.folder / CONFIG_NAME
 
     @property
-    def config(self) -> MatFormerConfig:
+    def config(self) -> Config:
         if self.stored_config is None:
             raise CheckpointError(f"{self.config_path}: no config.json beside the weights; a "
                                   f"checkpoint needs one")
@@ -116,7 +116,7 @@ class Source:
         return name
 
 
-def read_config(path: Path, folder: Folder | None = None) -> MatFormerConfig | None:
+def read_config(path: Path, folder: Folder | None = None) -> Config | None:
     """config.json of a checkpoint (read through `folder`, the checkpoint folder opened once,
     when given), its tier label checked against its sizes; None if absent (a bare state dict
     can still be loaded; a model cannot)."""
@@ -128,7 +128,7 @@ def read_config(path: Path, folder: Folder | None = None) -> MatFormerConfig | N
         return None
     else:
         obj = read_json(path, error=ConfigError)
-    cfg = MatFormerConfig.from_dict(obj, source=str(path))
+    cfg = config_from_dict(obj, source=str(path))  # the LM's, or a MatViT's (model_type vit)
     cfg.check_tier_label(source=str(path))
     return cfg
 
