@@ -372,3 +372,35 @@ def test_cross_retrieval_between_two_models() -> None:
     with torch.no_grad():
         expected = cross_retrieval_direct(a.embed(x), b.embed(x), heldout.labels)
     assert cross_retrieval(a, b, heldout) == pytest.approx(expected)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def test_save_load_through_io_and_transformers_reads_it(tmp_path) -> None:
+    from matformer import load_model, save_model
+
+    model = _random_model(7)
+    model.set_widths(tier=2, kv_heads=2)  # runtime setting: never reaches the metadata
+    save_model(model, tmp_path / "full")
+    d = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert d["model_type"] == "vit" and d["matformer_tier"] == 0 and d["intermediate_size"] == 128
+    assert d["num_attention_heads"] == 4 and d["matformer_base_num_key_value_heads"] == 4
+    loaded = load_model(tmp_path / "full")
+    assert isinstance(loaded, MatViT) and loaded.widths == [128, 128]
+    x = _pixels(model.config)
+    model.set_widths()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        hf = _hf_from_folder(tmp_path / "full")
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-5
+    small = load_model(tmp_path / "full", tier=2, kv_heads=1)
+    assert small.widths == [32, 32] and small.layer_kv_heads == [1, 1]
+    with torch.no_grad(), model.at_width(tier=2, kv_heads=1):
+        assert torch.equal(small(x), model(x))
+    # A checkpoint cut to tier 1 refuses tier 0, naming what it stores.
+    cut = MatViT(model.config.with_widths(64)).eval()
+    cut.load_state_dict(_cut(model.state_dict(), model.config.head_dim, [64, 64], [4, 4]))
+    save_model(cut, tmp_path / "t1")
+    assert json.loads((tmp_path / "t1" / "config.json").read_text())["matformer_tier"] == 1
+    with pytest.raises(TierError, match="stores tier 1, width 64; tier 0 needs width 128"):
+        load_model(tmp_path / "t1", tier=0)
