@@ -315,7 +315,9 @@ def _out_heads(source: MatFormerConfig, keep: list[int], kv_heads: int | None,
     per = None if layer_kv_heads is None else _per_kept(list(layer_kv_heads), keep,
                                                          source.num_hidden_layers, "layer_kv_heads")
     out = resolve_kv_heads(source.base_kv_heads, len(keep), kv_heads=kv_heads, layer_kv_heads=per)
-    check_heads_held(stored, out, layers=keep, holder="the source", uniform=kv_heads,
+    dropped = len(keep) != source.num_hidden_layers
+    check_heads_held(stored, out, layers=keep if dropped else None, holder="the source",
+                     uniform=kv_heads,
                      remedy="slice from a checkpoint that holds them")
     return out
 
@@ -328,6 +330,11 @@ def _explain(cfg: MatFormerConfig, out_widths: list[int], out_heads: list[int],
             else f"per-layer widths {out_widths} (no uniform tier)")
     if out_heads != [source.layer_kv_heads[i] for i in keep]:
         text += f"; {describe_heads(out_heads)} of base {source.base_kv_heads}"
+        q = out_heads[0] * source.group_size
+        if len(set(out_heads)) == 1 and source.hidden_size % q:
+            text += (f" (transformers' Llama refuses hidden_size {source.hidden_size} with {q} "
+                     f"query heads, not a divisor; matformer loads it; the granularities "
+                     f"G, G/2, ... always divide)")
     if n_keep != n_src:
         text += f"; dropped layers {sorted(set(range(n_src)) - set(keep))}, renumbered the rest"
     return text
