@@ -3,6 +3,10 @@ models, Mix'n'Match shapes, consistency with the full width.
 
     .venv/bin/python benchmarks/reproduce.py           # the documented experiment (< 1 h, 2 cores)
     .venv/bin/python benchmarks/reproduce.py --quick   # the same pipeline, tiny budget (minutes)
+    .venv/bin/python benchmarks/reproduce.py --v2 ...  # v2 (issue 15): benchmarks/reproduce_v2.py
+
+This is v1 (docs/RESULTS.md, "v1"): the `tiny` preset, where the FFN widths barely differ. v2
+redoes it on an FFN-heavy preset with three seeds, two corpora and both budgets labelled.
 
 Per seed (default seeds 0 and 1), on the default corpus (Python stdlib sources), one tokenizer:
 - baselines: four models, each trained alone at one width (objective `single`, runtime tier t:
@@ -722,6 +726,12 @@ def replot(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--v2" in argv:  # the v2 reproduction (issue 15) lives in reproduce_v2.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import reproduce_v2
+
+        return reproduce_v2.main([a for a in argv if a != "--v2"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"tiny budget for a smoke run ({QUICK})")
     ap.add_argument("--baseline-steps", type=int, default=None, help="steps of one baseline (X)")

@@ -567,6 +567,66 @@ def format_tables(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _md(st: dict[str, float], scale: float = 1.0, nd: int = 3) -> str:
+    return f"{st['mean'] * scale:.{nd}f} ({st['min'] * scale:.{nd}f}–{st['max'] * scale:.{nd}f})"
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    """The tables docs/RESULTS.md quotes, from a run's JSON (`--replot JSON --markdown`)."""
+    out = []
+    for corpus, by_cfg in report["table"].items():
+        cl = report["claims"][corpus]
+        out += [f"#### Corpus `{corpus}`: held-out loss per width, mean (min–max) over seeds", "",
+                "| configuration | budget | S | M | L | XL | S − XL |", "|---|---|---|---|---|---|---|"]
+        for cfg, rows in by_cfg.items():
+            gap = cl["within_model_s_minus_xl"][cfg]
+            out.append(f"| {cfg} | {BUDGET[cfg]} | " + " | ".join(
+                _md(_tier(rows, t)["loss_stats"]) for t in (3, 2, 1, 0)) + f" | {_md(gap)} |")
+        wm = cl["width_matters"]
+        out += ["", f"Baselines' S − XL gap {wm['baseline_s_minus_xl']['mean']:.3f} nats, seed spread "
+                f"{wm['seed_spread']:.3f} (ratio {wm['ratio']:.1f}): **{wm['verdict']}**.", "",
+                "Difference to the baseline of the same width (Δ, spread, verdict):", "",
+                "| configuration | S | M | L | XL |", "|---|---|---|---|---|"]
+        for cfg, d in cl["loss_vs_baseline"].items():
+            out.append(f"| {cfg} | " + " | ".join(
+                f"{d[TIER_NAMES[t]]['delta']:+.3f} ({d[TIER_NAMES[t]]['spread']:.3f}): "
+                f"{d[TIER_NAMES[t]]['verdict']}" for t in (3, 2, 1, 0)) + " |")
+        for key in ("xl_upweighting_sample", "xl_upweighting_joint"):
+            if key in cl:
+                out.append(f"| {key} | " + " | ".join(
+                    f"{cl[key][TIER_NAMES[t]]['delta']:+.3f} ({cl[key][TIER_NAMES[t]]['spread']:.3f}): "
+                    f"{cl[key][TIER_NAMES[t]]['verdict']}" for t in (3, 2, 1, 0)) + " |")
+        out += ["", "Consistency with XL (greedy match %, KL nats/position; baselines vs the XL "
+                "baseline):", "", "| configuration | S match | M match | L match | S KL | M KL | L KL |",
+                "|---|---|---|---|---|---|---|"]
+        for cfg, rows in by_cfg.items():
+            out.append(f"| {cfg} | " + " | ".join(_md(_tier(rows, t)["greedy_match_stats"], 100, 1)
+                                                  for t in (3, 2, 1)) + " | " + " | ".join(
+                _md(_tier(rows, t)["kl_stats"]) for t in (3, 2, 1)) + " |")
+        out += ["", "Mix'n'Match, each shape vs the non-decreasing one of equal parameters, paired "
+                "by seed (counts of verdicts); largest |distance| of any mix to the same seed's "
+                "trained-widths curve:", "", "| model | non-decreasing better | tie | other shape better "
+                "| max distance to curve |", "|---|---|---|---|---|"]
+        for cfg, m in cl["mix_n_match"].items():
+            far = max((abs(r["vs_curve"]["mean"]) for r in m["vs_trained_curve"]), default=0.0)
+            c = m["counts"]
+            out.append(f"| {cfg} | {c['non-decreasing better']} | {c['tie']} | "
+                       f"{c['other shape better']} | {far:.3f} |")
+        if corpus in report.get("spec", {}):
+            out += ["", f"Speculative decoding, greedy, γ = {report['settings']['spec_gamma']} "
+                    "(target ← draft): drafted tokens accepted and tokens per target forward:", "",
+                    "| target ← draft | accepted (%) | tokens per target call |", "|---|---|---|"]
+            for pair, slot in report["spec"][corpus].items():
+                out.append(f"| {pair.replace('<-', ' ← ')} | {_md(slot['acceptance_rate_stats'], 100, 1)} | "
+                           f"{_md(slot['tokens_per_target_call_stats'], 1, 2)} |")
+            sp = cl["speculative"]
+            out += ["", "Verdicts: " + "; ".join(
+                f"{k}: {v['delta'] * 100:+.1f} points (spread {v['spread'] * 100:.1f}), {v['verdict']}"
+                for k, v in sp.items()) + "."]
+        out.append("")
+    return "\n".join(out)
+
+
 _COLORS = {"baseline": "#444444", "matlm_uniform": "#1f77b4", "matlm_xl": "#2ca02c",
            "joint": "#d62728", "joint_xl": "#ff7f0e"}
 
@@ -670,8 +730,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=d.out, help="folder for the trained models")
     ap.add_argument("--results", default="docs/results", help="folder for the JSON and the plots")
     ap.add_argument("--replot", metavar="JSON", default=None, help="tables and plots from a run's JSON")
+    ap.add_argument("--markdown", action="store_true", help="with --replot: print the docs' tables")
     args = ap.parse_args(argv)
     if args.replot:
+        if args.markdown:
+            print(markdown_tables(json.loads(Path(args.replot).read_text(encoding="utf-8"))))
+            return 0
         return replot(Path(args.replot))
     s = Settings(out=args.out, quick=args.quick)
     if args.quick:
