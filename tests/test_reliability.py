@@ -403,3 +403,304 @@ def test_header_and_map_come_from_one_file(tmp_path):
     with pytest.raises(CheckpointChanged):
         mmap_tensors(h)
     assert struct.unpack("<Q", (ck / "model.safetensors").read_bytes()[:8])[0] == h.header_len
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(30):
+        body = "".join(f"def f_{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n" for j in range(12))
+        (d / f"m{i:02d}.py").write_text(f"# module {i}\nimport os\n\n" + body)
+    return d
+
+
+def _train_cfg(tmp_path: Path, corpus: Path, **kw):
+    from matformer.training import TrainConfig
+
+    base = dict(out=str(tmp_path / "run"), data=str(corpus), preset="debug", steps=4,
+                batch_size=4, seq_len=32, lr=1e-2, warmup_steps=0, vocab_size=300,
+                eval_every=1000, save_every=2, keep_checkpoints=1, eval_windows=4, seed=0,
+                cache_dir=str(tmp_path / "cache"), quiet=True, val_fraction=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _finite_checkpoints(out: Path) -> list[bool]:
+    from matformer.training.state import checkpoints
+
+    return [all(bool(torch.isfinite(v).all()) for v in load_state_dict(p).values())
+            for _, p in checkpoints(out)]
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, corpus):
+    """--lr 1e4 used to run to the end with exit 0 and rotate every finite checkpoint away."""
+    from matformer.errors import TrainingDiverged
+    from matformer.training import train
+
+    cfg = _train_cfg(tmp_path, corpus, lr=1e4, steps=16)
+    with pytest.raises(TrainingDiverged, match="diverged at step") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    kept = _finite_checkpoints(tmp_path / "run")
+    assert kept and all(kept)  # rotation (keep 1) never traded a finite checkpoint for NaN
+    assert not (tmp_path / "run" / "config.json").exists()  # no NaN final model
+
+
+def test_skip_nonfinite_skips_the_update_and_saves_finite_weights(tmp_path, corpus, monkeypatch):
+    """With --skip-nonfinite a step whose loss is NaN is skipped; the run finishes."""
+    from matformer.training import divergence, train
+
+    real, calls = divergence.guard, []
+
+    def nan_at_step_2(run, step, per_tier, norm):
+        calls.append(step)
+        if step == 2:
+            per_tier = per_tier.clone().fill_(float("nan"))
+        return real(run, step, per_tier, norm)
+
+    monkeypatch.setattr(divergence, "guard", nan_at_step_2)
+    import matformer.training.step as step_module
+    monkeypatch.setattr(step_module, "guard", nan_at_step_2, raising=False)
+    cfg = _train_cfg(tmp_path, corpus, skip_nonfinite=True, steps=4)
+    train(cfg)
+    assert 2 in calls
+    assert all(_finite_checkpoints(tmp_path / "run"))
+    sd = load_state_dict(tmp_path / "run")
+    assert all(bool(torch.isfinite(v).all()) for v in sd.values())
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1"),
+                                        ("--eps", "nan"), ("--tier-probs", "nan,0.5,0.25,0.25"),
+                                        ("--granularity-probs", "nan,0.5,0.25,0.25"),
+                                        ("--seed", str(10**20)), ("--weight-decay", "inf")])
+def test_bad_training_numbers_are_one_line_errors(tmp_path, corpus, capsys, flag, value):
+    from matformer.cli import main
+
+    rc = main(["train", "--out", str(tmp_path / "run"), "--data", str(corpus), "--preset",
+               "debug", "--steps", "2", "--quiet", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "error:" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_training_state_on_resume_is_a_one_line_error(tmp_path, corpus):
+    from safetensors.torch import load_file, save_file
+
+    from matformer.training import train
+    from matformer.training.state import STATE_FILE, checkpoints
+
+    cfg = _train_cfg(tmp_path, corpus, steps=2)
+    train(cfg)
+    (_, ck), = checkpoints(tmp_path / "run")
+    good = (ck / STATE_FILE).read_bytes()
+    tensors = load_file(ck / STATE_FILE)
+    meta = json.loads(__import__("safetensors").safe_open(str(ck / STATE_FILE), "pt").metadata()[
+        "matformer_training"])
+    damages = [dict(meta, step="abc"), dict(meta, step=-3), dict(meta, data_position=[1]),
+               dict(meta, history=[{"x": 1}])]
+    for bad in damages:
+        save_file(tensors, ck / STATE_FILE, metadata={"matformer_training": json.dumps(bad)})
+        with pytest.raises(CheckpointError, match="training state") as e:
+            train(_train_cfg(tmp_path, corpus, steps=4, resume=True))
+        assert "\n" not in str(e.value)
+    no_rng = {k: v for k, v in tensors.items() if k != "rng.torch"}
+    save_file(no_rng, ck / STATE_FILE, metadata={"matformer_training": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="training state"):
+        train(_train_cfg(tmp_path, corpus, steps=4, resume=True))
+    (ck / STATE_FILE).write_bytes(good)
+
+
+def test_a_log_line_with_infinity_does_not_break_a_resume(tmp_path):
+    from matformer.training.report import LOG_FILE, Reporter
+
+    (tmp_path / LOG_FILE).write_text('{"step": 1}\n{"step": Infinity}\n{"step": NaN}\n{"step": 9}\n')
+    Reporter(tmp_path, True, True).start(5)
+    assert (tmp_path / LOG_FILE).read_text() == '{"step": 1}\n'
+
+
+def test_data_that_is_a_fifo_or_a_device_is_refused(tmp_path):
+    from matformer.data import load_texts
+    from matformer.errors import DataError
+
+    os.mkfifo(tmp_path / "pipe.txt")
+    for p in (tmp_path / "pipe.txt", Path("/dev/zero")):
+        with pytest.raises(DataError, match="not a regular file"):
+            load_texts(p)
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> Path:
+    from matformer.training import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    train(_train_cfg(tmp, corpus, steps=2))
+    return tmp / "run"
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from matformer.cli import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse's own errors: usage + one line, status 2
+        rc = int(e.code or 0)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("args", [
+    ["--temperature", "nan"], ["--temperature", "1e-45"], ["--temperature", "inf"],
+    ["--seed", str(10**20)], ["--seed", "-1"], ["--device", "foo"], ["--threads", "-1"],
+    ["--threads", "100000"],
+    ["--tier", "5000"], ["--tier", str(10**30)], ["--widths", "999999999999"],
+])
+def test_bad_generate_arguments_are_one_line_errors(trained, capsys, args):
+    rc, _, err = _cli(capsys, "generate", str(trained), "--prompt", "def f", "--max-new-tokens",
+                      "2", *args)
+    assert rc == 2 and err.count("\n") == 1 and "error:" in err, err
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(trained, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, _, err = _cli(capsys, "eval", str(trained), "--device", "cuda")
+    assert rc == 2 and "CUDA is not available" in err
+
+
+def test_non_utf8_prompts_are_one_line_errors(trained):
+    import subprocess
+    import sys
+
+    code = "import sys; from matformer.cli import main; sys.exit(main(sys.argv[1:]))"
+    base = [sys.executable, "-c", code, "generate", str(trained), "--max-new-tokens", "2"]
+    r = subprocess.run(base, input=b"def \xff\xfe f", capture_output=True, timeout=120)
+    assert r.returncode == 2 and b"not UTF-8" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    r = subprocess.run([*base, "--prompt", os.fsdecode(b"def \xff")], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 2 and b"not UTF-8" in r.stderr, r.stderr
+
+
+def _nan_copy(trained: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(trained, dst)
+    m = load_model(dst)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    save_model(m, dst)
+    return dst
+
+
+def test_nan_weights_warn_in_generate_and_eval_json_is_strict(trained, tmp_path, capsys):
+    ck = _nan_copy(trained, tmp_path / "nan")
+    rc, _, err = _cli(capsys, "generate", str(ck), "--prompt", "def f", "--max-new-tokens", "2")
+    assert rc == 0 and "non-finite weights" in err
+    rc, out, err = _cli(capsys, "eval", str(ck), "--json", "--data", str(trained / "config.json"),
+                        "--no-decode", "--no-speculative", "--no-mix", "--seq-len", "16")
+    assert rc == 0 and "not finite" in err, err
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+
+
+def test_eval_does_not_read_a_data_path_named_by_the_checkpoint(trained, tmp_path, capsys):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(trained, ck)
+    s = json.loads((ck / "train_config.json").read_text())
+    s["data"] = "/dev/zero"
+    (ck / "train_config.json").write_text(json.dumps(s))
+    rc, _, err = _cli(capsys, "eval", str(ck), "--no-decode", "--no-speculative", "--no-mix")
+    errors = [line for line in err.splitlines() if "error:" in line]  # (progress lines too)
+    assert rc == 2 and len(errors) == 1 and "do not choose local files" in errors[0]
+
+
+def test_two_concurrent_slices_into_one_folder_both_finish(trained, tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys; from matformer.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "slice", str(trained), "-o", str(out),
+                               "--tier", str(t)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for t in (1, 2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
+    assert checkpoint_info(out)["matformer_tier"] in (1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---- property-based fuzz: success or our one-line error, nothing else ---------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+_CONFIG_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                "rms_norm_eps", "rope_theta", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+                "pad_token_id", "torch_dtype", "dtype", "matformer_base_intermediate_size",
+                "matformer_tier", "rope_parameters", "rope_scaling", "initializer_range"]
+_FUZZ = settings(max_examples=int(os.environ.get("MATFORMER_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                        HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def fuzz_ck(tmp_path_factory) -> Path:
+    ck = tmp_path_factory.mktemp("fuzz") / "ck"
+    save_model(_model(1.0), ck)
+    return ck
+
+
+@_FUZZ
+@given(changes=st.dictionaries(st.sampled_from(_CONFIG_KEYS), _JSON, min_size=1, max_size=3))
+def test_fuzzed_config_values_load_or_fail_in_one_line(fuzz_ck, changes):
+    good = (fuzz_ck / "config.json").read_text()
+    try:
+        d = json.loads(good)
+        d.update(changes)
+        (fuzz_ck / "config.json").write_text(json.dumps(d, allow_nan=True))
+        for call in (lambda: checkpoint_info(fuzz_ck), lambda: load_model(fuzz_ck)):
+            try:
+                call()
+            except MatFormerError as e:
+                assert "\n" not in str(e) and len(str(e)) < 1000, str(e)
+    finally:
+        (fuzz_ck / "config.json").write_text(good)
+
+
+_ARG_VALUES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", "inf", "-inf", "1e-45", "1e20", "", "abc", "0", "-1", "cuda", "cpu",
+                     "cuda:7", "meta", "1,2", "0,0,0", "4,4"]))
+_GENERATE_FLAGS = ["--temperature", "--top-k", "--top-p", "--seed", "--tier", "--widths",
+                   "--max-new-tokens", "--device", "--threads", "--draft-tier", "--draft-tokens",
+                   "--dtype", "--kv-heads"]
+
+
+@_FUZZ
+@given(args=st.lists(st.tuples(st.sampled_from(_GENERATE_FLAGS), _ARG_VALUES), min_size=1,
+                     max_size=3))
+def test_fuzzed_generate_arguments_succeed_or_fail_in_one_line(trained, capsys, args):
+    argv = [x for flag, v in args for x in (flag, v)]
+    if "--max-new-tokens" not in argv:
+        argv += ["--max-new-tokens", "2"]
+    n = dict(args).get("--max-new-tokens")
+    if n is not None and n.lstrip("-").isdigit() and int(n) > 4:
+        argv += ["--max-new-tokens", "4"]  # the last one wins: keep the example fast
+    rc, _, err = _cli(capsys, "generate", str(trained), "--prompt", "def f", *argv)
+    assert rc in (0, 2), err
+    if rc == 2:
+        assert "error:" in err.splitlines()[-1] and "Traceback" not in err, err

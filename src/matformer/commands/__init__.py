@@ -32,14 +32,17 @@ def draft_tier_arg(text: str) -> int | str:
     return value
 
 
+MAX_THREADS = 1024
+
+
 def set_threads(threads: int | None) -> None:
     """--threads: None keeps torch's choice; otherwise a positive count."""
     from ..errors import ConfigError
 
     if threads is None:
         return
-    if threads < 1:
-        raise ConfigError(f"--threads must be a positive integer, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:  # torch crashes (SIGSEGV) with ~100000 threads
+        raise ConfigError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
