@@ -62,8 +62,17 @@ def test_speculative_report_and_decode_speed() -> None:
     tokens = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(1))
     rep = evaluate(model, tokens, seq_len=64, max_tokens=512, spec_prompts=2, spec_prompt_len=8,
                    spec_new_tokens=24, draft_tokens=3)
-    assert [s.draft_name for s in rep.speculative] == ["tier 1", "tier 2", "tier 3"]
-    for s in rep.speculative:
+    auto, *rows = rep.speculative
+    assert [s.draft_name for s in rows] == ["tier 1", "tier 2", "tier 3"]
+    # The automatic choice runs through the same speculative_generate and reports what it chose
+    # and the costs it chose from.
+    assert auto.chosen and auto.identical and auto.draft_name.startswith("auto: ")
+    costs, choice = rep.speculative_costs, rep.speculative_choice
+    assert set(costs["draft_steps"]) == {"tier 1", "tier 2", "tier 3"} and costs["target_step"] > 0
+    assert sorted(costs["verify"]) == list(range(1, 9))
+    assert choice["draft"] in (None, "tier 1", "tier 2", "tier 3")
+    assert auto.chosen_draft_tokens == choice["k"]
+    for s in rows:
         assert s.identical  # greedy speculative == plain, on data prompts
         assert 0 < s.accepted <= s.drafted and s.acceptance_rate == s.accepted / s.drafted
         assert s.speedup == pytest.approx(s.speculative_tokens_per_s / s.plain_tokens_per_s)
@@ -72,6 +81,7 @@ def test_speculative_report_and_decode_speed() -> None:
     assert mixes and all(r.widths == sorted(r.widths) for r in mixes)
     text = format_eval_report(rep)
     assert "KL(P_reference || P_width)" in text and "speed-up" in text
+    assert "auto chose" in text and "verify k=1" in text
     json.dumps(rep.to_dict())
 
 

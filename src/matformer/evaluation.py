@@ -53,7 +53,7 @@ from .io.checkpoint import load_model
 from .io.source import Source, resolve_source
 from .model import MatFormerLM
 from .shapes import kv_cache_bytes_per_token, non_embedding_parameters
-from .speculative import speculative_generate
+from .speculative import DecodeCosts, speculative_generate
 from .tiers import (
     describe_heads,
     describe_widths,
@@ -103,6 +103,10 @@ class SpeculativeResult:
     """Greedy speculative output equal, token for token, to plain decoding at the target."""
     new_tokens: int
     draft_kv_heads: list[int] = field(default_factory=list)
+    chosen_draft_tokens: int | None = None
+    """The k the costs chose (draft_tokens "auto"), in the last round of the last prompt."""
+    chosen: bool = False
+    """The row of `draft_tier="auto"`: draft and k both chosen from the measured costs."""
 
 
 @dataclass
@@ -122,6 +126,10 @@ class EvalReport:
     results: list[WidthResult] = field(default_factory=list)
     speculative: list[SpeculativeResult] = field(default_factory=list)
     speculative_settings: dict[str, Any] = field(default_factory=dict)
+    speculative_costs: dict[str, Any] = field(default_factory=dict)
+    """`speculative.DecodeCosts` the automatic choices were made from (seconds)."""
+    speculative_choice: dict[str, Any] = field(default_factory=dict)
+    """`speculative.DraftChoice` of `draft_tier="auto"` (last round of the last prompt)."""
     kl_direction: str = "KL(P_reference || P_width), nats per position"
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,7 +293,8 @@ def evaluate(
     batch_size: int = 8,
     decode: bool = True,
     speculative: bool = True,
-    draft_tokens: int | str = 4,
+    draft_tokens: int | str = "auto",
+    compile: bool = False,
     spec_prompts: int = 4,
     spec_prompt_len: int = 32,
     spec_new_tokens: int = 64,
@@ -352,7 +361,8 @@ def evaluate(
     if decode or speculative:
         _decode_report(model, windows, selected, report, decode=decode, speculative=speculative,
                        draft_tokens=draft_tokens, n_prompts=spec_prompts,
-                       prompt_len=spec_prompt_len, new_tokens=spec_new_tokens, say=say)
+                       prompt_len=spec_prompt_len, new_tokens=spec_new_tokens, say=say,
+                       compile=compile)
     return report
 
 
@@ -423,8 +433,9 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
 def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[EvalWidth],
                    report: EvalReport, *, decode: bool, speculative: bool,
                    draft_tokens: int | str, n_prompts: int, prompt_len: int, new_tokens: int,
-                   say: Callable[[str], None]) -> None:
-    """Batch-1 greedy decoding speed per width, and speculative decoding per draft width."""
+                   say: Callable[[str], None], compile: bool = False) -> None:
+    """Batch-1 greedy decoding speed per width, and speculative decoding per draft width and
+    with the draft and k chosen from measured costs (`draft_tier="auto"`)."""
     prompt_len = max(1, min(prompt_len, windows.shape[1]))
     new_tokens = min(new_tokens, model.config.max_position_embeddings - prompt_len)
     if new_tokens < 2 or n_prompts < 1:
@@ -432,63 +443,82 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
     prompts = [windows[i % len(windows), :prompt_len].tolist() for i in range(n_prompts)]
     ref, ref_heads = model.stored_widths, model.stored_kv_heads
     # Warm-up at the reference and the smallest width.
-    generate(model, prompts[0], 4, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True)
-    generate(model, prompts[0], 4, ignore_eos=True, **selected[-1].setting(model))
-    plain = [generate(model, p, new_tokens, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True)
-             for p in prompts]
+    generate(model, prompts[0], 4, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True,
+             compile=compile)
+    generate(model, prompts[0], 4, ignore_eos=True, compile=compile,
+             **selected[-1].setting(model))
+    plain = [generate(model, p, new_tokens, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True,
+                      compile=compile) for p in prompts]
     plain_rate = n_prompts * new_tokens / sum(out.stats.seconds for out in plain)
     if decode:
         say("decoding speed per width ...")
         for r in report.results:
             full = r.widths == ref and r.kv_heads == ref_heads
             r.decode_tokens_per_s = plain_rate if full else _decode_rate(
-                model, prompts, new_tokens, {"widths": r.widths, "layer_kv_heads": r.kv_heads})
+                model, prompts, new_tokens, {"widths": r.widths, "layer_kv_heads": r.kv_heads},
+                compile)
     if not speculative:
         return
     say("speculative decoding per draft width ...")
     report.speculative_settings = {"prompts": n_prompts, "prompt_len": prompt_len,
                                    "new_tokens": new_tokens, "draft_tokens": draft_tokens,
-                                   "target_widths": list(ref)}
+                                   "target_widths": list(ref), "compiled": compile}
+    want = [out.tokens for out in plain]
+    # The automatic choice first: its measured costs are reused by the rows after it.
+    auto = EvalWidth("auto", "auto", [])
+    costs = _speculative_result(model, prompts, want, plain_rate, auto, new_tokens, "auto",
+                                compile, None, report)
     for width in selected:
         if (width.widths, width.setting(model)["layer_kv_heads"]) != (ref, ref_heads) \
                 and width.kind != "mix":
-            report.speculative.append(_speculative_result(
-                model, prompts, [out.tokens for out in plain], plain_rate, width, new_tokens,
-                draft_tokens))
+            _speculative_result(model, prompts, want, plain_rate, width, new_tokens,
+                                draft_tokens, compile, costs, report)
 
 
 def _decode_rate(model: MatFormerLM, prompts: list[list[int]], new_tokens: int,
-                 setting: dict[str, list[int]]) -> float:
+                 setting: dict[str, list[int]], compile: bool = False) -> float:
     """Greedy batch-1 decoding tokens/s at `setting` (widths and KV heads) over `prompts` (fixed
     lengths: EOS ignored, so speeds compare like with like)."""
-    secs = sum(generate(model, p, new_tokens, ignore_eos=True, **setting).stats.seconds
-               for p in prompts)
+    secs = sum(generate(model, p, new_tokens, ignore_eos=True, compile=compile,
+                        **setting).stats.seconds for p in prompts)
     return len(prompts) * new_tokens / secs
 
 
 def _speculative_result(model: MatFormerLM, prompts: list[list[int]], plain: list[list[int]],
                         plain_rate: float, draft: EvalWidth, new_tokens: int,
-                        draft_tokens: int | str) -> SpeculativeResult:
-    """Speculative decoding at the stored widths drafted by `draft`, against plain decoding's
-    tokens `plain` and speed `plain_rate` on the same prompts."""
+                        draft_tokens: int | str, compile: bool, costs: DecodeCosts | None,
+                        report: EvalReport) -> DecodeCosts | None:
+    """Speculative decoding at the stored widths drafted by `draft` (kind "auto": the draft
+    and k chosen from costs), against plain decoding's tokens `plain` and speed `plain_rate`
+    on the same prompts; appends the row to `report` and returns the costs measured (or
+    reused from `costs`) when a choice was made."""
     acc = dra = 0
     secs = 0.0
     identical = True
+    auto = draft.kind == "auto"
+    heads = [] if auto else draft.setting(model)["layer_kv_heads"]
+    how = ({"draft_tier": "auto"} if auto else
+           {"draft_widths": draft.widths, "draft_layer_kv_heads": heads})
     for p, want in zip(prompts, plain, strict=True):
         out = speculative_generate(model, p, new_tokens, widths=model.stored_widths,
-                                   layer_kv_heads=model.stored_kv_heads,
-                                   draft_widths=draft.widths, draft_tokens=draft_tokens,
-                                   draft_layer_kv_heads=draft.setting(model)["layer_kv_heads"],
-                                   ignore_eos=True)
+                                   layer_kv_heads=model.stored_kv_heads, draft_tokens=draft_tokens,
+                                   ignore_eos=True, compile=compile, costs=costs, **how)
+        costs = out.extra.get("costs", costs)
         identical &= out.tokens == want
         acc += out.stats.accepted
         dra += out.stats.drafted
         secs += out.stats.seconds
+    choice = out.extra.get("choice")
+    if auto and choice is not None:
+        report.speculative_choice = choice.to_dict()
+        report.speculative_costs = costs.to_dict() if costs is not None else {}
     rate = len(prompts) * new_tokens / secs
-    return SpeculativeResult(
-        draft_name=draft.name, draft_widths=list(draft.widths), draft_tokens=draft_tokens,
-        draft_kv_heads=list(draft.setting(model)["layer_kv_heads"]),
-        acceptance_rate=acc / dra if dra else 0.0, accepted=acc, drafted=dra,
+    name = (f"auto: {choice.draft or 'plain'}" if auto and choice is not None else draft.name)
+    report.speculative.append(SpeculativeResult(
+        draft_name=name, draft_widths=list(out.draft_widths or []), draft_tokens=draft_tokens,
+        draft_kv_heads=list(heads), chosen_draft_tokens=choice.k if choice else None,
+        chosen=auto, acceptance_rate=acc / dra if dra else 0.0, accepted=acc, drafted=dra,
         plain_tokens_per_s=plain_rate, speculative_tokens_per_s=rate,
         speedup=rate / plain_rate, identical=identical, new_tokens=len(prompts) * new_tokens,
-    )
+    ))
+    return costs

@@ -360,7 +360,8 @@ def speculative_generate(
         state = _Round(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts})
         if choose:
             state.prior = prompt_agreement(model, ids, target, drafts, sampler)
-            costs = costs or measure_costs(model, dec, target, drafts, draft_decs, ks)
+            if not _covers(costs, drafts, ks):
+                costs = measure_costs(model, dec, target, drafts, draft_decs, ks)
             _rechoose(state, drafts, costs, ks, extra)
             extra["costs"] = costs
         stats.prefill_seconds = time.perf_counter() - t0
@@ -375,6 +376,12 @@ def speculative_generate(
                             stats=stats, draft_widths=list(state.draft.widths), extra=extra,
                             kv_heads=list(target["layer_kv_heads"]),
                             draft_kv_heads=state.draft.kv_heads)
+
+
+def _covers(costs: DecodeCosts | None, drafts: Sequence[Draft], ks: Sequence[int]) -> bool:
+    """Whether `costs` hold a step for every draft and a verify for every k."""
+    return (costs is not None and all(d.name in costs.draft_steps for d in drafts)
+            and all(k in costs.verify for k in ks))
 
 
 def _draft_decoders(drafts: Sequence[Draft], max_len: int,

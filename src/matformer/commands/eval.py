@@ -70,8 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--no-speculative", action="store_true", help="skip the speculative decoding report")
     parser.add_argument("--no-decode", action="store_true", help="skip per-width decoding speed")
-    parser.add_argument("--draft-tokens", type=draft_tokens_arg, default=4,
-                        help="tokens drafted per verification, or 'adaptive' (default 4)")
+    parser.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
+                        help="tokens drafted per verification, 'adaptive', or 'auto' (default: "
+                        "chosen from the draft and verify costs measured here)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through the compiled static-cache step (CUDA graphs on a GPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--compare", default=None, metavar="CKPT,...",
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         layer_kv_heads=[parse_int_list(h, "--layer-kv-heads") for h in args.layer_kv_heads or []]
         or None,
         batch_size=args.batch_size, decode=not args.no_decode,
-        speculative=not args.no_speculative, draft_tokens=args.draft_tokens,
+        speculative=not args.no_speculative, draft_tokens=args.draft_tokens, compile=args.compile,
         device=args.device, dtype=args.dtype,
         progress=lambda msg: print(msg, file=sys.stderr),
     )

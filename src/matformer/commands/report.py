@@ -53,17 +53,28 @@ def _speculative_table(report: EvalReport) -> list[str]:
     lines = [
         f"speculative decoding (greedy, target = reference width, shared KV cache; "
         f"{s.get('prompts')} prompts x {s.get('prompt_len')} tokens, "
-        f"{s.get('new_tokens')} new tokens each, draft_tokens={s.get('draft_tokens')})",
+        f"{s.get('new_tokens')} new tokens each, draft_tokens={s.get('draft_tokens')}"
+        f"{', compiled' if s.get('compiled') else ''})",
     ]
-    head = (f"{'draft':<24} {'accept%':>8} {'plain tok/s':>12} {'spec tok/s':>11} "
+    head = (f"{'draft':<24} {'k':>9} {'accept%':>8} {'plain tok/s':>12} {'spec tok/s':>11} "
             f"{'speed-up':>9} {'identical':>9}")
     lines += [head, "-" * len(head)]
     for sp in report.speculative:
+        k = sp.draft_tokens if sp.chosen_draft_tokens is None else sp.chosen_draft_tokens
         lines.append(
-            f"{sp.draft_name[:24]:<24} {100 * sp.acceptance_rate:8.1f} "
+            f"{sp.draft_name[:24]:<24} {str(k):>9} {100 * sp.acceptance_rate:8.1f} "
             f"{sp.plain_tokens_per_s:12.1f} {sp.speculative_tokens_per_s:11.1f} "
             f"{sp.speedup:8.2f}x {'yes' if sp.identical else 'NO':>9}"
         )
+    c, costs = report.speculative_choice, report.speculative_costs
+    if c and costs:
+        pick = ("plain decoding (no draft expected to pay)" if c["draft"] is None else
+                f"{c['draft']}, k={c['k']} at acceptance {100 * c['acceptance']:.0f}% "
+                f"(expected {c['expected_speedup']:.2f}x)")
+        steps = ", ".join(f"{n} {1e3 * t:.2f}" for n, t in costs["draft_steps"].items())
+        verify = ", ".join(f"k={k} {1e3 * t:.2f}" for k, t in sorted(costs["verify"].items()))
+        lines += [f"auto chose {pick}, from costs measured here (ms): target step "
+                  f"{1e3 * costs['target_step']:.2f}; draft steps {steps}; verify {verify}"]
     return lines
 
 
