@@ -704,3 +704,34 @@ def test_fuzzed_generate_arguments_succeed_or_fail_in_one_line(trained, capsys, 
     assert rc in (0, 2), err
     if rc == 2:
         assert "error:" in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_disk_full_during_a_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC half-way through the shards: a one-line error, the old checkpoint whole, nothing
+    temporary left behind (per-file mode too)."""
+    import errno
+
+    from matformer.io import checkpoint as C
+    from matformer.io import swap
+
+    real, calls = C.write_file, []
+
+    def full(path, *args, **kw):
+        calls.append(path)
+        if len(calls) % 3 == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, *args, **kw)
+
+    for mode in ("swap", "replace"):
+        ck = tmp_path / mode
+        save_model(_model(1.0), ck, max_shard_size="100KB")
+        if mode == "replace":
+            monkeypatch.setattr(swap, "is_mount_point", lambda p, ck=ck: Path(p) == ck)
+        monkeypatch.setattr(C, "write_file", full)
+        with pytest.raises(CheckpointError, match="No space left") as e:
+            save_model(_model(2.0), ck, max_shard_size="100KB")
+        monkeypatch.setattr(C, "write_file", real)
+        assert "\n" not in str(e.value)
+        assert _versions(load_state_dict(ck)) == {1.0}
+        assert not [p for p in ck.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replace", "swap"]

@@ -16,6 +16,7 @@ import torch
 from .. import data as D
 from ..config import MatFormerConfig, perplexity
 from ..model import MatFormerLM, parameter_counts
+from .points import Key, Point, setting_of, tier_of_key
 
 
 def heldout(val_tokens: np.ndarray, seq_len: int, max_windows: int,
@@ -28,7 +29,7 @@ def heldout(val_tokens: np.ndarray, seq_len: int, max_windows: int,
 
 
 @torch.no_grad()
-def evaluate_tiers(model: MatFormerLM, windows: torch.Tensor, tiers: Sequence[int],
+def evaluate_tiers(model: MatFormerLM, windows: torch.Tensor, tiers: Sequence[Key],
                    batch_size: int) -> dict[int, float]:
     """Mean held-out loss of each tier over `windows` (N, T) (token-weighted: equal-length windows)."""
     was_training = model.training
@@ -36,7 +37,7 @@ def evaluate_tiers(model: MatFormerLM, windows: torch.Tensor, tiers: Sequence[in
     out = {}
     try:
         for t in tiers:
-            with model.at_width(tier=t):
+            with model.at_width(**setting_of(t)):
                 total = 0.0
                 for i in range(0, len(windows), batch_size):
                     chunk = windows[i:i + batch_size]
@@ -47,10 +48,18 @@ def evaluate_tiers(model: MatFormerLM, windows: torch.Tensor, tiers: Sequence[in
     return out
 
 
-def loss_table(model_cfg: MatFormerConfig, losses: dict[int, float]) -> str:
-    rows = ["tier  width  non-emb params  val loss  perplexity"]
-    for t in sorted(losses):
+def loss_table(model_cfg: MatFormerConfig, losses: dict[Key, float]) -> str:
+    """One row per trained point: tier, FFN width, KV heads, size, loss, perplexity."""
+    with_heads = any(isinstance(k, Point) for k in losses)
+    rows = ["tier  width" + ("  kv heads" if with_heads else "")
+            + "  non-emb params  val loss  perplexity"]
+    n = model_cfg.num_hidden_layers
+    for k in sorted(losses, key=lambda k: (tier_of_key(k), -setting_of(k).get("kv_heads", 0))):
+        t = tier_of_key(k)
         w = model_cfg.base >> t
-        ne = parameter_counts(model_cfg, [w] * model_cfg.num_hidden_layers)["non_embedding"]
-        rows.append(f"{t:>4}  {w:>5}  {ne:>14,}  {losses[t]:>8.4f}  {perplexity(losses[t]):>10.2f}")
+        g = setting_of(k).get("kv_heads")
+        heads = model_cfg.layer_kv_heads if g is None else [g] * n
+        ne = parameter_counts(model_cfg, [w] * n, heads)["non_embedding"]
+        rows.append(f"{t:>4}  {w:>5}" + (f"  {heads[0]:>8}" if with_heads else "")
+                    + f"  {ne:>14,}  {losses[k]:>8.4f}  {perplexity(losses[k]):>10.2f}")
     return "\n".join(rows)

@@ -18,6 +18,7 @@ from . import distributed, divergence, sharded, state
 from .evaluation import evaluate_tiers, loss_table
 from .metrics import TensorBoard, Throughput
 from .optimizer import lr_at, set_lr
+from .points import tier_of_key
 from .prepare import Run, prepare
 from .report import step_losses
 from .settings import TrainConfig
@@ -145,9 +146,10 @@ def _note_untrained_tail(run: Run) -> None:
     """The checkpoint stores full width (config says tier 0, the truth about the tensors); if tier
     0 was never trained, the neurons past the widest trained tier are untrained: say how to get a
     checkpoint that runs the trained width by default."""
-    if 0 in run.trained:
+    tiers = sorted({tier_of_key(k) for k in run.trained})
+    if 0 in tiers:
         return
-    t, out = min(run.trained), run.out
-    run.report.say(f"note: only tiers {run.trained} were trained; the stored full width holds "
+    t, out = tiers[0], run.out
+    run.report.say(f"note: only tiers {tiers} were trained; the stored full width holds "
                    f"untrained neurons past width {run.base >> t}. Load with tier={t}, or cut a "
                    f"tier-{t} checkpoint: matformer slice {out} -o {out}-tier{t} --tier {t}")

@@ -22,6 +22,7 @@ import torch
 from ..config import MatFormerConfig
 from ..errors import ConfigError
 from .objective import step_plan
+from .points import tier_of_key
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 # Order matters: the first substring found in the device name wins.
@@ -93,10 +94,11 @@ class Throughput:
     def add(self, step: int) -> None:
         tokens = self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum
         for r in range(self.dist.world):
-            for t, _ in step_plan(self.cfg, self.model_cfg.base, step, r, self.dist.world):
-                if t not in self._per_token:
-                    self._per_token[t] = flops_per_token(self.model_cfg, self.model_cfg.base >> t,
-                                                         self.cfg.seq_len)
+            for t, _ in step_plan(self.cfg, self.model_cfg.base, step, r, self.dist.world,
+                                  kv_base=self.model_cfg.base_kv_heads):
+                if t not in self._per_token:  # (at the stored heads: an upper bound for fewer)
+                    self._per_token[t] = flops_per_token(
+                        self.model_cfg, self.model_cfg.base >> tier_of_key(t), self.cfg.seq_len)
                 self.flops += tokens * self._per_token[t]
 
     def summary(self, elapsed: float) -> dict[str, float]:

@@ -5,8 +5,9 @@ Objectives (per optimizer step, on one batch):
 - `joint`: every trained tier on the same batch, loss = sum_i w_i * loss_i (`joint_weights`);
 - `single`: one fixed tier (independently trained baselines).
 
-A plan is [(tier, loss weight)]; `step_plan` is a pure function of (seed, step, rank), so every
-rank knows every other rank's plan (`update_extent`) and a resumed run draws the same tiers.
+A plan is [(tier, loss weight)] — with nested heads [(Point(tier, kv_heads), loss weight)], see
+`training.points`; `step_plan` is a pure function of (seed, step, rank), so every rank knows
+every other rank's plan (`update_extents`) and a resumed run draws the same tiers.
 """
 
 from __future__ import annotations
@@ -18,18 +19,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import MatFormerConfig
 from ..model import MatFormerLM, lm_loss
 from .distill import Distillation
+from .points import Key, rank_points, runtime_kv_heads, setting_of, widest
 from .settings import TrainConfig, rank_choices, runtime_tiers
 
-Plan = list[tuple[int, float]]
+Plan = list[tuple[Key, float]]
 
 
-def step_plan(cfg: TrainConfig, base: int, step: int, rank: int, world: int) -> Plan:
-    """[(tier, loss weight)] that `rank` trains at `step`. Stateless (a function of the seed, step
-    and rank), so every rank knows every other rank's plan and a resumed run draws the same."""
+def step_plan(cfg: TrainConfig, base: int, step: int, rank: int, world: int, *,
+              kv_base: int | None = None) -> Plan:
+    """[(tier, loss weight)] that `rank` trains at `step` ([(Point, weight)] with heads in play;
+    `kv_base`: the model's KV heads G, needed then). Stateless (a function of the seed, step and
+    rank), so every rank knows every other rank's plan and a resumed run draws the same."""
     rt = runtime_tiers(cfg, world)[rank]
     tiers, ps = rank_choices(cfg, base, rt)
+    if kv_base is not None:
+        tiers, ps = rank_points(cfg, tiers, ps, kv_base,  # type: ignore[assignment]
+                                runtime_kv_heads(cfg, world, kv_base)[rank])
     if cfg.objective == "sample":
         rng = np.random.default_rng([cfg.seed, step, rank, 0x5A3])
         return [(tiers[int(rng.choice(len(tiers), p=np.asarray(ps)))], 1.0)]
@@ -40,6 +48,16 @@ def update_extent(cfg: TrainConfig, base: int, step: int, world: int) -> int:
     """FFN prefix width that receives a (possibly) non-zero averaged gradient at `step`: the
     widest tier any rank trains."""
     return max(base >> t for r in range(world) for t, _ in step_plan(cfg, base, step, r, world))
+
+
+def update_extents(cfg: TrainConfig, model_cfg: MatFormerConfig, step: int,
+                   world: int) -> dict[str, int]:
+    """Per nested parameter (FFN and attention, by name) the prefix that receives a (possibly)
+    non-zero averaged gradient at `step`: the widest FFN and the most KV heads any rank's plan
+    uses (`NestedAdamW.step` updates only those rows / columns)."""
+    keys = [k for r in range(world) for k, _ in step_plan(
+        cfg, model_cfg.base, step, r, world, kv_base=model_cfg.base_kv_heads)]
+    return widest(keys, model_cfg.base, model_cfg)
 
 
 class Objective(nn.Module):
@@ -56,8 +74,8 @@ class Objective(nn.Module):
                 teacher_logits: torch.Tensor | None = None):
         total: torch.Tensor | None = None
         losses = []
-        for tier, w in plan:
-            with self.model.at_width(tier=tier):
+        for key, w in plan:
+            with self.model.at_width(**setting_of(key)):
                 logits = self.model(input_ids)
             loss = lm_loss(logits, input_ids)  # shifted labels; the (B, T, V) logits not copied
             losses.append(loss.detach())

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
+from .points import heads_in_play
 from .settings import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> NestedAdamW:
     return NestedAdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                       weight_decay=cfg.weight_decay)
+                       weight_decay=cfg.weight_decay, nest_heads=heads_in_play(cfg))
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
@@ -54,6 +56,32 @@ def nested_dim(name: str) -> int | None:
     return 1 if m.group(2) == "down_proj" else 0
 
 
+_ATTN_PARAM = re.compile(r"^model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$")
+
+
+def nested_head_dim(name: str) -> int | None:
+    """Nested attention heads (issue 11): rows of q/k/v_proj (0), columns of o_proj (1)."""
+    m = _ATTN_PARAM.match(name)
+    if m is None:
+        return None
+    return 1 if m.group(1) == "o_proj" else 0
+
+
+def nested_dims(heads: bool) -> Callable[[str], int | None]:
+    """`nested_dim`, plus the attention projections when `heads` are nested (FSDP2 sharding and
+    NestedAdamW use the same rule)."""
+    def dim(name: str) -> int | None:
+        d = nested_dim(name)
+        return nested_head_dim(name) if d is None and heads else d
+    return dim
+
+
+Extent = int | Mapping[str, int] | None
+"""What `NestedAdamW.step` updates of each nested matrix: None (everything), an int (FFN neurons
+[:extent]; attention whole), or {parameter name: prefix along its nested dim}
+(`training.points.extents`: FFN and attention heads)."""
+
+
 class NestedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) that updates only the used prefix of
     each nested FFN.
@@ -70,15 +98,18 @@ class NestedAdamW(torch.optim.Optimizer):
     Non-FFN parameters get plain AdamW; weight decay applies to matrices and embeddings only."""
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, nest_heads: bool = False) -> None:
         decay, no_decay = [], []
         self.names: dict[nn.Parameter, str] = {}
         self.nest_dim: dict[nn.Parameter, int] = {}
+        dims = nested_dims(nest_heads)  # heads: q/k/v rows and o columns nest too (own counts)
+        self.head_params = {p for name, p in model.named_parameters()
+                            if nest_heads and nested_head_dim(name) is not None}
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             self.names[p] = name
-            dim = nested_dim(name)
+            dim = dims(name)
             if dim is not None:
                 self.nest_dim[p] = dim
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -126,9 +157,10 @@ class NestedAdamW(torch.optim.Optimizer):
         return self._counters
 
     @torch.no_grad()
-    def step(self, extent: int | None = None, closure=None):  # type: ignore[override]
-        """Update neurons [:extent] of every nested matrix (all of them with None) and every
-        other parameter: one foreach update per (param group, step count), none per parameter."""
+    def step(self, extent: Extent = None, closure=None):  # type: ignore[override]
+        """Update neurons [:extent] of every nested matrix (all of them with None; per parameter
+        with a {name: prefix} mapping, see `Extent`) and every other parameter: one foreach update
+        per (param group, step count), none per parameter."""
         assert closure is None, "NestedAdamW does not take a closure"
         for group in self.param_groups:
             for p in group["params"]:
@@ -139,28 +171,52 @@ class NestedAdamW(torch.optim.Optimizer):
             live = [p for p in params if p.grad is not None]
             if not live:
                 continue
-            if len(live) < len(params):  # the others keep their counts: stop sharing
-                counts = counts.clone()
-                for p in live:
-                    self.state[p]["step"] = counts
-                self._counters = None
-            m = len(counts) if dim is None or extent is None else min(extent, len(counts))
-            counts[:m] += 1
-            # Runs of equal step counts inside [:m]: (value, length), value non-increasing.
-            values, lengths = torch.unique_consecutive(counts[:m], return_counts=True)
-            a = 0
-            for c, n in zip(values.tolist(), lengths.tolist(), strict=True):
-                lists = buckets.setdefault((gi, c), [[], [], [], []])
-                for p in live:
-                    st = self.state[p]
-                    for out, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"]),
-                                      strict=True):
-                        out.append(_prefix(_local(t), dim, a, n))
-                a += n
+            for m, part_counts, part in self._by_extent(live, params, counts, dim, extent):
+                part_counts[:m] += 1
+                # Runs of equal step counts inside [:m]: (value, length), value non-increasing.
+                values, lengths = torch.unique_consecutive(part_counts[:m], return_counts=True)
+                a = 0
+                for c, n in zip(values.tolist(), lengths.tolist(), strict=True):
+                    lists = buckets.setdefault((gi, c), [[], [], [], []])
+                    for p in part:
+                        st = self.state[p]
+                        for out, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"]),
+                                          strict=True):
+                            out.append(_prefix(_local(t), dim, a, n))
+                    a += n
         for (gi, c), (ps, gs, ms, vs) in buckets.items():
             group = self.param_groups[gi]
             _foreach_adamw_(ps, gs, ms, vs, c, group["lr"], group["weight_decay"],
                             *group["betas"], group["eps"])
+
+    def _by_extent(self, live: list[nn.Parameter], params: list[nn.Parameter],
+                   counts: torch.Tensor, dim: int | None,
+                   extent: Extent) -> list[tuple[int, torch.Tensor, list[nn.Parameter]]]:
+        """[(prefix m, count vector, params)]: the live params of one shared count vector split
+        by the prefix each is updated over. A vector is unshared (cloned per part) when its
+        params part ways: some have no gradient, or they are updated over different prefixes."""
+        n = len(counts)
+
+        def m_of(p: nn.Parameter) -> int:
+            if dim is None or extent is None:
+                return n
+            if isinstance(extent, Mapping):
+                return min(extent.get(self.names[p], n), n)
+            return n if p in self.head_params else min(extent, n)
+
+        parts: dict[int, list[nn.Parameter]] = {}
+        for p in live:
+            parts.setdefault(m_of(p), []).append(p)
+        if len(parts) == 1 and len(live) == len(params):
+            return [(m, counts, ps) for m, ps in parts.items()]
+        out = []
+        for m, ps in parts.items():  # the others keep their counts: stop sharing
+            c = counts.clone()
+            for p in ps:
+                self.state[p]["step"] = c
+            out.append((m, c, ps))
+        self._counters = None
+        return out
 
     # Sharded state for torch.distributed.checkpoint (training.sharded), keyed by parameter name.
     def state_for_dcp(self, for_load: bool) -> dict[str, torch.Tensor]:

@@ -26,10 +26,11 @@ from .distill import Distillation, Teacher
 from .distributed import Dist
 from .evaluation import heldout
 from .objective import Objective
-from .optimizer import NestedAdamW, build_optimizer, nested_dim
+from .optimizer import NestedAdamW, build_optimizer, nested_dims
+from .points import Key, all_trained_points, heads_in_play, validate_heads
 from .precision import LossScaler
 from .report import Reporter
-from .settings import TrainConfig, all_trained_tiers, model_config, runtime_tiers, validate
+from .settings import TrainConfig, model_config, runtime_tiers, validate
 from .state import History, TrainingState
 
 
@@ -47,8 +48,9 @@ class Run:
     opt: NestedAdamW
     sampler: D.WindowSampler
     val_windows: torch.Tensor
-    trained: list[int]
-    """Every tier some rank trains (what evaluation scores)."""
+    trained: list[Key]
+    """Every tier (with heads in play: every (tier, heads) Point) some rank trains (what
+    evaluation scores)."""
     teacher: Teacher | None = None
     """--distill: the frozen teacher (outside the DDP-wrapped objective)."""
     start: int = 0
@@ -97,6 +99,8 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     mcfg = (warmstart.init_model_config(init, tok.get_vocab_size(), cfg.seq_len) if init
             else model_config(cfg, tok.get_vocab_size()))
     validate(cfg, base=mcfg.base, world=dist.world)
+    validate_heads(cfg, mcfg.base_kv_heads, dist.world)
+    trained = all_trained_points(cfg, mcfg.base, mcfg.base_kv_heads, dist.world)
     resumed = None
     if ckpt is not None:
         tensors, resumed = _read_resume(ckpt)
@@ -110,14 +114,14 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
         state.load_weights(model, init.folder)
     model.to(dist.device)
     objective = _parallel(cfg, model, dist, Objective(model, _distillation(cfg)),
-                          len(all_trained_tiers(cfg, mcfg.base, dist.world)))
+                          len(trained))
     opt = build_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
     sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
     val_windows, val_desc = heldout(val_tokens, cfg.seq_len, cfg.eval_windows, dist.device)
     run = Run(cfg=cfg, dist=dist, report=report, tok=tok, model_cfg=mcfg, model=model,
               objective=objective, opt=opt,
               sampler=sampler, val_windows=val_windows,
-              trained=all_trained_tiers(cfg, mcfg.base, dist.world),
+              trained=trained,
               teacher=_teacher(cfg, tok, model, dist))
     run.scaler = LossScaler(cfg.dtype == "float16")
     if ckpt is not None and resumed is not None:
@@ -151,7 +155,7 @@ def _parallel(cfg: TrainConfig, model: MatFormerLM, dist: Dist, objective: Objec
     if cfg.compile:
         execution.compile_model(model, cfg.compile, widths, per_layer=cfg.fsdp)
     if cfg.fsdp:
-        distributed.shard(model, dist, nested_dim)
+        distributed.shard(model, dist, nested_dims(heads_in_play(cfg)))
         return objective
     return distributed.wrap(objective, dist)
 

@@ -62,6 +62,14 @@ class TrainConfig:
     rank_tiers: list[int] | None = setting(None, "one runtime tier per torchrun process "
                                            "(heterogeneous participants; overrides --tier)",
                                            metavar="T0,T1,...")
+    nest_heads: bool = setting(False, "also nest attention heads: train the KV head granularities "
+                               "G, G/2, ..., 1 jointly with the tiers (sample: one (tier, heads) "
+                               "pair a step; joint: every pair of the grid; docs/TRAINING.md)")
+    kv_heads: int | None = setting(None, "runtime KV heads G: only the first G KV heads (and their "
+                                   "query heads) are used and updated", metavar="G")
+    rank_kv_heads: list[int] | None = setting(None, "one runtime KV head count per torchrun "
+                                              "process (overrides --kv-heads)",
+                                              metavar="G0,G1,...")
     trained_tiers: list[int] | None = setting(None, "tiers the objectives train (default: 0,1,2,3, "
                                               "fewer if the base width can't be halved so often)",
                                               metavar="T,...", aliases=("--granularities",))

@@ -28,6 +28,7 @@ from ..io.hub import download
 from ..io.source import resolve_source
 from .distributed import Dist
 from .optimizer import NestedAdamW
+from .points import parse_key
 from .settings import TrainConfig, normalized, resumable_settings
 from .sharded import is_sharded
 from .weights import write_model
@@ -64,7 +65,7 @@ class TrainingState:
         return cls(step=int(meta["step"]), data_position=meta["data_position"],
                    tokens_seen=int(meta.get("tokens_seen", 0)),
                    world_size=int(meta.get("world_size", 1)), lr=float(meta.get("lr", 0.0)),
-                   history=[{"step": h["step"], "val_loss": {int(k): v for k, v in h["val_loss"].items()}}
+                   history=[{"step": h["step"], "val_loss": {parse_key(k): v for k, v in h["val_loss"].items()}}
                             for h in meta.get("history", [])],
                    extra=dict(meta.get("extra", {})))
 

@@ -23,16 +23,19 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .divergence import guard
-from .objective import Plan, step_plan, update_extent
+from .objective import Plan, step_plan, update_extent, update_extents
+from .points import heads_in_play
 from .precision import autocast
 
 
-def passes(cfg: Any, base: int, step: int, rank: int, world: int, fsdp: bool) -> Plan:
-    """This rank's passes at `step`: its plan, padded under FSDP2 to the longest plan of any rank."""
-    plan = step_plan(cfg, base, step, rank, world)
+def passes(cfg: Any, base: int, step: int, rank: int, world: int, fsdp: bool, *,
+           kv_base: int | None = None) -> Plan:
+    """This rank's passes at `step`: its plan, padded under FSDP2 to the longest plan of any rank.
+    `kv_base`: the model's KV heads (points carry heads when the run nests or limits them)."""
+    plan = step_plan(cfg, base, step, rank, world, kv_base=kv_base)
     if not fsdp:
         return plan
-    longest = max(len(step_plan(cfg, base, step, r, world)) for r in range(world))
+    longest = max(len(step_plan(cfg, base, step, r, world, kv_base=kv_base)) for r in range(world))
     return plan + [(max(t for t, _ in plan), 0.0)] * (longest - len(plan))
 
 
@@ -40,8 +43,9 @@ def train_step(run: Any, step: int) -> tuple[Plan, torch.Tensor, torch.Tensor | 
     """Run `step`; returns (plan, per-tier losses (len(plan),) averaged over micro-batches,
     global gradient norm or None when neither clipping nor loss scaling needed it)."""
     cfg, dist = run.cfg, run.dist
-    plan = step_plan(cfg, run.base, step, dist.rank, dist.world)
-    items = passes(cfg, run.base, step, dist.rank, dist.world, cfg.fsdp)
+    kv_base = run.model_cfg.base_kv_heads if heads_in_play(cfg) else None
+    plan = step_plan(cfg, run.base, step, dist.rank, dist.world, kv_base=kv_base)
+    items = passes(cfg, run.base, step, dist.rank, dist.world, cfg.fsdp, kv_base=kv_base)
     scale = run.scaler.scale / cfg.grad_accum
     total = torch.zeros(len(plan))
     for micro in range(cfg.grad_accum):
@@ -60,7 +64,8 @@ def train_step(run: Any, step: int) -> tuple[Plan, torch.Tensor, torch.Tensor | 
     ok = run.scaler.update(float(norm)) if run.scaler.enabled else True
     finite = guard(run, step, total / cfg.grad_accum, norm)  # a non-finite loss: stop or skip
     if ok and finite:
-        run.opt.step(update_extent(cfg, run.base, step, dist.world))
+        run.opt.step(update_extents(cfg, run.model_cfg, step, dist.world) if kv_base
+                     else update_extent(cfg, run.base, step, dist.world))
     run.opt.zero_grad(set_to_none=True)
     return plan, total / cfg.grad_accum, norm
 
