@@ -4,6 +4,11 @@ Two families share the nesting machinery (tiers, views, checkpoints, training ob
 - the language model (`MatFormerConfig` / `MatFormerLM`, transformers' Llama layout), the default;
 - MatViT (`MatViTConfig` / `MatViT`, transformers' ViT layout), chosen by `model_type: "vit"`.
 
+A third family is read but not loaded: Hugging Face Gemma 3n (`model_type` `gemma3n` or
+`gemma3n_text`), which `matformer.gemma3n` slices and describes from its own config reader;
+`family_of` names it so the resolver can fetch its files and the verbs can hand it over, and
+asking for its config as one of ours is a one-line error.
+
 Loaders and writers ask here instead of naming one family, so detection has one rule. Torch is
 imported only by `build_model`.
 """
@@ -19,17 +24,38 @@ from typing import Any
 from . import shapes
 from . import vit_config as V
 from .config import MatFormerConfig
+from .errors import ConfigError
 from .vit_config import MatViTConfig
 
 Config = MatFormerConfig | MatViTConfig
+LM, VIT, GEMMA3N = "lm", "vit", "gemma3n"
+GEMMA3N_MODEL_TYPES = ("gemma3n", "gemma3n_text")
+"""Gemma3nForConditionalGeneration (multimodal) and Gemma3nForCausalLM (text-only)."""
 
 
 def is_vit(config_dict: Any) -> bool:
     return V.is_vit_config(config_dict)
 
 
+def family_of(config_dict: Any) -> str:
+    """LM, VIT or GEMMA3N for a parsed config.json (anything unrecognised: LM, whose reader then
+    says what is wrong)."""
+    if isinstance(config_dict, dict) and config_dict.get("model_type") in GEMMA3N_MODEL_TYPES:
+        return GEMMA3N
+    return VIT if is_vit(config_dict) else LM
+
+
+def check_loadable(family: str, source: str) -> None:
+    """The one-line error for a family matformer reads but does not load or run."""
+    if family == GEMMA3N:
+        raise ConfigError(f"{source}: a Hugging Face Gemma 3n checkpoint; matformer slices and "
+                          f"describes it (`matformer slice`, `matformer info`, docs/GEMMA3N.md) "
+                          f"but does not load or run it")
+
+
 def config_from_dict(d: Any, source: str = "config.json") -> Config:
     """The config a parsed config.json describes (`model_type: "vit"`: a MatViT; else the LM)."""
+    check_loadable(family_of(d), source)
     if is_vit(d):
         return MatViTConfig.from_dict(d, source=source)
     return MatFormerConfig.from_dict(d, source=source)
@@ -41,6 +67,7 @@ def read_config_file(path: str | os.PathLike) -> Config:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         d = None  # the family's own reader reports what is wrong with the file
+    check_loadable(family_of(d), os.fspath(path))
     return (MatViTConfig if is_vit(d) else MatFormerConfig).from_json_file(path)
 
 

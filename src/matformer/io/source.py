@@ -13,6 +13,12 @@ and returns one `Source`: the local folder, its weight files (`Layout`), the par
 tokenizer file if there is one, the manifest entry for a multi-tier repo, the Hub commit. Every
 verb and every public loading function goes through it. Torch is never imported here.
 
+A Hugging Face Gemma 3n checkpoint (`families.GEMMA3N`) resolves too, folder or Hub id, with
+`family` set and no parsed config (matformer.gemma3n reads its config.json itself): its files
+are fetched as for ours (config, index, shards, and the companions the caller names).
+`source_family(src)` tells which family SRC is from config.json alone, so a verb can hand a
+Gemma 3n SRC to matformer.gemma3n before anything else is downloaded.
+
 Where the tokenizer lives: beside the weights, in the same folder (`Source.folder`). `slice
 --tiers` copies it into each tier folder, where the manifest lists (and hashes) it.
 """
@@ -23,9 +29,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import CheckpointError, ConfigError, DataError
-from ..families import Config, config_from_dict
+from ..errors import CheckpointError, ConfigError, DataError, MatFormerError
+from ..families import GEMMA3N, LM, Config, check_loadable, config_from_dict, family_of
 from .files import is_regular, read_json
 from .folder import Folder
 from .hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
@@ -66,6 +73,8 @@ class Source:
     listed: frozenset[str] | None = None
     """Multi-tier repo: the file names the manifest lists (and that were hash-checked) in the
     tier folder; nothing else in it is read. None: no such restriction."""
+    family: str = LM
+    """What config.json describes (families.LM, VIT or GEMMA3N; GEMMA3N has no stored_config)."""
 
     @property
     def config_path(self) -> Path:
@@ -73,6 +82,7 @@ class Source:
 
     @property
     def config(self) -> Config:
+        check_loadable(self.family, str(self.config_path))
         if self.stored_config is None:
             raise CheckpointError(f"{self.config_path}: no config.json beside the weights; a "
                                   f"checkpoint needs one")
@@ -116,21 +126,54 @@ class Source:
         return name
 
 
-def read_config(path: Path, folder: Folder | None = None) -> Config | None:
-    """config.json of a checkpoint (read through `folder`, the checkpoint folder opened once,
-    when given), its tier label checked against its sizes; None if absent (a bare state dict
-    can still be loaded; a model cannot)."""
+def _config_json(path: Path, folder: Folder | None) -> Any:
+    """The parsed config.json (through `folder`, the checkpoint folder opened once, when
+    given), or None if absent."""
     if folder is not None:
-        if not folder.exists(path.name):
-            return None
-        obj = folder.read_json(path.name, error=ConfigError)
-    elif not path.exists():
-        return None
-    else:
-        obj = read_json(path, error=ConfigError)
+        return folder.read_json(path.name, error=ConfigError) if folder.exists(path.name) else None
+    return read_json(path, error=ConfigError) if path.exists() else None
+
+
+def _parsed(obj: Any, path: Path) -> Config:
     cfg = config_from_dict(obj, source=str(path))  # the LM's, or a MatViT's (model_type vit)
     cfg.check_tier_label(source=str(path))
     return cfg
+
+
+def read_config(path: Path, folder: Folder | None = None) -> Config | None:
+    """config.json of a checkpoint (read through `folder` when given), its tier label checked
+    against its sizes; None if absent (a bare state dict can still be loaded; a model cannot)."""
+    obj = _config_json(path, folder)
+    return None if obj is None else _parsed(obj, path)
+
+
+def _config_and_family(path: Path, folder: Folder | None = None) -> tuple[Config | None, str]:
+    """(config, family): a Gemma 3n config.json is left to matformer.gemma3n (config None)."""
+    obj = _config_json(path, folder)
+    family = family_of(obj)
+    if obj is None or family == GEMMA3N:
+        return None, family
+    return _parsed(obj, path), family
+
+
+def source_family(src: str | os.PathLike | Source, *, revision: str | None = None) -> str:
+    """The family SRC's config.json declares (families.LM, VIT or GEMMA3N), reading only that
+    file (a Hub repo: downloading only it). LM where there is none (a multi-tier repo, a bare
+    state dict) or it cannot be read locally: `resolve_source` then says what is wrong."""
+    if isinstance(src, Source):
+        return src.family
+    spec = os.fspath(src)
+    p = Path(spec)
+    if os.path.lexists(p):
+        path = p.parent / CONFIG_NAME if os.path.isfile(p) else p / CONFIG_NAME
+        try:
+            return family_of(read_json(path, error=ConfigError)) if is_regular(path) else LM
+        except MatFormerError:
+            return LM
+    if is_repo_id(spec) and not _looks_local(spec):
+        config = _hub_config(spec, *split_revision(spec, revision))
+        return LM if config is None else family_of(read_json(config, error=ConfigError))
+    return LM
 
 
 def _widest(widths: int | Sequence[int] | None) -> int | None:
@@ -141,14 +184,14 @@ def _widest(widths: int | Sequence[int] | None) -> int | None:
 
 def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
                    widths: int | Sequence[int] | None = None, revision: str | None = None,
-                   companions: bool = False) -> Source:
+                   companions: bool | Sequence[str] = False) -> Source:
     """Resolve `src` (see the module docstring) into a `Source`.
 
     `tier` / `widths`: what will run; only a multi-tier repo uses them (to pick the tier
     folder), a plain checkpoint is sliced at run time by the loader. `revision`: Hub branch, tag
     or commit (`org/name@rev` works too). `companions`: also fetch the tokenizer and the other
-    `COMPANION_FILES` of a Hub repo (absent ones are fine; local files are always there).
-    A `Source` is returned as it is."""
+    `COMPANION_FILES` of a Hub repo, or (a sequence) the files of those names (absent ones are
+    fine; local files are always there). A `Source` is returned as it is."""
     if isinstance(src, Source):
         return src
     spec = os.fspath(src)
@@ -177,7 +220,8 @@ def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:
         if not fo.exists(p.name):
             raise CheckpointError(f"{p}: no such file")
         layout = Layout(p.parent, [p.name], pickle=p.suffix == ".bin", dir=fo)
-        return Source(spec, "file", p.parent, layout, read_config(p.parent / CONFIG_NAME, fo))
+        config, family = _config_and_family(p.parent / CONFIG_NAME, fo)
+        return Source(spec, "file", p.parent, layout, config, family=family)
     if os.path.lexists(p) and not os.path.isdir(p):
         raise CheckpointError(f"{p}: not a folder or a .safetensors file")
     fo = Folder(p)
@@ -186,7 +230,8 @@ def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:
         entry = manifest.pick(tier, width, source=spec)
         tier_dir = fo.sub(entry.folder)
         return _tier_source(spec, "folder", p, tier_dir, manifest, entry)
-    return Source(spec, "folder", p, resolve_files(fo), read_config(p / CONFIG_NAME, fo))
+    config, family = _config_and_family(p / CONFIG_NAME, fo)
+    return Source(spec, "folder", p, resolve_files(fo), config, family=family)
 
 
 def _tier_source(spec: str, kind: str, root: Path, tier_dir: Folder, manifest: Manifest,
@@ -207,27 +252,32 @@ def _tier_source(spec: str, kind: str, root: Path, tier_dir: Folder, manifest: M
                   manifest=manifest, tier_entry=entry, listed=listed, **hub)
 
 
-def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
-         companions: bool) -> Source:
-    repo, rev = split_revision(spec, revision)
+def _hub_config(spec: str, repo: str, rev: str | None) -> Path | None:
+    """The repo's config.json downloaded, or None when it has none."""
     try:
-        config = download(repo, CONFIG_NAME, rev, missing_ok=True)
+        return download(repo, CONFIG_NAME, rev, missing_ok=True)
     except CheckpointError as e:  # maybe a mistyped local path: say both
         raise CheckpointError(f"{e} (no local folder {spec!r} either)") from None
+
+
+def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
+         companions: bool | Sequence[str]) -> Source:
+    repo, rev = split_revision(spec, revision)
+    config = _hub_config(spec, repo, rev)
     if config is None:
         return _hub_multi_tier(spec, repo, rev, tier, width)
     commit = snapshot_commit(config, CONFIG_NAME, rev)
     fetched = fetch_weights(repo, config.parent, commit)
-    if companions:
-        for name in COMPANION_FILES:
-            download(repo, name, commit, missing_ok=True)
+    for name in COMPANION_FILES if companions is True else companions or ():
+        download(repo, name, commit, missing_ok=True)
     fo = Folder(config.parent)
     layout = resolve_files(fo)
     if layout.shards != fetched.shards:
         raise CheckpointError(f"{repo}: the downloaded snapshot {config.parent} holds other "
                               f"weights than the index names; clear it from the cache")
-    return Source(spec, "hub", config.parent, layout, read_config(config, fo), repo_id=repo,
-                  revision=commit)
+    parsed, family = _config_and_family(config, fo)
+    return Source(spec, "hub", config.parent, layout, parsed, repo_id=repo, revision=commit,
+                  family=family)
 
 
 def _hub_multi_tier(spec: str, repo: str, rev: str | None, tier: int | None,
