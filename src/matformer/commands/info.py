@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..families import GEMMA3N
 from ..io.checkpoint import checkpoint_info
+from ..io.source import source_family
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +43,7 @@ def _heads(info: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gemma3n.config import is_gemma3n_folder
-
-    if is_gemma3n_folder(args.src):
+    if source_family(args.src, revision=args.revision) == GEMMA3N:
         from ..gemma3n.cli import run_info
 
         return run_info(args)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..families import GEMMA3N
+from ..io.source import source_family
 from ..slicing import slice_checkpoint
 from ..tiers import parse_int_list
 
@@ -56,9 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gemma3n.config import is_gemma3n_folder
-
-    if is_gemma3n_folder(args.src):
+    if source_family(args.src, revision=args.revision) == GEMMA3N:
         from ..gemma3n.cli import run_slice
 
         return run_slice(args)
