@@ -388,3 +388,75 @@ def test_multimodal_slice_cuts_the_text_model_and_copies_the_towers(full, multim
     info = gemma3n_info(tmp_path / "mm")
     assert info["multimodal"] and info["parameters"]["audio"] > 0 and info["parameters"]["vision"] > 0
     assert read_config(tmp_path / "mm").text["layer_types"] == [TYPES[i] for i in range(L) if i not in skip]
+
+
+# ---- Hub ids (issue 16: through io.source.resolve_source) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub(full, multimodal, tmp_path_factory):
+    """The loopback fake Hub serving the text-only and the multimodal folder (plus a file no
+    slice needs), with huggingface_hub pointed at it in this process."""
+    from fake_hub import FakeHub
+    from huggingface_hub import constants
+
+    home = tmp_path_factory.mktemp("g3n-hub")
+
+    def files(folder: Path) -> dict[str, bytes]:
+        found = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        return {**found, "original/unused.bin": b"\0" * 64}
+
+    mp = pytest.MonkeyPatch()
+    with FakeHub() as h:
+        h.add_repo("google/gemma-3n-tiny-text", files(full[0]))
+        h.add_repo("google/gemma-3n-tiny", files(multimodal))
+        mp.setattr(constants, "ENDPOINT", h.url)
+        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.url + "/{repo_id}/resolve/{revision}/{filename}")
+        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hf-cache"))
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        mp.setattr(constants, "HF_TOKEN_PATH", str(home / "no-token"))
+        mp.delenv("HF_TOKEN", raising=False)
+        yield h
+    mp.undo()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("repo", ["google/gemma-3n-tiny-text", "google/gemma-3n-tiny"])
+def test_hub_id_slice_and_info_equal_the_local_folder(full, multimodal, hub, repo, tmp_path, capsys):
+    local = full[0] if repo.endswith("-text") else multimodal
+    request = ["--widths", ",".join(["32"] * 8), "--skip-layers", "1,8"]
+    hub.log.clear()
+    assert main(["slice", repo, "-o", str(tmp_path / "hub"), *request]) == 0, capsys.readouterr().err
+    fetched = set(hub.requests("GET"))
+    assert main(["slice", str(local), "-o", str(tmp_path / "local"), *request]) == 0
+    got, want = folder_bytes(tmp_path / "hub"), folder_bytes(tmp_path / "local")
+    assert got == want and "config.json" in got and "model.safetensors" in got
+    assert ("tokenizer_config.json" in got) == repo.endswith("-text")  # companions travel
+    assert "original/unused.bin" not in set(hub.requests())
+    assert fetched == {p.name for p in local.iterdir()}  # every file a slice needs, no other
+    capsys.readouterr()
+
+    hub.log.clear()
+    assert main(["info", repo, "--json"]) == 0
+    from_hub = json.loads(capsys.readouterr().out)
+    assert not {"tokenizer_config.json", "original/unused.bin"} & set(hub.requests())
+    assert main(["info", str(local), "--json"]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert from_hub.pop("source").startswith(repo + "@") and from_folder.pop("source") == str(local)
+    assert from_hub == from_folder
+
+
+def test_a_gemma3n_checkpoint_is_refused_by_the_loaders_in_one_line(full):
+    from matformer.io.checkpoint import load_model
+    from matformer.io.source import resolve_source
+
+    source = resolve_source(full[0])  # resolved (files, family), but not ours to load
+    assert source.family == "gemma3n" and source.layout.shards == ["model.safetensors"]
+    msg = "Gemma 3n checkpoint; matformer slices and describes it"
+    with pytest.raises(ConfigError, match=msg):
+        source.config
+    with pytest.raises(ConfigError, match=msg):
+        load_model(full[0])

@@ -4,12 +4,13 @@
 - `slice_gemma3n(src, out, widths=/layer_tiers=/tier=, skip_layers=, config_csv=, config_name=)`
   cuts per-layer FFN widths and layers out of a Gemma 3n folder, streamed tensor by tensor;
 - `gemma3n_info(src)` describes one from config.json and the headers (no torch import);
-- `is_gemma3n_folder(src)` is the check the `slice` and `info` verbs dispatch on.
+- SRC is a folder or a Hub repo id, resolved by `io.source.resolve_source`; the `slice` and
+  `info` verbs hand SRC here when `io.source.source_family(SRC)` is `families.GEMMA3N`.
 """
 
 from __future__ import annotations
 
-from .config import Gemma3nConfig, is_gemma3n_folder, read_config
+from .config import Gemma3nConfig, read_config
 from .info import format_info, gemma3n_info
 from .plan import Gemma3nPlan, plan_gemma3n
 from .slicer import Gemma3nSliceResult, slice_gemma3n
@@ -22,7 +23,6 @@ __all__ = [
     "SlicingConfig",
     "format_info",
     "gemma3n_info",
-    "is_gemma3n_folder",
     "parse_expression",
     "plan_gemma3n",
     "read_config",

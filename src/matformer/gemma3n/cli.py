@@ -29,6 +29,7 @@ def run_slice(args: argparse.Namespace) -> int:
         config_csv=args.config_csv,
         config_name=args.config_name,
         max_shard_size=args.max_shard_size,
+        revision=args.revision,
         log=print,
     )
     print(result.summary())
@@ -36,6 +37,6 @@ def run_slice(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    info = gemma3n_info(args.src)
+    info = gemma3n_info(args.src, revision=args.revision)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

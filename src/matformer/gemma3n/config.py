@@ -14,16 +14,16 @@ before that range (the "store" layer of the type).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..families import GEMMA3N_MODEL_TYPES
+from ..io.files import is_regular, read_json
+from ..io.layout import CONFIG_NAME
 
-CONFIG_NAME = "config.json"
-MULTIMODAL_TYPE = "gemma3n"
-TEXT_TYPE = "gemma3n_text"
+MULTIMODAL_TYPE, TEXT_TYPE = GEMMA3N_MODEL_TYPES
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 # transformers' Gemma3nTextConfig defaults for the keys this module reads.
@@ -113,25 +113,13 @@ class Gemma3nConfig:
         return out
 
 
-def is_gemma3n_folder(folder: str | Path) -> bool:
-    """True when `folder` is a local folder whose config.json declares a Gemma 3n model."""
-    p = Path(folder) / CONFIG_NAME
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False  # not ours to report: the ordinary reader says what is wrong
-    return isinstance(obj, dict) and obj.get("model_type") in (MULTIMODAL_TYPE, TEXT_TYPE)
-
-
 def read_config(folder: str | Path) -> Gemma3nConfig:
-    """Read and validate `folder/config.json` as a Gemma 3n config."""
+    """Read and validate `folder/config.json` as a Gemma 3n config (a regular file of strict,
+    size-capped JSON, as io reads every metadata file)."""
     path = Path(folder) / CONFIG_NAME
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json beside the weights") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
+    if not is_regular(path):
+        raise CheckpointError(f"{path}: no config.json beside the weights")
+    raw = read_json(path, error=ConfigError)
     if not isinstance(raw, dict) or raw.get("model_type") not in (MULTIMODAL_TYPE, TEXT_TYPE):
         got = raw.get("model_type") if isinstance(raw, dict) else None
         raise ConfigError(f"{path}: model_type {got!r} is not {MULTIMODAL_TYPE!r} or {TEXT_TYPE!r}")

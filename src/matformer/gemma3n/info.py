@@ -4,34 +4,30 @@ data is read; neither torch nor transformers is imported)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
-from ..errors import CheckpointError
-from ..io.layout import open_checkpoint, resolve_files
-from .config import read_config
+from ..io.source import Source
 from .plan import describe_runs
 from .shapes import parameter_groups
+from .source import open_source
 from .stream import check_source, file_order
 
 
-def gemma3n_info(src: str | Path) -> dict[str, Any]:
-    """Everything `matformer info` shows for a local Gemma 3n checkpoint folder."""
-    folder = Path(src)
-    config = read_config(folder)
-    layout = resolve_files(folder)
-    if layout.pickle:
-        raise CheckpointError(f"{folder}: only pickle (.bin) weights; matformer reads safetensors")
-    ck = open_checkpoint(layout)
-    tensors = file_order(ck)
-    check_source(config, tensors, str(folder))
+def gemma3n_info(src: str | os.PathLike | Source, revision: str | None = None) -> dict[str, Any]:
+    """Everything `matformer info` shows for a Gemma 3n checkpoint (folder or Hub repo id)."""
+    source, config, ck = open_source(src, revision)
+    with ck:
+        tensors = file_order(ck)
+        files = [{"name": n, "size": s} for n, s in ck.files]
+    check_source(config, tensors, str(source.folder))
     stores = config.kv_stores()
-    files = [{"name": n, "size": s} for n, s in ck.files]
+    layout = source.layout
     if layout.index is not None:
         files.insert(0, {"name": layout.index.name, "size": layout.index.stat().st_size})
     dtypes = sorted({d for _, d, _ in tensors})
     return {
-        "source": str(src),
+        "source": source.describe(),
         "architecture": (config.raw.get("architectures") or ["?"])[0],
         "multimodal": config.multimodal,
         "num_hidden_layers": config.num_layers,

@@ -1,10 +1,11 @@
-"""`slice_gemma3n`: cut a Gemma 3n checkpoint folder (multimodal or text-only) into a smaller
-one, streamed tensor by tensor, written atomically.
+"""`slice_gemma3n`: cut a Gemma 3n checkpoint (multimodal or text-only; a folder or a Hub repo
+id) into a smaller one, streamed tensor by tensor, written atomically.
 
-The output goes through the checkpoint writer's atomic folder swap (`io.checkpoint`): everything
-is written and fsynced in a temporary folder beside OUT, config.json last, then swapped in, so OUT
-holds the old checkpoint or the new one, never a half-written mix. Tokenizer, processor and
-generation files are copied unchanged; so are the vision and audio towers.
+The output goes through the checkpoint writer's public folder replacement
+(`io.checkpoint.replace_folder`, io.swap): everything is written and fsynced in a temporary
+folder beside OUT, config.json last, then swapped in, so OUT holds the old checkpoint or the new
+one, never a half-written mix. Tokenizer, processor and generation files are copied unchanged;
+so are the vision and audio towers.
 """
 
 from __future__ import annotations
@@ -20,24 +21,13 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..io.checkpoint import plan_shards, replace_folder
-from ..io.layout import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, resolve_files
+from ..io.layout import CONFIG_NAME, INDEX_NAME
 from ..io.safetensors import nbytes_of, write_file
-from .config import Gemma3nConfig, read_config
+from ..io.source import Source
 from .plan import Gemma3nPlan, plan_gemma3n
 from .shapes import parameter_groups
+from .source import COMPANION_FILES, companions_of, open_source
 from .stream import Job, RangeReader, file_order, map_tensors
-
-CARRIED_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-)
 
 
 @dataclass
@@ -56,19 +46,6 @@ class Gemma3nSliceResult:
                 f"parameters ({p['total'] / 1e9:.3f}B in all); {len(self.files)} files, read "
                 f"{self.bytes_read / 1e6:.1f} MB, wrote {self.bytes_written / 1e6:.1f} MB in "
                 f"{self.seconds:.2f} s")
-
-
-def open_source(src: str | Path) -> tuple[Path, Gemma3nConfig, Checkpoint]:
-    """The folder, config and validated safetensors headers of a local Gemma 3n checkpoint."""
-    folder = Path(src)
-    if not folder.is_dir():
-        raise CheckpointError(f"{src}: not a folder; a Gemma 3n source is a checkpoint folder")
-    config = read_config(folder)
-    layout = resolve_files(folder)
-    if layout.pickle:
-        raise CheckpointError(f"{folder}: only pickle (.bin) weights; Gemma 3n slicing reads "
-                              f"safetensors")
-    return folder, config, open_checkpoint(layout)
 
 
 def write_folder(out: Path, config: dict[str, Any], jobs: Sequence[Job],
@@ -115,7 +92,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def slice_gemma3n(
-    src: str | Path,
+    src: str | os.PathLike | Source,
     out: str | Path,
     *,
     tier: int | None = None,
@@ -125,30 +102,32 @@ def slice_gemma3n(
     config_csv: str | None = None,
     config_name: str | None = None,
     max_shard_size: int | str = "5GB",
+    revision: str | None = None,
     log: Callable[[str], None] | None = None,
     reader_options: dict[str, int] | None = None,
 ) -> Gemma3nSliceResult:
-    """Slice the Gemma 3n checkpoint folder `src` into `out` (see the package docstring for the
-    options and docs/GEMMA3N.md for the rules). Everything is validated before anything is
-    written; a failure leaves `out` as it was."""
+    """Slice the Gemma 3n checkpoint `src` (folder or Hub repo id, `revision` for the latter)
+    into `out` (see the package docstring for the options and docs/GEMMA3N.md for the rules).
+    Everything is validated before anything is written; a failure leaves `out` as it was."""
     t0 = time.perf_counter()
-    folder, source, ck = open_source(src)
-    out_path = Path(out)
-    if out_path.exists() and out_path.resolve() == folder.resolve():
-        raise CheckpointError(f"{out_path}: is the source folder; write the slice to another folder")
-    plan = plan_gemma3n(source, tier=tier, widths=widths, layer_tiers=layer_tiers,
-                        skip_layers=skip_layers, config_csv=config_csv, config_name=config_name)
-    if log:
-        log(plan.explanation)
-    jobs = map_tensors(plan, file_order(ck), str(folder))
-    by_name = {j.out_name: j for j in jobs}
-    reader = RangeReader(folder, ck, **(reader_options or {}))
-    extra = {n: folder / n for n in CARRIED_FILES if (folder / n).is_file()}
+    resolved, source, ck = open_source(src, revision, companions=COMPANION_FILES)
+    folder = resolved.folder
     try:
+        out_path = Path(out)
+        if out_path.exists() and out_path.resolve() == folder.resolve():
+            raise CheckpointError(f"{out_path}: is the source folder; write the slice to another "
+                                  f"folder")
+        plan = plan_gemma3n(source, tier=tier, widths=widths, layer_tiers=layer_tiers,
+                            skip_layers=skip_layers, config_csv=config_csv, config_name=config_name)
+        if log:
+            log(plan.explanation)
+        jobs = map_tensors(plan, file_order(ck), str(folder))
+        by_name = {j.out_name: j for j in jobs}
+        reader = RangeReader(ck, **(reader_options or {}))
         files = write_folder(out_path, plan.config, jobs, lambda n: reader.read(by_name[n]),
-                             extra, max_shard_size)
+                             companions_of(resolved), max_shard_size)
     finally:
-        reader.close()
+        ck.close()
     written = sum((out_path / f).stat().st_size for f in files)
     params = parameter_groups({j.out_name: j.out_shape for j in jobs}, source.prefix)
     return Gemma3nSliceResult(out_path, plan, files, reader.bytes_read, written,

@@ -22,7 +22,6 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
@@ -124,28 +123,19 @@ def map_tensors(plan: Gemma3nPlan, tensors: Sequence[tuple[str, str, tuple[int, 
 
 class RangeReader:
     """Reads the kept part of one source tensor at a time with pread into the output tensor's own
-    storage (no memory map). Counts the bytes it reads and the reads it makes."""
+    storage (no memory map), from the descriptors the checkpoint's headers were validated from
+    (so every byte comes from the files that were checked; the Checkpoint owns and closes them).
+    Counts the bytes it reads and the reads it makes."""
 
-    def __init__(self, folder: Path, checkpoint: Checkpoint, *, exact_run_limit: int = 1 << 16,
+    def __init__(self, checkpoint: Checkpoint, *, exact_run_limit: int = 1 << 16,
                  chunk_bytes: int = 64 << 20) -> None:
-        self.folder, self.ck = folder, checkpoint
+        self.folder, self.ck = checkpoint.layout.folder, checkpoint
         self.exact_run_limit, self.chunk_bytes = exact_run_limit, chunk_bytes
-        self.fds: dict[str, int] = {}
         self.bytes_read = 0
         self.reads = 0
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
     def _fd(self, shard: str) -> int:
-        if shard not in self.fds:
-            try:
-                self.fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{self.folder / shard}: cannot open ({e.strerror or e})") from None
-        return self.fds[shard]
+        return self.ck.fds[shard]
 
     def _pread(self, fd: int, mv: memoryview, offset: int, shard: str) -> None:
         done = 0
