@@ -4,11 +4,21 @@ sharded resume, prepared token files and the training logs."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from matformer.config import MatFormerConfig
+from matformer.errors import ConfigError
+from matformer.io.checkpoint import load_state_dict
 from matformer.model import MatFormerLM
-from matformer.training import NestedAdamW
+from matformer.training import NestedAdamW, TrainConfig, model_config, train, validate
+from matformer.training.metrics import flops_per_token
+from matformer.training.precision import LossScaler
+from matformer.training.state import STATE_FILE
 
 # ---- the optimizer: vectorized == per-parameter reference, bit for bit ------------------------
 
@@ -80,3 +90,152 @@ def test_vectorized_nested_adamw_is_bit_identical_to_the_per_parameter_reference
                 assert torch.equal(opt_f.state[a][k], opt_r.state[b][k]), (i, name, k)
     counts = opt_f.state[fast.model.layers[0].mlp.gate_proj.weight]["step"]
     assert counts[:16].tolist() == [9] * 16 and counts[-1].item() == 3  # 256-wide steps + None
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(30):
+        body = "".join(f"def f_{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n" for j in range(12))
+        (d / f"m{i:02d}.py").write_text(f"# module {i}\nimport os\n\n" + body)
+    return d
+
+
+def tiny(tmp_path: Path, corpus: Path, **kw) -> TrainConfig:
+    base = dict(out=str(tmp_path / "run"), data=str(corpus), preset="debug", steps=12,
+                batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, vocab_size=300,
+                eval_every=1000, save_every=1000, eval_windows=8, seed=0,
+                cache_dir=str(tmp_path.parent / "cache"), quiet=True, val_fraction=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def step_log(out: str) -> list[dict]:
+    lines = (Path(out) / "train_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+# ---- model shapes ------------------------------------------------------------------------------
+
+
+def test_model_shape_from_overrides_and_from_a_config_file(tmp_path):
+    mc = model_config(TrainConfig(preset="debug", hidden_size=96, num_heads=6, num_layers=3,
+                                  intermediate_size=384), vocab_size=300)
+    assert (mc.hidden_size, mc.head_dim, mc.num_hidden_layers, mc.base, mc.vocab_size) == \
+        (96, 16, 3, 384, 300)
+    f = tmp_path / "config.json"
+    f.write_text(MatFormerConfig.from_preset("small", vocab_size=1024).to_json_string())
+    mc = model_config(TrainConfig(model_config=str(f), num_kv_heads=2), vocab_size=300)
+    assert (mc.hidden_size, mc.num_key_value_heads, mc.vocab_size) == (256, 2, 1024)  # spare rows kept
+    with pytest.raises(ConfigError, match=r"--num-heads 5.*not divisible"):
+        model_config(TrainConfig(preset="debug", num_heads=5), 300)
+    f.write_text('{"hidden_size": 64}')
+    with pytest.raises(ConfigError, match=str(f)):
+        validate(TrainConfig(model_config=str(f)))
+    with pytest.raises(ConfigError, match="grad_accum"):
+        validate(TrainConfig(grad_accum=0))
+
+
+# ---- precision and accumulation ----------------------------------------------------------------
+
+
+def test_bf16_autocast_loss_trajectory_tracks_float32(tmp_path, corpus):
+    runs = {d: tiny(tmp_path / d, corpus, dtype=d, steps=12, log_every=1)
+            for d in ("float32", "bfloat16")}
+    results = {d: train(c) for d, c in runs.items()}
+    f32, bf16 = (step_log(runs[d].out) for d in ("float32", "bfloat16"))
+    assert len(f32) == len(bf16) == 12
+    for a, b in zip(f32, bf16, strict=True):
+        for t in a["loss"]:
+            assert abs(a["loss"][t] - b["loss"][t]) < 0.05 * a["loss"][t], (a, b)
+    mean = [sum(r["loss"].values()) / len(r["loss"]) for r in f32]
+    assert mean[-1] < mean[0] - 0.5  # it did learn
+    for t, v in results["float32"].final_val_loss.items():
+        assert abs(results["bfloat16"].final_val_loss[t] - v) < 0.03 * v
+    sd = load_state_dict(runs["bfloat16"].out)  # saved in --dtype by default
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert json.loads((Path(runs["bfloat16"].out) / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_grad_accum_equals_the_larger_batch(tmp_path, corpus):
+    big = tiny(tmp_path / "big", corpus, batch_size=4, steps=6)
+    acc = tiny(tmp_path / "acc", corpus, batch_size=2, grad_accum=2, steps=6)
+    train(big)
+    train(acc)
+    a, b = load_state_dict(big.out), load_state_dict(acc.out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_loss_scaler_skips_overflowing_steps_and_grows_back():
+    s = LossScaler(True, init_scale=8.0, growth_interval=2)
+    g = [torch.full((3,), 16.0)]
+    s.unscale_(g)
+    assert g[0].tolist() == [2.0] * 3
+    assert s.update(float("inf")) is False and s.scale == 4.0
+    assert s.update(1.0) and s.update(1.0) and s.scale == 8.0
+    off = LossScaler(False)
+    assert off.scale == 1.0 and off.update(float("nan"))
+
+
+def test_save_dtype_keeps_float32_masters_and_resume_is_bit_exact(tmp_path, corpus):
+    ref = tiny(tmp_path / "a", corpus, steps=6, save_every=3, save_dtype="bfloat16")
+    train(ref)
+    resumed = dataclasses.replace(ref, out=str(tmp_path / "b" / "run"),
+                                  resume=str(Path(ref.out) / "checkpoints" / "step-0000003"))
+    train(resumed)
+    a = load_state_dict(Path(ref.out) / "checkpoints" / "step-0000006")
+    b = load_state_dict(Path(resumed.out) / "checkpoints" / "step-0000006")
+    assert {v.dtype for v in a.values()} == {torch.bfloat16}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    from safetensors.torch import load_file
+
+    sa = load_file(str(Path(ref.out) / "checkpoints" / "step-0000006" / STATE_FILE))
+    sb = load_file(str(Path(resumed.out) / "checkpoints" / "step-0000006" / STATE_FILE))
+    masters = [k for k in sa if k.startswith("master.")]
+    assert masters and all(sa[k].dtype == torch.float32 and torch.equal(sa[k], sb[k]) for k in masters)
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+
+_GRAPHS: list[bool] = []
+
+
+def _count_graphs(gm, example_inputs):
+    _GRAPHS.append(torch.is_grad_enabled())  # training graphs have grad enabled, eval ones not
+    return gm.forward
+
+
+def test_compile_equal_losses_and_one_graph_per_trained_width(tmp_path, corpus):
+    import torch._dynamo
+
+    if "count_graphs" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(_count_graphs, name="count_graphs")
+    torch._dynamo.reset()
+    _GRAPHS.clear()
+    eager = tiny(tmp_path / "eager", corpus, objective="joint", steps=4)
+    compiled = dataclasses.replace(eager, out=str(tmp_path / "compiled" / "run"),
+                                   compile="count_graphs")
+    train(eager)
+    train(compiled)
+    assert _GRAPHS.count(True) == 4  # tiers 0..3, each step runs all four: compiled once each
+    le, lc = step_log(eager.out), step_log(compiled.out)
+    for a, b in zip(le, lc, strict=True):
+        for t in a["loss"]:
+            assert abs(a["loss"][t] - b["loss"][t]) <= 1e-5 * a["loss"][t]
+
+
+# ---- logs --------------------------------------------------------------------------------------
+
+
+def test_logs_report_mfu_and_peak_memory(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, steps=3, peak_tflops=1.0, log_every=1)
+    train(cfg)
+    rec = step_log(cfg.out)[-1]
+    assert 0 < rec["mfu"] < 1 and rec["peak_memory_gb"] > 0.05 and rec["tokens_per_s"] > 0
+    mc = model_config(cfg, 300)
+    assert flops_per_token(mc, 256, 32) > flops_per_token(mc, 64, 32) > 6 * 300 * 64

@@ -33,6 +33,9 @@ def compile_model(model: nn.Module, backend: str, widths: int, per_layer: bool) 
     object, plus slack for the evaluation's no-grad graphs."""
     import torch._dynamo
 
+    # The rotary tables are cached per device on first use; a graph traced before that entry
+    # exists would be retraced once it does. Fill the cache first.
+    model.rotary.inv_freq(next(model.parameters()).device)
     limit = 2 * widths + 4
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):

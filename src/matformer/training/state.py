@@ -291,7 +291,7 @@ def _restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW,
     master = {k.removeprefix("master."): v for k, v in tensors.items() if k.startswith("master.")}
     if master:  # float32 weights beside lower-precision saved ones
         with torch.no_grad():
-            for name, p in opt.names.items():
+            for p, name in opt.names.items():
                 p.copy_(master[name])
     sampler.load_state(state.data_position)
     torch.set_rng_state(tensors["rng.torch"])
