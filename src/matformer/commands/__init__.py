@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
+
 
 def draft_tokens_arg(text: str) -> int | str:
     """argparse type of --draft-tokens: a positive integer, 'adaptive' or 'auto'."""
@@ -37,8 +39,6 @@ MAX_THREADS = 1024
 
 def set_threads(threads: int | None) -> None:
     """--threads: None keeps torch's choice; otherwise a positive count."""
-    from ..errors import ConfigError
-
     if threads is None:
         return
     if not 1 <= threads <= MAX_THREADS:  # torch crashes (SIGSEGV) with ~100000 threads
@@ -50,8 +50,6 @@ def set_threads(threads: int | None) -> None:
 
 def check_device(device: str | None) -> None:
     """--device must name a device torch knows and this machine has (one-line errors)."""
-    from ..errors import ConfigError
-
     if device is None:
         return
     import torch
