@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TierError
+from ..tiers import parse_int_list
 
 
 def draft_tokens_arg(text: str) -> int | str:
@@ -67,3 +69,50 @@ def check_device(device: str | None) -> None:
         raise ConfigError(f"--device {device}: MPS is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {device!r}: matformer runs on cpu, cuda or mps")
+
+
+# ---- the width and head flags of slice and export (and of slice's Gemma 3n half) ---------------
+
+
+def add_width_flags(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--tier / --widths / --layer-tiers, one of them; returns their group (slice adds more)."""
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--tier", type=int, metavar="T",
+                      help="uniform tier: FFN width B >> T in every layer (B = the source's base)")
+    what.add_argument("--widths", metavar="W1,W2,...",
+                      help="FFN width per layer (one number: the same width everywhere)")
+    what.add_argument("--layer-tiers", metavar="T1,T2,...", help="tier per layer, e.g. 3,3,2,2,1,1")
+    return what
+
+
+def add_head_flags(parser: argparse.ArgumentParser, layer_help: str = "KV heads kept per layer"
+                   ) -> None:
+    """--kv-heads / --layer-kv-heads, one of them."""
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument("--kv-heads", type=int, metavar="G",
+                       help="keep the first G KV heads (and their query heads) in every layer")
+    heads.add_argument("--layer-kv-heads", metavar="G1,G2,...", help=layer_help)
+
+
+def int_list(text: str | None, flag: str) -> list[int] | None:
+    """A comma-separated flag value as integers; None when the flag was not given (or empty)."""
+    return parse_int_list(text, flag) if text else None
+
+
+def width_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The width flags as the library's keywords `tier`, `widths` (one number: that width in
+    every layer, passed as an int) and `layer_tiers`."""
+    widths: int | list[int] | None = None
+    if args.widths is not None:
+        wl = parse_int_list(args.widths, "--widths")
+        if not wl:
+            raise TierError("--widths must list at least one width, e.g. --widths 256")
+        widths = wl[0] if len(wl) == 1 else wl
+    return {"tier": args.tier, "widths": widths,
+            "layer_tiers": int_list(args.layer_tiers, "--layer-tiers")}
+
+
+def head_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The head flags as the library's keywords `kv_heads` and `layer_kv_heads`."""
+    return {"kv_heads": args.kv_heads,
+            "layer_kv_heads": int_list(args.layer_kv_heads, "--layer-kv-heads")}

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..families import GEMMA3N
 from ..io.source import source_family
 from ..slicing import slice_checkpoint
-from ..tiers import parse_int_list
+from . import add_head_flags, add_width_flags, head_request, int_list, width_request
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,21 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (must not be the source)")
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--tier", type=int, metavar="T",
-                      help="uniform tier: FFN width B >> T in every layer (B = the source's base)")
-    what.add_argument("--widths", metavar="W1,W2,...",
-                      help="FFN width per layer (one number: the same width everywhere)")
-    what.add_argument("--layer-tiers", metavar="T1,T2,...", help="tier per layer, e.g. 3,3,2,2,1,1")
+    what = add_width_flags(parser)
     what.add_argument("--budget", metavar="N",
                       help="target non-embedding parameter count (e.g. 120M): picks widths by the "
                       "MatFormer Mix'n'Match heuristic and prints why")
     what.add_argument("--tiers", metavar="T1,T2,...",
                       help="write OUT/tier-T/ for each tier plus OUT/matformer_manifest.json")
-    heads = parser.add_mutually_exclusive_group()
-    heads.add_argument("--kv-heads", type=int, metavar="G",
-                       help="keep the first G KV heads (and their query heads) in every layer")
-    heads.add_argument("--layer-kv-heads", metavar="G1,G2,...", help="KV heads kept per layer")
+    add_head_flags(parser)
     parser.add_argument("--skip-layers", metavar="I,J,...",
                         help="drop these source layers (0-based) and renumber the rest")
     parser.add_argument("--config-csv", metavar="FILE",
@@ -64,22 +56,14 @@ def run(args: argparse.Namespace) -> int:
         return run_slice(args)
     if args.config_csv or args.config_name:
         raise ConfigError("--config-csv/--config-name apply to Gemma 3n checkpoints only")
-    widths: int | list[int] | None = None
-    if args.widths is not None:
-        wl = parse_int_list(args.widths, "--widths")
-        widths = wl[0] if len(wl) == 1 else wl
     result = slice_checkpoint(
         args.src,
         args.output,
-        tier=args.tier,
-        widths=widths,
-        layer_tiers=parse_int_list(args.layer_tiers, "--layer-tiers") if args.layer_tiers else None,
+        **width_request(args),
         budget=args.budget,
-        skip_layers=parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else None,
-        tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
-        kv_heads=args.kv_heads,
-        layer_kv_heads=(parse_int_list(args.layer_kv_heads, "--layer-kv-heads")
-                        if args.layer_kv_heads else None),
+        skip_layers=int_list(args.skip_layers, "--skip-layers"),
+        tiers=int_list(args.tiers, "--tiers"),
+        **head_request(args),
         max_shard_size=args.max_shard_size,
         revision=args.revision,
         log=print,

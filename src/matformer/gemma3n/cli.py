@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..commands import int_list, width_request
 from ..errors import ConfigError
-from ..tiers import parse_int_list
 from .info import format_info, gemma3n_info
 from .slicer import slice_gemma3n
 
@@ -18,14 +18,11 @@ def run_slice(args: argparse.Namespace) -> int:
         if value is not None:
             raise ConfigError(f"{flag} is not available for Gemma 3n checkpoints; give --widths, "
                               f"--layer-tiers, --tier or --config-csv/--config-name")
-    widths = parse_int_list(args.widths, "--widths") if args.widths is not None else None
     result = slice_gemma3n(
         args.src,
         args.output,
-        tier=args.tier,
-        widths=widths,
-        layer_tiers=parse_int_list(args.layer_tiers, "--layer-tiers") if args.layer_tiers else None,
-        skip_layers=parse_int_list(args.skip_layers, "--skip-layers") if args.skip_layers else None,
+        **width_request(args),
+        skip_layers=int_list(args.skip_layers, "--skip-layers"),
         config_csv=args.config_csv,
         config_name=args.config_name,
         max_shard_size=args.max_shard_size,
