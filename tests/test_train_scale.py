@@ -6,18 +6,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from matformer import data as D
 from matformer.config import MatFormerConfig
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_state_dict
 from matformer.model import MatFormerLM
-from matformer.training import NestedAdamW, TrainConfig, model_config, train, validate
+from matformer.training import (
+    NestedAdamW,
+    Objective,
+    TrainConfig,
+    lr_at,
+    model_config,
+    step_plan,
+    train,
+    update_extent,
+    validate,
+)
+from matformer.training.distributed import Dist, shard, teardown
 from matformer.training.metrics import flops_per_token
+from matformer.training.optimizer import nested_dim, set_lr
 from matformer.training.precision import LossScaler
+from matformer.training.sharded import load_state
 from matformer.training.state import STATE_FILE
 
 # ---- the optimizer: vectorized == per-parameter reference, bit for bit ------------------------
@@ -239,3 +256,87 @@ def test_logs_report_mfu_and_peak_memory(tmp_path, corpus):
     assert 0 < rec["mfu"] < 1 and rec["peak_memory_gb"] > 0.05 and rec["tokens_per_s"] > 0
     mc = model_config(cfg, 300)
     assert flops_per_token(mc, 256, 32) > flops_per_token(mc, 64, 32) > 6 * 300 * 64
+
+
+# ---- FSDP2 -------------------------------------------------------------------------------------
+
+FSDP_ARGS = ["--preset", "debug", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+             "--lr", "1e-2", "--warmup-steps", "2", "--vocab-size", "300", "--eval-every", "1000",
+             "--save-every", "2", "--eval-windows", "8", "--val-fraction", "0.1", "--fsdp",
+             "--rank-tiers", "1,2", "--objective", "joint"]
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(nproc), "-m", "matformer.cli", "train", *args],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _reference(cfg: TrainConfig, out: Path) -> tuple[MatFormerLM, dict[str, torch.Tensor]]:
+    """Single process: each rank's batch at each rank's plan, gradients averaged over ranks."""
+    tok = D.load_tokenizer(out)
+    train_texts, _ = D.split_texts(D.load_texts(cfg.data), cfg.val_fraction, cfg.split_seed)
+    sampler = D.WindowSampler(D.tokenize(tok, train_texts, cfg.cache_dir), cfg.seq_len, cfg.seed)
+    model = MatFormerLM(model_config(cfg, tok.get_vocab_size()))
+    model.reset_parameters(seed=cfg.seed)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = NestedAdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                      weight_decay=cfg.weight_decay)
+    obj, world, B = Objective(model), 2, cfg.batch_size
+    for step in range(cfg.steps):
+        x = torch.from_numpy(sampler.next(world * B))
+        set_lr(opt, lr_at(cfg, step))
+        for r in range(world):
+            for item in step_plan(cfg, 256, step, r, world):
+                loss, _ = obj(x[r * B:(r + 1) * B], [item])
+                (loss / world).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(update_extent(cfg, 256, step, world))
+        opt.zero_grad(set_to_none=True)
+    return model, init
+
+
+def test_fsdp_two_processes_rank_tiers_match_single_process_and_resume_bit_exact(tmp_path, corpus):
+    """FSDP2 on 2 gloo processes, ranks at runtime tiers 1 and 2 with `joint` (plans of 3 and 2
+    tiers: the shorter one is padded), views of the unsharded nested matrices: the same weights
+    as the single-process computation, the never-used tier-0 half bit-identical; resuming the
+    sharded state of step 2 with 2 processes ends bit-identical; the same state loads resharded
+    into 1 process."""
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), *FSDP_ARGS]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _torchrun(["--out", str(a), *common])
+    ckpt = a / "checkpoints" / "step-0000002"
+    assert (ckpt / "training_state" / ".metadata").is_file() and (ckpt / "config.json").is_file()
+    cfg = TrainConfig(**json.loads((a / "train_config.json").read_text()))
+    assert cfg.fsdp and cfg.rank_tiers == [1, 2]
+    model, init = _reference(cfg, a)
+    got = load_state_dict(a)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        if ".mlp." in k:  # neither rank uses the tier-0 half: untouched
+            dim = 1 if "down_proj" in k else 0
+            assert torch.equal(got[k].narrow(dim, 128, 128), init[k].narrow(dim, 128, 128)), k
+
+    _torchrun(["--out", str(b), *common, "--resume", str(ckpt)])
+    got_b = load_state_dict(b)
+    assert all(torch.equal(got[k], got_b[k]) for k in got)
+    assert json.loads((b / "train_summary.json").read_text())["final_val_loss"] == \
+        json.loads((a / "train_summary.json").read_text())["final_val_loss"]
+
+    # any world size: the 2-process state resharded into one process (a group of one)
+    one = MatFormerLM(model_config(cfg, got["lm_head.weight"].shape[0]))
+    dist = Dist()
+    try:
+        shard(one, dist, nested_dim)
+        opt = NestedAdamW(one)
+        load_state(ckpt, one, opt)
+        saved = load_state_dict(ckpt)
+        for k, v in one.state_dict().items():
+            assert torch.equal(v.full_tensor(), saved[k]), k
+        counts = opt.state[one.model.layers[0].mlp.gate_proj.weight]["step"]
+        assert counts.tolist() == [2] * 128 + [0] * 128  # two steps, tiers >= 1 only
+    finally:
+        teardown(dist)

@@ -86,9 +86,8 @@ def _loop(run: Run) -> TrainResult:
 def _evaluate(run: Run, step: int) -> None:
     if run.dist.main or run.cfg.fsdp:  # FSDP2: every rank joins the forward's all-gathers
         losses = evaluate_tiers(run.model, run.val_windows, run.trained, run.cfg.batch_size)
-        if run.dist.main:
-            run.history.append({"step": step, "val_loss": losses})
-            run.report.eval(step, losses)
+        run.history.append({"step": step, "val_loss": losses})  # every evaluating rank: _finish
+        run.report.eval(step, losses)  # rank 0 prints
 
 
 def _save(run: Run, step: int, lr: float) -> None:
