@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import (  # noqa: E402  (v1's helpers: one tie rule, one set of shapes)
+    MARKER,
     TIER_NAMES,
     TIERS,
     XL_UPWEIGHTED_PROBS,
@@ -102,6 +103,8 @@ class Settings:
     spec_gamma: int = 4
     """Draft tokens per speculative round."""
     out: str = "runs/reproduce_v2"
+    resume: bool = False
+    """Keep runs under `out` that finished with the same settings (a stopped run continues)."""
     quick: bool = False
 
     @property
@@ -167,12 +170,34 @@ def _train_one(spec: dict[str, Any], out_root: str, threads: int) -> dict[str, A
     from matformer.training import TrainConfig, train
 
     out = Path(out_root) / spec["name"]
+    done = finished_run(out, spec)
+    if done is not None:
+        return done
     t0 = time.time()
     res = train(TrainConfig(out=str(out), **spec["train"]))
     sha = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
     return dict(name=spec["name"], out=str(out), train_tokens=res.train_tokens,
                 tokens_per_second=res.tokens_per_second, train_seconds=res.elapsed_s,
                 wall_seconds=time.time() - t0, tokenizer_sha256=sha)
+
+
+def finished_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """With --resume: the result of a run that already finished with exactly these settings (its
+    train_summary.json and train_config.json), else None (it is trained again from scratch)."""
+    summary, saved = out / "train_summary.json", out / "train_config.json"
+    if not (summary.is_file() and saved.is_file() and (out / "model.safetensors").is_file()):
+        return None
+    cfg = json.loads(saved.read_text(encoding="utf-8"))
+    if any(cfg.get(k) != v for k, v in spec["train"].items() if k not in ("cache_dir", "quiet")):
+        return None
+    sm = json.loads(summary.read_text(encoding="utf-8"))
+    if sm.get("steps") != spec["train"]["steps"]:
+        return None
+    sha = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    tps = sm.get("tokens_per_second") or 0.0
+    return dict(name=spec["name"], out=str(out), train_tokens=sm["train_tokens"], tokens_per_second=tps,
+                train_seconds=sm["train_tokens"] / tps if tps else 0.0, wall_seconds=0.0,
+                tokenizer_sha256=sha, resumed=True)
 
 
 def tier_passes(spec: dict[str, Any], base: int) -> dict[int, int]:
@@ -241,6 +266,62 @@ def speculative_acceptance(target, draft, windows: np.ndarray, gamma: int, devic
     acc = torch.cat(accepted).float()
     return {"accepted_per_round": float(acc.mean()), "acceptance_rate": float(acc.mean()) / gamma,
             "tokens_per_target_call": float(acc.mean()) + 1.0, "rounds": int(acc.numel())}
+
+
+def library_acceptance(target, draft_tier: int | None, draft_model, windows: np.ndarray, gamma: int,
+                       prompts: int = 16, new_tokens: int = 32) -> dict[str, float]:
+    """The same question through `matformer.speculative.speculative_generate` (greedy, k = gamma
+    fixed): the first half of `prompts` held-out windows as prompts, `new_tokens` generated each;
+    the draft is the target's own tier `draft_tier` (shared cache) or a separate `draft_model`."""
+    from matformer.speculative import speculative_generate
+
+    drafted = accepted = forwards = produced = 0
+    for w in windows[:prompts]:
+        kw = dict(draft_model=draft_model) if draft_model is not None else dict(draft_tier=draft_tier)
+        out = speculative_generate(target, [int(t) for t in w[: len(w) // 2]], new_tokens,
+                                   draft_tokens=gamma, temperature=0.0, ignore_eos=True, **kw)
+        st = out.stats
+        drafted, accepted = drafted + st.drafted, accepted + st.accepted
+        forwards, produced = forwards + st.target_forwards, produced + st.new_tokens
+    return {"acceptance_rate": accepted / drafted if drafted else 0.0, "drafted": drafted,
+            "tokens_per_target_call": produced / forwards if forwards else 0.0}
+
+
+def speculative_check(path: Path, device: str = "cpu", prompts: int = 16) -> int:
+    """Add library-measured acceptance (`spec_library`) to a finished run's JSON, from the trained
+    models still under its --out folder: MatLM S (shared cache) and a separate S for MatLM's XL,
+    and the separate S for the separate XL."""
+    from matformer import data as D
+
+    report = json.loads(path.read_text(encoding="utf-8"))
+    s = report["settings"]
+    out = Path(s["out"])
+    res: dict[str, Any] = {}
+    for corpus in report["table"]:
+        first = out / next(r["name"] for r in report["runs"] if r["corpus"] == corpus)
+        windows = D.heldout_windows(D.heldout_tokens(first, cache_dir=s["cache_dir"]), s["seq_len"],
+                                    s["eval_windows"])
+        for seed in s["seeds"]:
+            run = {"out": ""}
+            mat = _load(dict(run, out=str(out / f"{corpus}-matlm_uniform-seed{seed}")), device)
+            bxl = _load(dict(run, out=str(out / f"{corpus}-baseline-t0-seed{seed}")), device, 0)
+            bs = _load(dict(run, out=str(out / f"{corpus}-baseline-t3-seed{seed}")), device, 3)
+            pairs = {"matlm_xl<-matlm_s": (mat, 3, None), "matlm_xl<-baseline_s": (mat, None, bs),
+                     "baseline_xl<-baseline_s": (bxl, None, bs)}
+            for name, (tgt, dt, dm) in pairs.items():
+                slot = res.setdefault(corpus, {}).setdefault(name, {"seeds": [], "values": []})
+                slot["seeds"].append(seed)
+                slot["values"].append(library_acceptance(tgt, dt, dm, windows, s["spec_gamma"], prompts))
+                slot["acceptance_rate_stats"] = spread([v["acceptance_rate"] for v in slot["values"]])
+                print(f"{corpus} seed {seed} {name}: {slot['values'][-1]}", flush=True)
+    for by in res.values():
+        by["verdict_same_target"] = compare(
+            [v["acceptance_rate"] for v in by["matlm_xl<-baseline_s"]["values"]],
+            [v["acceptance_rate"] for v in by["matlm_xl<-matlm_s"]["values"]],
+            lower_is_better=False, names=("separate S", "MatLM S"))
+    report["spec_library"] = res
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return 0
 
 
 def _load(run: dict[str, Any], device: str, tier: int | None = None):
@@ -461,7 +542,11 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     t_start = time.time()
     hw = hardware()
     out = Path(s.out)
-    _prepare_out(out)
+    if s.resume and out.is_dir():
+        if not (out / MARKER).is_file():
+            raise SystemExit(f"error: {out} was not made by this script; choose another --out")
+    else:
+        _prepare_out(out)
     specs = run_specs(s)
     log(f"training {len(specs)} runs ({s.jobs} in parallel, {s.threads} thread(s) each, "
         f"{s.device}); X = {s.x_tokens:,} tokens per baseline")
@@ -728,22 +813,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--corpora", default=None, help="comma-separated, first = every config "
                     f"(default python,kjv; choices {', '.join(CORPORA)})")
     ap.add_argument("--out", default=d.out, help="folder for the trained models")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse runs under --out that finished with the same settings")
     ap.add_argument("--results", default="docs/results", help="folder for the JSON and the plots")
     ap.add_argument("--replot", metavar="JSON", default=None, help="tables and plots from a run's JSON")
     ap.add_argument("--markdown", action="store_true", help="with --replot: print the docs' tables")
+    ap.add_argument("--speculative-check", metavar="JSON", default=None,
+                    help="add acceptance measured by matformer.speculative to a finished run's JSON")
     args = ap.parse_args(argv)
+    if args.speculative_check:
+        return speculative_check(Path(args.speculative_check), args.device or "cpu")
     if args.replot:
         if args.markdown:
             print(markdown_tables(json.loads(Path(args.replot).read_text(encoding="utf-8"))))
             return 0
         return replot(Path(args.replot))
-    s = Settings(out=args.out, quick=args.quick)
+    s = Settings(out=args.out, quick=args.quick, resume=args.resume)
     if args.quick:
         for k, v in QUICK.items():
             setattr(s, k, v)
     for f in dataclasses.fields(Settings):
         v = getattr(args, f.name, None)
-        if v is not None and f.name not in ("out", "quick"):
+        if v is not None and f.name not in ("out", "quick", "resume"):
             setattr(s, f.name, v)
     if args.seeds is not None:
         s.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
