@@ -445,6 +445,19 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
     if len(floats) == 1:
         config.torch_dtype = _FLOAT_ST[next(iter(floats))]
     config.matformer_tier = uniform_tier(config.base, config.layer_widths)
+    return write_folder(out_dir, config.to_json_string(), specs, produce, max_shard_size,
+                        extra_files)
+
+
+def write_folder(out_dir: str | os.PathLike, config_json: str,
+                 specs: Sequence[tuple[str, str, Sequence[int]]],
+                 produce: Callable[[str], Any], max_shard_size: int | str = "5GB",
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
+    """The writing half of `write_checkpoint`, for a config of any model family (`config_json`:
+    the text of config.json, not checked here): the extra files, the shards (split at
+    `max_shard_size`, each tensor from `produce(name)`, one at a time, a save id in each), the
+    index above one shard, then config.json last; all in place of `out_dir` atomically
+    (`replace_folder`). matformer.gemma3n writes its slices through it."""
     for name in extra_files or {}:
         _check_plain_name(name)
     plan = plan_shards(specs, max_shard_size)
@@ -461,7 +474,7 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
                      "weight_map": dict(sorted(weight_map.items()))}
             atomic_write(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
             written.add(INDEX_NAME)
-        atomic_write(tmp / CONFIG_NAME, config.to_json_string())  # last: a folder with a config
+        atomic_write(tmp / CONFIG_NAME, config_json)  # last: a folder with a config is complete
         written.add(CONFIG_NAME)
         return written
 
