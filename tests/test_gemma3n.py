@@ -304,6 +304,17 @@ def test_chunked_column_reads_equal_exact_reads(full, tmp_path):
     assert b.bytes_read > a.bytes_read  # spans include the skipped columns between kept runs
 
 
+def test_sharded_slice_loads_and_equals_the_one_file_slice(full, tmp_path):
+    folder, _ = full
+    one = slice_gemma3n(folder, tmp_path / "one", tier=1)
+    many = slice_gemma3n(folder, tmp_path / "many", tier=1, max_shard_size="100KB")
+    assert one.files == ["config.json", "generation_config.json", "model.safetensors",
+                         "tokenizer_config.json"]
+    assert "model.safetensors.index.json" in many.files and len(many.files) > 4
+    a, b = load(tmp_path / "one").state_dict(), load(tmp_path / "many").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- info ---------------------------------------------------------------------------------
 
 
