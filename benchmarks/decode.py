@@ -1,26 +1,24 @@
-"""Decoding speed at batch 1: every tier against the full width, and speculative decoding.
+"""Decoding speed: every tier, compiled vs eager, speculative decoding, batches, vs transformers.
 
-Part 1 (tiers): one full-width model (default H=1024, FFN 8192, 4 layers, vocab 2048: the FFN
-holds ~85% of the FLOPs) decodes greedily with the KV cache at tiers 0..3. For each tier:
-decode tokens/s (the N-1 steps after the first token, so the prompt is not counted; best of
---repeats, interleaved across tiers), the measured speed-up over tier 0 (median over repeats of
-the ratio within a repeat), the FLOP-ratio speed-up
-(2 x matmul parameters + attention over the cache, per token) and measured / ideal. The goal is
->= 0.90 of the FLOP ratio at every tier.
+One model (a checkpoint trained by `matformer train`, --ckpt; or, with --train-steps, one trained
+here through `matformer.training.train` at the given shape; or random weights with --random)
+decodes greedily. All ratios come from one run, interleaved, so machine load hits both sides:
 
-Part 2 (speculative): a model trained by `matformer train` (--ckpt, or trained here by
-`matformer.train` with the verb's defaults for --train-steps steps; kept in --work) decodes
-prompts cut from its held-out split, greedily, at the full width: plain `generate` vs
-`speculative_generate` with each draft tier and draft length. Reported: acceptance rate, tokens
-per verification round, measured speed-up (plain time / speculative time, best of --repeats),
-whether the output is identical token for token (it must be), the measured cost of a (k+1)-token
-verify forward relative to a 1-token one on this machine, and the speed-up projected by the
-standard cost model when verification costs one decoding step (memory-bound GPU decoding).
+1. tiers: decode tokens/s at tiers 0..3, eager and compiled (`generate(compile=True)`: static
+   cache, torch.compile per width, CUDA graphs on a GPU); speed-up over tier 0 against the
+   FLOP-ratio speed-up (2 x matmul weights + attention over the cache, per token).
+2. speculative (compiled, greedy, full width): plain decoding vs `speculative_generate` with the
+   (draft, k) chosen from costs measured here (`draft_tier="auto"`), each tier as the draft
+   with k chosen from the same costs, and --draft-ckpt (an independently trained small model of
+   the same tokenizer) as the draft: acceptance, k, speed-up, identical output (it must be).
+3. batches: tokens/s at batch 1 and --batch, eager vs compiled vs transformers'
+   `LlamaForCausalLM.generate` with a static cache on the same weights (tier 0).
 
-    .venv/bin/python benchmarks/decode.py                       # a few minutes on 2 cores
-    .venv/bin/python benchmarks/decode.py --quick               # smoke run
-    .venv/bin/python benchmarks/decode.py --ckpt runs/demo      # speculative on your checkpoint
-Timings are noisy on a shared machine; ratios come from one interleaved run.
+    .venv/bin/python benchmarks/decode.py --ckpt runs/bench-decode/ffn8-h512 \
+        --draft-ckpt runs/bench-decode/small-h512                    # the CPU numbers
+    .venv/bin/python benchmarks/decode.py --quick --random          # smoke run (tiny, CPU)
+    PYTHONPATH=src python3 benchmarks/decode.py --device cuda --train-steps 300 \
+        --out $OUT/decode.json                                       # the GPU variant
 """
 
 from __future__ import annotations
@@ -35,233 +33,327 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.generation import generate
-from matformer.speculative import speculative_generate
+from matformer.generation import generate, generate_batch
 from matformer.shapes import parameter_counts
+from matformer.speculative import speculative_generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def flops_per_token(cfg: MatFormerConfig, widths: list[int], ctx: float) -> float:
-    """Matmul FLOPs of one decoded token: 2 per weight read (non-embedding + lm_head) plus
-    the attention scores and weighted sum over `ctx` cached positions."""
+    """Matmul FLOPs of one decoded token: 2 per weight read (non-embedding + lm_head) plus the
+    attention scores and weighted sum over `ctx` cached positions."""
     pc = parameter_counts(cfg, widths)
     matmul = pc["non_embedding"] + cfg.vocab_size * cfg.hidden_size
     attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
     return 2 * matmul + attn
 
 
-def _decode_seconds(model, prompt, n, widths) -> float:
-    """Seconds for the n-1 decoding steps after the first token (the prompt's forward and the
-    first pick excluded)."""
-    s = generate(model, prompt, n, widths=widths, ignore_eos=True).stats
-    return s.seconds - s.prefill_seconds
+# ---- the models ------------------------------------------------------------------------------------
 
 
-def bench_tiers(args) -> dict:
-    cfg = MatFormerConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                          intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                          max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = MatFormerLM(cfg).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,)).tolist()
-    n = args.tokens
-    tiers = [0, 1, 2, 3]
-    widths = {t: model.resolve_widths(tier=t) for t in tiers}
-    for t in tiers:  # warm-up
-        generate(model, prompt, 4, widths=widths[t], ignore_eos=True)
-    times: dict[int, list[float]] = {t: [] for t in tiers}
-    for _ in range(args.repeats):
-        for t in tiers:  # interleaved, so drifting machine load hits every tier alike
-            times[t].append(_decode_seconds(model, prompt, n, widths[t]))
-    ctx = args.prompt_len + n / 2
-    rows = []
-    for t in tiers:
-        # Speed-up: the median over repeats of the ratio within one repeat (neighbouring runs
-        # share the machine's load), and the ratio of the best runs for comparison.
-        measured = statistics.median(a / b for a, b in zip(times[0], times[t], strict=True))
-        ideal = flops_per_token(cfg, widths[0], ctx) / flops_per_token(cfg, widths[t], ctx)
-        rows.append({
-            "tier": t, "width": widths[t][0],
-            "non_embedding_params": parameter_counts(cfg, widths[t])["non_embedding"],
-            "decode_tokens_per_s": (n - 1) / min(times[t]), "speedup": measured,
-            "speedup_best_of": min(times[0]) / min(times[t]), "flop_ratio_speedup": ideal,
-            "fraction_of_flop_ratio": measured / ideal, "seconds": times[t],
-        })
-    return {"config": cfg.to_dict(), "tokens": n, "prompt_len": args.prompt_len, "rows": rows}
-
-
-# ---- speculative decoding on a trained model ------------------------------------------------------
-
-
-def trained_checkpoint(args) -> Path:
-    """--ckpt, or a model trained here by `matformer.train` (tiny preset, default corpus,
-    lr 3e-3, other settings the verb's defaults) for --train-steps steps, kept in --work."""
-    if args.ckpt:
-        return Path(args.ckpt)
-    out = Path(args.work) / f"tiny-{args.train_steps}"
-    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
-        print(f"using the model trained earlier in {out}")
-        return out
+def _train_here(args, out: Path, intermediate: int, objective: str) -> Path:
     from matformer.training import TrainConfig, train
 
-    print(f"training the benchmark model (matformer train defaults, {args.train_steps} steps) "
-          f"into {out} ...")
-    # lr pinned to the value the documented model was trained with (the verb's default then).
-    train(TrainConfig(out=str(out), steps=args.train_steps, lr=3e-3, log_every=50))
+    if (out / "config.json").is_file():
+        return out
+    print(f"training {out} ({args.train_steps} steps, FFN {intermediate}, {objective}) ...")
+    train(TrainConfig(out=str(out), steps=args.train_steps, objective=objective,
+                      hidden_size=args.hidden, intermediate_size=intermediate,
+                      num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                      max_positions=512, batch_size=args.train_batch, seq_len=64, lr=3e-3,
+                      warmup_steps=max(1, args.train_steps // 10), eval_every=args.train_steps,
+                      save_every=10 ** 6, log_every=max(1, args.train_steps // 5),
+                      device=args.device))
     return out
 
 
-def _verify_cost(model, k: int, ctx: int, reps: int = 20) -> float:
-    """Cost of one cached forward of k+1 tokens over a 1-token one after ctx cached positions,
-    best of `reps` each, alternated so that load changes hit both alike."""
-    with torch.inference_mode():
-        cache = model.new_cache(1, ctx + k + 1)
-        model(torch.zeros(1, ctx, dtype=torch.long), cache=cache)
-        best = {1: float("inf"), k + 1: float("inf")}
-        for _ in range(reps):
-            for T in best:
-                cache.crop(ctx)
-                x = torch.zeros(1, T, dtype=torch.long)
-                t0 = time.perf_counter()
-                model(x, cache=cache)
-                best[T] = min(best[T], time.perf_counter() - t0)
-    return best[k + 1] / best[1]
-
-
-def bench_speculative(args) -> dict:
+def load_models(args) -> tuple[MatFormerLM, MatFormerLM | None, list[list[int]], str]:
+    """(target, separate draft or None, prompts, what the weights are)."""
     from matformer.data import heldout_tokens
     from matformer.io.checkpoint import load_model
 
-    ckpt = trained_checkpoint(args)
-    model = load_model(ckpt).eval()
-    cfg = model.config
+    dev = torch.device(args.device)
+    if args.random:
+        cfg = MatFormerConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                              intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                              num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                              max_position_embeddings=1024)
+        torch.manual_seed(0)
+        model = MatFormerLM(cfg).to(dev).eval()
+        g = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
+        return model, None, prompts.tolist(), "random weights"
+    ckpt = Path(args.ckpt) if args.ckpt else _train_here(
+        args, Path(args.work) / f"target-{args.train_steps}", args.ffn, "sample")
+    draft_ckpt = args.draft_ckpt
+    if draft_ckpt is None and not args.ckpt and not args.no_draft_model:
+        draft_ckpt = _train_here(args, Path(args.work) / f"small-{args.train_steps}",
+                                 args.ffn >> 3, "single")
+    model = load_model(ckpt, device=args.device).eval()
+    draft = load_model(draft_ckpt, device=args.device).eval() if draft_ckpt else None
+    if draft is not None:
+        same = (Path(ckpt) / "tokenizer.json").read_bytes() == \
+            (Path(draft_ckpt) / "tokenizer.json").read_bytes()
+        assert same, "the draft model must share the target's tokenizer"
     stream = heldout_tokens(ckpt)
-    n, plen = args.spec_tokens, args.prompt_len
-    step = max(1, (len(stream) - plen) // args.prompts)
-    prompts = [stream[i * step: i * step + plen].tolist() for i in range(args.prompts)]
-    full = model.stored_widths
-    kw = dict(ignore_eos=True)
-    drafts = [t for t in (1, 2, 3) if (model.base_width >> t) <= min(full)]
-    ks = [2, 4, "adaptive"] if not args.quick else [4]
-    generate(model, prompts[0], 8, **kw)  # warm-up
-    speculative_generate(model, prompts[0], 8, draft_tier=drafts[-1], **kw)
-    plain_best = [float("inf")] * len(prompts)
-    plain_out: list[list[int]] = [[] for _ in prompts]
-    spec_best = {(t, k): [float("inf")] * len(prompts) for t in drafts for k in ks}
-    spec_stats: dict[tuple, dict] = {}
-    for rep in range(args.repeats):
-        for i, p in enumerate(prompts):
-            o = generate(model, p, n, **kw)
-            plain_best[i] = min(plain_best[i], o.stats.seconds)
-            plain_out[i] = o.tokens
-            for t in drafts:
-                for k in ks:
-                    s = speculative_generate(model, p, n, draft_tier=t, draft_tokens=k, **kw)
-                    spec_best[(t, k)][i] = min(spec_best[(t, k)][i], s.stats.seconds)
-                    st = spec_stats.setdefault((t, k), {"acc": 0, "dra": 0, "rounds": 0,
-                                                        "identical": True})
-                    if rep == 0:  # greedy: the same every repeat
-                        st["acc"] += s.stats.accepted
-                        st["dra"] += s.stats.drafted
-                        st["rounds"] += s.stats.target_forwards - (1 if plen > 1 else 0)
-                    st["identical"] &= s.tokens == plain_out[i]
-    plain_s = sum(plain_best)
-    ctx = plen + n // 2
-    flops_full = flops_per_token(cfg, full, ctx)
+    step = max(1, (len(stream) - args.prompt_len) // args.batch)
+    prompts = [stream[i * step: i * step + args.prompt_len].tolist() for i in range(args.batch)]
+    what = f"trained by matformer train: {ckpt}" + (f"; draft {draft_ckpt}" if draft_ckpt else "")
+    return model, draft, prompts, what
+
+
+# ---- 1. tiers ----------------------------------------------------------------------------------------
+
+
+def _decode_seconds(model, prompt, n, widths, compile) -> float:
+    s = generate(model, prompt, n, widths=widths, ignore_eos=True, compile=compile).stats
+    return s.seconds - s.prefill_seconds
+
+
+def bench_tiers(model, prompt, args) -> dict:
+    cfg, n = model.config, args.tokens
+    tiers = [t for t in range(4) if (model.base_width >> t) >= 1]
+    widths = {t: model.resolve_widths(tier=t) for t in tiers}
+    modes = {"eager": False, "compiled": True}
+    for t in tiers:
+        for c in modes.values():  # warm-up (and compile)
+            generate(model, prompt, 4, widths=widths[t], ignore_eos=True, compile=c)
+    times = {(m, t): [] for m in modes for t in tiers}
+    for _ in range(args.repeats):
+        for t in tiers:
+            for m, c in modes.items():
+                times[(m, t)].append(_decode_seconds(model, prompt, n, widths[t], c))
+    ctx = len(prompt) + n / 2
     rows = []
-    for (t, k), secs in spec_best.items():
-        st = spec_stats[(t, k)]
-        rounds = st["rounds"]
-        per_round = len(prompts) * n / rounds
-        mean_k = st["dra"] / rounds
-        c = flops_per_token(cfg, model.resolve_widths(tier=t), ctx) / flops_full
-        kk = max(1, round(mean_k))
-        with model.at_width(widths=full):
-            verify_ratio = _verify_cost(model, kk, ctx)
+    for t in tiers:
+        ideal = flops_per_token(cfg, widths[0], ctx) / flops_per_token(cfg, widths[t], ctx)
+        row = {"tier": t, "width": widths[t][0], "flop_ratio_speedup": ideal,
+               "non_embedding_params": parameter_counts(cfg, widths[t])["non_embedding"]}
+        for m in modes:
+            sp = statistics.median(a / b for a, b in zip(times[(m, 0)], times[(m, t)], strict=True))
+            row[m] = {"tokens_per_s": (n - 1) / statistics.median(times[(m, t)]),
+                      "speedup": sp, "fraction_of_flop_ratio": sp / ideal}
+        row["compiled_over_eager"] = statistics.median(
+            a / b for a, b in zip(times[("eager", t)], times[("compiled", t)], strict=True))
+        rows.append(row)
+    return {"tokens": n, "prompt_len": len(prompt), "rows": rows}
+
+
+# ---- 2. speculative ------------------------------------------------------------------------------------
+
+
+def bench_speculative(model, draft_model, prompts, args) -> dict:
+    n = args.spec_tokens
+    kw = dict(ignore_eos=True, compile=True, max_draft_tokens=args.max_k)
+    prompts = prompts[: args.prompts]
+    auto = speculative_generate(model, prompts[0], n, draft_tier="auto", **kw)  # costs, compiles
+    costs = auto.extra["costs"]
+    configs = {"auto": dict(draft_tier="auto")}
+    for t in (1, 2, 3):
+        configs[f"tier {t}"] = dict(draft_tier=t, draft_tokens="auto")
+    if draft_model is not None:
+        configs["separate model"] = dict(draft_model=draft_model, draft_tokens="auto")
+        speculative_generate(model, prompts[0], 8, **configs["separate model"], **kw)
+    for c in configs.values():  # warm-up: every (draft, k) graph compiled before timing
+        speculative_generate(model, prompts[0], n, costs=costs, **c, **kw)
+    plain_s, spec_s = [], {name: [] for name in configs}
+    stats = {name: {"acc": 0, "dra": 0, "identical": True, "k": None, "draft": None}
+             for name in configs}
+    for rep in range(args.repeats):
+        plain_s.append(0.0)
+        for name in configs:
+            spec_s[name].append(0.0)
+        for p in prompts:
+            want = generate(model, p, n, **kw)
+            plain_s[-1] += want.stats.seconds
+            for name, c in configs.items():
+                out = speculative_generate(model, p, n, costs=costs, **c, **kw)
+                spec_s[name][-1] += out.stats.seconds
+                st = stats[name]
+                st["identical"] &= out.tokens == want.tokens
+                if rep == 0:
+                    st["acc"] += out.stats.accepted
+                    st["dra"] += out.stats.drafted
+                choice = out.extra.get("choice")
+                st["k"], st["draft"] = (choice.k, choice.draft) if choice else (None, None)
+    rows = []
+    for name in configs:
+        st = stats[name]
         rows.append({
-            "draft_tier": t, "draft_tokens": k,
+            "draft": name, "chosen_draft": st["draft"], "k": st["k"],
             "acceptance_rate": st["acc"] / st["dra"] if st["dra"] else 0.0,
-            "tokens_per_round": per_round, "mean_draft_len": mean_k,
-            "plain_tokens_per_s": len(prompts) * n / plain_s,
-            "speculative_tokens_per_s": len(prompts) * n / sum(secs),
-            "speedup": plain_s / sum(secs), "identical": st["identical"],
-            "draft_flop_ratio": c,
-            "verify_cost_here": verify_ratio,
-            # Leviathan et al.'s cost model where a (k+1)-token verify costs one decode step
-            # (memory-bound batch-1 decoding on a GPU) and a draft step costs its FLOP share.
-            "projected_speedup_memory_bound": per_round / (mean_k * c + 1),
+            "plain_tokens_per_s": len(prompts) * n / statistics.median(plain_s),
+            "speculative_tokens_per_s": len(prompts) * n / statistics.median(spec_s[name]),
+            "speedup": statistics.median(a / b for a, b in zip(plain_s, spec_s[name], strict=True)),
+            "identical": st["identical"],
         })
-    return {"checkpoint": str(ckpt), "config": cfg.to_dict(),
-            "trained_by": "matformer train" + ("" if args.ckpt else f" (defaults, {args.train_steps} steps)"),
-            "prompts": len(prompts), "prompt_len": plen, "new_tokens": n,
-            "rows": rows}
+    return {"prompts": len(prompts), "new_tokens": n, "costs": costs.to_dict(),
+            "auto_choice": auto.extra["choice"].to_dict(), "rows": rows}
+
+
+# ---- 3. batches and transformers --------------------------------------------------------------------------
+
+
+def _hf_model(model):
+    import transformers
+
+    d = {k: v for k, v in model.config.to_dict().items() if not k.startswith("matformer")}
+    d.pop("layer_intermediate_sizes", None)
+    d.pop("layer_kv_heads", None)
+    cfg = transformers.LlamaConfig(**{**d, "architectures": ["LlamaForCausalLM"]})
+    hf = transformers.LlamaForCausalLM(cfg).to(model.model.embed_tokens.weight.device).eval()
+    missing = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not missing.missing_keys, missing.missing_keys
+    return hf
+
+
+def _hf_seconds(hf, prompts, n) -> tuple[float, list[list[int]]]:
+    dev = hf.device
+    ids = torch.tensor(prompts, device=dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, cache_implementation="static",
+                          pad_token_id=0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+
+
+def bench_batches(model, prompts, args) -> dict:
+    n = args.tokens
+    hf = None if args.no_hf else _hf_model(model)
+    rows = []
+    for B in sorted({1, args.batch}):
+        ps = prompts[:B]
+        runs = {"eager": lambda ps=ps: generate_batch(model, ps, n, ignore_eos=True),
+                "compiled": lambda ps=ps: generate_batch(model, ps, n, ignore_eos=True,
+                                                         compile=True)}
+        for f in runs.values():
+            f()  # warm-up / compile
+        secs = {m: [] for m in runs}
+        outs = {}
+        if hf is not None:
+            _hf_seconds(hf, ps, n)  # warm-up
+            secs["transformers"] = []
+        for _ in range(args.repeats):
+            for m, f in runs.items():
+                o = f()
+                secs[m].append(o[0].stats.seconds)
+                outs[m] = [x.tokens for x in o]
+            if hf is not None:
+                s, outs["transformers"] = _hf_seconds(hf, ps, n)
+                secs["transformers"].append(s)
+        med = {m: statistics.median(v) for m, v in secs.items()}
+        row = {"batch": B, "tokens_per_s": {m: B * n / s for m, s in med.items()},
+               "compiled_over_eager": med["eager"] / med["compiled"],
+               "same_tokens_as_eager": {m: o == outs["eager"] for m, o in outs.items()}}
+        if hf is not None:
+            row["compiled_over_transformers"] = med["transformers"] / med["compiled"]
+        rows.append(row)
+    return {"tokens": n, "rows": rows}
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+
+def _print(result: dict) -> None:
+    if "tiers" in result:
+        print(f"\n1. decoding at each tier (batch 1, greedy; {result['tiers']['tokens']} tokens)")
+        print(f"{'tier':>4} {'width':>6} {'non-emb':>9} {'FLOP ratio':>10} | {'eager tok/s':>11} "
+              f"{'speed-up':>8} {'/ideal':>6} | {'compiled tok/s':>14} {'speed-up':>8} "
+              f"{'/ideal':>6} | {'compiled/eager':>14}")
+        for r in result["tiers"]["rows"]:
+            e, c = r["eager"], r["compiled"]
+            print(f"{r['tier']:>4} {r['width']:>6} {r['non_embedding_params'] / 1e6:>8.1f}M "
+                  f"{r['flop_ratio_speedup']:>9.2f}x | {e['tokens_per_s']:>11.1f} "
+                  f"{e['speedup']:>7.2f}x {e['fraction_of_flop_ratio']:>6.2f} | "
+                  f"{c['tokens_per_s']:>14.1f} {c['speedup']:>7.2f}x "
+                  f"{c['fraction_of_flop_ratio']:>6.2f} | {r['compiled_over_eager']:>13.2f}x")
+    if "speculative" in result:
+        s = result["speculative"]
+        print(f"\n2. speculative decoding, compiled, greedy, full width ({s['prompts']} prompts x "
+              f"{s['new_tokens']} tokens)")
+        print(f"{'draft':<15} {'chose':<8} {'k':>3} {'accept%':>8} {'plain tok/s':>11} "
+              f"{'spec tok/s':>10} {'speed-up':>8} {'identical':>9}")
+        for r in s["rows"]:
+            print(f"{r['draft']:<15} {str(r['chosen_draft'] or '-'):<8} {str(r['k']):>3} "
+                  f"{100 * r['acceptance_rate']:>8.1f} {r['plain_tokens_per_s']:>11.1f} "
+                  f"{r['speculative_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x "
+                  f"{'yes' if r['identical'] else 'NO':>9}")
+        c = s["costs"]
+        print("measured costs (ms): target step {:.2f}; draft steps {}; verify {}".format(
+            1e3 * c["target_step"],
+            ", ".join(f"{k} {1e3 * v:.2f}" for k, v in c["draft_steps"].items()),
+            ", ".join(f"k={k} {1e3 * v:.2f}" for k, v in c["verify"].items())))
+    if "batches" in result:
+        print(f"\n3. batches ({result['batches']['tokens']} new tokens per row, tier 0)")
+        for r in result["batches"]["rows"]:
+            rates = ", ".join(f"{m} {v:.1f}" for m, v in r["tokens_per_s"].items())
+            hf = (f", compiled/transformers {r['compiled_over_transformers']:.2f}x"
+                  if "compiled_over_transformers" in r else "")
+            print(f"batch {r['batch']}: tok/s {rates}; compiled/eager "
+                  f"{r['compiled_over_eager']:.2f}x{hf}; same tokens as eager "
+                  f"{r['same_tokens_as_eager']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes, few tokens (smoke run)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few tokens (smoke run)")
+    ap.add_argument("--random", action="store_true", help="random weights (no training)")
+    ap.add_argument("--ckpt", default=None, help="target checkpoint trained by `matformer train`")
+    ap.add_argument("--draft-ckpt", default=None, help="an independently trained small model")
+    ap.add_argument("--no-draft-model", action="store_true")
+    ap.add_argument("--train-steps", type=int, default=300, help="steps when training here")
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--work", default="runs/bench-decode", help="where models trained here go")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=8192)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--tokens", type=int, default=48, help="decoded tokens per tier run")
+    ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per run")
     ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--ckpt", default=None, help="a checkpoint trained by `matformer train`")
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--work", default="runs/bench-decode", help="where the trained model is kept")
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts for speculative decoding")
     ap.add_argument("--spec-tokens", type=int, default=64)
-    ap.add_argument("--skip-tiers", action="store_true")
-    ap.add_argument("--skip-speculative", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: steadier timings on a shared machine)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-k", type=int, default=8, help="largest draft length the choice considers")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: tiers,spec,batch")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     args = ap.parse_args()
     if args.quick:
-        args.hidden, args.ffn, args.layers, args.heads, args.kv_heads = 256, 2048, 2, 4, 2
-        args.tokens, args.repeats, args.spec_tokens, args.prompts = 16, 2, 24, 2
-        args.train_steps = min(args.train_steps, 20)
+        args.hidden, args.ffn, args.layers, args.heads, args.kv_heads = 128, 1024, 2, 4, 2
+        args.tokens, args.spec_tokens, args.repeats, args.prompts, args.batch = 12, 16, 1, 2, 4
+        args.max_k = 2
+        args.train_steps = min(args.train_steps, 10)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: dict = {"benchmark": "decode", "args": vars(args), "torch": torch.__version__,
-                    "machine": platform.machine(), "threads": torch.get_num_threads()}
-    if not args.skip_tiers:
-        t0 = time.perf_counter()
-        result["tiers"] = bench_tiers(args)
-        print(f"\ndecoding at each tier (batch 1, greedy, KV cache; "
-              f"H={args.hidden}, FFN={args.ffn}, {args.layers} layers; {time.perf_counter() - t0:.0f}s)")
-        print(f"{'tier':>4} {'width':>6} {'non-emb':>10} {'tok/s':>8} {'speed-up':>9} "
-              f"{'FLOP ratio':>10} {'measured/ideal':>15}")
-        for r in result["tiers"]["rows"]:
-            print(f"{r['tier']:>4} {r['width']:>6} {r['non_embedding_params'] / 1e6:>9.1f}M "
-                  f"{r['decode_tokens_per_s']:>8.1f} {r['speedup']:>8.2f}x "
-                  f"{r['flop_ratio_speedup']:>9.2f}x {r['fraction_of_flop_ratio']:>15.2f}")
-    if not args.skip_speculative:
-        t0 = time.perf_counter()
-        result["speculative"] = spec = bench_speculative(args)
-        print(f"\nspeculative decoding at full width (greedy, shared KV cache; {spec['prompts']} "
-              f"prompts x {spec['new_tokens']} tokens; {spec['trained_by']}; "
-              f"{time.perf_counter() - t0:.0f}s)")
-        print(f"{'draft':>6} {'k':>9} {'accept%':>8} {'tok/round':>9} {'plain tok/s':>12} "
-              f"{'spec tok/s':>11} {'speed-up':>9} {'identical':>9} {'verify cost':>11} "
-              f"{'draft FLOPs':>11} {'projected':>9}")
-        for r in spec["rows"]:
-            print(f"tier {r['draft_tier']} {str(r['draft_tokens']):>9} {100 * r['acceptance_rate']:>8.1f} "
-                  f"{r['tokens_per_round']:>9.2f} {r['plain_tokens_per_s']:>12.1f} "
-                  f"{r['speculative_tokens_per_s']:>11.1f} {r['speedup']:>8.2f}x "
-                  f"{'yes' if r['identical'] else 'NO':>9} {r['verify_cost_here']:>10.2f}x "
-                  f"{r['draft_flop_ratio']:>11.2f} {r['projected_speedup_memory_bound']:>8.2f}x")
-        print("verify cost: a (k+1)-token forward over a 1-token one, measured here; projected: "
-              "speed-up if verify cost were 1x (memory-bound GPU decoding) and a draft step cost "
-              "its FLOP share")
+    t0 = time.perf_counter()
+    model, draft, prompts, what = load_models(args)
+    result: dict = {"benchmark": "decode", "args": vars(args), "weights": what,
+                    "torch": torch.__version__, "machine": platform.machine(),
+                    "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                               else platform.processor() or "cpu"),
+                    "threads": torch.get_num_threads(), "config": model.config.to_dict()}
+    skip = set(args.skip.split(","))
+    if "tiers" not in skip:
+        result["tiers"] = bench_tiers(model, prompts[0], args)
+    if "spec" not in skip:
+        result["speculative"] = bench_speculative(model, draft, prompts, args)
+    if "batch" not in skip:
+        result["batches"] = bench_batches(model, prompts, args)
+    result["seconds"] = time.perf_counter() - t0
+    print(f"\n{what}; {result['device']}, {result['threads']} threads; {result['seconds']:.0f}s")
+    _print(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {out}")
 
 
