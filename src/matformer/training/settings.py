@@ -208,6 +208,8 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
             d["matformer_base_intermediate_size"] = overrides["intermediate_size"]
         if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
             d["num_key_value_heads"] = min(d["num_key_value_heads"], overrides["num_attention_heads"])
+        if {"num_attention_heads", "num_key_value_heads"} & overrides.keys():
+            d.pop("matformer_base_num_key_value_heads", None)  # the new heads are the base
     d.update(overrides, vocab_size=vocab_size, bos_token_id=D.BOS_ID, eos_token_id=D.EOS_ID,
              pad_token_id=D.PAD_ID, torch_dtype="float32")  # float32 master weights
     d.pop("matformer_tier", None)
@@ -216,6 +218,10 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
         raise ConfigError(f"{what}: intermediate_size={mc.intermediate_size} is not the full width "
                           f"matformer_base_intermediate_size={mc.base} in every layer; training "
                           f"builds the full-width model (drop the narrower sizes)")
+    if mc.layer_kv_heads != [mc.base_kv_heads] * mc.num_hidden_layers:
+        raise ConfigError(f"{what}: num_key_value_heads={mc.num_key_value_heads} is not the full "
+                          f"matformer_base_num_key_value_heads={mc.base_kv_heads} in every layer; "
+                          f"training builds the full model (drop the cut head counts)")
     if cfg.seq_len > mc.max_position_embeddings:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds {what}'s max_position_embeddings="
                           f"{mc.max_position_embeddings}; lower --seq-len or raise --max-positions")
