@@ -42,8 +42,8 @@ from typing import Any
 
 from .config import MatFormerConfig
 from .errors import CheckpointError, ConfigError, TierError
-from .io.checkpoint import check_shapes, write_checkpoint
-from .io.layout import Checkpoint, open_checkpoint
+from .io.checkpoint import open_checked, write_checkpoint
+from .io.layout import Checkpoint
 from .io.manifest import MANIFEST_NAME, write_manifest
 from .io.reader import PrefixReader
 from .io.source import COMPANION_FILES, Source, resolve_source
@@ -468,15 +468,7 @@ def _open_source(src: str | os.PathLike | Source, revision: str | None, *,
                  ) -> tuple[Source, Checkpoint]:
     """The resolved source (tokenizer and companions fetched too) and its validated headers."""
     source = resolve_source(src, tier=tier, widths=widths, revision=revision, companions=True)
-    if source.layout.pickle:
-        raise CheckpointError(f"{source.folder}: holds pickle (.bin) weights; slicing reads "
-                              f"safetensors only")
-    ck = open_checkpoint(source.layout)
-    # A tensor missing from (or misshapen in) the source is reported against the source, not
-    # later against the output folder by the writer's own check.
-    check_shapes({n: t.shape for n, t in ck.tensors.items()}, source.config, str(source.folder),
-                 lambda n: ck.where[n])
-    return source, ck
+    return source, open_checked(source, "slicing")
 
 
 def _widest_request(tier: int | None, widths: int | Sequence[int] | None,

@@ -115,6 +115,23 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, 
 # ---- loading --------------------------------------------------------------------------------
 
 
+def open_checked(source: Source, reader: str) -> Checkpoint:
+    """The validated safetensors headers of a resolved source, every tensor checked against its
+    config (a missing or misshapen tensor is reported against the source, not later against an
+    output); pickle weights refused, naming `reader` (e.g. "slicing"). The caller closes it."""
+    if source.layout.pickle:
+        raise CheckpointError(f"{source.folder}: holds pickle (.bin) weights; {reader} reads "
+                              f"safetensors only (load_model(..., allow_pickle=True) and save_model convert them)")
+    ck = open_checkpoint(source.layout)
+    try:
+        check_shapes({n: t.shape for n, t in ck.tensors.items()}, source.config,
+                     str(source.folder), lambda n: ck.where[n])
+    except BaseException:
+        ck.close()
+        raise
+    return ck
+
+
 def _load_pickle(layout: Layout) -> dict[str, torch.Tensor]:
     import torch
 
