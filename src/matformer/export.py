@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import MatFormerConfig
 from .errors import CheckpointError
-from .io.checkpoint import check_shapes
+from .io.checkpoint import open_checked
 from .io.gguf import (
     ModelMeta,
     TensorPlan,
@@ -37,7 +37,7 @@ from .io.gguf import (
     tensor_qtype,
     write_gguf,
 )
-from .io.layout import Checkpoint, open_checkpoint
+from .io.layout import Checkpoint
 from .io.safetensors import DTYPES
 from .io.source import Source, resolve_source
 from .tiers import (
@@ -225,13 +225,7 @@ def open_source(src: str | os.PathLike | Source, *, tier: int | None = None,
     if tier is None and layer_tiers:  # a multi-tier repo must hold the widest requested layer
         tier = min(layer_tiers)
     source = resolve_source(src, tier=tier, widths=widths, revision=revision, companions=True)
-    if source.layout.pickle:
-        raise CheckpointError(f"{source.folder}: holds pickle (.bin) weights; export reads "
-                              f"safetensors only (re-save with `matformer slice`)")
-    ck = open_checkpoint(source.layout)
-    check_shapes({n: t.shape for n, t in ck.tensors.items()}, source.config, str(source.folder),
-                 lambda n: ck.where[n])
-    return source, ck
+    return source, open_checked(source, "export")
 
 
 def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier: int | None = None,
