@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from matformer import data as D
+from matformer import token_files
+from matformer.cli import main as cli_main
 from matformer.config import MatFormerConfig
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_state_dict
@@ -340,3 +343,44 @@ def test_fsdp_two_processes_rank_tiers_match_single_process_and_resume_bit_exact
         assert counts.tolist() == [2] * 128 + [0] * 128  # two steps, tiers >= 1 only
     finally:
         teardown(dist)
+
+
+# ---- prepared token files ----------------------------------------------------------------------
+
+
+def test_prepare_data_from_text_jsonl_parquet_and_arrow_then_train_on_it(tmp_path, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [p.read_text() for p in sorted(corpus.iterdir())]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, t in enumerate(texts[:10]):
+        (src / f"a{i:02d}.txt").write_text(t)
+    (src / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[10:20]))
+    pq.write_table(pa.table({"text": texts[20:25], "id": list(range(5))}), src / "c.parquet")
+    with pa.OSFile(str(src / "d.arrow"), "wb") as f, \
+            pa.ipc.new_stream(f, pa.schema([("text", pa.string())])) as w:  # save_to_disk's format
+        w.write_table(pa.table({"text": texts[25:]}))
+    assert cli_main(["prepare-data", str(src), "-o", str(tmp_path / "tok"), "--vocab-size", "300",
+                     "--val-fraction", "0.2", "--quiet"]) == 0
+    tok, train_tokens, val_tokens, meta = token_files.load(tmp_path / "tok")
+    assert meta["train_documents"] + meta["val_documents"] == 30 and meta["val_documents"] > 0
+    assert isinstance(train_tokens, np.memmap) and train_tokens.dtype == np.uint16
+    docs = tok.decode(train_tokens.tolist() + val_tokens.tolist(), skip_special_tokens=False)
+    assert sorted(d for d in docs.split("</s>") if d) == sorted(texts)  # every document, once
+    # a folder that exists is never overwritten
+    assert cli_main(["prepare-data", str(src), "-o", str(tmp_path / "tok"), "--quiet"]) == 2
+
+    cfg = tiny(tmp_path, corpus, data=str(tmp_path / "tok"), steps=6, data_workers=2)
+    result = train(cfg)
+    assert D.load_tokenizer(cfg.out).to_str() == tok.to_str() and result.final_val_loss
+    plain = dataclasses.replace(cfg, out=str(tmp_path / "p"), save_every=3, data_workers=0)
+    train(plain)
+    resumed = dataclasses.replace(cfg, out=str(tmp_path / "r"),
+                                  resume=str(Path(plain.out) / "checkpoints" / "step-0000003"))
+    train(resumed)  # 2 workers reading ahead from the saved position
+    a = load_state_dict(cfg.out)
+    for other in (plain, resumed):
+        b = load_state_dict(other.out)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # workers read ahead; the position does not

@@ -20,6 +20,7 @@ VERBS = {
     "info": "info",
     "slice": "slice",
     "train": "train",
+    "prepare-data": "prepare_data",
     "generate": "generate",
     "eval": "eval",
     "export": "export",

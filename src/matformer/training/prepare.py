@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from .. import data as D
+from .. import token_files
 from ..config import MatFormerConfig
 from ..io.swap import check_save_target
 from ..model import MatFormerLM, parameter_counts
@@ -178,6 +179,13 @@ def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None, report: Reporter
     """The tokenizer (the checkpoint's, or trained on rank 0 and broadcast) and the train and
     held-out token streams."""
     t0 = time.time()
+    if token_files.is_prepared(cfg.data):  # matformer prepare-data: memory-mapped, no tokenizing
+        tok, train_tokens, val_tokens, meta = token_files.load(cfg.data)
+        if ckpt is not None:
+            tok = D.load_tokenizer(ckpt)
+        report.say(f"data: {cfg.data} (prepared): {meta['train_tokens']:,} / "
+                   f"{meta['val_tokens']:,} train / held-out tokens, vocab {tok.get_vocab_size()}")
+        return tok, train_tokens, val_tokens
     texts = D.load_texts(cfg.data, max_bytes=cfg.max_corpus_bytes)
     train_texts, val_texts = D.split_texts(texts, cfg.val_fraction, cfg.split_seed)
     if ckpt is not None:
