@@ -114,8 +114,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     elif init is not None:
         state.load_weights(model, init.folder)
     model.to(dist.device)
-    objective = _parallel(cfg, model, dist, Objective(model, _distillation(cfg)),
-                          len(trained))
+    objective = parallelize(cfg, model, dist, Objective(model, _distillation(cfg)), len(trained))
     opt = build_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
     sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
     val_windows, val_desc = heldout(val_tokens, cfg.seq_len, cfg.eval_windows, dist.device)
@@ -148,8 +147,8 @@ def _read_resume(ckpt: Path) -> tuple[dict[str, torch.Tensor] | None, TrainingSt
     return state.read_state(ckpt)
 
 
-def _parallel(cfg: TrainConfig, model: MatFormerLM, dist: Dist, objective: Objective,
-              widths: int) -> nn.Module:
+def parallelize(cfg: TrainConfig, model: MatFormerLM, dist: Dist, objective: Objective,
+                widths: int) -> nn.Module:
     """Activation checkpointing, torch.compile, then FSDP2 sharding or the DDP wrapper."""
     if cfg.activation_checkpointing:
         execution.checkpoint_layers(model)

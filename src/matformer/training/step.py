@@ -47,7 +47,7 @@ def train_step(run: Any, step: int) -> tuple[Plan, torch.Tensor, torch.Tensor | 
     plan = step_plan(cfg, run.base, step, dist.rank, dist.world, kv_base=kv_base)
     items = passes(cfg, run.base, step, dist.rank, dist.world, cfg.fsdp, kv_base=kv_base)
     scale = run.scaler.scale / cfg.grad_accum
-    total = torch.zeros(len(plan))
+    total = torch.zeros(len(plan), device=dist.device)  # read on the host only when logged
     for micro in range(cfg.grad_accum):
         x = run.batch()
         teacher = getattr(run, "teacher", None)
@@ -59,7 +59,7 @@ def train_step(run: Any, step: int) -> tuple[Plan, torch.Tensor, torch.Tensor | 
                     loss, per_tier = run.objective(x, [item], *extra)
                 (loss * scale).backward()
             if i < len(plan):
-                total[i] += per_tier.float().cpu()[0]
+                total[i] += per_tier.detach().float()[0]
     norm = _finish_grads(run)
     ok = run.scaler.update(float(norm)) if run.scaler.enabled else True
     finite = guard(run, step, total / cfg.grad_accum, norm)  # a non-finite loss: stop or skip
