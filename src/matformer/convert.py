@@ -4,19 +4,22 @@
 .safetensors file or a Hub id: anything `io.source.resolve_source` takes) into a MatFormer
 checkpoint whose every prefix keeps the most important neurons and heads:
 
-1. importance (one load of the model, forward passes over calibration windows, float32):
-   - FFN neuron j of a layer: the mean norm of what it adds to the residual stream,
-     mean_tokens |a_j| * ||down_proj[:, j]||_2 with a = silu(gate_proj x) * up_proj x
-     (`method="contribution"`, the default), or Minitron's activation score mean_tokens |a_j|
-     (`method="activation"`). Truncating to width m removes exactly sum_{j>=m} a_j down[:, j] from
-     the layer's output, so the contribution norm scores what truncation takes away; the
-     activation score ignores that a large activation may be written through a tiny column.
-   - query head h: the same for its share of the attention output, mean_tokens
-     ||o_proj[:, h] y_h||_2 (contribution) or mean_tokens ||y_h||_2 (activation; Minitron's head
-     score), y_h being the head's attention output. A KV group (one key/value head and its r
-     query heads) scores the sum of its query heads. Heads nest by KV group (issue 11: the first
-     g groups run), so the groups are ordered by their scores, and the query heads inside each
-     group by theirs.
+1. importance (one load of the model, forward passes over calibration windows, float32). Neuron
+   j of an FFN adds c_j = a_j * down_proj[:, j] to the residual stream (a = silu(gate_proj x) *
+   up_proj x); truncating to width m removes exactly sum_{j>=m} c_j. Three orders:
+   - `reconstruction` (default): greedy forward selection on the calibration tokens, each next
+     neuron the one that most lowers ||sum_all c - sum_prefix c||^2 (`greedy_order`, from the
+     Gram matrix <c_j, c_k> = (a_j . a_k)(down_j . down_k), I x I per layer). It scores sets, not
+     neurons: neurons whose outputs cancel or repeat each other are not all put first. It needs
+     I^2 float64 numbers per layer (refused above `MAX_GRAM_BYTES`: use `contribution` there).
+   - `contribution`: by mean_tokens ||c_j|| = mean |a_j| * ||down[:, j]|| alone.
+   - `activation`: Minitron's score mean_tokens |a_j| (ignores the down column's scale).
+   Heads: query head h adds c_h = o_proj[:, h] y_h (y_h its attention output); a KV group (one
+   key/value head and its r query heads) adds the sum of its heads'. Heads nest by KV group
+   (issue 11: the first g groups run), so the groups are ordered (greedy on the groups' Gram
+   matrix, or by the sum of their heads' scores: mean ||c_h||, Minitron's mean ||y_h|| for
+   `activation`), and the query heads inside each group by their scores.
+   Measured on small models in docs/RESULTS.md: reconstruction keeps the most at narrow widths.
 2. permutation, exact: gate_proj/up_proj rows and down_proj columns by the FFN order; q_proj
    rows and o_proj columns by head (hd rows/columns each), k_proj/v_proj rows by KV group. Every
    neuron and head computes what it did, in another place, so the converted model at tier 0 (all
@@ -34,6 +37,7 @@ distillation from the source (`matformer train --init-from OUT --distill SRC`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -54,8 +58,10 @@ from .io.safetensors import st_dtype
 from .io.source import COMPANION_FILES, Source, resolve_source
 from .model import MatFormerLM
 
-METHODS = ("contribution", "activation")
+METHODS = ("reconstruction", "contribution", "activation")
 REPORT_NAME = "convert_report.json"
+MAX_GRAM_BYTES = 16 * 2**30
+"""reconstruction keeps an I x I float64 Gram matrix per layer; more than this in all is refused."""
 DEFAULT_SAMPLES = 128
 
 
@@ -70,15 +76,20 @@ class Importance:
     heads: list[torch.Tensor]
     method: str
     tokens: int
+    ffn_gram: list[torch.Tensor] | None = None
+    """reconstruction: per layer, <c_j, c_k> summed over tokens, c_j = a_j down[:, j] (I, I)."""
+    group_gram: list[torch.Tensor] | None = None
+    """reconstruction: per layer, the same for the KV groups' attention contributions (G, G)."""
 
 
 class _HeadRecorder(TorchFunctionMode):
     """Records each query head's score from the attention output `scaled_dot_product_attention`
     returns, in the layer a forward pre-hook named (`layer`)."""
 
-    def __init__(self, method: str, scores: list[torch.Tensor]) -> None:
+    def __init__(self, method: str, scores: list[torch.Tensor],
+                 grams: list[torch.Tensor] | None) -> None:
         super().__init__()
-        self.method, self.scores = method, scores
+        self.method, self.scores, self.grams = method, scores, grams
         self.layer: Any = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -92,39 +103,63 @@ class _HeadRecorder(TorchFunctionMode):
         hd = y.shape[-1]
         wo = attn.o_proj.weight.detach()
         acc = self.scores[attn.layer_idx]
+        groups: list[torch.Tensor] = []
         for h in range(y.shape[1]):
             yh = y[:, h].float()  # (B, T, hd)
-            if self.method == "contribution":
-                yh = F.linear(yh, wo[:, h * hd:(h + 1) * hd].float())  # (B, T, H)
-            acc[h] += yh.norm(dim=-1).sum().double()
+            ch = F.linear(yh, wo[:, h * hd:(h + 1) * hd].float())  # its share of the output (B, T, H)
+            acc[h] += (yh if self.method == "activation" else ch).norm(dim=-1).sum().double()
+            if self.grams is not None:
+                if h % attn.group == 0:
+                    groups.append(ch.reshape(-1, ch.shape[-1]).double())
+                else:
+                    groups[-1] += ch.reshape(-1, ch.shape[-1]).double()
+        if self.grams is not None:
+            c = torch.stack(groups)  # (G, tokens, H)
+            self.grams[attn.layer_idx] += torch.einsum("gnh,knh->gk", c, c)
         self.layer = None
 
 
-def _score_ffn(method: str, acc: torch.Tensor, mlp: Any, args: tuple) -> None:
-    """Forward pre-hook of a NestedMLP: add its neurons' scores over the input's tokens to `acc`."""
+def _score_ffn(method: str, acc: torch.Tensor, gram: torch.Tensor | None, mlp: Any,
+               args: tuple) -> None:
+    """Forward pre-hook of a NestedMLP: add its neurons' scores over the input's tokens to `acc`
+    (and a^T a to `gram`)."""
     x = args[0].float()
     a = F.silu(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
-    s = a.abs().reshape(-1, a.shape[-1]).sum(0).double()
-    if method == "contribution":
-        s = s * mlp.down_proj.weight.float().norm(dim=0).double()
+    a = a.reshape(-1, a.shape[-1]).double()
+    s = a.abs().sum(0)
+    if method != "activation":
+        s = s * mlp.down_proj.weight.double().norm(dim=0)
     acc += s
+    if gram is not None:
+        gram += a.T @ a
 
 
 @torch.no_grad()
-def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = "contribution",
+def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = "reconstruction",
                        batch_size: int = 8) -> Importance:
     """Importance of every FFN neuron and query head of `model` (at its stored widths and heads)
     over `windows` (N, T) of token ids; see the module docstring for the scores."""
     if method not in METHODS:
         raise ConfigError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
     layers = list(model.model.layers)
+    need = sum(layer.mlp.stored_width ** 2 * 8 for layer in layers)
+    if method == "reconstruction" and need > MAX_GRAM_BYTES:
+        raise ConfigError(f"importance 'reconstruction' needs {need / 2**30:.1f} GiB of Gram "
+                          f"matrices for this model (more than {MAX_GRAM_BYTES // 2**30} GiB); "
+                          f"use --importance contribution")
     ffn = [torch.zeros(layer.mlp.stored_width, dtype=torch.float64) for layer in layers]
     heads = [torch.zeros(layer.self_attn.stored_kv_heads * layer.self_attn.group,
                          dtype=torch.float64) for layer in layers]
-    recorder = _HeadRecorder(method, heads)
+    recon = method == "reconstruction"
+    ffn_gram = [torch.zeros(len(s), len(s), dtype=torch.float64) for s in ffn] if recon else None
+    group_gram = [torch.zeros(len(s) // layer.self_attn.group, len(s) // layer.self_attn.group,
+                              dtype=torch.float64) for s, layer in zip(heads, layers, strict=True)
+                  ] if recon else None
+    recorder = _HeadRecorder(method, heads, group_gram)
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.mlp.register_forward_pre_hook(partial(_score_ffn, method, ffn[i])))
+        handles.append(layer.mlp.register_forward_pre_hook(
+            partial(_score_ffn, method, ffn[i], ffn_gram[i] if ffn_gram else None)))
         handles.append(layer.self_attn.register_forward_pre_hook(
             lambda mod, args, layer=layer: setattr(recorder, "layer", layer)))
     was_training, setting = model.training, model.setting
@@ -147,7 +182,12 @@ def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = 
     if any(float(s.sum()) == 0.0 for s in heads):
         raise CheckpointError("attention head scores were not recorded (the model's attention "
                               "no longer calls scaled_dot_product_attention)")
-    return Importance([s / tokens for s in ffn], [s / tokens for s in heads], method, tokens)
+    if ffn_gram is not None:  # a^T a -> <c_j, c_k> = (a_j . a_k)(down_j . down_k)
+        for gram, layer in zip(ffn_gram, layers, strict=True):
+            d = layer.mlp.down_proj.weight.double()
+            gram *= d.T @ d
+    return Importance([s / tokens for s in ffn], [s / tokens for s in heads], method, tokens,
+                      ffn_gram, group_gram)
 
 
 # ---- the permutation -------------------------------------------------------------------------
@@ -170,16 +210,39 @@ def _descending(scores: torch.Tensor) -> list[int]:
     return [int(i) for i in torch.sort(-scores, stable=True).indices]
 
 
+def greedy_order(gram: torch.Tensor) -> list[int]:
+    """Forward selection: the order whose every prefix S best reconstructs the sum Y of all items
+    (min ||Y - sum_{j in S} c_j||^2 over the calibration tokens, each item kept as it is), from
+    the Gram matrix gram[j, k] = <c_j, c_k>. Adding j to S lowers the error by
+    2 <Y - sum_S c, c_j> - ||c_j||^2; the residual products are updated in O(n) per step."""
+    n = gram.shape[0]
+    residual = gram.sum(1).clone()  # <Y - sum_S c, c_j>, S empty
+    diag = gram.diagonal().clone()
+    taken = torch.zeros(n, dtype=torch.bool)
+    order = []
+    for _ in range(n):
+        gain = (2 * residual - diag).masked_fill(taken, -math.inf)
+        j = int(gain.argmax())
+        order.append(j)
+        taken[j] = True
+        residual -= gram[:, j]
+    return order
+
+
 def importance_order(imp: Importance, group_size: int) -> Permutation:
-    """The most important first: FFN neurons by score; KV groups by the sum of their query heads'
-    scores, and inside each group its query heads by score."""
+    """The most important first. reconstruction: FFN neurons and KV groups in the greedy order of
+    their contributions (`greedy_order`); otherwise by score, a KV group scoring the sum of its
+    query heads. Inside each group its query heads by score."""
     kv, heads = [], []
-    for s in imp.heads:
+    for i, s in enumerate(imp.heads):
         groups = s.view(-1, group_size)  # (G, r)
-        order = _descending(groups.sum(1))
+        order = (greedy_order(imp.group_gram[i]) if imp.group_gram is not None
+                 else _descending(groups.sum(1)))
         kv.append(order)
         heads.append([g * group_size + int(j) for g in order for j in _descending(groups[g])])
-    return Permutation(ffn=[_descending(s) for s in imp.ffn], kv=kv, heads=heads)
+    ffn = ([greedy_order(g) for g in imp.ffn_gram] if imp.ffn_gram is not None
+           else [_descending(s) for s in imp.ffn])
+    return Permutation(ffn=ffn, kv=kv, heads=heads)
 
 
 def _rows(order: list[int], block: int) -> torch.Tensor:
@@ -289,7 +352,7 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
             calibration: str | os.PathLike | None = None, samples: int = DEFAULT_SAMPLES,
-            seq_len: int | None = None, method: str = "contribution", batch_size: int = 8,
+            seq_len: int | None = None, method: str = "reconstruction", batch_size: int = 8,
             revision: str | None = None, device: str | None = None,
             cache_dir: str | os.PathLike | None = None, max_shard_size: int | str = "5GB",
             log: Callable[[str], None] | None = None) -> ConvertResult:

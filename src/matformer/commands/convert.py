@@ -20,7 +20,7 @@ import argparse
 
 # Literals, not imports from matformer.convert: `--help` must not import torch (the library
 # checks the method again).
-METHODS = ("contribution", "activation")
+METHODS = ("reconstruction", "contribution", "activation")
 DEFAULT_SAMPLES = 128
 
 
@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per calibration window (default: SRC's training seq_len, "
                         "else 128)")
-    parser.add_argument("--importance", default="contribution", choices=METHODS,
-                        help="contribution: mean norm of what a neuron/head adds to the residual "
-                        "stream; activation: Minitron's mean |activation| (default: %(default)s)")
+    parser.add_argument("--importance", default="reconstruction", choices=METHODS,
+                        help="reconstruction: greedy order whose every prefix best reconstructs "
+                        "the full FFN/attention output on the calibration tokens; contribution: "
+                        "by the mean norm of what each neuron/head adds to the residual stream; "
+                        "activation: Minitron's mean |activation| (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
