@@ -16,6 +16,7 @@ restored, so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from .data import DEFAULT_VAL_FRACTION
 from .errors import ConfigError, DataError
 
 DIGITS = "digits"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -169,6 +172,11 @@ def load_images(data: str | os.PathLike | None, image_size: int, num_channels: i
     return load_image_folder(data, image_size, num_channels)
 
 
+def heldout_fraction(val_fraction: float) -> float:
+    """A run's `--val-fraction` for images: the text default (5% of documents) means 20%."""
+    return HELDOUT_FRACTION if val_fraction == DEFAULT_VAL_FRACTION else val_fraction
+
+
 def stratified_split(labels: np.ndarray, heldout_fraction: float = HELDOUT_FRACTION,
                      seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held-out), each class split in the same proportion (scikit-learn's
@@ -194,14 +202,41 @@ def stratified_split(labels: np.ndarray, heldout_fraction: float = HELDOUT_FRACT
 
 
 def load_split(data: str | os.PathLike | None, image_size: int, num_channels: int, *,
-               heldout_fraction: float = HELDOUT_FRACTION, seed: int = SPLIT_SEED) -> ImageSplit:
-    """Load, split (stratified, fixed seed) and normalise with the training part's statistics."""
+               heldout_fraction: float = HELDOUT_FRACTION, seed: int = SPLIT_SEED,
+               normalisation: Normalisation | None = None) -> ImageSplit:
+    """Load, split (stratified, fixed seed) and normalise with the training part's statistics
+    (or with `normalisation`, e.g. the one a checkpoint was trained with)."""
     images = load_images(data, image_size, num_channels)
     train_idx, heldout_idx = stratified_split(images.labels, heldout_fraction, seed)
     train, heldout = images.subset(train_idx), images.subset(heldout_idx)
-    norm = Normalisation.fit(train.images)
+    norm = normalisation or Normalisation.fit(train.images)
+    if len(norm.mean) != num_channels:
+        raise DataError(f"the normalisation has {len(norm.mean)} channel(s), the images {num_channels}")
     train.images, heldout.images = norm.apply(train.images), norm.apply(heldout.images)
     return ImageSplit(train, heldout, norm)
+
+
+def preprocessor_json(image_size: int, norm: Normalisation) -> str:
+    """transformers' ViTImageProcessor settings for 8-bit images: resize, rescale by 1/255, then
+    the per-channel normalisation (the bundled digits, 0..16, are rescaled by 1/16 instead)."""
+    d = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2,
+         "size": {"height": image_size, "width": image_size}, "do_rescale": True,
+         "rescale_factor": 1 / 255, "do_normalize": True, **norm.to_dict()}
+    return json.dumps(d, indent=2) + "\n"
+
+
+def read_normalisation(folder: str | os.PathLike) -> Normalisation | None:
+    """The normalisation a checkpoint folder records (None when it has no preprocessor file)."""
+    path = Path(folder) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the image normalisation ({e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return Normalisation.from_dict(d, str(path))
 
 
 class BatchSampler:

@@ -21,6 +21,7 @@ The library returns data; printing and plotting live with the CLI and `vision_pl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,8 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, training_settings
+from .errors import CheckpointError, DataError
+from .io.checkpoint import load_model
+from .io.source import Source, resolve_source
 from .tiers import describe_widths, mix_n_match_plans, runnable_tiers, uniform_tier
-from .vision_data import Images
+from .vision_data import DIGITS, Images, heldout_fraction, load_split, read_normalisation
 from .vit import MatViT
 
 BATCH_SIZE = 256
@@ -211,4 +216,48 @@ def evaluate_vit(model: MatViT, heldout: Images, *, uniform_tiers: Sequence[int]
     finally:
         model.set_widths(**previous)
         model.train(was_training)
+    return report
+
+
+# ---- a checkpoint ------------------------------------------------------------------------------
+
+def checkpoint_heldout(source: Source, model: MatViT, data: str | os.PathLike | None = None) -> Images:
+    """The held-out images a checkpoint's training scored: its train_config.json names the data
+    and split, its preprocessor_config.json the normalisation (`data` overrides the images)."""
+    settings = training_settings(source.folder)
+    norm = read_normalisation(source.folder)
+    cfg = model.config
+    recorded = settings.get("data")
+    if data is None and recorded not in (None, DIGITS):
+        # As for text: a checkpoint's metadata never chooses a local path to read; the user does.
+        raise DataError(f"{source.folder / 'train_config.json'}: the run trained on "
+                        f"{str(recorded)[:200]!r}; a checkpoint's settings do not choose local "
+                        f"files to read. Pass --data with the image folder to evaluate on")
+    split = load_split(data if data is not None else recorded, cfg.image_size,
+                       cfg.num_channels,
+                       heldout_fraction=heldout_fraction(settings.get("val_fraction", DEFAULT_VAL_FRACTION)),
+                       seed=int(settings.get("split_seed", DEFAULT_SPLIT_SEED)), normalisation=norm)
+    if len(split.heldout.class_names) != cfg.num_labels:
+        raise CheckpointError(f"{source.describe()}: the model has {cfg.num_labels} classes, the "
+                              f"data {len(split.heldout.class_names)}; pass the --data it was trained on")
+    return split.heldout
+
+
+def evaluate_checkpoint(src: str | os.PathLike | Source, *, data: str | os.PathLike | None = None,
+                        uniform_tiers: Sequence[int] | None = None,
+                        plans: Sequence[Sequence[int] | int] | None = None,
+                        kv_heads: Sequence[int] | None = None, mix_n_match: bool = True,
+                        batch_size: int = BATCH_SIZE, device: str | None = None,
+                        repeats: int = 2) -> VisionEvalReport:
+    """`evaluate_vit` of a MatViT checkpoint on the held-out images its training used."""
+    source = resolve_source(src, companions=True)
+    model = load_model(source, device=device)
+    if not isinstance(model, MatViT):
+        raise CheckpointError(f"{source.describe()}: not a MatViT checkpoint (model_type "
+                              f"{source.config.to_dict().get('model_type')!r})")
+    heldout = checkpoint_heldout(source, model, data)
+    report = evaluate_vit(model, heldout, uniform_tiers=uniform_tiers, plans=plans,
+                          kv_heads=kv_heads, mix_n_match=mix_n_match, batch_size=batch_size,
+                          repeats=repeats)
+    report.source = source.spec
     return report
