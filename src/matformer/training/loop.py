@@ -23,6 +23,7 @@ from .prepare import Run, prepare
 from .report import step_losses
 from .settings import TrainConfig
 from .step import train_step
+from .vision import VisionTrainResult, train_vit
 from .weights import write_model
 
 
@@ -40,8 +41,11 @@ class TrainResult:
     table: str = ""
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) a MatFormer as `cfg` says; returns the final per-tier validation losses."""
+def train(cfg: TrainConfig) -> TrainResult | VisionTrainResult:
+    """Train (or resume) a MatFormer as `cfg` says; returns the final per-tier validation losses.
+    `cfg.arch == "vit"`: a MatViT (training.vision)."""
+    if cfg.arch == "vit":
+        return train_vit(cfg)
     dist = distributed.setup(cfg.device)
     try:
         return _loop(prepare(cfg, dist))

@@ -45,15 +45,22 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 _FFN_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+# MatViT (transformers' ViT names): rows of intermediate.dense (weight and bias), columns of the
+# block's output.dense weight (its bias is not nested).
+_VIT_FFN_PARAM = re.compile(
+    r"^vit\.encoder\.layer\.\d+\.(intermediate\.dense\.weight|intermediate\.dense\.bias|output\.dense\.weight)$")
 
 
 def nested_dim(name: str) -> int | None:
     """The dimension along which a parameter's neurons are nested (0: rows of gate/up, 1: columns
     of down), None for a plain parameter."""
     m = _FFN_PARAM.match(name)
-    if m is None:
-        return None
-    return 1 if m.group(2) == "down_proj" else 0
+    if m is not None:
+        return 1 if m.group(2) == "down_proj" else 0
+    m = _VIT_FFN_PARAM.match(name)
+    if m is not None:
+        return 1 if m.group(1) == "output.dense.weight" else 0
+    return None
 
 
 _ATTN_PARAM = re.compile(r"^model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$")

@@ -24,6 +24,7 @@ from ..errors import CheckpointError, ConfigError, TierError
 from ..tiers import max_tier, width_of
 
 OBJECTIVES = ("sample", "joint", "single")
+ARCHS = ("lm", "vit")
 DTYPES = ("float32", "bfloat16", "float16")
 # Model-shape overrides: TrainConfig field -> MatFormerConfig key.
 SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -53,6 +54,10 @@ class TrainConfig:
                                "the Python standard library's source, offline)")
     preset: str = setting("tiny", "model size: debug, tiny, small, base, 850m; the vocabulary size "
                           "comes from the trained tokenizer")
+    arch: str = setting("lm", "model family: lm (Llama-compatible decoder on text) or vit (MatViT, "
+                        "an image classifier: --data digits, the default, or a folder of class "
+                        "folders; --preset debug/tiny/small/base are ViT shapes then)",
+                        choices=ARCHS)
     steps: int = setting(240, "optimizer steps", resumable=True)
     objective: str = setting("sample", "sample: one tier per step; joint: every trained tier on "
                              "the same batch; single: one tier (baselines)", choices=OBJECTIVES)
@@ -296,6 +301,8 @@ def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:
     """Raise a ConfigError/TierError naming the setting on bad input (before anything is written)."""
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
     for key in ("steps", "batch_size", "seq_len", "eval_every", "save_every", "eval_windows",
                 "keep_checkpoints", "log_every"):
         v = getattr(cfg, key)

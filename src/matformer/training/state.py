@@ -258,7 +258,7 @@ def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world
     if state.world_size != world and not is_sharded(ckpt):  # DCP reshards: any world size
         raise CheckpointError(f"{ckpt}: saved by {state.world_size} process(es), resumed "
                               f"with {world}; resume with the same number of processes")
-    saved_model = MatFormerConfig.from_json_file(ckpt / "config.json").to_dict()
+    saved_model = type(model_cfg).from_json_file(ckpt / "config.json").to_dict()  # LM or MatViT
     now_model = model_cfg.to_dict()
     mdiff = [k for k in now_model if saved_model.get(k) != now_model[k]
              and k not in ("dtype", "torch_dtype")]
