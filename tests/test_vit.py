@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from matformer.errors import ConfigError, DataError, TierError
+from matformer.errors import CheckpointError, ConfigError, DataError, TierError
 from matformer.vision_data import (
     BatchSampler,
     load_digits,
@@ -404,3 +404,64 @@ def test_save_load_through_io_and_transformers_reads_it(tmp_path) -> None:
     assert json.loads((tmp_path / "t1" / "config.json").read_text())["matformer_tier"] == 1
     with pytest.raises(TierError, match="stores tier 1, width 64; tier 0 needs width 128"):
         load_model(tmp_path / "t1", tier=0)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def _train_cfg(out, **kw):
+    from matformer.training import TrainConfig
+
+    base = dict(out=str(out), arch="vit", preset="debug", steps=6, batch_size=16, eval_every=3,
+                save_every=3, log_every=3, lr=3e-3, quiet=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_vit_resume_is_bit_exact(tmp_path, one_thread) -> None:
+    import shutil
+
+    from matformer import load_model
+    from matformer.training import train
+
+    result = train(_train_cfg(tmp_path / "a"))
+    assert set(result.final_top1) == {0, 1, 2, 3} and result.train_images == 96
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "train_config.json"} <= files
+    # A run stopped after its step-3 checkpoint, resumed, ends where the uninterrupted one did.
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000003",
+                    tmp_path / "b" / "checkpoints" / "step-0000003")
+    train(_train_cfg(tmp_path / "b", resume=True))
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with pytest.raises(CheckpointError, match="settings differ.*preset: saved 'debug', now 'tiny'"):
+        train(_train_cfg(tmp_path / "b", resume=True, steps=9, preset="tiny"))
+
+
+def test_runtime_tier_training_leaves_the_tail_bit_identical(tmp_path, one_thread) -> None:
+    from matformer import load_model
+    from matformer.training import train
+
+    train(_train_cfg(tmp_path, objective="single", tier=2, steps=4))
+    trained = load_model(tmp_path)
+    init = MatViT(trained.config)
+    init.reset_parameters(seed=0)
+    m = trained.config.base >> 2
+    changed = {}
+    for (name, a), b in zip(trained.state_dict().items(), init.state_dict().values(), strict=True):
+        if "intermediate.dense" in name:
+            assert torch.equal(a[m:], b[m:]), name  # weights and biases of the unused neurons
+            changed[name] = not torch.equal(a[:m], b[:m])
+        elif name.endswith(".output.dense.weight") and "attention" not in name:
+            assert torch.equal(a[:, m:], b[:, m:]), name
+            changed[name] = not torch.equal(a[:, :m], b[:, :m])
+    assert changed and all(changed.values())
+
+
+def test_train_vit_refuses_lm_only_settings(tmp_path) -> None:
+    from matformer.training import train
+
+    with pytest.raises(ConfigError, match="--fsdp is not supported with --arch vit"):
+        train(_train_cfg(tmp_path, fsdp=True))
+    with pytest.raises(ConfigError, match="unknown ViT preset '850m'"):
+        train(_train_cfg(tmp_path, preset="850m"))
+    assert not tmp_path.joinpath("config.json").exists()
