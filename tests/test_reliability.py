@@ -608,17 +608,29 @@ def test_nan_weights_warn_in_generate_and_eval_json_is_strict(trained, tmp_path,
     json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
 
 
-def test_eval_does_not_read_a_data_path_named_by_the_checkpoint(trained, tmp_path, capsys):
+def test_eval_does_not_read_a_data_path_named_by_the_checkpoint(trained, tmp_path, capsys,
+                                                                monkeypatch):
+    """A device named by a run's train_config.json is refused unread; a downloaded checkpoint
+    (inside the Hub cache) does not choose a local path to read at all."""
     import shutil
 
-    ck = tmp_path / "ck"
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    ck = cache / "models--acme--x" / "snapshots" / ("0" * 40)
     shutil.copytree(trained, ck)
     s = json.loads((ck / "train_config.json").read_text())
-    s["data"] = "/dev/zero"
+    s["data"] = str(Path(s["data"]))  # a real, readable local path
     (ck / "train_config.json").write_text(json.dumps(s))
-    rc, _, err = _cli(capsys, "eval", str(ck), "--no-decode", "--no-speculative", "--no-mix")
-    errors = [line for line in err.splitlines() if "error:" in line]  # (progress lines too)
-    assert rc == 2 and len(errors) == 1 and "do not choose local files" in errors[0]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for what, expected in ((ck, "do not choose local files"), (None, "not a regular file")):
+        if what is None:  # the same checkpoint as a local run folder, naming a device
+            ck = shutil.copytree(ck, tmp_path / "local")
+            s["data"] = "/dev/zero"
+            (ck / "train_config.json").write_text(json.dumps(s))
+        rc, _, err = _cli(capsys, "eval", str(ck), "--no-decode", "--no-speculative", "--no-mix")
+        errors = [line for line in err.splitlines() if "error:" in line]  # (progress lines too)
+        assert rc == 2 and len(errors) == 1 and expected in errors[0], err
 
 
 def test_two_concurrent_slices_into_one_folder_both_finish(trained, tmp_path):

@@ -489,6 +489,14 @@ def default_eval_tokens(tok, data: str | os.PathLike | None = None,
     return tokenize(tok, val, cache_dir)
 
 
+def _downloaded(folder: Path) -> bool:
+    """True for a folder inside the Hugging Face Hub cache (a checkpoint someone else wrote)."""
+    from huggingface_hub import constants  # heavy: only when a held-out split is rebuilt
+
+    cache = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    return cache in Path(os.path.realpath(folder)).parents
+
+
 def heldout_tokens(ckpt_dir: str | os.PathLike,
                    cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """The held-out tokens a checkpoint was trained beside: its train_config.json names the data
@@ -497,12 +505,12 @@ def heldout_tokens(ckpt_dir: str | os.PathLike,
     tok = load_tokenizer(ckpt)
     settings = training_settings(ckpt)
     data = settings.get("data")
-    if data is not None and data not in PACKAGED_CORPORA:
-        # A checkpoint's metadata never chooses a local path to read (it could name /dev/zero,
-        # a FIFO or someone's private file): only the user does.
+    if data is not None and data not in PACKAGED_CORPORA and _downloaded(ckpt):
+        # A downloaded checkpoint's metadata never chooses a local path to read (it could name
+        # someone's private file); a local run's own data path is read (regular files only).
         raise DataError(f"{ckpt / 'train_config.json'}: the run trained on {str(data)[:200]!r}; "
-                        f"a checkpoint's settings do not choose local files to read. Pass --data "
-                        f"with the text to evaluate on")
+                        f"a downloaded checkpoint's settings do not choose local files to read. "
+                        f"Pass --data with the text to evaluate on")
     return default_eval_tokens(
         tok, data=data,
         val_fraction=float(settings.get("val_fraction", DEFAULT_VAL_FRACTION)),
