@@ -165,7 +165,7 @@ def bench_speculative(model, draft_model, prompts, args) -> dict:
         for name in configs:
             spec_s[name].append(0.0)
         for p in prompts:
-            want = generate(model, p, n, **kw)
+            want = generate(model, p, n, ignore_eos=True, compile=True)
             plain_s[-1] += want.stats.seconds
             for name, c in configs.items():
                 out = speculative_generate(model, p, n, costs=costs, **c, **kw)

@@ -381,6 +381,11 @@ def test_auto_draft_follows_the_measured_costs() -> None:
     out = speculative_generate(model, PROMPT, 30, draft_tier="auto", costs=slow, ignore_eos=True)
     assert out.extra["choice"].draft is None and out.stats.drafted == 0
     assert out.tokens == plain.tokens
+    # A named draft with k from the costs drafts at its best k even then.
+    named = speculative_generate(model, PROMPT, 30, draft_tier=3, draft_tokens="auto", costs=slow,
+                                 ignore_eos=True)
+    assert named.extra["choice"].draft == "tier 3" and named.extra["choice"].k >= 1
+    assert named.stats.drafted > 0 and named.tokens == plain.tokens
     measured = speculative_generate(model, PROMPT, 30, draft_tier="auto", ignore_eos=True)
     c = measured.extra["costs"]
     assert set(c.draft_steps) == set(names) and sorted(c.verify) == list(range(1, 9))

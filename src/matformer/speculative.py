@@ -278,6 +278,8 @@ class _Round:
     prior: dict[str, float]
     seen: dict[str, list[int]] = field(default_factory=dict)
     """draft name -> [accepted, drafted] observed."""
+    plain_ok: bool = False
+    """Whether the choice may fall back to plain decoding (the draft was chosen too)."""
 
     def acceptance(self) -> dict[str, float]:
         out = {}
@@ -357,7 +359,8 @@ def speculative_generate(
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
         cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
-        state = _Round(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts})
+        state = _Round(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
+                       plain_ok=draft_tier == "auto")
         if choose:
             state.prior = prompt_agreement(model, ids, target, drafts, sampler)
             if not _covers(costs, drafts, ks):
@@ -407,10 +410,12 @@ def _prefill(dec: StaticDecoder, draft_decs: dict[str, StaticDecoder], ids: torc
 
 def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Sequence[int],
               extra: dict[str, Any]) -> None:
-    """Pick (draft, k) from the costs at the acceptance seen so far. With k chosen ("auto")
-    and no pair expected to beat plain decoding, k = 0: each round is one target step."""
+    """Pick (draft, k) from the costs at the acceptance seen so far. With k and the draft chosen
+    (`draft_tier="auto"`) and no pair expected to beat plain decoding, k = 0: each round is one
+    target step; a named draft drafts at its best k even then."""
     auto = state.mode == "auto"
-    choice = choose_draft(costs, state.acceptance(), ks if auto else [state.k], allow_plain=auto)
+    choice = choose_draft(costs, state.acceptance(), ks if auto else [state.k],
+                          allow_plain=auto and state.plain_ok)
     extra["choice"] = choice
     if choice.draft is None:
         state.k = 0
