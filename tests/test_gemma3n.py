@@ -468,6 +468,6 @@ def test_a_gemma3n_checkpoint_is_refused_by_the_loaders_in_one_line(full):
     assert source.family == "gemma3n" and source.layout.shards == ["model.safetensors"]
     msg = "Gemma 3n checkpoint; matformer slices and describes it"
     with pytest.raises(ConfigError, match=msg):
-        source.config
+        _ = source.config
     with pytest.raises(ConfigError, match=msg):
         load_model(full[0])
