@@ -68,9 +68,10 @@ def test_speculative_report_and_decode_speed() -> None:
     # and the costs it chose from.
     assert auto.chosen and auto.identical and auto.draft_name.startswith("auto: ")
     costs, choice = rep.speculative_costs, rep.speculative_choice
-    assert set(costs["draft_steps"]) == {"tier 1", "tier 2", "tier 3"} and costs["target_step"] > 0
+    assert sorted(n.split(" (")[0] for n in costs["draft_steps"]) == ["tier 1", "tier 2", "tier 3"]
+    assert costs["target_step"] > 0
     assert sorted(costs["verify"]) == list(range(1, 9))
-    assert choice["draft"] in (None, "tier 1", "tier 2", "tier 3")
+    assert choice["draft"] is None or choice["draft"] in costs["draft_steps"]
     assert auto.chosen_draft_tokens == choice["k"]
     for s in rows:
         assert s.identical  # greedy speculative == plain, on data prompts

@@ -367,15 +367,15 @@ def test_auto_draft_follows_the_measured_costs() -> None:
     torch.manual_seed(8)  # plain random init: the widths mostly agree, so drafting can pay
     model = MatFormerLM(MatFormerConfig.from_preset("debug")).eval()
     plain = generate(model, PROMPT, 30, ignore_eos=True)
-    names = ["tier 1", "tier 2", "tier 3"]
-    for cheap in ("tier 2", "tier 3"):
+    names = ["tier 1 (width 128)", "tier 2 (width 64)", "tier 3 (width 32)"]
+    for cheap in names[1:]:
         steps = {n: (0.05 if n == cheap else 0.9) for n in names}
         costs = DecodeCosts(1.0, steps, {k: 1.0 + 0.05 * k for k in range(1, 9)})
         out = speculative_generate(model, PROMPT, 30, draft_tier="auto", costs=costs,
                                    ignore_eos=True)
         assert out.tokens == plain.tokens
         assert out.extra["choice"].draft == cheap and out.extra["costs"] is costs
-        assert out.draft_widths == model.resolve_widths(tier=int(cheap[-1]))
+        assert out.draft_widths == model.resolve_widths(tier=int(cheap[5]))
     # Costs that make drafting a loss: plain decoding, still the same tokens.
     slow = DecodeCosts(1.0, {n: 5.0 for n in names}, {k: 3.0 * k for k in range(1, 9)})
     out = speculative_generate(model, PROMPT, 30, draft_tier="auto", costs=slow, ignore_eos=True)
@@ -384,7 +384,7 @@ def test_auto_draft_follows_the_measured_costs() -> None:
     # A named draft with k from the costs drafts at its best k even then.
     named = speculative_generate(model, PROMPT, 30, draft_tier=3, draft_tokens="auto", costs=slow,
                                  ignore_eos=True)
-    assert named.extra["choice"].draft == "tier 3" and named.extra["choice"].k >= 1
+    assert named.extra["choice"].draft == names[2] and named.extra["choice"].k >= 1
     assert named.stats.drafted > 0 and named.tokens == plain.tokens
     measured = speculative_generate(model, PROMPT, 30, draft_tier="auto", ignore_eos=True)
     c = measured.extra["costs"]

@@ -226,7 +226,8 @@ def _drafts(model: MatFormerLM, target: dict[str, Any], draft_tier: int | str | 
         return [Draft("draft model", draft_model.widths, draft_model)]
     if draft_tier == "auto":
         heads = _draft_kv_heads(model, target, draft_heads)
-        found = [Draft(f"tier {t}", model.resolve_widths(tier=t), kv_heads=heads)
+        found = [Draft(describe_widths(base, model.resolve_widths(tier=t)),
+                       model.resolve_widths(tier=t), kv_heads=heads)
                  for t in runnable_tiers(base, model.stored_widths, limit=4)]
         found = [d for d in found if sum(d.widths) < sum(target["widths"])]
         if not found:
