@@ -90,6 +90,9 @@ class Settings:
     """Steps of one baseline: X = baseline_steps * batch_size * seq_len tokens."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     corpora: list[str] = field(default_factory=lambda: ["python", "kjv"])
+    configs: list[str] = field(default_factory=lambda: list(ALL_CONFIGS))
+    """Configurations to train (the baselines always); the second corpus trains those of them in
+    SECONDARY_CONFIGS. A subset with --resume reuses the full design's finished runs."""
     eval_windows: int = 128
     jobs: int = 2
     threads: int = 1
@@ -142,7 +145,8 @@ def run_specs(s: Settings) -> list[dict[str, Any]]:
     }
     specs = []
     for ci, corpus in enumerate(s.corpora):
-        configs = ALL_CONFIGS if ci == 0 else SECONDARY_CONFIGS
+        configs = [c for c in (ALL_CONFIGS if ci == 0 else SECONDARY_CONFIGS)
+                   if c == "baseline" or c in s.configs]
         base = dict(common, data=CORPORA[corpus])
         for seed in s.seeds:
             for t in TIERS:
@@ -163,6 +167,12 @@ def _cost(sp: dict[str, Any]) -> float:
     """Relative training cost, to start the longest runs first."""
     t = sp["train"]
     return t["steps"] * (4 if t["objective"] == "joint" else 1)
+
+
+def _order(sp: dict[str, Any]) -> tuple:
+    """Training order: seed by seed (so a stopped run leaves whole seeds), the longest runs first
+    within a seed so the parallel workers finish together."""
+    return (sp["seed"], -_cost(sp))
 
 
 def _train_one(spec: dict[str, Any], out_root: str, threads: int) -> dict[str, Any]:
@@ -551,7 +561,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     log(f"training {len(specs)} runs ({s.jobs} in parallel, {s.threads} thread(s) each, "
         f"{s.device}); X = {s.x_tokens:,} tokens per baseline")
     t0 = time.time()
-    done = _pool_map(_train_one, [(sp, str(out), s.threads) for sp in sorted(specs, key=lambda x: -_cost(x))],
+    done = _pool_map(_train_one, [(sp, str(out), s.threads) for sp in sorted(specs, key=_order)],
                      s.jobs)
     train_wall = time.time() - t0
     runs = {d["name"]: d for d in done}
@@ -812,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--corpora", default=None, help="comma-separated, first = every config "
                     f"(default python,kjv; choices {', '.join(CORPORA)})")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of "
+                    f"{', '.join(ALL_CONFIGS)} (default: all; the baselines always run)")
     ap.add_argument("--out", default=d.out, help="folder for the trained models")
     ap.add_argument("--resume", action="store_true",
                     help="reuse runs under --out that finished with the same settings")
@@ -838,6 +850,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(s, f.name, v)
     if args.seeds is not None:
         s.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if args.configs is not None:
+        s.configs = [x for x in args.configs.split(",") if x.strip()]
+        bad = [c for c in s.configs if c not in ALL_CONFIGS]
+        if bad:
+            raise SystemExit(f"error: unknown configuration {bad[0]!r}; choose from {', '.join(ALL_CONFIGS)}")
     if args.corpora is not None:
         s.corpora = [x for x in args.corpora.split(",") if x.strip()]
         bad = [c for c in s.corpora if c not in CORPORA]
