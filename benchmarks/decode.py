@@ -155,8 +155,10 @@ def bench_speculative(model, draft_model, prompts, args) -> dict:
     if draft_model is not None:
         configs["separate model"] = dict(draft_model=draft_model, draft_tokens="auto")
         speculative_generate(model, prompts[0], 8, **configs["separate model"], **kw)
-    for c in configs.values():  # warm-up: every (draft, k) graph compiled before timing
-        speculative_generate(model, prompts[0], n, costs=costs, **c, **kw)
+    cfg_costs = {}
+    for name, c in configs.items():  # warm-up: every graph compiled, costs measured once each
+        out = speculative_generate(model, prompts[0], n, costs=costs, **c, **kw)
+        cfg_costs[name] = out.extra.get("costs", costs)
     plain_s, spec_s = [], {name: [] for name in configs}
     stats = {name: {"acc": 0, "dra": 0, "identical": True, "k": None, "draft": None}
              for name in configs}
@@ -168,7 +170,7 @@ def bench_speculative(model, draft_model, prompts, args) -> dict:
             want = generate(model, p, n, ignore_eos=True, compile=True)
             plain_s[-1] += want.stats.seconds
             for name, c in configs.items():
-                out = speculative_generate(model, p, n, costs=costs, **c, **kw)
+                out = speculative_generate(model, p, n, costs=cfg_costs[name], **c, **kw)
                 spec_s[name][-1] += out.stats.seconds
                 st = stats[name]
                 st["identical"] &= out.tokens == want.tokens
@@ -275,10 +277,10 @@ def _print(result: dict) -> None:
         s = result["speculative"]
         print(f"\n2. speculative decoding, compiled, greedy, full width ({s['prompts']} prompts x "
               f"{s['new_tokens']} tokens)")
-        print(f"{'draft':<15} {'chose':<8} {'k':>3} {'accept%':>8} {'plain tok/s':>11} "
+        print(f"{'draft':<15} {'chose':<20} {'k':>3} {'accept%':>8} {'plain tok/s':>11} "
               f"{'spec tok/s':>10} {'speed-up':>8} {'identical':>9}")
         for r in s["rows"]:
-            print(f"{r['draft']:<15} {str(r['chosen_draft'] or '-'):<8} {str(r['k']):>3} "
+            print(f"{r['draft']:<15} {str(r['chosen_draft'] or '-')[:20]:<20} {str(r['k']):>3} "
                   f"{100 * r['acceptance_rate']:>8.1f} {r['plain_tokens_per_s']:>11.1f} "
                   f"{r['speculative_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x "
                   f"{'yes' if r['identical'] else 'NO':>9}")
