@@ -338,7 +338,8 @@ def test_evaluate_vit_rows_against_direct_computation() -> None:
     report = evaluate_vit(model, heldout, kv_heads=[2], repeats=1)
     assert model.widths == [64, 64] and model.layer_kv_heads == [4, 4]  # setting restored
     names = [r.name for r in report.results]
-    assert names[0] == "tier 0 (width 128)" and "tier 3" in names and "tier 1, 2 heads" in names
+    assert names[0] == "tier 0 (width 128)" and "tier 3 (width 16)" in names
+    assert "tier 1 (width 64), 2 heads" in names
     assert any(r.kind == "mix" for r in report.results)
     ref = report.results[0]
     assert ref.agreement == 1.0 and ref.non_embedding_params == parameter_counts(model.config)["non_embedding"]
@@ -348,7 +349,7 @@ def test_evaluate_vit_rows_against_direct_computation() -> None:
         full_emb, full_pred = model.embed(x), model(x).argmax(1)
         with model.at_width(tier=2, kv_heads=2):
             small_emb, small_pred = model.embed(x), model(x).argmax(1)
-    row = next(r for r in report.results if r.name == "tier 2, 2 heads")
+    row = next(r for r in report.results if r.name == "tier 2 (width 32), 2 heads")
     labels = torch.as_tensor(heldout.labels)
     assert row.top1 == pytest.approx(float((small_pred == labels).float().mean()))
     assert row.agreement == pytest.approx(float((small_pred == full_pred).float().mean()))
@@ -465,3 +466,25 @@ def test_train_vit_refuses_lm_only_settings(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown ViT preset '850m'"):
         train(_train_cfg(tmp_path, preset="850m"))
     assert not tmp_path.joinpath("config.json").exists()
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def test_cli_train_and_eval_a_matvit(tmp_path, capsys, one_thread) -> None:
+    from matformer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--arch", "vit", "--preset", "debug", "--steps", "4", "--batch-size", "16",
+                 "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--tiers", "0,2", "--kv-heads", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in report["results"]]
+    assert names[:2] == ["tier 0 (width 128)", "tier 2 (width 32)"]
+    assert "tier 2 (width 32), 2 heads" in names and report["num_images"] == 359
+    plot = tmp_path / "vit.png"
+    assert main(["eval", str(out), "--no-mix", "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert "| tier 3 (width 16) | 4 |" in table and plot.stat().st_size > 10_000
+    assert main(["eval", str(out), "--seq-len", "64"]) == 2
+    assert "--seq-len does not apply to a MatViT" in capsys.readouterr().err

@@ -105,7 +105,8 @@ def select_settings(model: MatViT, uniform_tiers: Sequence[int] | None = None,
                             stored, stored_heads)]
     tiers = sorted(set(uniform_tiers))
     for t in tiers:
-        chosen.append(VisionSetting(f"tier {t}", "tier", model.resolve_widths(tier=t), stored_heads))
+        ws = model.resolve_widths(tier=t)
+        chosen.append(VisionSetting(describe_widths(base, ws), "tier", ws, stored_heads))
     if mix_n_match:
         for ws in mix_n_match_plans(base, len(stored), tiers):
             chosen.append(VisionSetting(describe_widths(base, ws), "mix", model.resolve_widths(widths=ws),
@@ -113,7 +114,8 @@ def select_settings(model: MatViT, uniform_tiers: Sequence[int] | None = None,
     for g in kv_heads or []:
         hl = model.resolve_kv_heads(kv_heads=g)
         for t in tiers:
-            chosen.append(VisionSetting(f"tier {t}, {g} heads", "heads", model.resolve_widths(tier=t), hl))
+            ws = model.resolve_widths(tier=t)
+            chosen.append(VisionSetting(f"{describe_widths(base, ws)}, {g} heads", "heads", ws, hl))
     for w in plans or []:
         ws = model.resolve_widths(widths=w)
         chosen.append(VisionSetting(describe_widths(base, ws), "custom", ws, stored_heads))

@@ -35,7 +35,8 @@ def plot_vit_report(report: Any, path: str | os.PathLike, title: str | None = No
         ax.plot([r[_X] for r in tiers], [100 * r[key] for r in tiers], "-o", color=colour, lw=2,
                 label=label)
     for r in tiers:
-        ax.annotate(r["name"], (r[_X], 100 * r["top1"]), textcoords="offset points",
+        ax.annotate(f"tier {r['tier']}" if r["tier"] is not None else r["name"],
+                    (r[_X], 100 * r["top1"]), textcoords="offset points",
                     xytext=(4, 7), fontsize=9, color="#1f77b4")
     ax2.plot([r[_X] for r in tiers], [100 * r["agreement"] for r in tiers], "-o", color="#1f77b4",
              lw=2, label="trained tiers")
