@@ -15,6 +15,8 @@ non-embedding parameters (the elastic curve). Progress goes to stderr.
 --compare B,C scores CKPT, B and C tier by tier on the same windows (loss only), e.g. a dense
 source (naive truncation), its `matformer convert` output (importance order) and the distilled
 model: `matformer eval runs/dense --compare runs/mat,runs/distilled`.
+A MatViT checkpoint (config.json model_type "vit") is evaluated on images instead: top-1,
+agreement, elastic retrieval and speed per width (matformer.commands.vit_eval).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..io.source import resolve_source
 from ..tiers import parse_int_list
 from . import check_device, draft_tokens_arg, set_threads
 from .report import format_comparison, format_eval_report
+from .vit_eval import is_vit, run_vit
 
 if TYPE_CHECKING:
     from ..evaluation import EvalReport
@@ -159,6 +162,8 @@ def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     check_device(args.device)
+    if is_vit(args.ckpt, args.revision, args.tier):  # a MatViT: images, not text
+        return run_vit(args)
     if args.compare:
         run_compare(args)
         return 0
