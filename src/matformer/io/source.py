@@ -230,8 +230,9 @@ def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:
         entry = manifest.pick(tier, width, source=spec)
         tier_dir = fo.sub(entry.folder)
         return _tier_source(spec, "folder", p, tier_dir, manifest, entry)
+    layout = resolve_files(fo)  # before config.json, as ever (a racing save: see io.folder)
     config, family = _config_and_family(p / CONFIG_NAME, fo)
-    return Source(spec, "folder", p, resolve_files(fo), config, family=family)
+    return Source(spec, "folder", p, layout, config, family=family)
 
 
 def _tier_source(spec: str, kind: str, root: Path, tier_dir: Folder, manifest: Manifest,
