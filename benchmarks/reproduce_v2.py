@@ -551,6 +551,8 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
 
     t_start = time.time()
     hw = hardware()
+    if s.device.startswith("cuda") and torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name()
     out = Path(s.out)
     if s.resume and out.is_dir():
         if not (out / MARKER).is_file():
@@ -867,9 +869,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     res.mkdir(parents=True, exist_ok=True)
     js = res / ("reproduce_v2" + ("-quick" if s.quick else "") + ".json")
     js.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    plots = make_plots(report, res, "-quick" if s.quick else "")
+    try:
+        plots = make_plots(report, res, "-quick" if s.quick else "")
+    except ImportError:  # matplotlib is optional: --replot JSON draws them later
+        plots = []
     w = report["wall_seconds"]
-    print(f"wrote {js} and {', '.join(map(str, plots))}")
+    print(f"wrote {js} and {', '.join(map(str, plots)) or 'no plots (matplotlib missing)'}")
     print(f"wall time: {w['total']:.0f}s (train {w['train']:.0f}s, eval {w['eval']:.0f}s); "
           f"{report['hardware']['nproc']} CPUs ({report['hardware']['cpu']}), torch {report['hardware']['torch']}")
     return 0
