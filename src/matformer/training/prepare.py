@@ -208,8 +208,9 @@ def _describe(run: Run, val_desc: str) -> None:
     cfg, mcfg = run.cfg, run.model_cfg
     counts = parameter_counts(mcfg)
     rts = runtime_tiers(cfg, run.dist.world)
+    origin = f"--init-from {cfg.init_from}" if cfg.init_from else f"preset {cfg.preset}"
     run.report.say(
-        f"model: {'--init-from ' + cfg.init_from if cfg.init_from else 'preset ' + cfg.preset}, {mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
+        f"model: {origin}, {mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
         f"FFN base {mcfg.base}; {counts['non_embedding']:,} non-embedding + "
         f"{counts['embedding']:,} embedding parameters; objective {cfg.objective}, tiers "
         f"{run.trained}" + (f", runtime tier(s) {rts}" if any(rts) else "")
