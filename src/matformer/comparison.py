@@ -52,7 +52,8 @@ def _windows(first: Source, data: str | os.PathLike | None, seq_len: int | None,
     if max_tokens is not None:
         n = max(1, max_tokens // seq_len)
     if data is None:
-        tokens, desc = D.heldout_tokens(first.folder), "held-out split of the first checkpoint's training data"
+        tokens = D.heldout_tokens(first.folder)
+        desc = "held-out split of the first checkpoint's training data"
     else:
         tokens, desc = D.tokenize(D.load_tokenizer(first.folder), D.load_texts(data)), str(data)
     return D.heldout_windows(tokens, seq_len, n), desc
