@@ -27,7 +27,7 @@ def width_of(base: int, tier: int) -> int:
         raise TierError(f"tier must be a non-negative integer, got {tier!r}")
     if base <= 0:
         raise TierError(f"base width must be positive, got {base}")
-    if tier >= base.bit_length():  # 2^tier > base: no such tier (and 2^tier may be huge)
+    if tier > 64 and tier >= base.bit_length():  # 2^tier > base, and too big to compute or print
         raise TierError(f"tier {tier if tier < 10**6 else 'of ' + str(tier.bit_length()) + ' bits'} "
                         f"is beyond base width {base} (largest tier: {max_tier(base)})")
     if base % (1 << tier) != 0:
