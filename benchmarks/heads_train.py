@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from matformer.evaluation import evaluate
+from matformer.tiers import head_granularities
 from matformer.training import TrainConfig, train
 
 
@@ -36,18 +37,11 @@ def _run(arm: str, seed: int, args: argparse.Namespace) -> dict:
     train(cfg)
     seconds = time.perf_counter() - t0
     report = evaluate(out, mix_n_match=False, decode=False, speculative=False,
-                      kv_heads=[g for g in _grans(args.num_kv_heads)])
+                      kv_heads=head_granularities(args.num_kv_heads))
     points = {f"t{r.tier}/kv{r.kv_heads[0]}": {"loss": r.loss, "params": r.non_embedding_params,
                                                "kl": r.kl_from_reference}
               for r in report.results}
     return {"arm": arm, "seed": seed, "train_seconds": seconds, "points": points}
-
-
-def _grans(g: int) -> list[int]:
-    out = [g]
-    while out[-1] % 2 == 0:
-        out.append(out[-1] // 2)
-    return out if out[-1] == 1 else out + [1]
 
 
 def main() -> None:
