@@ -180,14 +180,16 @@ def test_bf16_autocast_loss_trajectory_tracks_float32(tmp_path, corpus):
     assert json.loads((Path(runs["bfloat16"].out) / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_grad_accum_equals_the_larger_batch(tmp_path, corpus):
+def test_grad_accum_equals_the_larger_batch_and_checkpointing_changes_nothing(tmp_path, corpus):
     big = tiny(tmp_path / "big", corpus, batch_size=4, steps=6)
     acc = tiny(tmp_path / "acc", corpus, batch_size=2, grad_accum=2, steps=6)
-    train(big)
-    train(acc)
-    a, b = load_state_dict(big.out), load_state_dict(acc.out)
+    ckpt = tiny(tmp_path / "ckpt", corpus, batch_size=4, steps=6, activation_checkpointing=True)
+    for cfg in (big, acc, ckpt):
+        train(cfg)
+    a, b, c = (load_state_dict(cfg.out) for cfg in (big, acc, ckpt))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(a[k], c[k]), k  # recomputed activations: the same numbers
 
 
 def test_loss_scaler_skips_overflowing_steps_and_grows_back():
@@ -266,7 +268,7 @@ def test_logs_report_mfu_and_peak_memory(tmp_path, corpus):
 FSDP_ARGS = ["--preset", "debug", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
              "--lr", "1e-2", "--warmup-steps", "2", "--vocab-size", "300", "--eval-every", "1000",
              "--save-every", "2", "--eval-windows", "8", "--val-fraction", "0.1", "--fsdp",
-             "--rank-tiers", "1,2", "--objective", "joint"]
+             "--rank-tiers", "1,2", "--objective", "joint", "--activation-checkpointing"]
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> None:

@@ -1,7 +1,8 @@
 """How the decoder layers execute: activation checkpointing and torch.compile.
 
 - `checkpoint_layers`: each decoder layer's forward runs under `torch.utils.checkpoint`
-  (non-reentrant): its activations are recomputed in backward instead of stored. The layer's
+  (non-reentrant): its activations are recomputed in backward instead of stored, at the width
+  (and KV heads) the forward ran at — backward runs after `at_width` restored them. The layer's
   `forward` is wrapped in place, so parameter names (and checkpoints) do not change.
 - `compile_model`: `torch.compile`. The active FFN width is a plain int attribute of each
   `NestedMLP`; dynamo specialises on it and guards it, so each trained width compiles once and
@@ -18,14 +19,38 @@ import functools
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# A layer's run-time width settings: the recomputation in backward happens after `at_width` has
+# restored them, so it must run at the settings the forward saw.
+_SETTINGS = (("mlp", "width"), ("self_attn", "kv_heads"))
+
 
 def checkpoint_layers(model: nn.Module) -> None:
     for layer in model.model.layers:
-        layer.forward = functools.partial(_checkpointed, layer.forward)
+        layer.forward = functools.partial(_checkpointed, layer, layer.forward)
 
 
-def _checkpointed(forward, *args):
-    return checkpoint(forward, *args, use_reentrant=False)
+def _settings(layer: nn.Module) -> list:
+    return [getattr(getattr(layer, m), a, None) for m, a in _SETTINGS]
+
+
+def _apply(layer: nn.Module, values: list) -> None:
+    for (m, a), v in zip(_SETTINGS, values, strict=True):
+        if v is not None:
+            setattr(getattr(layer, m), a, v)
+
+
+def _checkpointed(layer: nn.Module, forward, *args):
+    seen = _settings(layer)
+
+    def at_seen(*a):
+        before = _settings(layer)
+        _apply(layer, seen)
+        try:
+            return forward(*a)
+        finally:
+            _apply(layer, before)
+
+    return checkpoint(at_seen, *args, use_reentrant=False)
 
 
 def compile_model(model: nn.Module, backend: str, widths: int, per_layer: bool) -> None:
