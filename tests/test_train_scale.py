@@ -5,6 +5,7 @@ sharded resume, prepared token files and the training logs."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -255,10 +256,13 @@ def test_compile_equal_losses_and_one_graph_per_trained_width(tmp_path, corpus):
 
 
 def test_logs_report_mfu_and_peak_memory(tmp_path, corpus):
-    cfg = tiny(tmp_path, corpus, steps=3, peak_tflops=1.0, log_every=1)
+    tb = importlib.util.find_spec("tensorboard") is not None  # optional extra
+    cfg = tiny(tmp_path, corpus, steps=3, peak_tflops=1.0, log_every=1, tensorboard=tb)
     train(cfg)
     rec = step_log(cfg.out)[-1]
     assert 0 < rec["mfu"] < 1 and rec["peak_memory_gb"] > 0.05 and rec["tokens_per_s"] > 0
+    if tb:
+        assert list((Path(cfg.out) / "tensorboard").glob("events.out.tfevents.*"))
     mc = model_config(cfg, 300)
     assert flops_per_token(mc, 256, 32) > flops_per_token(mc, 64, 32) > 6 * 300 * 64
 
