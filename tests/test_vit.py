@@ -488,3 +488,39 @@ def test_cli_train_and_eval_a_matvit(tmp_path, capsys, one_thread) -> None:
     assert "| tier 3 (width 16) | 4 |" in table and plot.stat().st_size > 10_000
     assert main(["eval", str(out), "--seq-len", "64"]) == 2
     assert "--seq-len does not apply to a MatViT" in capsys.readouterr().err
+
+
+# ---- slicing -------------------------------------------------------------------------------------
+
+def test_slice_a_uniform_tier_transformers_loads_with_equal_logits(tmp_path, capsys) -> None:
+    from matformer import load_model, save_model, slice_checkpoint
+    from matformer.cli import main
+
+    model = _random_model(8)
+    (tmp_path / "full").mkdir()
+    save_model(model, tmp_path / "full",
+               extra_files={"preprocessor_config.json": b'{"image_mean": [0.3], "image_std": [0.4]}\n'})
+    x = _pixels(model.config)
+    for tier, kv_heads in [(2, None), (1, 2)]:
+        out = tmp_path / f"t{tier}-{kv_heads}"
+        slice_checkpoint(tmp_path / "full", out, tier=tier, kv_heads=kv_heads)
+        d = json.loads((out / "config.json").read_text())
+        assert d["architectures"] == ["ViTForImageClassification"] and d["matformer_tier"] == tier
+        assert (out / "preprocessor_config.json").is_file()  # the normalisation travels along
+        hf = _hf_from_folder(out)  # transformers reads our names and config as they are
+        with torch.no_grad(), model.at_width(tier=tier, kv_heads=kv_heads):
+            ours = model(x)
+            assert (hf(x).logits - ours).abs().max().item() <= 1e-5
+            assert torch.equal(load_model(out)(x), ours)
+    # Mix'n'Match: our loader reads the per-layer config; slicing it again is bit-exact.
+    slice_checkpoint(tmp_path / "full", tmp_path / "mix", widths=[32, 128], layer_kv_heads=[4, 1])
+    mix = load_model(tmp_path / "mix")
+    assert mix.widths == [32, 128] and mix.layer_kv_heads == [4, 1]
+    with torch.no_grad(), model.at_width(widths=[32, 128], layer_kv_heads=[4, 1]):
+        assert torch.equal(mix(x), model(x))
+    assert main(["slice", str(tmp_path / "mix"), "-o", str(tmp_path / "mix2"), "--widths", "16,64"]) == 0
+    again = load_model(tmp_path / "mix2")
+    with torch.no_grad(), model.at_width(widths=[16, 64], layer_kv_heads=[4, 1]):
+        assert torch.equal(again(x), model(x))
+    assert main(["slice", str(tmp_path / "t2-None"), "-o", str(tmp_path / "bad"), "--tier", "1"]) == 2
+    assert "stores tier 2" in capsys.readouterr().err

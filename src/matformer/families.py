@@ -90,6 +90,12 @@ def parameter_counts(config: Config, widths: Sequence[int] | None = None,
     return shapes.parameter_counts(config, widths, kv_heads)
 
 
+def non_embedding_parameters(config: Config, widths: Sequence[int] | None = None,
+                             kv_heads: Sequence[int] | None = None) -> int:
+    """The size the paper compares widths by, in either family."""
+    return parameter_counts(config, widths, kv_heads)["non_embedding"]
+
+
 def build_model(config: Config) -> Any:
     """An (initialised, or meta-device when built under one) model of `config`."""
     if isinstance(config, MatViTConfig):

@@ -219,6 +219,15 @@ class MatViTConfig:
         """Multi-head attention: the KV heads are the heads."""
         return self.num_attention_heads
 
+    @num_key_value_heads.setter
+    def num_key_value_heads(self, heads: int | list[int]) -> None:
+        self.num_attention_heads = heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head: 1 (multi-head attention)."""
+        return 1
+
     @property
     def dtype(self):
         import torch
