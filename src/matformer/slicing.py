@@ -42,12 +42,13 @@ from typing import Any
 
 from .config import MatFormerConfig
 from .errors import CheckpointError, ConfigError, TierError
+from .families import expected_shapes, non_embedding_parameters
 from .io.checkpoint import open_checked, write_checkpoint
 from .io.layout import Checkpoint
 from .io.manifest import MANIFEST_NAME, write_manifest
 from .io.reader import PrefixReader
 from .io.source import COMPANION_FILES, Source, resolve_source
-from .shapes import format_count, non_embedding_parameters, parse_count
+from .shapes import format_count, parse_count
 from .tiers import (
     check_heads_held,
     check_held,
@@ -60,6 +61,7 @@ from .tiers import (
     tier_of,
     width_of,
 )
+from .vit_config import MatViTConfig
 
 # The paper's granularities: g = 4 widths, d_ff/8 .. d_ff (tiers 0..3).
 DEFAULT_GRANULARITIES = 4
@@ -361,6 +363,8 @@ def map_tensors(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[
     Layers not kept are dropped; kept layers are renumbered 0..n-1 in order. FFN tensors of a
     kept layer are cut to its output width and checked against the width the source config
     says it stores (a mismatch names the tensor and both shapes)."""
+    if isinstance(plan.source, MatViTConfig):
+        return _map_by_shapes(plan, src_tensors)
     new_index = {src: j for j, src in enumerate(plan.keep_layers)}
     stored = plan.source.layer_widths
     h = plan.source.hidden_size
@@ -392,6 +396,28 @@ def map_tensors(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[
             jobs.append(_attention_job(plan, i, j, rest, name, dtype, shape))
         else:
             jobs.append(TensorJob(out_name, name, dtype, shape, shape, "copy"))
+    return jobs
+
+
+_VIT_LAYER_RE = re.compile(r"^vit\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def _map_by_shapes(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[int]]]) -> list[TensorJob]:
+    """A MatViT (transformers' ViT names): every nested tensor is a prefix of dim 0 (FFN rows and
+    biases, query/key/value rows and biases) or of dim 1 (output.dense columns), so each output
+    shape is the one the output config expects (the source's were checked against its config)."""
+    new_index = {src: j for j, src in enumerate(plan.keep_layers)}
+    want = expected_shapes(plan.config)
+    jobs: list[TensorJob] = []
+    for name, dtype, shape in src_tensors:
+        shape = tuple(int(d) for d in shape)
+        m = _VIT_LAYER_RE.match(name)
+        if m is not None and int(m.group(1)) not in new_index:
+            continue
+        out_name = name if m is None else f"vit.encoder.layer.{new_index[int(m.group(1))]}.{m.group(2)}"
+        out = want[out_name]
+        kind = "copy" if out == shape else ("rows" if out[0] < shape[0] else "cols")
+        jobs.append(TensorJob(out_name, name, dtype, shape, out, kind))
     return jobs
 
 

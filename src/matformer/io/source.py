@@ -48,6 +48,7 @@ COMPANION_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
     "train_config.json",
+    "preprocessor_config.json",  # a MatViT's image normalisation
 )
 
 
