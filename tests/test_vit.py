@@ -524,3 +524,22 @@ def test_slice_a_uniform_tier_transformers_loads_with_equal_logits(tmp_path, cap
         assert torch.equal(again(x), model(x))
     assert main(["slice", str(tmp_path / "t2-None"), "-o", str(tmp_path / "bad"), "--tier", "1"]) == 2
     assert "stores tier 2" in capsys.readouterr().err
+
+
+def test_info_describes_a_matvit_without_torch(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from matformer import save_model
+
+    model = _random_model(9)
+    save_model(model, tmp_path)
+    code = ("import json, sys; from matformer import checkpoint_info; "
+            f"i = checkpoint_info({str(tmp_path)!r}); print(json.dumps(i)); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    info, torch_loaded = json.loads(out.splitlines()[0]), out.splitlines()[1]
+    assert torch_loaded == "False"
+    assert info["model_type"] == "vit" and info["num_labels"] == 10 and info["image_size"] == 8
+    assert info["num_parameters"]["non_embedding"] == parameter_counts(model.config)["non_embedding"]
+    assert info["num_parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert info["runnable_kv_heads"] == [4, 2, 1] and info["matformer_tier"] == 0
