@@ -66,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         "runtime tiers    " + ", ".join(f"{t} (width {w})" for t, w in
                                          zip(info["runnable_tiers"], info["runnable_widths"], strict=True)),
         f"KV heads         {_heads(info)}",
-        f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, vocab {info['vocab_size']}"
+        f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, "
+        + (f"MatViT: {info['image_size']}px images, patch {info['patch_size']}, "
+           f"{info['num_channels']} channel(s), {info['num_labels']} classes"
+           if info.get("model_type") == "vit" else f"vocab {info['vocab_size']}")
         + (", tied embeddings" if info["tie_word_embeddings"] else ""),
         f"parameters       {n['total']:,} ({n['embedding']:,} embedding, "
         f"{n['non_embedding']:,} non-embedding)",

@@ -40,6 +40,7 @@ from ..tiers import (
     runnable_tiers,
     uniform_tier,
 )
+from ..vit_config import MatViTConfig
 from .atomic import atomic_write, fsync_file
 from .layout import (
     CONFIG_NAME,
@@ -546,8 +547,10 @@ def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | Non
         tensors = ck.tensors
     check_shapes({n: t.shape for n, t in tensors.items()}, config, str(layout.folder),
                   lambda n: ck.where[n])
+    vit = isinstance(config, MatViTConfig)  # embedding: patches/positions and the classifier
     emb = sum(t.numel for n, t in tensors.items()
-              if n == "model.embed_tokens.weight" or (n == "lm_head.weight" and not config.tie_word_embeddings))
+              if (vit and n.startswith(("vit.embeddings.", "classifier.")))
+              or n == "model.embed_tokens.weight" or (n == "lm_head.weight" and not config.tie_word_embeddings))
     total = sum(t.numel for n, t in tensors.items() if not _IGNORED.search(n)
                 and not (n == "lm_head.weight" and config.tie_word_embeddings))
     dtypes = sorted({t.dtype for t in tensors.values()})
@@ -582,5 +585,7 @@ def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | Non
         "tie_word_embeddings": config.tie_word_embeddings,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
-        "vocab_size": config.vocab_size,
+        "vocab_size": getattr(config, "vocab_size", None),
+        **({"model_type": "vit", "image_size": config.image_size, "patch_size": config.patch_size,
+            "num_channels": config.num_channels, "num_labels": config.num_labels} if vit else {}),
     }
