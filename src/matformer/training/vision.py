@@ -16,7 +16,9 @@ and the final model in OUT. What differs:
 The step itself is the LM's `step.train_step` (gradient accumulation, `--dtype` autocast and
 loss scaling, clipping, the non-finite guard). Settings that only exist for the language model
 (distillation, warm start, FSDP2, compile, activation checkpointing, max positions, KV heads
-other than the heads) are refused; the images live in memory, so `--data-workers` is unused.
+other than the heads) are refused, and so is training nested heads (`--nest-heads`,
+`--kv-heads`): a MatViT's heads nest at run time and in slices, but its training nests the FFN
+only. The images live in memory, so `--data-workers` is unused.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_s
               "head_dim": "head_dim"}
 # Settings of the language model's run that a MatViT run does not have (value when unset).
 _LM_ONLY = {"distill": None, "init_from": None, "fsdp": False, "compile": None,
-            "activation_checkpointing": False, "max_positions": None}
+            "activation_checkpointing": False, "max_positions": None,
+            # MatViT heads nest at run time and in slices, but are not trained as granularities yet
+            "nest_heads": False, "kv_heads": None, "rank_kv_heads": None}
 
 
 # ---- settings ----------------------------------------------------------------------------------
