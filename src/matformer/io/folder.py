@@ -38,6 +38,8 @@ class Folder:
             raise CheckpointError(f"{self.path}: not a folder") from None
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open the folder ({e.strerror or e})") from None
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
         self.seen: dict[str, tuple[int, int, int, int]] = {}
         self.probed: set[str] = set()
 
@@ -56,8 +58,27 @@ class Folder:
         except OSError:
             return True
 
+    def replaced(self) -> bool:
+        """True once the path names another folder than the one opened (a save swapped a new
+        one in; the one held is the old version, being deleted)."""
+        if self.removed():
+            return True
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.ident
+
+    def check_current(self, what: str) -> None:
+        """A file the load needs is missing: CheckpointChanged if a save replaced the folder
+        meanwhile (reading again sees the new one), else nothing (the caller reports it)."""
+        if self.replaced():
+            raise CheckpointChanged(f"{self.path}: {what} while the checkpoint was read (a save "
+                                    f"replaced the folder); read it again")
+
     def _check_alive(self, name: str) -> None:
-        if self.removed() or name in self.probed or name in self.seen:
+        self.check_current(f"{name} disappeared")
+        if name in self.probed or name in self.seen:
             raise CheckpointChanged(f"{self.path / name}: disappeared while the checkpoint was "
                                     f"read (a save replaced it); read it again")
 

@@ -97,6 +97,7 @@ def resolve_files(folder: str | os.PathLike | Folder) -> Layout:
         shards = sorted(set(wm.values()))
         for s in shards:
             if not fo.exists(s):
+                fo.check_current(f"shard {s} disappeared")
                 raise CheckpointError(f"{idx}: names shard {s!r}, which is missing from {d}")
         return Layout(d, shards, idx, wm, dir=fo, save_id=save_id)
     for name in SINGLE_NAMES:
@@ -107,6 +108,7 @@ def resolve_files(folder: str | os.PathLike | Folder) -> Layout:
         return Layout(d, sorted(set(wm.values())), d / PICKLE_INDEX, wm, pickle=True, dir=fo)
     if fo.exists(PICKLE_SINGLE):
         return Layout(d, [PICKLE_SINGLE], pickle=True, dir=fo)
+    fo.check_current("the weights disappeared")
     raise CheckpointError(
         f"{d}: no weights found (looked for {INDEX_NAME}, {', '.join(SINGLE_NAMES)})"
     )

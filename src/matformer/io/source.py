@@ -131,7 +131,10 @@ def _config_json(path: Path, folder: Folder | None) -> Any:
     """The parsed config.json (through `folder`, the checkpoint folder opened once, when
     given), or None if absent."""
     if folder is not None:
-        return folder.read_json(path.name, error=ConfigError) if folder.exists(path.name) else None
+        if folder.exists(path.name):
+            return folder.read_json(path.name, error=ConfigError)
+        folder.check_current(f"{path.name} disappeared")  # a save swapped the folder meanwhile
+        return None
     return read_json(path, error=ConfigError) if path.exists() else None
 
 
