@@ -9,8 +9,7 @@ A third family is read but not loaded: Hugging Face Gemma 3n (`model_type` `gemm
 `family_of` names it so the resolver can fetch its files and the verbs can hand it over, and
 asking for its config as one of ours is a one-line error.
 
-Loaders and writers ask here instead of naming one family, so detection has one rule. Torch is
-imported only by `build_model`.
+Loaders and writers ask here instead of naming one family, so detection has one rule. Torch-free.
 """
 
 from __future__ import annotations
@@ -94,14 +93,3 @@ def non_embedding_parameters(config: Config, widths: Sequence[int] | None = None
                              kv_heads: Sequence[int] | None = None) -> int:
     """The size the paper compares widths by, in either family."""
     return parameter_counts(config, widths, kv_heads)["non_embedding"]
-
-
-def build_model(config: Config) -> Any:
-    """An (initialised, or meta-device when built under one) model of `config`."""
-    if isinstance(config, MatViTConfig):
-        from .vit import MatViT
-
-        return MatViT(config)
-    from .model import MatFormerLM
-
-    return MatFormerLM(config)
