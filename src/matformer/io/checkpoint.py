@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import MatFormerConfig
 from ..errors import CheckpointChanged, CheckpointError, ConfigError
-from ..families import Config, build_model, expected_shapes
+from ..families import Config, expected_shapes
 from ..tiers import (
     check_heads_held,
     check_held,
@@ -253,6 +253,9 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     takes (of a multi-tier repo only the folder of the tier asked for is fetched and checked)."""
     import torch
 
+    from ..model import MatFormerLM
+    from ..vit import MatViT
+
     def read() -> tuple[Source, Config, dict[str, torch.Tensor]]:
         source = resolve_source(src, tier=tier, widths=widths, revision=revision)
         config = type(source.config).from_dict(source.config.to_dict())  # the model may change it
@@ -289,7 +292,7 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     config.torch_dtype = str(target).removeprefix("torch.")
     with torch.device("meta"), _SkipMetaInit():
-        model = build_model(config)  # MatFormerLM, or MatViT for a ViT config
+        model = (MatViT if isinstance(config, MatViTConfig) else MatFormerLM)(config)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:  # already shape-checked; keep the message short anyway
