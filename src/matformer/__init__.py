@@ -20,6 +20,8 @@ _EXPORTS = {
     "PRESETS": "matformer.config",
     "MatFormerLM": "matformer.model",
     "KVCache": "matformer.model",
+    "MatViT": "matformer.vit",
+    "MatViTConfig": "matformer.vit_config",
     "parameter_counts": "matformer.shapes",
     "MatFormerError": "matformer.errors",
     "ConfigError": "matformer.errors",
