@@ -23,8 +23,7 @@ so the Hugging Face key map is the identity):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +32,7 @@ from torch import nn
 from .config import MatFormerConfig
 from .errors import TierError
 from .shapes import parameter_counts
-from .tiers import (
-    check_heads_held,
-    check_held,
-    resolve_kv_heads,
-    resolve_widths,
-    uniform_kv_heads,
-    uniform_tier,
-)
+from .width_setting import WidthSetting
 
 
 class RMSNorm(nn.Module):
@@ -264,7 +256,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class MatFormerLM(nn.Module):
+class MatFormerLM(WidthSetting, nn.Module):
     """Causal LM with nested FFNs. `forward(input_ids) -> logits (B, T, V)`."""
 
     def __init__(self, config: MatFormerConfig) -> None:
@@ -296,94 +288,10 @@ class MatFormerLM(nn.Module):
             elif isinstance(mod, RMSNorm):
                 mod.weight.fill_(1.0)
 
-    # ---- widths ----------------------------------------------------------------------------
+    # ---- widths (set_widths, at_width, resolve_*: WidthSetting) ---------------------------
 
-    @property
-    def base_width(self) -> int:
-        return self.config.base
-
-    @property
-    def stored_widths(self) -> list[int]:
-        return [layer.mlp.stored_width for layer in self.model.layers]
-
-    @property
-    def widths(self) -> list[int]:
-        """Active FFN width of each layer."""
-        return [layer.mlp.width for layer in self.model.layers]
-
-    @property
-    def tier(self) -> int | None:
-        """Uniform tier the model currently computes at, or None for a Mix'n'Match setting."""
-        return uniform_tier(self.base_width, self.widths)
-
-    @property
-    def stored_kv_heads(self) -> list[int]:
-        """KV heads each layer stores."""
-        return [layer.self_attn.stored_kv_heads for layer in self.model.layers]
-
-    @property
-    def layer_kv_heads(self) -> list[int]:
-        """Active KV heads of each layer."""
-        return [layer.self_attn.kv_heads for layer in self.model.layers]
-
-    @property
-    def kv_heads(self) -> int | None:
-        """KV heads every layer currently runs, or None when the layers differ."""
-        return uniform_kv_heads(self.layer_kv_heads)
-
-    @property
-    def setting(self) -> dict[str, list[int]]:
-        """The active setting as `set_widths` keywords (restores it exactly)."""
-        return {"widths": self.widths, "layer_kv_heads": self.layer_kv_heads}
-
-    def resolve_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                       widths: int | Sequence[int] | None = None) -> list[int]:
-        """Validated per-layer widths for a request (no argument: the stored widths); tiers are
-        absolute (relative to the base). A width wider than a layer stores is a TierError."""
-        if tier is None and layer_tiers is None and widths is None:
-            return self.stored_widths
-        ws = resolve_widths(self.base_width, len(self.model.layers), tier=tier,
-                            layer_tiers=layer_tiers, widths=widths)
-        check_held(self.base_width, self.stored_widths, ws, tier=tier)
-        return ws
-
-    def resolve_kv_heads(self, *, kv_heads: int | None = None,
-                         layer_kv_heads: Sequence[int] | None = None) -> list[int]:
-        """Validated per-layer KV heads for a request (no argument: the stored heads). More heads
-        than a layer stores is a TierError."""
-        if kv_heads is None and layer_kv_heads is None:
-            return self.stored_kv_heads
-        hl = resolve_kv_heads(self.config.base_kv_heads, len(self.model.layers),
-                              kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
-        check_heads_held(self.stored_kv_heads, hl, uniform=kv_heads)
-        return hl
-
-    def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                   widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                   layer_kv_heads: Sequence[int] | None = None) -> MatFormerLM:
-        """Set the active FFN width (`tier`/`layer_tiers`/`widths`) and KV heads (`kv_heads`/
-        `layer_kv_heads`) of every layer. An axis not named goes back to what is stored (no
-        argument: the stored model)."""
-        ws = self.resolve_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
-        hl = self.resolve_kv_heads(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
-        for layer, w, g in zip(self.model.layers, ws, hl, strict=True):
-            layer.mlp.width = w
-            layer.self_attn.kv_heads = g
-        return self
-
-    @contextlib.contextmanager
-    def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                 widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                 layer_kv_heads: Sequence[int] | None = None) -> Iterator[MatFormerLM]:
-        """Run at another setting inside a `with` block (as `set_widths`); the previous setting
-        (widths and heads) is restored after."""
-        previous = self.setting
-        self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
-                        layer_kv_heads=layer_kv_heads)
-        try:
-            yield self
-        finally:
-            self.set_widths(**previous)
+    def _width_slots(self) -> list[tuple[NestedMLP, Attention]]:
+        return [(layer.mlp, layer.self_attn) for layer in self.model.layers]
 
     # ---- forward ---------------------------------------------------------------------------
 

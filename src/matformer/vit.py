@@ -25,23 +25,15 @@ identical to the ones its `save_pretrained` writes, so the Hugging Face key map 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import DataError
-from .tiers import (
-    check_heads_held,
-    check_held,
-    resolve_kv_heads,
-    resolve_widths,
-    uniform_kv_heads,
-    uniform_tier,
-)
 from .vit_config import MatViTConfig, parameter_counts
+from .width_setting import WidthSetting
 
 
 def _activation(name: str):
@@ -193,7 +185,7 @@ class ViTBackbone(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
-class MatViT(nn.Module):
+class MatViT(WidthSetting, nn.Module):
     """ViT classifier with nested FFNs and heads. `forward(pixel_values) -> logits (B, labels)`."""
 
     def __init__(self, config: MatViTConfig) -> None:
@@ -228,99 +220,14 @@ class MatViT(nn.Module):
         trunc_normal_(self.vit.embeddings.cls_token)
         trunc_normal_(self.vit.embeddings.position_embeddings)
 
-    # ---- widths and heads ------------------------------------------------------------------
+    # ---- widths and heads (set_widths, at_width, resolve_*: WidthSetting) -------------------
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.vit.encoder.layer
 
-    @property
-    def base_width(self) -> int:
-        return self.config.base
-
-    @property
-    def base_kv_heads(self) -> int:
-        return self.config.base_kv_heads
-
-    @property
-    def stored_widths(self) -> list[int]:
-        return [layer.stored_width for layer in self.layers]
-
-    @property
-    def stored_kv_heads(self) -> list[int]:
-        return [layer.attention.stored_kv_heads for layer in self.layers]
-
-    @property
-    def widths(self) -> list[int]:
-        """Active FFN width of each layer."""
-        return [layer.width for layer in self.layers]
-
-    @property
-    def layer_kv_heads(self) -> list[int]:
-        """Active heads of each layer."""
-        return [layer.attention.kv_heads for layer in self.layers]
-
-    @property
-    def kv_heads(self) -> int | None:
-        """Heads every layer currently runs, or None when the layers differ."""
-        return uniform_kv_heads(self.layer_kv_heads)
-
-    @property
-    def setting(self) -> dict[str, list[int]]:
-        """The active setting as `set_widths` keywords (restores it exactly)."""
-        return {"widths": self.widths, "layer_kv_heads": self.layer_kv_heads}
-
-    @property
-    def tier(self) -> int | None:
-        """Uniform FFN tier the model computes at, or None for a Mix'n'Match setting."""
-        return uniform_tier(self.base_width, self.widths)
-
-    def resolve_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                       widths: int | Sequence[int] | None = None) -> list[int]:
-        """Validated per-layer FFN widths for a request (tiers are absolute: relative to the
-        base); no request means the stored widths."""
-        if tier is None and layer_tiers is None and widths is None:
-            return self.stored_widths
-        ws = resolve_widths(self.base_width, len(self.layers), tier=tier, layer_tiers=layer_tiers,
-                            widths=widths)
-        check_held(self.base_width, self.stored_widths, ws, tier=tier)
-        return ws
-
-    def resolve_kv_heads(self, *, kv_heads: int | None = None,
-                         layer_kv_heads: Sequence[int] | None = None) -> list[int]:
-        """Validated per-layer head counts: `kv_heads` for every layer or one per layer (ViT
-        attention is multi-head: its KV heads are its heads); no request means the stored ones."""
-        if kv_heads is None and layer_kv_heads is None:
-            return self.stored_kv_heads
-        hl = resolve_kv_heads(self.base_kv_heads, len(self.layers), kv_heads=kv_heads,
-                              layer_kv_heads=layer_kv_heads)
-        check_heads_held(self.stored_kv_heads, hl, uniform=kv_heads)
-        return hl
-
-    def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                   widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                   layer_kv_heads: Sequence[int] | None = None) -> MatViT:
-        """Set the whole width setting: the FFN axis from `tier`/`layer_tiers`/`widths`, the
-        head axis from `kv_heads`/`layer_kv_heads`; an axis not named runs at its stored size."""
-        ws = self.resolve_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
-        gs = self.resolve_kv_heads(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
-        for layer, w, g in zip(self.layers, ws, gs, strict=True):
-            layer.width = w
-            layer.attention.kv_heads = g
-        return self
-
-    @contextlib.contextmanager
-    def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                 widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                 layer_kv_heads: Sequence[int] | None = None) -> Iterator[MatViT]:
-        """Run at another setting inside a `with` block; the previous one is restored after."""
-        previous = self.setting
-        self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
-                        layer_kv_heads=layer_kv_heads)
-        try:
-            yield self
-        finally:
-            self.set_widths(**previous)
+    def _width_slots(self) -> list[tuple[Layer, Attention]]:
+        return [(layer, layer.attention) for layer in self.layers]
 
     # ---- forward ---------------------------------------------------------------------------
 
