@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError, TierError
@@ -69,6 +70,27 @@ def check_device(device: str | None) -> None:
         raise ConfigError(f"--device {device}: MPS is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {device!r}: matformer runs on cpu, cuda or mps")
+
+
+# ---- flags and helpers shared by the model verbs (generate, eval) ------------------------------
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """CKPT (any source kind) and --revision."""
+    parser.add_argument("ckpt", metavar="CKPT",
+                        help="checkpoint folder (with tokenizer.json), .safetensors file, org/name "
+                        "or multi-tier repo")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+
+
+def write_plot(plot: Callable[..., Any], report: Any, path: str, title: str) -> None:
+    """--plot: draw `report` to `path` with `plot(report, path, title=...)`; a path that cannot
+    be written is a one-line ConfigError."""
+    try:
+        plot(report, path, title=title)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e}); choose another "
+                          f"--plot") from None
 
 
 # ---- the width and head flags of slice and export (and of slice's Gemma 3n half) ---------------

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..io.atomic import atomic_write
 from ..io.source import resolve_source
 from ..tiers import parse_int_list
-from . import check_device, draft_tokens_arg, set_threads
+from . import add_checkpoint_argument, check_device, draft_tokens_arg, set_threads, write_plot
 from .report import format_comparison, format_eval_report
 from .vit_eval import is_vit, run_vit
 
@@ -41,10 +41,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", metavar="CKPT",
-                        help="checkpoint folder (with tokenizer.json), .safetensors file, org/name "
-                        "or multi-tier repo")
-    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    add_checkpoint_argument(parser)
     parser.add_argument("--tier", type=int, default=None, metavar="T",
                         help="run at tier T: evaluate that tier (with --tiers: those instead); of "
                         "a multi-tier repo, the folder that holds it")
@@ -135,11 +132,7 @@ def _strict_json(obj: Any) -> tuple[Any, int]:
 def _plot(report: EvalReport, path: str, name: str) -> None:
     from ..plot import plot_elastic_curve  # matplotlib: optional
 
-    try:
-        plot_elastic_curve(report, path, title=f"MatFormer evaluation: {name}")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e}); choose another "
-                          f"--plot") from None
+    write_plot(plot_elastic_curve, report, path, f"MatFormer evaluation: {name}")
 
 
 def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:

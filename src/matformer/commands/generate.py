@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..errors import ConfigError, DataError
 from ..io.source import Source, resolve_source
 from ..tiers import parse_int_list
-from . import check_device, draft_tier_arg, draft_tokens_arg, set_threads
+from . import add_checkpoint_argument, check_device, draft_tier_arg, draft_tokens_arg, set_threads
 from .report import format_batch_summary, format_generation_summary
 
 if TYPE_CHECKING:
@@ -34,10 +34,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ckpt", metavar="CKPT",
-                        help="checkpoint folder (with tokenizer.json), .safetensors file, org/name "
-                        "or multi-tier repo")
-    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    add_checkpoint_argument(parser)
     parser.add_argument("--prompt", default=None, help="the prompt text (default: read stdin)")
     parser.add_argument("--prompts-file", default=None, metavar="FILE",
                         help="decode every line of FILE as a prompt, in one batch")

@@ -23,6 +23,7 @@ from ..io.source import resolve_source
 from ..shapes import format_count
 from ..tiers import parse_int_list
 from ..vit_config import MatViTConfig
+from . import write_plot
 
 _TEXT_ONLY = {"compare": None, "layer_kv_heads": None, "seq_len": None, "max_tokens": None,
               "compile": False, "dtype": None}
@@ -89,8 +90,4 @@ def format_vit_report(report: Any) -> str:
 def _plot(report: Any, path: str, name: str) -> None:
     from ..vision_plot import plot_vit_report  # matplotlib: optional
 
-    try:
-        plot_vit_report(report, path, title=f"MatViT evaluation: {name}")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e}); choose another "
-                          f"--plot") from None
+    write_plot(plot_vit_report, report, path, f"MatViT evaluation: {name}")
