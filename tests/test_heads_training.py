@@ -1,22 +1,30 @@
 """Training with nested attention heads (issue 11): the (tier, heads) plans, NestedAdamW's prefix
 updates over rows (q/k/v) and columns (o), runtime-head training that leaves every other head
-bit-identical (weights and optimizer state), --nest-heads end to end with resume."""
+bit-identical (weights and optimizer state), in one process and per rank on 2 gloo processes
+(DDP and FSDP2, against a single-process reference, resumed bit-exactly), --nest-heads end to end
+with resume."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_scale import _torchrun, corpus  # noqa: F401 (corpus: a pytest fixture)
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from matformer import MatFormerConfig, MatFormerLM
+from matformer import data as D
 from matformer.commands.train import add_arguments, config_from_args
-from matformer.training import TrainConfig, train
+from matformer.io.checkpoint import load_state_dict
+from matformer.training import Objective, TrainConfig, lr_at, model_config, train
 from matformer.training.objective import step_plan, update_extents
-from matformer.training.optimizer import NestedAdamW
+from matformer.training.optimizer import NestedAdamW, build_optimizer, nested_dims, set_lr
 from matformer.training.points import Point, all_trained_points, extents, parse_key
+from matformer.training.state import STATE_FILE
 
 HEADS = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 SMALL = dict(preset="debug", batch_size=2, seq_len=32, vocab_size=300, max_corpus_bytes=60_000,
@@ -145,3 +153,103 @@ def test_nest_heads_end_to_end_flags_log_keys_and_resume(tmp_path):
     assert set(resumed.final_val_loss) == want and resumed.history[0]["step"] == 2
     assert all(np.isfinite(v) for v in resumed.final_val_loss.values())
     assert set(resumed.history[0]["val_loss"]) == want  # 'T/kvG' keys parsed back
+
+
+# ---- per-rank runtime heads on 2 gloo processes (DDP and FSDP2) --------------------------------
+
+# G = 4 KV heads (8 query heads, 2 per KV head): rank 0 at runtime heads 2 (= G/2) and tier 1,
+# rank 1 at 1 head and tier 2; `joint`, so every step uses the same prefixes (counts = steps).
+RANK_HEADS_ARGS = ["--preset", "debug", "--num-heads", "8", "--num-kv-heads", "4", "--head-dim",
+                   "16", "--steps", "4", "--save-every", "2", "--batch-size", "2", "--seq-len",
+                   "32", "--lr", "1e-2", "--warmup-steps", "2", "--vocab-size", "300",
+                   "--eval-every", "1000", "--eval-windows", "2", "--val-fraction", "0.1",
+                   "--objective", "joint", "--rank-tiers", "1,2", "--rank-kv-heads", "2,1"]
+
+
+def _rank_heads_reference(cfg: TrainConfig, out: Path) -> tuple[MatFormerLM, dict, NestedAdamW]:
+    """Single process: each rank's batch at each of its plan's (tier, heads) points, the ranks'
+    gradients averaged as DDP does (each divided by the world size, then summed in rank order:
+    summing `loss / world` backward passes instead differs by float rounding, which Adam can
+    amplify past 1e-6 where a gradient cancels), NestedAdamW over the prefixes any rank used."""
+    tok = D.load_tokenizer(out)
+    train_texts, _ = D.split_texts(D.load_texts(cfg.data), cfg.val_fraction, cfg.split_seed)
+    sampler = D.WindowSampler(D.tokenize(tok, train_texts, cfg.cache_dir), cfg.seq_len, cfg.seed)
+    mc = model_config(cfg, tok.get_vocab_size())
+    model = MatFormerLM(mc)
+    model.reset_parameters(seed=cfg.seed)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, cfg)
+    obj, world, B = Objective(model), 2, cfg.batch_size
+    for step in range(cfg.steps):
+        x = torch.from_numpy(sampler.next(world * B))
+        set_lr(opt, lr_at(cfg, step))
+        total: dict[str, torch.Tensor] = {}
+        for r in range(world):
+            for item in step_plan(cfg, mc.base, step, r, world, kv_base=mc.base_kv_heads):
+                loss, _ = obj(x[r * B:(r + 1) * B], [item])
+                loss.backward()
+            for name, p in model.named_parameters():
+                g = p.grad / world
+                total[name] = g if r == 0 else total[name] + g
+                p.grad = None
+        for name, p in model.named_parameters():
+            p.grad = total[name]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(update_extents(cfg, mc, step, world))
+        opt.zero_grad(set_to_none=True)
+    return model, init, opt
+
+
+def _checkpoint(ckpt: Path, fsdp: bool, tmp: Path) -> tuple[dict, dict]:
+    """(weights, optimizer state by 'name.exp_avg' / '.exp_avg_sq' / '.step') a checkpoint holds:
+    the single-file state of a DDP run, the DCP folder of an FSDP2 run (read without a process
+    group, all shards gathered)."""
+    if not fsdp:
+        st = load_file(str(ckpt / STATE_FILE))
+        return load_state_dict(ckpt), {k[6:]: v for k, v in st.items() if k.startswith("optim.")}
+    dcp_to_torch_save(ckpt / "training_state", tmp)
+    st = torch.load(tmp, weights_only=False)
+    return st["model"], st["optim"]
+
+
+@pytest.mark.parametrize("fsdp,nest", [(False, False), (True, True)])
+def test_rank_kv_heads_on_two_processes_match_one_keep_other_heads_and_resume(
+        tmp_path, corpus, fsdp, nest):  # noqa: F811 (the imported fixture)
+    """DDP (each rank at exactly its heads) and FSDP2 with --nest-heads (rank 0 trains heads 2
+    and 1, rank 1 only 1: plans of 6 and 2 passes, the shorter padded): the weights equal the
+    single-process reference; the heads past 2 (q/k/v rows, o columns) and the FFN past tier 1
+    keep their initial weights bit for bit, with zero moments and zero step counts; resuming the
+    step-2 checkpoint on 2 processes ends bit-identical in weights and optimizer state."""
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), *RANK_HEADS_ARGS,
+              *(["--fsdp"] if fsdp else []), *(["--nest-heads"] if nest else [])]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _torchrun(["--out", str(a), *common])
+    cfg = TrainConfig(**json.loads((a / "train_config.json").read_text()))
+    assert (cfg.rank_kv_heads, cfg.rank_tiers, cfg.fsdp, cfg.nest_heads) == ([2, 1], [1, 2], fsdp,
+                                                                              nest)
+    model, init, ref_opt = _rank_heads_reference(cfg, a)
+    mc = model.config
+    assert (mc.base_kv_heads, mc.group_size, mc.head_dim) == (4, 2, 16)
+    got = load_state_dict(a)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    weights, moments = _checkpoint(a / "checkpoints" / "step-0000004", fsdp, tmp_path / "a.pt")
+    assert all(torch.equal(weights[k], got[k]) for k in got)
+    kept, dim_of = extents(mc, mc.base >> 1, 2), nested_dims(True)
+    for name, n in kept.items():
+        tail = (slice(n, None),) if dim_of(name) == 0 else (slice(None), slice(n, None))
+        head = (slice(0, n),) if dim_of(name) == 0 else (slice(None), slice(0, n))
+        assert torch.equal(got[name][tail], init[name][tail]), name  # bit-identical
+        assert not torch.equal(got[name][head], init[name][head]), name  # the kept part trained
+        for m in ("exp_avg", "exp_avg_sq"):
+            assert torch.count_nonzero(moments[f"{name}.{m}"][tail]) == 0, name
+        steps = moments[f"{name}.step"]
+        assert steps[:n].tolist() == [4] * n and int(steps[n:].sum()) == 0, name
+        assert torch.equal(ref_opt.state[dict(model.named_parameters())[name]]["step"], steps)
+
+    _torchrun(["--out", str(b), *common, "--resume", str(a / "checkpoints" / "step-0000002")])
+    got_b = load_state_dict(b)
+    assert all(torch.equal(got[k], got_b[k]) for k in got)
+    _, moments_b = _checkpoint(b / "checkpoints" / "step-0000004", fsdp, tmp_path / "b.pt")
+    assert moments.keys() == moments_b.keys()
+    assert all(torch.equal(moments[k], moments_b[k]) for k in moments)
