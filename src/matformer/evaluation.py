@@ -339,14 +339,8 @@ def evaluate(
     seq_len, max_windows = _window_shape(model_or_ckpt, data, seq_len, max_tokens,
                                          model.config.max_position_embeddings)
     windows, data_desc = _evaluation_windows(model_or_ckpt, data, tokenizer, seq_len, max_windows, say)
-    vocab = model.config.vocab_size
-    if windows.size and (windows.min() < 0 or windows.max() >= vocab):
-        raise DataError(f"evaluation data holds token id {int(windows.max())} outside the model's "
-                        f"vocabulary of {vocab}; was it tokenized with this checkpoint's tokenizer?")
-    if kv_heads is None and layer_kv_heads is None:
-        own = None if isinstance(model_or_ckpt, MatFormerLM) else _checkpoint_folder(model_or_ckpt)
-        kv_heads = default_kv_heads(model, own)
-    heads = [kv_heads] if isinstance(kv_heads, int) else kv_heads
+    _check_vocab(windows, model.config.vocab_size)
+    heads = _heads_to_evaluate(model, model_or_ckpt, kv_heads, layer_kv_heads)
     selected = select_widths(model, uniform_tiers, plans, mix_n_match, heads, layer_kv_heads)
     say(f"evaluating {len(selected)} widths on {windows.shape[0]} windows x {windows.shape[1]} tokens")
     weight = model.model.embed_tokens.weight
@@ -364,6 +358,22 @@ def evaluate(
                        prompt_len=spec_prompt_len, new_tokens=spec_new_tokens, say=say,
                        compile=compile)
     return report
+
+
+def _check_vocab(windows: np.ndarray, vocab: int) -> None:
+    if windows.size and (windows.min() < 0 or windows.max() >= vocab):
+        raise DataError(f"evaluation data holds token id {int(windows.max())} outside the model's "
+                        f"vocabulary of {vocab}; was it tokenized with this checkpoint's tokenizer?")
+
+
+def _heads_to_evaluate(model: MatFormerLM, model_or_ckpt: MatFormerLM | Source,
+                       kv_heads: int | Sequence[int] | None,
+                       layer_kv_heads: Sequence[Sequence[int]] | None) -> Sequence[int] | None:
+    """The uniform head counts to evaluate: as asked, or (nothing asked) `default_kv_heads`."""
+    if kv_heads is None and layer_kv_heads is None:
+        own = None if isinstance(model_or_ckpt, MatFormerLM) else _checkpoint_folder(model_or_ckpt)
+        kv_heads = default_kv_heads(model, own)
+    return [kv_heads] if isinstance(kv_heads, int) else kv_heads
 
 
 def _model_to_evaluate(model_or_source: MatFormerLM | Source, device: str | torch.device | None,
