@@ -55,6 +55,13 @@ def plot_elastic_curve(report: Any, path: str | os.PathLike, title: str | None =
            f"; KL = {d.get('kl_direction', '')}")
     fig.suptitle(title or "MatFormer evaluation", fontsize=13, fontweight="bold")
     fig.text(0.5, -0.02, sub, ha="center", fontsize=8, color="#555555")
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG to `path` (its folder made if needed) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130, bbox_inches="tight")
@@ -95,7 +102,8 @@ def _heads_label(heads: list[int]) -> str:
     return f"{heads[0]} KV" if len(set(heads)) == 1 else "kv[" + ",".join(map(str, heads)) + "]"
 
 
-def _style(axis: Any, ylabel: str, title: str) -> None:
+def style_size_axis(axis: Any, ylabel: str, title: str) -> None:
+    """An axis with non-embedding parameters on x (formatted counts), a grid and a title."""
     from matplotlib.ticker import FuncFormatter
 
     axis.set_xlabel("non-embedding parameters")
@@ -136,7 +144,7 @@ def _loss_panel(ax: Any, groups: dict[str, list[dict]], rows: list[dict], base: 
                         textcoords="offset points", xytext=(5, -12), fontsize=7.5,
                         color="#555555")
     ax.margins(x=0.12, y=0.12)
-    _style(ax, "validation loss (nats/token)", "Elastic curve: one model, every width")
+    style_size_axis(ax, "validation loss (nats/token)", "Elastic curve: one model, every width")
     ax.legend(loc="best", fontsize=9, framealpha=0.9)
     # Perplexity on the right axis of the loss plot: same curve, another unit.
     lo, hi = ax.get_ylim()
@@ -150,7 +158,7 @@ def _consistency_panel(ax2: Any, groups: dict[str, list[dict]]) -> None:
     """Greedy-token match with the full width against size, KL written beside each tier."""
     _series(ax2, groups, "greedy_match", 100.0)
     ax2.margins(x=0.12, y=0.1)
-    _style(ax2, "greedy tokens matching the full width (%)", "Consistency with the full width")
+    style_size_axis(ax2, "greedy tokens matching the full width (%)", "Consistency with the full width")
     for r in groups["tier"]:
         ax2.annotate(f"KL {r['kl_from_reference']:.3f}", (r[_X], 100 * r["greedy_match"]),
                      textcoords="offset points", xytext=(6, -12), fontsize=8, color="#1f77b4")

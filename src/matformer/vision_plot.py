@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .shapes import format_count
+from .plot import save_figure, style_size_axis
 
 _X = "non_embedding_params"
 _STYLE = {"mix": ("D", "#ff7f0e", "Mix'n'Match (least slope)"),
@@ -55,19 +55,9 @@ def plot_vit_report(report: Any, path: str | os.PathLike, title: str | None = No
     fig.text(0.5, -0.02, f"{d.get('source', '')}: {d.get('num_images', 0)} held-out images "
              f"({d.get('data', '')}), {d.get('num_classes', 0)} classes", ha="center", fontsize=8,
              color="#555555")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _style(axis: Any, ylabel: str, title: str) -> None:
-    from matplotlib.ticker import FuncFormatter
-
-    axis.set_xlabel("non-embedding parameters")
-    axis.set_ylabel(ylabel)
-    axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_count(x)))
-    axis.grid(alpha=0.3)
-    axis.set_title(title)
+    style_size_axis(axis, ylabel, title)
     axis.margins(x=0.1, y=0.1)
