@@ -325,6 +325,61 @@ def test_width_switches_do_not_recompile() -> None:
     torch._dynamo.reset()
 
 
+def test_the_benchmark_sequence_compiles_each_setting_once(monkeypatch) -> None:
+    """benchmarks/decode.py's calls (plain decoding at every tier, `draft_tier="auto"` measuring
+    costs over every tier and k up to 6, tiers 1-3 as named drafts, a separate draft model, over
+    several prompts) with a counting backend: one graph per distinct (model, widths, KV heads,
+    tokens) the decoders ran, and a second identical pass compiles nothing. Issue 13's H100 run
+    compiled more: the token tensor's strides and inference-ness were part of the graph key, so
+    measure_costs' graphs were not the rounds' and the rounds compiled theirs while timed."""
+    from torch._dynamo.testing import CompileCounter
+
+    import matformer.decoding as decoding
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = decoding.compiled_forward
+    monkeypatch.setattr(decoding, "compiled_forward",
+                        lambda mode=None, backend="inductor": compiled(None, counter))
+    used: set[tuple] = set()
+    forward = decoding.StaticDecoder.forward
+
+    def recording(self, ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        used.add((id(m), tuple(m.widths), tuple(m.layer_kv_heads), tuple(ids.shape)))
+        return forward(self, ids)
+
+    monkeypatch.setattr(decoding.StaticDecoder, "forward", recording)
+    model, draft = _model(11), _model(12, intermediate_size=32)
+    prompts = [PROMPT, [9, 8, 7, 6, 5], [300, 1, 2, 400, 3, 4, 5, 6, 7]]
+    kw = dict(ignore_eos=True, compile=True, max_draft_tokens=6)
+
+    def sequence() -> None:
+        for tier in range(4):
+            generate(model, PROMPT, 12, tier=tier, ignore_eos=True, compile=True)
+        costs = speculative_generate(model, PROMPT, 12, draft_tier="auto", **kw).extra["costs"]
+        for p in prompts:
+            generate(model, p, 12, ignore_eos=True, compile=True)
+            speculative_generate(model, p, 12, draft_tier="auto", costs=costs, **kw)
+            for tier in (1, 2, 3):
+                speculative_generate(model, p, 12, draft_tier=tier, draft_tokens="auto",
+                                     costs=costs, **kw)
+            speculative_generate(model, p, 12, draft_model=draft, draft_tokens="auto", **kw)
+
+    sequence()
+    n = len(used)
+    assert counter.frame_count == n
+    full, small = tuple(model.stored_widths), tuple(draft.stored_widths)
+    heads = tuple(model.stored_kv_heads)
+    want = {(id(model), full, heads, (1, t)) for t in range(1, 8)}  # steps, verifies k=1..6
+    want |= {(id(model), tuple(model.resolve_widths(tier=t)), heads, (1, 1)) for t in (1, 2, 3)}
+    want.add((id(draft), small, tuple(draft.stored_kv_heads), (1, 1)))
+    assert used == want
+    sequence()
+    assert counter.frame_count == n and len(used) == n
+    torch._dynamo.reset()
+
+
 # ---- the choice of draft and k -----------------------------------------------------------------------
 
 

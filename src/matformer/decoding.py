@@ -9,6 +9,14 @@ each the first time and reuses it afterwards: no recompiles after the first use 
 (tests/test_generate.py counts them). `dynamic=False` keeps a verify of k+1 tokens from turning
 the token dimension symbolic after a second k is seen.
 
+Dynamo also guards on the token tensor's strides and on whether it is an inference tensor, so
+the same (width, heads, tokens) reached with a slice of a longer tensor, or with a prompt tensor
+made outside `torch.inference_mode`, used to be another graph: the costs `measure_costs` timed
+were of graphs the rounds never ran, and the rounds compiled theirs the first time a (draft, k)
+came up, inside timed decoding (issue 13's H100 run). `StaticDecoder` therefore runs every
+forward in inference mode on a contiguous inference copy of the tokens (`_canonical`), and
+allocates its cache there too: one graph per (width, heads, tokens, batch, cache length).
+
 - CPU: inductor's default mode (fused pointwise kernels in C++, matmuls in MKL/oneDNN); the
   per-token Python work left is dynamo's guard check and one call.
 - CUDA: mode="reduce-overhead" (CUDA graphs); the cache tensors are marked static addresses so
@@ -48,6 +56,15 @@ def compiled_forward(mode: str | None = None, backend: str | Callable = "inducto
     return torch.compile(_forward, mode=mode, backend=backend, dynamic=False, fullgraph=True)
 
 
+def _canonical(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T) as the compiled step always sees them (call in inference mode): an
+    inference tensor with contiguous strides, so neither a strided slice nor a tensor made
+    outside inference mode makes another graph. Copies only when `ids` is not already that."""
+    if ids.is_inference() and ids.stride() == (ids.shape[1], 1):
+        return ids
+    return ids.clone(memory_format=torch.contiguous_format)
+
+
 def default_compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
@@ -62,8 +79,9 @@ class StaticDecoder:
                  mode: str | None = None) -> None:
         self.model = model
         self.device = model.model.embed_tokens.weight.device
-        self.cache = model.new_cache(batch_size, max_len)
-        self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        with torch.inference_mode():  # as every forward runs: no graph per tensor kind
+            self.cache = model.new_cache(batch_size, max_len)
+            self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.pos = 0
         self.compiled = compile
         self.cuda_graphs = False
@@ -88,13 +106,14 @@ class StaticDecoder:
         """Write the prompts (1-D token tensors, one per row, any lengths) into columns
         0..P-1 (P the longest), left-padded; returns each row's last logits (B, V). Eager."""
         P = max(p.shape[0] for p in prompts)
-        ids = torch.zeros(len(prompts), P, dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            ids[b, P - p.shape[0]:] = p
-        self.pad.copy_(torch.tensor([P - p.shape[0] for p in prompts], device=self.device))
-        self.pos = 0
-        cols = torch.arange(P, device=self.device)
-        logits = _forward(self.model, ids, cols, self.cache, self.pad, True)[:, 0]
+        with torch.inference_mode():
+            ids = torch.zeros(len(prompts), P, dtype=torch.long, device=self.device)
+            for b, p in enumerate(prompts):
+                ids[b, P - p.shape[0]:] = p
+            self.pad.copy_(torch.tensor([P - p.shape[0] for p in prompts], device=self.device))
+            self.pos = 0
+            cols = torch.arange(P, device=self.device)
+            logits = _forward(self.model, ids, cols, self.cache, self.pad, True)[:, 0]
         self.pos = P
         return logits
 
@@ -102,12 +121,15 @@ class StaticDecoder:
         """Tokens ids (B, T) in the next T columns -> logits (B, T, V) at the model's current
         width (T=1: a decoding step; T=k+1: a verify)."""
         T = ids.shape[1]
-        cols = torch.arange(self.pos, self.pos + T, device=self.device)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self._step(self.model, ids, cols, self.cache, self.pad, False)
+        with torch.inference_mode():
+            ids = _canonical(ids)
+            cols = torch.arange(self.pos, self.pos + T, device=self.device)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = self._step(self.model, ids, cols, self.cache, self.pad, False)
+            out = out.clone() if self.cuda_graphs else out
         self.pos += T
-        return out.clone() if self.cuda_graphs else out
+        return out
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row (B, 1) -> next-token logits (B, V)."""

@@ -164,11 +164,13 @@ def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: dict[str, Any]
     keywords: widths and KV heads)."""
     t0 = time.perf_counter()
     pos = dec.pos
-    tok = torch.zeros(1, max(ks, default=0) + 1, dtype=torch.long, device=dec.device)
+    # one contiguous tensor per length, as the rounds pass (a slice would be copied each call)
+    toks = {n: torch.zeros(1, n, dtype=torch.long, device=dec.device)
+            for n in (1, *(k + 1 for k in ks))}
 
     def run(d: StaticDecoder, n: int) -> None:
         at = d.pos
-        d.forward(tok[:, :n])
+        d.forward(toks[n])
         d.crop(at)
 
     verify = {}
