@@ -210,6 +210,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sampling(model: MatFormerLM, device: torch.device, temperature: float, top_k: int | None,
+              top_p: float | None, seed: int | None, eos_token_id: int | Sequence[int] | None,
+              ignore_eos: bool) -> tuple[Sampler, set[int]]:
+    """The sampler and the stop tokens of one decoding call (every decoding entry point)."""
+    return (Sampler(temperature, top_k, top_p, seed, device),
+            set() if ignore_eos else _eos_set(model, eos_token_id))
+
+
 def _requested(tier: int | None, layer_tiers: Sequence[int] | None,
                widths: int | Sequence[int] | None, kv_heads: int | None = None,
                layer_kv_heads: Sequence[int] | None = None) -> dict[str, Any] | None:
@@ -280,8 +288,8 @@ def generate(
     ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
     P = ids.shape[1]
     max_len = _check_lengths(model, P, max_new_tokens)
-    sampler = Sampler(temperature, top_k, top_p, seed, device)
-    eos = set() if ignore_eos else _eos_set(model, eos_token_id)
+    sampler, eos = _sampling(model, device, temperature, top_k, top_p, seed, eos_token_id,
+                             ignore_eos)
     stats = GenerationStats(prompt_tokens=P)
     out: list[int] = []
     setting = _call_setting(model, _requested(tier, layer_tiers, widths, kv_heads, layer_kv_heads))
@@ -370,8 +378,8 @@ def generate_batch(
     device = model.model.embed_tokens.weight.device
     rows = [_prompt_ids(p, device, model.config.vocab_size)[0] for p in prompts]
     max_len = _check_lengths(model, max(r.shape[0] for r in rows), max_new_tokens)
-    sampler = Sampler(temperature, top_k, top_p, seed, device)
-    eos = set() if ignore_eos else _eos_set(model, eos_token_id)
+    sampler, eos = _sampling(model, device, temperature, top_k, top_p, seed, eos_token_id,
+                             ignore_eos)
     stats = [GenerationStats(prompt_tokens=r.shape[0]) for r in rows]
     outs: list[list[int]] = [[] for _ in rows]
     setting = _call_setting(model, _requested(tier, layer_tiers, widths, kv_heads, layer_kv_heads))

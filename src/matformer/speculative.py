@@ -40,10 +40,11 @@ from .generation import (
     GenerationStats,
     Sampler,
     StreamCallback,
+    _call_setting,
     _check_lengths,
-    _eos_set,
     _prompt_ids,
     _requested,
+    _sampling,
     _sync,
     default_draft_tier,
     static_decoder,
@@ -259,8 +260,12 @@ def _draft_kv_heads(model: MatFormerLM, target: dict[str, Any],
     return heads
 
 
-def _draft_lengths(draft_tokens: int | str, max_draft_tokens: int) -> tuple[list[int], str]:
-    """(the k to choose among, the mode: 'fixed', 'adaptive' or 'auto')."""
+def _draft_lengths(draft_tokens: int | str | None, max_draft_tokens: int,
+                   draft_tier: int | str | None) -> tuple[list[int], str]:
+    """(the k to choose among, the mode: 'fixed', 'adaptive' or 'auto'); `draft_tokens` None is
+    "auto" with `draft_tier="auto"`, else 4."""
+    if draft_tokens is None:
+        draft_tokens = "auto" if draft_tier == "auto" else 4
     if draft_tokens == "adaptive":
         return [min(4, max_draft_tokens)], "adaptive"
     if draft_tokens == "auto":
@@ -339,23 +344,16 @@ def speculative_generate(
     """
     device = model.model.embed_tokens.weight.device
     ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
-    P = ids.shape[1]
-    max_len = _check_lengths(model, P, max_new_tokens)
-    sampler = Sampler(temperature, top_k, top_p, seed, device)
-    eos = set() if ignore_eos else _eos_set(model, eos_token_id)
-    if draft_tokens is None:
-        draft_tokens = "auto" if draft_tier == "auto" else 4
-    ks, mode = _draft_lengths(draft_tokens, max_draft_tokens)
-    request = _requested(tier, layer_tiers, widths)
-    heads = _requested(None, None, None, kv_heads, layer_kv_heads)
-    target = {"widths": model.resolve_widths(**request) if request else model.widths,
-              "layer_kv_heads": (model.resolve_kv_heads(**heads) if heads
-                                 else model.layer_kv_heads)}
+    max_len = _check_lengths(model, ids.shape[1], max_new_tokens)
+    sampler, eos = _sampling(model, device, temperature, top_k, top_p, seed, eos_token_id,
+                             ignore_eos)
+    ks, mode = _draft_lengths(draft_tokens, max_draft_tokens, draft_tier)
+    target = (_call_setting(model, _requested(tier, layer_tiers, widths, kv_heads, layer_kv_heads))
+              or model.setting)
     drafts = _drafts(model, target, draft_tier, draft_layer_tiers, draft_widths, draft_model,
                      _requested(None, None, None, draft_kv_heads, draft_layer_kv_heads))
     choose = mode == "auto" or len(drafts) > 1
-    stats = GenerationStats(prompt_tokens=P)
-    extra: dict[str, Any] = {}
+    stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
     # at_width restores the caller's setting on exit, whatever draft/target switching happened.
     with model.at_width(**target), torch.inference_mode():
         t0 = time.perf_counter()
@@ -365,11 +363,8 @@ def speculative_generate(
         state = _Round(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
                        plain_ok=draft_tier == "auto")
         if choose:
-            state.prior = prompt_agreement(model, ids, target, drafts, sampler)
-            if not _covers(costs, drafts, ks):
-                costs = measure_costs(model, dec, target, drafts, draft_decs, ks)
-            _rechoose(state, drafts, costs, ks, extra)
-            extra["costs"] = costs
+            costs = _first_choice(model, dec, draft_decs, ids, target, drafts, ks, sampler, state,
+                                  costs, extra)
         stats.prefill_seconds = time.perf_counter() - t0
         out = _rounds(model, dec, draft_decs, cur, state, target, sampler, eos, max_new_tokens,
                       stats, stream, ks if choose else None, costs, drafts, extra)
@@ -380,8 +375,21 @@ def speculative_generate(
         extra["cache"] = dec.finish()
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target["widths"]),
                             stats=stats, draft_widths=list(state.draft.widths), extra=extra,
-                            kv_heads=list(target["layer_kv_heads"]),
-                            draft_kv_heads=state.draft.kv_heads)
+                            kv_heads=list(target["layer_kv_heads"]), draft_kv_heads=state.draft.kv_heads)
+
+
+def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
+                  ids: torch.Tensor, target: dict[str, Any], drafts: list[Draft],
+                  ks: Sequence[int], sampler: Sampler, state: _Round, costs: DecodeCosts | None,
+                  extra: dict[str, Any]) -> DecodeCosts:
+    """The first (draft, k) choice, from the prompt's agreement and the costs (measured now
+    unless `costs` cover every draft and k); returns the costs (also in `extra["costs"]`)."""
+    state.prior = prompt_agreement(model, ids, target, drafts, sampler)
+    if not _covers(costs, drafts, ks):
+        costs = measure_costs(model, dec, target, drafts, draft_decs, ks)
+    _rechoose(state, drafts, costs, ks, extra)
+    extra["costs"] = costs
+    return costs
 
 
 def _covers(costs: DecodeCosts | None, drafts: Sequence[Draft], ks: Sequence[int]) -> bool:
