@@ -18,9 +18,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,6 +60,15 @@ def setup(device: str) -> Dist:
 def teardown(dist: Dist) -> None:
     if torch.distributed.is_initialized():  # also the group of one that `shard` starts
         torch.distributed.destroy_process_group()
+
+
+def run_in_group(device: str, body: Callable[[Dist], T]) -> T:
+    """`setup(device)`, `body(dist)`, then `teardown` however the body ends (both trainers)."""
+    dist = setup(device)
+    try:
+        return body(dist)
+    finally:
+        teardown(dist)
 
 
 def wrap(module: nn.Module, dist: Dist) -> nn.Module:

@@ -46,11 +46,7 @@ def train(cfg: TrainConfig) -> TrainResult | VisionTrainResult:
     `cfg.arch == "vit"`: a MatViT (training.vision)."""
     if cfg.arch == "vit":
         return train_vit(cfg)
-    dist = distributed.setup(cfg.device)
-    try:
-        return _loop(prepare(cfg, dist))
-    finally:
-        distributed.teardown(dist)
+    return distributed.run_in_group(cfg.device, lambda dist: _loop(prepare(cfg, dist)))
 
 
 def _loop(run: Run) -> TrainResult:

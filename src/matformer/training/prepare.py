@@ -35,8 +35,23 @@ from .settings import TrainConfig, model_config, runtime_tiers, validate
 from .state import History, TrainingState
 
 
+class RunPaths:
+    """What both trainers' runs (Run, training.vision.VisionRun) read the same way."""
+
+    cfg: TrainConfig
+    model_cfg: Any
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def base(self) -> int:
+        return self.model_cfg.base
+
+
 @dataclass
-class Run:
+class Run(RunPaths):
     cfg: TrainConfig
     dist: Dist
     report: Reporter
@@ -60,14 +75,6 @@ class Run:
     batches: Batches | None = None
     """This rank's micro-batches, read ahead (training.batches)."""
     scaler: LossScaler = field(default_factory=lambda: LossScaler(False))
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.out)
-
-    @property
-    def base(self) -> int:
-        return self.model_cfg.base
 
     def batch(self) -> torch.Tensor:
         """This rank's share of the next global batch (every rank reads the same stream)."""

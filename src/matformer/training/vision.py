@@ -51,6 +51,7 @@ from . import distributed, divergence, state
 from .distributed import Dist
 from .optimizer import build_optimizer, lr_at, set_lr
 from .precision import LossScaler
+from .prepare import RunPaths
 from .report import Reporter, fmt_time, step_losses
 from .settings import TrainConfig, all_trained_tiers, validate
 from .step import train_step
@@ -178,7 +179,7 @@ class VisionTrainResult:
 
 
 @dataclass
-class VisionRun:
+class VisionRun(RunPaths):
     cfg: TrainConfig
     dist: Dist
     report: Reporter
@@ -197,14 +198,6 @@ class VisionRun:
     start: int = 0
     images_seen: int = 0
     history: state.History = field(default_factory=list)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.out)
-
-    @property
-    def base(self) -> int:
-        return self.model_cfg.base
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the next global batch (every rank draws the same order)."""
@@ -284,11 +277,7 @@ def _describe(run: VisionRun) -> None:
 
 def train_vit(cfg: TrainConfig) -> VisionTrainResult:
     """Train (or resume) a MatViT as `cfg` says; returns the final per-tier held-out scores."""
-    dist = distributed.setup(cfg.device)
-    try:
-        return _loop(prepare_vit(cfg, dist))
-    finally:
-        distributed.teardown(dist)
+    return distributed.run_in_group(cfg.device, lambda dist: _loop(prepare_vit(cfg, dist)))
 
 
 def _loop(run: VisionRun) -> VisionTrainResult:
