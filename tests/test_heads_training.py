@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_scale import _torchrun, corpus  # noqa: F401 (corpus: a pytest fixture)
+from test_train_scale import _torchrun
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from matformer import MatFormerConfig, MatFormerLM

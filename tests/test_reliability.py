@@ -408,15 +408,6 @@ def test_header_and_map_come_from_one_file(tmp_path):
 # ---- divergence --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        body = "".join(f"def f_{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n" for j in range(12))
-        (d / f"m{i:02d}.py").write_text(f"# module {i}\nimport os\n\n" + body)
-    return d
-
-
 def _train_cfg(tmp_path: Path, corpus: Path, **kw):
     from matformer.training import TrainConfig
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config as tiny
 
 from matformer import data as D
 from matformer.cli import main as cli_main
@@ -34,24 +35,6 @@ from matformer.training import (
 )
 
 FFN = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        body = "".join(f"def f_{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n" for j in range(12))
-        (d / f"m{i:02d}.py").write_text(f"# module {i}\nimport os\n\n" + body)
-    return d
-
-
-def tiny(tmp_path: Path, corpus: Path, **kw) -> TrainConfig:
-    base = dict(out=str(tmp_path / "run"), data=str(corpus), preset="debug", steps=24,
-                batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, vocab_size=300,
-                eval_every=1000, save_every=1000, eval_windows=8, seed=0,
-                cache_dir=str(tmp_path.parent / "cache"), quiet=True, val_fraction=0.1)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
