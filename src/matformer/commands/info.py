@@ -1,5 +1,7 @@
-"""Show what a checkpoint stores: widths, base, tier, runnable tiers, stored and base KV heads,
-files, parameters, dtype.
+"""Show what a checkpoint stores: widths, heads, tier, files, parameters, dtype.
+
+Printed: stored and base FFN widths, the tier, runnable tiers, stored and base KV heads, files,
+parameters and dtype.
 
 SRC is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revision]), or a
 multi-tier repo written by `matformer slice --tiers` with --tier T (the folder holding tier T).
