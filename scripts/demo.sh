@@ -13,9 +13,11 @@ RESUME=()
 if [ -d "$OUT/checkpoints" ]; then RESUME=(--resume); fi
 # The ffn8-tiny preset: FFN 8x hidden as in Gemma 3n, embeddings 13% of the parameters, so the
 # nested widths differ in what they can do and the elastic curve slopes. 1000 steps of 16 x 128
-# tokens, one width sampled per step.
+# tokens, one width sampled per step with the paper's XL-weighted probabilities (Table 6: tiers
+# 0..3 = XL..S drawn 0.41/0.22/0.20/0.17); uniform sampling left tier 0 level with tier 1 here.
 .venv/bin/matformer train --out "$OUT" --preset ffn8-tiny --vocab-size 1024 --steps 1000 \
-  --eval-every 250 --save-every 500 --log-every 25 "${RESUME[@]}" "$@"
+  --tier-probs 0.41,0.22,0.20,0.17 --eval-every 250 --save-every 500 --log-every 25 \
+  "${RESUME[@]}" "$@"
 .venv/bin/matformer eval "$OUT" --plot "$OUT/elastic.png" --json-out "$OUT/eval.json"
 echo
 echo "checkpoint: $OUT/   plot: $OUT/elastic.png   eval report: $OUT/eval.json"
