@@ -52,7 +52,8 @@ class TrainConfig:
     data: str | None = setting(None, "text file, folder of text files (.jsonl: one {\"text\": ...} "
                                "per line), or a datasets folder saved with save_to_disk (default: "
                                "the Python standard library's source, offline)")
-    preset: str = setting("tiny", "model size: debug, tiny, small, base, 850m; the vocabulary size "
+    preset: str = setting("tiny", "model size: debug, tiny, small, base, 850m, or the FFN-heavy ffn8-micro, ffn8-tiny, "
+                          "ffn8-small (FFN 8x hidden); the vocabulary size "
                           "comes from the trained tokenizer")
     arch: str = setting("lm", "model family: lm (Llama-compatible decoder on text) or vit (MatViT, "
                         "an image classifier: --data digits, the default, or a folder of class "
