@@ -56,6 +56,7 @@ from reproduce import (  # noqa: E402  (v1's helpers: one tie rule, one set of s
     XL_UPWEIGHTED_PROBS,
     _pool_map,
     _prepare_out,
+    _tier_passes,
     compare,
     compare_paired,
     hardware,
@@ -208,18 +209,6 @@ def finished_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     return dict(name=spec["name"], out=str(out), train_tokens=sm["train_tokens"], tokens_per_second=tps,
                 train_seconds=sm["train_tokens"] / tps if tps else 0.0, wall_seconds=0.0,
                 tokenizer_sha256=sha, resumed=True)
-
-
-def tier_passes(spec: dict[str, Any], base: int) -> dict[int, int]:
-    """Forward+backward passes per tier (the library's own stateless step plan)."""
-    from matformer.training import TrainConfig, step_plan
-
-    cfg = TrainConfig(**spec["train"])
-    counts = {t: 0 for t in TIERS}
-    for step in range(cfg.steps):
-        for t, _w in step_plan(cfg, base, step, 0, 1):
-            counts[t] += 1
-    return counts
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -530,7 +519,7 @@ def compute_accounting(s: Settings, specs: list[dict[str, Any]]) -> dict[str, An
     tok = s.batch_size * s.seq_len
     out: dict[str, Any] = {}
     for sp in specs:
-        passes = tier_passes(sp, base)
+        passes = _tier_passes(sp, base)
         flops = sum(6 * (parameter_counts(mcfg, [base >> t] * L)["non_embedding"]
                          + mcfg.vocab_size * mcfg.hidden_size) * tok * n for t, n in passes.items())
         c = out.setdefault(f"{sp['corpus']}-{sp['config']}-seed{sp['seed']}", {
