@@ -114,6 +114,69 @@ def test_vectorized_nested_adamw_is_bit_identical_to_the_per_parameter_reference
     assert counts[:16].tolist() == [9] * 16 and counts[-1].item() == 3  # 256-wide steps + None
 
 
+def test_fused_nested_adamw_matches_foreach_and_keeps_the_untouched_tail(monkeypatch):
+    """impl="fused" runs torch's fused AdamW kernel on the contiguous views (row prefixes, whole
+    matrices) and foreach on the strided ones (down_proj's column prefixes): the same update up
+    to rounding, the same counts, and neurons never trained stay bit-identical."""
+    cfg = MatFormerConfig.from_preset("debug")
+    fused, ref = MatFormerLM(cfg), MatFormerLM(cfg)
+    ref.load_state_dict(fused.state_dict())
+    start = {k: v.clone() for k, v in fused.state_dict().items()}
+    kw = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt_f, opt_r = NestedAdamW(fused, impl="fused", **kw), NestedAdamW(ref, impl="foreach", **kw)
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda ps, *a, **k: (calls.append(len(ps)), real(ps, *a, **k)))
+    gen = torch.Generator().manual_seed(0)
+    for extent in [64, 16, 128, 32, 64, 128]:  # never past 128 of 256 neurons
+        grads = _nested_grads(fused, extent, gen)
+        for model in (fused, ref):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+        opt_f.step(extent)
+        opt_r.step(extent)
+    assert calls and sum(calls) > 0
+    for (name, a), b in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(opt_f.state[a]["step"], opt_r.state[b]["step"]), name
+        if ".mlp." in name:
+            tail = (slice(128, None),) if "down_proj" not in name else (slice(None), slice(128, None))
+            assert torch.equal(a.detach()[tail], start[name][tail]), name
+            assert not opt_f.state[a]["exp_avg"][tail].any(), name
+
+
+def test_tail_lr_scale_scales_exactly_the_ffn_tail():
+    """tail_lr_scale=2 with tail_tier=2: FFN neurons [:n/4] move exactly as with lr, neurons
+    [n/4:] exactly as with 2 * lr (decay included); attention and embeddings as with lr."""
+    cfg = MatFormerConfig.from_preset("debug")
+    models = [MatFormerLM(cfg) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    kw = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    scaled = NestedAdamW(models[0], lr=1e-2, tail_lr_scale=2.0, tail_tier=2, **kw)
+    plain = NestedAdamW(models[1], lr=1e-2, **kw)
+    double = NestedAdamW(models[2], lr=2e-2, **kw)
+    gen = torch.Generator().manual_seed(0)
+    for extent in [256, 64, 128, 256]:
+        grads = _nested_grads(models[0], extent, gen)
+        for m in models:
+            for name, p in m.named_parameters():
+                p.grad = grads[name].clone()
+        for opt in (scaled, plain, double):
+            opt.step(extent)
+    n = cfg.intermediate_size
+    for (name, a), b, c in zip(models[0].named_parameters(), models[1].parameters(),
+                               models[2].parameters(), strict=True):
+        if ".mlp." not in name:
+            assert torch.equal(a, b), name
+            continue
+        head, tail = ((slice(0, n // 4),), (slice(n // 4, None),)) if "down_proj" not in name else \
+            ((slice(None), slice(0, n // 4)), (slice(None), slice(n // 4, None)))
+        assert torch.equal(a[head], b[head]), name
+        assert torch.equal(a[tail], c[tail]), name
+        assert not torch.equal(a[tail], b[tail]), name
+
+
 # ---- shared helpers ----------------------------------------------------------------------------
 
 
@@ -374,3 +437,64 @@ def test_prepare_data_from_text_jsonl_parquet_and_arrow_then_train_on_it(tmp_pat
     train(resumed)  # no workers, from the position the read-ahead run saved
     a, b = load_state_dict(cfg.out), load_state_dict(resumed.out)
     assert all(torch.equal(a[k], b[k]) for k in a)  # workers read ahead; the position does not
+
+
+def test_eval_on_a_prepared_token_folder_scores_its_held_out_split(tmp_path, corpus, capsys):
+    """`matformer eval CKPT --data DIR` of prepare-data's folder: windows of val.bin spread like
+    heldout_windows (the training's shape when DIR is what the run trained on, so the last
+    logged val loss), through the library and the verb; a folder prepared with another
+    tokenizer is one line naming both tokenizer files (exit 2)."""
+    from matformer.evaluation import evaluate
+
+    tok_dir = tmp_path / "tok"
+    assert cli_main(["prepare-data", str(corpus), "-o", str(tok_dir), "--vocab-size", "300",
+                     "--val-fraction", "0.2", "--quiet"]) == 0
+    cfg = tiny(tmp_path, corpus, data=str(tok_dir), steps=3)
+    final = train(cfg).final_val_loss
+    _, _, val, _ = token_files.load(tok_dir)
+    quick = dict(mix_n_match=False, decode=False, speculative=False)
+
+    own = evaluate(cfg.out, data=tok_dir, uniform_tiers=[0, 2], **quick)
+    assert (own.windows, own.seq_len) == (cfg.eval_windows, cfg.seq_len)  # the training's shape
+    assert "prepared token folder" in own.data
+    for r in own.results:
+        assert r.loss == pytest.approx(final[r.tier], abs=1e-5)
+    default = evaluate(cfg.out, uniform_tiers=[0, 2], **quick)  # no --data: the same val.bin
+    assert [r.loss for r in default.results] == [r.loss for r in own.results]
+
+    other = evaluate(cfg.out, data=str(tok_dir), seq_len=16, max_tokens=16 * 5, uniform_tiers=[1],
+                     **quick)
+    direct = evaluate(cfg.out, data=D.heldout_windows(np.asarray(val), 16, 5), uniform_tiers=[1],
+                      **quick)
+    assert (other.windows, other.seq_len) == (5, 16)
+    assert [r.loss for r in other.results] == [r.loss for r in direct.results]
+
+    capsys.readouterr()
+    assert cli_main(["eval", cfg.out, "--data", str(tok_dir), "--tiers", "2", "--no-mix",
+                     "--no-decode", "--no-speculative", "--json", "--threads", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["data"] == f"{tok_dir} (prepared token folder)"
+    got = next(r["loss"] for r in rep["results"] if r["name"] == "tier 2")
+    assert got == pytest.approx(final[2], abs=1e-5)
+    assert cli_main(["eval", cfg.out, "--compare", cfg.out, "--data", str(tok_dir), "--tiers",
+                     "2", "--json", "--seq-len", "16", "--max-tokens", "80"]) == 0
+    cmp = json.loads(capsys.readouterr().out)
+    assert cmp["windows"] == 5 and cmp["losses"][0] == cmp["losses"][1]
+
+    # prepared with the checkpoint's own tokenizer (another split): accepted
+    same = tmp_path / "same"
+    assert cli_main(["prepare-data", str(corpus), "-o", str(same), "--tokenizer", cfg.out,
+                     "--val-fraction", "0.3", "--split-seed", "1", "--quiet"]) == 0
+    assert cli_main(["eval", cfg.out, "--data", str(same), "--tiers", "0", "--no-mix",
+                     "--no-decode", "--no-speculative", "--json"]) == 0
+    capsys.readouterr()
+    # another tokenizer: one line naming both files, nothing evaluated
+    alien = tmp_path / "alien"
+    assert cli_main(["prepare-data", str(corpus), "-o", str(alien), "--vocab-size", "280",
+                     "--val-fraction", "0.2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", cfg.out, "--data", str(alien), "--no-decode",
+                     "--no-speculative"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(alien / "tokenizer.json") in err and str(Path(cfg.out) / "tokenizer.json") in err

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import data as D
+from . import token_files
 from .errors import DataError
 from .evaluation import EvalReport, evaluate
 from .io.source import Source, resolve_source
@@ -54,6 +55,10 @@ def _windows(first: Source, data: str | os.PathLike | None, seq_len: int | None,
     if data is None:
         tokens = D.heldout_tokens(first.folder)
         desc = "held-out split of the first checkpoint's training data"
+    elif token_files.is_prepared(data):  # matformer prepare-data's folder: its held-out split
+        tokens = token_files.eval_tokens(data, D.load_tokenizer(first.folder),
+                                         first.folder / "tokenizer.json")
+        desc = f"{data} (prepared token folder)"
     else:
         tokens, desc = D.tokenize(D.load_tokenizer(first.folder), D.load_texts(data)), str(data)
     return D.heldout_windows(tokens, seq_len, n), desc

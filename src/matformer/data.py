@@ -25,7 +25,8 @@ API (used by `matformer.train` and `matformer.evaluate`):
   evaluation and `matformer eval` score (default `HELDOUT_WINDOWS` windows, evenly spaced over
   the whole stream). `default_eval_tokens(tok)` is the held-out split of the default corpus
   tokenized with `tok`; `heldout_tokens(ckpt_dir)` reproduces the held-out split a checkpoint was
-  trained with (from its `train_config.json`) with its own tokenizer, and
+  trained with (from its `train_config.json`) with its own tokenizer (of a run on a prepared
+  token folder: that folder's val.bin), and
   `heldout_shape(training_settings(ckpt_dir))` the (seq_len, windows) its training evaluated.
 """
 
@@ -511,6 +512,10 @@ def heldout_tokens(ckpt_dir: str | os.PathLike,
         raise DataError(f"{ckpt / 'train_config.json'}: the run trained on {str(data)[:200]!r}; "
                         f"a downloaded checkpoint's settings do not choose local files to read. "
                         f"Pass --data with the text to evaluate on")
+    from . import token_files  # it imports this module
+
+    if token_files.is_prepared(data):  # trained on `matformer prepare-data` files: their val.bin
+        return token_files.eval_tokens(data, tok, ckpt / "tokenizer.json")
     return default_eval_tokens(
         tok, data=data,
         val_fraction=float(settings.get("val_fraction", DEFAULT_VAL_FRACTION)),

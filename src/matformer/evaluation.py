@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import token_files
 from .config import perplexity
 from .data import (
     default_eval_tokens,
@@ -246,11 +247,20 @@ def _window_shape(model_or_ckpt: MatFormerLM | str | os.PathLike, data: Any, seq
                   max_tokens: int | None, max_positions: int) -> tuple[int, int]:
     """(seq_len, windows): as asked; by default, on a checkpoint's own held-out split, the windows
     its training evaluated (its train_config.json), else data.HELDOUT_SEQ_LEN x HELDOUT_WINDOWS."""
-    own_split = data is None and not isinstance(model_or_ckpt, MatFormerLM)
-    settings = training_settings(_checkpoint_folder(model_or_ckpt)) if own_split else {}  # type: ignore[arg-type]
+    prepared = isinstance(data, (str, os.PathLike)) and token_files.is_prepared(data)
+    own = not isinstance(model_or_ckpt, MatFormerLM) and (data is None or prepared)
+    settings = training_settings(_checkpoint_folder(model_or_ckpt)) if own else {}  # type: ignore[arg-type]
+    if data is not None and not _same_folder(data, settings.get("data")):
+        settings = {}
     default_len, default_windows = heldout_shape(settings)
     seq_len = min(default_len if seq_len is None else seq_len, max_positions)
     return seq_len, default_windows if max_tokens is None else max(1, max_tokens // seq_len)
+
+
+def _same_folder(data: str | os.PathLike, trained_on: Any) -> bool:
+    """`data` is the folder the run trained on (a prepared token folder: then its val.bin is the
+    run's own held-out split, evaluated at the training's window shape)."""
+    return isinstance(trained_on, str) and Path(data).resolve() == Path(trained_on).resolve()
 
 
 def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: Any,
@@ -260,6 +270,13 @@ def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: An
     if data is not None and not isinstance(data, (str, os.PathLike)):
         return _as_windows(data, seq_len, max_windows), "given token ids"
     in_memory = isinstance(model_or_ckpt, MatFormerLM)
+    if data is not None and token_files.is_prepared(data):  # matformer prepare-data's token files
+        tokenizer_file = None
+        if tokenizer is None and not in_memory:  # the checkpoint's, checked against the folder's
+            folder = _checkpoint_folder(model_or_ckpt)  # type: ignore[arg-type]
+            tokenizer, tokenizer_file = load_tokenizer(folder), folder / "tokenizer.json"
+        stream = token_files.eval_tokens(data, tokenizer, tokenizer_file)
+        return _as_windows(stream, seq_len, max_windows), f"{data} (prepared token folder)"
     if in_memory and tokenizer is None:
         raise DataError("give evaluation data as token ids (or a tokenizer) when evaluating "
                         "an in-memory model")
@@ -312,16 +329,18 @@ def evaluate(
     `tier`: run at that tier: of a multi-tier repo the folder that holds it is used, and the
     widths evaluated are that tier (plus the stored reference) unless `uniform_tiers` is given.
     `data`: token ids (a 1-D stream or (n, T) windows), a path of text files
-    (tokenized with `tokenizer`, default the checkpoint's tokenizer.json), or None: the held-out
-    split the checkpoint was trained beside (the default corpus's held-out split).
+    (tokenized with `tokenizer`, default the checkpoint's tokenizer.json), a token folder written
+    by `matformer prepare-data` (its held-out split val.bin; its tokenizer must be the model's),
+    or None: the held-out split the checkpoint was trained beside (the default corpus's held-out
+    split).
     `uniform_tiers` (default every tier the model can run) and `plans` (extra per-layer width
     lists) select the widths; `mix_n_match` adds least-slope mixes between neighbouring tiers.
     `kv_heads` (one count or several) and `layer_kv_heads` (per-layer lists): the head settings
     every uniform tier is also evaluated at (default: every head granularity the checkpoint
     holds when its heads nest, see `default_kv_heads`; the stored heads are always evaluated).
     Windows of `seq_len` tokens, at most `max_tokens` tokens in all, evenly spaced over the data
-    (`data.heldout_windows`); by default the windows the checkpoint's training evaluated, so a
-    tier's loss here is its last logged val loss. `progress` receives
+    (`data.heldout_windows`); by default (and for the token folder it trained on) the windows
+    the checkpoint's training evaluated, so a tier's loss here is its last logged val loss. `progress` receives
     progress lines (the CLI prints them to stderr).
     """
     say = progress or (lambda _msg: None)

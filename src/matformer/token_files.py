@@ -20,7 +20,9 @@ a folder holding one, e.g. a checkpoint) or a byte-level BPE trained on the firs
 `tokenizer_sample_bytes` of the training documents.
 
 `matformer train --data DIR` then memory-maps the two files (`load`): nothing is tokenized
-again, and data loader workers read windows straight from the page cache.
+again, and data loader workers read windows straight from the page cache. `matformer eval CKPT
+--data DIR` scores windows of val.bin (`eval_tokens`, after checking that DIR's tokenizer is the
+checkpoint's), as does `matformer eval CKPT` of a checkpoint trained on DIR.
 """
 
 from __future__ import annotations
@@ -235,5 +237,22 @@ def load(folder: str | os.PathLike) -> tuple[Any, np.ndarray, np.ndarray, dict[s
         if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
             raise DataError(f"{path}: expected {n} {dtype.name} tokens ({n * dtype.itemsize} "
                             f"bytes); the folder is incomplete, prepare it again")
-        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
+        # an empty file cannot be memory-mapped: a split without tokens is an empty array
+        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype))
     return D.load_tokenizer(folder), arrays[0], arrays[1], meta
+
+
+def eval_tokens(folder: str | os.PathLike, tokenizer: Any | None = None,
+                tokenizer_file: str | os.PathLike | None = None) -> np.ndarray:
+    """The tokens `matformer eval --data DIR` scores: the held-out split (val.bin) of a prepared
+    folder, or its whole stream when it holds none. `tokenizer`: the model's (if known), which
+    must be the one the folder was prepared with, else a DataError naming the folder's
+    tokenizer.json and `tokenizer_file` (where the model's came from)."""
+    folder = Path(folder)
+    tok, train, val, _ = load(folder)
+    if tokenizer is not None and tokenizer.to_str() != tok.to_str():
+        theirs = tokenizer_file or "the given tokenizer"
+        raise DataError(f"{folder / 'tokenizer.json'} differs from {theirs}: the token folder was "
+                        f"prepared with another tokenizer; prepare it again with "
+                        f"`matformer prepare-data SRC -o NEW --tokenizer {theirs}`")
+    return val if len(val) else train

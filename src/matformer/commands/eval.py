@@ -5,7 +5,8 @@ multi-tier repo written by `matformer slice --tiers` (with --tier). Default widt
 the checkpoint can run, plus least-slope Mix'n'Match mixes between neighbouring tiers (--no-mix
 to skip) and any --widths lists; --tier T evaluates tier T alone (and the stored reference).
 Default data: the held-out windows the checkpoint's training evaluated (its train_config.json;
-the default corpus otherwise), tokenized with its tokenizer. Consistency is measured against
+the default corpus otherwise), tokenized with its tokenizer. --data DIR of `matformer
+prepare-data` scores windows of DIR's held-out split (DIR's tokenizer must be the checkpoint's). Consistency is measured against
 the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
 Heads (the second elastic axis): each tier also at every KV head count in --kv-heads (default:
 every head granularity G, G/2, ..., 1 the checkpoint holds, when its heads nest), with the
@@ -46,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run at tier T: evaluate that tier (with --tiers: those instead); of "
                         "a multi-tier repo, the folder that holds it")
     parser.add_argument("--data", default=None,
-                        help="text file or folder to evaluate on (default: the held-out split)")
+                        help="text file or folder to evaluate on, or a `matformer prepare-data` "
+                        "token folder (its held-out split; same tokenizer) (default: the held-out "
+                        "split the checkpoint's training evaluated)")
     parser.add_argument("--json", action="store_true",
                         help="print the report as one JSON object instead of the table")
     parser.add_argument("--json-out", default=None, metavar="FILE.json",
