@@ -208,6 +208,10 @@ def test_model_shape_from_overrides_and_from_a_config_file(tmp_path):
         validate(TrainConfig(model_config=str(f)))
     with pytest.raises(ConfigError, match="grad_accum"):
         validate(TrainConfig(grad_accum=0))
+    with pytest.raises(ConfigError, match="tail_lr_scale must be a positive number, got 0"):
+        validate(TrainConfig(tail_lr_scale=0))
+    with pytest.raises(ConfigError, match="adamw_impl must be one of auto, foreach, fused"):
+        validate(TrainConfig(adamw_impl="apex"))
 
 
 # ---- precision and accumulation ----------------------------------------------------------------

@@ -20,12 +20,17 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
 from .points import heads_in_play
+from .settings import ADAMW_IMPLS as IMPLS
 from .settings import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> NestedAdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, narrowest_tier: int = 0) -> NestedAdamW:
+    """`narrowest_tier`: the largest tier this run trains (its FFN prefix is where the tail that
+    --tail-lr-scale scales begins)."""
     return NestedAdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, nest_heads=heads_in_play(cfg))
+                       weight_decay=cfg.weight_decay, nest_heads=heads_in_play(cfg),
+                       impl=cfg.adamw_impl, tail_lr_scale=cfg.tail_lr_scale,
+                       tail_tier=narrowest_tier)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
@@ -102,10 +107,21 @@ class NestedAdamW(torch.optim.Optimizer):
     bit for bit). No Python loop per parameter does math: the views of every (group, step count)
     are updated by one list of `torch._foreach_*` ops. Under FSDP2 each rank updates its local
     shard (nested matrices are sharded along their non-nested dimension, so prefixes are local).
-    Non-FFN parameters get plain AdamW; weight decay applies to matrices and embeddings only."""
+    Non-FFN parameters get plain AdamW; weight decay applies to matrices and embeddings only.
+
+    `impl`: "foreach" (the arithmetic above, bit-identical to torch's single-tensor AdamW),
+    "fused" (torch's fused AdamW kernel, `torch._fused_adamw_`, on every contiguous view — whole
+    matrices, row prefixes — one kernel per (group, step count); column prefixes, which are
+    strided, stay on foreach; same semantics, rounding may differ in the last bits), or "auto"
+    (fused on CUDA, foreach elsewhere).
+
+    `tail_lr_scale`: the learning rate (and so the decoupled decay) of each FFN matrix's tail,
+    neurons [n >> tail_tier:], is multiplied by this: the neurons the narrowest trained width
+    (tier `tail_tier`) does not use."""
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0, nest_heads: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, nest_heads: bool = False,
+                 impl: str = "foreach", tail_lr_scale: float = 1.0, tail_tier: int = 0) -> None:
         decay, no_decay = [], []
         self.names: dict[nn.Parameter, str] = {}
         self.nest_dim: dict[nn.Parameter, int] = {}
@@ -123,6 +139,13 @@ class NestedAdamW(torch.optim.Optimizer):
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+        if tail_lr_scale <= 0 or tail_tier < 0:
+            raise ValueError(f"tail_lr_scale must be > 0 and tail_tier >= 0, got "
+                             f"{tail_lr_scale} and {tail_tier}")
+        self.impl = impl
+        self.tail_lr_scale, self.tail_tier = float(tail_lr_scale), tail_tier
         self._counters: list[tuple[int, int | None, torch.Tensor, list[nn.Parameter]]] | None = None
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -182,19 +205,41 @@ class NestedAdamW(torch.optim.Optimizer):
                 part_counts[:m] += 1
                 # Runs of equal step counts inside [:m]: (value, length), value non-increasing.
                 values, lengths = torch.unique_consecutive(part_counts[:m], return_counts=True)
-                a = 0
-                for c, n in zip(values.tolist(), lengths.tolist(), strict=True):
-                    lists = buckets.setdefault((gi, c), [[], [], [], []])
-                    for p in part:
-                        st = self.state[p]
-                        for out, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"]),
-                                          strict=True):
-                            out.append(_prefix(_local(t), dim, a, n))
-                    a += n
-        for (gi, c), (ps, gs, ms, vs) in buckets.items():
+                runs = list(zip(values.tolist(), lengths.tolist(), strict=True))
+                for p in part:
+                    st = self.state[p]
+                    tensors = [_local(t) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+                    for c, a, n, scale in self._pieces(p, runs):
+                        lists = buckets.setdefault((gi, c, scale), [[], [], [], []])
+                        for out, t in zip(lists, tensors, strict=True):
+                            out.append(_prefix(t, dim, a, n))
+        fused = self.impl == "fused" or (self.impl == "auto" and self._on_cuda())
+        for (gi, c, scale), lists in buckets.items():
             group = self.param_groups[gi]
-            _foreach_adamw_(ps, gs, ms, vs, c, group["lr"], group["weight_decay"],
-                            *group["betas"], group["eps"])
+            args = (c, group["lr"] * scale, group["weight_decay"], *group["betas"], group["eps"])
+            if fused:
+                lists = _fused_adamw_(*lists, *args)  # what is left: strided views
+            if lists[0]:
+                _foreach_adamw_(*lists, *args)
+
+    def _pieces(self, p: nn.Parameter, runs: list[tuple[int, int]]) -> list[tuple[int, int, int, float]]:
+        """(step count, start, length, lr scale) of each piece of a parameter's update: its runs
+        of equal counts, split where the tail that `tail_lr_scale` scales begins (FFN matrices
+        only)."""
+        tail = None
+        if self.tail_lr_scale != 1.0 and p in self.nest_dim and p not in self.head_params:
+            tail = len(self.state[p]["step"]) >> self.tail_tier
+        out, a = [], 0
+        for c, n in runs:
+            if tail is not None and a < tail < a + n:
+                out += [(c, a, tail - a, 1.0), (c, tail, a + n - tail, self.tail_lr_scale)]
+            else:
+                out.append((c, a, n, self.tail_lr_scale if tail is not None and a >= tail else 1.0))
+            a += n
+        return out
+
+    def _on_cuda(self) -> bool:
+        return any(p.is_cuda for g in self.param_groups for p in g["params"][:1])
 
     def _by_extent(self, live: list[nn.Parameter], params: list[nn.Parameter],
                    counts: torch.Tensor, dim: int | None,
@@ -284,6 +329,29 @@ def _prefix(t: torch.Tensor, dim: int | None, a: int, n: int) -> torch.Tensor:
     if dim is None:
         return t
     return t[a:a + n] if dim == 0 else t[:, a:a + n]
+
+
+def _fused_adamw_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor],
+                  vs: list[torch.Tensor], step: int, lr: float, wd: float, beta1: float,
+                  beta2: float, eps: float) -> list[list[torch.Tensor]]:
+    """torch's fused AdamW kernel on the contiguous views of one (group, step count) bucket;
+    returns the other ones (the kernel walks memory linearly, so a strided column prefix would
+    be read wrong) for `_foreach_adamw_`."""
+    dense = [i for i in range(len(ps))
+             if all(t[i].is_contiguous() for t in (ps, gs, ms, vs))]
+    if dense:
+        by_device: dict[torch.device, list[int]] = {}
+        for i in dense:
+            by_device.setdefault(ps[i].device, []).append(i)
+        for device, idx in by_device.items():
+            steps = torch.full((), float(step), dtype=torch.float32, device=device)
+            torch._fused_adamw_([ps[i] for i in idx], [gs[i] for i in idx], [ms[i] for i in idx],
+                                [vs[i] for i in idx], [], [steps] * len(idx), lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False,
+                                maximize=False)
+    kept = set(dense)
+    rest = [i for i in range(len(ps)) if i not in kept]
+    return [[t[i] for i in rest] for t in (ps, gs, ms, vs)]
 
 
 def _foreach_adamw_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor],

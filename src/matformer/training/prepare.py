@@ -122,7 +122,8 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
         state.load_weights(model, init.folder)
     model.to(dist.device)
     objective = parallelize(cfg, model, dist, Objective(model, _distillation(cfg)), len(trained))
-    opt = build_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
+    narrowest = max(k if isinstance(k, int) else k.tier for k in trained)
+    opt = build_optimizer(model, cfg, narrowest)  # after sharding: FSDP2 replaces the parameters
     sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
     val_windows, val_desc = heldout(val_tokens, cfg.seq_len, cfg.eval_windows, dist.device)
     run = Run(cfg=cfg, dist=dist, report=report, tok=tok, model_cfg=mcfg, model=model,

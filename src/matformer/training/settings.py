@@ -26,6 +26,7 @@ from ..tiers import max_tier, width_of
 OBJECTIVES = ("sample", "joint", "single")
 ARCHS = ("lm", "vit")
 DTYPES = ("float32", "bfloat16", "float16")
+ADAMW_IMPLS = ("auto", "foreach", "fused")
 # Model-shape overrides: TrainConfig field -> MatFormerConfig key.
 SHAPE_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
               "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -95,6 +96,12 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2")
     eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "max global gradient norm, 0 = off")
+    tail_lr_scale: float = setting(1.0, "learning-rate multiplier of the FFN tail: the neurons "
+                                   "past the narrowest trained width (only wider tiers use them)")
+    adamw_impl: str = setting("auto", "NestedAdamW's update: foreach (bit-identical to torch's "
+                              "single-tensor AdamW), fused (torch's fused AdamW kernel on every "
+                              "contiguous prefix; rounding may differ), auto: fused on CUDA",
+                              resumable=True, choices=ADAMW_IMPLS)
     eval_every: int = setting(40, "steps between held-out evaluations of every trained tier",
                               resumable=True)
     eval_windows: int = setting(D.HELDOUT_WINDOWS, "held-out windows of --seq-len tokens per "
@@ -341,6 +348,10 @@ def _validate_scale(cfg: TrainConfig) -> None:
     if cfg.data_workers is not None and (isinstance(cfg.data_workers, bool) or not isinstance(
             cfg.data_workers, int) or cfg.data_workers < 0):
         raise ConfigError(f"data_workers must be a non-negative integer, got {cfg.data_workers!r}")
+    if cfg.adamw_impl not in ADAMW_IMPLS:
+        raise ConfigError(f"adamw_impl must be one of {', '.join(ADAMW_IMPLS)}, got {cfg.adamw_impl!r}")
+    if not (isinstance(cfg.tail_lr_scale, int | float) and cfg.tail_lr_scale > 0):
+        raise ConfigError(f"tail_lr_scale must be a positive number, got {cfg.tail_lr_scale!r}")
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise ConfigError(f"peak_tflops must be positive, got {cfg.peak_tflops!r}")
     if cfg.compile is not None and (not isinstance(cfg.compile, str) or not cfg.compile):

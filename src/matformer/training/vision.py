@@ -240,15 +240,17 @@ def prepare_vit(cfg: TrainConfig, dist: Dist) -> VisionRun:
         model.load_state_dict({k: v.clone() for k, v in load_state_dict(ckpt).items()})
     model.to(dist.device)
     dev = dist.device
+    trained = all_trained_tiers(cfg, mcfg.base, dist.world)
     run = VisionRun(cfg=cfg, dist=dist, report=report, model_cfg=mcfg, model=model,
                     objective=distributed.wrap(VisionObjective(model), dist),
-                    opt=build_optimizer(model, cfg), sampler=BatchSampler(len(split.train), cfg.seed),
+                    opt=build_optimizer(model, cfg, max(trained)),
+                    sampler=BatchSampler(len(split.train), cfg.seed),
                     split=split,
                     train_x=torch.from_numpy(split.train.images).to(dev),
                     train_y=torch.from_numpy(split.train.labels).to(dev),
                     val_x=torch.from_numpy(split.heldout.images).to(dev),
                     val_y=torch.from_numpy(split.heldout.labels).to(dev),
-                    trained=all_trained_tiers(cfg, mcfg.base, dist.world))
+                    trained=trained)
     run.scaler = LossScaler(cfg.dtype == "float16")
     if ckpt is not None and resumed is not None and tensors is not None:
         state.restore(tensors, ckpt, run.opt, run.sampler, resumed, dev)
