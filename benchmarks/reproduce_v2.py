@@ -10,6 +10,9 @@ seeds, two corpora, and labels both budgets:
 - equal total compute at equal data: `joint` (all four widths on every batch of X tokens, the
   FLOPs of the four baselines together) and `joint_xl` (the same with the loss weighted like the
   Table 6 sampling) -- does any of these settings close the gap to the baselines?
+- opt-in (`--configs`, not in the default run): `joint_heads` (`joint` with nested attention
+  heads: every (tier, KV heads) pair a step, so more compute than the baselines; the report
+  states how much) and `joint_tail` (`joint` with the FFN tail's learning rate x TAIL_LR_SCALE).
 
 Per (corpus, seed) every model is evaluated on the same held-out windows: loss per width,
 consistency with XL, Mix'n'Match shapes (least-slope non-decreasing vs decreasing vs alternating),
@@ -68,6 +71,18 @@ from reproduce import (  # noqa: E402  (v1's helpers: one tie rule, one set of s
 CORPORA = {"python": None, "kjv": "builtin:kjv"}
 """corpus name -> TrainConfig.data (None = the default corpus)."""
 ALL_CONFIGS = ("baseline", "matlm_uniform", "matlm_xl", "joint", "joint_xl")
+"""The default run (the design fixed before v2's first run)."""
+EXTRA_CONFIGS = ("joint_heads", "joint_tail")
+"""Opt-in with --configs (issue 15's other settings, added after v2's run): trained on the first
+corpus only, evaluated and reported like the others when present."""
+KNOWN_CONFIGS = ALL_CONFIGS + EXTRA_CONFIGS
+TAIL_LR_SCALE = 2.0
+"""`joint_tail`'s learning-rate multiplier of the FFN tail (neurons past the narrowest trained
+width), fixed before any of its results existed: under `joint` those neurons get gradient only
+from the wider widths' loss terms (M's extra neurons from 3/4 of the loss weight, L's from 1/2,
+XL's from 1/4), where the first S neurons get it from all four."""
+REDUCED_KV_HEADS = 1
+"""The nested models are also evaluated at this many KV heads per tier (`joint_heads` trains it)."""
 SECONDARY_CONFIGS = ("baseline", "matlm_uniform")
 """What the second corpus trains (the budget comparison, not every variant)."""
 LABELS = {
@@ -76,9 +91,13 @@ LABELS = {
     "matlm_xl": "MatLM sample XL-weighted, 4X tokens [paper budget]",
     "joint": "MatLM joint, X tokens [equal compute, equal data]",
     "joint_xl": "MatLM joint XL-weighted loss, X tokens [equal compute, equal data]",
+    "joint_heads": "MatLM joint + nested heads, X tokens [equal data, more compute]",
+    "joint_tail": f"MatLM joint, tail lr x{TAIL_LR_SCALE:g}, X tokens [equal compute, equal data]",
 }
 BUDGET = {"baseline": "X each", "matlm_uniform": "paper (4X)", "matlm_xl": "paper (4X)",
-          "joint": "equal compute + data (X)", "joint_xl": "equal compute + data (X)"}
+          "joint": "equal compute + data (X)", "joint_xl": "equal compute + data (X)",
+          "joint_heads": "equal data (X), more compute", "joint_tail": "equal compute + data (X)"}
+"""Static budget labels; a report's own `budgets` (budgets()) states joint_heads' measured ratio."""
 
 
 @dataclass
@@ -92,8 +111,9 @@ class Settings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     corpora: list[str] = field(default_factory=lambda: ["python", "kjv"])
     configs: list[str] = field(default_factory=lambda: list(ALL_CONFIGS))
-    """Configurations to train (the baselines always); the second corpus trains those of them in
-    SECONDARY_CONFIGS. A subset with --resume reuses the full design's finished runs."""
+    """Configurations to train (the baselines always; any of KNOWN_CONFIGS); the second corpus
+    trains those of them in SECONDARY_CONFIGS. A subset with --resume reuses the full design's
+    finished runs."""
     eval_windows: int = 128
     jobs: int = 2
     threads: int = 1
@@ -124,6 +144,8 @@ QUICK = dict(preset="ffn8-micro", baseline_steps=12, batch_size=8, seq_len=64, e
 
 def run_specs(s: Settings) -> list[dict[str, Any]]:
     """One dict per training run: name, corpus, config, seed, tier (baselines), TrainConfig kwargs."""
+    from matformer.config import MatFormerConfig
+    from matformer.tiers import head_granularities
     from matformer.training import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -138,16 +160,27 @@ def run_specs(s: Settings) -> list[dict[str, Any]]:
             raise SystemExit("error: --dtype needs a matformer whose TrainConfig has a dtype setting")
         common["dtype"] = s.dtype
     X = s.baseline_steps
+    first = [c for c in KNOWN_CONFIGS if c == "baseline" or c in s.configs]
+    for cfg, key in (("joint_heads", "nest_heads"), ("joint_tail", "tail_lr_scale")):
+        if cfg in first and key not in names:
+            raise SystemExit(f"error: --configs {cfg} needs a matformer whose TrainConfig has "
+                             f"{key}; update matformer or leave {cfg} out")
+    # joint_heads: the loss is the mean over the step's (tier, heads) passes, as joint's is over
+    # its four tiers (a pair's weight is joint_weights[tier]).
+    H = len(head_granularities(MatFormerConfig.from_preset(s.preset).base_kv_heads))
     variants = {
         "matlm_uniform": dict(objective="sample", steps=4 * X),
         "matlm_xl": dict(objective="sample", steps=4 * X, tier_probs=list(XL_UPWEIGHTED_PROBS)),
         "joint": dict(objective="joint", steps=X, joint_weights=[0.25] * 4),
         "joint_xl": dict(objective="joint", steps=X, joint_weights=list(XL_UPWEIGHTED_PROBS)),
+        "joint_heads": dict(objective="joint", steps=X, joint_weights=[0.25 / H] * 4, nest_heads=True),
+        "joint_tail": dict(objective="joint", steps=X, joint_weights=[0.25] * 4,
+                           tail_lr_scale=TAIL_LR_SCALE),
     }
     specs = []
     for ci, corpus in enumerate(s.corpora):
-        configs = [c for c in (ALL_CONFIGS if ci == 0 else SECONDARY_CONFIGS)
-                   if c == "baseline" or c in s.configs]
+        configs = first if ci == 0 else [c for c in SECONDARY_CONFIGS
+                                         if c == "baseline" or c in s.configs]
         base = dict(common, data=CORPORA[corpus])
         for seed in s.seeds:
             for t in TIERS:
@@ -167,7 +200,7 @@ def run_specs(s: Settings) -> list[dict[str, Any]]:
 def _cost(sp: dict[str, Any]) -> float:
     """Relative training cost, to start the longest runs first."""
     t = sp["train"]
-    return t["steps"] * (4 if t["objective"] == "joint" else 1)
+    return t["steps"] * (4 * (2 if t.get("nest_heads") else 1) if t["objective"] == "joint" else 1)
 
 
 def _order(sp: dict[str, Any]) -> tuple:
@@ -369,7 +402,24 @@ def _eval_group(group: dict[str, Any], windows: np.ndarray, s_gamma: int, device
                          non_embedding_params=model.num_parameters_at(widths)["non_embedding"],
                          **consistency(ref, model, windows, device)))
     out["rows"] = rows
+    out["head_rows"] = reduced_head_rows(model, windows, device)
     return out
+
+
+def reduced_head_rows(model, windows: np.ndarray, device: str) -> list[dict[str, Any]]:
+    """Loss of every trained tier at REDUCED_KV_HEADS KV heads (and their query heads), for a
+    model with more; [] otherwise. Left at the stored setting."""
+    L = model.config.num_hidden_layers
+    if model.config.base_kv_heads <= REDUCED_KV_HEADS:
+        return []
+    rows = []
+    for t in TIERS:
+        model.set_widths(tier=t, kv_heads=REDUCED_KV_HEADS)
+        rows.append(dict(tier=t, kv_heads=REDUCED_KV_HEADS, loss=window_loss(model, windows, device),
+                         non_embedding_params=model.num_parameters_at(
+                             kv_heads=[REDUCED_KV_HEADS] * L)["non_embedding"]))
+    model.set_widths()
+    return rows
 
 
 # ---- statistics and claims -------------------------------------------------------------------
@@ -379,7 +429,17 @@ def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
     """Per corpus and config: every width's numbers over seeds; the claims' verdicts."""
     table: dict[str, dict[str, list[dict[str, Any]]]] = {}
     spec: dict[str, dict[str, dict[str, Any]]] = {}
+    heads: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for ev in evals:
+        for r in ev.get("head_rows", []):
+            rows = heads.setdefault(ev["corpus"], {}).setdefault(ev["config"], [])
+            slot = next((x for x in rows if (x["tier"], x["kv_heads"]) == (r["tier"], r["kv_heads"])), None)
+            if slot is None:
+                slot = {k: r[k] for k in ("tier", "kv_heads", "non_embedding_params")}
+                slot.update(loss=[], seeds=[])
+                rows.append(slot)
+            slot["loss"].append(r["loss"])
+            slot["seeds"].append(ev["seed"])
         if "spec" in ev:
             for pair, m in ev["spec"].items():
                 slot = spec.setdefault(ev["corpus"], {}).setdefault(pair, {"seeds": [], "values": []})
@@ -405,6 +465,13 @@ def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
                     r[k] = [r[k][i] for i in order]
                 for k in ("loss", "greedy_match", "kl"):
                     r[f"{k}_stats"] = spread(r[k])
+    for by_cfg in heads.values():
+        for rows in by_cfg.values():
+            rows.sort(key=lambda r: (r["tier"], r["kv_heads"]))
+            for r in rows:
+                order = np.argsort(r["seeds"])
+                r["loss"], r["seeds"] = [r["loss"][i] for i in order], [r["seeds"][i] for i in order]
+                r["loss_stats"] = spread(r["loss"])
     for by_pair in spec.values():
         for slot in by_pair.values():
             order = np.argsort(slot["seeds"])
@@ -412,15 +479,16 @@ def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
             slot["values"] = [slot["values"][i] for i in order]
             for k in ("accepted_per_round", "acceptance_rate", "tokens_per_target_call"):
                 slot[f"{k}_stats"] = spread([v[k] for v in slot["values"]])
-    return {"table": table, "spec": spec,
-            "claims": {c: corpus_claims(table[c], spec.get(c, {})) for c in table}}
+    return {"table": table, "spec": spec, "heads": heads,
+            "claims": {c: corpus_claims(table[c], spec.get(c, {}), heads.get(c, {})) for c in table}}
 
 
 def _tier(rows: list[dict[str, Any]], t: int) -> dict[str, Any] | None:
     return next((r for r in rows if r["shape"] == "uniform" and r["tier"] == t), None)
 
 
-def corpus_claims(table: dict[str, list[dict[str, Any]]], spec: dict[str, Any]) -> dict[str, Any]:
+def corpus_claims(table: dict[str, list[dict[str, Any]]], spec: dict[str, Any],
+                  heads: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     c: dict[str, Any] = {}
     base = table.get("baseline", [])
     s, xl = _tier(base, 3), _tier(base, 0)
@@ -438,7 +506,17 @@ def corpus_claims(table: dict[str, list[dict[str, Any]]], spec: dict[str, Any]) 
         for cfg, rows in table.items() if cfg != "baseline"}
     c["closes_gap_at_equal_compute"] = {
         cfg: all(v["verdict"] != "baseline better" for v in c["loss_vs_baseline"][cfg].values())
-        for cfg in ("joint", "joint_xl") if cfg in table}
+        for cfg in ("joint", "joint_xl", "joint_tail") if cfg in table}
+    c["closes_gap_at_more_compute"] = {
+        cfg: all(v["verdict"] != "baseline better" for v in c["loss_vs_baseline"][cfg].values())
+        for cfg in ("joint_heads",) if cfg in table}
+    if "joint" in table:  # the opt-in settings against the plain joint model they change
+        c["vs_joint"] = {
+            cfg: {TIER_NAMES[t]: compare(_tier(table["joint"], t)["loss"], _tier(table[cfg], t)["loss"],
+                                         names=("joint", cfg)) for t in TIERS}
+            for cfg in EXTRA_CONFIGS if cfg in table}
+    if heads:
+        c["reduced_heads"] = reduced_heads_claims(table, heads)
     c["within_model_s_minus_xl"] = {
         cfg: spread([a - b for a, b in zip(_tier(rows, 3)["loss"], _tier(rows, 0)["loss"], strict=True)])
         for cfg, rows in table.items()}
@@ -470,6 +548,27 @@ def corpus_claims(table: dict[str, list[dict[str, Any]]], spec: dict[str, Any]) 
             "own_pair": compare(vals["baseline_xl<-baseline_s"], vals["matlm_xl<-matlm_s"],
                                 lower_is_better=False, names=("baseline S->XL", "MatLM S->XL"))}
     return c
+
+
+def reduced_heads_claims(table: dict[str, list[dict[str, Any]]],
+                         heads: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per nested model and tier: the loss at the reduced KV heads and its cost against the same
+    model's full heads (paired by seed); joint_heads' reduced-heads loss against joint's."""
+    out: dict[str, Any] = {}
+    for cfg, rows in heads.items():
+        per = {}
+        for r in rows:
+            full = _tier(table[cfg], r["tier"])
+            per[TIER_NAMES[r["tier"]]] = {
+                "kv_heads": r["kv_heads"], "loss_stats": r["loss_stats"],
+                "minus_full_heads": spread([a - b for a, b in zip(r["loss"], full["loss"], strict=True)])}
+        out[cfg] = per
+    if "joint" in heads and "joint_heads" in heads:
+        j = {r["tier"]: r for r in heads["joint"]}
+        out["joint_heads_vs_joint"] = {
+            TIER_NAMES[r["tier"]]: compare(j[r["tier"]]["loss"], r["loss"], names=("joint", "joint_heads"))
+            for r in heads["joint_heads"] if r["tier"] in j}
+    return out
 
 
 def mix_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -508,9 +607,25 @@ def mix_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- the experiment --------------------------------------------------------------------------
 
 
+def _point_passes(spec: dict[str, Any], mcfg) -> dict[tuple[int, int], int]:
+    """How many passes trained each (tier, KV heads) point: the library's step plan, with the
+    heads when the run nests them (else every pass at all KV heads)."""
+    if not spec["train"].get("nest_heads"):
+        return {(t, mcfg.base_kv_heads): n for t, n in _tier_passes(spec, mcfg.base).items()}
+    from matformer.training import TrainConfig, step_plan
+
+    cfg = TrainConfig(**spec["train"])
+    counts: dict[tuple[int, int], int] = {}
+    for step in range(cfg.steps):
+        for point, _w in step_plan(cfg, mcfg.base, step, 0, 1, kv_base=mcfg.base_kv_heads):
+            counts[(point.tier, point.kv_heads)] = counts.get((point.tier, point.kv_heads), 0) + 1
+    return counts
+
+
 def compute_accounting(s: Settings, specs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Forward+backward passes per width and ~6*N*D FLOPs (N = matmul parameters at that width:
-    non-embedding + lm_head) per (corpus, config, seed)."""
+    """Forward+backward passes per width (and per KV heads where a run nests them) and ~6*N*D
+    FLOPs (N = matmul parameters at that width and heads: non-embedding + lm_head) per (corpus,
+    config, seed), and every entry's FLOPs as a multiple of the same seed's four baselines."""
     from matformer.config import MatFormerConfig
     from matformer.shapes import parameter_counts
 
@@ -519,17 +634,37 @@ def compute_accounting(s: Settings, specs: list[dict[str, Any]]) -> dict[str, An
     tok = s.batch_size * s.seq_len
     out: dict[str, Any] = {}
     for sp in specs:
-        passes = _tier_passes(sp, base)
-        flops = sum(6 * (parameter_counts(mcfg, [base >> t] * L)["non_embedding"]
-                         + mcfg.vocab_size * mcfg.hidden_size) * tok * n for t, n in passes.items())
+        passes = _point_passes(sp, mcfg)
+        flops = sum(6 * (parameter_counts(mcfg, [base >> t] * L, [g] * L)["non_embedding"]
+                         + mcfg.vocab_size * mcfg.hidden_size) * tok * n
+                    for (t, g), n in passes.items())
         c = out.setdefault(f"{sp['corpus']}-{sp['config']}-seed{sp['seed']}", {
             "passes_per_width": {TIER_NAMES[t]: 0 for t in TIERS}, "train_tokens": 0,
             "train_flops": 0, "train_seconds": 0.0})
-        for t, n in passes.items():
+        for (t, g), n in passes.items():
             c["passes_per_width"][TIER_NAMES[t]] += n
+            if sp["train"].get("nest_heads"):
+                c.setdefault("passes_per_point", {})
+                c["passes_per_point"][f"{TIER_NAMES[t]}/kv{g}"] = \
+                    c["passes_per_point"].get(f"{TIER_NAMES[t]}/kv{g}", 0) + n
         c["train_tokens"] += sp["train_tokens"]
         c["train_flops"] += flops
         c["train_seconds"] += sp["train_seconds"]
+    for key, c in out.items():
+        corpus, _cfg, seed = key.rsplit("-", 2)
+        ref = out.get(f"{corpus}-baseline-{seed}")
+        if ref:
+            c["flops_vs_baselines"] = c["train_flops"] / ref["train_flops"]
+    return out
+
+
+def budgets(compute: dict[str, Any]) -> dict[str, str]:
+    """The budget labels, joint_heads' with its measured compute (mean over its runs)."""
+    out = dict(BUDGET)
+    ratios = [c["flops_vs_baselines"] for k, c in compute.items()
+              if k.rsplit("-", 2)[1] == "joint_heads" and "flops_vs_baselines" in c]
+    if ratios:
+        out["joint_heads"] = f"X tokens, {float(np.mean(ratios)):.2f}x the baselines' compute"
     return out
 
 
@@ -576,14 +711,16 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
             for cfg in dict.fromkeys(sp["config"] for sp in mine):
                 groups.append(dict(corpus=corpus, seed=seed, config=cfg,
                                    runs=[sp for sp in mine if sp["config"] == cfg]))
-            groups.append(dict(corpus=corpus, seed=seed, config="spec",
-                               runs=[sp for sp in mine if sp["config"] in ("baseline", "matlm_uniform")]))
+            if any(sp["config"] == "matlm_uniform" for sp in mine):
+                groups.append(dict(corpus=corpus, seed=seed, config="spec", runs=[
+                    sp for sp in mine if sp["config"] in ("baseline", "matlm_uniform")]))
     t0 = time.time()
     evals = _pool_map(_eval_group, [(g, windows[g["corpus"]], s.spec_gamma, s.device, s.threads)
                                     for g in groups], s.jobs)
     eval_wall = time.time() - t0
     mcfg = MatFormerConfig.from_preset(s.preset, vocab_size=s.vocab_size)
     pc = parameter_counts(mcfg)
+    compute = compute_accounting(s, specs)
     return {
         "version": 2,
         "command": "benchmarks/reproduce_v2.py" + (" --quick" if s.quick else ""),
@@ -592,7 +729,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
                   "ffn_base": mcfg.base, "ffn_widths": {TIER_NAMES[t]: mcfg.base >> t for t in TIERS},
                   "vocab_size": s.vocab_size, "parameters": pc,
                   "embedding_share": pc["embedding"] / pc["total"]},
-        "labels": LABELS, "budgets": BUDGET,
+        "labels": LABELS, "budgets": budgets(compute),
         "tie_rule": "tie when |mean difference| <= max(min..max range over seeds of either side); "
                     "paired: when |mean d| <= range of d or the seeds disagree on the sign",
         "eval": {c: {"windows": int(w.shape[0]), "seq_len": int(w.shape[1])} for c, w in windows.items()},
@@ -601,7 +738,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
         "runs": [{k: sp[k] for k in ("name", "corpus", "config", "seed", "tier", "train_tokens",
                                      "train_seconds", "tokens_per_second")} for sp in specs],
         "train_settings": {sp["name"]: sp["train"] for sp in specs},
-        "compute": compute_accounting(s, specs),
+        "compute": compute,
         "tokenizer_sha256": shas,
         "evals": evals,
         **summarize(evals),
@@ -615,17 +752,29 @@ def _pm(st: dict[str, float], scale: float = 1.0, nd: int = 3) -> str:
     return f"{st['mean'] * scale:.{nd}f} ({st['min'] * scale:.{nd}f}-{st['max'] * scale:.{nd}f})"
 
 
+def _heads_of(report: dict[str, Any], corpus: str) -> list[tuple[str, dict[str, Any]]]:
+    """(model, {tier name: reduced-heads numbers}) of a corpus, if the report has them."""
+    rh = report["claims"][corpus].get("reduced_heads", {})
+    return [(k, v) for k, v in rh.items() if k != "joint_heads_vs_joint"]
+
+
 def format_tables(report: dict[str, Any]) -> str:
     lines = []
+    budget = {**BUDGET, **report.get("budgets", {})}
     for corpus, by_cfg in report["table"].items():
         cl = report["claims"][corpus]
         lines += [f"== corpus {corpus}: loss per width, mean (min-max) over seeds "
                   f"{report['settings']['seeds']} ==", ""]
-        head = f"{'config':<15} {'budget':<26}" + "".join(f"{TIER_NAMES[t]:>22}" for t in (3, 2, 1, 0))
+        w = max(26, *(len(budget[c]) for c in by_cfg))
+        head = f"{'config':<17} {'budget':<{w}}" + "".join(f"{TIER_NAMES[t]:>22}" for t in (3, 2, 1, 0))
         lines += [head, "-" * len(head)]
         for cfg, rows in by_cfg.items():
-            lines.append(f"{cfg:<15} {BUDGET[cfg]:<26}" + "".join(
+            lines.append(f"{cfg:<17} {budget[cfg]:<{w}}" + "".join(
                 f"{_pm(_tier(rows, t)['loss_stats']):>22}" for t in (3, 2, 1, 0)))
+        for cfg, per in _heads_of(report, corpus):
+            kv = next(iter(per.values()))["kv_heads"]
+            lines.append(f"{cfg + f' @kv{kv}':<17} {'(same model)':<{w}}" + "".join(
+                f"{_pm(per[TIER_NAMES[t]]['loss_stats']):>22}" for t in (3, 2, 1, 0)))
         wm = cl["width_matters"]
         lines += ["", f"baselines S - XL: {wm['baseline_s_minus_xl']['mean']:+.3f}, seed spread "
                   f"{wm['seed_spread']:.3f} (ratio {wm['ratio']:.1f}): {wm['verdict']}"]
@@ -636,6 +785,16 @@ def format_tables(report: dict[str, Any]) -> str:
             if key in cl:
                 lines.append(f"  {key}: " + ", ".join(
                     f"{k} {v['delta']:+.3f} ({v['spread']:.3f}) {v['verdict']}" for k, v in cl[key].items()))
+        for cfg, d in cl.get("vs_joint", {}).items():
+            lines.append(f"  {cfg} - joint: " + ", ".join(
+                f"{k} {v['delta']:+.3f} ({v['spread']:.3f}) {v['verdict']}" for k, v in d.items()))
+        for cfg, per in _heads_of(report, corpus):
+            lines.append(f"  {cfg} fewer KV heads - full heads: " + ", ".join(
+                f"{k} {v['minus_full_heads']['mean']:+.3f}" for k, v in per.items()))
+        vj = cl.get("reduced_heads", {}).get("joint_heads_vs_joint")
+        if vj:
+            lines.append("  joint_heads - joint, both at fewer KV heads: " + ", ".join(
+                f"{k} {v['delta']:+.3f} ({v['spread']:.3f}) {v['verdict']}" for k, v in vj.items()))
         lines.append("  within-model S - XL: " + ", ".join(
             f"{k} {v['mean']:+.3f}" for k, v in cl["within_model_s_minus_xl"].items()))
         lines.append("  tiers ordered (mean): " + ", ".join(f"{k} {v}" for k, v in cl["tiers_ordered"].items()))
@@ -660,13 +819,14 @@ def _md(st: dict[str, float], scale: float = 1.0, nd: int = 3) -> str:
 def markdown_tables(report: dict[str, Any]) -> str:
     """The tables docs/RESULTS.md quotes, from a run's JSON (`--replot JSON --markdown`)."""
     out = []
+    budget = {**BUDGET, **report.get("budgets", {})}
     for corpus, by_cfg in report["table"].items():
         cl = report["claims"][corpus]
         out += [f"#### Corpus `{corpus}`: held-out loss per width, mean (min–max) over seeds", "",
                 "| configuration | budget | S | M | L | XL | S − XL |", "|---|---|---|---|---|---|---|"]
         for cfg, rows in by_cfg.items():
             gap = cl["within_model_s_minus_xl"][cfg]
-            out.append(f"| {cfg} | {BUDGET[cfg]} | " + " | ".join(
+            out.append(f"| {cfg} | {budget[cfg]} | " + " | ".join(
                 _md(_tier(rows, t)["loss_stats"]) for t in (3, 2, 1, 0)) + f" | {_md(gap)} |")
         wm = cl["width_matters"]
         out += ["", f"Baselines' S − XL gap {wm['baseline_s_minus_xl']['mean']:.3f} nats, seed spread "
@@ -677,11 +837,25 @@ def markdown_tables(report: dict[str, Any]) -> str:
             out.append(f"| {cfg} | " + " | ".join(
                 f"{d[TIER_NAMES[t]]['delta']:+.3f} ({d[TIER_NAMES[t]]['spread']:.3f}): "
                 f"{d[TIER_NAMES[t]]['verdict']}" for t in (3, 2, 1, 0)) + " |")
-        for key in ("xl_upweighting_sample", "xl_upweighting_joint"):
-            if key in cl:
-                out.append(f"| {key} | " + " | ".join(
-                    f"{cl[key][TIER_NAMES[t]]['delta']:+.3f} ({cl[key][TIER_NAMES[t]]['spread']:.3f}): "
-                    f"{cl[key][TIER_NAMES[t]]['verdict']}" for t in (3, 2, 1, 0)) + " |")
+        extra = {key: cl[key] for key in ("xl_upweighting_sample", "xl_upweighting_joint") if key in cl}
+        extra.update({f"{cfg} − joint": d for cfg, d in cl.get("vs_joint", {}).items()})
+        vj = cl.get("reduced_heads", {}).get("joint_heads_vs_joint")
+        if vj:
+            extra["joint_heads − joint, both at fewer KV heads"] = vj
+        for key, d in extra.items():
+            out.append(f"| {key} | " + " | ".join(
+                f"{d[TIER_NAMES[t]]['delta']:+.3f} ({d[TIER_NAMES[t]]['spread']:.3f}): "
+                f"{d[TIER_NAMES[t]]['verdict']}" for t in (3, 2, 1, 0)) + " |")
+        heads = _heads_of(report, corpus)
+        if heads:
+            out += ["", "The nested models at fewer KV heads (and their query heads), loss per tier "
+                    "and its difference to the same model at full heads (mean over seeds):", "",
+                    "| model @ KV heads | S | M | L | XL |", "|---|---|---|---|---|"]
+            for cfg, per in heads:
+                kv = next(iter(per.values()))["kv_heads"]
+                out.append(f"| {cfg} @ {kv} | " + " | ".join(
+                    f"{_md(per[TIER_NAMES[t]]['loss_stats'])}, "
+                    f"{per[TIER_NAMES[t]]['minus_full_heads']['mean']:+.3f}" for t in (3, 2, 1, 0)) + " |")
         out += ["", "Consistency with XL (greedy match %, KL nats/position; baselines vs the XL "
                 "baseline):", "", "| configuration | S match | M match | L match | S KL | M KL | L KL |",
                 "|---|---|---|---|---|---|---|"]
@@ -714,7 +888,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
 
 
 _COLORS = {"baseline": "#444444", "matlm_uniform": "#1f77b4", "matlm_xl": "#2ca02c",
-           "joint": "#d62728", "joint_xl": "#ff7f0e"}
+           "joint": "#d62728", "joint_xl": "#ff7f0e", "joint_heads": "#9467bd", "joint_tail": "#17becf"}
 
 
 def make_plots(report: dict[str, Any], folder: Path, suffix: str = "") -> list[Path]:
@@ -724,6 +898,7 @@ def make_plots(report: dict[str, Any], folder: Path, suffix: str = "") -> list[P
     import matplotlib.pyplot as plt
 
     s, m = report["settings"], report["model"]
+    budget = {**BUDGET, **report.get("budgets", {})}
     sub = (("QUICK — " if s["quick"] else "") + f"{m['preset']}: {m['layers']} layers, d_model "
            f"{m['hidden_size']}, FFN {m['ffn_base']}, X = {s['x_tokens']:,} tokens, seeds {s['seeds']}")
     corpora = list(report["table"])
@@ -757,7 +932,7 @@ def make_plots(report: dict[str, Any], folder: Path, suffix: str = "") -> list[P
             xs = [k + (i - (n - 1) / 2) * 0.15 for k in range(4)]
             vs = [per[TIER_NAMES[t]] for t in (3, 2, 1, 0)]
             ax.errorbar(xs, [v["delta"] for v in vs], yerr=[v["spread"] for v in vs], fmt="o",
-                        color=_COLORS[cfg], capsize=3, label=f"{cfg} [{BUDGET[cfg]}]")
+                        color=_COLORS[cfg], capsize=3, label=f"{cfg} [{budget[cfg]}]")
         ax.axhline(0, color="#444444", lw=1)
         ax.set_xticks(range(4), ["S", "M", "L", "XL"])
         ax.set_ylabel("loss − baseline loss (nats/token)")
@@ -814,7 +989,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--corpora", default=None, help="comma-separated, first = every config "
                     f"(default python,kjv; choices {', '.join(CORPORA)})")
     ap.add_argument("--configs", default=None, help="comma-separated subset of "
-                    f"{', '.join(ALL_CONFIGS)} (default: all; the baselines always run)")
+                    f"{', '.join(KNOWN_CONFIGS)} (default: {', '.join(ALL_CONFIGS)}; the baselines "
+                    f"always run; {', '.join(EXTRA_CONFIGS)} are opt-in)")
     ap.add_argument("--out", default=d.out, help="folder for the trained models")
     ap.add_argument("--resume", action="store_true",
                     help="reuse runs under --out that finished with the same settings")
@@ -843,9 +1019,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if args.configs is not None:
         s.configs = [x for x in args.configs.split(",") if x.strip()]
-        bad = [c for c in s.configs if c not in ALL_CONFIGS]
+        bad = [c for c in s.configs if c not in KNOWN_CONFIGS]
         if bad:
-            raise SystemExit(f"error: unknown configuration {bad[0]!r}; choose from {', '.join(ALL_CONFIGS)}")
+            raise SystemExit(f"error: unknown configuration {bad[0]!r}; choose from {', '.join(KNOWN_CONFIGS)}")
     if args.corpora is not None:
         s.corpora = [x for x in args.corpora.split(",") if x.strip()]
         bad = [c for c in s.corpora if c not in CORPORA]

@@ -267,3 +267,80 @@ def test_v2_pipeline_end_to_end(rp2, tmp_path):
     js = tmp_path / "r.json"
     js.write_text(__import__("json").dumps(report))
     assert rp2.replot(js) == 0
+
+
+def test_v2_opt_in_configs_heads_and_tail_lr_end_to_end(rp2, tmp_path):
+    """joint_heads and joint_tail: not in the default run, trained with --configs, their compute
+    counted per (tier, KV heads), reported against the baselines and joint, and reused by
+    --resume (a run naming only one of them evaluates without the speculative group)."""
+    import json
+
+    from matformer.tiers import head_granularities
+
+    assert not set(rp2.EXTRA_CONFIGS) & set(rp2.ALL_CONFIGS)
+    assert rp2.Settings().configs == list(rp2.ALL_CONFIGS)
+    with pytest.raises(SystemExit, match="unknown configuration 'joint_nope'"):
+        rp2.main(["--configs", "joint,joint_nope"])
+    kw = dict(preset="debug", vocab_size=300, seq_len=32, batch_size=2, baseline_steps=2, seeds=[0, 1],
+              eval_windows=3, jobs=1, max_corpus_bytes=40_000, corpora=["python"],
+              cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "runs"))
+    s = rp2.Settings(configs=["joint", "joint_heads", "joint_tail"], **kw)
+    report = rp2.run_experiment(s, log=lambda _m: None)
+    cfg = MatFormerConfig.from_preset("debug", vocab_size=300)
+    base, L, G = cfg.base, cfg.num_hidden_layers, cfg.base_kv_heads
+    heads = head_granularities(G)
+    assert len(heads) == 2  # the debug preset nests 2 -> 1 KV heads, like ffn8-*
+    assert set(report["table"]["python"]) == {"baseline", "joint", "joint_heads", "joint_tail"}
+    ts = report["train_settings"]
+    assert ts["python-joint_heads-seed0"]["nest_heads"] is True
+    assert ts["python-joint_heads-seed0"]["joint_weights"] == [0.25 / len(heads)] * 4  # a mean
+    assert ts["python-joint_tail-seed0"]["tail_lr_scale"] == rp2.TAIL_LR_SCALE == 2.0
+    assert "tail_lr_scale" not in ts["python-joint-seed0"] and "nest_heads" not in ts["python-joint-seed0"]
+    saved = json.loads((tmp_path / "runs" / "python-joint_tail-seed1" / "train_config.json").read_text())
+    assert saved["tail_lr_scale"] == 2.0  # the setting reached the library's run
+    # Compute: joint_heads runs every (tier, heads) pair a step; its FLOPs by hand.
+    c, x = report["compute"], report["settings"]["x_tokens"]
+    ch = c["python-joint_heads-seed0"]
+    assert ch["passes_per_point"] == {f"{rp2.TIER_NAMES[t]}/kv{g}": 2 for t in rp2.TIERS for g in heads}
+    assert ch["train_tokens"] == x
+    n = {(t, g): parameter_counts(cfg, [base >> t] * L, [g] * L)["non_embedding"] + 300 * cfg.hidden_size
+         for t in rp2.TIERS for g in heads}
+    ratio = sum(n.values()) / sum(n[(t, G)] for t in rp2.TIERS)
+    assert 1.5 < ratio < 2.0 and ch["flops_vs_baselines"] == pytest.approx(ratio)
+    assert report["budgets"]["joint_heads"] == f"X tokens, {ratio:.2f}x the baselines' compute"
+    assert c["python-joint_tail-seed1"]["train_flops"] == c["python-baseline-seed1"]["train_flops"]
+    assert c["python-joint_tail-seed1"]["flops_vs_baselines"] == 1.0
+    # Claims: against the baselines (equal compute or not, labelled) and against joint.
+    cl = report["claims"]["python"]
+    assert set(cl["closes_gap_at_equal_compute"]) == {"joint", "joint_tail"}
+    assert set(cl["closes_gap_at_more_compute"]) == {"joint_heads"}
+    assert set(cl["vs_joint"]) == {"joint_heads", "joint_tail"}
+    d = cl["vs_joint"]["joint_tail"]["XL"]
+    table = report["table"]["python"]
+    assert d["delta"] == pytest.approx(rp2._tier(table["joint_tail"], 0)["loss_stats"]["mean"]
+                                       - rp2._tier(table["joint"], 0)["loss_stats"]["mean"])
+    # Every nested model also at 1 KV head per tier, with the parameters of that setting.
+    rh = cl["reduced_heads"]
+    assert set(rh) == {"joint", "joint_heads", "joint_tail", "joint_heads_vs_joint"}
+    for name in ("joint", "joint_heads", "joint_tail"):
+        for t in rp2.TIERS:
+            r = next(r for r in report["heads"]["python"][name] if r["tier"] == t)
+            assert r["kv_heads"] == 1 and r["seeds"] == [0, 1]
+            assert r["non_embedding_params"] == parameter_counts(cfg, [base >> t] * L, [1] * L)["non_embedding"]
+            assert r["non_embedding_params"] < rp2._tier(table[name], t)["non_embedding_params"]
+            full = rp2._tier(table[name], t)["loss"]
+            assert rh[name][rp2.TIER_NAMES[t]]["minus_full_heads"]["mean"] == pytest.approx(
+                float(np.mean(r["loss"]) - np.mean(full)))
+    assert "python" not in report["spec"]  # no matlm_uniform: no speculative group
+    text, md = rp2.format_tables(report), rp2.markdown_tables(report)
+    for needle in ("joint_heads - joint", "joint_tail - joint", "joint_heads @kv1", "1.8"):
+        assert needle in text
+    assert "joint_tail − joint" in md and "| joint_heads @ 1 |" in md
+    assert len(rp2.make_plots(report, tmp_path, "-x")) == 3
+    # --resume: only joint_tail named; its runs are reused, not trained again.
+    model = tmp_path / "runs" / "python-joint_tail-seed0" / "model.safetensors"
+    mtime = model.stat().st_mtime_ns
+    again = rp2.run_experiment(rp2.Settings(configs=["joint_tail"], resume=True, **kw), log=lambda _m: None)
+    assert model.stat().st_mtime_ns == mtime
+    assert set(again["table"]["python"]) == {"baseline", "joint_tail"}
+    assert rp2._tier(again["table"]["python"]["joint_tail"], 0)["loss"] == rp2._tier(table["joint_tail"], 0)["loss"]
