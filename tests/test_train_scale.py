@@ -35,6 +35,7 @@ from matformer.training import (
     update_extent,
     validate,
 )
+from matformer.training import state as state_module
 from matformer.training.distributed import Dist, shard, teardown
 from matformer.training.metrics import flops_per_token
 from matformer.training.optimizer import nested_dim, set_lr
@@ -189,6 +190,10 @@ def step_log(out: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
+def losses(out: str) -> list[tuple[int, dict[str, float]]]:
+    return [(r["step"], r["loss"]) for r in step_log(out)]
+
+
 # ---- model shapes ------------------------------------------------------------------------------
 
 
@@ -233,6 +238,72 @@ def test_bf16_autocast_loss_trajectory_tracks_float32(tmp_path, corpus):
     sd = load_state_dict(runs["bfloat16"].out)  # saved in --dtype by default
     assert {v.dtype for v in sd.values()} == {torch.bfloat16}
     assert json.loads((Path(runs["bfloat16"].out) / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def _masters(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(ckpt / STATE_FILE)).items() if k.startswith("master.")}
+
+
+def test_float16_loss_scaling_tracks_float32_saves_float16_and_resumes_bit_exact(tmp_path, corpus):
+    """float16 autocast on CPU (torch 2.13 runs the linears in float16) with dynamic loss
+    scaling: every step's loss within 5% of float32's, weights saved in float16 with float32
+    masters and the loss scale in the state, and --resume from step 6 ends bit-identical."""
+    f32 = tiny(tmp_path / "f32", corpus, steps=12, log_every=1)
+    f16 = tiny(tmp_path / "f16", corpus, dtype="float16", steps=12, log_every=1, save_every=6)
+    res32, res16 = train(f32), train(f16)
+    a, b = step_log(f32.out), step_log(f16.out)
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b, strict=True):
+        for t in x["loss"]:
+            assert x["loss"][t] != y["loss"][t]  # float16 did run (not silently float32)
+            assert abs(x["loss"][t] - y["loss"][t]) < 0.05 * x["loss"][t], (x, y)
+    for t, v in res32.final_val_loss.items():
+        assert abs(res16.final_val_loss[t] - v) < 0.03 * v
+    sd = load_state_dict(f16.out)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert json.loads((Path(f16.out) / "config.json").read_text())["torch_dtype"] == "float16"
+
+    resumed = dataclasses.replace(f16, out=str(tmp_path / "r" / "run"),
+                                  resume=str(Path(f16.out) / "checkpoints" / "step-0000006"))
+    train(resumed)
+    assert losses(resumed.out) == losses(f16.out)[6:]  # the same losses, bit for bit
+    ends = [Path(c.out) / "checkpoints" / "step-0000012" for c in (f16, resumed)]
+    wa, wb = (load_state_dict(e) for e in ends)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (_masters(e) for e in ends)
+    assert ma and all(v.dtype == torch.float32 and torch.equal(v, mb[k]) for k, v in ma.items())
+    scale = [state_module.read_state(e)[1].extra["loss_scale"] for e in ends]
+    assert scale[0] == scale[1] == {"scale": 2.0**16, "clean_steps": 12}
+
+
+def test_float16_overflow_skips_the_step_halves_the_scale_and_resumes_bit_exact(
+        tmp_path, corpus, monkeypatch):
+    """A loss scale too large for float16 (2^20 on this model): the overflowing steps are
+    skipped (NestedAdamW's step counts untouched) and the scale halved until the gradients fit;
+    the state saved mid-way resumes bit-identically, scale included."""
+    from matformer.training import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "LossScaler",
+                        lambda enabled: LossScaler(enabled, init_scale=2.0**20))
+    cfg = tiny(tmp_path, corpus, dtype="float16", steps=8, save_every=4, log_every=1)
+    train(cfg)
+    resumed = dataclasses.replace(cfg, out=str(tmp_path / "r" / "run"),
+                                  resume=str(Path(cfg.out) / "checkpoints" / "step-0000004"))
+    train(resumed)
+    ends = [Path(c.out) / "checkpoints" / "step-0000008" for c in (cfg, resumed)]
+    tensors, st = state_module.read_state(ends[0])
+    scale = st.extra["loss_scale"]
+    skipped = 20 - int(np.log2(scale["scale"]))  # one halving per skipped step
+    assert skipped >= 1 and scale["scale"] < 2.0**20
+    counts = {int(v.max()) for k, v in tensors.items() if k.endswith(".step")}
+    assert counts == {8 - skipped}  # a skipped step never reached the optimizer
+    assert all(np.isfinite(v).all() for r in step_log(cfg.out) for v in r["loss"].values())
+    assert losses(resumed.out) == losses(cfg.out)[4:]
+    wa, wb = (load_state_dict(e) for e in ends)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert state_module.read_state(ends[1])[1].extra["loss_scale"] == scale
 
 
 def test_grad_accum_equals_the_larger_batch_and_checkpointing_changes_nothing(tmp_path, corpus):
