@@ -17,8 +17,9 @@ decodes greedily. All ratios come from one run, interleaved, so machine load hit
     .venv/bin/python benchmarks/decode.py --ckpt runs/bench-decode/ffn8-h512 \
         --draft-ckpt runs/bench-decode/small-h512                    # the CPU numbers
     .venv/bin/python benchmarks/decode.py --quick --random          # smoke run (tiny, CPU)
-    PYTHONPATH=src python3 benchmarks/decode.py --device cuda --train-steps 300 \
-        --out $OUT/decode.json                                       # the GPU variant
+    PYTHONPATH=src python3 benchmarks/decode.py --device cuda --dtype bfloat16 \
+        --hidden 2048 --ffn 16384 --layers 12 --heads 16 --kv-heads 4 --train-steps 300 \
+        --work /tmp/bd --out $OUT/decode.json                        # the GPU variant (1.3B)
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _train_here(args, out: Path, intermediate: int, objective: str) -> Path:
                       max_positions=512, batch_size=args.train_batch, seq_len=64, lr=3e-3,
                       warmup_steps=max(1, args.train_steps // 10), eval_every=args.train_steps,
                       save_every=10 ** 6, log_every=max(1, args.train_steps // 5),
-                      device=args.device))
+                      device=args.device, dtype=args.dtype))
     return out
 
 
@@ -80,7 +81,7 @@ def load_models(args) -> tuple[MatFormerLM, MatFormerLM | None, list[list[int]],
                               num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                               max_position_embeddings=1024)
         torch.manual_seed(0)
-        model = MatFormerLM(cfg).to(dev).eval()
+        model = MatFormerLM(cfg).to(dev, getattr(torch, args.dtype)).eval()
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
         return model, None, prompts.tolist(), "random weights"
@@ -90,8 +91,9 @@ def load_models(args) -> tuple[MatFormerLM, MatFormerLM | None, list[list[int]],
     if draft_ckpt is None and not args.ckpt and not args.no_draft_model:
         draft_ckpt = _train_here(args, Path(args.work) / f"small-{args.train_steps}",
                                  args.ffn >> 3, "single")
-    model = load_model(ckpt, device=args.device).eval()
-    draft = load_model(draft_ckpt, device=args.device).eval() if draft_ckpt else None
+    dtype = getattr(torch, args.dtype)
+    model = load_model(ckpt, device=args.device).to(dtype).eval()
+    draft = load_model(draft_ckpt, device=args.device).to(dtype).eval() if draft_ckpt else None
     if draft is not None:
         same = (Path(ckpt) / "tokenizer.json").read_bytes() == \
             (Path(draft_ckpt) / "tokenizer.json").read_bytes()
@@ -204,7 +206,8 @@ def _hf_model(model):
     d.pop("layer_intermediate_sizes", None)
     d.pop("layer_kv_heads", None)
     cfg = transformers.LlamaConfig(**{**d, "architectures": ["LlamaForCausalLM"]})
-    hf = transformers.LlamaForCausalLM(cfg).to(model.model.embed_tokens.weight.device).eval()
+    w = model.model.embed_tokens.weight
+    hf = transformers.LlamaForCausalLM(cfg).to(w.device, w.dtype).eval()
     missing = hf.load_state_dict(model.state_dict(), strict=False)
     assert not missing.missing_keys, missing.missing_keys
     return hf
@@ -327,6 +330,9 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: tiers,spec,batch")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="decode in this dtype (and train in it, through autocast, when training "
+                    "here); bfloat16 is what a GPU serves in")
     ap.add_argument("--out", default=str(RESULTS / "decode.json"))
     args = ap.parse_args()
     if args.quick:

@@ -6,7 +6,8 @@ For each size (~125M and ~350M parameters, vocabulary 32000, sequence 2048) and 
 - ours: a `training.prepare.Run` stepped by `training.step.train_step` — the function `matformer
   train` calls each step: DataLoader batches (2 workers, pinned memory) from a token stream,
   bf16 autocast, the Objective's forward + backward at full width (tier 0), gradient clipping
-  and NestedAdamW (foreach); with --compile through `training.prepare.parallelize`;
+  and NestedAdamW (`--adamw-impl auto`: torch's fused AdamW kernel on CUDA, foreach on CPU);
+  with --compile through `training.prepare.parallelize`;
 - llama: LlamaForCausalLM (sdpa attention) on the same batches, bf16 autocast, clipping and
   torch.optim.AdamW(fused=True) (the fastest AdamW torch has);
 and then ours under FSDP2 (`fully_shard` per layer and root, world size = the GPUs of this

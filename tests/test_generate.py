@@ -262,6 +262,16 @@ def test_batched_rows_equal_each_prompt_alone(width) -> None:
         cut = free.tokens.index(eos) + 1 if eos in free.tokens else len(free.tokens)
         assert out.tokens == free.tokens[:cut]
         assert out.stats.stop_reason == ("eos" if eos in free.tokens else "length")
+    # Tokens are read back every SYNC_EVERY (16) steps: an EOS inside the second chunk stops the
+    # same way, and with `stream` (read every step) too.
+    eos = batch[0].tokens[18]
+    seen: list[int] = []
+    for stream in (None, seen.extend):
+        stopped = generate_batch(model, PROMPTS, 24, eos_token_id=eos, stream=stream, **width)
+        for out, free in zip(stopped, batch, strict=True):
+            cut = free.tokens.index(eos) + 1 if eos in free.tokens else len(free.tokens)
+            assert out.tokens == free.tokens[:cut]
+    assert seen == stopped[0].tokens
 
 
 # ---- compiled decoding -----------------------------------------------------------------------------

@@ -350,6 +350,29 @@ def static_decoder(model: MatFormerLM, batch_size: int, min_len: int, *,
     return kept[key]
 
 
+SYNC_EVERY = 16
+"""Decoding steps between reads of the picked tokens by the host (generate_batch)."""
+
+
+def _take(chunk: list[list[int]], going: list[int], outs: list[list[int]],
+          stats: list[GenerationStats], eos: set[int], max_new_tokens: int,
+          stream: StreamCallback | None) -> list[int]:
+    """Append a chunk of picked tokens (steps x rows) to the rows still going, stopping each row
+    at its EOS or its last token; returns the rows still going."""
+    for toks in chunk:
+        for b in going:
+            outs[b].append(toks[b])
+            if toks[b] in eos:
+                stats[b].stop_reason = "eos"
+        if stream is not None and 0 in going:
+            stream([toks[0]])
+        going = [b for b in going if stats[b].stop_reason != "eos"
+                 and len(outs[b]) < max_new_tokens]
+        if not going:
+            break
+    return going
+
+
 def generate_batch(
     model: MatFormerLM,
     prompts: Sequence[Sequence[int] | torch.Tensor],
@@ -389,23 +412,22 @@ def generate_batch(
         dec = static_decoder(model, len(rows), max_len, compile=compile)
         t0 = time.perf_counter()
         logits = dec.prefill(rows)  # (B, V)
-        forwards = 1
-        going = list(range(len(rows)))
+        _sync(device)
+        prefill = time.perf_counter() - t0
+        # Picked tokens stay on the device and are read back every `every` steps (each read is a
+        # host-device sync): the host queues the next steps while the device runs, as gpt-fast
+        # does. A row past its EOS computes at most every-1 dropped tokens; `stream` reads each.
+        every = 1 if stream is not None else SYNC_EVERY
+        forwards, pending, going = 1, [], list(range(len(rows)))
         while True:
             picked = sampler.pick(logits)  # (B,) on the device
-            toks = picked.tolist()
-            if forwards == 1:
-                prefill = time.perf_counter() - t0
-            for b in going:
-                outs[b].append(toks[b])
-                if toks[b] in eos:
-                    stats[b].stop_reason = "eos"
-            if stream is not None and 0 in going:
-                stream([toks[0]])
-            going = [b for b in going if stats[b].stop_reason != "eos"
-                     and len(outs[b]) < max_new_tokens]
-            if not going:
-                break
+            pending.append(picked)
+            if len(pending) == every or forwards == max_new_tokens:
+                going = _take(torch.stack(pending).tolist(), going, outs, stats, eos,
+                              max_new_tokens, stream)
+                pending = []
+                if not going:
+                    break
             logits = dec.step(picked.view(-1, 1))
             forwards += 1
         _sync(device)
