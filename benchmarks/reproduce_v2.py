@@ -650,12 +650,71 @@ def compute_accounting(s: Settings, specs: list[dict[str, Any]]) -> dict[str, An
         c["train_tokens"] += sp["train_tokens"]
         c["train_flops"] += flops
         c["train_seconds"] += sp["train_seconds"]
-    for key, c in out.items():
+    return _flop_ratios(out)
+
+
+def _flop_ratios(compute: dict[str, Any]) -> dict[str, Any]:
+    """Each entry's FLOPs as a multiple of the same (corpus, seed)'s four baselines."""
+    for key, c in compute.items():
         corpus, _cfg, seed = key.rsplit("-", 2)
-        ref = out.get(f"{corpus}-baseline-{seed}")
+        ref = compute.get(f"{corpus}-baseline-{seed}")
         if ref:
             c["flops_vs_baselines"] = c["train_flops"] / ref["train_flops"]
-    return out
+    return compute
+
+
+SCALE_SETTINGS = ("preset", "vocab_size", "seq_len", "batch_size", "baseline_steps", "eval_windows",
+                  "lr", "max_corpus_bytes", "device", "dtype", "spec_gamma", "quick")
+"""Settings two reports must share to be merged (the rest is parallelism and bookkeeping)."""
+
+
+def _stage(report: dict[str, Any]) -> dict[str, Any]:
+    """One run of the script: its command, wall time, machine, parallelism and what it trained."""
+    done = report.get("resumed_runs")
+    return {k: report[k] for k in ("command", "wall_seconds", "hardware") if k in report} | {
+        "jobs": report["settings"]["jobs"], "threads": report["settings"]["threads"],
+        "trained": "not recorded" if done is None else [r["name"] for r in report["runs"] if r["name"] not in done]}
+
+
+def check_mergeable(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    """Settings of two runs whose results merge_reports may combine; else a one-line error."""
+    for k in SCALE_SETTINGS:
+        if old.get(k) != new.get(k):
+            raise SystemExit(f"error: {where} were made with {k} = {old.get(k)!r}, this run has "
+                             f"{new.get(k)!r}; give another --results folder or the same {k}")
+
+
+def merge_reports(old: dict[str, Any], new: dict[str, Any], where: str = "the existing results") -> dict[str, Any]:
+    """A --resume run's report merged into the report it continues: the new run's evaluations,
+    runs and compute replace the old ones of the same (corpus, seed, configuration) and the rest of
+    the old ones are kept (so a run of a few configurations adds them to the whole design); the
+    summary is recomputed from the merged evaluations; `stages` lists every run's command, wall
+    time and machine."""
+    so, sn = old["settings"], new["settings"]
+    check_mergeable(so, sn, where)
+    for corpus, sha in new["tokenizer_sha256"].items():
+        if old["tokenizer_sha256"].get(corpus, sha) != sha:
+            raise SystemExit(f"error: {where} used another {corpus} tokenizer than this run's "
+                             f"(--out holds other models); give another --results folder")
+    key = lambda ev: (ev["corpus"], ev["seed"], ev["config"])  # noqa: E731
+    fresh = {key(ev): ev for ev in new["evals"]}
+    evals = [fresh.pop(key(ev), ev) for ev in old["evals"]] + list(fresh.values())
+    runs = {r["name"]: r for r in old["runs"]} | {r["name"]: r for r in new["runs"]}
+    merged = dict(new)
+    merged.update(
+        settings={**sn, "seeds": sorted(set(so["seeds"]) | set(sn["seeds"])),
+                  "corpora": list(dict.fromkeys(so["corpora"] + sn["corpora"])),
+                  "configs": [c for c in KNOWN_CONFIGS if c in so["configs"] or c in sn["configs"]]},
+        runs=list(runs.values()),
+        train_settings=old.get("train_settings", {}) | new["train_settings"],
+        compute=_flop_ratios(old.get("compute", {}) | new["compute"]),
+        tokenizer_sha256=old["tokenizer_sha256"] | new["tokenizer_sha256"],
+        eval=old.get("eval", {}) | new["eval"],
+        stages=old.get("stages", [_stage(old)]) + [_stage(new)],
+        evals=evals)
+    merged["budgets"] = budgets(merged["compute"])
+    merged.update(summarize(evals))
+    return merged
 
 
 def budgets(compute: dict[str, Any]) -> dict[str, str]:
@@ -668,7 +727,7 @@ def budgets(compute: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def run_experiment(s: Settings, log=print) -> dict[str, Any]:
+def run_experiment(s: Settings, log=print, command: str | None = None) -> dict[str, Any]:
     from matformer import data as D
     from matformer.config import MatFormerConfig
     from matformer.shapes import parameter_counts
@@ -723,7 +782,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     compute = compute_accounting(s, specs)
     return {
         "version": 2,
-        "command": "benchmarks/reproduce_v2.py" + (" --quick" if s.quick else ""),
+        "command": command or "benchmarks/reproduce_v2.py" + (" --quick" if s.quick else ""),
         "settings": {**dataclasses.asdict(s), "x_tokens": s.x_tokens},
         "model": {"preset": s.preset, "layers": mcfg.num_hidden_layers, "hidden_size": mcfg.hidden_size,
                   "ffn_base": mcfg.base, "ffn_widths": {TIER_NAMES[t]: mcfg.base >> t for t in TIERS},
@@ -737,6 +796,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
         "wall_seconds": {"train": train_wall, "eval": eval_wall, "total": time.time() - t_start},
         "runs": [{k: sp[k] for k in ("name", "corpus", "config", "seed", "tier", "train_tokens",
                                      "train_seconds", "tokens_per_second")} for sp in specs],
+        "resumed_runs": [sp["name"] for sp in specs if sp.get("resumed")],
         "train_settings": {sp["name"]: sp["train"] for sp in specs},
         "compute": compute,
         "tokenizer_sha256": shas,
@@ -993,7 +1053,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"always run; {', '.join(EXTRA_CONFIGS)} are opt-in)")
     ap.add_argument("--out", default=d.out, help="folder for the trained models")
     ap.add_argument("--resume", action="store_true",
-                    help="reuse runs under --out that finished with the same settings")
+                    help="reuse runs under --out that finished with the same settings, and merge "
+                    "this run's results into the JSON under --results (what it did not redo is kept)")
     ap.add_argument("--results", default="docs/results", help="folder for the JSON and the plots")
     ap.add_argument("--replot", metavar="JSON", default=None, help="tables and plots from a run's JSON")
     ap.add_argument("--markdown", action="store_true", help="with --replot: print the docs' tables")
@@ -1027,12 +1088,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [c for c in s.corpora if c not in CORPORA]
         if bad:
             raise SystemExit(f"error: unknown corpus {bad[0]!r}; choose from {', '.join(CORPORA)}")
-    report = run_experiment(s)
+    res = Path(args.results)
+    js = res / ("reproduce_v2" + ("-quick" if s.quick else "") + ".json")
+    previous = json.loads(js.read_text(encoding="utf-8")) if s.resume and js.is_file() else None
+    if previous is not None:
+        check_mergeable(previous["settings"], dataclasses.asdict(s), str(js))
+    command = " ".join(["benchmarks/reproduce_v2.py", *(sys.argv[1:] if argv is None else argv)])
+    report = run_experiment(s, command=command)
+    if previous is not None:  # --resume continues those results: keep what this run did not redo
+        report = merge_reports(previous, report, str(js))
     print()
     print(format_tables(report))
-    res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    js = res / ("reproduce_v2" + ("-quick" if s.quick else "") + ".json")
     js.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     try:
         plots = make_plots(report, res, "-quick" if s.quick else "")

@@ -269,10 +269,11 @@ def test_v2_pipeline_end_to_end(rp2, tmp_path):
     assert rp2.replot(js) == 0
 
 
-def test_v2_opt_in_configs_heads_and_tail_lr_end_to_end(rp2, tmp_path):
+def test_v2_opt_in_configs_heads_and_tail_lr_end_to_end(rp2, tmp_path, monkeypatch):
     """joint_heads and joint_tail: not in the default run, trained with --configs, their compute
     counted per (tier, KV heads), reported against the baselines and joint, and reused by
-    --resume (a run naming only one of them evaluates without the speculative group)."""
+    --resume (a run naming only one of them evaluates without the speculative group, and its
+    results merge into the JSON it continues)."""
     import json
 
     from matformer.tiers import head_granularities
@@ -337,10 +338,28 @@ def test_v2_opt_in_configs_heads_and_tail_lr_end_to_end(rp2, tmp_path):
         assert needle in text
     assert "joint_tail − joint" in md and "| joint_heads @ 1 |" in md
     assert len(rp2.make_plots(report, tmp_path, "-x")) == 3
-    # --resume: only joint_tail named; its runs are reused, not trained again.
+    # --resume naming only joint_tail: its runs are reused, not trained again, and the results
+    # merge into the JSON already under --results (nothing of it lost, the summary recomputed).
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "reproduce_v2.json").write_text(json.dumps(report))
     model = tmp_path / "runs" / "python-joint_tail-seed0" / "model.safetensors"
     mtime = model.stat().st_mtime_ns
-    again = rp2.run_experiment(rp2.Settings(configs=["joint_tail"], resume=True, **kw), log=lambda _m: None)
+    monkeypatch.setenv("MATFORMER_CACHE", kw["cache_dir"])
+    cli = ["--preset", "debug", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2",
+           "--baseline-steps", "2", "--seeds", "0,1", "--eval-windows", "3", "--jobs", "1",
+           "--max-corpus-bytes", "40000", "--corpora", "python", "--out", kw["out"],
+           "--results", str(res), "--resume"]
+    assert rp2.main([*cli, "--configs", "joint_tail"]) == 0
     assert model.stat().st_mtime_ns == mtime
-    assert set(again["table"]["python"]) == {"baseline", "joint_tail"}
-    assert rp2._tier(again["table"]["python"]["joint_tail"], 0)["loss"] == rp2._tier(table["joint_tail"], 0)["loss"]
+    merged = json.loads((res / "reproduce_v2.json").read_text())
+    assert set(merged["table"]["python"]) == {"baseline", "joint", "joint_heads", "joint_tail"}
+    assert merged["table"]["python"] == json.loads(json.dumps(report["table"]["python"]))
+    assert merged["claims"]["python"]["vs_joint"] == json.loads(json.dumps(cl["vs_joint"]))
+    assert merged["budgets"]["joint_heads"] == report["budgets"]["joint_heads"]
+    assert len(merged["runs"]) == len(report["runs"]) and len(merged["evals"]) == len(report["evals"])
+    assert [st["trained"] for st in merged["stages"]] == [[r["name"] for r in report["runs"]], []]
+    assert merged["stages"][1]["command"].endswith("--resume --configs joint_tail")
+    # Results of another scale are not merged: one line, before anything is trained.
+    with pytest.raises(SystemExit, match="seq_len = 32, this run has 16"):
+        rp2.main([*cli, "--configs", "joint_tail", "--seq-len", "16"])
