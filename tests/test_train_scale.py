@@ -476,6 +476,122 @@ def test_fsdp_two_processes_rank_tiers_match_single_process_and_resume_bit_exact
         teardown(dist)
 
 
+# ---- resume across the two state formats (sharded DCP with --fsdp, single-file without) --------
+
+TWO_PROC_ARGS = ["--preset", "debug", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+                 "--lr", "1e-2", "--warmup-steps", "2", "--vocab-size", "300", "--eval-every",
+                 "1000", "--save-every", "2", "--eval-windows", "8", "--val-fraction", "0.1",
+                 "--objective", "joint", "--log-every", "1"]
+
+
+def _close_losses(resumed: str | Path, whole: str | Path, rel: float) -> None:
+    """Every step the resumed run logged within `rel` of the uninterrupted run's."""
+    la = losses(str(resumed))
+    lb = losses(str(whole))[-len(la):]
+    assert [s for s, _ in la] == [s for s, _ in lb] and la
+    for (_, x), (_, y) in zip(la, lb, strict=True):
+        assert x.keys() == y.keys() and all(abs(x[t] - y[t]) <= rel * x[t] for t in x), (x, y)
+
+
+def test_resume_converts_between_fsdp_and_single_file_state_bit_exact_in_one_process(tmp_path, corpus):
+    """One process: --fsdp (a group of one) and plain training are the same math, and a run
+    resumed in the other mode (sharded DCP state read into a plain model, a single-file state
+    into a sharded one) ends bit-identical to both uninterrupted runs, writing its checkpoints
+    in its own format."""
+    runs = {m: tiny(tmp_path / m, corpus, steps=6, save_every=3, log_every=1, fsdp=m == "fsdp",
+                    save_dtype="bfloat16")  # resuming needs the float32 masters of either state
+            for m in ("plain", "fsdp")}
+    for cfg in runs.values():
+        train(cfg)
+    for src, dst in (("plain", "fsdp"), ("fsdp", "plain")):
+        runs[f"{src}-{dst}"] = dataclasses.replace(
+            runs[dst], out=str(tmp_path / f"{src}-{dst}" / "run"),
+            resume=str(Path(runs[src].out) / "checkpoints" / "step-0000003"))
+        train(runs[f"{src}-{dst}"])
+    ref = load_state_dict(runs["plain"].out)
+    for name, cfg in runs.items():
+        got = load_state_dict(cfg.out)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+        assert losses(cfg.out) == losses(runs["plain"].out)[-len(losses(cfg.out)):], name
+    assert {v.dtype for v in ref.values()} == {torch.bfloat16}
+    end = Path(runs["plain-fsdp"].out) / "checkpoints" / "step-0000006"
+    assert (end / "training_state" / ".metadata").is_file() and not (end / STATE_FILE).exists()
+    end = Path(runs["fsdp-plain"].out) / "checkpoints" / "step-0000006"
+    assert (end / STATE_FILE).is_file() and not (end / "training_state").exists()
+    masters = _masters(end)  # the float32 weights a resumed run continues from
+    ref_masters = _masters(Path(runs["plain"].out) / "checkpoints" / "step-0000006")
+    assert masters and all(torch.equal(v, ref_masters[k]) for k, v in masters.items())
+
+
+def test_fsdp_state_resumes_without_fsdp_on_two_processes_and_in_one(tmp_path, corpus, capsys):
+    """The sharded state of a 2-process --fsdp run, resumed without --fsdp: by 2 DDP processes
+    bit-identical to the uninterrupted FSDP2 run; by one process (no process group) every tensor
+    read whole, exactly as DCP stored it, and training goes on (4 windows a step instead of 8:
+    the losses stay within 5% of the 2-process run's, and the run says why they differ)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), *TWO_PROC_ARGS]
+    a, b = tmp_path / "fsdp", tmp_path / "ddp"
+    _torchrun(["--out", str(a), *common, "--fsdp"])
+    ckpt = a / "checkpoints" / "step-0000002"
+    _torchrun(["--out", str(b), *common, "--resume", str(ckpt)])
+    wa, wb = load_state_dict(a), load_state_dict(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert losses(str(b)) == losses(str(a))[2:]
+    assert (b / "checkpoints" / "step-0000004" / STATE_FILE).is_file()
+
+    cfg = TrainConfig.from_dict(json.loads((a / "train_config.json").read_text()))
+    model = MatFormerLM(model_config(cfg, wa["lm_head.weight"].shape[0]))
+    opt = NestedAdamW(model)
+    assert not torch.distributed.is_initialized()
+    load_state(ckpt, model, opt)
+    dcp_to_torch_save(ckpt / "training_state", tmp_path / "full.pt")
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    saved = load_state_dict(ckpt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full["model"][k]) and torch.equal(v, saved[k]), k
+    for p, name in opt.names.items():
+        for m in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][m], full["optim"][f"{name}.{m}"]), (name, m)
+
+    one = dataclasses.replace(cfg, out=str(tmp_path / "one"), fsdp=False, resume=str(ckpt),
+                              quiet=False)
+    capsys.readouterr()
+    train(one)
+    assert "with 1 process(es), saved by 2: 4 windows per step instead of 8" in capsys.readouterr().out
+    _close_losses(one.out, a, rel=0.05)
+
+
+def test_single_file_state_resumes_with_fsdp_on_two_processes(tmp_path, corpus):
+    """A 2-process DDP run (ranks at tiers 1 and 2) resumed with --fsdp on 2 processes: the
+    single-file state sharded on load; the same weights and losses as the uninterrupted DDP run
+    (1e-5), the never-trained tier-0 half bit-identical, checkpoints now sharded."""
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), *TWO_PROC_ARGS]
+    a, b = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(["--out", str(a), *common, "--rank-tiers", "1,2"])
+    _torchrun(["--out", str(b), *common, "--rank-tiers", "1,2", "--fsdp", "--resume",
+               str(a / "checkpoints" / "step-0000002")])
+    _close_losses(b, a, rel=1e-5)
+    wa, wb = load_state_dict(a), load_state_dict(b)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+        if ".mlp." in k:
+            dim = 1 if "down_proj" in k else 0
+            assert torch.equal(wb[k].narrow(dim, 128, 128), wa[k].narrow(dim, 128, 128)), k
+    assert (b / "checkpoints" / "step-0000004" / "training_state" / ".metadata").is_file()
+
+
+def test_one_process_state_resumes_with_fsdp_on_two_processes(tmp_path, corpus):
+    """Any world size: a 1-process run's single-file state resumed by 2 --fsdp processes trains
+    on (8 windows a step instead of 4: losses within 5% of the 1-process run's)."""
+    common = ["--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), *TWO_PROC_ARGS]
+    single = tmp_path / "single"
+    assert cli_main(["train", "--out", str(single), *common, "--quiet"]) == 0
+    _torchrun(["--out", str(tmp_path / "wide"), *common, "--fsdp", "--resume",
+               str(single / "checkpoints" / "step-0000002")])
+    _close_losses(tmp_path / "wide", single, rel=0.05)
+
+
 # ---- prepared token files ----------------------------------------------------------------------
 
 

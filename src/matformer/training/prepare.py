@@ -140,7 +140,8 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
             state.restore(tensors, ckpt, opt, sampler, resumed, dist.device)
         run.scaler.load_state(resumed.extra.get("loss_scale", {}))
         run.start, run.tokens_seen, run.history = resumed.step, resumed.tokens_seen, resumed.history
-        report.say(f"resumed from {ckpt} at step {run.start}")
+        report.say(f"resumed from {ckpt} at step {run.start}"
+                   + state.resume_note(resumed, cfg, dist.world))
     else:
         torch.manual_seed(cfg.seed)
     _describe(run, val_desc)

@@ -9,9 +9,12 @@ A checkpoint `OUT/checkpoints/step-NNNNNNN/` of an FSDP2 run holds the usual Hug
 
 DCP records every tensor by its global offsets, so a run can resume with any number of
 processes (it reshards on load); with the same number the result is bit-identical to an
-uninterrupted run. The DCP folder is written first into `.step-NNNNNNN.dcp/` beside the
-checkpoints and moved into the finished model folder last: a checkpoint counts as complete only
-once `training_state/.metadata` is in it (`state.checkpoints`).
+uninterrupted run. A run resumed without --fsdp reads the same folder into whole tensors, and an
+--fsdp run resumed from a single-file state (state.restore) takes its shard of each tensor
+(`like`); either way the next checkpoint is in the format of the resumed run. The DCP folder is
+written first into `.step-NNNNNNN.dcp/` beside the checkpoints and moved into the finished model
+folder last: a checkpoint counts as complete only once `training_state/.metadata` is in it
+(`state.checkpoints`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import CheckpointError
 from ..io.atomic import atomic_write, fsync_dir
@@ -75,12 +80,26 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def load_state(folder: Path, model: nn.Module, opt: NestedAdamW) -> None:
-    """Every rank reads its shards (resharded to this run's world size) in place (collective)."""
+    """Every rank reads its shards (resharded to this run's world size) in place (collective).
+    A model that is not sharded (a run resumed without --fsdp) reads whole tensors; in one
+    process without a process group DCP reads without collectives."""
     state = _state(model, opt, for_load=True)
     try:
-        dcp.load(state, checkpoint_id=str(folder / STATE_DIR))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(folder / STATE_DIR),
+                     no_dist=not torch.distributed.is_initialized())
     except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, ...)
         raise CheckpointError(f"{folder / STATE_DIR}: cannot load the sharded training state "
                               f"({str(e).splitlines()[0][:300]}); is it from the same model?") from None
     opt.loaded_from_dcp()
     torch.set_rng_state(state["rng"])
+
+
+def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A whole tensor `t` laid out as `ref`: a DTensor sharded as `ref` (each rank keeps its own
+    shard, no communication) when `ref` is one (a single-file training state read into an
+    --fsdp run), `t` itself otherwise."""
+    if not isinstance(ref, DTensor):
+        return t
+    return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)

@@ -26,6 +26,7 @@ from ..errors import CheckpointError
 from ..io.checkpoint import load_state_dict
 from ..io.hub import download
 from ..io.source import resolve_source
+from . import sharded
 from .distributed import Dist
 from .optimizer import NestedAdamW
 from .points import parse_key
@@ -34,6 +35,9 @@ from .sharded import is_sharded
 from .weights import write_model
 
 STATE_FILE = "training_state.safetensors"
+CONVERTED_SETTINGS = {"fsdp"}
+"""Settings that are not resumable only because the checkpoint's format follows them (--fsdp:
+sharded DCP state, else single-file): a resumed run reads either format into either kind of run."""
 CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "train_summary.json"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -246,7 +250,8 @@ def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: cannot read ({e})") from None
     now = cfg.to_dict()
-    diff = [k for k in now if k not in resumable_settings() and saved.get(k) != now[k]]
+    diff = [k for k in now if k not in resumable_settings() | CONVERTED_SETTINGS
+            and saved.get(k) != now[k]]
     if diff:
         desc = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in diff[:4])
         raise CheckpointError(f"{ckpt}: this run's settings differ from the checkpoint's ({desc}); "
@@ -255,9 +260,6 @@ def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world
         # Resuming would write the weights of a longer run as this run's final model.
         raise CheckpointError(f"{ckpt}: the checkpoint is at step {state.step}, past --steps "
                               f"{cfg.steps}; resume with --steps {state.step} or more")
-    if state.world_size != world and not is_sharded(ckpt):  # DCP reshards: any world size
-        raise CheckpointError(f"{ckpt}: saved by {state.world_size} process(es), resumed "
-                              f"with {world}; resume with the same number of processes")
     saved_model = type(model_cfg).from_json_file(ckpt / "config.json").to_dict()  # LM or MatViT
     now_model = model_cfg.to_dict()
     mdiff = [k for k in now_model if saved_model.get(k) != now_model[k]
@@ -266,6 +268,15 @@ def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world
         desc = ", ".join(f"{k}: saved {saved_model.get(k)!r}, now {now_model[k]!r}" for k in mdiff[:4])
         raise CheckpointError(f"{ckpt}: holds another model ({desc}); resume with the same "
                               f"--preset, or train into a new --out")
+
+
+def resume_note(state: TrainingState, cfg: TrainConfig, world: int) -> str:
+    """What differs from the run the checkpoint came from (appended to the "resumed" line)."""
+    if state.world_size == world:
+        return ""
+    per_step = cfg.batch_size * cfg.grad_accum
+    return (f" with {world} process(es), saved by {state.world_size}: {world * per_step} windows "
+            f"per step instead of {state.world_size * per_step}, so not the original run's math")
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:
@@ -285,8 +296,22 @@ def restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW, samp
                               f"checkpoint") from None
 
 
+def _laid_out(tensors: dict[str, torch.Tensor], opt: NestedAdamW) -> dict[str, torch.Tensor]:
+    """The state's moments and master weights sharded as their parameters (an --fsdp run
+    resuming a single-file state); step counts and RNG are replicated, kept whole."""
+    by_name = {name: p for p, name in opt.names.items()}
+    out = dict(tensors)
+    for key, t in tensors.items():
+        kind, _, rest = key.partition(".")
+        name = rest if kind == "master" else rest.rsplit(".", 1)[0] if kind == "optim" else None
+        if name in by_name and not key.endswith(".step"):
+            out[key] = sharded.like(t, by_name[name])
+    return out
+
+
 def _restore(tensors: dict[str, torch.Tensor], ckpt: Path, opt: NestedAdamW,
              sampler: D.WindowSampler, state: TrainingState, device: torch.device) -> None:
+    tensors = _laid_out(tensors, opt)
     opt.load_state_tensors(tensors, str(ckpt / STATE_FILE))
     master = {k.removeprefix("master."): v for k, v in tensors.items() if k.startswith("master.")}
     if master:  # float32 weights beside lower-precision saved ones
