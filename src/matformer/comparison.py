@@ -53,7 +53,7 @@ def _windows(first: Source, data: str | os.PathLike | None, seq_len: int | None,
     if max_tokens is not None:
         n = max(1, max_tokens // seq_len)
     if data is None:
-        tokens = D.heldout_tokens(first.folder)
+        tokens = token_files.checkpoint_heldout(first.folder)
         desc = "held-out split of the first checkpoint's training data"
     elif token_files.is_prepared(data):  # matformer prepare-data's folder: its held-out split
         tokens = token_files.eval_tokens(data, D.load_tokenizer(first.folder),

@@ -25,8 +25,7 @@ API (used by `matformer.train` and `matformer.evaluate`):
   evaluation and `matformer eval` score (default `HELDOUT_WINDOWS` windows, evenly spaced over
   the whole stream). `default_eval_tokens(tok)` is the held-out split of the default corpus
   tokenized with `tok`; `heldout_tokens(ckpt_dir)` reproduces the held-out split a checkpoint was
-  trained with (from its `train_config.json`) with its own tokenizer (of a run on a prepared
-  token folder: that folder's val.bin), and
+  trained with (from its `train_config.json`) with its own tokenizer, and
   `heldout_shape(training_settings(ckpt_dir))` the (seq_len, windows) its training evaluated.
 """
 
@@ -498,24 +497,28 @@ def _downloaded(folder: Path) -> bool:
     return cache in Path(os.path.realpath(folder)).parents
 
 
-def heldout_tokens(ckpt_dir: str | os.PathLike,
-                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """The held-out tokens a checkpoint was trained beside: its train_config.json names the data
-    and split (defaults: the default corpus and split), its tokenizer.json tokenizes them."""
+def training_data(ckpt_dir: str | os.PathLike) -> str | None:
+    """The data a checkpoint's run trained on (its train_config.json; None: the default corpus).
+    A downloaded checkpoint naming a local path is a DataError: its metadata never chooses a
+    local file to read (it could name someone's private file)."""
     ckpt = Path(ckpt_dir)
-    tok = load_tokenizer(ckpt)
-    settings = training_settings(ckpt)
-    data = settings.get("data")
+    data = training_settings(ckpt).get("data")
     if data is not None and data not in PACKAGED_CORPORA and _downloaded(ckpt):
-        # A downloaded checkpoint's metadata never chooses a local path to read (it could name
-        # someone's private file); a local run's own data path is read (regular files only).
         raise DataError(f"{ckpt / 'train_config.json'}: the run trained on {str(data)[:200]!r}; "
                         f"a downloaded checkpoint's settings do not choose local files to read. "
                         f"Pass --data with the text to evaluate on")
-    from . import token_files  # it imports this module
+    return data
 
-    if token_files.is_prepared(data):  # trained on `matformer prepare-data` files: their val.bin
-        return token_files.eval_tokens(data, tok, ckpt / "tokenizer.json")
+
+def heldout_tokens(ckpt_dir: str | os.PathLike,
+                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """The held-out tokens a checkpoint was trained beside: its train_config.json names the data
+    and split (defaults: the default corpus and split), its tokenizer.json tokenizes them. (A run
+    on a `matformer prepare-data` folder: `token_files.checkpoint_heldout` reads its val.bin.)"""
+    ckpt = Path(ckpt_dir)
+    tok = load_tokenizer(ckpt)
+    settings = training_settings(ckpt)
+    data = training_data(ckpt)  # a local run's own data path is read (regular files only)
     return default_eval_tokens(
         tok, data=data,
         val_fraction=float(settings.get("val_fraction", DEFAULT_VAL_FRACTION)),

@@ -41,7 +41,6 @@ from .config import perplexity
 from .data import (
     default_eval_tokens,
     heldout_shape,
-    heldout_tokens,
     heldout_windows,
     load_texts,
     load_tokenizer,
@@ -289,7 +288,7 @@ def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: An
         stream, desc = default_eval_tokens(tokenizer), "default corpus (held-out split)"
     else:
         say("tokenizing the held-out split of the checkpoint's training data ...")
-        stream = heldout_tokens(_checkpoint_folder(model_or_ckpt))  # type: ignore[arg-type]
+        stream = token_files.checkpoint_heldout(_checkpoint_folder(model_or_ckpt))  # type: ignore[arg-type]
         desc = "held-out split of the training corpus"
     return _as_windows(stream, seq_len, max_windows), desc
 

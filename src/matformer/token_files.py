@@ -22,7 +22,8 @@ a folder holding one, e.g. a checkpoint) or a byte-level BPE trained on the firs
 `matformer train --data DIR` then memory-maps the two files (`load`): nothing is tokenized
 again, and data loader workers read windows straight from the page cache. `matformer eval CKPT
 --data DIR` scores windows of val.bin (`eval_tokens`, after checking that DIR's tokenizer is the
-checkpoint's), as does `matformer eval CKPT` of a checkpoint trained on DIR.
+checkpoint's), as does `matformer eval CKPT` of a checkpoint trained on DIR
+(`checkpoint_heldout`).
 """
 
 from __future__ import annotations
@@ -256,3 +257,13 @@ def eval_tokens(folder: str | os.PathLike, tokenizer: Any | None = None,
                         f"prepared with another tokenizer; prepare it again with "
                         f"`matformer prepare-data SRC -o NEW --tokenizer {theirs}`")
     return val if len(val) else train
+
+
+def checkpoint_heldout(ckpt_dir: str | os.PathLike) -> np.ndarray:
+    """The held-out tokens a checkpoint was trained beside (what `matformer eval CKPT` scores):
+    the val.bin of the prepared folder its run trained on, else `data.heldout_tokens`."""
+    ckpt = Path(ckpt_dir)
+    trained_on = D.training_data(ckpt)
+    if is_prepared(trained_on):
+        return eval_tokens(trained_on, D.load_tokenizer(ckpt), ckpt / "tokenizer.json")
+    return D.heldout_tokens(ckpt)
