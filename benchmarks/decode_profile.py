@@ -1,0 +1,127 @@
+"""Where a decode step's time goes: the compiled one-token step against the compiled k-token
+verify, per operator (torch.profiler), at the full width and at the draft tier.
+
+Speculative decoding pays when a (k+1)-token verify costs about one step. On a memory-bound
+device the weights are read once either way; this profile shows what else grows with the token
+count (attention over the cache, the matmuls' kernel choice, the pointwise work) so the docs can
+say why a verify costs what it costs.
+
+    .venv/bin/python benchmarks/decode_profile.py --ckpt runs/bench-decode/ffn8-h512 --threads 2
+    .venv/bin/python benchmarks/decode_profile.py --random --quick      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from matformer import MatFormerConfig, MatFormerLM
+from matformer.decoding import StaticDecoder
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _model(args) -> MatFormerLM:
+    if args.random:
+        cfg = MatFormerConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                              intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                              num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                              max_position_embeddings=512)
+        torch.manual_seed(0)
+        return MatFormerLM(cfg).eval()
+    from matformer.io.checkpoint import load_model
+
+    return load_model(args.ckpt).eval()
+
+
+def _call(dec: StaticDecoder, toks: torch.Tensor) -> None:
+    at = dec.pos
+    dec.forward(toks)
+    dec.crop(at)
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _ops(fn, reps: int, top: int) -> list[dict]:
+    """The `top` operators by self CPU time per call (ms), over `reps` calls."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls_per_forward": e.count / reps,
+             "self_ms_per_forward": e.self_cpu_time_total / 1e3 / reps} for e in rows[:top]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--random", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--ks", default="1,2,4", help="draft lengths: verify k+1 tokens")
+    ap.add_argument("--tiers", default="0,3")
+    ap.add_argument("--position", type=int, default=48, help="filled cache columns")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS / "decode_profile.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab = 64, 256, 2, 4, 2, 256
+        args.reps, args.ks, args.position = 3, "1", 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _model(args)
+    dec = StaticDecoder(model, 1, 256, compile=True)
+    with torch.inference_mode():
+        dec.prefill([torch.arange(args.position) % model.config.vocab_size])
+    ks = [int(k) for k in args.ks.split(",")]
+    rows = []
+    for tier in (int(t) for t in args.tiers.split(",")):
+        model.set_widths(tier=tier)
+        for n in (1, *(k + 1 for k in ks)):
+            toks = torch.zeros(1, n, dtype=torch.long)
+            with torch.inference_mode():
+                ms = _median_ms(lambda toks=toks: _call(dec, toks), args.reps)
+                ops = _ops(lambda toks=toks: _call(dec, toks), args.reps, args.top)
+            rows.append({"tier": tier, "tokens": n, "ms": ms, "ops": ops})
+            print(f"\ntier {tier}, {n} token(s): {ms:.2f} ms per forward (median of {args.reps})")
+            for o in ops:
+                print(f"  {o['self_ms_per_forward']:8.3f} ms  x{o['calls_per_forward']:<5.0f} {o['op'][:90]}")
+    model.set_widths(tier=0)
+    step = {r["tier"]: r["ms"] for r in rows if r["tokens"] == 1}
+    print("\nforward cost relative to the same tier's one-token step:")
+    for r in rows:
+        r["vs_step"] = r["ms"] / step[r["tier"]]
+        print(f"  tier {r['tier']}, {r['tokens']} tokens: {r['vs_step']:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "decode_profile", "args": vars(args),
+                               "torch": torch.__version__, "machine": platform.machine(),
+                               "threads": torch.get_num_threads(),
+                               "config": model.config.to_dict(), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
