@@ -423,6 +423,33 @@ def test_expected_tokens_and_the_cost_model() -> None:
     assert forced.draft == "tier 3" and forced.expected_speedup < 1
 
 
+def test_auto_draft_explores_a_draft_whose_prompt_agreement_was_low_by_chance() -> None:
+    """The prior is a few prompt tokens; only the draft in use is observed. With the CPU
+    benchmark's costs, tier 3 at a prior of 9/16 loses to tier 2 on estimates, but its upper
+    bound would win: auto tries it (explore=True), and once tier 3's observed acceptance is in,
+    it is chosen on its estimate. A draft that cannot win even optimistically is not tried."""
+    from matformer.speculative import Draft, DecodeCosts, _rechoose, _Round
+
+    costs = DecodeCosts(7.5, {"tier 2": 2.33, "tier 3": 1.76},
+                        {1: 8.57, 2: 9.20, 3: 12.22, 4: 12.49})
+    drafts = [Draft("tier 2", [1024]), Draft("tier 3", [512])]
+    state = _Round(draft=drafts[0], k=2, mode="auto", prior={"tier 2": 0.75, "tier 3": 0.5625},
+                   plain_ok=True)
+    state.seen["tier 2"] = [40, 46]
+    extra: dict = {}
+    assert state.acceptance()["tier 2"] > state.acceptance()["tier 3"]
+    _rechoose(state, drafts, costs, [1, 2, 3, 4], extra)
+    assert extra["choice"].explore and state.draft.name == "tier 3"
+    state.seen["tier 3"] = [36, 40]  # what tier 3 then shows
+    _rechoose(state, drafts, costs, [1, 2, 3, 4], extra)
+    assert state.draft.name == "tier 3" and not extra["choice"].explore
+    hopeless = _Round(draft=drafts[0], k=2, mode="auto", prior={"tier 2": 0.9, "tier 3": 0.05},
+                      plain_ok=True)
+    hopeless.seen["tier 2"] = [80, 90]
+    _rechoose(hopeless, drafts, costs, [1, 2, 3, 4], extra)
+    assert hopeless.draft.name == "tier 2" and not extra["choice"].explore
+
+
 def test_auto_draft_follows_the_measured_costs() -> None:
     """draft_tier='auto' picks what the costs imply (given costs here, so the test doesn't
     depend on this machine's timings), re-measures when none are given, and the output stays

@@ -19,12 +19,17 @@ E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) tokens in k * draft_step + verify(
 `choose_draft` picks the (draft, k) of the highest expected tokens/s, or plain decoding when no
 pair beats one target step per token. alpha starts from the draft's agreement with the target
 on the prompt (teacher-forced, one forward each) and follows the acceptance observed as rounds
-go, the choice re-made after every round from the same costs.
+go, the choice re-made after every round from the same costs. Only the draft in use is
+observed, so a draft whose few-token prompt agreement was low by chance is tried (`explore`)
+while its optimistic acceptance (EXPLORE_Z standard errors up) would win, until it has drafted
+PRIOR_WEIGHT tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -57,6 +62,12 @@ AUTO_MAX_DRAFT_TOKENS = 8
 
 PRIOR_WEIGHT = 16
 """Drafted tokens the prompt's agreement counts for against the acceptance observed later."""
+
+EXPLORE_Z = 2.0
+"""`draft_tier="auto"` tries a draft it is not using, until it has drafted PRIOR_WEIGHT tokens,
+when the acceptance it might have (its estimate plus EXPLORE_Z standard errors) would beat the
+chosen draft's expected speed-up: the prompt's agreement is an estimate from a few tokens, and
+only the draft in use is observed. After that the estimates alone decide."""
 
 
 @dataclass
@@ -104,6 +115,9 @@ class DraftChoice:
     expected_tokens_per_round: float
     expected_speedup: float
     """Expected tokens/s over plain decoding's, from the costs."""
+    explore: bool = False
+    """Chosen to learn its acceptance: its estimate's upper bound, not its estimate, would win
+    (`acceptance` and the expectations are then the upper bound's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -296,6 +310,15 @@ class _Round:
             out[name] = (a0 * PRIOR_WEIGHT + acc) / (PRIOR_WEIGHT + dra)
         return out
 
+    def upper(self) -> dict[str, float]:
+        """Each draft's acceptance estimate plus EXPLORE_Z standard errors (binomial, over the
+        prior's weight and the drafts observed)."""
+        out = {}
+        for name, a in self.acceptance().items():
+            n = PRIOR_WEIGHT + self.seen.get(name, [0, 0])[1]
+            out[name] = min(1.0, a + EXPLORE_Z * math.sqrt(max(a * (1 - a), 1.0 / n) / n))
+        return out
+
 
 def speculative_generate(
     model: MatFormerLM,
@@ -427,6 +450,14 @@ def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Se
     auto = state.mode == "auto"
     choice = choose_draft(costs, state.acceptance(), ks if auto else [state.k],
                           allow_plain=auto and state.plain_ok)
+    if auto:  # explore: a little-observed draft whose optimistic acceptance would beat the choice
+        upper = state.upper()
+        others = [choose_draft(costs, {n: upper[n]}, ks, allow_plain=False)
+                  for n in upper if n != choice.draft
+                  and state.seen.get(n, [0, 0])[1] < PRIOR_WEIGHT]
+        best = max(others, key=lambda c: c.expected_speedup, default=None)
+        if best is not None and best.expected_speedup > choice.expected_speedup:
+            choice = dataclasses.replace(best, explore=True)
     extra["choice"] = choice
     if choice.draft is None:
         state.k = 0
