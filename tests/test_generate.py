@@ -428,7 +428,7 @@ def test_auto_draft_explores_a_draft_whose_prompt_agreement_was_low_by_chance() 
     benchmark's costs, tier 3 at a prior of 9/16 loses to tier 2 on estimates, but its upper
     bound would win: auto tries it (explore=True), and once tier 3's observed acceptance is in,
     it is chosen on its estimate. A draft that cannot win even optimistically is not tried."""
-    from matformer.speculative import Draft, DecodeCosts, _rechoose, _Round
+    from matformer.speculative import DecodeCosts, Draft, _rechoose, _Round
 
     costs = DecodeCosts(7.5, {"tier 2": 2.33, "tier 3": 1.76},
                         {1: 8.57, 2: 9.20, 3: 12.22, 4: 12.49})

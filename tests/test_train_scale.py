@@ -689,3 +689,33 @@ def test_eval_on_a_prepared_token_folder_scores_its_held_out_split(tmp_path, cor
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert str(alien / "tokenizer.json") in err and str(Path(cfg.out) / "tokenizer.json") in err
+
+
+def test_convert_calibrates_on_the_prepared_folder_a_run_trained_on(tmp_path, corpus, capsys):
+    """`matformer convert` of a run trained on a prepare-data folder calibrates on that folder's
+    train.bin (it used to read train.bin as text); a folder of another tokenizer given as
+    --calibration is one line naming both tokenizer files (exit 2)."""
+    from matformer.convert import calibration_windows
+    from matformer.errors import DataError
+    from matformer.io.source import resolve_source
+
+    tok_dir = tmp_path / "tok"
+    assert cli_main(["prepare-data", str(corpus), "-o", str(tok_dir), "--vocab-size", "300",
+                     "--val-fraction", "0.2", "--quiet"]) == 0
+    cfg = tiny(tmp_path, corpus, data=str(tok_dir), steps=2)
+    train(cfg)
+    _, train_tokens, _, _ = token_files.load(tok_dir)
+    windows, what = calibration_windows(resolve_source(cfg.out), None, 4, 16)
+    assert np.array_equal(windows.numpy(), D.heldout_windows(np.asarray(train_tokens), 16, 4))
+    assert f"the training split of {tok_dir}" in what
+    alien = tmp_path / "alien"
+    assert cli_main(["prepare-data", str(corpus), "-o", str(alien), "--vocab-size", "280",
+                     "--val-fraction", "0.2", "--quiet"]) == 0
+    with pytest.raises(DataError, match="prepared with another tokenizer"):
+        calibration_windows(resolve_source(cfg.out), alien, 4, 16)
+    capsys.readouterr()
+    assert cli_main(["convert", cfg.out, "-o", str(tmp_path / "conv"), "--calibration",
+                     str(alien), "--samples", "2", "--seq-len", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(alien / "tokenizer.json") in err
+    assert not (tmp_path / "conv").exists()

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import data as D
+from . import token_files as TF
 from .config import MatFormerConfig
 from .errors import CheckpointError, ConfigError, DataError
 from .io.checkpoint import load_model, load_state_dict, write_checkpoint
@@ -282,24 +283,37 @@ def calibration_windows(source: Source, calibration: str | os.PathLike | None, s
     evaluation never sees calibration text."""
     if samples < 1:
         raise ConfigError(f"--samples must be a positive number of windows, got {samples}")
-    tok = D.load_tokenizer(source.require_tokenizer().parent)
-    if calibration is not None:
-        texts, what = D.load_texts(calibration), str(calibration)
+    tok_file = source.require_tokenizer()
+    tok = D.load_tokenizer(tok_file.parent)
+    data = calibration if calibration is not None else D.training_data(source.folder)
+    if TF.is_prepared(data):  # a `matformer prepare-data` folder: its training tokens
+        tokens = _prepared_train(Path(data), tok, tok_file)
+        what = f"the training split of {data}"
+    elif calibration is not None:
+        tokens, what = D.tokenize(tok, D.load_texts(calibration), cache_dir), str(calibration)
     else:
         s = D.training_settings(source.folder)
         train, _ = D.split_texts(
-            D.load_texts(s.get("data"), max_bytes=s.get("max_corpus_bytes")),
+            D.load_texts(data, max_bytes=s.get("max_corpus_bytes")),
             float(s.get("val_fraction", D.DEFAULT_VAL_FRACTION)),
             int(s.get("split_seed", D.DEFAULT_SPLIT_SEED)))
-        texts = train
-        what = f"the training split of {s.get('data') or 'the default corpus'}"
-    tokens = D.tokenize(tok, texts, cache_dir)
+        tokens = D.tokenize(tok, train, cache_dir)
+        what = f"the training split of {data or 'the default corpus'}"
     if len(tokens) < seq_len:
         raise DataError(f"{what}: {len(tokens)} tokens, fewer than one calibration window of "
                         f"{seq_len}; give more --calibration text or a smaller --seq-len")
     windows = D.heldout_windows(tokens, seq_len, samples)
     return torch.from_numpy(windows), (f"{len(windows)} windows x {seq_len} tokens evenly spaced "
                                        f"over {len(tokens):,} tokens of {what}")
+
+
+def _prepared_train(folder: Path, tok: Any, tok_file: Path) -> Any:
+    """The train.bin tokens of a prepared folder, which must use the source's tokenizer."""
+    folder_tok, train, _, _ = TF.load(folder)
+    if folder_tok.to_str() != tok.to_str():
+        raise DataError(f"{folder / 'tokenizer.json'} differs from {tok_file}: the token folder was "
+                        f"prepared with another tokenizer; give --calibration text instead")
+    return train
 
 
 # ---- convert ---------------------------------------------------------------------------------
