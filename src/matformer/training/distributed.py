@@ -63,10 +63,17 @@ def teardown(dist: Dist) -> None:
 
 
 def run_in_group(device: str, body: Callable[[Dist], T]) -> T:
-    """`setup(device)`, `body(dist)`, then `teardown` however the body ends (both trainers)."""
+    """`setup(device)`, `body(dist)`, then `teardown` however the body ends (both trainers).
+    After a body that ended normally every rank first meets at a barrier: a rank that destroyed
+    its gloo group while another was still printing its last lines could take the other's
+    connection down under it (seen as "terminate called without an active exception", SIGABRT,
+    on one rank of a finished 2-process run). After an exception no barrier: the other ranks may
+    never reach it."""
     dist = setup(device)
     try:
-        return body(dist)
+        out = body(dist)
+        barrier(dist)
+        return out
     finally:
         teardown(dist)
 
