@@ -69,19 +69,25 @@ def _train_here(args, out: Path, intermediate: int, objective: str) -> Path:
     return out
 
 
+def random_model(args) -> MatFormerLM:
+    """Seeded random weights of the shape the arguments give (--hidden, --ffn, ...), in --dtype
+    on --device (`decode_profile.py` uses it too)."""
+    cfg = MatFormerConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                          intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                          max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return MatFormerLM(cfg).to(torch.device(args.device), getattr(torch, args.dtype)).eval()
+
+
 def load_models(args) -> tuple[MatFormerLM, MatFormerLM | None, list[list[int]], str]:
     """(target, separate draft or None, prompts, what the weights are)."""
     from matformer.data import heldout_tokens
     from matformer.io.checkpoint import load_model
 
-    dev = torch.device(args.device)
     if args.random:
-        cfg = MatFormerConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                              intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                              num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                              max_position_embeddings=1024)
-        torch.manual_seed(0)
-        model = MatFormerLM(cfg).to(dev, getattr(torch, args.dtype)).eval()
+        model = random_model(args)
+        cfg = model.config
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
         return model, None, prompts.tolist(), "random weights"

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from decode import random_model  # benchmarks/decode.py, beside this file
 from torch.profiler import ProfilerActivity, profile
 
-from matformer import MatFormerConfig, MatFormerLM
+from matformer import MatFormerLM
 from matformer.decoding import StaticDecoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,12 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _model(args) -> MatFormerLM:
     if args.random:
-        cfg = MatFormerConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                              intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                              num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                              max_position_embeddings=512)
-        torch.manual_seed(0)
-        return MatFormerLM(cfg).eval()
+        return random_model(args)
     from matformer.io.checkpoint import load_model
 
     return load_model(args.ckpt).eval()
@@ -84,6 +80,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="with --random (a checkpoint loads on the CPU)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="with --random")
     ap.add_argument("--out", default=str(RESULTS / "decode_profile.json"))
     args = ap.parse_args()
     if args.quick:
@@ -94,13 +93,13 @@ def main() -> None:
     model = _model(args)
     dec = StaticDecoder(model, 1, 256, compile=True)
     with torch.inference_mode():
-        dec.prefill([torch.arange(args.position) % model.config.vocab_size])
+        dec.prefill([torch.arange(args.position, device=dec.device) % model.config.vocab_size])
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
     for tier in (int(t) for t in args.tiers.split(",")):
         model.set_widths(tier=tier)
         for n in (1, *(k + 1 for k in ks)):
-            toks = torch.zeros(1, n, dtype=torch.long)
+            toks = torch.zeros(1, n, dtype=torch.long, device=dec.device)
             with torch.inference_mode():
                 ms = _median_ms(lambda toks=toks: _call(dec, toks), args.reps)
                 ops = _ops(lambda toks=toks: _call(dec, toks), args.reps, args.top)
