@@ -335,8 +335,8 @@ def _fused_adamw_(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch
                   vs: list[torch.Tensor], step: int, lr: float, wd: float, beta1: float,
                   beta2: float, eps: float) -> list[list[torch.Tensor]]:
     """torch's fused AdamW kernel on the contiguous views of one (group, step count) bucket;
-    returns the other ones (the kernel walks memory linearly, so a strided column prefix would
-    be read wrong) for `_foreach_adamw_`."""
+    returns the other ones (strided column prefixes: the multi-tensor kernel is only used here
+    on dense memory) for `_foreach_adamw_`."""
     dense = [i for i in range(len(ps))
              if all(t[i].is_contiguous() for t in (ps, gs, ms, vs))]
     if dense:
