@@ -28,12 +28,11 @@ PRIOR_WEIGHT tokens.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -457,7 +456,7 @@ def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Se
                   and state.seen.get(n, [0, 0])[1] < PRIOR_WEIGHT]
         best = max(others, key=lambda c: c.expected_speedup, default=None)
         if best is not None and best.expected_speedup > choice.expected_speedup:
-            choice = dataclasses.replace(best, explore=True)
+            choice = replace(best, explore=True)
     extra["choice"] = choice
     if choice.draft is None:
         state.k = 0
