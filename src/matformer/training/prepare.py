@@ -28,7 +28,7 @@ from .distributed import Dist
 from .evaluation import heldout
 from .objective import Objective
 from .optimizer import NestedAdamW, build_optimizer, nested_dims
-from .points import Key, all_trained_points, heads_in_play, validate_heads
+from .points import Key, all_trained_points, heads_in_play, tier_of_key, validate_heads
 from .precision import LossScaler
 from .report import Reporter
 from .settings import TrainConfig, model_config, runtime_tiers, validate
@@ -112,7 +112,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     resumed = None
     if ckpt is not None:
         tensors, resumed = _read_resume(ckpt)
-        state.check_resume(cfg, ckpt, mcfg, dist.world, resumed)
+        state.check_resume(cfg, ckpt, mcfg, resumed)
 
     model = MatFormerLM(mcfg)
     model.reset_parameters(seed=cfg.seed)
@@ -122,7 +122,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
         state.load_weights(model, init.folder)
     model.to(dist.device)
     objective = parallelize(cfg, model, dist, Objective(model, _distillation(cfg)), len(trained))
-    narrowest = max(k if isinstance(k, int) else k.tier for k in trained)
+    narrowest = max(map(tier_of_key, trained))
     opt = build_optimizer(model, cfg, narrowest)  # after sharding: FSDP2 replaces the parameters
     sampler = D.WindowSampler(train_tokens, cfg.seq_len, cfg.seed)
     val_windows, val_desc = heldout(val_tokens, cfg.seq_len, cfg.eval_windows, dist.device)

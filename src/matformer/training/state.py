@@ -241,7 +241,7 @@ def _check_state(state: TrainingState, tensors: dict[str, torch.Tensor]) -> None
         raise KeyError("rng.torch (the random generator state) is missing or malformed")
 
 
-def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig, world: int,
+def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig,
                  state: TrainingState) -> None:
     """A CheckpointError unless this run continues the checkpoint's with the same math."""
     try:

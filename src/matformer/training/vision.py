@@ -236,7 +236,7 @@ def prepare_vit(cfg: TrainConfig, dist: Dist) -> VisionRun:
     resumed = tensors = None
     if ckpt is not None:
         tensors, resumed = state.read_state(ckpt)
-        state.check_resume(cfg, ckpt, mcfg, dist.world, resumed)
+        state.check_resume(cfg, ckpt, mcfg, resumed)
         model.load_state_dict({k: v.clone() for k, v in load_state_dict(ckpt).items()})
     model.to(dist.device)
     dev = dist.device
