@@ -287,7 +287,7 @@ def calibration_windows(source: Source, calibration: str | os.PathLike | None, s
     tok = D.load_tokenizer(tok_file.parent)
     data = calibration if calibration is not None else D.training_data(source.folder)
     if TF.is_prepared(data):  # a `matformer prepare-data` folder: its training tokens
-        tokens = _prepared_train(Path(data), tok, tok_file)
+        tokens = TF.load_for(data, tok, tok_file)[0]
         what = f"the training split of {data}"
     elif calibration is not None:
         tokens, what = D.tokenize(tok, D.load_texts(calibration), cache_dir), str(calibration)
@@ -305,15 +305,6 @@ def calibration_windows(source: Source, calibration: str | os.PathLike | None, s
     windows = D.heldout_windows(tokens, seq_len, samples)
     return torch.from_numpy(windows), (f"{len(windows)} windows x {seq_len} tokens evenly spaced "
                                        f"over {len(tokens):,} tokens of {what}")
-
-
-def _prepared_train(folder: Path, tok: Any, tok_file: Path) -> Any:
-    """The train.bin tokens of a prepared folder, which must use the source's tokenizer."""
-    folder_tok, train, _, _ = TF.load(folder)
-    if folder_tok.to_str() != tok.to_str():
-        raise DataError(f"{folder / 'tokenizer.json'} differs from {tok_file}: the token folder was "
-                        f"prepared with another tokenizer; give --calibration text instead")
-    return train
 
 
 # ---- convert ---------------------------------------------------------------------------------

@@ -243,12 +243,11 @@ def load(folder: str | os.PathLike) -> tuple[Any, np.ndarray, np.ndarray, dict[s
     return D.load_tokenizer(folder), arrays[0], arrays[1], meta
 
 
-def eval_tokens(folder: str | os.PathLike, tokenizer: Any | None = None,
-                tokenizer_file: str | os.PathLike | None = None) -> np.ndarray:
-    """The tokens `matformer eval --data DIR` scores: the held-out split (val.bin) of a prepared
-    folder, or its whole stream when it holds none. `tokenizer`: the model's (if known), which
-    must be the one the folder was prepared with, else a DataError naming the folder's
-    tokenizer.json and `tokenizer_file` (where the model's came from)."""
+def load_for(folder: str | os.PathLike, tokenizer: Any | None,
+             tokenizer_file: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) tokens of a prepared folder read for a model whose tokenizer is
+    `tokenizer` (None: not checked): it must be the one the folder was prepared with, else a
+    DataError naming the folder's tokenizer.json and `tokenizer_file` (the model's)."""
     folder = Path(folder)
     tok, train, val, _ = load(folder)
     if tokenizer is not None and tokenizer.to_str() != tok.to_str():
@@ -256,6 +255,14 @@ def eval_tokens(folder: str | os.PathLike, tokenizer: Any | None = None,
         raise DataError(f"{folder / 'tokenizer.json'} differs from {theirs}: the token folder was "
                         f"prepared with another tokenizer; prepare it again with "
                         f"`matformer prepare-data SRC -o NEW --tokenizer {theirs}`")
+    return train, val
+
+
+def eval_tokens(folder: str | os.PathLike, tokenizer: Any | None = None,
+                tokenizer_file: str | os.PathLike | None = None) -> np.ndarray:
+    """The tokens `matformer eval --data DIR` scores: the held-out split (val.bin) of a prepared
+    folder, or its whole stream when it holds none (tokenizer checked as `load_for`)."""
+    train, val = load_for(folder, tokenizer, tokenizer_file)
     return val if len(val) else train
 
 
