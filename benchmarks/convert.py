@@ -11,7 +11,7 @@ Per seed (default 0 and 1), tiny preset (hidden 128, FFN 512, 4 layers), on the 
    sample` for D steps (D/P of the pretraining tokens), alpha and T as the library's defaults;
 4. from scratch, one model per size: `--objective single --tier t`, P + D steps (the same total
    tokens as source + distillation).
-Every model is scored on the same held-out windows (`matformer.comparison.compare`, which is
+Every model is scored on the same held-out windows (`matformer.evaluation.compare.compare`, which is
 `matformer eval A --compare B,...`): per tier, naive truncation (the dense source at tier t keeps
 its first neurons in their trained order), importance-ordered truncation (the converted model at
 tier t), after distillation, and the scratch model of that size. Heads: the source and the
@@ -83,7 +83,7 @@ def _train(kw: dict[str, Any]) -> dict[str, Any]:
 
 def _convert_and_distill(s: Settings, seed: int, root: Path, common: dict[str, Any]) -> dict[str, Any]:
     """Convert the seed's source with both importance scores, then distill the default one."""
-    from matformer.convert import convert
+    from matformer.slicing.convert import convert
 
     torch.set_num_threads(1)
     src, out = root / f"s{seed}-dense", {}
@@ -136,7 +136,7 @@ def run_all(s: Settings, root: Path) -> dict[str, Any]:
 
 def evaluate_all(s: Settings, root: Path) -> dict[str, Any]:
     """Per seed: every checkpoint on the source's held-out windows."""
-    from matformer.comparison import compare
+    from matformer.evaluation.compare import compare
     from matformer.io.checkpoint import load_model
 
     torch.set_num_threads(2)
@@ -159,7 +159,7 @@ def evaluate_all(s: Settings, root: Path) -> dict[str, Any]:
 
 
 def _heldout(src: Path, s: Settings) -> torch.Tensor:
-    from matformer import data as D
+    from matformer.data import text as D
 
     return torch.from_numpy(D.heldout_windows(D.heldout_tokens(src), s.seq_len, s.eval_windows))
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.generation import generate, generate_batch
-from matformer.shapes import parameter_counts
-from matformer.speculative import speculative_generate
+from matformer.inference.decode import generate, generate_batch
+from matformer.inference.speculative import speculative_generate
+from matformer.models.lm.shapes import parameter_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,7 +82,7 @@ def random_model(args) -> MatFormerLM:
 
 def load_models(args) -> tuple[MatFormerLM, MatFormerLM | None, list[list[int]], str]:
     """(target, separate draft or None, prompts, what the weights are)."""
-    from matformer.data import heldout_tokens
+    from matformer.data.text import heldout_tokens
     from matformer.io.checkpoint import load_model
 
     if args.random:

@@ -24,7 +24,7 @@ from decode import random_model  # benchmarks/decode.py, beside this file
 from torch.profiler import ProfilerActivity, profile
 
 from matformer import MatFormerLM
-from matformer.decoding import StaticDecoder
+from matformer.inference.static_cache import StaticDecoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

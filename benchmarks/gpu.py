@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from matformer import data as D  # noqa: E402
-from matformer.config import MatFormerConfig  # noqa: E402
-from matformer.model import MatFormerLM  # noqa: E402
+from matformer.data import text as D  # noqa: E402
+from matformer.models.lm.config import MatFormerConfig  # noqa: E402
+from matformer.models.lm.model import MatFormerLM  # noqa: E402
 from matformer.training.distributed import Dist, teardown  # noqa: E402
 from matformer.training.metrics import flops_per_token, peak_flops  # noqa: E402
 from matformer.training.objective import Objective  # noqa: E402

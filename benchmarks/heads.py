@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.generation import generate
-from matformer.model import Attention
-from matformer.shapes import kv_cache_bytes_per_token, non_embedding_parameters
+from matformer.inference.decode import generate
+from matformer.models.lm.model import Attention
+from matformer.models.lm.shapes import kv_cache_bytes_per_token, non_embedding_parameters
 from matformer.tiers import head_granularities
 
 

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from matformer.evaluation import evaluate
+from matformer.evaluation.lm import evaluate
 from matformer.tiers import head_granularities
 from matformer.training import TrainConfig, train
 

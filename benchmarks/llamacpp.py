@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM, load_model, save_model
-from matformer.data import load_tokenizer, save_tokenizer, train_tokenizer
-from matformer.export import export_gguf, request_widths
+from matformer.data.text import load_tokenizer, save_tokenizer, train_tokenizer
+from matformer.slicing.export import export_gguf, request_widths
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llamacpp.json"
 TEXTS = [

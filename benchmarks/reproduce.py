@@ -167,7 +167,7 @@ def consistency(reference: torch.nn.Module, model: torch.nn.Module, windows: np.
                 batch_size: int = 16) -> dict[str, float]:
     """Greedy-token agreement and KL(P_ref || P_model) (nats per position) of two models, each at
     its current width, on the same windows (n, T): every position of every window, the same
-    definitions as `matformer.evaluation` uses within one model."""
+    definitions as `matformer.evaluation.lm` uses within one model."""
     match = 0
     kl = 0.0
     n = 0
@@ -220,7 +220,7 @@ def _eval_one(group: dict[str, Any], windows: np.ndarray, batch_size: int) -> di
     own XL), or one seed's four baselines (each at its tier; consistency with the XL baseline)."""
     torch.set_num_threads(1)
     from matformer import load_model
-    from matformer.evaluation import evaluate
+    from matformer.evaluation.lm import evaluate
 
     kw = dict(mix_n_match=False, decode=False, speculative=False, seq_len=windows.shape[1],
               max_tokens=windows.size, batch_size=batch_size)
@@ -611,9 +611,9 @@ def hardware() -> dict[str, Any]:
 
 def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     """Train every run, evaluate every model on the same held-out windows, summarise."""
-    from matformer import data as D
-    from matformer.config import MatFormerConfig
-    from matformer.shapes import parameter_counts
+    from matformer.data import text as D
+    from matformer.models.lm.config import MatFormerConfig
+    from matformer.models.lm.shapes import parameter_counts
 
     t_start = time.time()
     hw = hardware()

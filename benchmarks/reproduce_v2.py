@@ -144,7 +144,7 @@ QUICK = dict(preset="ffn8-micro", baseline_steps=12, batch_size=8, seq_len=64, e
 
 def run_specs(s: Settings) -> list[dict[str, Any]]:
     """One dict per training run: name, corpus, config, seed, tier (baselines), TrainConfig kwargs."""
-    from matformer.config import MatFormerConfig
+    from matformer.models.lm.config import MatFormerConfig
     from matformer.tiers import head_granularities
     from matformer.training import TrainConfig
 
@@ -302,10 +302,10 @@ def speculative_acceptance(target, draft, windows: np.ndarray, gamma: int, devic
 
 def library_acceptance(target, draft_tier: int | None, draft_model, windows: np.ndarray, gamma: int,
                        prompts: int = 16, new_tokens: int = 32) -> dict[str, float]:
-    """The same question through `matformer.speculative.speculative_generate` (greedy, k = gamma
+    """The same question through `matformer.inference.speculative.speculative_generate` (greedy, k = gamma
     fixed): the first half of `prompts` held-out windows as prompts, `new_tokens` generated each;
     the draft is the target's own tier `draft_tier` (shared cache) or a separate `draft_model`."""
-    from matformer.speculative import speculative_generate
+    from matformer.inference.speculative import speculative_generate
 
     drafted = accepted = forwards = produced = 0
     for w in windows[:prompts]:
@@ -323,7 +323,7 @@ def speculative_check(path: Path, device: str = "cpu", prompts: int = 16) -> int
     """Add library-measured acceptance (`spec_library`) to a finished run's JSON, from the trained
     models still under its --out folder: MatLM S (shared cache) and a separate S for MatLM's XL,
     and the separate S for the separate XL."""
-    from matformer import data as D
+    from matformer.data import text as D
 
     report = json.loads(path.read_text(encoding="utf-8"))
     s = report["settings"]
@@ -626,8 +626,8 @@ def compute_accounting(s: Settings, specs: list[dict[str, Any]]) -> dict[str, An
     """Forward+backward passes per width (and per KV heads where a run nests them) and ~6*N*D
     FLOPs (N = matmul parameters at that width and heads: non-embedding + lm_head) per (corpus,
     config, seed), and every entry's FLOPs as a multiple of the same seed's four baselines."""
-    from matformer.config import MatFormerConfig
-    from matformer.shapes import parameter_counts
+    from matformer.models.lm.config import MatFormerConfig
+    from matformer.models.lm.shapes import parameter_counts
 
     mcfg = MatFormerConfig.from_preset(s.preset, vocab_size=s.vocab_size)
     base, L = mcfg.base, mcfg.num_hidden_layers
@@ -728,9 +728,9 @@ def budgets(compute: dict[str, Any]) -> dict[str, str]:
 
 
 def run_experiment(s: Settings, log=print, command: str | None = None) -> dict[str, Any]:
-    from matformer import data as D
-    from matformer.config import MatFormerConfig
-    from matformer.shapes import parameter_counts
+    from matformer.data import text as D
+    from matformer.models.lm.config import MatFormerConfig
+    from matformer.models.lm.shapes import parameter_counts
 
     t_start = time.time()
     hw = hardware()
@@ -1059,7 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--replot", metavar="JSON", default=None, help="tables and plots from a run's JSON")
     ap.add_argument("--markdown", action="store_true", help="with --replot: print the docs' tables")
     ap.add_argument("--speculative-check", metavar="JSON", default=None,
-                    help="add acceptance measured by matformer.speculative to a finished run's JSON")
+                    help="add acceptance measured by matformer.inference.speculative to a finished run's JSON")
     args = ap.parse_args(argv)
     if args.speculative_check:
         return speculative_check(Path(args.speculative_check), args.device or "cpu")

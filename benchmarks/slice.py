@@ -36,8 +36,8 @@ _CHILD = r"""
 import json, os, sys, time
 method, src, out, what = sys.argv[1:5]
 import torch  # noqa: F401  (imports happen before the clock and the peak reset)
-from matformer.config import MatFormerConfig
-from matformer.slicing import plan_slice, slice_checkpoint, parse_count
+from matformer.models.lm.config import MatFormerConfig
+from matformer.slicing.extract import plan_slice, slice_checkpoint, parse_count
 if method == "naive":
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import load_file
@@ -95,9 +95,9 @@ print(json.dumps({"wall_s": wall, "wall_nosync_s": nosync, "rss0": rss0, "hwm": 
 def build_source(folder: Path, size_mb: int, shard: str) -> dict:
     import torch
 
-    from matformer.config import MatFormerConfig
     from matformer.io.checkpoint import write_checkpoint
-    from matformer.shapes import expected_shapes
+    from matformer.models.lm.config import MatFormerConfig
+    from matformer.models.lm.shapes import expected_shapes
 
     per_layer = (4 * H * H + 3 * H * FFN + 2 * H) * 4
     emb = 2 * VOCAB * H * 4
@@ -145,7 +145,7 @@ def main() -> int:
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "slice.json"))
     args = ap.parse_args()
 
-    from matformer.shapes import non_embedding_parameters
+    from matformer.models.lm.shapes import non_embedding_parameters
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)

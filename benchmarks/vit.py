@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from matformer.vit import MatViT
-from matformer.vit_config import MatViTConfig, parameter_counts
+from matformer.models.vit.config import MatViTConfig, parameter_counts
+from matformer.models.vit.model import MatViT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from matformer import load_model
+from matformer.evaluation.vision import checkpoint_heldout, cross_retrieval, evaluate_vit
 from matformer.io.source import resolve_source
+from matformer.models.vit.config import MatViTConfig
 from matformer.training import TrainConfig, train
-from matformer.vision_eval import checkpoint_heldout, cross_retrieval, evaluate_vit
-from matformer.vit_config import MatViTConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TIERS = (0, 1, 2, 3)

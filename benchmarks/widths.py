@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer.shapes import parameter_counts
+from matformer.models.lm.shapes import parameter_counts
 
 
 def _sliced_state(sd: dict[str, torch.Tensor], m: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from matformer import ConfigError, MatFormerConfig
-from matformer.config import PRESETS
+from matformer.models.lm.config import PRESETS
 
 
 def test_round_trip_keeps_unknown_keys(tmp_path) -> None:

@@ -13,9 +13,11 @@ import pytest
 import torch
 from fake_hub import FakeHub
 
-from matformer import data as D
 from matformer.cli import main as cli_main
-from matformer.convert import (
+from matformer.data import text as D
+from matformer.io.checkpoint import load_model, load_state_dict
+from matformer.models.lm.model import lm_loss
+from matformer.slicing.convert import (
     REPORT_NAME,
     Permutation,
     convert,
@@ -23,8 +25,6 @@ from matformer.convert import (
     measure_importance,
     permute_tensor,
 )
-from matformer.io.checkpoint import load_model, load_state_dict
-from matformer.model import lm_loss
 from matformer.training import Objective, TrainConfig, train
 from matformer.training.distill import Distillation, kd_loss
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from matformer import data
+from matformer.data import text as data
 from matformer.errors import DataError
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # doc {i}\n" * 8 for i in range(40)]

@@ -14,9 +14,9 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM, parameter_counts
 from matformer.cli import main
-from matformer.commands.report import format_eval_report
-from matformer.data import heldout_windows
-from matformer.evaluation import evaluate
+from matformer.data.text import heldout_windows
+from matformer.evaluation.lm import evaluate
+from matformer.evaluation.report import format_eval_report
 from matformer.tiers import mix_n_match_plans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +109,7 @@ def test_a_sliced_model_is_its_own_reference() -> None:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from matformer.data import load_texts, save_tokenizer, split_texts, train_tokenizer
+    from matformer.data.text import load_texts, save_tokenizer, split_texts, train_tokenizer
     from matformer.io.checkpoint import save_model
 
     texts, _ = split_texts(load_texts(None, max_bytes=150_000))

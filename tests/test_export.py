@@ -15,10 +15,10 @@ import torch
 
 from matformer import MatFormerConfig, MatFormerLM, save_model
 from matformer.cli import main
-from matformer.data import save_tokenizer, train_tokenizer
+from matformer.data.text import save_tokenizer, train_tokenizer
 from matformer.errors import CheckpointError, ConfigError, TierError
-from matformer.export import export_gguf
 from matformer.io.gguf import OUTTYPES, field_value, permute_rope, unpermute_rope
+from matformer.slicing.export import export_gguf
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -225,7 +225,7 @@ def test_bad_requests_are_one_line_errors_and_lose_nothing(ckpt, tmp_path, capsy
 
 
 def test_failure_midway_keeps_the_old_file_and_leaves_no_temp(ckpt, tmp_path, monkeypatch):
-    import matformer.export as ex
+    import matformer.slicing.export as ex
 
     out = tmp_path / "keep.gguf"
     out.write_bytes(b"an older export")
@@ -271,7 +271,7 @@ def test_tokenizer_problems_are_named(ckpt, tmp_path):
 
 
 def test_cli_export_and_outtype_list(ckpt, tmp_path, capsys):
-    from matformer.commands.export import OUTTYPES as CLI_OUTTYPES
+    from matformer.cli.export import OUTTYPES as CLI_OUTTYPES
 
     assert CLI_OUTTYPES == OUTTYPES
     out = tmp_path / "cli.gguf"
@@ -303,7 +303,7 @@ def test_llamacpp_logits_and_greedy_tokens_match(ckpt, tmp_path, request_):
 _RSS_SCRIPT = """
 import resource, sys
 import gguf, numpy  # the libraries count in the baseline
-from matformer.export import export_gguf
+from matformer.slicing.export import export_gguf
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 export_gguf(sys.argv[1], sys.argv[2], outtype=sys.argv[3])
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)

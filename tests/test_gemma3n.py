@@ -1,4 +1,4 @@
-"""Gemma 3n in (`matformer.gemma3n`, `matformer slice` / `info` on Gemma 3n folders): tiny random
+"""Gemma 3n in (`matformer.slicing.gemma3n`, `matformer slice` / `info` on Gemma 3n folders): tiny random
 Gemma 3n models built by transformers offline, sliced by us, loaded back by transformers and
 compared with the full model (cut neurons zeroed) or with a model built by hand from the kept
 layers, in float32."""
@@ -29,15 +29,15 @@ from transformers.models.gemma3n.modeling_gemma3n import (  # noqa: E402
 
 from matformer.cli import main  # noqa: E402
 from matformer.errors import CheckpointError, ConfigError, TierError  # noqa: E402
-from matformer.gemma3n import (  # noqa: E402
+from matformer.slicing.gemma3n import (  # noqa: E402
     gemma3n_info,
     parse_expression,
     read_config,
     read_slicing_config,
     slice_gemma3n,
 )
-from matformer.gemma3n.config import _normalise  # noqa: E402
-from matformer.gemma3n.shapes import parameter_groups, text_shapes  # noqa: E402
+from matformer.slicing.gemma3n.config import _normalise  # noqa: E402
+from matformer.slicing.gemma3n.shapes import parameter_groups, text_shapes  # noqa: E402
 
 L = 10
 TYPES = ["sliding_attention", "full_attention"] * 5  # KV stores: 4 (sliding), 5 (full)
@@ -278,7 +278,7 @@ def test_failed_write_leaves_the_previous_slice_untouched(full, tmp_path, monkey
     out = tmp_path / "out"
     slice_gemma3n(folder, out, tier=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    from matformer.gemma3n import stream
+    from matformer.slicing.gemma3n import stream
 
     real, calls = stream.RangeReader.read, []
 

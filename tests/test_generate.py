@@ -11,8 +11,8 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.errors import ConfigError, DataError, TierError
-from matformer.generation import Sampler, generate, generate_batch
-from matformer.speculative import speculative_generate
+from matformer.inference.decode import Sampler, generate, generate_batch
+from matformer.inference.speculative import speculative_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,7 +309,7 @@ def test_width_switches_do_not_recompile() -> None:
     draft and verifier alternate."""
     from torch._dynamo.testing import CompileCounter
 
-    from matformer.decoding import StaticDecoder
+    from matformer.inference.static_cache import StaticDecoder
 
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -344,7 +344,7 @@ def test_the_benchmark_sequence_compiles_each_setting_once(monkeypatch) -> None:
     measure_costs' graphs were not the rounds' and the rounds compiled theirs while timed."""
     from torch._dynamo.testing import CompileCounter
 
-    import matformer.decoding as decoding
+    import matformer.inference.static_cache as decoding
 
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -394,7 +394,12 @@ def test_the_benchmark_sequence_compiles_each_setting_once(monkeypatch) -> None:
 
 
 def test_expected_tokens_and_the_cost_model() -> None:
-    from matformer.speculative import DecodeCosts, choose_draft, expected_speedup, expected_tokens
+    from matformer.inference.speculative import (
+        DecodeCosts,
+        choose_draft,
+        expected_speedup,
+        expected_tokens,
+    )
 
     assert expected_tokens(0.0, 4) == 1.0
     assert expected_tokens(1.0, 4) == 5.0
@@ -428,7 +433,7 @@ def test_auto_draft_explores_a_draft_whose_prompt_agreement_was_low_by_chance() 
     benchmark's costs, tier 3 at a prior of 9/16 loses to tier 2 on estimates, but its upper
     bound would win: auto tries it (explore=True), and once tier 3's observed acceptance is in,
     it is chosen on its estimate. A draft that cannot win even optimistically is not tried."""
-    from matformer.speculative import DecodeCosts, Draft, _rechoose, _Round
+    from matformer.inference.speculative import DecodeCosts, Draft, _rechoose, _Round
 
     costs = DecodeCosts(7.5, {"tier 2": 2.33, "tier 3": 1.76},
                         {1: 8.57, 2: 9.20, 3: 12.22, 4: 12.49})
@@ -454,7 +459,7 @@ def test_auto_draft_follows_the_measured_costs() -> None:
     """draft_tier='auto' picks what the costs imply (given costs here, so the test doesn't
     depend on this machine's timings), re-measures when none are given, and the output stays
     the target's greedy output."""
-    from matformer.speculative import DecodeCosts
+    from matformer.inference.speculative import DecodeCosts
 
     torch.manual_seed(8)  # plain random init: the widths mostly agree, so drafting can pay
     model = MatFormerLM(MatFormerConfig.from_preset("debug")).eval()
@@ -544,7 +549,7 @@ def test_separate_draft_model_sampling_keeps_the_target_distribution() -> None:
 @pytest.fixture(scope="module")
 def two_ckpts(tmp_path_factory):
     """A debug checkpoint and a separate small one (tier-3 FFN size) with the same tokenizer."""
-    from matformer.data import load_texts, save_tokenizer, split_texts, train_tokenizer
+    from matformer.data.text import load_texts, save_tokenizer, split_texts, train_tokenizer
     from matformer.io.checkpoint import save_model
 
     texts, _ = split_texts(load_texts(None, max_bytes=100_000))

@@ -14,14 +14,14 @@ import torch
 
 from matformer import MatFormerConfig, MatFormerLM, TierError
 from matformer.cli import main
-from matformer.config import ConfigError
-from matformer.data import save_tokenizer, train_tokenizer
-from matformer.evaluation import evaluate
-from matformer.generation import generate
+from matformer.data.text import save_tokenizer, train_tokenizer
+from matformer.evaluation.lm import evaluate
+from matformer.inference.decode import generate
+from matformer.inference.speculative import speculative_generate
 from matformer.io.checkpoint import checkpoint_info, load_model, save_model
-from matformer.shapes import expected_shapes, kv_cache_bytes_per_token, parameter_counts
-from matformer.slicing import plan_budget_heads, slice_checkpoint
-from matformer.speculative import speculative_generate
+from matformer.models.lm.config import ConfigError
+from matformer.models.lm.shapes import expected_shapes, kv_cache_bytes_per_token, parameter_counts
+from matformer.slicing.extract import plan_budget_heads, slice_checkpoint
 from matformer.tiers import head_granularities, runnable_kv_heads
 
 # 4 KV heads of 2 query heads each (r = 2), head_dim 16: heads nest by KV group.
@@ -271,8 +271,8 @@ def test_gguf_writes_per_layer_head_arrays_and_cut_weights(tmp_path):
     gguf = pytest.importorskip("gguf")
     from safetensors.numpy import load_file
 
-    from matformer.export import export_gguf
     from matformer.io.gguf import field_value, unpermute_rope
+    from matformer.slicing.export import export_gguf
 
     tok = train_tokenizer([f"the quick brown fox {i} jumps" for i in range(200)], 300)
     model = _model(vocab_size=tok.get_vocab_size())

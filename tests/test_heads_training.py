@@ -17,8 +17,8 @@ from test_train_scale import _torchrun
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from matformer import MatFormerConfig, MatFormerLM
-from matformer import data as D
-from matformer.commands.train import add_arguments, config_from_args
+from matformer.cli.train import add_arguments, config_from_args
+from matformer.data import text as D
 from matformer.io.checkpoint import load_state_dict
 from matformer.training import Objective, TrainConfig, lr_at, model_config, train
 from matformer.training.objective import step_plan, update_extents

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM, TierError
-from matformer.shapes import expected_shapes, format_count, parameter_counts, parse_count
+from matformer.models.lm.shapes import expected_shapes, format_count, parameter_counts, parse_count
 
 transformers = pytest.importorskip("transformers")
 
@@ -261,7 +261,7 @@ def test_bfloat16_forward_runs_and_stays_close() -> None:
 
 
 def test_shapes_and_counts_match_the_model_at_mixed_widths_and_dropped_layers() -> None:
-    # matformer.shapes is torch-free arithmetic; the model is the ground truth it must match.
+    # matformer.models.lm.shapes is torch-free arithmetic; the model is the ground truth it must match.
     cfg = MatFormerConfig.from_preset("debug", num_hidden_layers=3)
     mixed = cfg.with_widths([32, 256, 96])  # a tier, the base and a width that is no tier
     model = MatFormerLM(mixed)

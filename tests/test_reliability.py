@@ -25,7 +25,7 @@ from matformer.io.checkpoint import (
 from matformer.io.safetensors import st_dtype
 from matformer.io.source import resolve_source
 from matformer.io.swap import REPLACE, check_save_target, save_target
-from matformer.slicing import slice_checkpoint
+from matformer.slicing.extract import slice_checkpoint
 
 
 def _model(value: float, **overrides) -> MatFormerLM:
@@ -513,7 +513,7 @@ def test_a_log_line_with_infinity_does_not_break_a_resume(tmp_path):
 
 
 def test_data_that_is_a_fifo_or_a_device_is_refused(tmp_path):
-    from matformer.data import load_texts
+    from matformer.data.text import load_texts
     from matformer.errors import DataError
 
     os.mkfifo(tmp_path / "pipe.txt")

@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/reproduce.py: the whole pipeline on a debug-size budget (structure of
 the report, parameter counts, compute accounting), the tie/verdict rule, the Mix'n'Match shapes
-and the two-model consistency measure (checked against `matformer.evaluation` within one model)."""
+and the two-model consistency measure (checked against `matformer.evaluation.lm` within one model)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from matformer.config import MatFormerConfig
-from matformer.evaluation import evaluate
-from matformer.model import MatFormerLM
-from matformer.shapes import parameter_counts
+from matformer.evaluation.lm import evaluate
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM
+from matformer.models.lm.shapes import parameter_counts
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
@@ -178,7 +178,7 @@ def rp2(rp):
 
 
 def test_kjv_corpus_is_natural_language_by_chapter():
-    from matformer.data import load_texts
+    from matformer.data.text import load_texts
 
     texts = load_texts("builtin:kjv", max_bytes=200_000)
     assert texts[0].startswith("Genesis 1\nIn the beginning God created the heaven and the earth.")

@@ -18,7 +18,7 @@ from matformer.cli import main
 from matformer.io.checkpoint import load_model, load_state_dict, save_model
 from matformer.io.manifest import MANIFEST_NAME
 from matformer.io.source import resolve_source
-from matformer.slicing import (
+from matformer.slicing.extract import (
     non_embedding_parameters,
     parse_count,
     plan_budget,
@@ -383,7 +383,7 @@ def test_cli_slice(full, tmp_path, capsys) -> None:
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
-    from matformer.slicing import slice_checkpoint
+    from matformer.slicing.extract import slice_checkpoint
     src, small, out = sys.argv[1:4]
     slice_checkpoint(small, out + "-warm", tier=1)  # imports and first-use allocations
 

@@ -14,10 +14,10 @@ from fake_hub import FakeHub
 
 from matformer import CheckpointError, MatFormerConfig, MatFormerLM, TierError
 from matformer.cli import main
-from matformer.data import tokenizer_files, train_tokenizer
+from matformer.data.text import tokenizer_files, train_tokenizer
 from matformer.io.checkpoint import load_model, load_state_dict, save_model
 from matformer.io.source import resolve_source
-from matformer.slicing import slice_checkpoint
+from matformer.slicing.extract import slice_checkpoint
 
 TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300))
 KINDS = ("folder", "file", "hub", "multi", "hub-multi")

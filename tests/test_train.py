@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import tiny_config as tiny
 
-from matformer import data as D
 from matformer.cli import main as cli_main
+from matformer.data import text as D
 from matformer.io.checkpoint import load_state_dict
-from matformer.model import MatFormerLM
+from matformer.models.lm.model import MatFormerLM
 from matformer.training import (
     NestedAdamW,
     Objective,
@@ -324,7 +324,7 @@ def test_last_logged_val_loss_is_what_eval_reports(tmp_path, corpus, capsys):
 def test_every_setting_is_a_flag_with_its_default():
     import argparse
 
-    from matformer.commands import train as cmd
+    from matformer.cli import train as cmd
 
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)

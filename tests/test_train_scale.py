@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from matformer import data as D
-from matformer import token_files
 from matformer.cli import main as cli_main
-from matformer.config import MatFormerConfig
+from matformer.data import text as D
+from matformer.data import token_files
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_state_dict
-from matformer.model import MatFormerLM
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM
 from matformer.training import (
     NestedAdamW,
     Objective,
@@ -635,7 +635,7 @@ def test_eval_on_a_prepared_token_folder_scores_its_held_out_split(tmp_path, cor
     heldout_windows (the training's shape when DIR is what the run trained on, so the last
     logged val loss), through the library and the verb; a folder prepared with another
     tokenizer is one line naming both tokenizer files (exit 2)."""
-    from matformer.evaluation import evaluate
+    from matformer.evaluation.lm import evaluate
 
     tok_dir = tmp_path / "tok"
     assert cli_main(["prepare-data", str(corpus), "-o", str(tok_dir), "--vocab-size", "300",
@@ -695,9 +695,9 @@ def test_convert_calibrates_on_the_prepared_folder_a_run_trained_on(tmp_path, co
     """`matformer convert` of a run trained on a prepare-data folder calibrates on that folder's
     train.bin (it used to read train.bin as text); a folder of another tokenizer given as
     --calibration is one line naming both tokenizer files (exit 2)."""
-    from matformer.convert import calibration_windows
     from matformer.errors import DataError
     from matformer.io.source import resolve_source
+    from matformer.slicing.convert import calibration_windows
 
     tok_dir = tmp_path / "tok"
     assert cli_main(["prepare-data", str(corpus), "-o", str(tok_dir), "--vocab-size", "300",

@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from matformer.errors import CheckpointError, ConfigError, DataError, TierError
-from matformer.vision_data import (
+from matformer.data.images import (
     BatchSampler,
     load_digits,
     load_image_folder,
     load_split,
     stratified_split,
 )
-from matformer.vision_eval import cross_retrieval, evaluate_vit, nearest_neighbour_accuracy
-from matformer.vit import MatViT
-from matformer.vit_config import MatViTConfig, expected_shapes, parameter_counts
+from matformer.errors import CheckpointError, ConfigError, DataError, TierError
+from matformer.evaluation.vision import cross_retrieval, evaluate_vit, nearest_neighbour_accuracy
+from matformer.models.vit.config import MatViTConfig, expected_shapes, parameter_counts
+from matformer.models.vit.model import MatViT
 
 transformers = pytest.importorskip("transformers")
 

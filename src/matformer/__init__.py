@@ -16,13 +16,13 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "MatFormerConfig": "matformer.config",
-    "PRESETS": "matformer.config",
-    "MatFormerLM": "matformer.model",
-    "KVCache": "matformer.model",
-    "MatViT": "matformer.vit",
-    "MatViTConfig": "matformer.vit_config",
-    "parameter_counts": "matformer.shapes",
+    "MatFormerConfig": "matformer.models.lm.config",
+    "PRESETS": "matformer.models.lm.config",
+    "MatFormerLM": "matformer.models.lm.model",
+    "KVCache": "matformer.models.lm.model",
+    "MatViT": "matformer.models.vit.model",
+    "MatViTConfig": "matformer.models.vit.config",
+    "parameter_counts": "matformer.models.lm.shapes",
     "MatFormerError": "matformer.errors",
     "ConfigError": "matformer.errors",
     "TierError": "matformer.errors",
@@ -35,13 +35,13 @@ _EXPORTS = {
     "load_model": "matformer.io.checkpoint",
     "save_model": "matformer.io.checkpoint",
     "checkpoint_info": "matformer.io.checkpoint",
-    "slice_checkpoint": "matformer.slicing",
+    "slice_checkpoint": "matformer.slicing.extract",
     "train": "matformer.training",
     "TrainConfig": "matformer.training",
-    "generate": "matformer.generation",
-    "generate_batch": "matformer.generation",
-    "speculative_generate": "matformer.speculative",
-    "evaluate": "matformer.evaluation",
+    "generate": "matformer.inference.decode",
+    "generate_batch": "matformer.inference.decode",
+    "speculative_generate": "matformer.inference.speculative",
+    "evaluate": "matformer.evaluation.lm",
 }
 
 __all__ = sorted(_EXPORTS)

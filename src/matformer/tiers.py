@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import TierError
+from matformer.errors import TierError
 
 
 def width_of(base: int, tier: int) -> int:

@@ -28,21 +28,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import MatFormerConfig
-from ..errors import CheckpointChanged, CheckpointError, ConfigError
-from ..families import Config, expected_shapes
-from ..tiers import (
-    check_heads_held,
-    check_held,
-    resolve_kv_heads,
-    resolve_widths,
-    runnable_kv_heads,
-    runnable_tiers,
-    uniform_tier,
-)
-from ..vit_config import MatViTConfig
-from .atomic import atomic_write, fsync_file
-from .layout import (
+from matformer.errors import CheckpointChanged, CheckpointError, ConfigError
+from matformer.io.atomic import atomic_write, fsync_file
+from matformer.io.layout import (
     CONFIG_NAME,
     INDEX_NAME,
     PICKLE_INDEX,
@@ -53,16 +41,28 @@ from .layout import (
     Layout,
     open_checkpoint,
 )
-from .manifest import MANIFEST_NAME
-from .safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
-from .source import Source, resolve_source
-from .swap import atomic_folder
+from matformer.io.manifest import MANIFEST_NAME
+from matformer.io.safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
+from matformer.io.source import Source, resolve_source
+from matformer.io.swap import atomic_folder
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.registry import Config, expected_shapes
+from matformer.models.vit.config import MatViTConfig
+from matformer.tiers import (
+    check_heads_held,
+    check_held,
+    resolve_kv_heads,
+    resolve_widths,
+    runnable_kv_heads,
+    runnable_tiers,
+    uniform_tier,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from ..model import MatFormerLM
-    from ..vit import MatViT
+    from matformer.models.lm.model import MatFormerLM
+    from matformer.models.vit.model import MatViT
 
 # Tensors of old transformers checkpoints that carry no weights (recomputed at run time).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -253,8 +253,8 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     takes (of a multi-tier repo only the folder of the tier asked for is fetched and checked)."""
     import torch
 
-    from ..model import MatFormerLM
-    from ..vit import MatViT
+    from matformer.models.lm.model import MatFormerLM
+    from matformer.models.vit.model import MatViT
 
     def read() -> tuple[Source, Config, dict[str, torch.Tensor]]:
         source = resolve_source(src, tier=tier, widths=widths, revision=revision)
@@ -478,7 +478,7 @@ def write_folder(out_dir: str | os.PathLike, config_json: str,
     the text of config.json, not checked here): the extra files, the shards (split at
     `max_shard_size`, each tensor from `produce(name)`, one at a time, a save id in each), the
     index above one shard, then config.json last; all in place of `out_dir` atomically
-    (`replace_folder`). matformer.gemma3n writes its slices through it."""
+    (`replace_folder`). matformer.slicing.gemma3n writes its slices through it."""
     for name in extra_files or {}:
         _check_plain_name(name)
     plan = plan_shards(specs, max_shard_size)

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, MatFormerError
+from matformer.errors import CheckpointError, MatFormerError
 
 MAX_JSON_BYTES = 64_000_000
 """Largest metadata JSON file read (config.json, index, manifest): far above any real one."""

@@ -17,8 +17,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointChanged, CheckpointError, MatFormerError
-from .files import MAX_JSON_BYTES, identity, open_regular, parse_json, read_fd
+from matformer.errors import CheckpointChanged, CheckpointError, MatFormerError
+from matformer.io.files import MAX_JSON_BYTES, identity, open_regular, parse_json, read_fd
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from matformer.errors import CheckpointError, ConfigError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # The llama.cpp pre-tokenizer whose regex is the one of tokenizers' ByteLevel(use_regex=True):

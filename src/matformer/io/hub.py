@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import CheckpointError
-from .layout import INDEX_NAME, SINGLE_NAMES, Layout, parse_index
+from matformer.errors import CheckpointError
+from matformer.io.layout import INDEX_NAME, SINGLE_NAMES, Layout, parse_index
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMMIT = re.compile(r"[0-9a-f]{40}")

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointChanged, CheckpointError
-from .files import read_json
-from .folder import Folder
-from .safetensors import Header, TensorInfo, read_header_fd
+from matformer.errors import CheckpointChanged, CheckpointError
+from matformer.io.files import read_json
+from matformer.io.folder import Folder
+from matformer.io.safetensors import Header, TensorInfo, read_header_fd
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.safetensors", "model-00001-of-00001.safetensors")

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, TierError
-from ..tiers import tier_of, width_of
-from .atomic import atomic_write
-from .files import open_regular, read_json
-from .folder import Folder
+from matformer.errors import CheckpointError, TierError
+from matformer.io.atomic import atomic_write
+from matformer.io.files import open_regular, read_json
+from matformer.io.folder import Folder
+from matformer.tiers import tier_of, width_of
 
 MANIFEST_NAME = "matformer_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1

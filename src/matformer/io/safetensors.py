@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointChanged, CheckpointError
-from .files import identity, open_regular
+from matformer.errors import CheckpointChanged, CheckpointError
+from matformer.io.files import identity, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 _U64_MAX = (1 << 64) - 1

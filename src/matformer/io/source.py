@@ -14,10 +14,10 @@ tokenizer file if there is one, the manifest entry for a multi-tier repo, the Hu
 verb and every public loading function goes through it. Torch is never imported here.
 
 A Hugging Face Gemma 3n checkpoint (`families.GEMMA3N`) resolves too, folder or Hub id, with
-`family` set and no parsed config (matformer.gemma3n reads its config.json itself): its files
+`family` set and no parsed config (matformer.slicing.gemma3n reads its config.json itself): its files
 are fetched as for ours (config, index, shards, and the companions the caller names).
 `source_family(src)` tells which family SRC is from config.json alone, so a verb can hand a
-Gemma 3n SRC to matformer.gemma3n before anything else is downloaded.
+Gemma 3n SRC to matformer.slicing.gemma3n before anything else is downloaded.
 
 Where the tokenizer lives: beside the weights, in the same folder (`Source.folder`). `slice
 --tiers` copies it into each tier folder, where the manifest lists (and hashes) it.
@@ -31,13 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError, DataError, MatFormerError
-from ..families import GEMMA3N, LM, Config, check_loadable, config_from_dict, family_of
-from .files import is_regular, read_json
-from .folder import Folder
-from .hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
-from .layout import CONFIG_NAME, Layout, resolve_files
-from .manifest import MANIFEST_NAME, Manifest, TierEntry, read_manifest, verify_file
+from matformer.errors import CheckpointError, ConfigError, DataError, MatFormerError
+from matformer.io.files import is_regular, read_json
+from matformer.io.folder import Folder
+from matformer.io.hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
+from matformer.io.layout import CONFIG_NAME, Layout, resolve_files
+from matformer.io.manifest import MANIFEST_NAME, Manifest, TierEntry, read_manifest, verify_file
+from matformer.models.registry import (
+    GEMMA3N,
+    LM,
+    Config,
+    check_loadable,
+    config_from_dict,
+    family_of,
+)
 
 TOKENIZER_NAME = "tokenizer.json"
 # Files that travel with the weights: the tokenizer, generation settings, and the training
@@ -152,7 +159,7 @@ def read_config(path: Path, folder: Folder | None = None) -> Config | None:
 
 
 def _config_and_family(path: Path, folder: Folder | None = None) -> tuple[Config | None, str]:
-    """(config, family): a Gemma 3n config.json is left to matformer.gemma3n (config None)."""
+    """(config, family): a Gemma 3n config.json is left to matformer.slicing.gemma3n (config None)."""
     obj = _config_json(path, folder)
     family = family_of(obj)
     if obj is None or family == GEMMA3N:

@@ -35,8 +35,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import CheckpointError
-from .atomic import fsync_dir
+from matformer.errors import CheckpointError
+from matformer.io.atomic import fsync_dir
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

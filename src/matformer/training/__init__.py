@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .settings import TrainConfig, model_config, validate
+from matformer.training.settings import TrainConfig, model_config, validate
 
 _LAZY = {
     "train": "loop", "TrainResult": "loop",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import WindowSampler
+from matformer.data.text import WindowSampler
 
 
 class _Windows(Dataset):

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import data as D
-from ..errors import ConfigError
-from ..io.checkpoint import load_model
-from ..io.source import resolve_source
-from ..model import MatFormerLM
+from matformer.data import text as D
+from matformer.errors import ConfigError
+from matformer.io.checkpoint import load_model
+from matformer.io.source import resolve_source
+from matformer.models.lm.model import MatFormerLM
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

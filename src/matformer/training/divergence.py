@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..errors import TrainingDiverged
-from .distributed import all_reduce_sum
+from matformer.errors import TrainingDiverged
+from matformer.training.distributed import all_reduce_sum
 
 MAX_SKIPPED = 20
 """Consecutive non-finite steps `skip_nonfinite` tolerates before the run is stopped anyway."""

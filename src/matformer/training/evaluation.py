@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import data as D
-from ..config import MatFormerConfig, perplexity
-from ..model import MatFormerLM, parameter_counts
-from .points import Key, Point, setting_of, tier_of_key
+from matformer.data import text as D
+from matformer.models.lm.config import MatFormerConfig, perplexity
+from matformer.models.lm.model import MatFormerLM, parameter_counts
+from matformer.training.points import Key, Point, setting_of, tier_of_key
 
 
 def heldout(val_tokens: np.ndarray, seq_len: int, max_windows: int,

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import distributed, divergence, sharded, state
-from .evaluation import evaluate_tiers, loss_table
-from .metrics import TensorBoard, Throughput
-from .optimizer import lr_at, set_lr
-from .points import tier_of_key
-from .prepare import Run, prepare
-from .report import step_losses
-from .settings import TrainConfig
-from .step import train_step
-from .vision import VisionTrainResult, train_vit
-from .weights import write_model
+from matformer.training import distributed, divergence, sharded, state
+from matformer.training.evaluation import evaluate_tiers, loss_table
+from matformer.training.metrics import TensorBoard, Throughput
+from matformer.training.optimizer import lr_at, set_lr
+from matformer.training.points import tier_of_key
+from matformer.training.prepare import Run, prepare
+from matformer.training.report import step_losses
+from matformer.training.settings import TrainConfig
+from matformer.training.step import train_step
+from matformer.training.vision import VisionTrainResult, train_vit
+from matformer.training.weights import write_model
 
 
 @dataclass

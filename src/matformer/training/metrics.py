@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..config import MatFormerConfig
-from ..errors import ConfigError
-from .objective import step_plan
-from .points import tier_of_key
+from matformer.errors import ConfigError
+from matformer.models.lm.config import MatFormerConfig
+from matformer.training.objective import step_plan
+from matformer.training.points import tier_of_key
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 # Order matters: the first substring found in the device name wins.

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import MatFormerConfig
-from ..model import MatFormerLM, lm_loss
-from .distill import Distillation
-from .points import Key, rank_points, runtime_kv_heads, setting_of, widest
-from .settings import TrainConfig, rank_choices, runtime_tiers
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM, lm_loss
+from matformer.training.distill import Distillation
+from matformer.training.points import Key, rank_points, runtime_kv_heads, setting_of, widest
+from matformer.training.settings import TrainConfig, rank_choices, runtime_tiers
 
 Plan = list[tuple[Key, float]]
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..errors import CheckpointError
-from .points import heads_in_play
-from .settings import ADAMW_IMPLS as IMPLS
-from .settings import TrainConfig
+from matformer.errors import CheckpointError
+from matformer.training.points import heads_in_play
+from matformer.training.settings import ADAMW_IMPLS as IMPLS
+from matformer.training.settings import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, narrowest_tier: int = 0) -> NestedAdamW:

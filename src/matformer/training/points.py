@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..config import MatFormerConfig
-from ..errors import ConfigError, TierError
-from ..tiers import head_granularities
-from .settings import rank_choices, runtime_tiers
+from matformer.errors import ConfigError, TierError
+from matformer.models.lm.config import MatFormerConfig
+from matformer.tiers import head_granularities
+from matformer.training.settings import rank_choices, runtime_tiers
 
 
 class Point(NamedTuple):

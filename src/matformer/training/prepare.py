@@ -16,23 +16,29 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from .. import data as D
-from .. import token_files
-from ..config import MatFormerConfig
-from ..io.swap import check_save_target
-from ..model import MatFormerLM, parameter_counts
-from . import distributed, execution, sharded, state, warmstart
-from .batches import Batches
-from .distill import Distillation, Teacher
-from .distributed import Dist
-from .evaluation import heldout
-from .objective import Objective
-from .optimizer import NestedAdamW, build_optimizer, nested_dims
-from .points import Key, all_trained_points, heads_in_play, tier_of_key, validate_heads
-from .precision import LossScaler
-from .report import Reporter
-from .settings import TrainConfig, model_config, runtime_tiers, validate
-from .state import History, TrainingState
+from matformer.data import text as D
+from matformer.data import token_files
+from matformer.io.swap import check_save_target
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM, parameter_counts
+from matformer.training import distributed, execution, sharded, state, warmstart
+from matformer.training.batches import Batches
+from matformer.training.distill import Distillation, Teacher
+from matformer.training.distributed import Dist
+from matformer.training.evaluation import heldout
+from matformer.training.objective import Objective
+from matformer.training.optimizer import NestedAdamW, build_optimizer, nested_dims
+from matformer.training.points import (
+    Key,
+    all_trained_points,
+    heads_in_play,
+    tier_of_key,
+    validate_heads,
+)
+from matformer.training.precision import LossScaler
+from matformer.training.report import Reporter
+from matformer.training.settings import TrainConfig, model_config, runtime_tiers, validate
+from matformer.training.state import History, TrainingState
 
 
 class RunPaths:

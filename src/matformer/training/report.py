@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-from ..io.atomic import atomic_write
-from .distributed import Dist, all_reduce_sum
-from .objective import Plan
+from matformer.errors import CheckpointError
+from matformer.io.atomic import atomic_write
+from matformer.training.distributed import Dist, all_reduce_sum
+from matformer.training.objective import Plan
 
 LOG_FILE = "train_log.jsonl"
 

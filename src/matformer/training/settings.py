@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import data as D
-from ..config import MatFormerConfig
-from ..errors import CheckpointError, ConfigError, TierError
-from ..tiers import max_tier, width_of
+from matformer.data import text as D
+from matformer.errors import CheckpointError, ConfigError, TierError
+from matformer.models.lm.config import MatFormerConfig
+from matformer.tiers import max_tier, width_of
 
 OBJECTIVES = ("sample", "joint", "single")
 ARCHS = ("lm", "vit")

@@ -31,10 +31,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..errors import CheckpointError
-from ..io.atomic import atomic_write, fsync_dir
-from .distributed import Dist, barrier
-from .optimizer import NestedAdamW
+from matformer.errors import CheckpointError
+from matformer.io.atomic import atomic_write, fsync_dir
+from matformer.training.distributed import Dist, barrier
+from matformer.training.optimizer import NestedAdamW
 
 STATE_DIR = "training_state"
 META_FILE = "training_state.json"

@@ -20,19 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data as D
-from ..config import MatFormerConfig
-from ..errors import CheckpointError
-from ..io.checkpoint import load_state_dict
-from ..io.hub import download
-from ..io.source import resolve_source
-from . import sharded
-from .distributed import Dist
-from .optimizer import NestedAdamW
-from .points import parse_key
-from .settings import TrainConfig, normalized, resumable_settings
-from .sharded import is_sharded
-from .weights import write_model
+from matformer.data import text as D
+from matformer.errors import CheckpointError
+from matformer.io.checkpoint import load_state_dict
+from matformer.io.hub import download
+from matformer.io.source import resolve_source
+from matformer.models.lm.config import MatFormerConfig
+from matformer.training import sharded
+from matformer.training.distributed import Dist
+from matformer.training.optimizer import NestedAdamW
+from matformer.training.points import parse_key
+from matformer.training.settings import TrainConfig, normalized, resumable_settings
+from matformer.training.sharded import is_sharded
+from matformer.training.weights import write_model
 
 STATE_FILE = "training_state.safetensors"
 CONVERTED_SETTINGS = {"fsdp"}

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .divergence import guard
-from .objective import Plan, step_plan, update_extent, update_extents
-from .points import heads_in_play
-from .precision import autocast
+from matformer.training.divergence import guard
+from matformer.training.objective import Plan, step_plan, update_extent, update_extents
+from matformer.training.points import heads_in_play
+from matformer.training.precision import autocast
 
 
 def passes(cfg: Any, base: int, step: int, rank: int, world: int, fsdp: bool, *,

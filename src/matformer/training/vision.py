@@ -34,10 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..io.checkpoint import load_state_dict
-from ..io.swap import check_save_target
-from ..vision_data import (
+from matformer.data.images import (
     PREPROCESSOR_FILE,
     BatchSampler,
     ImageSplit,
@@ -45,16 +42,19 @@ from ..vision_data import (
     load_split,
     preprocessor_json,
 )
-from ..vit import MatViT
-from ..vit_config import MatViTConfig, parameter_counts
-from . import distributed, divergence, state
-from .distributed import Dist
-from .optimizer import build_optimizer, lr_at, set_lr
-from .precision import LossScaler
-from .prepare import RunPaths
-from .report import Reporter, fmt_time, step_losses
-from .settings import TrainConfig, all_trained_tiers, validate
-from .step import train_step
+from matformer.errors import ConfigError
+from matformer.io.checkpoint import load_state_dict
+from matformer.io.swap import check_save_target
+from matformer.models.vit.config import MatViTConfig, parameter_counts
+from matformer.models.vit.model import MatViT
+from matformer.training import distributed, divergence, state
+from matformer.training.distributed import Dist
+from matformer.training.optimizer import build_optimizer, lr_at, set_lr
+from matformer.training.precision import LossScaler
+from matformer.training.prepare import RunPaths
+from matformer.training.report import Reporter, fmt_time, step_losses
+from matformer.training.settings import TrainConfig, all_trained_tiers, validate
+from matformer.training.step import train_step
 
 ARCH = "vit"
 # TrainConfig field -> MatViTConfig key.

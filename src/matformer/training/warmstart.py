@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .. import data as D
-from ..config import MatFormerConfig
-from ..errors import ConfigError
-from ..io.source import Source, resolve_source
+from matformer.data import text as D
+from matformer.errors import ConfigError
+from matformer.io.source import Source, resolve_source
+from matformer.models.lm.config import MatFormerConfig
 
 
 def init_source(src: str | os.PathLike) -> Source:

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..io.checkpoint import write_checkpoint
-from ..io.safetensors import st_dtype
-from .distributed import Dist, broadcast_str
-from .precision import compute_dtype
+from matformer.io.checkpoint import write_checkpoint
+from matformer.io.safetensors import st_dtype
+from matformer.training.distributed import Dist, broadcast_str
+from matformer.training.precision import compute_dtype
 
 
 def write_model(model: nn.Module, out_dir: Path, files: Mapping[str, bytes],

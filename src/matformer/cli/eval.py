@@ -1,0 +1,186 @@
+"""Evaluate every width of a checkpoint: loss, perplexity, consistency, speed, speculative decoding.
+
+CKPT is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revision]) or a
+multi-tier repo written by `matformer slice --tiers` (with --tier). Default widths: every tier
+the checkpoint can run, plus least-slope Mix'n'Match mixes between neighbouring tiers (--no-mix
+to skip) and any --widths lists; --tier T evaluates tier T alone (and the stored reference).
+Default data: the held-out windows the checkpoint's training evaluated (its train_config.json;
+the default corpus otherwise), tokenized with its tokenizer. --data DIR of `matformer
+prepare-data` scores windows of DIR's held-out split (DIR's tokenizer must be the checkpoint's). Consistency is measured against
+the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
+Heads (the second elastic axis): each tier also at every KV head count in --kv-heads (default:
+every head granularity G, G/2, ..., 1 the checkpoint holds, when its heads nest), with the
+KV-cache bytes per token of each point.
+--json prints one JSON object instead of the table; --plot FILE.png draws loss against
+non-embedding parameters (the elastic curve). Progress goes to stderr.
+--compare B,C scores CKPT, B and C tier by tier on the same windows (loss only), e.g. a dense
+source (naive truncation), its `matformer convert` output (importance order) and the distilled
+model: `matformer eval runs/dense --compare runs/mat,runs/distilled`.
+A MatViT checkpoint (config.json model_type "vit") is evaluated on images instead: top-1,
+agreement, elastic retrieval and speed per width (matformer.cli.vit_eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from matformer.cli.flags import (
+    add_checkpoint_argument,
+    check_device,
+    draft_tokens_arg,
+    set_threads,
+    write_plot,
+)
+from matformer.cli.vit_eval import is_vit, run_vit
+from matformer.errors import ConfigError
+from matformer.evaluation.report import format_comparison, format_eval_report
+from matformer.io.atomic import atomic_write
+from matformer.io.source import resolve_source
+from matformer.tiers import parse_int_list
+
+if TYPE_CHECKING:
+    from matformer.evaluation.lm import EvalReport
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(parser)
+    parser.add_argument("--tier", type=int, default=None, metavar="T",
+                        help="run at tier T: evaluate that tier (with --tiers: those instead); of "
+                        "a multi-tier repo, the folder that holds it")
+    parser.add_argument("--data", default=None,
+                        help="text file or folder to evaluate on, or a `matformer prepare-data` "
+                        "token folder (its held-out split; same tokenizer) (default: the held-out "
+                        "split the checkpoint's training evaluated)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON object instead of the table")
+    parser.add_argument("--json-out", default=None, metavar="FILE.json",
+                        help="also write the JSON report to FILE (the table is still printed)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="draw validation loss against non-embedding parameters")
+    parser.add_argument("--tiers", default=None, help="comma-separated tiers (default: all runnable)")
+    parser.add_argument("--widths", action="append", default=None, metavar="W1,W2,...",
+                        help="an extra per-layer width list to evaluate (repeatable)")
+    parser.add_argument("--no-mix", action="store_true", help="skip the Mix'n'Match points")
+    parser.add_argument("--kv-heads", default=None, metavar="G[,G2,...]",
+                        help="KV head counts every tier is also evaluated at (default: every "
+                        "head granularity the checkpoint holds when its heads nest)")
+    parser.add_argument("--layer-kv-heads", action="append", default=None, metavar="G1,G2,...",
+                        help="a per-layer KV head list every tier is also evaluated at "
+                        "(repeatable)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per evaluation window (default: as the checkpoint's training)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="evaluate on at most this many tokens (default: as the training)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--no-speculative", action="store_true", help="skip the speculative decoding report")
+    parser.add_argument("--no-decode", action="store_true", help="skip per-width decoding speed")
+    parser.add_argument("--draft-tokens", type=draft_tokens_arg, default="auto",
+                        help="tokens drafted per verification, 'adaptive', or 'auto' (default: "
+                        "chosen from the draft and verify costs measured here)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through the compiled static-cache step (CUDA graphs on a GPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--compare", default=None, metavar="CKPT,...",
+                        help="also score these checkpoints (same tokenizer) on the same windows "
+                        "and print one loss column per checkpoint and a row per tier (e.g. a "
+                        "dense source, its convert output and the distilled model); loss only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
+
+
+def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
+             out: TextIO | None = None, revision: str | None = None, **kwargs: Any) -> EvalReport:
+    """Evaluate a checkpoint (`matformer.evaluate` with `kwargs`), print the table (or JSON with
+    `json_out="-"`, or also write JSON to the file `json_out`), draw the elastic curve to `plot`."""
+    from matformer.evaluation.lm import evaluate  # torch: imported only when a command runs
+
+    out = out or sys.stdout
+    if plot is not None and not str(plot).lower().endswith(".png"):
+        raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
+    source = resolve_source(ckpt, tier=kwargs.get("tier"), revision=revision, companions=True)
+    report = evaluate(source, **kwargs)
+    data, nonfinite = _strict_json(report.to_dict())
+    if nonfinite:
+        print(f"warning: {nonfinite} value(s) of the report are not finite (NaN/inf weights or "
+              f"overflow); they are null in the JSON", file=sys.stderr)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if json_out == "-":
+        out.write(text)
+    else:
+        out.write(format_eval_report(report) + "\n")
+        if json_out is not None:
+            try:
+                atomic_write(json_out, text)
+            except OSError as e:
+                raise ConfigError(f"{json_out}: cannot write the JSON report ({e.strerror or e}); "
+                                  f"choose another --json-out") from None
+    if plot is not None:
+        _plot(report, plot, Path(ckpt).name)
+    return report
+
+
+def _strict_json(obj: Any) -> tuple[Any, int]:
+    """`obj` with every NaN/inf replaced by None (strict JSON has no such numbers), and how many."""
+    if isinstance(obj, float):
+        return (obj, 0) if math.isfinite(obj) else (None, 1)
+    if isinstance(obj, dict):
+        pairs = [(k, _strict_json(v)) for k, v in obj.items()]
+        return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
+    if isinstance(obj, (list, tuple)):
+        items = [_strict_json(v) for v in obj]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return obj, 0
+
+
+def _plot(report: EvalReport, path: str, name: str) -> None:
+    from matformer.evaluation.plot import plot_elastic_curve  # matplotlib: optional
+
+    write_plot(plot_elastic_curve, report, path, f"MatFormer evaluation: {name}")
+
+
+def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
+    """`--compare`: CKPT and the listed checkpoints, tier by tier (matformer.evaluation.compare)."""
+    from matformer.evaluation.compare import compare  # torch: imported only when a command runs
+
+    out = out or sys.stdout
+    others = [c for c in args.compare.split(",") if c]
+    result = compare([args.ckpt, *others], revision=args.revision,
+                     tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
+                     data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                     batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                     progress=lambda msg: print(msg, file=sys.stderr))
+    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    out.write(text if args.json else format_comparison(result) + "\n")
+    if args.json_out:
+        atomic_write(args.json_out, text)
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    check_device(args.device)
+    if is_vit(args.ckpt, args.revision, args.tier):  # a MatViT: images, not text
+        return run_vit(args)
+    if args.compare:
+        run_compare(args)
+        return 0
+    run_eval(
+        args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot,
+        revision=args.revision, tier=args.tier, data=args.data,
+        uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
+        plans=[parse_int_list(w, "--widths") for w in args.widths or []],
+        mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
+        kv_heads=parse_int_list(args.kv_heads, "--kv-heads") if args.kv_heads else None,
+        layer_kv_heads=[parse_int_list(h, "--layer-kv-heads") for h in args.layer_kv_heads or []]
+        or None,
+        batch_size=args.batch_size, decode=not args.no_decode,
+        speculative=not args.no_speculative, draft_tokens=args.draft_tokens, compile=args.compile,
+        device=args.device, dtype=args.dtype,
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )
+    return 0

@@ -1,0 +1,48 @@
+"""Export one width of a checkpoint to a GGUF file for llama.cpp (and the tools built on it).
+
+Choose the width with one of --tier, --widths or --layer-tiers (none: the stored widths), and
+the attention heads with --kv-heads or --layer-kv-heads (none: the stored heads).
+Uniform widths are written as llama.cpp's `llama` architecture, per-layer (Mix'n'Match) widths
+as `deci`, the Llama block with per-layer FFN widths. The tokenizer is embedded. Tensors stream
+one at a time; the file appears only when complete. Needs `pip install 'matformer[export]'`.
+
+examples:
+  matformer export runs/full -o tier2.gguf --tier 2
+  matformer export runs/full -o mix.gguf --layer-tiers 3,3,2,2,1,1 --outtype q8_0
+  llama-cli -m tier2.gguf -p "Once upon a time" -n 32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from matformer.cli.flags import add_head_flags, add_width_flags, head_request, width_request
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC",
+                        help="checkpoint folder, .safetensors file, multi-tier repo or org/name")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.gguf",
+                        help="GGUF file to write (replaced only by a complete file)")
+    add_width_flags(parser)
+    add_head_flags(parser, "KV heads per layer (written as per-layer head count arrays, 'deci')")
+    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                        help="type of the 2-D weights; norms stay f32 (default: f16)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from matformer.slicing.export import export_gguf
+
+    result = export_gguf(
+        args.src,
+        args.output,
+        **width_request(args),
+        **head_request(args),
+        outtype=args.outtype,
+        revision=args.revision,
+    )
+    print(result.summary())
+    return 0

@@ -1,0 +1,109 @@
+"""Several checkpoints, tier by tier, on the same held-out windows: `matformer eval A --compare B,C`.
+
+The use it was made for (issue 17): a dense model's naive truncation (the dense checkpoint at
+tier t keeps its first neurons in their original order), the importance-ordered truncation
+(`matformer convert`'s output at tier t) and the model after nested distillation, side by side.
+Every checkpoint is scored by `evaluation.evaluate` (loss and KL from its own full width) on the
+same windows: the held-out windows of the first checkpoint's training (its train_config.json;
+what `matformer eval` scores by default) or of `data`. The checkpoints must share a tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from matformer.data import text as D
+from matformer.data import token_files
+from matformer.errors import DataError
+from matformer.evaluation.lm import EvalReport, evaluate
+from matformer.io.source import Source, resolve_source
+from matformer.models.lm.shapes import non_embedding_parameters
+from matformer.tiers import runnable_tiers
+
+
+@dataclass
+class Comparison:
+    data: str
+    seq_len: int
+    windows: int
+    tiers: list[int]
+    widths: list[int]
+    """FFN width of each tier (of the first checkpoint's base)."""
+    non_embedding_params: list[int]
+    checkpoints: list[str]
+    losses: list[list[float]] = field(default_factory=list)
+    """losses[i][k]: checkpoint i at tiers[k], nats per token."""
+    kl_from_full: list[list[float]] = field(default_factory=list)
+    """KL(P_own full width || P_tier), nats per position."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _windows(first: Source, data: str | os.PathLike | None, seq_len: int | None,
+             max_tokens: int | None) -> tuple[np.ndarray, str]:
+    settings = D.training_settings(first.folder)
+    default_len, n = D.heldout_shape(settings)
+    seq_len = min(seq_len or default_len, first.config.max_position_embeddings)
+    if max_tokens is not None:
+        n = max(1, max_tokens // seq_len)
+    if data is None:
+        tokens = token_files.checkpoint_heldout(first.folder)
+        desc = "held-out split of the first checkpoint's training data"
+    elif token_files.is_prepared(data):  # matformer prepare-data's folder: its held-out split
+        tokens = token_files.eval_tokens(data, D.load_tokenizer(first.folder),
+                                         first.folder / "tokenizer.json")
+        desc = f"{data} (prepared token folder)"
+    else:
+        tokens, desc = D.tokenize(D.load_tokenizer(first.folder), D.load_texts(data)), str(data)
+    return D.heldout_windows(tokens, seq_len, n), desc
+
+
+def _same_tokenizer(sources: Sequence[Source]) -> None:
+    first = sources[0].require_tokenizer().read_text(encoding="utf-8")
+    for s in sources[1:]:
+        if s.require_tokenizer().read_text(encoding="utf-8") != first:
+            raise DataError(f"{s.describe()}: its tokenizer.json differs from "
+                            f"{sources[0].describe()}'s; --compare needs checkpoints that tokenize "
+                            f"alike")
+
+
+def compare(ckpts: Sequence[str | os.PathLike], *, tiers: Sequence[int] | None = None,
+            data: str | os.PathLike | None = None, seq_len: int | None = None,
+            max_tokens: int | None = None, batch_size: int = 8, device: str | None = None,
+            dtype: str | None = None, revision: str | None = None,
+            progress: Callable[[str], None] | None = None) -> Comparison:
+    """Per-tier held-out loss of each checkpoint in `ckpts` on the same windows."""
+    say = progress or (lambda _m: None)
+    sources = [resolve_source(c, revision=revision if i == 0 else None, companions=True)
+               for i, c in enumerate(ckpts)]
+    _same_tokenizer(sources)
+    cfg = sources[0].config
+    if tiers is None:
+        tiers = runnable_tiers(cfg.base, cfg.layer_widths, limit=4)
+    tiers = sorted(set(tiers))
+    windows, desc = _windows(sources[0], data, seq_len, max_tokens)
+    widths = [cfg.base >> t for t in tiers]
+    out = Comparison(data=desc, seq_len=int(windows.shape[1]), windows=int(windows.shape[0]),
+                     tiers=list(tiers), widths=widths,
+                     non_embedding_params=[non_embedding_parameters(cfg, [w] * cfg.num_hidden_layers)
+                                           for w in widths],
+                     checkpoints=[s.describe() for s in sources])
+    for s in sources:
+        say(f"evaluating {s.describe()} at tiers {list(tiers)}")
+        report = evaluate(s, windows, uniform_tiers=tiers, mix_n_match=False, decode=False,
+                          speculative=False, seq_len=out.seq_len, max_tokens=int(windows.size),
+                          batch_size=batch_size, device=device, dtype=dtype)
+        by_tier = _by_tier(report)
+        out.losses.append([by_tier[t].loss for t in tiers])
+        out.kl_from_full.append([by_tier[t].kl_from_reference for t in tiers])
+    return out
+
+
+def _by_tier(report: EvalReport) -> dict[int, Any]:
+    return {r.tier: r for r in report.results if r.kind == "tier" and r.tier is not None}

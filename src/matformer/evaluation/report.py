@@ -1,0 +1,125 @@
+"""Text the CLI prints for what the library returns: the `matformer eval` table and the
+`matformer generate` summary line. The library returns data (`EvalReport`, `GenerationOutput`);
+only the command line turns it into text. Torch-free: it reads fields, never tensors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from matformer.models.lm.shapes import format_count
+from matformer.tiers import describe_widths
+
+if TYPE_CHECKING:
+    from matformer.evaluation.compare import Comparison
+    from matformer.evaluation.lm import EvalReport, WidthResult
+    from matformer.inference.decode import GenerationOutput
+    from matformer.inference.speculative import DecodeCosts, DraftChoice
+
+
+def _short_name(r: WidthResult) -> str:
+    if r.kind in ("tier", "heads"):
+        return r.name
+    return (r.kind + " " + ",".join(str(w) for w in r.widths))[:24]
+
+
+def format_eval_report(report: EvalReport) -> str:
+    """The plain-text report of `matformer eval`: a header, one row per width, and the
+    speculative decoding table when there is one."""
+    lines = [
+        f"matformer eval: {report.source}",
+        f"data: {report.data} — {report.windows} windows x {report.seq_len} tokens "
+        f"({report.tokens} predicted tokens per width); device {report.device}, {report.dtype}",
+        f"reference (full) width: {describe_widths(report.base_width, report.reference_widths)}; "
+        f"consistency = greedy-token match and {report.kl_direction}",
+        "",
+    ]
+    head = (f"{'width':<24} {'non-emb params':>14} {'loss':>7} {'ppl':>9} {'match%':>7} "
+            f"{'KL':>8} {'eval tok/s':>11} {'decode tok/s':>12} {'KV B/tok':>9}")
+    lines += [head, "-" * len(head)]
+    for r in report.results:
+        dec = f"{r.decode_tokens_per_s:12.1f}" if r.decode_tokens_per_s is not None else f"{'-':>12}"
+        lines.append(
+            f"{_short_name(r):<24} {format_count(r.non_embedding_params):>14} {r.loss:7.4f} "
+            f"{r.perplexity:9.2f} {100 * r.greedy_match:7.2f} {r.kl_from_reference:8.4f} "
+            f"{r.tokens_per_s:11.0f} {dec} {r.kv_cache_bytes_per_token:9,d}"
+        )
+    if report.speculative:
+        lines += ["", *_speculative_table(report)]
+    return "\n".join(lines)
+
+
+def _speculative_table(report: EvalReport) -> list[str]:
+    s = report.speculative_settings
+    lines = [
+        f"speculative decoding (greedy, target = reference width, shared KV cache; "
+        f"{s.get('prompts')} prompts x {s.get('prompt_len')} tokens, "
+        f"{s.get('new_tokens')} new tokens each, draft_tokens={s.get('draft_tokens')}"
+        f"{', compiled' if s.get('compiled') else ''})",
+    ]
+    head = (f"{'draft':<24} {'k':>9} {'accept%':>8} {'plain tok/s':>12} {'spec tok/s':>11} "
+            f"{'speed-up':>9} {'identical':>9}")
+    lines += [head, "-" * len(head)]
+    for sp in report.speculative:
+        k = sp.draft_tokens if sp.chosen_draft_tokens is None else sp.chosen_draft_tokens
+        lines.append(
+            f"{sp.draft_name[:24]:<24} {str(k):>9} {100 * sp.acceptance_rate:8.1f} "
+            f"{sp.plain_tokens_per_s:12.1f} {sp.speculative_tokens_per_s:11.1f} "
+            f"{sp.speedup:8.2f}x {'yes' if sp.identical else 'NO':>9}"
+        )
+    c, costs = report.speculative_choice, report.speculative_costs
+    if c and costs:
+        pick = ("plain decoding (no draft expected to pay)" if c["draft"] is None else
+                f"{c['draft']}, k={c['k']} at acceptance {100 * c['acceptance']:.0f}% "
+                f"(expected {c['expected_speedup']:.2f}x)")
+        steps = ", ".join(f"{n} {1e3 * t:.2f}" for n, t in costs["draft_steps"].items())
+        verify = ", ".join(f"k={k} {1e3 * t:.2f}" for k, t in sorted(costs["verify"].items()))
+        lines += [f"auto chose {pick}, from costs measured here (ms): target step "
+                  f"{1e3 * costs['target_step']:.2f}; draft steps {steps}; verify {verify}"]
+    return lines
+
+
+def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
+    """The one-line summary `matformer generate` prints to stderr after the text."""
+    s = output.stats
+    msg = (f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:.1f} tok/s at "
+           f"{describe_widths(base_width, output.widths)}; stopped by {s.stop_reason}")
+    if output.draft_widths is not None:
+        msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
+                f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
+    if "choice" in output.extra:
+        msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
+    return msg + "]"
+
+
+def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
+    """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
+    verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
+    drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
+    pick = ("plain decoding (no draft expected to pay)" if choice.draft is None
+            else f"{choice.draft}, k={choice.k} (acceptance {100 * choice.acceptance:.0f}%, "
+                 f"expected {choice.expected_speedup:.2f}x)")
+    return (f"chose {pick} from costs measured here in ms: target step "
+            f"{1e3 * costs.target_step:.2f}; draft steps {drafts}; verify of k+1 tokens {verify}")
+
+
+def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> str:
+    """The summary `matformer generate --prompts-file` prints to stderr."""
+    s = outputs[0].stats
+    n = sum(o.stats.new_tokens for o in outputs)
+    rate = n / s.seconds if s.seconds > 0 else 0.0
+    return (f"[{len(outputs)} prompts, {n} tokens in {s.seconds:.2f}s, {rate:.1f} tok/s in all, "
+            f"at {describe_widths(base_width, outputs[0].widths)}]")
+
+
+def format_comparison(c: Comparison) -> str:
+    """`matformer eval A --compare B,C`: one row per tier, one loss column per checkpoint."""
+    names = [n if len(n) <= 28 else "…" + n[-27:] for n in c.checkpoints]
+    colw = max(10, *(len(n) for n in names))
+    lines = [f"matformer eval --compare: {c.data} — {c.windows} windows x {c.seq_len} tokens",
+             "held-out loss, nats/token (lower is better); the same windows for every checkpoint",
+             "tier    FFN  non-emb params  " + "  ".join(f"{n:>{colw}}" for n in names)]
+    for k, t in enumerate(c.tiers):
+        cells = "  ".join(f"{c.losses[i][k]:>{colw}.4f}" for i in range(len(names)))
+        lines.append(f"{t:>4}  {c.widths[k]:>5}  {format_count(c.non_embedding_params[k]):>14}  "
+                     f"{cells}")
+    return "\n".join(lines)

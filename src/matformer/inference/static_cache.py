@@ -1,0 +1,148 @@
+"""Static-cache decoding: prefill, one-token steps and k-token verifies, eager or compiled.
+
+`StaticDecoder` owns a preallocated KV cache of (batch, max_len) and runs the model's
+`forward_static` on it (gpt-fast style): every shape is fixed by (batch, tokens per call, width),
+never by the position, so `torch.compile` makes one graph per width and token count and keeps
+it. The width is a setting of the model that dynamo guards on (the FFN widths are plain ints on
+the modules), so switching between a draft and a verifier width finds the graph compiled for
+each the first time and reuses it afterwards: no recompiles after the first use of a width
+(tests/test_generate.py counts them). `dynamic=False` keeps a verify of k+1 tokens from turning
+the token dimension symbolic after a second k is seen.
+
+Dynamo also guards on the token tensor's strides and on whether it is an inference tensor, so
+the same (width, heads, tokens) reached with a slice of a longer tensor, or with a prompt tensor
+made outside `torch.inference_mode`, used to be another graph: the costs `measure_costs` timed
+were of graphs the rounds never ran, and the rounds compiled theirs the first time a (draft, k)
+came up, inside timed decoding (issue 13's H100 run). `StaticDecoder` therefore runs every
+forward in inference mode on a contiguous inference copy of the tokens (`_canonical`), and
+allocates its cache there too: one graph per (width, heads, tokens, batch, cache length).
+
+- CPU: inductor's default mode (fused pointwise kernels in C++, matmuls in MKL/oneDNN); the
+  per-token Python work left is dynamo's guard check and one call.
+- CUDA: mode="reduce-overhead" (CUDA graphs); the cache tensors are marked static addresses so
+  the in-place writes stay inside the graph, and outputs are cloned before the next replay
+  overwrites them.
+
+Prefill runs eagerly (its length varies per call). Prompts of different lengths share the cache
+left-padded: row b's prompt ends in the last prefilled column, `pad[b]` columns are masked for
+it, and its rotary positions start at 0 in column pad[b], so each row computes what it would
+alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from matformer.models.lm.model import KVCache, MatFormerLM
+
+RECOMPILE_LIMIT = 64
+"""Graphs dynamo keeps per compiled function: widths x token counts x models of one process."""
+
+
+def _forward(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
+             pad: torch.Tensor, last_only: bool) -> torch.Tensor:
+    return model.forward_static(ids, input_pos, cache, pad, last_only)
+
+
+@functools.cache
+def compiled_forward(mode: str | None = None, backend: str | Callable = "inductor") -> Callable:
+    """`_forward` compiled (one wrapper per mode and backend, so its graphs are kept)."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    return torch.compile(_forward, mode=mode, backend=backend, dynamic=False, fullgraph=True)
+
+
+def _canonical(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T) as the compiled step always sees them (call in inference mode): an
+    inference tensor with contiguous strides, so neither a strided slice nor a tensor made
+    outside inference mode makes another graph. Copies only when `ids` is not already that."""
+    if ids.is_inference() and ids.stride() == (ids.shape[1], 1):
+        return ids
+    return ids.clone(memory_format=torch.contiguous_format)
+
+
+def default_compile_mode(device: torch.device) -> str | None:
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+class StaticDecoder:
+    """Decoding state of one model over `batch_size` rows: the static cache, the column
+    `pos` every row has filled, and each row's left padding. `compile`: run the one-token step
+    and the verify through `torch.compile` (`backend` for tests that count compiles)."""
+
+    def __init__(self, model: MatFormerLM, batch_size: int, max_len: int, *,
+                 compile: bool = False, backend: str | Callable = "inductor",
+                 mode: str | None = None) -> None:
+        self.model = model
+        self.device = model.model.embed_tokens.weight.device
+        with torch.inference_mode():  # as every forward runs: no graph per tensor kind
+            self.cache = model.new_cache(batch_size, max_len)
+            self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.pos = 0
+        self.compiled = compile
+        self.cuda_graphs = False
+        self._step: Callable = _forward
+        if compile:
+            mode = mode if mode is not None else default_compile_mode(self.device)
+            self.cuda_graphs = mode == "reduce-overhead"
+            self._step = compiled_forward(mode, backend)
+            if self.cuda_graphs:
+                for t in (*self.cache.k, *self.cache.v, self.pad):
+                    torch._dynamo.mark_static_address(t)
+
+    @property
+    def batch_size(self) -> int:
+        return self.pad.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def prefill(self, prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Write the prompts (1-D token tensors, one per row, any lengths) into columns
+        0..P-1 (P the longest), left-padded; returns each row's last logits (B, V). Eager."""
+        P = max(p.shape[0] for p in prompts)
+        with torch.inference_mode():
+            ids = torch.zeros(len(prompts), P, dtype=torch.long, device=self.device)
+            for b, p in enumerate(prompts):
+                ids[b, P - p.shape[0]:] = p
+            self.pad.copy_(torch.tensor([P - p.shape[0] for p in prompts], device=self.device))
+            self.pos = 0
+            cols = torch.arange(P, device=self.device)
+            logits = _forward(self.model, ids, cols, self.cache, self.pad, True)[:, 0]
+        self.pos = P
+        return logits
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens ids (B, T) in the next T columns -> logits (B, T, V) at the model's current
+        width (T=1: a decoding step; T=k+1: a verify)."""
+        T = ids.shape[1]
+        with torch.inference_mode():
+            ids = _canonical(ids)
+            cols = torch.arange(self.pos, self.pos + T, device=self.device)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = self._step(self.model, ids, cols, self.cache, self.pad, False)
+            out = out.clone() if self.cuda_graphs else out
+        self.pos += T
+        return out
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row (B, 1) -> next-token logits (B, V)."""
+        return self.forward(ids)[:, -1]
+
+    def crop(self, pos: int) -> None:
+        """Forget columns pos.. (their stale entries stay, masked: no query sees a column
+        beyond its own)."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot crop a decoder at column {self.pos} to {pos}")
+        self.pos = pos
+
+    def finish(self) -> KVCache:
+        """The cache, with `length` set to the filled columns (for inspection)."""
+        self.cache.length = self.pos
+        return self.cache

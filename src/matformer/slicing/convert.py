@@ -1,0 +1,430 @@
+"""MatFormer-ize a dense Llama checkpoint: order its FFN neurons and attention heads by importance.
+
+`convert(src, out)` turns any dense `LlamaForCausalLM`-architecture checkpoint (a folder, a
+.safetensors file or a Hub id: anything `io.source.resolve_source` takes) into a MatFormer
+checkpoint whose every prefix keeps the most important neurons and heads:
+
+1. importance (one load of the model, forward passes over calibration windows, float32). Neuron
+   j of an FFN adds c_j = a_j * down_proj[:, j] to the residual stream (a = silu(gate_proj x) *
+   up_proj x); truncating to width m removes exactly sum_{j>=m} c_j. Three orders:
+   - `reconstruction` (default): greedy forward selection on the calibration tokens, each next
+     neuron the one that most lowers ||sum_all c - sum_prefix c||^2 (`greedy_order`, from the
+     Gram matrix <c_j, c_k> = (a_j . a_k)(down_j . down_k), I x I per layer). It scores sets, not
+     neurons: neurons whose outputs cancel or repeat each other are not all put first. It needs
+     I^2 float64 numbers per layer (refused above `MAX_GRAM_BYTES`: use `contribution` there).
+   - `contribution`: by mean_tokens ||c_j|| = mean |a_j| * ||down[:, j]|| alone.
+   - `activation`: Minitron's score mean_tokens |a_j| (ignores the down column's scale).
+   Heads: query head h adds c_h = o_proj[:, h] y_h (y_h its attention output); a KV group (one
+   key/value head and its r query heads) adds the sum of its heads'. Heads nest by KV group
+   (issue 11: the first g groups run), so the groups are ordered (greedy on the groups' Gram
+   matrix, or by the sum of their heads' scores: mean ||c_h||, Minitron's mean ||y_h|| for
+   `activation`), and the query heads inside each group by their scores.
+   Measured on small models in docs/RESULTS.md: reconstruction keeps the most at narrow widths.
+2. permutation, exact: gate_proj/up_proj rows and down_proj columns by the FFN order; q_proj
+   rows and o_proj columns by head (hd rows/columns each), k_proj/v_proj rows by KV group. Every
+   neuron and head computes what it did, in another place, so the converted model at tier 0 (all
+   heads) computes the original function (logits equal up to float summation order).
+3. streamed write: the source tensors are memory-mapped, and each output tensor is permuted and
+   written by `io.checkpoint.write_checkpoint` one at a time (peak memory: one tensor beside the
+   maps). The output config is the source's with the MatFormer keys (base width = the stored
+   width, tier 0, base KV heads = the stored ones); the tokenizer and the other companion files
+   are copied; `convert_report.json` records the method, the calibration data and the orders.
+
+The output can be sliced, evaluated at any tier, or fine-tuned with the nested objectives and
+distillation from the source (`matformer train --init-from OUT --distill SRC`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from matformer.data import text as D
+from matformer.data import token_files as TF
+from matformer.errors import CheckpointError, ConfigError, DataError
+from matformer.io.checkpoint import load_model, load_state_dict, write_checkpoint
+from matformer.io.safetensors import st_dtype
+from matformer.io.source import COMPANION_FILES, Source, resolve_source
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM
+
+METHODS = ("reconstruction", "contribution", "activation")
+REPORT_NAME = "convert_report.json"
+MAX_GRAM_BYTES = 16 * 2**30
+"""reconstruction keeps an I x I float64 Gram matrix per layer; more than this in all is refused."""
+DEFAULT_SAMPLES = 128
+
+
+# ---- importance ------------------------------------------------------------------------------
+
+
+@dataclass
+class Importance:
+    """Scores of every FFN neuron (per layer: (I,)) and query head (per layer: (n_heads,))."""
+
+    ffn: list[torch.Tensor]
+    heads: list[torch.Tensor]
+    method: str
+    tokens: int
+    ffn_gram: list[torch.Tensor] | None = None
+    """reconstruction: per layer, <c_j, c_k> summed over tokens, c_j = a_j down[:, j] (I, I)."""
+    group_gram: list[torch.Tensor] | None = None
+    """reconstruction: per layer, the same for the KV groups' attention contributions (G, G)."""
+
+
+class _HeadRecorder(TorchFunctionMode):
+    """Records each query head's score from the attention output `scaled_dot_product_attention`
+    returns, in the layer a forward pre-hook named (`layer`)."""
+
+    def __init__(self, method: str, scores: list[torch.Tensor],
+                 grams: list[torch.Tensor] | None) -> None:
+        super().__init__()
+        self.method, self.scores, self.grams = method, scores, grams
+        self.layer: Any = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and self.layer is not None:
+            self._record(out.detach())
+        return out
+
+    def _record(self, y: torch.Tensor) -> None:  # y: (B, nh, T, hd)
+        attn = self.layer.self_attn
+        hd = y.shape[-1]
+        wo = attn.o_proj.weight.detach()
+        acc = self.scores[attn.layer_idx]
+        groups: list[torch.Tensor] = []
+        for h in range(y.shape[1]):
+            yh = y[:, h].float()  # (B, T, hd)
+            ch = F.linear(yh, wo[:, h * hd:(h + 1) * hd].float())  # its share of the output (B, T, H)
+            acc[h] += (yh if self.method == "activation" else ch).norm(dim=-1).sum().double()
+            if self.grams is not None:
+                if h % attn.group == 0:
+                    groups.append(ch.reshape(-1, ch.shape[-1]).double())
+                else:
+                    groups[-1] += ch.reshape(-1, ch.shape[-1]).double()
+        if self.grams is not None:
+            c = torch.stack(groups)  # (G, tokens, H)
+            self.grams[attn.layer_idx] += torch.einsum("gnh,knh->gk", c, c)
+        self.layer = None
+
+
+def _score_ffn(method: str, acc: torch.Tensor, gram: torch.Tensor | None, mlp: Any,
+               args: tuple) -> None:
+    """Forward pre-hook of a NestedMLP: add its neurons' scores over the input's tokens to `acc`
+    (and a^T a to `gram`)."""
+    x = args[0].float()
+    a = F.silu(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
+    a = a.reshape(-1, a.shape[-1]).double()
+    s = a.abs().sum(0)
+    if method != "activation":
+        s = s * mlp.down_proj.weight.double().norm(dim=0)
+    acc += s
+    if gram is not None:
+        gram += a.T @ a
+
+
+@torch.no_grad()
+def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = "reconstruction",
+                       batch_size: int = 8) -> Importance:
+    """Importance of every FFN neuron and query head of `model` (at its stored widths and heads)
+    over `windows` (N, T) of token ids; see the module docstring for the scores."""
+    if method not in METHODS:
+        raise ConfigError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
+    layers = list(model.model.layers)
+    need = sum(layer.mlp.stored_width ** 2 * 8 for layer in layers)
+    if method == "reconstruction" and need > MAX_GRAM_BYTES:
+        raise ConfigError(f"importance 'reconstruction' needs {need / 2**30:.1f} GiB of Gram "
+                          f"matrices for this model (more than {MAX_GRAM_BYTES // 2**30} GiB); "
+                          f"use --importance contribution")
+    ffn = [torch.zeros(layer.mlp.stored_width, dtype=torch.float64) for layer in layers]
+    heads = [torch.zeros(layer.self_attn.stored_kv_heads * layer.self_attn.group,
+                         dtype=torch.float64) for layer in layers]
+    recon = method == "reconstruction"
+    ffn_gram = [torch.zeros(len(s), len(s), dtype=torch.float64) for s in ffn] if recon else None
+    group_gram = [torch.zeros(len(s) // layer.self_attn.group, len(s) // layer.self_attn.group,
+                              dtype=torch.float64) for s, layer in zip(heads, layers, strict=True)
+                  ] if recon else None
+    recorder = _HeadRecorder(method, heads, group_gram)
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.register_forward_pre_hook(
+            partial(_score_ffn, method, ffn[i], ffn_gram[i] if ffn_gram else None)))
+        handles.append(layer.self_attn.register_forward_pre_hook(
+            lambda mod, args, layer=layer: setattr(recorder, "layer", layer)))
+    was_training, setting = model.training, model.setting
+    model.eval()
+    model.set_widths()  # the stored model: every neuron and head runs
+    tokens = 0
+    try:
+        with recorder:
+            for i in range(0, len(windows), batch_size):
+                chunk = windows[i:i + batch_size]
+                model(chunk)
+                tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_widths(**setting)
+        model.train(was_training)
+    if tokens == 0:
+        raise DataError("no calibration windows to measure importance on")
+    if any(float(s.sum()) == 0.0 for s in heads):
+        raise CheckpointError("attention head scores were not recorded (the model's attention "
+                              "no longer calls scaled_dot_product_attention)")
+    if ffn_gram is not None:  # a^T a -> <c_j, c_k> = (a_j . a_k)(down_j . down_k)
+        for gram, layer in zip(ffn_gram, layers, strict=True):
+            d = layer.mlp.down_proj.weight.double()
+            gram *= d.T @ d
+    return Importance([s / tokens for s in ffn], [s / tokens for s in heads], method, tokens,
+                      ffn_gram, group_gram)
+
+
+# ---- the permutation -------------------------------------------------------------------------
+
+
+@dataclass
+class Permutation:
+    """Per layer, the source index at each new position: FFN neurons, KV groups, query heads."""
+
+    ffn: list[list[int]]
+    kv: list[list[int]]
+    heads: list[list[int]]
+
+    def is_identity(self) -> bool:
+        return all(p == sorted(p) for p in self.ffn + self.kv + self.heads)
+
+
+def _descending(scores: torch.Tensor) -> list[int]:
+    """Indices by decreasing score; ties keep the original order (stable)."""
+    return [int(i) for i in torch.sort(-scores, stable=True).indices]
+
+
+def greedy_order(gram: torch.Tensor) -> list[int]:
+    """Forward selection: the order whose every prefix S best reconstructs the sum Y of all items
+    (min ||Y - sum_{j in S} c_j||^2 over the calibration tokens, each item kept as it is), from
+    the Gram matrix gram[j, k] = <c_j, c_k>. Adding j to S lowers the error by
+    2 <Y - sum_S c, c_j> - ||c_j||^2; the residual products are updated in O(n) per step."""
+    n = gram.shape[0]
+    residual = gram.sum(1).clone()  # <Y - sum_S c, c_j>, S empty
+    diag = gram.diagonal().clone()
+    taken = torch.zeros(n, dtype=torch.bool)
+    order = []
+    for _ in range(n):
+        gain = (2 * residual - diag).masked_fill(taken, -math.inf)
+        j = int(gain.argmax())
+        order.append(j)
+        taken[j] = True
+        residual -= gram[:, j]
+    return order
+
+
+def importance_order(imp: Importance, group_size: int) -> Permutation:
+    """The most important first. reconstruction: FFN neurons and KV groups in the greedy order of
+    their contributions (`greedy_order`); otherwise by score, a KV group scoring the sum of its
+    query heads. Inside each group its query heads by score."""
+    kv, heads = [], []
+    for i, s in enumerate(imp.heads):
+        groups = s.view(-1, group_size)  # (G, r)
+        order = (greedy_order(imp.group_gram[i]) if imp.group_gram is not None
+                 else _descending(groups.sum(1)))
+        kv.append(order)
+        heads.append([g * group_size + int(j) for g in order for j in _descending(groups[g])])
+    ffn = ([greedy_order(g) for g in imp.ffn_gram] if imp.ffn_gram is not None
+           else [_descending(s) for s in imp.ffn])
+    return Permutation(ffn=ffn, kv=kv, heads=heads)
+
+
+def _rows(order: list[int], block: int) -> torch.Tensor:
+    """Row indices of whole blocks of `block` rows in `order`."""
+    idx = torch.tensor(order, dtype=torch.long)
+    return (idx[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+
+
+def permute_tensor(name: str, tensor: torch.Tensor, perm: Permutation, head_dim: int) -> torch.Tensor:
+    """`tensor` of the checkpoint key `name` with the permutation applied (others unchanged)."""
+    parts = name.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+        return tensor
+    i, proj = int(parts[2]), parts[4]
+    index: torch.Tensor | None = None
+    dim = 0
+    if proj in ("gate_proj", "up_proj", "down_proj"):
+        index, dim = torch.tensor(perm.ffn[i], dtype=torch.long), int(proj == "down_proj")
+    elif proj in ("q_proj", "o_proj"):
+        index, dim = _rows(perm.heads[i], head_dim), int(proj == "o_proj")
+    elif proj in ("k_proj", "v_proj"):
+        index = _rows(perm.kv[i], head_dim)
+    if index is None:
+        return tensor
+    return tensor.index_select(dim, index)
+
+
+# ---- calibration data ------------------------------------------------------------------------
+
+
+def calibration_windows(source: Source, calibration: str | os.PathLike | None, samples: int,
+                        seq_len: int, cache_dir: str | os.PathLike | None = None
+                        ) -> tuple[torch.Tensor, str]:
+    """(windows (n, seq_len), what they are): `samples` evenly spaced windows of `calibration`
+    text tokenized with the source's tokenizer; by default the *training* split of the data the
+    source was trained on (its train_config.json; the default corpus otherwise), so held-out
+    evaluation never sees calibration text."""
+    if samples < 1:
+        raise ConfigError(f"--samples must be a positive number of windows, got {samples}")
+    tok_file = source.require_tokenizer()
+    tok = D.load_tokenizer(tok_file.parent)
+    data = calibration if calibration is not None else D.training_data(source.folder)
+    if TF.is_prepared(data):  # a `matformer prepare-data` folder: its training tokens
+        tokens = TF.load_for(data, tok, tok_file)[0]
+        what = f"the training split of {data}"
+    elif calibration is not None:
+        tokens, what = D.tokenize(tok, D.load_texts(calibration), cache_dir), str(calibration)
+    else:
+        s = D.training_settings(source.folder)
+        train, _ = D.split_texts(
+            D.load_texts(data, max_bytes=s.get("max_corpus_bytes")),
+            float(s.get("val_fraction", D.DEFAULT_VAL_FRACTION)),
+            int(s.get("split_seed", D.DEFAULT_SPLIT_SEED)))
+        tokens = D.tokenize(tok, train, cache_dir)
+        what = f"the training split of {data or 'the default corpus'}"
+    if len(tokens) < seq_len:
+        raise DataError(f"{what}: {len(tokens)} tokens, fewer than one calibration window of "
+                        f"{seq_len}; give more --calibration text or a smaller --seq-len")
+    windows = D.heldout_windows(tokens, seq_len, samples)
+    return torch.from_numpy(windows), (f"{len(windows)} windows x {seq_len} tokens evenly spaced "
+                                       f"over {len(tokens):,} tokens of {what}")
+
+
+# ---- convert ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    source: str
+    method: str
+    calibration: str
+    tokens: int
+    permutation: Permutation
+    max_abs_logit_diff: float
+    """Tier 0 of the output against the source, on the first calibration window (float32)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        moved = [sum(1 for j, p in enumerate(order) if j != p) for order in self.permutation.ffn]
+        groups = [o for o in self.permutation.kv]
+        return "\n".join([
+            f"converted {self.source} -> {self.out}",
+            f"importance: {self.method}, on {self.calibration} ({self.tokens:,} tokens)",
+            f"FFN neurons moved per layer: {moved}",
+            f"KV group order per layer: {groups}",
+            f"check: tier 0 of the output vs the source, max |logit difference| "
+            f"{self.max_abs_logit_diff:.2e} (float32)",
+            "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
+        ])
+
+
+def _check_dense(source: Source) -> MatFormerConfig:
+    cfg = source.config
+    if cfg.layer_widths != [cfg.base] * cfg.num_hidden_layers:
+        raise ConfigError(f"{source.describe()}: stores FFN widths {cfg.layer_widths} of base "
+                          f"{cfg.base}; convert takes a dense checkpoint (every layer at its full "
+                          f"width), e.g. the source the slice was cut from")
+    if cfg.layer_kv_heads != [cfg.base_kv_heads] * cfg.num_hidden_layers:
+        raise ConfigError(f"{source.describe()}: stores {cfg.layer_kv_heads} KV heads of "
+                          f"{cfg.base_kv_heads}; convert takes a dense checkpoint with all its heads")
+    return cfg
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
+            calibration: str | os.PathLike | None = None, samples: int = DEFAULT_SAMPLES,
+            seq_len: int | None = None, method: str = "reconstruction", batch_size: int = 8,
+            revision: str | None = None, device: str | None = None,
+            cache_dir: str | os.PathLike | None = None, max_shard_size: int | str = "5GB",
+            log: Callable[[str], None] | None = None) -> ConvertResult:
+    """Write the importance-ordered MatFormer version of the dense checkpoint `src` to `out`."""
+    say = log or (lambda _m: None)
+    if method not in METHODS:
+        raise ConfigError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
+    source = resolve_source(src, revision=revision, companions=True)
+    config = _check_dense(source)
+    if _same_folder(source.folder, Path(out)):
+        raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "
+                              f"another folder (the source stays as it is)")
+    seq_len = min(seq_len or D.heldout_shape(D.training_settings(source.folder))[0],
+                  config.max_position_embeddings)
+    t0 = time.time()
+    windows, what = calibration_windows(source, calibration, samples, seq_len, cache_dir)
+    say(f"calibration: {what}")
+    model = load_model(source, dtype=torch.float32, device=device)
+    windows = windows.to(model.model.embed_tokens.weight.device)
+    t1 = time.time()
+    imp = measure_importance(model, windows, method, batch_size)
+    with torch.no_grad():
+        reference = model(windows[:1]).cpu()
+    del model
+    perm = importance_order(imp, config.group_size)
+    t2 = time.time()
+    say(f"importance measured on {imp.tokens:,} tokens ({t2 - t1:.1f}s); writing {out}")
+    _write(source, config, perm, out, max_shard_size,
+           _report(source, imp, perm, what, calibration, samples, seq_len))
+    t3 = time.time()
+    check = load_model(out, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        diff = float((check(windows[:1]).cpu() - reference).abs().max())
+    return ConvertResult(out=Path(out), source=source.describe(), method=method, calibration=what,
+                         tokens=imp.tokens, permutation=perm, max_abs_logit_diff=diff,
+                         seconds={"calibration data": t1 - t0, "importance": t2 - t1,
+                                  "write": t3 - t2, "check": time.time() - t3})
+
+
+def _write(source: Source, config: MatFormerConfig, perm: Permutation, out: str | os.PathLike,
+           max_shard_size: int | str, report: bytes) -> Path:
+    """Stream the permuted tensors into `out` (one in memory at a time), companions beside them."""
+    sd = load_state_dict(source)  # memory-mapped
+    names = [n for n in sd if not n.endswith("rotary_emb.inv_freq")]
+    specs = [(n, st_dtype(sd[n].dtype), tuple(sd[n].shape)) for n in names]
+    hd = config.head_dim
+    assert hd is not None
+    extra: dict[str, str | os.PathLike | bytes] = {
+        name: source.folder / name for name in COMPANION_FILES if (source.folder / name).is_file()}
+    extra[REPORT_NAME] = report
+    out_config = MatFormerConfig.from_dict(config.to_dict())
+    return write_checkpoint(out, out_config, specs, lambda n: permute_tensor(n, sd[n], perm, hd),
+                            max_shard_size=max_shard_size, extra_files=extra)
+
+
+def _report(source: Source, imp: Importance, perm: Permutation, what: str,
+            calibration: str | os.PathLike | None, samples: int, seq_len: int) -> bytes:
+    def stats(scores: list[torch.Tensor]) -> list[dict[str, float]]:
+        return [{"max": float(s.max()), "median": float(s.median()), "min": float(s.min())}
+                for s in scores]
+
+    doc = {
+        "source": source.describe(), "method": imp.method, "calibration": what,
+        "calibration_data": None if calibration is None else str(calibration),
+        "samples": samples, "seq_len": seq_len, "tokens": imp.tokens,
+        "ffn_score_stats": stats(imp.ffn), "head_scores": [[float(x) for x in s] for s in imp.heads],
+        "order": {"ffn": perm.ffn, "kv_groups": perm.kv, "query_heads": perm.heads},
+        "note": "order[k][i][j] is the source index now at position j of layer i",
+    }
+    return (json.dumps(doc) + "\n").encode()

@@ -1,0 +1,257 @@
+"""Export one width of a checkpoint to a GGUF file that llama.cpp runs (`matformer export`).
+
+- plan: the request (`tier`, per-layer `layer_tiers`, or `widths`; none = the stored widths) is
+  resolved to per-layer FFN widths, and `kv_heads`/`layer_kv_heads` (none = the stored heads) to
+  per-layer KV heads, each of which the source must hold. Head counts are written per layer
+  (`head_count`/`head_count_kv` arrays) when they differ between layers. Uniform models are written as llama.cpp's `llama` architecture, per-layer ones
+  as `deci` (see `matformer.io.gguf` for why).
+- stream: each GGUF tensor is read from its memory-mapped source shard (only its prefix rows,
+  or the first columns of each row for down_proj), converted to float32, permuted for rope if it
+  is q/k, encoded to the output type and written before the next one is read. Peak memory is
+  about one tensor in float32 plus its encoded copy, whatever the model's size.
+
+Needs no torch: numpy, the `gguf` package, and our safetensors header reader.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matformer.errors import CheckpointError
+from matformer.io.checkpoint import open_checked
+from matformer.io.gguf import (
+    ModelMeta,
+    TensorPlan,
+    check_outtype,
+    gguf_name,
+    permute_rope,
+    read_tokenizer,
+    tensor_qtype,
+    write_gguf,
+)
+from matformer.io.layout import Checkpoint
+from matformer.io.safetensors import DTYPES
+from matformer.io.source import Source, resolve_source
+from matformer.models.lm.config import MatFormerConfig
+from matformer.tiers import (
+    check_heads_held,
+    check_held,
+    describe_heads,
+    describe_widths,
+    resolve_kv_heads,
+    resolve_widths,
+)
+
+_FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+@dataclass
+class TensorJob:
+    """One GGUF tensor and where its values come from."""
+
+    plan: TensorPlan
+    src: str  # source tensor name
+    rows: int | None = None  # keep rows [:rows] (gate/up)
+    cols: int | None = None  # keep columns [:, :cols] (down)
+    rope_heads: int | None = None  # permute rows for llama.cpp's rope with this many heads
+
+
+@dataclass
+class ExportPlan:
+    config: MatFormerConfig
+    widths: list[int]
+    meta: ModelMeta
+    jobs: list[TensorJob] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    arch: str
+    widths: list[int]
+    base: int
+    outtype: str
+    n_tensors: int
+    bytes_written: int
+    seconds: float
+    kv_heads: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"wrote {self.path} ({self.bytes_written / 1e6:.1f} MB, {self.n_tensors} tensors, "
+                f"{self.outtype}): llama.cpp architecture '{self.arch}', "
+                f"{describe_widths(self.base, self.widths)}"
+                + (f", {describe_heads(self.kv_heads)}" if self.kv_heads else "")
+                + f", in {self.seconds:.1f}s")
+
+
+# ---- planning -------------------------------------------------------------------------------
+
+
+def request_widths(config: MatFormerConfig, *, tier: int | None = None,
+                   layer_tiers: Sequence[int] | None = None,
+                   widths: int | Sequence[int] | None = None) -> list[int]:
+    """Per-layer FFN widths for a request (none: the stored widths), each held by the source."""
+    stored = config.layer_widths
+    if tier is None and layer_tiers is None and widths is None:
+        return list(stored)
+    out = resolve_widths(config.base, config.num_hidden_layers, tier=tier,
+                         layer_tiers=layer_tiers, widths=widths)
+    check_held(config.base, stored, out, holder="the source", tier=tier,
+               remedy="export from a checkpoint that holds it")
+    return out
+
+
+def request_kv_heads(config: MatFormerConfig, *, kv_heads: int | None = None,
+                     layer_kv_heads: Sequence[int] | None = None) -> list[int]:
+    """Per-layer KV heads for a request (none: the stored heads), each held by the source."""
+    if kv_heads is None and layer_kv_heads is None:
+        return config.layer_kv_heads
+    out = resolve_kv_heads(config.base_kv_heads, config.num_hidden_layers, kv_heads=kv_heads,
+                           layer_kv_heads=layer_kv_heads)
+    check_heads_held(config.layer_kv_heads, out, holder="the source", uniform=kv_heads,
+                     remedy="export from a checkpoint that holds them")
+    return out
+
+
+def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], widths: list[int],
+                outtype: str, name: str, kv_heads: list[int] | None = None) -> ExportPlan:
+    """GGUF tensors and metadata for `config` cut to `widths` and per-layer `kv_heads` (default:
+    the stored heads; shapes: the stored tensors)."""
+    n, hd = config.num_hidden_layers, config.head_dim
+    assert hd is not None
+    kv_heads = config.layer_kv_heads if kv_heads is None else list(kv_heads)
+    heads = [g * config.group_size for g in kv_heads]
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    meta = ModelMeta(name=name, context_length=config.max_position_embeddings,
+                     hidden_size=config.hidden_size, ffn_widths=list(widths), heads=heads,
+                     kv_heads=kv_heads, head_dim=hd, rope_theta=config.rope_theta,
+                     rms_norm_eps=config.rms_norm_eps, vocab_size=config.vocab_size,
+                     bos_token_id=config.bos_token_id, eos_token_id=eos,
+                     pad_token_id=config.pad_token_id)
+    plan = ExportPlan(config, list(widths), meta)
+    order = ["model.embed_tokens.weight"]
+    for i in range(n):
+        order += [f"model.layers.{i}.{t}.weight" for t in (
+            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+            "mlp.down_proj")]
+    order.append("model.norm.weight")
+    if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd as the output
+        order.append("lm_head.weight")
+    for src in order:
+        plan.jobs.append(_job(src, shapes[src], plan, outtype))
+    return plan
+
+
+def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> TensorJob:
+    rows = cols = heads = None
+    if src.startswith("model.layers."):
+        i = int(src.split(".")[2])
+        w = plan.widths[i]
+        if src.endswith(("gate_proj.weight", "up_proj.weight")):
+            rows, shape = w, (w, *shape[1:])
+        elif src.endswith("down_proj.weight"):
+            cols, shape = w, (shape[0], w)
+        elif ".self_attn." in src:  # heads nest by KV group: prefixes of rows / columns
+            hd = plan.config.head_dim
+            assert hd is not None
+            q, kv = plan.meta.heads[i] * hd, plan.meta.kv_heads[i] * hd
+            if src.endswith("q_proj.weight"):
+                heads, rows, shape = plan.meta.heads[i], q, (q, *shape[1:])
+            elif src.endswith("k_proj.weight"):
+                heads, rows, shape = plan.meta.kv_heads[i], kv, (kv, *shape[1:])
+            elif src.endswith("v_proj.weight"):
+                rows, shape = kv, (kv, *shape[1:])
+            else:  # o_proj
+                cols, shape = q, (shape[0], q)
+    name = gguf_name(src, plan.config.num_hidden_layers)
+    return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape)), src, rows,
+                     cols, heads)
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def read_prefix(ck: Any, src: str, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    """Rows [:rows] (or columns [:, :cols]) of a stored tensor as a new float32 array. The shard
+    is memory-mapped for this one tensor and only the bytes of the kept rows are mapped."""
+    info = ck.info(src)
+    if info.dtype not in _FLOAT_NP:
+        raise CheckpointError(f"{ck.layout.folder / ck.where[src]}: tensor {src!r} is "
+                              f"{info.dtype}; GGUF export reads F32, F16 or BF16 weights")
+    shape = (rows, *info.shape[1:]) if rows is not None else tuple(info.shape)
+    count = int(np.prod(shape))
+    if count == 0:
+        return np.zeros(shape, dtype=np.float32)
+    path = ck.layout.folder / ck.where[src]
+    try:  # the validated file itself (not the path again: a save may have replaced it since)
+        with ck.open_file(ck.where[src]) as f:
+            mm = np.memmap(f, dtype=np.uint8, mode="r", offset=info.start,
+                           shape=(count * DTYPES[info.dtype][0],))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map tensor {src!r} ({e})") from None
+    arr = mm.view(_FLOAT_NP[info.dtype]).reshape(shape)
+    if cols is not None:
+        arr = arr[:, :cols]
+    if info.dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32)  # a copy: the map is released with `mm`
+
+
+def produce(ck: Any, job: TensorJob) -> np.ndarray:
+    """The float32 values of one GGUF tensor, in llama.cpp's row order."""
+    data = read_prefix(ck, job.src, job.rows, job.cols)
+    if job.rope_heads is not None:
+        data = permute_rope(data, job.rope_heads)
+    return data
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def open_source(src: str | os.PathLike | Source, *, tier: int | None = None,
+                layer_tiers: Sequence[int] | None = None,
+                widths: int | Sequence[int] | None = None,
+                revision: str | None = None) -> tuple[Source, Checkpoint]:
+    """SRC resolved (a folder, a .safetensors file, a Hub id, a multi-tier repo: the tier folder
+    that holds the request) and its headers validated against its config."""
+    if tier is None and layer_tiers:  # a multi-tier repo must hold the widest requested layer
+        tier = min(layer_tiers)
+    source = resolve_source(src, tier=tier, widths=widths, revision=revision, companions=True)
+    return source, open_checked(source, "export")
+
+
+def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier: int | None = None,
+                layer_tiers: Sequence[int] | None = None,
+                widths: int | Sequence[int] | None = None, outtype: str = "f16",
+                revision: str | None = None, kv_heads: int | None = None,
+                layer_kv_heads: Sequence[int] | None = None) -> ExportResult:
+    """Write the GGUF file `out` for one width (and head count) of `src` (see the module
+    docstring). Bad requests
+    raise our errors before anything is written; an existing `out` is replaced only by a
+    complete file."""
+    t0 = time.perf_counter()
+    check_outtype(outtype)
+    source, ck = open_source(src, tier=tier, layer_tiers=layer_tiers, widths=widths,
+                             revision=revision)
+    folder, config = source.folder, source.config
+    out_path = Path(out)
+    if any(out_path.resolve() == (folder / s).resolve() for s in ck.layout.shards):
+        raise CheckpointError(f"{out_path}: is a weights file of the source; write elsewhere")
+    ws = request_widths(config, tier=tier, layer_tiers=layer_tiers, widths=widths)
+    hl = request_kv_heads(config, kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+    tok = read_tokenizer(source.require_tokenizer(), config.vocab_size)
+    shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
+    plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)
+    by_name = {j.plan.name: j for j in plan.jobs}
+    size = write_gguf(out_path, plan.meta, tok, outtype, [j.plan for j in plan.jobs],
+                       lambda t: produce(ck, by_name[t.name]))
+    return ExportResult(out_path, plan.meta.arch, ws, config.base, outtype, len(plan.jobs), size,
+                        time.perf_counter() - t0, kv_heads=hl)
