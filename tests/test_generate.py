@@ -11,7 +11,8 @@ from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.errors import ConfigError, DataError, TierError
-from matformer.inference.decode import Sampler, generate, generate_batch
+from matformer.inference.decode import generate, generate_batch
+from matformer.inference.sampling import Sampler
 from matformer.inference.speculative import speculative_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")

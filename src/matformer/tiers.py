@@ -8,6 +8,10 @@ Vocabulary (used everywhere in matformer): a `tier` is one uniform tier; `layer_
 tier per layer; `widths` is one FFN width per layer (a "width plan"); several of those are
 `plans` (a list of width plans) or `uniform_tiers` (a list of uniform tiers).
 
+A request for one setting of both axes is a `WidthRequest` (the five keywords above in one frozen
+value, checked once against a config by `WidthRequest.resolve`); public functions take the
+keywords and build one at the door, internal ones pass it on.
+
 Also here: which tiers a stored model can run (`runnable_tiers`), the one "stores X, needs width
 Y" error (`check_held`), the paper's least-slope Mix'n'Match plans, and the same arithmetic for
 the second elastic axis, attention heads (`kv_heads` uniform, `layer_kv_heads` per layer; see
@@ -17,6 +21,8 @@ the heads section at the end).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 from matformer.errors import TierError
 
@@ -272,3 +278,177 @@ def describe_heads(kv_heads: Sequence[int]) -> str:
     if g is not None:
         return f"{g} KV head" + ("s" if g != 1 else "")
     return "kv[" + ",".join(str(h) for h in kv_heads) + "]"
+
+
+# ---- one width request: the five keywords as one value ------------------------------------------
+
+
+FFN_KEYWORDS = ("tier", "layer_tiers", "widths")
+HEAD_KEYWORDS = ("kv_heads", "layer_kv_heads")
+
+
+class NestedShape(Protocol):
+    """What `WidthRequest.resolve` reads of a config (both families' configs have it)."""
+
+    @property
+    def base(self) -> int: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def layer_widths(self) -> list[int]: ...
+    @property
+    def base_kv_heads(self) -> int: ...
+    @property
+    def layer_kv_heads(self) -> list[int]: ...
+
+
+class Setting(NamedTuple):
+    """A resolved request: one FFN width and one KV head count per layer."""
+
+    widths: list[int]
+    kv_heads: list[int]
+
+    def keywords(self) -> dict[str, list[int]]:
+        """As `set_widths` keywords (`widths`, `layer_kv_heads`)."""
+        return {"widths": list(self.widths), "layer_kv_heads": list(self.kv_heads)}
+
+
+def _int_tuple(value: Sequence[int] | None, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        raise TierError(f"{name} must be a list of integers, got {value!r}")
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise TierError(f"{name} must be a list of integers, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class WidthRequest:
+    """One request for a setting of the two elastic axes, as one frozen value.
+
+    FFN axis: at most one of `tier` (uniform), `layer_tiers` (one tier per layer), `widths` (one
+    absolute width per layer, or one int for every layer). Head axis: at most one of `kv_heads`
+    (every layer) or `layer_kv_heads` (one count per layer). An axis not named means "as stored"
+    to `resolve` (and "as the model runs now" to a call that runs at a width for one call).
+    Sequences are kept as tuples, so a request is hashable and cannot change after its check."""
+
+    tier: int | None = None
+    layer_tiers: tuple[int, ...] | None = None
+    widths: int | tuple[int, ...] | None = None
+    kv_heads: int | None = None
+    layer_kv_heads: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        ffn = [k for k in FFN_KEYWORDS if getattr(self, k) is not None]
+        if len(ffn) > 1:
+            raise TierError(f"give one of tier, layer_tiers, widths (got {', '.join(ffn)})")
+        if self.kv_heads is not None and self.layer_kv_heads is not None:
+            raise TierError("give kv_heads or layer_kv_heads, not both")
+        set_ = object.__setattr__  # frozen: normalise once, here
+        set_(self, "layer_tiers", _int_tuple(self.layer_tiers, "layer_tiers"))
+        set_(self, "layer_kv_heads", _int_tuple(self.layer_kv_heads, "layer_kv_heads"))
+        if self.widths is not None and not isinstance(self.widths, int):
+            set_(self, "widths", _int_tuple(self.widths, "widths"))
+
+    @classmethod
+    def of(cls, request: WidthRequest | None = None, **keywords: Any) -> WidthRequest:
+        """`request` as it is, or a request built from the five keywords (the public door);
+        giving both is an error."""
+        if request is not None:
+            if any(v is not None for v in keywords.values()):
+                raise TierError("give a WidthRequest or width keywords, not both")
+            return request
+        return cls(**keywords)
+
+    @property
+    def names_ffn(self) -> bool:
+        """Whether the FFN axis is named."""
+        return any(getattr(self, k) is not None for k in FFN_KEYWORDS)
+
+    @property
+    def names_heads(self) -> bool:
+        """Whether the head axis is named."""
+        return self.kv_heads is not None or self.layer_kv_heads is not None
+
+    def __bool__(self) -> bool:
+        """False for the empty request (nothing named: as stored / as now)."""
+        return self.names_ffn or self.names_heads
+
+    def keywords(self) -> dict[str, Any]:
+        """The keywords given (lists for sequences), e.g. to pass to a public function."""
+        out: dict[str, Any] = {}
+        for k in (*FFN_KEYWORDS, *HEAD_KEYWORDS):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def ffn(self) -> WidthRequest:
+        """The FFN half of this request (heads dropped)."""
+        return WidthRequest(tier=self.tier, layer_tiers=self.layer_tiers, widths=self.widths)
+
+    def heads(self) -> WidthRequest:
+        """The head half of this request (FFN dropped)."""
+        return WidthRequest(kv_heads=self.kv_heads, layer_kv_heads=self.layer_kv_heads)
+
+    def pick(self) -> tuple[int | None, int | None]:
+        """(tier, widest width) naming what a multi-tier repo must hold for this request: the
+        tier, the widest of `layer_tiers` (the smallest tier), or the widest of `widths`."""
+        if self.layer_tiers:
+            return min(self.layer_tiers), None
+        if self.widths is not None:
+            w = self.widths if isinstance(self.widths, int) else max(self.widths, default=0)
+            return self.tier, int(w)
+        return self.tier, None
+
+    def resolve_ffn(self, base: int, num_layers: int) -> list[int] | None:
+        """Per-layer widths of the FFN axis (arithmetic only, nothing held is checked); None
+        when the axis is not named."""
+        if not self.names_ffn:
+            return None
+        return resolve_widths(base, num_layers, tier=self.tier, layer_tiers=self.layer_tiers,
+                              widths=self.widths)
+
+    def resolve_heads(self, base_kv_heads: int, num_layers: int) -> list[int] | None:
+        """Per-layer KV heads of the head axis (nothing held is checked); None when not named."""
+        if not self.names_heads:
+            return None
+        return resolve_kv_heads(base_kv_heads, num_layers, kv_heads=self.kv_heads,
+                                layer_kv_heads=self.layer_kv_heads)
+
+    def resolve_against(self, base: int, stored_widths: Sequence[int], base_kv_heads: int,
+                        stored_kv_heads: Sequence[int], *, holder: str = "this model",
+                        remedy: str = "load the full checkpoint",
+                        heads_remedy: str | None = None) -> Setting:
+        """`resolve` for what stores `stored_widths` / `stored_kv_heads` (a model, a config):
+        each named axis validated and checked to be held (the one "stores X, needs width Y"
+        TierError, naming `holder` and `remedy`); an axis not named is as stored."""
+        n = len(stored_widths)
+        ws = self.resolve_ffn(base, n)
+        if ws is None:
+            ws = list(stored_widths)
+        else:
+            check_held(base, stored_widths, ws, tier=self.tier, holder=holder, remedy=remedy)
+        hl = self.resolve_heads(base_kv_heads, n)
+        if hl is None:
+            hl = list(stored_kv_heads)
+        else:
+            check_heads_held(stored_kv_heads, hl, uniform=self.kv_heads, holder=holder,
+                             remedy=heads_remedy or remedy)
+        return Setting(ws, hl)
+
+    def resolve(self, config: NestedShape, *, holder: str = "this model",
+                remedy: str = "load the full checkpoint",
+                heads_remedy: str | None = None) -> Setting:
+        """This request checked once against `config`: (per-layer widths, per-layer KV heads),
+        an axis not named as the config stores it; a width or head count the config does not
+        hold is a TierError naming `holder` and what to do (`remedy`)."""
+        return self.resolve_against(config.base, config.layer_widths, config.base_kv_heads,
+                                    config.layer_kv_heads, holder=holder, remedy=remedy,
+                                    heads_remedy=heads_remedy)
+
+    def describe(self) -> str:
+        """The request as its keywords, e.g. 'tier=2, kv_heads=1' (or 'as stored')."""
+        return ", ".join(f"{k}={v}" for k, v in self.keywords().items()) or "as stored"

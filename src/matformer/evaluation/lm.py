@@ -47,7 +47,8 @@ from matformer.data.text import (
     training_settings,
 )
 from matformer.errors import ConfigError, DataError
-from matformer.inference.decode import _sync, generate
+from matformer.inference.decode import generate
+from matformer.inference.sampling import sync_device
 from matformer.inference.speculative import DecodeCosts, speculative_generate
 from matformer.io.checkpoint import load_model
 from matformer.io.source import Source, resolve_source
@@ -425,10 +426,10 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
             ref_logp = ref_p = ref_best = torch.empty(0)
             for i, width in enumerate(selected):
                 model.set_widths(**width.setting(model))
-                _sync(dev)
+                sync_device(dev)
                 t0 = time.perf_counter()
                 logits = model(x)  # (B, T, V)
-                _sync(dev)
+                sync_device(dev)
                 seconds[i] += time.perf_counter() - t0
                 logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
                 # Summed next-token cross-entropy over the B*(T-1) labels (what lm_loss

@@ -38,23 +38,28 @@ from typing import Any
 import torch
 
 from matformer.errors import ConfigError
-from matformer.inference.decode import (
+from matformer.inference.decode import static_decoder
+from matformer.inference.sampling import (
     GenerationOutput,
     GenerationStats,
     Sampler,
     StreamCallback,
-    _call_setting,
-    _check_lengths,
-    _prompt_ids,
-    _requested,
-    _sampling,
-    _sync,
+    check_lengths,
     default_draft_tier,
-    static_decoder,
+    prompt_ids,
+    sampler_and_eos,
+    sync_device,
 )
 from matformer.inference.static_cache import StaticDecoder
 from matformer.models.lm.model import MatFormerLM
-from matformer.tiers import check_heads_held, describe_heads, describe_widths, runnable_tiers
+from matformer.tiers import (
+    Setting,
+    WidthRequest,
+    check_heads_held,
+    describe_heads,
+    describe_widths,
+    runnable_tiers,
+)
 
 AUTO_MAX_DRAFT_TOKENS = 8
 """Largest k `draft_tokens="auto"` considers (each k is one more compiled verify graph)."""
@@ -82,9 +87,9 @@ class Draft:
     target's heads (it shares the target's cache)."""
 
     @property
-    def setting(self) -> dict[str, Any]:
-        """`set_widths` keywords of this draft."""
-        return {"widths": self.widths, "layer_kv_heads": self.kv_heads}
+    def setting(self) -> Setting:
+        """The setting of this draft (a width of the target: its heads are always given)."""
+        return Setting(self.widths, self.kv_heads or [])
 
 
 @dataclass
@@ -162,20 +167,19 @@ def _timed(fn: Any, device: torch.device, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: dict[str, Any],
+def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: Setting,
                   drafts: Sequence[Draft], draft_decs: dict[str, StaticDecoder],
                   ks: Sequence[int], reps: int = 3) -> DecodeCosts:
     """Time a target step, each draft's step and each k's verify at `dec`'s position (every
-    forward is cropped away again); the model is left at the `target` setting (`set_widths`
-    keywords: widths and KV heads)."""
+    forward is cropped away again); the model is left at the `target` setting."""
     t0 = time.perf_counter()
     pos = dec.pos
     # one contiguous tensor per length, as the rounds pass (a slice would be copied each call)
@@ -188,28 +192,28 @@ def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: dict[str, Any]
         d.crop(at)
 
     verify = {}
-    model.set_widths(**target)
+    model.apply(target)
     target_step = _timed(lambda: run(dec, 1), dec.device, reps)
     for k in ks:
         verify[k] = _timed(lambda k=k: run(dec, k + 1), dec.device, reps)
     steps = {}
     for d in drafts:
         if d.model is None:
-            model.set_widths(**d.setting)
+            model.apply(d.setting)
             steps[d.name] = _timed(lambda: run(dec, 1), dec.device, reps)
         else:
             steps[d.name] = _timed(lambda d=d: run(draft_decs[d.name], 1), dec.device, reps)
-    model.set_widths(**target)
+    model.apply(target)
     return DecodeCosts(target_step, steps, verify, pos, time.perf_counter() - t0)
 
 
-def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: dict[str, Any],
+def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: Setting,
                      drafts: Sequence[Draft], sampler: Sampler) -> dict[str, float]:
     """Each draft's acceptance probability estimated on the prompt `ids` (1, P), teacher-forced:
     greedy, the fraction of positions whose argmax equals the target's; sampling, the mean of
     sum_v min(p, q) (the probability the rule accepts a draft token)."""
-    def dist(m: MatFormerLM, setting: dict[str, Any] | None) -> torch.Tensor:
-        with m.at_width(**setting) if setting is not None else contextlib.nullcontext():
+    def dist(m: MatFormerLM, setting: Setting | None) -> torch.Tensor:
+        with m.running(setting) if setting is not None else contextlib.nullcontext():
             logits = m(ids)[0]  # (P, V)
         return logits.argmax(-1) if sampler.greedy else sampler.probs(logits)
 
@@ -225,14 +229,12 @@ def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: dict[str, An
 # ---- decoding ---------------------------------------------------------------------------------
 
 
-def _drafts(model: MatFormerLM, target: dict[str, Any], draft_tier: int | str | None,
-            draft_layer_tiers: Sequence[int] | None, draft_widths: int | Sequence[int] | None,
-            draft_model: MatFormerLM | None,
-            draft_heads: dict[str, Any] | None = None) -> list[Draft]:
+def _drafts(model: MatFormerLM, target: Setting, request: WidthRequest, auto: bool,
+            draft_model: MatFormerLM | None) -> list[Draft]:
     """The draft candidates a request names: a separate model; every runnable tier narrower
-    than the target ("auto"); the named width; or by default the smallest tier (at most 3).
-    `draft_heads` (kv_heads / layer_kv_heads keywords): the drafts' KV heads, at most the
-    target's in every layer (default: the target's heads)."""
+    than the target (`auto`); the width `request` names; or by default the smallest tier (at
+    most 3). The heads `request` names are the drafts' KV heads, at most the target's in every
+    layer (default: the target's heads); heads alone keep the target's FFN widths."""
     base = model.base_width
     if draft_model is not None:
         if draft_model.config.vocab_size != model.config.vocab_size:
@@ -240,45 +242,44 @@ def _drafts(model: MatFormerLM, target: dict[str, Any], draft_tier: int | str | 
                               f"differs from the target's ({model.config.vocab_size}); draft "
                               f"with a model trained with the same tokenizer")
         return [Draft("draft model", draft_model.widths, draft_model)]
-    if draft_tier == "auto":
-        heads = _draft_kv_heads(model, target, draft_heads)
+    heads = _draft_kv_heads(model, target, request.heads())
+    if auto:
         found = [Draft(describe_widths(base, model.resolve_widths(tier=t)),
                        model.resolve_widths(tier=t), kv_heads=heads)
                  for t in runnable_tiers(base, model.stored_widths, limit=4)]
-        found = [d for d in found if sum(d.widths) < sum(target["widths"])]
+        found = [d for d in found if sum(d.widths) < sum(target.widths)]
         if not found:
             raise ConfigError(f"no tier narrower than the target "
-                              f"({describe_widths(base, target['widths'])}) to draft with")
+                              f"({describe_widths(base, target.widths)}) to draft with")
         return found
-    request = _requested(draft_tier, draft_layer_tiers, draft_widths)  # type: ignore[arg-type]
-    if request is None and draft_heads is not None:  # fewer heads alone: the target's FFN
-        widths = list(target["widths"])
+    if request.names_ffn:
+        widths = model.resolve(request.ffn()).widths
+    elif request.names_heads:  # fewer heads alone: the target's FFN
+        widths = list(target.widths)
     else:
-        widths = model.resolve_widths(**(request or {"tier": default_draft_tier(model)}))
-    heads = _draft_kv_heads(model, target, draft_heads)
-    name = describe_widths(base, widths) + (f", {describe_heads(heads)}" if draft_heads else "")
+        widths = model.resolve_widths(tier=default_draft_tier(model))
+    name = describe_widths(base, widths) + (f", {describe_heads(heads)}"
+                                            if request.names_heads else "")
     return [Draft(name, widths, kv_heads=heads)]
 
 
-def _draft_kv_heads(model: MatFormerLM, target: dict[str, Any],
-                    request: dict[str, Any] | None) -> list[int]:
-    """The drafts' KV heads: as requested (at most the target's: they share its cache), else
-    the target's."""
-    if request is None:
-        return list(target["layer_kv_heads"])
-    heads = model.resolve_kv_heads(**request)
-    check_heads_held(target["layer_kv_heads"], heads, holder="the target",
-                     uniform=request.get("kv_heads"),
+def _draft_kv_heads(model: MatFormerLM, target: Setting, request: WidthRequest) -> list[int]:
+    """The drafts' KV heads: as `request` names them (at most the target's: they share its
+    cache), else the target's."""
+    if not request.names_heads:
+        return list(target.kv_heads)
+    heads = model.resolve(request).kv_heads
+    check_heads_held(target.kv_heads, heads, holder="the target", uniform=request.kv_heads,
                      remedy="draft with at most the target's heads (they share its KV cache)")
     return heads
 
 
 def _draft_lengths(draft_tokens: int | str | None, max_draft_tokens: int,
-                   draft_tier: int | str | None) -> tuple[list[int], str]:
+                   auto: bool) -> tuple[list[int], str]:
     """(the k to choose among, the mode: 'fixed', 'adaptive' or 'auto'); `draft_tokens` None is
-    "auto" with `draft_tier="auto"`, else 4."""
+    "auto" with an automatic draft (`draft_tier="auto"`), else 4."""
     if draft_tokens is None:
-        draft_tokens = "auto" if draft_tier == "auto" else 4
+        draft_tokens = "auto" if auto else 4
     if draft_tokens == "adaptive":
         return [min(4, max_draft_tokens)], "adaptive"
     if draft_tokens == "auto":
@@ -364,44 +365,67 @@ def speculative_generate(
     steps. Output `extra`: "choice" (the last (draft, k) chosen and why) and "costs" when
     chosen from costs, "cache" with `return_cache`.
     """
+    target_request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
+                                  kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+    auto = draft_tier == "auto"
+    if isinstance(draft_tier, str) and not auto:
+        raise ConfigError(f"draft_tier must be a tier (0, 1, ...) or 'auto', got {draft_tier!r}")
+    draft_request = WidthRequest(tier=None if auto else draft_tier,  # type: ignore[arg-type]
+                                 layer_tiers=draft_layer_tiers, widths=draft_widths,
+                                 kv_heads=draft_kv_heads, layer_kv_heads=draft_layer_kv_heads)
+    if auto and draft_request.names_ffn:
+        raise ConfigError("draft_tier='auto' chooses the draft width; drop draft_layer_tiers / "
+                          "draft_widths")
     device = model.model.embed_tokens.weight.device
-    ids = _prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
-    max_len = _check_lengths(model, ids.shape[1], max_new_tokens)
-    sampler, eos = _sampling(model, device, temperature, top_k, top_p, seed, eos_token_id,
-                             ignore_eos)
-    ks, mode = _draft_lengths(draft_tokens, max_draft_tokens, draft_tier)
-    target = (_call_setting(model, _requested(tier, layer_tiers, widths, kv_heads, layer_kv_heads))
-              or model.setting)
-    drafts = _drafts(model, target, draft_tier, draft_layer_tiers, draft_widths, draft_model,
-                     _requested(None, None, None, draft_kv_heads, draft_layer_kv_heads))
+    sampler, eos = sampler_and_eos(model, device, temperature, top_k, top_p, seed, eos_token_id,
+                                   ignore_eos)
+    return _speculative(model, prompt, max_new_tokens, target_request, draft_request, auto,
+                        draft_model, draft_tokens, max_draft_tokens, sampler, eos, stream=stream,
+                        compile=compile, costs=costs, return_cache=return_cache)
+
+
+def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                 target_request: WidthRequest, draft_request: WidthRequest, auto: bool,
+                 draft_model: MatFormerLM | None, draft_tokens: int | str | None,
+                 max_draft_tokens: int, sampler: Sampler, eos: set[int], *,
+                 stream: StreamCallback | None, compile: bool, costs: DecodeCosts | None,
+                 return_cache: bool) -> GenerationOutput:
+    """`speculative_generate` with the target's and the draft's widths as one request each
+    (`auto`: the draft is chosen among the narrower tiers) and the sampler built."""
+    device = model.model.embed_tokens.weight.device
+    ids = prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
+    max_len = check_lengths(model, ids.shape[1], max_new_tokens)
+    ks, mode = _draft_lengths(draft_tokens, max_draft_tokens, auto)
+    target = model.resolve(target_request, current=True)
+    drafts = _drafts(model, target, draft_request, auto, draft_model)
     choose = mode == "auto" or len(drafts) > 1
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
-    # at_width restores the caller's setting on exit, whatever draft/target switching happened.
-    with model.at_width(**target), torch.inference_mode():
+    # running() restores the caller's setting on exit, whatever draft/target switching happened.
+    with model.running(target), torch.inference_mode():
         t0 = time.perf_counter()
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
         cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
         state = _Round(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
-                       plain_ok=draft_tier == "auto")
+                       plain_ok=auto)
         if choose:
             costs = _first_choice(model, dec, draft_decs, ids, target, drafts, ks, sampler, state,
                                   costs, extra)
         stats.prefill_seconds = time.perf_counter() - t0
         out = _rounds(model, dec, draft_decs, cur, state, target, sampler, eos, max_new_tokens,
                       stats, stream, ks if choose else None, costs, drafts, extra)
-        _sync(device)
+        sync_device(device)
         stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
     if return_cache:
         extra["cache"] = dec.finish()
-    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target["widths"]),
+    return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target.widths),
                             stats=stats, draft_widths=list(state.draft.widths), extra=extra,
-                            kv_heads=list(target["layer_kv_heads"]), draft_kv_heads=state.draft.kv_heads)
+                            kv_heads=list(target.kv_heads), draft_kv_heads=state.draft.kv_heads)
 
 
 def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
-                  ids: torch.Tensor, target: dict[str, Any], drafts: list[Draft],
+                  ids: torch.Tensor, target: Setting, drafts: list[Draft],
                   ks: Sequence[int], sampler: Sampler, state: _Round, costs: DecodeCosts | None,
                   extra: dict[str, Any]) -> DecodeCosts:
     """The first (draft, k) choice, from the prompt's agreement and the costs (measured now
@@ -466,7 +490,7 @@ def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Se
 
 
 def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
-            cur: torch.Tensor, state: _Round, target: dict[str, Any], sampler: Sampler,
+            cur: torch.Tensor, state: _Round, target: Setting, sampler: Sampler,
             eos: set[int],
             max_new_tokens: int, stats: GenerationStats, stream: StreamCallback | None,
             ks: Sequence[int] | None, costs: DecodeCosts | None, drafts: Sequence[Draft],
@@ -479,7 +503,7 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         kk = min(state.k, max_new_tokens - len(out) - 1)
         ddec = draft_decs.get(state.draft.name)
         drafts_, q_rows = _draft(model, dec, ddec, cur, kk, state.draft, sampler, stats)
-        model.set_widths(**target)
+        model.apply(target)
         block = torch.cat([cur, *drafts_], dim=1)  # (1, kk+1): cur, d1..dk
         p_logits = dec.forward(block)[0]  # (kk+1, V)
         stats.target_forwards += 1
@@ -527,7 +551,7 @@ def _draft(model: MatFormerLM, dec: StaticDecoder, ddec: StaticDecoder | None, c
         return drafts, q_rows
     start = dec.pos
     if ddec is None:
-        model.set_widths(**draft.setting)
+        model.apply(draft.setting)
     step = ddec or dec
     tok = cur
     for _ in range(kk):

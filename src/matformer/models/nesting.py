@@ -11,14 +11,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
-from matformer.tiers import (
-    check_heads_held,
-    check_held,
-    resolve_kv_heads,
-    resolve_widths,
-    uniform_kv_heads,
-    uniform_tier,
-)
+from matformer.tiers import Setting, WidthRequest, uniform_kv_heads, uniform_tier
 
 
 class WidthSetting:
@@ -74,27 +67,39 @@ class WidthSetting:
         """The active setting as `set_widths` keywords (restores it exactly)."""
         return {"widths": self.widths, "layer_kv_heads": self.layer_kv_heads}
 
+    def resolve(self, request: WidthRequest, *, current: bool = False) -> Setting:
+        """`request` checked against what this model stores: (per-layer widths, per-layer KV
+        heads). An axis the request does not name is as stored, or with `current` as the model
+        runs now (a call that runs at a width for that call only)."""
+        setting = request.resolve_against(self.base_width, self.stored_widths,
+                                          self.base_kv_heads, self.stored_kv_heads)
+        if current:
+            setting = Setting(setting.widths if request.names_ffn else self.widths,
+                              setting.kv_heads if request.names_heads else self.layer_kv_heads)
+        return setting
+
     def resolve_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                        widths: int | Sequence[int] | None = None) -> list[int]:
         """Validated per-layer widths for a request (no argument: the stored widths); tiers are
         absolute (relative to the base). A width wider than a layer stores is a TierError."""
-        if tier is None and layer_tiers is None and widths is None:
-            return self.stored_widths
-        ws = resolve_widths(self.base_width, len(self._width_slots()), tier=tier,
-                            layer_tiers=layer_tiers, widths=widths)
-        check_held(self.base_width, self.stored_widths, ws, tier=tier)
-        return ws
+        request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths)
+        return self.resolve(request).widths
 
     def resolve_kv_heads(self, *, kv_heads: int | None = None,
                          layer_kv_heads: Sequence[int] | None = None) -> list[int]:
         """Validated per-layer KV heads for a request (no argument: the stored heads). More heads
         than a layer stores is a TierError."""
-        if kv_heads is None and layer_kv_heads is None:
-            return self.stored_kv_heads
-        hl = resolve_kv_heads(self.base_kv_heads, len(self._width_slots()), kv_heads=kv_heads,
-                              layer_kv_heads=layer_kv_heads)
-        check_heads_held(self.stored_kv_heads, hl, uniform=kv_heads)
-        return hl
+        return self.resolve(WidthRequest(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)).kv_heads
+
+    def apply(self, request: WidthRequest | Setting) -> Self:
+        """Run at `request` (an axis it does not name goes back to what is stored), or at an
+        already resolved `Setting` (from `resolve`: not checked again)."""
+        setting = request if isinstance(request, Setting) else self.resolve(request)
+        slots = self._width_slots()
+        for (ffn, attn), w, g in zip(slots, setting.widths, setting.kv_heads, strict=True):
+            ffn.width = w
+            attn.kv_heads = g
+        return self
 
     def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                    widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
@@ -102,23 +107,25 @@ class WidthSetting:
         """Set the active FFN width (`tier`/`layer_tiers`/`widths`) and KV heads (`kv_heads`/
         `layer_kv_heads`) of every layer. An axis not named goes back to what is stored (no
         argument: the stored model)."""
-        ws = self.resolve_widths(tier=tier, layer_tiers=layer_tiers, widths=widths)
-        hl = self.resolve_kv_heads(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
-        for (ffn, attn), w, g in zip(self._width_slots(), ws, hl, strict=True):
-            ffn.width = w
-            attn.kv_heads = g
-        return self
+        return self.apply(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
+                                       kv_heads=kv_heads, layer_kv_heads=layer_kv_heads))
 
     @contextlib.contextmanager
-    def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                 widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                 layer_kv_heads: Sequence[int] | None = None) -> Iterator[Self]:
-        """Run at another setting inside a `with` block (as `set_widths`); the previous setting
-        (widths and heads) is restored after."""
-        previous = self.setting
-        self.set_widths(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
-                        layer_kv_heads=layer_kv_heads)
+    def running(self, request: WidthRequest | Setting) -> Iterator[Self]:
+        """Run at `request` inside a `with` block (as `apply`); the previous setting (widths and
+        heads) is restored after."""
+        previous = Setting(self.widths, self.layer_kv_heads)
+        self.apply(request)
         try:
             yield self
         finally:
-            self.set_widths(**previous)
+            self.apply(previous)
+
+    def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
+                 widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
+                 layer_kv_heads: Sequence[int] | None = None
+                 ) -> contextlib.AbstractContextManager[Self]:
+        """Run at another setting inside a `with` block (as `set_widths`); the previous setting
+        (widths and heads) is restored after."""
+        return self.running(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
+                                         kv_heads=kv_heads, layer_kv_heads=layer_kv_heads))
