@@ -8,9 +8,13 @@ Default data: the held-out windows the checkpoint's training evaluated (its trai
 the default corpus otherwise), tokenized with its tokenizer. --data DIR of `matformer
 prepare-data` scores windows of DIR's held-out split (DIR's tokenizer must be the checkpoint's). Consistency is measured against
 the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
-Heads (the second elastic axis): each tier also at every KV head count in --kv-heads (default:
-every head granularity G, G/2, ..., 1 the checkpoint holds, when its heads nest), with the
-KV-cache bytes per token of each point.
+The width flags are every verb's (--tier, --layer-tiers, --widths, --kv-heads,
+--layer-kv-heads): each names one more point (--tier T or --layer-tiers: that point alone, plus
+the stored reference; --widths and --layer-kv-heads may be repeated). The sets have their own
+names: --tiers T1,T2,... and --kv-heads-list G1,G2,... (each tier also at every KV head count
+in it; `--kv-heads G1,G2,...` is the old spelling of the same). Default heads: every head
+granularity G, G/2, ..., 1 the checkpoint holds, when its heads nest, with the KV-cache bytes
+per token of each point.
 --json prints one JSON object instead of the table; --plot FILE.png draws loss against
 non-embedding parameters (the elastic curve). Progress goes to stderr.
 --compare B,C scores CKPT, B and C tier by tier on the same windows (loss only), e.g. a dense
@@ -31,8 +35,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from matformer.cli.flags import (
     add_checkpoint_argument,
+    add_width_flags,
     check_device,
     draft_tokens_arg,
+    int_list,
     set_threads,
     write_plot,
 )
@@ -41,7 +47,7 @@ from matformer.errors import ConfigError
 from matformer.evaluation.report import format_comparison, format_eval_report
 from matformer.io.atomic import atomic_write
 from matformer.io.source import resolve_source
-from matformer.tiers import parse_int_list
+from matformer.tiers import WidthRequest, parse_int_list
 
 if TYPE_CHECKING:
     from matformer.evaluation.lm import EvalReport
@@ -49,9 +55,7 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser)
-    parser.add_argument("--tier", type=int, default=None, metavar="T",
-                        help="run at tier T: evaluate that tier (with --tiers: those instead); of "
-                        "a multi-tier repo, the folder that holds it")
+    add_width_flags(parser, several=True, what="evaluate")
     parser.add_argument("--data", default=None,
                         help="text file or folder to evaluate on, or a `matformer prepare-data` "
                         "token folder (its held-out split; same tokenizer) (default: the held-out "
@@ -63,15 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw validation loss against non-embedding parameters")
     parser.add_argument("--tiers", default=None, help="comma-separated tiers (default: all runnable)")
-    parser.add_argument("--widths", action="append", default=None, metavar="W1,W2,...",
-                        help="an extra per-layer width list to evaluate (repeatable)")
     parser.add_argument("--no-mix", action="store_true", help="skip the Mix'n'Match points")
-    parser.add_argument("--kv-heads", default=None, metavar="G[,G2,...]",
+    parser.add_argument("--kv-heads-list", default=None, metavar="G1,G2,...",
                         help="KV head counts every tier is also evaluated at (default: every "
                         "head granularity the checkpoint holds when its heads nest)")
-    parser.add_argument("--layer-kv-heads", action="append", default=None, metavar="G1,G2,...",
-                        help="a per-layer KV head list every tier is also evaluated at "
-                        "(repeatable)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per evaluation window (default: as the checkpoint's training)")
     parser.add_argument("--max-tokens", type=int, default=None,
@@ -103,7 +102,8 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
     out = out or sys.stdout
     if plot is not None and not str(plot).lower().endswith(".png"):
         raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
-    source = resolve_source(ckpt, tier=kwargs.get("tier"), revision=revision, companions=True)
+    request = WidthRequest(tier=kwargs.get("tier"), layer_tiers=kwargs.get("layer_tiers"))
+    source = resolve_source(ckpt, request=request, revision=revision, companions=True)
     report = evaluate(source, **kwargs)
     data, nonfinite = _strict_json(report.to_dict())
     if nonfinite:
@@ -161,9 +161,19 @@ def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
         atomic_write(args.json_out, text)
 
 
+def head_counts(args: argparse.Namespace) -> list[int] | None:
+    """The KV head counts every tier is also evaluated at: --kv-heads G (one), its old spelling
+    --kv-heads G1,G2,... and --kv-heads-list G1,G2,...; None when none was given."""
+    counts = (int_list(args.kv_heads, "--kv-heads") or []) + (
+        int_list(args.kv_heads_list, "--kv-heads-list") or [])
+    return counts or None
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     check_device(args.device)
+    counts = head_counts(args)
+    args.kv_heads, args.kv_heads_list = (",".join(map(str, counts)) if counts else None), None
     if is_vit(args.ckpt, args.revision, args.tier):  # a MatViT: images, not text
         return run_vit(args)
     if args.compare:
@@ -172,10 +182,11 @@ def run(args: argparse.Namespace) -> int:
     run_eval(
         args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot,
         revision=args.revision, tier=args.tier, data=args.data,
+        layer_tiers=int_list(args.layer_tiers, "--layer-tiers"),
         uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         plans=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        kv_heads=parse_int_list(args.kv_heads, "--kv-heads") if args.kv_heads else None,
+        kv_heads=counts,
         layer_kv_heads=[parse_int_list(h, "--layer-kv-heads") for h in args.layer_kv_heads or []]
         or None,
         batch_size=args.batch_size, decode=not args.no_decode,

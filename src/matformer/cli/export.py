@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from matformer.cli.flags import add_head_flags, add_width_flags, head_request, width_request
+from matformer.cli.flags import add_width_flags, width_request
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -26,8 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder, .safetensors file, multi-tier repo or org/name")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.gguf",
                         help="GGUF file to write (replaced only by a complete file)")
-    add_width_flags(parser)
-    add_head_flags(parser, "KV heads per layer (written as per-layer head count arrays, 'deci')")
+    add_width_flags(parser, what="export")
     parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
                         help="type of the 2-D weights; norms stay f32 (default: f16)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
@@ -39,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     result = export_gguf(
         args.src,
         args.output,
-        **width_request(args),
-        **head_request(args),
+        **width_request(args).keywords(),
         outtype=args.outtype,
         revision=args.revision,
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from matformer.errors import ConfigError, TierError
-from matformer.tiers import parse_int_list
+from matformer.tiers import WidthRequest, parse_int_list
 
 
 def draft_tokens_arg(text: str) -> int | str:
@@ -93,27 +93,59 @@ def write_plot(plot: Callable[..., Any], report: Any, path: str, title: str) -> 
                           f"--plot") from None
 
 
-# ---- the width and head flags of slice and export (and of slice's Gemma 3n half) ---------------
+# ---- the width flags: one generator for every verb that takes a width -------------------------
 
 
-def add_width_flags(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """--tier / --widths / --layer-tiers, one of them; returns their group (slice adds more)."""
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--tier", type=int, metavar="T",
-                      help="uniform tier: FFN width B >> T in every layer (B = the source's base)")
-    what.add_argument("--widths", metavar="W1,W2,...",
-                      help="FFN width per layer (one number: the same width everywhere)")
-    what.add_argument("--layer-tiers", metavar="T1,T2,...", help="tier per layer, e.g. 3,3,2,2,1,1")
-    return what
+def _flag(prefix: str, name: str) -> str:
+    return f"--{prefix}{name}"
 
 
-def add_head_flags(parser: argparse.ArgumentParser, layer_help: str = "KV heads kept per layer"
-                   ) -> None:
-    """--kv-heads / --layer-kv-heads, one of them."""
-    heads = parser.add_mutually_exclusive_group()
-    heads.add_argument("--kv-heads", type=int, metavar="G",
-                       help="keep the first G KV heads (and their query heads) in every layer")
-    heads.add_argument("--layer-kv-heads", metavar="G1,G2,...", help=layer_help)
+def _dest(prefix: str, name: str) -> str:
+    return (prefix + name).replace("-", "_")
+
+
+def add_width_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "",
+                    *, several: bool = False, what: str = "run"
+                    ) -> argparse._ActionsContainer:
+    """The five width flags `--{prefix}tier --{prefix}layer-tiers --{prefix}widths` (one of
+    them: the FFN axis) and `--{prefix}kv-heads --{prefix}layer-kv-heads` (one of them: the
+    head axis); `width_request(args, prefix)` reads them back as one `WidthRequest`.
+
+    `prefix="draft-"` gives the draft's flags (`--draft-tier` also takes 'auto'). `several`
+    (eval's old spellings, kept working): `--widths` and `--layer-kv-heads` may be repeated and
+    `--kv-heads` may be a comma list, and the flags do not exclude each other (each names one
+more point); `width_request` then refuses more than one setting.
+    `what` completes the help ("run", "draft", "keep", ...). Returns the FFN axis's group (slice
+    adds --budget and --tiers to it)."""
+    # eval's points add up (a tier and a width list, counts and per-layer lists): no exclusion
+    ffn = parser if several else parser.add_mutually_exclusive_group()
+    if prefix == "draft-":
+        ffn.add_argument(_flag(prefix, "tier"), type=draft_tier_arg, default=None, metavar="T",
+                         help=f"{what} at tier T (FFN width B >> T in every layer); 'auto': the "
+                         "tier and draft length of the highest expected tokens/s from costs "
+                         "timed here")
+    else:
+        ffn.add_argument(_flag(prefix, "tier"), type=int, default=None, metavar="T",
+                         help=f"{what} at tier T: FFN width B >> T in every layer (B = the base "
+                         "width); of a multi-tier repo, the folder that holds it")
+    ffn.add_argument(_flag(prefix, "layer-tiers"), default=None, metavar="T1,T2,...",
+                     help=f"{what} at one tier per layer, e.g. 3,3,2,2,1,1")
+    ffn.add_argument(_flag(prefix, "widths"), default=None, metavar="W1,W2,...",
+                     action="append" if several else "store",
+                     help=f"{what} at these FFN widths, one per layer (one number: the same "
+                     "width everywhere)" + ("; repeatable: each list is one more point" if
+                                            several else ""))
+    heads = parser if several else parser.add_mutually_exclusive_group()
+    heads.add_argument(_flag(prefix, "kv-heads"), type=str if several else int, default=None,
+                       metavar="G",
+                       help=f"{what} with the first G KV heads (and their query heads) in every "
+                       "layer" + ("; the old spelling G1,G2,... is the same as --kv-heads-list"
+                                  if several else ""))
+    heads.add_argument(_flag(prefix, "layer-kv-heads"), default=None, metavar="G1,G2,...",
+                       action="append" if several else "store",
+                       help=f"{what} with these KV heads per layer"
+                       + ("; repeatable: each list is one more point" if several else ""))
+    return ffn
 
 
 def int_list(text: str | None, flag: str) -> list[int] | None:
@@ -121,20 +153,41 @@ def int_list(text: str | None, flag: str) -> list[int] | None:
     return parse_int_list(text, flag) if text else None
 
 
-def width_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The width flags as the library's keywords `tier`, `widths` (one number: that width in
-    every layer, passed as an int) and `layer_tiers`."""
-    widths: int | list[int] | None = None
-    if args.widths is not None:
-        wl = parse_int_list(args.widths, "--widths")
-        if not wl:
-            raise TierError("--widths must list at least one width, e.g. --widths 256")
-        widths = wl[0] if len(wl) == 1 else wl
-    return {"tier": args.tier, "widths": widths,
-            "layer_tiers": int_list(args.layer_tiers, "--layer-tiers")}
+def _widths_value(text: str, flag: str) -> int | list[int]:
+    """--widths: one number is that width in every layer (an int), several one per layer."""
+    wl = parse_int_list(text, flag)
+    if not wl:
+        raise TierError(f"{flag} must list at least one width, e.g. {flag} 256")
+    return wl[0] if len(wl) == 1 else wl
 
 
-def head_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The head flags as the library's keywords `kv_heads` and `layer_kv_heads`."""
-    return {"kv_heads": args.kv_heads,
-            "layer_kv_heads": int_list(args.layer_kv_heads, "--layer-kv-heads")}
+def width_request(args: argparse.Namespace, prefix: str = "") -> WidthRequest:
+    """The five width flags of `prefix` (see `add_width_flags`) as one `WidthRequest`; a
+    `--draft-tier auto` leaves the tier out (the caller reads `args.draft_tier` for it)."""
+    def get(name: str) -> Any:
+        return getattr(args, _dest(prefix, name), None)
+
+    def one(name: str) -> Any:
+        value = get(name)
+        if isinstance(value, list):  # a repeatable flag (eval): one setting here
+            if len(value) > 1:
+                raise ConfigError(f"{_flag(prefix, name)} is given {len(value)} times; give it "
+                                  f"once")
+            value = value[0]
+        return value
+
+    tier = get("tier")
+    widths, layer_tiers, layer_kv_heads = one("widths"), one("layer-tiers"), one("layer-kv-heads")
+    kv_heads = get("kv-heads")
+    if isinstance(kv_heads, str):  # eval's --kv-heads (a list is its old spelling)
+        counts = parse_int_list(kv_heads, _flag(prefix, "kv-heads"))
+        if len(counts) != 1:
+            raise ConfigError(f"{_flag(prefix, 'kv-heads')} takes one head count here, got "
+                              f"{kv_heads!r}")
+        kv_heads = counts[0]
+    return WidthRequest(
+        tier=None if tier == "auto" else tier,
+        layer_tiers=int_list(layer_tiers, _flag(prefix, "layer-tiers")),
+        widths=None if widths is None else _widths_value(widths, _flag(prefix, "widths")),
+        kv_heads=kv_heads,
+        layer_kv_heads=int_list(layer_kv_heads, _flag(prefix, "layer-kv-heads")))

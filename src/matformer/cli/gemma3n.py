@@ -21,7 +21,7 @@ def run_slice(args: argparse.Namespace) -> int:
     result = slice_gemma3n(
         args.src,
         args.output,
-        **width_request(args),
+        **width_request(args).ffn().keywords(),
         skip_layers=int_list(args.skip_layers, "--skip-layers"),
         config_csv=args.config_csv,
         config_name=args.config_name,

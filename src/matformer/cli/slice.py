@@ -19,13 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from matformer.cli.flags import (
-    add_head_flags,
-    add_width_flags,
-    head_request,
-    int_list,
-    width_request,
-)
+from matformer.cli.flags import add_width_flags, int_list, width_request
 from matformer.errors import ConfigError
 from matformer.io.source import source_family
 from matformer.models.registry import GEMMA3N
@@ -39,13 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (must not be the source)")
-    what = add_width_flags(parser)
+    what = add_width_flags(parser, what="slice")
     what.add_argument("--budget", metavar="N",
                       help="target non-embedding parameter count (e.g. 120M): picks widths by the "
                       "MatFormer Mix'n'Match heuristic and prints why")
     what.add_argument("--tiers", metavar="T1,T2,...",
                       help="write OUT/tier-T/ for each tier plus OUT/matformer_manifest.json")
-    add_head_flags(parser)
     parser.add_argument("--skip-layers", metavar="I,J,...",
                         help="drop these source layers (0-based) and renumber the rest")
     parser.add_argument("--config-csv", metavar="FILE",
@@ -65,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
     result = slice_checkpoint(
         args.src,
         args.output,
-        **width_request(args),
+        **width_request(args).keywords(),
         budget=args.budget,
         skip_layers=int_list(args.skip_layers, "--skip-layers"),
         tiers=int_list(args.tiers, "--tiers"),
-        **head_request(args),
         max_shard_size=args.max_shard_size,
         revision=args.revision,
         log=print,

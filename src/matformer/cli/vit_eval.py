@@ -25,7 +25,7 @@ from matformer.models.lm.shapes import format_count
 from matformer.models.vit.config import MatViTConfig
 from matformer.tiers import parse_int_list
 
-_TEXT_ONLY = {"compare": None, "layer_kv_heads": None, "seq_len": None, "max_tokens": None,
+_TEXT_ONLY = {"compare": None, "layer_kv_heads": None, "layer_tiers": None, "seq_len": None, "max_tokens": None,
               "compile": False, "dtype": None}
 
 

@@ -56,6 +56,7 @@ from matformer.models.lm.config import perplexity
 from matformer.models.lm.model import MatFormerLM
 from matformer.models.lm.shapes import kv_cache_bytes_per_token, non_embedding_parameters
 from matformer.tiers import (
+    WidthRequest,
     describe_heads,
     describe_widths,
     mix_n_match_plans,
@@ -321,13 +322,16 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
     kv_heads: int | Sequence[int] | None = None,
     layer_kv_heads: Sequence[Sequence[int]] | None = None,
+    layer_tiers: Sequence[int] | None = None,
 ) -> EvalReport:
     """Evaluate widths of one model on the same data; see the module docstring.
 
     `model_or_ckpt`: a `MatFormerLM`, or a checkpoint (folder, .safetensors file, Hub id or
     multi-tier repo: anything `io.source.resolve_source` takes) loaded with `load_model`.
     `tier`: run at that tier: of a multi-tier repo the folder that holds it is used, and the
-    widths evaluated are that tier (plus the stored reference) unless `uniform_tiers` is given.
+    widths evaluated are that tier (plus the stored reference) unless `uniform_tiers` is given;
+    `layer_tiers` (one tier per layer) the same for a per-layer plan (of a multi-tier repo, the
+    folder holding its widest layer).
     `data`: token ids (a 1-D stream or (n, T) windows), a path of text files
     (tokenized with `tokenizer`, default the checkpoint's tokenizer.json), a token folder written
     by `matformer prepare-data` (its held-out split val.bin; its tokenizer must be the model's),
@@ -351,10 +355,14 @@ def evaluate(
     if not isinstance(model_or_ckpt, MatFormerLM):
         # One resolution (a multi-tier repo: the folder holding `tier`; the Hub: the tokenizer
         # too); every later use of `model_or_ckpt` reads this Source's folder.
-        model_or_ckpt = resolve_source(model_or_ckpt, tier=tier, companions=True)
+        model_or_ckpt = resolve_source(
+            model_or_ckpt, request=WidthRequest(tier=tier, layer_tiers=layer_tiers),
+            companions=True)
     model, source = _model_to_evaluate(model_or_ckpt, device, dtype)
-    if tier is not None and uniform_tiers is None:
-        uniform_tiers = [tier]
+    if layer_tiers is not None:
+        plans = [*(plans or []), model.resolve(WidthRequest(layer_tiers=layer_tiers)).widths]
+    if uniform_tiers is None and (tier is not None or layer_tiers is not None):
+        uniform_tiers = [] if tier is None else [tier]
     seq_len, max_windows = _window_shape(model_or_ckpt, data, seq_len, max_tokens,
                                          model.config.max_position_embeddings)
     windows, data_desc = _evaluation_windows(model_or_ckpt, data, tokenizer, seq_len, max_windows, say)

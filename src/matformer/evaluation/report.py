@@ -1,6 +1,7 @@
-"""Text the CLI prints for what the library returns: the `matformer eval` table and the
-`matformer generate` summary line. The library returns data (`EvalReport`, `GenerationOutput`);
-only the command line turns it into text. Torch-free: it reads fields, never tensors."""
+"""Text the CLI prints for what evaluation returns: the `matformer eval` table and the
+`--compare` table. The library returns data (`EvalReport`, `Comparison`); these turn it into
+text. Torch-free: it reads fields, never tensors. (The `matformer generate` summary lines are
+`matformer.inference.text`.)"""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from matformer.tiers import describe_widths
 if TYPE_CHECKING:
     from matformer.evaluation.compare import Comparison
     from matformer.evaluation.lm import EvalReport, WidthResult
-    from matformer.inference.decode import GenerationOutput
-    from matformer.inference.speculative import DecodeCosts, DraftChoice
 
 
 def _short_name(r: WidthResult) -> str:
@@ -76,39 +75,6 @@ def _speculative_table(report: EvalReport) -> list[str]:
         lines += [f"auto chose {pick}, from costs measured here (ms): target step "
                   f"{1e3 * costs['target_step']:.2f}; draft steps {steps}; verify {verify}"]
     return lines
-
-
-def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
-    """The one-line summary `matformer generate` prints to stderr after the text."""
-    s = output.stats
-    msg = (f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:.1f} tok/s at "
-           f"{describe_widths(base_width, output.widths)}; stopped by {s.stop_reason}")
-    if output.draft_widths is not None:
-        msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
-                f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
-    if "choice" in output.extra:
-        msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
-    return msg + "]"
-
-
-def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
-    """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
-    verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
-    drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
-    pick = ("plain decoding (no draft expected to pay)" if choice.draft is None
-            else f"{choice.draft}, k={choice.k} (acceptance {100 * choice.acceptance:.0f}%, "
-                 f"expected {choice.expected_speedup:.2f}x)")
-    return (f"chose {pick} from costs measured here in ms: target step "
-            f"{1e3 * costs.target_step:.2f}; draft steps {drafts}; verify of k+1 tokens {verify}")
-
-
-def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> str:
-    """The summary `matformer generate --prompts-file` prints to stderr."""
-    s = outputs[0].stats
-    n = sum(o.stats.new_tokens for o in outputs)
-    rate = n / s.seconds if s.seconds > 0 else 0.0
-    return (f"[{len(outputs)} prompts, {n} tokens in {s.seconds:.2f}s, {rate:.1f} tok/s in all, "
-            f"at {describe_widths(base_width, outputs[0].widths)}]")
 
 
 def format_comparison(c: Comparison) -> str:

@@ -1,7 +1,8 @@
 """Loading and saving checkpoints: the public API of the spec (docs/FORMAT.md).
 
 - `load_state_dict(src)`: tensors of a folder, a single .safetensors file, or a Hub repo id.
-- `load_model(src, tier=None, widths=None, dtype=None, kv_heads=None, layer_kv_heads=None)`:
+- `load_model(src, tier=None, widths=None, dtype=None, kv_heads=None, layer_kv_heads=None,
+  layer_tiers=None)`:
   build the model on the meta device and assign zero-copy memory-mapped tensors (about 1x the
   checkpoint in memory); the stored widths and heads are checked against config.json and the
   shapes, a requested width / head count is applied as runtime slicing.
@@ -49,10 +50,7 @@ from matformer.models.lm.config import MatFormerConfig
 from matformer.models.registry import Config, expected_shapes
 from matformer.models.vit.config import MatViTConfig
 from matformer.tiers import (
-    check_heads_held,
-    check_held,
-    resolve_kv_heads,
-    resolve_widths,
+    WidthRequest,
     runnable_kv_heads,
     runnable_tiers,
     uniform_tier,
@@ -242,11 +240,13 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
                widths: int | Sequence[int] | None = None, dtype: Any = None,
                revision: str | None = None, device: Any = None, *,
                kv_heads: int | None = None, layer_kv_heads: Sequence[int] | None = None,
-               allow_pickle: bool = False) -> MatFormerLM | MatViT:
+               allow_pickle: bool = False,
+               layer_tiers: Sequence[int] | None = None) -> MatFormerLM | MatViT:
     """Config + weights -> `MatFormerLM` (or `MatViT` for a ViT config.json), without a second
     copy of the weights.
 
-    `tier` (absolute: width = base >> tier) or `widths` selects the active width, `kv_heads` /
+    `tier` (absolute: width = base >> tier), `layer_tiers` or `widths` selects the active width
+    (one `tiers.WidthRequest` with the heads), `kv_heads` /
     `layer_kv_heads` the active KV heads, by runtime slicing; asking for more than the
     checkpoint stores raises a TierError before any tensor is read. `dtype` converts the
     floating-point weights (default: as stored). `src`: anything `io.source.resolve_source`
@@ -256,14 +256,15 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     from matformer.models.lm.model import MatFormerLM
     from matformer.models.vit.model import MatViT
 
+    request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
+                           layer_kv_heads=layer_kv_heads)
+
     def read() -> tuple[Source, Config, dict[str, torch.Tensor]]:
-        source = resolve_source(src, tier=tier, widths=widths, revision=revision)
+        source = resolve_source(src, request=request, revision=revision)
         config = type(source.config).from_dict(source.config.to_dict())  # the model may change it
-        holder = f"{source.describe()}: this checkpoint"
-        if tier is not None or widths is not None:  # before any tensor is read
-            wanted = resolve_widths(config.base, config.num_hidden_layers, tier=tier, widths=widths)
-            check_held(config.base, config.layer_widths, wanted, tier=tier, holder=holder)
-        _check_heads_request(config, kv_heads, layer_kv_heads, holder)
+        # Checked before any tensor is read.
+        request.resolve(config, holder=f"{source.describe()}: this checkpoint",
+                        heads_remedy="load a checkpoint that stores them")
         sd, ck = _tensors(source.layout, allow_pickle)
         file_of = (lambda n: ck.where[n]) if ck is not None else None
         _check_float({k: v.dtype for k, v in sd.items()}, str(source.folder), file_of)
@@ -301,20 +302,9 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
         model.lm_head.weight = model.model.embed_tokens.weight
     if device is not None:
         model.to(device)
-    if any(v is not None for v in (tier, widths, kv_heads, layer_kv_heads)):
-        model.set_widths(tier=tier, widths=widths, kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+    if request:
+        model.apply(request)
     return model
-
-
-def _check_heads_request(config: MatFormerConfig, kv_heads: int | None,
-                         layer_kv_heads: Sequence[int] | None, holder: str) -> None:
-    """A KV head request the stored heads can't serve is a TierError naming both."""
-    if kv_heads is None and layer_kv_heads is None:
-        return
-    wanted = resolve_kv_heads(config.base_kv_heads, config.num_hidden_layers, kv_heads=kv_heads,
-                              layer_kv_heads=layer_kv_heads)
-    check_heads_held(config.layer_kv_heads, wanted, uniform=kv_heads, holder=holder,
-                     remedy="load a checkpoint that stores them")
 
 
 # ---- writing --------------------------------------------------------------------------------

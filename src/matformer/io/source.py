@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matformer.errors import CheckpointError, ConfigError, DataError, MatFormerError
+from matformer.errors import CheckpointError, ConfigError, DataError, MatFormerError, TierError
 from matformer.io.files import is_regular, read_json
 from matformer.io.folder import Folder
 from matformer.io.hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
@@ -45,6 +45,7 @@ from matformer.models.registry import (
     config_from_dict,
     family_of,
 )
+from matformer.tiers import WidthRequest
 
 TOKENIZER_NAME = "tokenizer.json"
 # Files that travel with the weights: the tokenizer, generation settings, and the training
@@ -195,16 +196,23 @@ def _widest(widths: int | Sequence[int] | None) -> int | None:
 
 def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
                    widths: int | Sequence[int] | None = None, revision: str | None = None,
-                   companions: bool | Sequence[str] = False) -> Source:
+                   companions: bool | Sequence[str] = False,
+                   request: WidthRequest | None = None) -> Source:
     """Resolve `src` (see the module docstring) into a `Source`.
 
-    `tier` / `widths`: what will run; only a multi-tier repo uses them (to pick the tier
-    folder), a plain checkpoint is sliced at run time by the loader. `revision`: Hub branch, tag
+    `tier` / `widths` (or a whole `request`, whose `layer_tiers` count too): what will run; only
+    a multi-tier repo uses them (to pick the tier folder that holds the widest layer asked
+    for), a plain checkpoint is sliced at run time by the loader. `revision`: Hub branch, tag
     or commit (`org/name@rev` works too). `companions`: also fetch the tokenizer and the other
     `COMPANION_FILES` of a Hub repo, or (a sequence) the files of those names (absent ones are
     fine; local files are always there). A `Source` is returned as it is."""
     if isinstance(src, Source):
         return src
+    if request is not None:
+        if tier is not None or widths is not None:
+            raise TierError("give tier/widths or a request, not both")
+        tier, widest = request.pick()
+        widths = widest
     spec = os.fspath(src)
     p = Path(spec)
     if os.path.lexists(p):

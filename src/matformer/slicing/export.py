@@ -40,14 +40,7 @@ from matformer.io.layout import Checkpoint
 from matformer.io.safetensors import DTYPES
 from matformer.io.source import Source, resolve_source
 from matformer.models.lm.config import MatFormerConfig
-from matformer.tiers import (
-    check_heads_held,
-    check_held,
-    describe_heads,
-    describe_widths,
-    resolve_kv_heads,
-    resolve_widths,
-)
+from matformer.tiers import Setting, WidthRequest, describe_heads, describe_widths
 
 _FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
@@ -94,30 +87,20 @@ class ExportResult:
 # ---- planning -------------------------------------------------------------------------------
 
 
+def resolve_request(config: MatFormerConfig, request: WidthRequest) -> Setting:
+    """Per-layer FFN widths and KV heads for `request` (an axis not named: as stored), each
+    held by the source."""
+    return request.resolve(config, holder="the source",
+                           remedy="export from a checkpoint that holds it",
+                           heads_remedy="export from a checkpoint that holds them")
+
+
 def request_widths(config: MatFormerConfig, *, tier: int | None = None,
                    layer_tiers: Sequence[int] | None = None,
                    widths: int | Sequence[int] | None = None) -> list[int]:
     """Per-layer FFN widths for a request (none: the stored widths), each held by the source."""
-    stored = config.layer_widths
-    if tier is None and layer_tiers is None and widths is None:
-        return list(stored)
-    out = resolve_widths(config.base, config.num_hidden_layers, tier=tier,
-                         layer_tiers=layer_tiers, widths=widths)
-    check_held(config.base, stored, out, holder="the source", tier=tier,
-               remedy="export from a checkpoint that holds it")
-    return out
-
-
-def request_kv_heads(config: MatFormerConfig, *, kv_heads: int | None = None,
-                     layer_kv_heads: Sequence[int] | None = None) -> list[int]:
-    """Per-layer KV heads for a request (none: the stored heads), each held by the source."""
-    if kv_heads is None and layer_kv_heads is None:
-        return config.layer_kv_heads
-    out = resolve_kv_heads(config.base_kv_heads, config.num_hidden_layers, kv_heads=kv_heads,
-                           layer_kv_heads=layer_kv_heads)
-    check_heads_held(config.layer_kv_heads, out, holder="the source", uniform=kv_heads,
-                     remedy="export from a checkpoint that holds them")
-    return out
+    request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths)
+    return resolve_request(config, request).widths
 
 
 def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], widths: list[int],
@@ -216,15 +199,11 @@ def produce(ck: Any, job: TensorJob) -> np.ndarray:
 # ---- the command -------------------------------------------------------------------------------
 
 
-def open_source(src: str | os.PathLike | Source, *, tier: int | None = None,
-                layer_tiers: Sequence[int] | None = None,
-                widths: int | Sequence[int] | None = None,
+def open_source(src: str | os.PathLike | Source, request: WidthRequest,
                 revision: str | None = None) -> tuple[Source, Checkpoint]:
     """SRC resolved (a folder, a .safetensors file, a Hub id, a multi-tier repo: the tier folder
-    that holds the request) and its headers validated against its config."""
-    if tier is None and layer_tiers:  # a multi-tier repo must hold the widest requested layer
-        tier = min(layer_tiers)
-    source = resolve_source(src, tier=tier, widths=widths, revision=revision, companions=True)
+    that holds the request's widest layer) and its headers validated against its config."""
+    source = resolve_source(src, request=request, revision=revision, companions=True)
     return source, open_checked(source, "export")
 
 
@@ -238,15 +217,15 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     raise our errors before anything is written; an existing `out` is replaced only by a
     complete file."""
     t0 = time.perf_counter()
+    request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
+                           layer_kv_heads=layer_kv_heads)
     check_outtype(outtype)
-    source, ck = open_source(src, tier=tier, layer_tiers=layer_tiers, widths=widths,
-                             revision=revision)
+    source, ck = open_source(src, request, revision=revision)
     folder, config = source.folder, source.config
     out_path = Path(out)
     if any(out_path.resolve() == (folder / s).resolve() for s in ck.layout.shards):
         raise CheckpointError(f"{out_path}: is a weights file of the source; write elsewhere")
-    ws = request_widths(config, tier=tier, layer_tiers=layer_tiers, widths=widths)
-    hl = request_kv_heads(config, kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+    ws, hl = resolve_request(config, request)
     tok = read_tokenizer(source.require_tokenizer(), config.vocab_size)
     shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
     plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)

@@ -51,6 +51,7 @@ from matformer.models.lm.shapes import format_count, parse_count
 from matformer.models.registry import expected_shapes, non_embedding_parameters
 from matformer.models.vit.config import MatViTConfig
 from matformer.tiers import (
+    WidthRequest,
     check_heads_held,
     check_held,
     describe_heads,
@@ -489,20 +490,12 @@ class SliceResult:
         )
 
 
-def _open_source(src: str | os.PathLike | Source, revision: str | None, *,
-                 tier: int | None = None, widths: int | Sequence[int] | None = None
-                 ) -> tuple[Source, Checkpoint]:
-    """The resolved source (tokenizer and companions fetched too) and its validated headers."""
-    source = resolve_source(src, tier=tier, widths=widths, revision=revision, companions=True)
+def _open_source(src: str | os.PathLike | Source, revision: str | None,
+                 request: WidthRequest) -> tuple[Source, Checkpoint]:
+    """The resolved source (of a multi-tier one, the folder holding the widest output width
+    `request` asks for; tokenizer and companions fetched too) and its validated headers."""
+    source = resolve_source(src, request=request, revision=revision, companions=True)
     return source, open_checked(source, "slicing")
-
-
-def _widest_request(tier: int | None, widths: int | Sequence[int] | None,
-                    layer_tiers: Sequence[int] | None) -> tuple[int | None, int | Sequence[int] | None]:
-    """(tier, widths) that pick a multi-tier source's folder: the widest output width asked for."""
-    if layer_tiers is not None:
-        return min(int(t) for t in layer_tiers), None
-    return tier, widths
 
 
 def _file_order(ck: Checkpoint) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -550,17 +543,17 @@ def slice_checkpoint(
                            layer_kv_heads=layer_kv_heads, max_shard_size=max_shard_size,
                            revision=revision, say=say)
     t0 = time.perf_counter()
-    pick_tier, pick_widths = _widest_request(tier, widths, layer_tiers)
-    source, ck = _open_source(src, revision, tier=pick_tier, widths=pick_widths)
+    request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
+                           layer_kv_heads=layer_kv_heads)
+    source, ck = _open_source(src, revision, request)
     folder = source.folder
     out_path = Path(out)
     if out_path.exists() and out_path.resolve() == folder.resolve():
         raise CheckpointError(f"{out_path}: is the source folder; write the slice to another folder")
     if search_heads is None:
         search_heads = heads_nest(source)
-    plan = plan_slice(source.config, tier=tier, widths=widths, layer_tiers=layer_tiers,
-                      budget=budget, skip_layers=skip_layers, kv_heads=kv_heads,
-                      layer_kv_heads=layer_kv_heads, search_heads=search_heads)
+    plan = plan_slice(source.config, **request.keywords(), budget=budget,
+                      skip_layers=skip_layers, search_heads=search_heads)
     say(plan.explanation)
     jobs = {j.out_name: j for j in map_tensors(plan, _file_order(ck))}
     extra = {name: folder / name for name in COMPANION_FILES if (folder / name).is_file()}
@@ -610,7 +603,7 @@ def _slice_many(src: str | os.PathLike | Source, out: str | os.PathLike, tiers: 
             f"{root}: holds a checkpoint (config.json); a multi-tier repo needs its own folder"
         )
     # Validate every tier before writing anything (a multi-tier source: the folder holding all).
-    source, _ = _open_source(src, revision, tier=min(tiers))
+    source, _ = _open_source(src, revision, WidthRequest(tier=min(tiers)))
     for t in tiers:
         plan_slice(source.config, tier=t, skip_layers=skip_layers, kv_heads=kv_heads,
                    layer_kv_heads=layer_kv_heads)

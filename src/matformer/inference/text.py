@@ -1,0 +1,231 @@
+"""Text in, text out: decode a checkpoint's completion of a prompt as text, and the lines that
+describe what decoding did.
+
+`generate_text(ckpt, prompt, ...)` resolves a checkpoint (folder, file, Hub id, multi-tier
+repo), loads its tokenizer and model, decodes (plainly, speculatively, or a batch of prompts)
+and streams the text to a file. `format_generation_summary`, `format_batch_summary` and
+`format_draft_choice` are the summary lines `matformer generate` prints: the library returns
+data (`GenerationOutput`), these turn it into text. Importing this module imports no torch (the
+decoding modules are imported when a call runs), so the command line starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from matformer.errors import ConfigError, DataError
+from matformer.io.source import Source, resolve_source
+from matformer.tiers import WidthRequest, describe_widths
+
+if TYPE_CHECKING:
+    from matformer.inference.sampling import GenerationOutput
+    from matformer.inference.speculative import DecodeCosts, DraftChoice
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive. Decodes the whole output each time and prints the
+    new suffix: byte-level BPE tokens can split a UTF-8 character, so a trailing replacement
+    character is held back until the next token completes it."""
+
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        self.tok = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new: list[int]) -> None:
+        self.ids.extend(new)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+
+
+def generate_text(
+    ckpt: str | Source,
+    prompt: str | Sequence[str],
+    max_new_tokens: int = 128,
+    *,
+    tier: int | None = None,
+    layer_tiers: Sequence[int] | None = None,
+    widths: int | Sequence[int] | None = None,
+    kv_heads: int | None = None,
+    layer_kv_heads: Sequence[int] | None = None,
+    draft_tier: int | str | None = None,
+    draft_layer_tiers: Sequence[int] | None = None,
+    draft_widths: int | Sequence[int] | None = None,
+    draft_kv_heads: int | None = None,
+    draft_layer_kv_heads: Sequence[int] | None = None,
+    draft_tokens: int | str | None = None,
+    draft_model: str | None = None,
+    compile: bool = False,
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    out: TextIO | None = None,
+    **sampling: Any,
+) -> GenerationOutput | list[GenerationOutput]:
+    """Resolve `ckpt`, load its tokenizer and model, decode after `prompt` and stream the text to
+    `out` (default stdout); speculative when a draft is given. A list of prompts decodes them in
+    one batch and prints one completion per line (returns one output per prompt). Target width:
+    `tier`/`layer_tiers`/`widths` and `kv_heads`/`layer_kv_heads`; the draft's: the same five
+    with `draft_` (`draft_tier="auto"`: chosen from measured costs) or `draft_model` (a
+    checkpoint). `sampling`: temperature, top_k, top_p, seed. Outputs carry `extra["text"]` and
+    `extra["base_width"]`."""
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not texts or any(not t or not t.strip() for t in texts):
+        raise DataError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
+    target = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
+                          layer_kv_heads=layer_kv_heads)
+    auto = draft_tier == "auto"
+    draft = WidthRequest(tier=None if auto else draft_tier,  # type: ignore[arg-type]
+                         layer_tiers=draft_layer_tiers, widths=draft_widths,
+                         kv_heads=draft_kv_heads, layer_kv_heads=draft_layer_kv_heads)
+    if draft_model is not None and (auto or draft.names_ffn):
+        raise ConfigError("give --draft-model or a draft width, not both")
+    if auto and draft.names_ffn:
+        raise ConfigError("give --draft-tier auto or a draft width, not both")
+    speculative = auto or bool(draft) or draft_model is not None
+    if not isinstance(prompt, str) and speculative:
+        raise ConfigError("--prompts-file decodes a batch without speculative decoding; drop "
+                          "the draft flags")
+    return _generate_text(ckpt, texts, not isinstance(prompt, str), max_new_tokens, target,
+                          draft if speculative else None, auto, draft_tokens, draft_model,
+                          compile=compile, revision=revision, device=device, dtype=dtype,
+                          out=out or sys.stdout, sampling=sampling)
+
+
+def _generate_text(ckpt: str | Source, texts: list[str], batch: bool, max_new_tokens: int,
+                   target: WidthRequest, draft: WidthRequest | None, auto: bool,
+                   draft_tokens: int | str | None, draft_model: str | None, *, compile: bool,
+                   revision: str | None, device: str | None, dtype: str | None, out: TextIO,
+                   sampling: dict[str, Any]) -> GenerationOutput | list[GenerationOutput]:
+    """`generate_text` with the target's and the draft's widths as one request each (`draft`
+    None: plain decoding)."""
+    from matformer.data.text import load_tokenizer  # numpy, tokenizers: only when a call runs
+    from matformer.inference.decode import generate, generate_batch  # torch
+    from matformer.inference.speculative import speculative_generate
+    from matformer.io.checkpoint import load_model
+
+    source = resolve_source(ckpt, request=target, revision=revision, companions=True)
+    # The tokenizer first: a missing one fails before any weights are read.
+    tok = load_tokenizer(source.folder)
+    model = load_model(source, dtype=dtype, device=device, **target.keywords()).eval()
+    ids = [tok.encode(t).ids for t in texts]
+    if not all(ids):
+        raise DataError("a prompt is empty after tokenization; give some text")
+    if not all_finite(model):
+        print(f"warning: {source.describe()} has non-finite weights (NaN or inf); what it "
+              f"generates is meaningless", file=sys.stderr)
+    if batch:
+        results = generate_batch(model, ids, max_new_tokens, compile=compile, **sampling)
+        write_batch(tok, results, out)
+    else:
+        stream = TextStream(tok, out)
+        if draft is not None:
+            drafter = (load_draft_model(draft_model, tok, dtype, device, revision)
+                       if draft_model else None)
+            keywords = {f"draft_{k}": v for k, v in draft.keywords().items()}
+            results = [speculative_generate(
+                model, ids[0], max_new_tokens, draft_tier="auto" if auto else draft.tier,
+                **{k: v for k, v in keywords.items() if k != "draft_tier"},
+                draft_tokens=draft_tokens, draft_model=drafter, compile=compile, stream=stream,
+                **sampling)]
+        else:
+            results = [generate(model, ids[0], max_new_tokens, stream=stream, compile=compile,
+                                **sampling)]
+        stream.finish()
+    for r in results:
+        r.extra["text"] = tok.decode(r.tokens, skip_special_tokens=True)
+        r.extra["base_width"] = model.base_width
+    return results if batch else results[0]
+
+
+def load_draft_model(ckpt: str, tok: Any, dtype: str | None, device: str | None,
+                     revision: str | None) -> Any:
+    """A draft checkpoint, loaded at its stored width; its tokenizer must be the target's
+    `tok` (token ids are exchanged between the two)."""
+    from matformer.data.text import load_tokenizer
+    from matformer.io.checkpoint import load_model
+
+    source = resolve_source(ckpt, revision=revision, companions=True)
+    if (source.folder / "tokenizer.json").is_file():
+        if load_tokenizer(source.folder).to_str() != tok.to_str():
+            raise ConfigError(f"{ckpt}: the draft model's tokenizer.json differs from the "
+                              f"target's; draft with a model trained with the same tokenizer")
+    return load_model(source, dtype=dtype, device=device).eval()
+
+
+def write_batch(tok: Any, results: list[GenerationOutput], out: TextIO) -> None:
+    """One completion per line, a newline (and a backslash) inside it escaped."""
+    for r in results:
+        text = tok.decode(r.tokens, skip_special_tokens=True)
+        out.write(text.replace("\\", "\\\\").replace("\n", "\\n") + "\n")
+    out.flush()
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a UTF-8 text file, one per line (blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the prompts file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: the prompts file is not UTF-8 text; save it as UTF-8") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: no prompts (one per line; blank lines are skipped)")
+    return prompts
+
+
+def all_finite(model: Any) -> bool:
+    """Whether every floating-point weight of `model` is finite (a diverged checkpoint is not)."""
+    import torch
+
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+# ---- the summary lines ------------------------------------------------------------------------
+
+
+def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
+    """The one-line summary `matformer generate` prints to stderr after the text."""
+    s = output.stats
+    msg = (f"[{s.new_tokens} tokens in {s.seconds:.2f}s, {s.tokens_per_s:.1f} tok/s at "
+           f"{describe_widths(base_width, output.widths)}; stopped by {s.stop_reason}")
+    if output.draft_widths is not None:
+        msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
+                f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
+    if "choice" in output.extra:
+        msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
+    return msg + "]"
+
+
+def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
+    """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
+    verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
+    drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
+    pick = ("plain decoding (no draft expected to pay)" if choice.draft is None
+            else f"{choice.draft}, k={choice.k} (acceptance {100 * choice.acceptance:.0f}%, "
+                 f"expected {choice.expected_speedup:.2f}x)")
+    return (f"chose {pick} from costs measured here in ms: target step "
+            f"{1e3 * costs.target_step:.2f}; draft steps {drafts}; verify of k+1 tokens {verify}")
+
+
+def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> str:
+    """The summary `matformer generate --prompts-file` prints to stderr."""
+    s = outputs[0].stats
+    n = sum(o.stats.new_tokens for o in outputs)
+    rate = n / s.seconds if s.seconds > 0 else 0.0
+    return (f"[{len(outputs)} prompts, {n} tokens in {s.seconds:.2f}s, {rate:.1f} tok/s in all, "
+            f"at {describe_widths(base_width, outputs[0].widths)}]")
