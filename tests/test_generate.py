@@ -593,3 +593,50 @@ def test_generate_verb_batch_auto_draft_and_draft_model(two_ckpts, tmp_path, cap
     assert "speculative" in capsys.readouterr().err
     assert main([*args, "--prompt", "x", "--draft-model", str(small), "--draft-tier", "2"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_speculative_draft_widths_are_one_request() -> None:
+    """The draft's five keywords form one request: per-layer tiers, widths, and heads alone
+    (the target's FFN widths, fewer heads); each greedy output is the target's."""
+    model = _model()
+    plain = generate(model, PROMPT, 20, ignore_eos=True, layer_tiers=[1, 0])
+    for draft in (dict(draft_layer_tiers=[3, 2]), dict(draft_widths=64),
+                  dict(draft_layer_tiers=[2, 2], draft_kv_heads=1),
+                  dict(draft_layer_kv_heads=[1, 1])):
+        out = speculative_generate(model, PROMPT, 20, ignore_eos=True, draft_tokens=3,
+                                   layer_tiers=[1, 0], **draft)
+        assert out.tokens == plain.tokens and out.widths == [128, 256], draft
+    assert speculative_generate(model, PROMPT, 4, draft_layer_tiers=[3, 2]).draft_widths == [32, 64]
+    out = speculative_generate(model, PROMPT, 4, draft_layer_kv_heads=[1, 1])
+    assert out.draft_widths == out.widths and out.draft_kv_heads == [1, 1]
+    with pytest.raises(TierError, match="exactly one of tier, layer_tiers, widths"):
+        speculative_generate(model, PROMPT, 4, draft_tier=2, draft_widths=64)
+    with pytest.raises(ConfigError, match="auto"):
+        speculative_generate(model, PROMPT, 4, draft_tier="auto", draft_widths=64)
+    assert model.widths == [256, 256]  # the caller's setting is back
+
+
+def test_load_model_and_generate_verb_take_layer_tiers(two_ckpts, capsys) -> None:
+    """Every verb that takes a width takes all five keywords: load_model(layer_tiers=...),
+    `generate --layer-tiers` and `--draft-layer-tiers`."""
+    from matformer.cli import main
+    from matformer.io.checkpoint import load_model
+
+    target, _ = two_ckpts
+    model = load_model(target, layer_tiers=[2, 1])
+    assert model.widths == [64, 128] and model.stored_widths == [256, 256]
+    assert load_model(target, layer_tiers=[1, 1], kv_heads=1).layer_kv_heads == [1, 1]
+    with pytest.raises(TierError, match="exactly one of tier, layer_tiers, widths"):
+        load_model(target, tier=1, layer_tiers=[1, 1])
+    args = ["generate", str(target), "--prompt", "def main(", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert main([*args, "--widths", "64,128"]) == 0
+    by_widths = capsys.readouterr()
+    assert main([*args, "--layer-tiers", "2,1"]) == 0
+    out, err = capsys.readouterr()
+    assert out == by_widths.out and "mix[64,128]" in err
+    assert main([*args, "--layer-tiers", "2,1", "--draft-layer-tiers", "3,3"]) == 0
+    out, err = capsys.readouterr()
+    assert out == by_widths.out and "draft tier 3 (width 32)" in err
+    assert main([*args, "--layer-tiers", "2,1,0"]) == 2
+    assert "3 per-layer tiers for a model of 2 layers" in capsys.readouterr().err

@@ -7,7 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from matformer.errors import TierError
+from matformer.models.lm.config import MatFormerConfig
 from matformer.tiers import (
+    Setting,
+    WidthRequest,
     check_held,
     least_slope_plan,
     least_slope_plans,
@@ -100,3 +103,78 @@ def test_least_slope_plans() -> None:
         least_slope_plan(64, 128, 4, 5)
     mixes = mix_n_match_plans(1024, 8, [0, 1, 2])
     assert len(mixes) == 6 and [512] * 6 + [1024] * 2 in mixes
+
+
+# ---- WidthRequest: the five keywords as one value ------------------------------------------------
+
+
+def _cfg(**kw: object) -> MatFormerConfig:
+    """A 2-layer debug config (base width 256, 4 KV heads) storing what `kw` says."""
+    return MatFormerConfig.from_preset("debug", **kw)
+
+
+def test_width_request_is_one_frozen_hashable_value() -> None:
+    r = WidthRequest(layer_tiers=[1, 0], layer_kv_heads=[2, 4])
+    assert r.layer_tiers == (1, 0) and r.layer_kv_heads == (2, 4)  # lists become tuples
+    assert r == WidthRequest(layer_tiers=(1, 0), layer_kv_heads=(2, 4))
+    assert len({r, WidthRequest(layer_tiers=[1, 0], layer_kv_heads=[2, 4])}) == 1
+    with pytest.raises(AttributeError):
+        r.tier = 2  # type: ignore[misc]
+    assert WidthRequest(widths=[5, 6]).widths == (5, 6) and WidthRequest(widths=7).widths == 7
+    assert not WidthRequest() and WidthRequest(kv_heads=1) and WidthRequest(tier=0)
+    assert r.keywords() == {"layer_tiers": [1, 0], "layer_kv_heads": [2, 4]}
+    assert r.ffn() == WidthRequest(layer_tiers=[1, 0]) and r.heads() == WidthRequest(
+        layer_kv_heads=[2, 4])
+    assert r.names_ffn and r.names_heads and not r.ffn().names_heads
+    assert r.describe() == "layer_tiers=[1, 0], layer_kv_heads=[2, 4]"
+    assert WidthRequest().describe() == "as stored"
+
+
+def test_width_request_allows_one_keyword_per_axis() -> None:
+    with pytest.raises(TierError, match="exactly one of tier, layer_tiers, widths"):
+        WidthRequest(tier=1, widths=128)
+    with pytest.raises(TierError, match="exactly one of tier, layer_tiers, widths"):
+        WidthRequest(tier=1, layer_tiers=[1, 1])
+    with pytest.raises(TierError, match="kv_heads or layer_kv_heads, not both"):
+        WidthRequest(kv_heads=1, layer_kv_heads=[1, 1])
+    with pytest.raises(TierError, match="list of integers"):
+        WidthRequest(layer_tiers="12")  # type: ignore[arg-type]
+    assert WidthRequest(tier=1, kv_heads=2).keywords() == {"tier": 1, "kv_heads": 2}
+    assert WidthRequest.of(None, tier=1) == WidthRequest(tier=1)
+    assert WidthRequest.of(WidthRequest(tier=2)) == WidthRequest(tier=2)
+    with pytest.raises(TierError, match="not both"):
+        WidthRequest.of(WidthRequest(tier=2), tier=1)
+
+
+def test_width_request_resolves_against_a_config() -> None:
+    cfg = _cfg()
+    base, heads = cfg.base, cfg.base_kv_heads
+    assert WidthRequest().resolve(cfg) == Setting([base] * 2, [heads] * 2)
+    assert WidthRequest(tier=1).resolve(cfg) == Setting([base // 2] * 2, [heads] * 2)
+    assert WidthRequest(layer_tiers=[2, 0], kv_heads=1).resolve(cfg) == (
+        [base // 4, base], [1, 1])
+    assert WidthRequest(widths=100, layer_kv_heads=[1, 2]).resolve(cfg).keywords() == {
+        "widths": [100, 100], "layer_kv_heads": [1, 2]}
+    with pytest.raises(TierError, match="3 per-layer tiers for a model of 2 layers"):
+        WidthRequest(layer_tiers=[0, 0, 0]).resolve(cfg)
+    with pytest.raises(TierError, match=rf"KV head count 9 of layer 0 is outside 1\.\.{heads}"):
+        WidthRequest(kv_heads=9).resolve(cfg)
+    assert WidthRequest(tier=1).pick() == (1, None)
+    assert WidthRequest(layer_tiers=[3, 1, 2]).pick() == (1, None)
+    assert WidthRequest(widths=[64, 128]).pick() == (None, 128)
+    assert WidthRequest(kv_heads=1).pick() == (None, None)
+
+
+def test_width_request_is_checked_against_what_is_stored() -> None:
+    """A config storing tier 1 and 1 KV head: the one "stores X, needs width Y" error, naming
+    the holder and the remedy given."""
+    cfg = _cfg().with_widths([_cfg().base // 2] * 2).with_kv_heads(1)
+    half = cfg.base // 2
+    assert WidthRequest(tier=2).resolve(cfg).widths == [half // 2] * 2
+    with pytest.raises(TierError, match=rf"CKPT stores tier 1, width {half}; tier 0 needs width "
+                                        rf"{2 * half} — get the full one"):
+        WidthRequest(tier=0).resolve(cfg, holder="CKPT", remedy="get the full one")
+    with pytest.raises(TierError, match=r"stores 1 KV heads; kv_heads 2 needs 2 — load more"):
+        WidthRequest(kv_heads=2).resolve(cfg, heads_remedy="load more")
+    with pytest.raises(TierError, match="layer 1"):
+        WidthRequest(layer_tiers=[1, 0]).resolve(cfg)

@@ -31,6 +31,7 @@ _EXPORTS = {
     "width_of": "matformer.tiers",
     "tier_of": "matformer.tiers",
     "resolve_widths": "matformer.tiers",
+    "WidthRequest": "matformer.tiers",
     "load_state_dict": "matformer.io.checkpoint",
     "load_model": "matformer.io.checkpoint",
     "save_model": "matformer.io.checkpoint",

@@ -343,7 +343,8 @@ class WidthRequest:
     def __post_init__(self) -> None:
         ffn = [k for k in FFN_KEYWORDS if getattr(self, k) is not None]
         if len(ffn) > 1:
-            raise TierError(f"give one of tier, layer_tiers, widths (got {', '.join(ffn)})")
+            # the message resolve_widths has always given
+            raise TierError(f"give exactly one of tier, layer_tiers, widths (got {ffn})")
         if self.kv_heads is not None and self.layer_kv_heads is not None:
             raise TierError("give kv_heads or layer_kv_heads, not both")
         set_ = object.__setattr__  # frozen: normalise once, here

@@ -33,12 +33,6 @@ from matformer.cli.flags import (
     width_request,
 )
 from matformer.errors import ConfigError, DataError
-from matformer.inference.text import (
-    format_batch_summary,
-    format_generation_summary,
-    generate_text,
-    read_prompts,
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +100,13 @@ def check_sampling(temperature: float, seed: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matformer.inference.text import (  # torch: imported only when the verb runs
+        format_batch_summary,
+        format_generation_summary,
+        generate_text,
+        read_prompts,
+    )
+
     set_threads(args.threads)
     check_device(args.device)
     check_sampling(args.temperature, args.seed)

@@ -5,23 +5,26 @@ describe what decoding did.
 repo), loads its tokenizer and model, decodes (plainly, speculatively, or a batch of prompts)
 and streams the text to a file. `format_generation_summary`, `format_batch_summary` and
 `format_draft_choice` are the summary lines `matformer generate` prints: the library returns
-data (`GenerationOutput`), these turn it into text. Importing this module imports no torch (the
-decoding modules are imported when a call runs), so the command line starts fast.
+data (`GenerationOutput`), these turn it into text. (This module imports torch: the command
+line imports it when `matformer generate` runs, not at start-up.)
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
+import torch
+
+from matformer.data.text import load_tokenizer
 from matformer.errors import ConfigError, DataError
+from matformer.inference.decode import generate, generate_batch
+from matformer.inference.sampling import GenerationOutput
+from matformer.inference.speculative import DecodeCosts, DraftChoice, speculative_generate
+from matformer.io.checkpoint import load_model
 from matformer.io.source import Source, resolve_source
 from matformer.tiers import WidthRequest, describe_widths
-
-if TYPE_CHECKING:
-    from matformer.inference.sampling import GenerationOutput
-    from matformer.inference.speculative import DecodeCosts, DraftChoice
 
 
 class TextStream:
@@ -111,11 +114,6 @@ def _generate_text(ckpt: str | Source, texts: list[str], batch: bool, max_new_to
                    sampling: dict[str, Any]) -> GenerationOutput | list[GenerationOutput]:
     """`generate_text` with the target's and the draft's widths as one request each (`draft`
     None: plain decoding)."""
-    from matformer.data.text import load_tokenizer  # numpy, tokenizers: only when a call runs
-    from matformer.inference.decode import generate, generate_batch  # torch
-    from matformer.inference.speculative import speculative_generate
-    from matformer.io.checkpoint import load_model
-
     source = resolve_source(ckpt, request=target, revision=revision, companions=True)
     # The tokenizer first: a missing one fails before any weights are read.
     tok = load_tokenizer(source.folder)
@@ -154,9 +152,6 @@ def load_draft_model(ckpt: str, tok: Any, dtype: str | None, device: str | None,
                      revision: str | None) -> Any:
     """A draft checkpoint, loaded at its stored width; its tokenizer must be the target's
     `tok` (token ids are exchanged between the two)."""
-    from matformer.data.text import load_tokenizer
-    from matformer.io.checkpoint import load_model
-
     source = resolve_source(ckpt, revision=revision, companions=True)
     if (source.folder / "tokenizer.json").is_file():
         if load_tokenizer(source.folder).to_str() != tok.to_str():
@@ -190,8 +185,6 @@ def read_prompts(path: str) -> list[str]:
 
 def all_finite(model: Any) -> bool:
     """Whether every floating-point weight of `model` is finite (a diverged checkpoint is not)."""
-    import torch
-
     return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
 
 
