@@ -58,7 +58,6 @@ from matformer.tiers import (
     least_slope_plans,
     max_tier,
     resolve_kv_heads,
-    resolve_widths,
     runnable_kv_heads,
     tier_of,
     width_of,
@@ -252,33 +251,35 @@ def plan_slice(
     ones are then ignored) or only the kept layers. Widths are absolute; tiers are relative to
     the base. `kv_heads`/`layer_kv_heads` cut the heads (default: as stored); with `budget`,
     `search_heads` lets the planner choose the heads too (a given `kv_heads` pins them)."""
+    request = _request(tier, widths, layer_tiers, budget, kv_heads, layer_kv_heads)
+    return _plan(source, request, budget, skip_layers, search_heads)
+
+
+def _request(tier: int | None, widths: int | Sequence[int] | None,
+             layer_tiers: Sequence[int] | None, budget: int | str | None, kv_heads: int | None,
+             layer_kv_heads: Sequence[int] | None) -> WidthRequest:
+    """The width request of a slice: at most one of the FFN keywords and `budget`."""
     given = [n for n, v in (("tier", tier), ("widths", widths), ("layer_tiers", layer_tiers),
                             ("budget", budget)) if v is not None]
     if len(given) > 1:
         raise ConfigError(f"give one of tier, widths, layer_tiers, budget (got {', '.join(given)})")
+    return WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
+                        layer_kv_heads=layer_kv_heads)
+
+
+def _plan(source: MatFormerConfig, request: WidthRequest, budget: int | str | None,
+          skip_layers: Sequence[int] | None, search_heads: bool) -> SlicePlan:
+    """`plan_slice` for one width request (or a `budget` with the request's heads)."""
     keep = _keep_layers(source, skip_layers)
-    n_src, n_keep = source.num_hidden_layers, len(keep)
-    base = source.base
-    stored = source.layer_widths
+    base, stored, n_keep = source.base, source.layer_widths, len(keep)
     explanation = ""
-    out_heads = _out_heads(source, keep, kv_heads, layer_kv_heads)
+    out_heads = _out_heads(source, keep, request.heads())
     if budget is not None:
-        pin = kv_heads is not None or layer_kv_heads is not None
         out_widths, out_heads, explanation = plan_budget_heads(
-            source, budget, skip_layers=skip_layers, search_heads=search_heads and not pin,
-            kv_heads=out_heads)
-    elif tier is not None:
-        out_widths = resolve_widths(base, n_keep, tier=tier)
-    elif widths is not None or layer_tiers is not None:
-        per = widths if widths is not None else layer_tiers
-        if isinstance(per, int):
-            out_widths = resolve_widths(base, n_keep, widths=per)
-        else:
-            lst = _per_kept(list(per), keep, n_src, "widths" if widths is not None else "layer_tiers")  # type: ignore[arg-type]
-            if widths is not None:
-                out_widths = resolve_widths(base, n_keep, widths=lst)
-            else:
-                out_widths = resolve_widths(base, n_keep, layer_tiers=lst)
+            source, budget, skip_layers=skip_layers,
+            search_heads=search_heads and not request.names_heads, kv_heads=out_heads)
+    elif request.names_ffn:
+        out_widths = _out_widths(source, keep, request.ffn())
     else:
         out_widths = [stored[i] for i in keep]  # only dropping layers (or a plain copy)
     # Every output width must be held by the source layer it is cut from.
@@ -298,6 +299,18 @@ def plan_slice(
                      explanation=explanation, kv_heads=list(out_heads))
 
 
+def _out_widths(source: MatFormerConfig, keep: list[int], request: WidthRequest) -> list[int]:
+    """FFN widths of each kept layer for the FFN `request` (a per-layer list may name every
+    source layer or only the kept ones); whether the source holds them is checked after."""
+    n_keep = len(keep)
+    per = request.widths if request.widths is not None else request.layer_tiers
+    if per is None or isinstance(per, int):
+        return request.resolve_ffn(source.base, n_keep) or []
+    name = "widths" if request.widths is not None else "layer_tiers"
+    lst = _per_kept(list(per), keep, source.num_hidden_layers, name)
+    return WidthRequest(**{name: lst}).resolve_ffn(source.base, n_keep) or []
+
+
 def _per_kept(lst: list[int], keep: list[int], n_src: int, name: str) -> list[int]:
     """A per-layer list given for every source layer or only the kept ones -> the kept ones."""
     n_keep = len(keep)
@@ -309,18 +322,19 @@ def _per_kept(lst: list[int], keep: list[int], n_src: int, name: str) -> list[in
     return lst
 
 
-def _out_heads(source: MatFormerConfig, keep: list[int], kv_heads: int | None,
-               layer_kv_heads: Sequence[int] | None) -> list[int]:
-    """KV heads of each kept layer (default: as stored), each held by its source layer."""
+def _out_heads(source: MatFormerConfig, keep: list[int], request: WidthRequest) -> list[int]:
+    """KV heads of each kept layer for the head `request` (default: as stored), each held by
+    its source layer."""
     stored = [source.layer_kv_heads[i] for i in keep]
-    if kv_heads is None and layer_kv_heads is None:
+    if not request.names_heads:
         return stored
-    per = None if layer_kv_heads is None else _per_kept(list(layer_kv_heads), keep,
-                                                         source.num_hidden_layers, "layer_kv_heads")
-    out = resolve_kv_heads(source.base_kv_heads, len(keep), kv_heads=kv_heads, layer_kv_heads=per)
+    per = None if request.layer_kv_heads is None else _per_kept(
+        list(request.layer_kv_heads), keep, source.num_hidden_layers, "layer_kv_heads")
+    out = resolve_kv_heads(source.base_kv_heads, len(keep), kv_heads=request.kv_heads,
+                           layer_kv_heads=per)
     dropped = len(keep) != source.num_hidden_layers
     check_heads_held(stored, out, layers=keep if dropped else None, holder="the source",
-                     uniform=kv_heads,
+                     uniform=request.kv_heads,
                      remedy="slice from a checkpoint that holds them")
     return out
 
@@ -539,12 +553,11 @@ def slice_checkpoint(
                                  ("budget", budget)) if v is not None]
         if others:
             raise ConfigError(f"tiers= writes several uniform tiers; drop {', '.join(others)}")
-        return _slice_many(src, out, list(tiers), skip_layers=skip_layers, kv_heads=kv_heads,
-                           layer_kv_heads=layer_kv_heads, max_shard_size=max_shard_size,
-                           revision=revision, say=say)
+        heads = WidthRequest(kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)
+        return _slice_many(src, out, list(tiers), skip_layers=skip_layers, heads=heads,
+                           max_shard_size=max_shard_size, revision=revision, say=say)
     t0 = time.perf_counter()
-    request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
-                           layer_kv_heads=layer_kv_heads)
+    request = _request(tier, widths, layer_tiers, budget, kv_heads, layer_kv_heads)
     source, ck = _open_source(src, revision, request)
     folder = source.folder
     out_path = Path(out)
@@ -552,8 +565,7 @@ def slice_checkpoint(
         raise CheckpointError(f"{out_path}: is the source folder; write the slice to another folder")
     if search_heads is None:
         search_heads = heads_nest(source)
-    plan = plan_slice(source.config, **request.keywords(), budget=budget,
-                      skip_layers=skip_layers, search_heads=search_heads)
+    plan = _plan(source.config, request, budget, skip_layers, search_heads)
     say(plan.explanation)
     jobs = {j.out_name: j for j in map_tensors(plan, _file_order(ck))}
     extra = {name: folder / name for name in COMPANION_FILES if (folder / name).is_file()}
@@ -589,9 +601,9 @@ def _written_files(out: Path) -> list[str]:
 
 
 def _slice_many(src: str | os.PathLike | Source, out: str | os.PathLike, tiers: list[int], *,
-                skip_layers: Sequence[int] | None, kv_heads: int | None,
-                layer_kv_heads: Sequence[int] | None, max_shard_size: int | str,
-                revision: str | None, say: Any) -> SliceResult:
+                skip_layers: Sequence[int] | None, heads: WidthRequest,
+                max_shard_size: int | str, revision: str | None, say: Any) -> SliceResult:
+    """`tiers=`: every tier (each with the KV `heads` request) into OUT/tier-T, and a manifest."""
     t0 = time.perf_counter()
     if not tiers:
         raise ConfigError("tiers: give at least one tier")
@@ -605,15 +617,13 @@ def _slice_many(src: str | os.PathLike | Source, out: str | os.PathLike, tiers: 
     # Validate every tier before writing anything (a multi-tier source: the folder holding all).
     source, _ = _open_source(src, revision, WidthRequest(tier=min(tiers)))
     for t in tiers:
-        plan_slice(source.config, tier=t, skip_layers=skip_layers, kv_heads=kv_heads,
-                   layer_kv_heads=layer_kv_heads)
+        _plan(source.config, WidthRequest(tier=t, **heads.keywords()), None, skip_layers, False)
     root.mkdir(parents=True, exist_ok=True)
     parts: dict[int, SliceResult] = {}
     for t in sorted(tiers):
         say(f"tier {t} -> {root / f'tier-{t}'}")
         parts[t] = slice_checkpoint(source, root / f"tier-{t}", tier=t, skip_layers=skip_layers,
-                                    kv_heads=kv_heads, layer_kv_heads=layer_kv_heads,
-                                    max_shard_size=max_shard_size)
+                                    **heads.keywords(), max_shard_size=max_shard_size)
     path = write_manifest(root, source.config.base, {t: f"tier-{t}" for t in parts},
                           {t: parts[t].widths[0] for t in parts})
     return SliceResult(
