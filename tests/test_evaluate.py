@@ -15,6 +15,7 @@ from conftest import distinct_widths_model
 from matformer import MatFormerConfig, MatFormerLM, parameter_counts
 from matformer.cli import main
 from matformer.data.text import heldout_windows
+from matformer.errors import MatFormerError
 from matformer.evaluation.lm import evaluate
 from matformer.evaluation.report import format_eval_report
 from matformer.tiers import mix_n_match_plans
@@ -102,6 +103,19 @@ def test_a_sliced_model_is_its_own_reference() -> None:
     rep = evaluate(small, tokens, seq_len=32, decode=False, speculative=False)
     assert [r.name for r in rep.results if r.kind == "tier"] == ["tier 1", "tier 2", "tier 3"]
     assert rep.reference_widths == [128, 128] and rep.results[0].greedy_match == 1.0
+
+
+def test_eval_layer_tiers_is_one_point_like_tier() -> None:
+    """`layer_tiers` names one per-layer point, like `tier` one uniform one: that point and the
+    stored reference; the two together are one request too many."""
+    model = _model()
+    tokens = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3))
+    rep = evaluate(model, tokens, seq_len=32, decode=False, speculative=False,
+                   layer_tiers=[2, 1], kv_heads=[])
+    assert [(r.name, r.widths) for r in rep.results] == [("tier 0 (width 256)", [256, 256]),
+                                                        ("mix[64,128]", [64, 128])]
+    with pytest.raises(MatFormerError, match="exactly one of tier, layer_tiers, widths"):
+        evaluate("no/such-ckpt", tier=1, layer_tiers=[1, 1])
 
 
 # ---- the verbs, on a small saved checkpoint --------------------------------------------------

@@ -4,18 +4,18 @@ CKPT is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revis
 multi-tier repo written by `matformer slice --tiers` (with --tier: the folder holding that tier).
 The prompt comes from --prompt or stdin and is tokenized with the checkpoint's tokenizer.json;
 the text streams to stdout as it is decoded, and decoding stops at the end-of-text token or
-after --max-new-tokens. Temperature 0 (the default) is greedy. --draft-tier T drafts tokens at
-tier T of the same model and verifies them at the target width in one forward (the output is
-the target width's output; with greedy decoding, token for token). --tier, --layer-tiers, --widths,
---kv-heads and --layer-kv-heads choose the target's width as on every verb, the same five with
---draft- the draft's. --kv-heads G runs the first
-G KV heads (the second elastic axis); --draft-kv-heads G drafts with fewer heads than the
-target. --draft-tier auto times the draft steps and verifies on this machine and picks the
+after --max-new-tokens. Temperature 0 (the default) is greedy. The width flags are every
+verb's: --tier, --layer-tiers or --widths (FFN), --kv-heads or --layer-kv-heads (the second
+elastic axis, attention heads); the same five with --draft- choose the draft. --draft-tier T
+drafts tokens at tier T of the same model and verifies them at the target width in one forward
+(the output is the target width's output; with greedy decoding, token for token);
+--draft-kv-heads G alone drafts with fewer heads than the target at its FFN widths.
+--draft-tier auto times the draft steps and verifies on this machine and picks the
 (draft tier, k) of the highest expected tokens/s; --draft-model CKPT drafts with a separate
 model of the same tokenizer. --compile runs the compiled static-cache decode step (CUDA graphs
 on a GPU). --prompts-file FILE decodes every line of FILE as a prompt, in one batch, and prints
 one completion per line (a newline inside a completion written as \\n). A summary goes to
-stderr. The library behind it is `matformer.inference.text` (`generate_text`).
+stderr. This verb parses flags; the library behind it is `matformer.inference.text`.
 """
 
 
