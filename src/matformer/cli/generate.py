@@ -18,7 +18,6 @@ one completion per line (a newline inside a completion written as \\n). A summar
 stderr. This verb parses flags; the library behind it is `matformer.inference.text`.
 """
 
-
 from __future__ import annotations
 
 import argparse
