@@ -229,13 +229,13 @@ def test_failure_midway_keeps_the_old_file_and_leaves_no_temp(ckpt, tmp_path, mo
 
     out = tmp_path / "keep.gguf"
     out.write_bytes(b"an older export")
-    calls = []
+    calls, real = [], ex.produce
 
-    def failing(ck, job):
+    def failing(reader, job):
         calls.append(job.plan.name)
         if len(calls) == 5:
             raise CheckpointError("disk trouble")
-        return ex.read_prefix(ck, job.src, job.rows, job.cols)
+        return real(reader, job)
 
     monkeypatch.setattr(ex, "produce", failing)
     with pytest.raises(CheckpointError, match="disk trouble"):

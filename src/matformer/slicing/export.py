@@ -5,10 +5,10 @@
   per-layer KV heads, each of which the source must hold. Head counts are written per layer
   (`head_count`/`head_count_kv` arrays) when they differ between layers. Uniform models are written as llama.cpp's `llama` architecture, per-layer ones
   as `deci` (see `matformer.io.gguf` for why).
-- stream: each GGUF tensor is read from its memory-mapped source shard (only its prefix rows,
-  or the first columns of each row for down_proj), converted to float32, permuted for rope if it
+- stream: each GGUF tensor is read by `io.tensors.TensorReader` (only its prefix rows, or the
+  first columns of each row for down_proj/o_proj), converted to float32, permuted for rope if it
   is q/k, encoded to the output type and written before the next one is read. Peak memory is
-  about one tensor in float32 plus its encoded copy, whatever the model's size.
+  about one tensor as stored plus in float32 plus its encoded copy, whatever the model's size.
 
 Needs no torch: numpy, the `gguf` package, and our safetensors header reader.
 """
@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -37,12 +36,10 @@ from matformer.io.gguf import (
     write_gguf,
 )
 from matformer.io.layout import Checkpoint
-from matformer.io.safetensors import DTYPES
 from matformer.io.source import Source, resolve_source
+from matformer.io.tensors import TO_F32, ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
 from matformer.tiers import Setting, WidthRequest, describe_heads, describe_widths
-
-_FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 @dataclass
@@ -50,9 +47,7 @@ class TensorJob:
     """One GGUF tensor and where its values come from."""
 
     plan: TensorPlan
-    src: str  # source tensor name
-    rows: int | None = None  # keep rows [:rows] (gate/up)
-    cols: int | None = None  # keep columns [:, :cols] (down)
+    read: ReadJob  # the source tensor's kept rows (gate/up, q/k/v) or columns (down, o), as F32
     rope_heads: int | None = None  # permute rows for llama.cpp's rope with this many heads
 
 
@@ -155,42 +150,21 @@ def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> Te
             else:  # o_proj
                 cols, shape = q, (shape[0], q)
     name = gguf_name(src, plan.config.num_hidden_layers)
-    return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape)), src, rows,
-                     cols, heads)
+    read = ReadJob(src, rows=None if rows is None else ((0, rows),),
+                   cols=None if cols is None else ((0, cols),), to="F32")
+    return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape)), read, heads)
 
 
 # ---- reading ----------------------------------------------------------------------------------
 
 
-def read_prefix(ck: Any, src: str, rows: int | None = None, cols: int | None = None) -> np.ndarray:
-    """Rows [:rows] (or columns [:, :cols]) of a stored tensor as a new float32 array. The shard
-    is memory-mapped for this one tensor and only the bytes of the kept rows are mapped."""
-    info = ck.info(src)
-    if info.dtype not in _FLOAT_NP:
-        raise CheckpointError(f"{ck.layout.folder / ck.where[src]}: tensor {src!r} is "
-                              f"{info.dtype}; GGUF export reads F32, F16 or BF16 weights")
-    shape = (rows, *info.shape[1:]) if rows is not None else tuple(info.shape)
-    count = int(np.prod(shape))
-    if count == 0:
-        return np.zeros(shape, dtype=np.float32)
-    path = ck.layout.folder / ck.where[src]
-    try:  # the validated file itself (not the path again: a save may have replaced it since)
-        with ck.open_file(ck.where[src]) as f:
-            mm = np.memmap(f, dtype=np.uint8, mode="r", offset=info.start,
-                           shape=(count * DTYPES[info.dtype][0],))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot map tensor {src!r} ({e})") from None
-    arr = mm.view(_FLOAT_NP[info.dtype]).reshape(shape)
-    if cols is not None:
-        arr = arr[:, :cols]
-    if info.dtype == "BF16":  # bfloat16 is the top half of a float32
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32)  # a copy: the map is released with `mm`
-
-
-def produce(ck: Any, job: TensorJob) -> np.ndarray:
+def produce(reader: TensorReader, job: TensorJob) -> np.ndarray:
     """The float32 values of one GGUF tensor, in llama.cpp's row order."""
-    data = read_prefix(ck, job.src, job.rows, job.cols)
+    ck, src = reader.ck, job.read.src
+    if ck.info(src).dtype not in TO_F32:
+        raise CheckpointError(f"{ck.layout.folder / ck.where[src]}: tensor {src!r} is "
+                              f"{ck.info(src).dtype}; GGUF export reads F32, F16 or BF16 weights")
+    data = reader.read_array(job.read)
     if job.rope_heads is not None:
         data = permute_rope(data, job.rope_heads)
     return data
@@ -230,7 +204,8 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
     plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)
     by_name = {j.plan.name: j for j in plan.jobs}
-    size = write_gguf(out_path, plan.meta, tok, outtype, [j.plan for j in plan.jobs],
-                       lambda t: produce(ck, by_name[t.name]))
+    with TensorReader(ck) as reader:
+        size = write_gguf(out_path, plan.meta, tok, outtype, [j.plan for j in plan.jobs],
+                          lambda t: produce(reader, by_name[t.name]))
     return ExportResult(out_path, plan.meta.arch, ws, config.base, outtype, len(plan.jobs), size,
                         time.perf_counter() - t0, kv_heads=hl)

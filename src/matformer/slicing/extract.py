@@ -18,7 +18,7 @@ What it does (never builds a model; see docs/SLICING.md):
   one tier's files.
 
 The source is anything `io.source.resolve_source` takes (a multi-tier repo too: the tier folder
-that holds the requested widths is used); reading goes through `io.reader.PrefixReader`.
+that holds the requested widths is used); reading goes through `io.tensors.TensorReader`.
 
 Budget heuristic (MatFormer paper, Mix'n'Match): widths non-decreasing with depth and as few
 changes as possible ("least slope"): between the two adjacent granularities whose uniform models
@@ -45,7 +45,7 @@ from matformer.io.checkpoint import open_checked, write_checkpoint
 from matformer.io.layout import Checkpoint
 from matformer.io.manifest import MANIFEST_NAME, write_manifest
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
-from matformer.io.tensors import PrefixReader
+from matformer.io.tensors import ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.shapes import format_count, parse_count
 from matformer.models.registry import expected_shapes, non_embedding_parameters
@@ -569,10 +569,11 @@ def slice_checkpoint(
     say(plan.explanation)
     jobs = {j.out_name: j for j in map_tensors(plan, _file_order(ck))}
     extra = {name: folder / name for name in COMPANION_FILES if (folder / name).is_file()}
-    with PrefixReader(ck) as reader:
+    reads = {n: ReadJob.prefix(j.src_name, j.src_shape, j.out_shape) for n, j in jobs.items()}
+    with TensorReader(ck) as reader:
         write_checkpoint(
             out_path, plan.config, [(j.out_name, j.dtype, j.out_shape) for j in jobs.values()],
-            lambda name: reader.read(jobs[name].src_name, jobs[name].out_shape),
+            lambda name: reader.read(reads[name]),
             max_shard_size=max_shard_size, extra_files=extra,
         )
     files = _written_files(out_path)

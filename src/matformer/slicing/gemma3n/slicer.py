@@ -21,10 +21,11 @@ from matformer.errors import CheckpointError
 from matformer.io.checkpoint import write_folder
 from matformer.io.layout import CONFIG_NAME, INDEX_NAME, resolve_files
 from matformer.io.source import Source
+from matformer.io.tensors import TensorReader
 from matformer.slicing.gemma3n.plan import Gemma3nPlan, plan_gemma3n
 from matformer.slicing.gemma3n.shapes import parameter_groups
 from matformer.slicing.gemma3n.source import COMPANION_FILES, companions_of, open_source
-from matformer.slicing.gemma3n.stream import RangeReader, file_order, map_tensors
+from matformer.slicing.gemma3n.stream import file_order, map_tensors
 
 
 @dataclass
@@ -77,11 +78,11 @@ def slice_gemma3n(
             log(plan.explanation)
         jobs = map_tensors(plan, file_order(ck), str(folder))
         by_name = {j.out_name: j for j in jobs}
-        reader = RangeReader(ck, **(reader_options or {}))
+        reader = TensorReader(ck, **(reader_options or {}))
         extra = companions_of(resolved)
         write_folder(out_path, json.dumps(plan.config, indent=2, sort_keys=True) + "\n",
                      [(j.out_name, j.dtype, j.out_shape) for j in jobs],
-                     lambda n: reader.read(by_name[n]), max_shard_size, extra)
+                     lambda n: reader.read(by_name[n].read), max_shard_size, extra)
     finally:
         ck.close()
     layout = resolve_files(out_path)

@@ -10,52 +10,41 @@ towers included, is copied unchanged):
 - `embed_tokens_per_layer` [V_pl, L*h_pl]: the column blocks of the kept layers;
 - `per_layer_model_projection` [L*h_pl, H]: the row blocks of the kept layers.
 
-Column runs are read exactly (one pread per row and run) while that is at most
-`exact_run_limit` reads; above it (the per-layer embedding table of a real model has 262_144
-rows) rows are read in chunks of about `chunk_bytes` spanning the kept columns, and the columns
-are gathered in memory: more bytes read, far fewer system calls, memory bounded by the chunk.
+Reading goes through `io.tensors.TensorReader` (column runs of the per-layer embedding table,
+262_144 rows in a real model, are read in bounded chunks there).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from matformer.errors import CheckpointError
 from matformer.io.layout import Checkpoint
-from matformer.io.safetensors import DTYPES, nbytes_of, torch_dtype
+from matformer.io.tensors import ReadJob, merge_ranges
 from matformer.slicing.gemma3n.config import Gemma3nConfig
 from matformer.slicing.gemma3n.plan import Gemma3nPlan
 from matformer.slicing.gemma3n.shapes import PER_LAYER_EMBEDDING, PER_LAYER_PROJECTION, text_shapes
 
-Ranges = tuple[tuple[int, int], ...]
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One output tensor: its source, and the kept row / column ranges (None: all)."""
+    """One output tensor: its name, dtype and shape, and what to read of which source tensor."""
 
     out_name: str
-    src_name: str
     dtype: str
-    src_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    rows: Ranges | None = None
-    cols: Ranges | None = None
+    read: ReadJob
 
 
-def _merge(ranges: Sequence[tuple[int, int]]) -> Ranges:
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
+def _job(out_name: str, src: str, dtype: str, shape: tuple[int, ...],
+         rows: Sequence[tuple[int, int]] | None = None,
+         cols: Sequence[tuple[int, int]] | None = None) -> Job:
+    read = ReadJob(src, None if rows is None else tuple(rows), None if cols is None else tuple(cols))
+    return Job(out_name, dtype, read.out_shape(shape), read)
 
 
 def file_order(ck: Checkpoint) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -94,8 +83,7 @@ def map_tensors(plan: Gemma3nPlan, tensors: Sequence[tuple[str, str, tuple[int, 
     check_source(plan.source, tensors, where)
     p, hp = plan.source.prefix, plan.source.text["hidden_size_per_layer_input"]
     new_index = {i: j for j, i in enumerate(plan.keep)}
-    blocks = _merge([(i * hp, (i + 1) * hp) for i in plan.keep])
-    kept_hp = len(plan.keep) * hp
+    blocks = merge_ranges([(i * hp, (i + 1) * hp) for i in plan.keep])
     jobs: list[Job] = []
     for name, dtype, shape in tensors:
         rel = name[len(p):] if name.startswith(p) else None
@@ -107,89 +95,15 @@ def map_tensors(plan: Gemma3nPlan, tensors: Sequence[tuple[str, str, tuple[int, 
             j = new_index[i]
             w, out = plan.widths[j], f"{p}layers.{j}.{rest}"
             if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight") and w < shape[0]:
-                jobs.append(Job(out, name, dtype, shape, (w, shape[1]), rows=((0, w),)))
+                jobs.append(_job(out, name, dtype, shape, rows=((0, w),)))
             elif rest == "mlp.down_proj.weight" and w < shape[1]:
-                jobs.append(Job(out, name, dtype, shape, (shape[0], w), cols=((0, w),)))
+                jobs.append(_job(out, name, dtype, shape, cols=((0, w),)))
             else:
-                jobs.append(Job(out, name, dtype, shape, shape))
+                jobs.append(_job(out, name, dtype, shape))
         elif rel == PER_LAYER_EMBEDDING:
-            jobs.append(Job(name, name, dtype, shape, (shape[0], kept_hp), cols=blocks))
+            jobs.append(_job(name, name, dtype, shape, cols=blocks))
         elif rel == PER_LAYER_PROJECTION:
-            jobs.append(Job(name, name, dtype, shape, (kept_hp, shape[1]), rows=blocks))
+            jobs.append(_job(name, name, dtype, shape, rows=blocks))
         else:
-            jobs.append(Job(name, name, dtype, shape, shape))
+            jobs.append(_job(name, name, dtype, shape))
     return jobs
-
-
-class RangeReader:
-    """Reads the kept part of one source tensor at a time with pread into the output tensor's own
-    storage (no memory map), from the descriptors the checkpoint's headers were validated from
-    (so every byte comes from the files that were checked; the Checkpoint owns and closes them).
-    Counts the bytes it reads and the reads it makes."""
-
-    def __init__(self, checkpoint: Checkpoint, *, exact_run_limit: int = 1 << 16,
-                 chunk_bytes: int = 64 << 20) -> None:
-        self.folder, self.ck = checkpoint.layout.folder, checkpoint
-        self.exact_run_limit, self.chunk_bytes = exact_run_limit, chunk_bytes
-        self.bytes_read = 0
-        self.reads = 0
-
-    def _fd(self, shard: str) -> int:
-        return self.ck.fds[shard]
-
-    def _pread(self, fd: int, mv: memoryview, offset: int, shard: str) -> None:
-        done = 0
-        while done < len(mv):
-            n = os.preadv(fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{self.folder / shard}: file ended early (changed while "
-                                      f"reading?)")
-            done += n
-        self.bytes_read += done
-        self.reads += 1
-
-    def read(self, job: Job) -> Any:
-        import torch
-
-        info, shard = self.ck.info(job.src_name), self.ck.where[job.src_name]
-        fd, item = self._fd(shard), DTYPES[job.dtype][0]
-        buf = torch.empty(nbytes_of(job.dtype, job.out_shape), dtype=torch.uint8)
-        mv = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
-        if job.cols is not None:
-            self._read_cols(fd, shard, info.start, job, item, buf)
-        elif job.rows is not None:
-            row_bytes = nbytes_of(job.dtype, job.src_shape[1:])
-            pos = 0
-            for a, b in job.rows:
-                n = (b - a) * row_bytes
-                self._pread(fd, mv[pos:pos + n], info.start + a * row_bytes, shard)
-                pos += n
-        elif len(mv):
-            self._pread(fd, mv, info.start, shard)
-        return buf.view(torch_dtype(job.dtype)).reshape(job.out_shape)
-
-    def _read_cols(self, fd: int, shard: str, start: int, job: Job, item: int, out: Any) -> None:
-        import torch
-
-        rows, cols = job.src_shape
-        runs = [(a * item, b * item) for a, b in job.cols or ()]
-        src_row, out_row = cols * item, job.out_shape[1] * item
-        dst = out.view(rows, out_row)
-        if rows * len(runs) <= self.exact_run_limit:
-            for r in range(rows):
-                mv = memoryview(dst[r].numpy())
-                pos = 0
-                for a, b in runs:
-                    self._pread(fd, mv[pos:pos + b - a], start + r * src_row + a, shard)
-                    pos += b - a
-            return
-        lo, hi = runs[0][0], runs[-1][1]
-        step = max(1, self.chunk_bytes // src_row)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            span = (r1 - r0 - 1) * src_row + hi - lo
-            scratch = torch.empty((r1 - r0) * src_row, dtype=torch.uint8)
-            self._pread(fd, memoryview(scratch.numpy())[lo:lo + span], start + r0 * src_row + lo,
-                        shard)
-            block = scratch.view(r1 - r0, src_row)
-            dst[r0:r1] = torch.cat([block[:, a:b] for a, b in runs], dim=1)
