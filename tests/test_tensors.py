@@ -67,7 +67,8 @@ def test_several_row_and_column_ranges_exact_and_chunked_agree(stored):
     folder, t = stored
     rows, cols = ((2, 5), (9, 10), (30, 40)), ((1, 3), (10, 11), (20, 24))
     want = t["a.matrix"].numpy()[np.r_[2:5, 9:10, 30:40]][:, np.r_[1:3, 10:11, 20:24]]
-    for opts in ({}, {"exact_run_limit": 0, "chunk_bytes": 200}, {"exact_run_limit": 0}):
+    for opts in ({}, {"exact_run_limit": 0, "chunk_bytes": 200}, {"exact_run_limit": 0},
+                 {"exact_run_limit": 0, "readahead": True}):
         with _reader(folder, **opts) as r:
             got = r.read_array(ReadJob("a.matrix", rows=rows, cols=cols))
             assert np.array_equal(got, want), opts

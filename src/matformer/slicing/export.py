@@ -204,7 +204,8 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
     plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)
     by_name = {j.plan.name: j for j in plan.jobs}
-    with TensorReader(ck) as reader:
+    # Whole-row chunks with readahead: the disk pattern of the memory map this replaced.
+    with TensorReader(ck, exact_run_limit=0, readahead=True) as reader:
         size = write_gguf(out_path, plan.meta, tok, outtype, [j.plan for j in plan.jobs],
                           lambda t: produce(reader, by_name[t.name]))
     return ExportResult(out_path, plan.meta.arch, ws, config.base, outtype, len(plan.jobs), size,

@@ -78,7 +78,8 @@ def slice_gemma3n(
             log(plan.explanation)
         jobs = map_tensors(plan, file_order(ck), str(folder))
         by_name = {j.out_name: j for j in jobs}
-        reader = TensorReader(ck, **(reader_options or {}))
+        # Readahead on: most Gemma 3n tensors (the towers, the embeddings) are copied whole.
+        reader = TensorReader(ck, readahead=True, **(reader_options or {}))
         extra = companions_of(resolved)
         write_folder(out_path, json.dumps(plan.config, indent=2, sort_keys=True) + "\n",
                      [(j.out_name, j.dtype, j.out_shape) for j in jobs],
