@@ -337,7 +337,7 @@ def test_width_switches_do_not_recompile() -> None:
 
 
 def test_the_benchmark_sequence_compiles_each_setting_once(monkeypatch) -> None:
-    """benchmarks/decode.py's calls (plain decoding at every tier, `draft_tier="auto"` measuring
+    """benchmarks/speed/decode.py's calls (plain decoding at every tier, `draft_tier="auto"` measuring
     costs over every tier and k up to 6, tiers 1-3 as named drafts, a separate draft model, over
     several prompts) with a counting backend: one graph per distinct (model, widths, KV heads,
     tokens) the decoders ran, and a second identical pass compiles nothing. Issue 13's H100 run

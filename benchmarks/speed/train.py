@@ -14,27 +14,24 @@ Part 2: the `joint` objective's step (all 4 tiers on one batch, one backward, on
 step) against the sum of the 4 single-width steps (each its own forward/backward/step), the
 same code `matformer.train` runs (Objective + NestedAdamW). Goal: joint / sum <= 1.05.
 
-    .venv/bin/python benchmarks/train.py              # ~2 minutes on 2 cores
-    .venv/bin/python benchmarks/train.py --quick      # smoke run
+    .venv/bin/python -m benchmarks.speed.train              # ~2 minutes on 2 cores
+    .venv/bin/python -m benchmarks.speed.train --quick      # smoke run
 Timings are noisy on a shared machine: each number is the median of interleaved repeats.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, parser
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.training import NestedAdamW, Objective, forward_backward
 from matformer.training.precision import autocast
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _timed(fn) -> float:
@@ -145,7 +142,7 @@ def bench_joint(cfg: MatFormerConfig, batch: int, seq: int, repeats: int) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)

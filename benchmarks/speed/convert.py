@@ -1,7 +1,7 @@
 """MatFormer-izing a pretrained dense model (issue 17), measured end to end at small scale.
 
-    .venv/bin/python benchmarks/convert.py            # the documented run (2 seeds)
-    .venv/bin/python benchmarks/convert.py --quick    # the same pipeline on a tiny budget (minutes)
+    .venv/bin/python -m benchmarks.speed.convert            # the documented run (2 seeds)
+    .venv/bin/python -m benchmarks.speed.convert --quick    # the same pipeline on a tiny budget (minutes)
 
 Per seed (default 0 and 1), tiny preset (hidden 128, FFN 512, 4 layers), on the default corpus (Python stdlib sources), one tokenizer:
 1. the "pretrained" dense source: `matformer train --objective single` (tier 0), P steps;
@@ -23,12 +23,8 @@ Prints the table (mean and min..max over seeds) and writes benchmarks/results/co
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import multiprocessing as mp
-import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -39,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import RESULTS, hardware, parser, write_json
+
 TIERS = (0, 1, 2, 3)
 METHODS = ("reconstruction", "contribution", "activation")
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -201,7 +198,7 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, full_doc=True)
     p.add_argument("--quick", action="store_true", help="tiny budget: checks the pipeline")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at once")
@@ -227,12 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"settings": {**dataclasses.asdict(s), "tokens_per_step": s.tokens_per_step},
            "summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}, "runs": runs,
            "seconds": {"training": t1 - t0, "evaluation": time.time() - t1},
-           "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                       "python": platform.python_version(),
-                       "load_average_at_start": os.getloadavg()[0]}}
+           "machine": hardware()}
     out = Path(args.results) if args.results else RESULTS / ("convert-quick.json" if args.quick else "convert.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out, doc)
     print(f"wrote {out} ({time.time() - t0:.0f}s in all)")
     return 0
 

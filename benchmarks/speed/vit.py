@@ -13,14 +13,12 @@ order, so drift on a shared machine hits both sides of a ratio alike; the median
 times are in the JSON. MatViT's last block computes only the [CLS] row (see vit.py), which is
 where its margin over transformers comes from; both sides of part 2 are MatViTs.
 
-    .venv/bin/python benchmarks/vit.py --threads 1   # ~1 minute -> benchmarks/results/vit.json
-    .venv/bin/python benchmarks/vit.py --quick --out /tmp/vit.json   # smoke run
+    .venv/bin/python -m benchmarks.speed.vit --threads 1   # ~1 minute -> benchmarks/results/vit.json
+    .venv/bin/python -m benchmarks.speed.vit --quick --out /tmp/vit.json   # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,10 +28,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, parser, write_json
 from matformer.models.vit.config import MatViTConfig, parameter_counts
 from matformer.models.vit.model import MatViT
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -159,7 +156,7 @@ def bench_runtime_settings(cfg: MatViTConfig, batch: int, repeats: int) -> list[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--patch-size", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
@@ -201,14 +198,13 @@ def main() -> None:
     worst = max(max(r["train_ratio"], r["infer_ratio"]) for r in rows)
     print(f"worst runtime/built ratio: {worst:.3f} (goal <= 1.10: {'met' if worst <= 1.10 else 'NOT met'})")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(out, {
         "benchmark": "vit", "config": cfg.to_dict(), "batch": args.batch, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "load_average_1min_at_end": os.getloadavg()[0], "vs_transformers": a,
         "runtime_vs_built": rows, "worst_runtime_ratio": worst,
-    }, indent=2) + "\n")
+    })
     print(f"wrote {out}")
 
 

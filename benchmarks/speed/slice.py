@@ -15,13 +15,12 @@ DONTNEED), so `read_bytes` (from /proc/self/io) is what came from storage. Peak 
 after resetting it once imports are done; "interpreter" is the RSS at that point. Timings are
 medians of --repeats runs and are noisy on a shared machine.
 
-    .venv/bin/python benchmarks/slice.py                  # ~1 GB, about 2 minutes on 2 cores
-    .venv/bin/python benchmarks/slice.py --size-mb 200    # a quick look
+    .venv/bin/python -m benchmarks.speed.slice                  # ~1 GB, about 2 minutes on 2 cores
+    .venv/bin/python -m benchmarks.speed.slice --size-mb 200    # a quick look
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks.common import RESULTS, parser, write_json
 
 H, FFN, VOCAB = 1024, 4096, 16000
 
@@ -137,12 +138,12 @@ def run_child(method: str, src: Path, out: Path, what: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--size-mb", type=int, default=1000, help="source checkpoint size (default 1000: the issue's ~1 GB)")
     ap.add_argument("--shard-size", default="200MB", help="source shard limit (default 200MB)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="where to build (default: a temp folder)")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "slice.json"))
+    ap.add_argument("--json", default=str(RESULTS / "slice.json"))
     args = ap.parse_args()
 
     from matformer.models.lm.shapes import non_embedding_parameters
@@ -202,8 +203,7 @@ def main() -> int:
               f"{row['stream_peak_over_largest']:.2f}x the largest tensor; "
               f"peak < interpreter + 1.5x largest: {row['goal_rss']}")
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"source": info, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+    write_json(out, {"source": info, "repeats": args.repeats, "rows": rows})
     print(f"\nwrote {out}")
     return 0
 

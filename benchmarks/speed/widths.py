@@ -5,14 +5,12 @@ Both are timed in the same run, interleaved, and reported as a ratio (sliced / b
 best of the repeats (the least disturbed run, as timeit recommends on a shared machine; medians are
 in the JSON too); the goal is <= 1.10 at every tier.
 
-    .venv/bin/python benchmarks/widths.py            # default shape, writes benchmarks/results/widths.json
-    .venv/bin/python benchmarks/widths.py --quick    # a smaller shape for a smoke run
+    .venv/bin/python -m benchmarks.speed.widths            # default shape, writes benchmarks/results/widths.json
+    .venv/bin/python -m benchmarks.speed.widths --quick    # a smaller shape for a smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import parser, write_json
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.models.lm.shapes import parameter_counts
 
@@ -39,7 +38,7 @@ def _step(model: MatFormerLM, x: torch.Tensor) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, full_doc=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--ffn", type=int, default=4096)
@@ -96,12 +95,11 @@ def main() -> None:
     worst = max(r["ratio"] for r in rows)
     print(f"worst ratio sliced/built: {worst:.3f} (goal <= 1.10: {'met' if worst <= 1.10 else 'NOT met'})")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(out, {
         "benchmark": "widths", "args": vars(args), "torch": torch.__version__,
         "machine": platform.machine(), "threads": torch.get_num_threads(), "rows": rows,
         "worst_ratio": worst,
-    }, indent=2) + "\n")
+    })
     print(f"wrote {out}")
 
 

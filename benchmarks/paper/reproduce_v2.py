@@ -1,6 +1,6 @@
 """Reproduction v2 (issue 15): the MatFormer paper's claims where FFN width matters.
 
-v1 (benchmarks/reproduce.py, docs/RESULTS.md "v1") ran the `tiny` preset, where the FFN is a
+v1 (benchmarks/paper/reproduce_v1.py, docs/RESULTS.md "v1") ran the `tiny` preset, where the FFN is a
 small part of the model and the widths were within the seed noise of each other. v2 runs an
 FFN-heavy preset (FFN = 8 x hidden as in Gemma 3n, embeddings ~13% of the parameters), three
 seeds, two corpora, and labels both budgets:
@@ -27,17 +27,16 @@ larger of the two min..max ranges; paired (same models): when |mean d| <= range 
 disagree on the sign. "Width matters" is declared when the baselines' S - XL gap is >= 3x the
 larger seed range of the two.
 
-    .venv/bin/python benchmarks/reproduce_v2.py                     # the documented CPU run
-    .venv/bin/python benchmarks/reproduce_v2.py --quick             # smoke run, minutes
-    PYTHONPATH=src python3 benchmarks/reproduce_v2.py --device cuda --preset ffn8-small \\
+    .venv/bin/python -m benchmarks.paper.reproduce_v2               # the documented CPU run
+    .venv/bin/python -m benchmarks.paper.reproduce_v2 --quick       # smoke run, minutes
+    PYTHONPATH=src python3 -m benchmarks.paper.reproduce_v2 --device cuda --preset ffn8-small \\
         --seq-len 256 --batch-size 32 --baseline-steps 400 --jobs 3 --out $OUT/runs \\
         --results $OUT/results                                      # GPU scale (docs/RESULTS.md)
-    .venv/bin/python benchmarks/reproduce_v2.py --replot docs/results/reproduce_v2.json
+    .venv/bin/python -m benchmarks.paper.reproduce_v2 --replot docs/results/reproduce_v2.json
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -51,21 +50,20 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import (  # noqa: E402  (v1's helpers: one tie rule, one set of shapes)
+from benchmarks.common import hardware, parser
+from benchmarks.paper.common import (  # v1's helpers: one tie rule, one set of shapes
     MARKER,
     TIER_NAMES,
     TIERS,
     XL_UPWEIGHTED_PROBS,
-    _pool_map,
-    _prepare_out,
-    _tier_passes,
     compare,
     compare_paired,
-    hardware,
     mix_shapes,
+    pool_map,
+    prepare_out,
     shape_of,
     spread,
+    tier_passes,
 )
 
 CORPORA = {"python": None, "kjv": "builtin:kjv"}
@@ -611,7 +609,7 @@ def _point_passes(spec: dict[str, Any], mcfg) -> dict[tuple[int, int], int]:
     """How many passes trained each (tier, KV heads) point: the library's step plan, with the
     heads when the run nests them (else every pass at all KV heads)."""
     if not spec["train"].get("nest_heads"):
-        return {(t, mcfg.base_kv_heads): n for t, n in _tier_passes(spec, mcfg.base).items()}
+        return {(t, mcfg.base_kv_heads): n for t, n in tier_passes(spec, mcfg.base).items()}
     from matformer.training import TrainConfig, step_plan
 
     cfg = TrainConfig(**spec["train"])
@@ -733,20 +731,18 @@ def run_experiment(s: Settings, log=print, command: str | None = None) -> dict[s
     from matformer.models.lm.shapes import parameter_counts
 
     t_start = time.time()
-    hw = hardware()
-    if s.device.startswith("cuda") and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name()
+    hw = hardware(s.device if torch.cuda.is_available() else None)
     out = Path(s.out)
     if s.resume and out.is_dir():
         if not (out / MARKER).is_file():
             raise SystemExit(f"error: {out} was not made by this script; choose another --out")
     else:
-        _prepare_out(out)
+        prepare_out(out)
     specs = run_specs(s)
     log(f"training {len(specs)} runs ({s.jobs} in parallel, {s.threads} thread(s) each, "
         f"{s.device}); X = {s.x_tokens:,} tokens per baseline")
     t0 = time.time()
-    done = _pool_map(_train_one, [(sp, str(out), s.threads) for sp in sorted(specs, key=_order)],
+    done = pool_map(_train_one, [(sp, str(out), s.threads) for sp in sorted(specs, key=_order)],
                      s.jobs)
     train_wall = time.time() - t0
     runs = {d["name"]: d for d in done}
@@ -774,7 +770,7 @@ def run_experiment(s: Settings, log=print, command: str | None = None) -> dict[s
                 groups.append(dict(corpus=corpus, seed=seed, config="spec", runs=[
                     sp for sp in mine if sp["config"] in ("baseline", "matlm_uniform")]))
     t0 = time.time()
-    evals = _pool_map(_eval_group, [(g, windows[g["corpus"]], s.spec_gamma, s.device, s.threads)
+    evals = pool_map(_eval_group, [(g, windows[g["corpus"]], s.spec_gamma, s.device, s.threads)
                                     for g in groups], s.jobs)
     eval_wall = time.time() - t0
     mcfg = MatFormerConfig.from_preset(s.preset, vocab_size=s.vocab_size)
@@ -782,7 +778,7 @@ def run_experiment(s: Settings, log=print, command: str | None = None) -> dict[s
     compute = compute_accounting(s, specs)
     return {
         "version": 2,
-        "command": command or "benchmarks/reproduce_v2.py" + (" --quick" if s.quick else ""),
+        "command": command or "python -m benchmarks.paper.reproduce_v2" + (" --quick" if s.quick else ""),
         "settings": {**dataclasses.asdict(s), "x_tokens": s.x_tokens},
         "model": {"preset": s.preset, "layers": mcfg.num_hidden_layers, "hidden_size": mcfg.hidden_size,
                   "ffn_base": mcfg.base, "ffn_widths": {TIER_NAMES[t]: mcfg.base >> t for t in TIERS},
@@ -1036,7 +1032,7 @@ def replot(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, full_doc=True)
     d = Settings()
     ap.add_argument("--quick", action="store_true", help=f"smoke-run budget ({QUICK})")
     for name in ("preset", "vocab_size", "seq_len", "batch_size", "baseline_steps", "eval_windows",
@@ -1093,7 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = json.loads(js.read_text(encoding="utf-8")) if s.resume and js.is_file() else None
     if previous is not None:
         check_mergeable(previous["settings"], dataclasses.asdict(s), str(js))
-    command = " ".join(["benchmarks/reproduce_v2.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m benchmarks.paper.reproduce_v2", *(sys.argv[1:] if argv is None else argv)])
     report = run_experiment(s, command=command)
     if previous is not None:  # --resume continues those results: keep what this run did not redo
         report = merge_reports(previous, report, str(js))

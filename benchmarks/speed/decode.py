@@ -14,18 +14,16 @@ decodes greedily. All ratios come from one run, interleaved, so machine load hit
 3. batches: tokens/s at batch 1 and --batch, eager vs compiled vs transformers'
    `LlamaForCausalLM.generate` with a static cache on the same weights (tier 0).
 
-    .venv/bin/python benchmarks/decode.py --ckpt runs/bench-decode/ffn8-h512 \
+    .venv/bin/python -m benchmarks.speed.decode --ckpt runs/bench-decode/ffn8-h512 \
         --draft-ckpt runs/bench-decode/small-h512                    # the CPU numbers
-    .venv/bin/python benchmarks/decode.py --quick --random          # smoke run (tiny, CPU)
-    PYTHONPATH=src python3 benchmarks/decode.py --device cuda --dtype bfloat16 \
+    .venv/bin/python -m benchmarks.speed.decode --quick --random          # smoke run (tiny, CPU)
+    PYTHONPATH=src python3 -m benchmarks.speed.decode --device cuda --dtype bfloat16 \
         --hidden 2048 --ffn 16384 --layers 12 --heads 16 --kv-heads 4 --train-steps 300 \
         --work /tmp/bd --out $OUT/decode.json                        # the GPU variant (1.3B)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -33,12 +31,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, device_name, parser, write_json
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.inference.decode import generate, generate_batch
 from matformer.inference.speculative import speculative_generate
 from matformer.models.lm.shapes import parameter_counts
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def flops_per_token(cfg: MatFormerConfig, widths: list[int], ctx: float) -> float:
@@ -310,7 +307,7 @@ def _print(result: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few tokens (smoke run)")
     ap.add_argument("--random", action="store_true", help="random weights (no training)")
@@ -352,8 +349,7 @@ def main() -> None:
     model, draft, prompts, what = load_models(args)
     result: dict = {"benchmark": "decode", "args": vars(args), "weights": what,
                     "torch": torch.__version__, "machine": platform.machine(),
-                    "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                               else platform.processor() or "cpu"),
+                    "device": device_name(args.device),
                     "threads": torch.get_num_threads(), "config": model.config.to_dict()}
     skip = set(args.skip.split(","))
     if "tiers" not in skip:
@@ -366,8 +362,7 @@ def main() -> None:
     print(f"\n{what}; {result['device']}, {result['threads']} threads; {result['seconds']:.0f}s")
     _print(result)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out, result)
     print(f"\nwrote {out}")
 
 

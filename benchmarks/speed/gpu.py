@@ -16,38 +16,33 @@ process group: 1 here) for the 350M model, compiled per layer.
 tokens/s is the median over timed steps after warm-up; MFU = tokens/s * model FLOPs per token
 (metrics.flops_per_token: 6N + 12*L*H*T, as the GPU probe) / peak bf16 FLOP/s of the device.
 
-    PYTHONPATH=src python3 benchmarks/gpu.py --device cuda --out $OUT/gpu.json   # < 5 min, H100
-    .venv/bin/python benchmarks/gpu.py --device cpu --quick                      # smoke test
+    PYTHONPATH=src python3 -m benchmarks.speed.gpu --device cuda --out $OUT/gpu.json   # < 5 min, H100
+    .venv/bin/python -m benchmarks.speed.gpu --device cpu --quick                      # smoke test
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from matformer.data import text as D  # noqa: E402
-from matformer.models.lm.config import MatFormerConfig  # noqa: E402
-from matformer.models.lm.model import MatFormerLM  # noqa: E402
-from matformer.training.distributed import Dist, teardown  # noqa: E402
-from matformer.training.metrics import flops_per_token, peak_flops  # noqa: E402
-from matformer.training.objective import Objective  # noqa: E402
-from matformer.training.optimizer import build_optimizer  # noqa: E402
-from matformer.training.precision import LossScaler  # noqa: E402
-from matformer.training.prepare import Run, parallelize  # noqa: E402
-from matformer.training.report import Reporter  # noqa: E402
-from matformer.training.settings import TrainConfig  # noqa: E402
-from matformer.training.step import train_step  # noqa: E402
+from benchmarks.common import RESULTS, device_name, parser, write_json
+from matformer.data import text as D
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM
+from matformer.training.distributed import Dist, teardown
+from matformer.training.metrics import flops_per_token, peak_flops
+from matformer.training.objective import Objective
+from matformer.training.optimizer import build_optimizer
+from matformer.training.precision import LossScaler
+from matformer.training.prepare import Run, parallelize
+from matformer.training.report import Reporter
+from matformer.training.settings import TrainConfig
+from matformer.training.step import train_step
 
 SHAPES = {
     "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -57,7 +52,6 @@ SHAPES = {
     "quick": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=256),
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _sync(device: torch.device) -> None:
@@ -154,7 +148,7 @@ def _reset(device: torch.device) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sizes", default="125m,350m")
     ap.add_argument("--seq", type=int, default=2048)
@@ -175,7 +169,7 @@ def main() -> None:
             args.backend = "aot_eager"  # no C++ compile in a smoke run
     t_start = time.time()
     peak = peak_flops(device, None)
-    name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name_dev = device_name(device)
     print(f"device {name_dev}, torch {torch.__version__}, peak {peak and peak / 1e12} TFLOP/s, "
           f"bf16 autocast, seq {args.seq}, vocab {vocab}")
     print("\n| model | kind | compile | tokens/s | MFU | peak GB |\n|---|---|---|---|---|---|")
@@ -217,11 +211,10 @@ def main() -> None:
         print(f"skipped (over the {args.budget:.0f}s budget): {skipped}")
     print(f"total {time.time() - t_start:.0f}s")
     out = Path(args.out) if args.out else RESULTS / ("gpu_quick.json" if args.quick else "gpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name_dev, "torch": torch.__version__, "seq": args.seq,
+    write_json(out, {"device": name_dev, "torch": torch.__version__, "seq": args.seq,
                                "vocab": vocab, "peak_tflops": peak and peak / 1e12, "rows": rows,
                                "ratios_vs_llama": ratios, "skipped": skipped,
-                               "seconds": time.time() - t_start}, indent=2) + "\n")
+                               "seconds": time.time() - t_start})
     print(f"wrote {out}")
 
 

@@ -1,9 +1,10 @@
 """Reproduce the MatFormer paper's claims at small scale: nested widths vs independently trained
 models, Mix'n'Match shapes, consistency with the full width.
 
-    .venv/bin/python benchmarks/reproduce.py           # the documented experiment (< 1 h, 2 cores)
-    .venv/bin/python benchmarks/reproduce.py --quick   # the same pipeline, tiny budget (minutes)
-    .venv/bin/python benchmarks/reproduce.py --v2 ...  # v2 (issue 15): benchmarks/reproduce_v2.py
+    .venv/bin/python -m benchmarks.paper.reproduce_v1          # the documented experiment (< 1 h, 2 cores)
+    .venv/bin/python -m benchmarks.paper.reproduce_v1 --quick  # the same pipeline, tiny budget (minutes)
+
+v2 (issue 15) is its own script: `python -m benchmarks.paper.reproduce_v2`.
 
 This is v1 (docs/RESULTS.md, "v1"): the `tiny` preset, where the FFN widths barely differ. v2
 redoes it on an FFN-heavy preset with three seeds, two corpora and both budgets labelled.
@@ -32,17 +33,12 @@ trained models stay under --out (runs/reproduce by default, git-ignored).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import platform
-import shutil
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,15 +46,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from matformer.tiers import least_slope_plans
-
-TIER_NAMES = {0: "XL", 1: "L", 2: "M", 3: "S"}
-TIERS = (0, 1, 2, 3)  # the library's tier order: tier 0 = XL (full width) ... tier 3 = S
-# The paper's Table 6 probabilities, written in its order S, M, L, XL ...
-XL_UPWEIGHTED_SML_XL = (0.17, 0.20, 0.22, 0.41)
-# ... and mapped to the library's order of `trained_tiers=[0, 1, 2, 3]` (XL, L, M, S).
-XL_UPWEIGHTED_PROBS = tuple(XL_UPWEIGHTED_SML_XL[3 - t] for t in TIERS)  # (0.41, 0.22, 0.20, 0.17)
-MARKER = ".reproduce-runs"  # marks an --out folder as ours, so a re-run may clear it
+from benchmarks.common import hardware, parser
+from benchmarks.paper.common import (
+    TIER_NAMES,
+    TIERS,
+    XL_UPWEIGHTED_PROBS,
+    XL_UPWEIGHTED_SML_XL,
+    compare,
+    compare_paired,
+    mix_shapes,
+    pool_map,
+    prepare_out,
+    shape_of,
+    spread,
+    tier_passes,
+)
 
 CONFIGS = ("baseline", "matlm_uniform", "matlm_xl", "joint")
 CONFIG_LABELS = {
@@ -146,19 +148,6 @@ def _train_one(spec: dict[str, Any], out_root: str) -> dict[str, Any]:
                 train_seconds=res.elapsed_s, wall_seconds=time.time() - t0, tokenizer_sha256=tok_sha)
 
 
-def _tier_passes(spec: dict[str, Any], base: int) -> dict[int, int]:
-    """How many steps trained each tier (the library's own stateless step plan, so the sampled
-    runs' realised draws are counted exactly)."""
-    from matformer.training import TrainConfig, step_plan
-
-    cfg = TrainConfig(**spec["train"])
-    counts = {t: 0 for t in TIERS}
-    for step in range(cfg.steps):
-        for t, _w in step_plan(cfg, base, step, 0, 1):
-            counts[t] += 1
-    return counts
-
-
 # ---- consistency between two different models -------------------------------------------------
 
 
@@ -179,37 +168,6 @@ def consistency(reference: torch.nn.Module, model: torch.nn.Module, windows: np.
         kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
         n += x.numel()
     return {"greedy_match": match / n, "kl": max(0.0, kl / n)}
-
-
-# ---- Mix'n'Match shapes ----------------------------------------------------------------------
-
-
-def mix_shapes(base: int, num_layers: int) -> list[list[int]]:
-    """Per-layer width lists mixing two neighbouring tiers: non-decreasing with depth (one change,
-    the paper's least-slope heuristic, `matformer.tiers.least_slope_plans`), the same counts
-    decreasing, and alternating."""
-    out: list[list[int]] = []
-    for wide in TIERS[:-1]:
-        w, nw = base >> wide, base >> (wide + 1)
-        for plan in least_slope_plans([nw, w], num_layers, range(1, num_layers)):
-            out.append(plan)  # non-decreasing: the last k layers wide
-            out.append(plan[::-1])  # decreasing
-        if num_layers >= 3:
-            out.append([nw if i % 2 == 0 else w for i in range(num_layers)])  # n, w, n, w ...
-            out.append([w if i % 2 == 0 else nw for i in range(num_layers)])  # w, n, w, n ...
-    return out
-
-
-def shape_of(widths: Sequence[int]) -> str:
-    """'uniform', 'non-decreasing', 'decreasing' or 'other' (alternating etc.) along depth."""
-    ws = list(widths)
-    if all(a == ws[0] for a in ws):
-        return "uniform"
-    if all(a <= b for a, b in zip(ws, ws[1:], strict=False)):
-        return "non-decreasing"
-    if all(a >= b for a, b in zip(ws, ws[1:], strict=False)):
-        return "decreasing"
-    return "other"
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -246,46 +204,6 @@ def _eval_one(group: dict[str, Any], windows: np.ndarray, batch_size: int) -> di
         rows.append(dict(widths=r.widths, tier=t, shape="uniform", loss=r.loss,
                          non_embedding_params=r.non_embedding_params, **cons))
     return dict(config="baseline", seed=group["seed"], rows=rows, base=ref.base_width)
-
-
-# ---- statistics ------------------------------------------------------------------------------
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    v = [float(x) for x in values]
-    return {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "n": len(v)}
-
-
-def compare(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True,
-            names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
-    """Compare two sets of per-seed values. delta = mean(b) - mean(a). A tie when |delta| is not
-    larger than the larger min..max range of the two sets (the seed-to-seed spread)."""
-    sa, sb = spread(a), spread(b)
-    delta = sb["mean"] - sa["mean"]
-    noise = max(sa["max"] - sa["min"], sb["max"] - sb["min"])
-    if abs(delta) <= noise + 1e-12:  # equal up to rounding counts as within the spread
-        verdict = "tie"
-    else:
-        b_better = (delta < 0) if lower_is_better else (delta > 0)
-        verdict = f"{names[1]} better" if b_better else f"{names[0]} better"
-    return {"a": sa, "b": sb, "delta": delta, "spread": noise, "verdict": verdict}
-
-
-def compare_paired(a: Sequence[float], b: Sequence[float], lower_is_better: bool = True,
-                   names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
-    """Compare two measurements of the SAME models (one per seed, e.g. two Mix'n'Match shapes
-    cut from one trained model): d_s = b_s - a_s. A tie when |mean d| is not larger than the
-    min..max range of d over seeds, or when the seeds disagree on the sign."""
-    d = [float(y) - float(x) for x, y in zip(a, b, strict=True)]
-    st = spread(d)
-    noise = st["max"] - st["min"]
-    if abs(st["mean"]) <= noise + 1e-12 or (st["min"] < 0 < st["max"]):
-        verdict = "tie"
-    else:
-        b_better = (st["mean"] < 0) if lower_is_better else (st["mean"] > 0)
-        verdict = f"{names[1]} better" if b_better else f"{names[0]} better"
-    return {"delta": st["mean"], "delta_min": st["min"], "delta_max": st["max"], "spread": noise,
-            "verdict": verdict}
 
 
 def summarize(evals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -576,39 +494,6 @@ def make_plots(summary: dict[str, Any], folder: Path, suffix: str, subtitle: str
 # ---- the experiment --------------------------------------------------------------------------
 
 
-def _pool_map(fn, items: list[tuple], jobs: int) -> list[Any]:
-    if jobs <= 1:
-        return [fn(*it) for it in items]
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futures = [ex.submit(fn, *it) for it in items]
-        return [f.result() for f in futures]
-
-
-def _prepare_out(out: Path) -> None:
-    if out.exists():
-        if not (out / MARKER).is_file() and any(out.iterdir()):
-            raise SystemExit(f"error: {out} exists and was not made by this script; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("trained models of benchmarks/reproduce.py; safe to delete\n")
-
-
-def hardware() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
 def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     """Train every run, evaluate every model on the same held-out windows, summarise."""
     from matformer.data import text as D
@@ -618,13 +503,13 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     t_start = time.time()
     hw = hardware()
     out = Path(s.out)
-    _prepare_out(out)
+    prepare_out(out)
     specs = run_specs(s)
     # Longest runs first, so the parallel workers finish together.
     order = sorted(specs, key=lambda sp: -sp["train"]["steps"] * (4 if sp["config"] == "joint" else 1))
     log(f"training {len(specs)} runs ({s.jobs} in parallel); X = {s.x_tokens:,} tokens per baseline")
     t0 = time.time()
-    done = _pool_map(_train_one, [(sp, str(out)) for sp in order], s.jobs)
+    done = pool_map(_train_one, [(sp, str(out)) for sp in order], s.jobs)
     train_wall = time.time() - t0
     runs = {d["name"]: d for d in done}
     shas = {d["tokenizer_sha256"] for d in done}
@@ -649,7 +534,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
             groups.append(dict(config=cfg, seed=seed,
                                runs=[sp for sp in specs if sp["config"] == cfg and sp["seed"] == seed]))
     t0 = time.time()
-    evals = _pool_map(_eval_one, [(g, windows, 16) for g in groups], s.jobs)
+    evals = pool_map(_eval_one, [(g, windows, 16) for g in groups], s.jobs)
     eval_wall = time.time() - t0
     summary = summarize(evals)
 
@@ -659,7 +544,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
     base, L = mcfg.base, mcfg.num_hidden_layers
     compute: dict[str, Any] = {}
     for sp in specs:
-        passes = _tier_passes(sp, base)
+        passes = tier_passes(sp, base)
         tok = s.batch_size * s.seq_len
         flops = sum(6 * (parameter_counts(mcfg, [base >> t] * L)["non_embedding"]
                          + mcfg.vocab_size * mcfg.hidden_size) * tok * n for t, n in passes.items())
@@ -673,7 +558,7 @@ def run_experiment(s: Settings, log=print) -> dict[str, Any]:
         c["train_seconds"] += sp["train_seconds"]
 
     report = {
-        "command": "benchmarks/reproduce.py" + (" --quick" if s.quick else ""),
+        "command": "python -m benchmarks.paper.reproduce_v1" + (" --quick" if s.quick else ""),
         "settings": {**dataclasses.asdict(s), "x_tokens": s.x_tokens},
         "model": {"preset": s.preset, "layers": L, "hidden_size": mcfg.hidden_size, "ffn_base": base,
                   "ffn_widths": {TIER_NAMES[t]: base >> t for t in TIERS},
@@ -726,13 +611,7 @@ def replot(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--v2" in argv:  # the v2 reproduction (issue 15) lives in reproduce_v2.py
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import reproduce_v2
-
-        return reproduce_v2.main([a for a in argv if a != "--v2"])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, full_doc=True)
     ap.add_argument("--quick", action="store_true", help=f"tiny budget for a smoke run ({QUICK})")
     ap.add_argument("--baseline-steps", type=int, default=None, help="steps of one baseline (X)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")

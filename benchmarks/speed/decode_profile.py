@@ -6,27 +6,24 @@ device the weights are read once either way; this profile shows what else grows 
 count (attention over the cache, the matmuls' kernel choice, the pointwise work) so the docs can
 say why a verify costs what it costs.
 
-    .venv/bin/python benchmarks/decode_profile.py --ckpt runs/bench-decode/ffn8-h512 --threads 2
-    .venv/bin/python benchmarks/decode_profile.py --random --quick      # smoke run
+    .venv/bin/python -m benchmarks.speed.decode_profile --ckpt runs/bench-decode/ffn8-h512 --threads 2
+    .venv/bin/python -m benchmarks.speed.decode_profile --random --quick      # smoke run
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from decode import random_model  # benchmarks/decode.py, beside this file
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import RESULTS, parser, write_json
+from benchmarks.speed.decode import random_model
 from matformer import MatFormerLM
 from matformer.inference.static_cache import StaticDecoder
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _model(args) -> MatFormerLM:
@@ -64,7 +61,7 @@ def _ops(fn, reps: int, top: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--random", action="store_true")
     ap.add_argument("--quick", action="store_true")
@@ -114,11 +111,10 @@ def main() -> None:
         r["vs_step"] = r["ms"] / step[r["tier"]]
         print(f"  tier {r['tier']}, {r['tokens']} tokens: {r['vs_step']:.2f}x")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "decode_profile", "args": vars(args),
+    write_json(out, {"benchmark": "decode_profile", "args": vars(args),
                                "torch": torch.__version__, "machine": platform.machine(),
                                "threads": torch.get_num_threads(),
-                               "config": model.config.to_dict(), "rows": rows}, indent=2) + "\n")
+                               "config": model.config.to_dict(), "rows": rows})
     print(f"wrote {out}")
 
 

@@ -8,22 +8,21 @@
    FLOP ratio (model FLOPs per decoded token, full / point: 2 x non-embedding parameters plus the
    attention over the context, 4 x layers x query heads x head_dim x context).
 
-    .venv/bin/python benchmarks/heads.py                 # CPU, writes benchmarks/results/heads.json
-    .venv/bin/python benchmarks/heads.py --quick         # a tiny shape for a smoke run
-    PYTHONPATH=src python3 benchmarks/heads.py --device cuda --out $OUT/heads.json
+    .venv/bin/python -m benchmarks.speed.heads                 # CPU, writes benchmarks/results/heads.json
+    .venv/bin/python -m benchmarks.speed.heads --quick         # a tiny shape for a smoke run
+    PYTHONPATH=src python3 -m benchmarks.speed.heads --device cuda --out $OUT/heads.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import device_name, parser, write_json
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.inference.decode import generate
 from matformer.models.lm.model import Attention
@@ -126,8 +125,7 @@ def decode_table(model: MatFormerLM, args: argparse.Namespace, device: torch.dev
 
 
 def _args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, full_doc=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--quick", action="store_true")
@@ -171,8 +169,7 @@ def main() -> None:
     t0 = time.perf_counter()
     attn = attention_table(model, args, device)
     decode = decode_table(model, args, device)
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else platform.processor() or platform.machine(), "torch": torch.__version__,
+    out = {"device": device_name(device), "torch": torch.__version__,
            "dtype": str(dtype), "threads": torch.get_num_threads(), "config": cfg.to_dict(),
            "args": vars(args), "attention": attn, "decode": decode,
            "seconds": time.perf_counter() - t0}
@@ -189,8 +186,7 @@ def main() -> None:
         print(f"{r['tier']:>4} {r['kv_heads']:>3} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f}x "
               f"{r['flop_ratio']:10.2f}x {r['kv_cache_bytes_per_token']:>9,}")
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(path, out)
     print(f"\nwrote {path} ({out['seconds']:.0f} s)")
 
 

@@ -14,16 +14,15 @@ independent baselines, plain ViTs built at widths B, B/2, B/4, B/8 (`--intermedi
 Budget: every run takes the same number of optimizer steps on the same batches; MatViT's joint
 step runs four widths, so it costs about what the four baselines cost together.
 
-    .venv/bin/python benchmarks/vit_reproduce.py --steps 2000 --seeds 0,1,2   # 8 min on one H100
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_reproduce.py --jobs 2  # 600 steps, 2 seeds, CPU
-    .venv/bin/python benchmarks/vit_reproduce.py --quick --out /tmp/vit_repro.json  # smoke run
+    .venv/bin/python -m benchmarks.paper.vit_reproduce --steps 2000 --seeds 0,1,2   # 8 min on one H100
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.paper.vit_reproduce --jobs 2  # 600 steps, 2 seeds, CPU
+    .venv/bin/python -m benchmarks.paper.vit_reproduce --quick --out /tmp/vit_repro.json  # smoke run
 Training runs on CUDA when there is one (`--device auto`); evaluation on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -34,13 +33,13 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import RESULTS, parser, write_json
 from matformer import load_model
 from matformer.evaluation.vision import checkpoint_heldout, cross_retrieval, evaluate_vit
 from matformer.io.source import resolve_source
 from matformer.models.vit.config import MatViTConfig
 from matformer.training import TrainConfig, train
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TIERS = (0, 1, 2, 3)
 NAMES = {0: "XL", 1: "L", 2: "M", 3: "S"}
 
@@ -138,7 +137,7 @@ def print_tables(summary: dict[str, Any], seeds: list[int]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
@@ -168,13 +167,12 @@ def main() -> None:
     elapsed = time.time() - t0
     print(f"\n{len(jobs)} training runs in {train_s / 60:.1f} min, all in {elapsed / 60:.1f} min")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(out, {
         "benchmark": "vit_reproduce", "args": {k: v for k, v in vars(args).items()},
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cpus": os.cpu_count(), "train_minutes": train_s / 60, "minutes": elapsed / 60, **results,
-    }, indent=2) + "\n")
+    })
     print(f"wrote {out}")
 
 

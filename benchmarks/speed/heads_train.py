@@ -10,17 +10,17 @@ reads off one table: the full model and the FFN-only widths at all heads (does t
 lose anything there?), and the head-reduced points (what do they reach; and what the ffn arm,
 never trained at fewer heads, gives there).
 
-    .venv/bin/python benchmarks/heads_train.py --seeds 0 1 --steps 200
+    .venv/bin/python -m benchmarks.speed.heads_train --seeds 0 1 --steps 200
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
+from benchmarks.common import parser, write_json
 from matformer.evaluation.lm import evaluate
 from matformer.tiers import head_granularities
 from matformer.training import TrainConfig, train
@@ -45,8 +45,7 @@ def _run(arm: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, full_doc=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--preset", default="tiny")
@@ -76,8 +75,7 @@ def main() -> None:
         print(f"{row['point']:<10} {row['params']:>9,} {row['ffn']:9.4f} {row['heads']:10.4f} "
               f"{row['delta']:+10.4f}")
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": vars(args), "runs": runs, "table": table}, indent=2) + "\n")
+    write_json(path, {"args": vars(args), "runs": runs, "table": table})
     print(f"wrote {path}")
 
 

@@ -8,14 +8,12 @@ by llama.cpp and by matformer (runtime slicing of the full checkpoint, float32) 
 - greedy: 32 new tokens, llama.cpp's own sampler at temperature 0 vs our argmax loop.
 Prints a table and writes benchmarks/results/llamacpp.json.
 
-    .venv/bin/python benchmarks/llamacpp.py            # a random debug model with a tokenizer
-    .venv/bin/python benchmarks/llamacpp.py --src runs/demo --layer-tiers 3,2,1,0
+    .venv/bin/python -m benchmarks.speed.llamacpp            # a random debug model with a tokenizer
+    .venv/bin/python -m benchmarks.speed.llamacpp --src runs/demo --layer-tiers 3,2,1,0
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -27,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import RESULTS, parser, write_json
 from matformer import MatFormerConfig, MatFormerLM, load_model, save_model
 from matformer.data.text import load_tokenizer, save_tokenizer, train_tokenizer
 from matformer.slicing.export import export_gguf, request_widths
 
-RESULTS = Path(__file__).resolve().parent / "results" / "llamacpp.json"
+RESULT = RESULTS / "llamacpp.json"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello, world!  Two  spaces,\ttabs\nand new lines\n\n  indented 12345 67 o'clock it's",
@@ -124,12 +123,12 @@ def compare(ckpt: str | Path, out: str | Path, *, n_new: int = 32, outtype: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--src", help="checkpoint with tokenizer.json (default: a random debug model)")
     p.add_argument("--layer-tiers", default="0,2", help="the Mix'n'Match request (default 0,2)")
     p.add_argument("--tier", type=int, default=1, help="the uniform request (default 1)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json-out", default=str(RESULTS))
+    p.add_argument("--json-out", default=str(RESULT))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     mix = [int(t) for t in args.layer_tiers.split(",")]
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus (shared)",
               "llama_cpp_python": llama_cpp.__version__, "src": args.src or "random debug model",
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "rows": rows}
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.json_out), report)
     print(f"wrote {args.json_out}")
     return 0
 

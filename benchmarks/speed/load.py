@@ -8,13 +8,12 @@ ru_maxrss, which a child inherits from its parent across exec).
 Both loaders read the same files with a warm page cache. Reported: medians and our/transformers
 ratios. Goal (issue 3): time <= 1.0x, peak memory <= 1.05x.
 
-    .venv/bin/python benchmarks/load.py             # ~250 MB, about a minute on 2 cores
-    .venv/bin/python benchmarks/load.py --size 1000 # the ~1 GB checkpoint of the issue
+    .venv/bin/python -m benchmarks.speed.load             # ~250 MB, about a minute on 2 cores
+    .venv/bin/python -m benchmarks.speed.load --size 1000 # the ~1 GB checkpoint of the issue
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import RESULTS, parser, write_json
 
 CHILD = r"""
 import json, sys, time
@@ -89,12 +90,12 @@ def run_child(which: str, path: Path, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--size", type=float, default=250, help="checkpoint size in MB (default 250)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3, help="runs per loader (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each loader process")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "load.json"))
+    ap.add_argument("--out", default=str(RESULTS / "load.json"))
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="matformer-load-bench-") as tmp:
@@ -133,11 +134,9 @@ def main() -> None:
           f"{ratio['peak_minus_imports']:>17.2f}")
     print(f"same logits: {same}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": ck, "repeats": args.repeats, "threads": args.threads,
+    write_json(out, {"checkpoint": ck, "repeats": args.repeats, "threads": args.threads,
                                "results": rows, "ratios": ratio, "same_logits": same,
-                               "runs": runs, "command": " ".join(["benchmarks/load.py", *sys.argv[1:]])},
-                              indent=2) + "\n")
+                               "runs": runs, "command": " ".join(["python -m benchmarks.speed.load", *sys.argv[1:]])})
     print(f"wrote {out}")
 
 

@@ -1,0 +1,1 @@
+"""Reproductions of the MatFormer paper's claims at small scale (v1, v2, MatViT)."""

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (one script per measurement); results in benchmarks/results/."""
