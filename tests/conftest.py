@@ -1,14 +1,24 @@
-"""Shared test helpers."""
+"""Shared test helpers: the one tiny-model factory (`tiny_lm`), the one CLI runner (`run_cli`),
+a small corpus and a seconds-long training run. Test files import plain helpers from here
+(`from tests.conftest import tiny_lm`) and take fixtures by name."""
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.training import TrainConfig
+
+HEADS = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+"""4 KV heads of 2 query heads each (r = 2), head_dim 16: heads nest by KV group."""
 
 
 @pytest.fixture
@@ -20,16 +30,81 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def distinct_widths_model(seed: int = 0, **overrides) -> MatFormerLM:
-    """A debug-preset model whose widths visibly disagree: at random init the FFN is a small
-    correction, so scale it (and the head) up; drafts then get rejected and widths differ."""
-    torch.manual_seed(seed)
-    model = MatFormerLM(MatFormerConfig.from_preset("debug", **overrides)).eval()
+def tiny_lm(seed: int | None = 0, *, distinct: bool = False, heads: bool = False,
+            random_norms: bool = False, head_scale: float = 1.0, fill: float | None = None,
+            config: MatFormerConfig | None = None, **overrides) -> MatFormerLM:
+    """A debug-preset MatFormerLM (hidden 64, FFN 256, 2 layers, vocab 512) in eval mode.
+
+    seed: torch.manual_seed before the weights are drawn (None: the current RNG state).
+    distinct: widths visibly disagree: at random init the FFN is a small correction, so scale it
+        (x8) and the head (x4) up; drafts then get rejected and widths differ.
+    heads: nested attention heads (HEADS: 8 query heads on 4 KV heads, head_dim 16).
+    random_norms: norm weights drawn from U(0.5, 1.5), so a wrongly copied norm shows.
+    head_scale: multiply the lm_head (visible differences between settings).
+    fill: every weight set to this value, so which save a tensor came from is visible.
+    config: build this config instead of the debug preset (`heads`/`overrides` then unused).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    if config is None:
+        config = MatFormerConfig.from_preset("debug", **{**(HEADS if heads else {}), **overrides})
+    model = MatFormerLM(config).eval()
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.mul_(8)
-        model.lm_head.weight.mul_(4)
+        if random_norms:
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+        if distinct:
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.mul_(8)
+            head_scale *= 4
+        if head_scale != 1.0:
+            model.lm_head.weight.mul_(head_scale)
+        if fill is not None:
+            for p in model.parameters():
+                p.fill_(fill)
     return model
+
+
+class CliRun(NamedTuple):
+    """What one `matformer` invocation gave: exit status, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+_FRESH = ("import sys; from matformer.cli import main; rc = main(sys.argv[1:]); "
+          "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+          "print('IMPORTED', bad, file=sys.stderr) if bad else None; sys.exit(rc)")
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch) -> Callable[..., CliRun]:
+    """Run `matformer ARGV...` and return (code, out, err).
+
+    In this process by default (argparse's own exits become their status; `stdin` feeds the
+    verb's standard input). With `fresh=True` in a new interpreter instead, which reports
+    `IMPORTED [...]` on stderr if torch or transformers got imported (start-up contract)."""
+
+    def run(*argv: str, stdin: str | None = None, fresh: bool = False) -> CliRun:
+        argv = tuple(str(a) for a in argv)
+        if fresh:
+            r = subprocess.run([sys.executable, "-c", _FRESH, *argv], capture_output=True,
+                               text=True, timeout=120, input=stdin)
+            return CliRun(r.returncode, r.stdout, r.stderr)
+        from matformer.cli import main
+
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # argparse's own errors: usage + one line, status 2
+            code = int(e.code or 0)
+        out, err = capsys.readouterr()
+        return CliRun(code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="module")

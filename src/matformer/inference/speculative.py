@@ -291,7 +291,7 @@ def _draft_lengths(draft_tokens: int | str | None, max_draft_tokens: int,
 
 
 @dataclass
-class _Round:
+class DraftRound:
     """The state the round loop carries: what is drafted with, and the acceptance seen."""
 
     draft: Draft
@@ -406,7 +406,7 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
         cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
-        state = _Round(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
+        state = DraftRound(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
                        plain_ok=auto)
         if choose:
             costs = _first_choice(model, dec, draft_decs, ids, target, drafts, ks, sampler, state,
@@ -426,14 +426,14 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
 
 def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
                   ids: torch.Tensor, target: Setting, drafts: list[Draft],
-                  ks: Sequence[int], sampler: Sampler, state: _Round, costs: DecodeCosts | None,
+                  ks: Sequence[int], sampler: Sampler, state: DraftRound, costs: DecodeCosts | None,
                   extra: dict[str, Any]) -> DecodeCosts:
     """The first (draft, k) choice, from the prompt's agreement and the costs (measured now
     unless `costs` cover every draft and k); returns the costs (also in `extra["costs"]`)."""
     state.prior = prompt_agreement(model, ids, target, drafts, sampler)
     if not _covers(costs, drafts, ks):
         costs = measure_costs(model, dec, target, drafts, draft_decs, ks)
-    _rechoose(state, drafts, costs, ks, extra)
+    rechoose_draft(state, drafts, costs, ks, extra)
     extra["costs"] = costs
     return costs
 
@@ -465,7 +465,7 @@ def _prefill(dec: StaticDecoder, draft_decs: dict[str, StaticDecoder], ids: torc
     return ids[:, -1:]
 
 
-def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Sequence[int],
+def rechoose_draft(state: DraftRound, drafts: Sequence[Draft], costs: DecodeCosts, ks: Sequence[int],
               extra: dict[str, Any]) -> None:
     """Pick (draft, k) from the costs at the acceptance seen so far. With k and the draft chosen
     (`draft_tier="auto"`) and no pair expected to beat plain decoding, k = 0: each round is one
@@ -490,7 +490,7 @@ def _rechoose(state: _Round, drafts: Sequence[Draft], costs: DecodeCosts, ks: Se
 
 
 def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
-            cur: torch.Tensor, state: _Round, target: Setting, sampler: Sampler,
+            cur: torch.Tensor, state: DraftRound, target: Setting, sampler: Sampler,
             eos: set[int],
             max_new_tokens: int, stats: GenerationStats, stream: StreamCallback | None,
             ks: Sequence[int] | None, costs: DecodeCosts | None, drafts: Sequence[Draft],
@@ -524,7 +524,7 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         if state.mode == "adaptive":
             state.k = (min(state.k + 2, 16) if n == kk and kk > 0 else max(1, state.k - 1))
         elif ks is not None and costs is not None:
-            _rechoose(state, drafts, costs, ks, extra)
+            rechoose_draft(state, drafts, costs, ks, extra)
     return out
 
 

@@ -128,10 +128,10 @@ def read_config(folder: str | Path) -> Gemma3nConfig:
     if not isinstance(text_raw, dict):
         raise ConfigError(f"{path}: a {MULTIMODAL_TYPE!r} config needs a 'text_config' object")
     where = f"{path}: {'text_config.' if multimodal else ''}"
-    return Gemma3nConfig(path, raw, multimodal, _normalise(text_raw, where))
+    return Gemma3nConfig(path, raw, multimodal, normalise(text_raw, where))
 
 
-def _normalise(text_raw: dict[str, Any], where: str) -> dict[str, Any]:
+def normalise(text_raw: dict[str, Any], where: str) -> dict[str, Any]:
     text = {**TEXT_DEFAULTS, **{k: v for k, v in text_raw.items() if v is not None}}
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size_per_layer_input",

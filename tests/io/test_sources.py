@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hub import FakeHub
 
 from matformer import CheckpointError, MatFormerConfig, MatFormerLM, TierError
 from matformer.cli import main
@@ -18,6 +17,7 @@ from matformer.data.text import tokenizer_files, train_tokenizer
 from matformer.io.checkpoint import load_model, load_state_dict, save_model
 from matformer.io.source import resolve_source
 from matformer.slicing.extract import slice_checkpoint
+from tests.fake_hub import FakeHub
 
 TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300))
 KINDS = ("folder", "file", "hub", "multi", "hub-multi")

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub
 
 from matformer import MatFormerConfig, MatFormerLM, save_model
+from tests.fake_hub import FakeHub
 
 REPO = "acme/tiny-matformer"
 

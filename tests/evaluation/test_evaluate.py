@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
-import sys
 
 import pytest
 import torch
-from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM, parameter_counts
-from matformer.cli import main
 from matformer.data.text import heldout_windows
 from matformer.errors import MatFormerError
 from matformer.evaluation.lm import evaluate
 from matformer.evaluation.report import format_eval_report
 from matformer.tiers import mix_n_match_plans
+from tests.conftest import tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-_model = distinct_widths_model
 
 
 def test_eval_numbers_agree_with_a_direct_computation() -> None:
-    model = _model()
+    model = tiny_lm(distinct=True)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (700,), generator=g)
     rep = evaluate(model, tokens, seq_len=32, max_tokens=640, batch_size=3, mix_n_match=False,
@@ -59,7 +55,7 @@ def test_eval_numbers_agree_with_a_direct_computation() -> None:
 
 
 def test_speculative_report_and_decode_speed() -> None:
-    model = _model(1)
+    model = tiny_lm(1, distinct=True)
     tokens = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(1))
     rep = evaluate(model, tokens, seq_len=64, max_tokens=512, spec_prompts=2, spec_prompt_len=8,
                    spec_new_tokens=24, draft_tokens=3)
@@ -97,7 +93,7 @@ def test_mix_n_match_points_follow_least_slope() -> None:
 
 
 def test_a_sliced_model_is_its_own_reference() -> None:
-    full = _model(2)
+    full = tiny_lm(2, distinct=True)
     small = MatFormerLM(full.config.with_widths(128)).eval()
     tokens = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(2))
     rep = evaluate(small, tokens, seq_len=32, decode=False, speculative=False)
@@ -108,7 +104,7 @@ def test_a_sliced_model_is_its_own_reference() -> None:
 def test_eval_layer_tiers_is_one_point_like_tier() -> None:
     """`layer_tiers` names one per-layer point, like `tier` one uniform one: that point and the
     stored reference; the two together are one request too many."""
-    model = _model()
+    model = tiny_lm(distinct=True)
     tokens = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3))
     rep = evaluate(model, tokens, seq_len=32, decode=False, speculative=False,
                    layer_tiers=[2, 1], kv_heads=[])
@@ -139,35 +135,27 @@ def ckpt(tmp_path_factory):
     return out
 
 
-def _cli(argv, capsys, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
-
-def test_generate_verb_streams_text_and_speculative_matches(ckpt, capsys, monkeypatch) -> None:
-    code, plain, err = _cli(["generate", str(ckpt), "--prompt", "def main(", "--max-new-tokens",
-                             "12"], capsys)
+def test_generate_verb_streams_text_and_speculative_matches(ckpt, run_cli) -> None:
+    code, plain, err = run_cli("generate", str(ckpt), "--prompt", "def main(", "--max-new-tokens",
+                             "12")
     assert code == 0 and plain.strip() and "tok/s at tier 0" in err
-    code, spec, err = _cli(["generate", str(ckpt), "--max-new-tokens", "12", "--draft-tier", "2",
-                            "--draft-tokens", "3"], capsys, stdin="def main(", monkeypatch=monkeypatch)
+    code, spec, err = run_cli("generate", str(ckpt), "--max-new-tokens", "12", "--draft-tier", "2",
+                            "--draft-tokens", "3", stdin="def main(")
     assert code == 0 and spec == plain and "draft tier 2" in err
-    code, small, _ = _cli(["generate", str(ckpt), "--prompt", "def main(", "--max-new-tokens", "12",
-                           "--tier", "3", "--temperature", "0.9", "--top-k", "20", "--seed", "3"],
-                          capsys)
+    code, small, _ = run_cli("generate", str(ckpt), "--prompt", "def main(", "--max-new-tokens", "12",
+                           "--tier", "3", "--temperature", "0.9", "--top-k", "20", "--seed", "3")
     assert code == 0 and small.strip()
 
 
-def test_generate_verb_errors(ckpt, tmp_path, capsys, monkeypatch) -> None:
-    code, out, err = _cli(["generate", str(ckpt), "--prompt", "   "], capsys)
+def test_generate_verb_errors(ckpt, tmp_path, run_cli) -> None:
+    code, out, err = run_cli("generate", str(ckpt), "--prompt", "   ")
     assert code == 2 and "prompt is empty" in err and len(err.strip().splitlines()) == 1
-    code, out, err = _cli(["generate", str(ckpt)], capsys, stdin="", monkeypatch=monkeypatch)
+    code, out, err = run_cli("generate", str(ckpt), stdin="")
     assert code == 2 and "prompt is empty" in err
     # A width this checkpoint can't run: tier 9 of base 256 is no width; a sliced checkpoint
     # can't run wider than it stores.
-    code, out, err = _cli(["generate", str(ckpt), "--prompt", "x", "--tier", "9"], capsys)
+    code, out, err = run_cli("generate", str(ckpt), "--prompt", "x", "--tier", "9")
     assert code == 2 and "tier 9" in err and len(err.strip().splitlines()) == 1
     from matformer.io.checkpoint import load_model, save_model
 
@@ -176,20 +164,20 @@ def test_generate_verb_errors(ckpt, tmp_path, capsys, monkeypatch) -> None:
     small = MatFormerLM(m.config.with_widths(64)).eval()
     save_model(small, sliced)
     shutil.copy(ckpt / "tokenizer.json", sliced / "tokenizer.json")
-    code, out, err = _cli(["generate", str(sliced), "--prompt", "x", "--tier", "0"], capsys)
+    code, out, err = run_cli("generate", str(sliced), "--prompt", "x", "--tier", "0")
     assert code == 2 and "load the full checkpoint" in err and len(err.strip().splitlines()) == 1
-    code, out, err = _cli(["generate", str(sliced), "--prompt", "x", "--draft-tier", "1"], capsys)
+    code, out, err = run_cli("generate", str(sliced), "--prompt", "x", "--draft-tier", "1")
     assert code == 2 and "tier 1" in err
     # no tokenizer.json
     (sliced / "tokenizer.json").unlink()
-    code, out, err = _cli(["generate", str(sliced), "--prompt", "x"], capsys)
+    code, out, err = run_cli("generate", str(sliced), "--prompt", "x")
     assert code == 2 and "tokenizer.json" in err and len(err.strip().splitlines()) == 1
 
 
-def test_eval_verb_json_plot_and_data(ckpt, tmp_path, capsys) -> None:
+def test_eval_verb_json_plot_and_data(ckpt, tmp_path, run_cli) -> None:
     png = tmp_path / "curve.png"
-    code, out, err = _cli(["eval", str(ckpt), "--json", "--plot", str(png), "--max-tokens", "1024",
-                           "--seq-len", "64", "--widths", "64,256"], capsys)
+    code, out, err = run_cli("eval", str(ckpt), "--json", "--plot", str(png), "--max-tokens", "1024",
+                           "--seq-len", "64", "--widths", "64,256")
     assert code == 0
     rep = json.loads(out)
     kinds = {r["kind"] for r in rep["results"]}
@@ -201,12 +189,12 @@ def test_eval_verb_json_plot_and_data(ckpt, tmp_path, capsys) -> None:
     text = tmp_path / "val.txt"
     text.write_text("import os\nprint(os.getcwd())\n" * 40)
     report_file = tmp_path / "report.json"
-    code, out, err = _cli(["eval", str(ckpt), "--data", str(text), "--seq-len", "32",
+    code, out, err = run_cli("eval", str(ckpt), "--data", str(text), "--seq-len", "32",
                            "--no-speculative", "--no-decode", "--tiers", "0,2",
-                           "--json-out", str(report_file)], capsys)
+                           "--json-out", str(report_file))
     assert code == 0 and "tier 2" in out and "tier 1" not in out
     # --json-out writes the same report the table shows.
     written = json.loads(report_file.read_text())
     assert {r["name"] for r in written["results"]} >= {"tier 0", "tier 2"}
-    code, out, err = _cli(["eval", str(ckpt), "--plot", str(tmp_path / "x.pdf")], capsys)
+    code, out, err = run_cli("eval", str(ckpt), "--plot", str(tmp_path / "x.pdf"))
     assert code == 2 and ".png" in err

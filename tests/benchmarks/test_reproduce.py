@@ -1,33 +1,25 @@
-"""Smoke test of benchmarks/reproduce.py: the whole pipeline on a debug-size budget (structure of
+"""Smoke test of benchmarks/paper/reproduce_v1.py (and reproduce_v2.py below): the whole pipeline on a debug-size budget (structure of
 the report, parameter counts, compute accounting), the tie/verdict rule, the Mix'n'Match shapes
 and the two-model consistency measure (checked against `matformer.evaluation.lm` within one model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.paper import reproduce_v1, reproduce_v2
 from matformer.evaluation.lm import evaluate
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
 from matformer.models.lm.shapes import parameter_counts
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
-
 
 @pytest.fixture(scope="module")
 def rp():
-    spec = importlib.util.spec_from_file_location("reproduce_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return reproduce_v1
 
 
 def test_compare_calls_differences_within_the_spread_ties(rp):
@@ -163,18 +155,12 @@ def test_pipeline_smoke(rp, tmp_path):
     assert all(p.stat().st_size > 10_000 for p in plots)
 
 
-# ---- v2 (issue 15): benchmarks/reproduce_v2.py -----------------------------------------------
-
-_PATH_V2 = _PATH.with_name("reproduce_v2.py")
+# ---- v2 (issue 15): benchmarks/paper/reproduce_v2.py -----------------------------------------
 
 
 @pytest.fixture(scope="module")
-def rp2(rp):
-    spec = importlib.util.spec_from_file_location("reproduce_v2_bench", _PATH_V2)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_v2_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def rp2():
+    return reproduce_v2
 
 
 def test_kjv_corpus_is_natural_language_by_chapter():

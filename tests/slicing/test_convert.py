@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hub import FakeHub
 
 from matformer.cli import main as cli_main
 from matformer.data import text as D
@@ -27,6 +26,7 @@ from matformer.slicing.convert import (
 )
 from matformer.training import Objective, TrainConfig, train
 from matformer.training.distill import Distillation, kd_loss
+from tests.fake_hub import FakeHub
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config as tiny
 
 from matformer.cli import main as cli_main
 from matformer.data import text as D
@@ -33,6 +32,7 @@ from matformer.training import (
     train,
     update_extent,
 )
+from tests.conftest import tiny_config as tiny
 
 FFN = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
 
@@ -178,7 +178,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, corpus):
     while not target.exists() and q.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     q.send_signal(signal.SIGKILL)
-    q.wait()
+    q.wait(timeout=60)
     assert q.returncode == -signal.SIGKILL
     assert not (Path(killed.out) / "config.json").exists(), "the run finished before the kill"
     assert p.wait(timeout=300) == 0, p.stdout.read()
@@ -347,7 +347,7 @@ def test_every_setting_is_a_flag_with_its_default():
 
 
 def test_resume_from_a_checkpoint_folder_or_a_hub_id_into_a_new_out(tmp_path, corpus):
-    from fake_hub import FakeHub
+    from tests.fake_hub import FakeHub
 
     ref = tiny(tmp_path / "a", corpus, steps=6, save_every=3, eval_every=3)
     train(ref)

@@ -23,21 +23,7 @@ from matformer.models.lm.config import ConfigError
 from matformer.models.lm.shapes import expected_shapes, kv_cache_bytes_per_token, parameter_counts
 from matformer.slicing.extract import plan_budget_heads, slice_checkpoint
 from matformer.tiers import head_granularities, runnable_kv_heads
-
-# 4 KV heads of 2 query heads each (r = 2), head_dim 16: heads nest by KV group.
-HEADS = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16)
-
-
-def _model(seed: int = 0, **overrides) -> MatFormerLM:
-    torch.manual_seed(seed)
-    cfg = MatFormerConfig.from_preset("debug", **{**HEADS, **overrides})
-    model = MatFormerLM(cfg).eval()
-    with torch.no_grad():  # visible differences between settings
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-        model.lm_head.weight.mul_(4)
-    return model
+from tests.conftest import HEADS, tiny_lm
 
 
 def _ids(vocab: int = 512, n: int = 13) -> torch.Tensor:
@@ -46,7 +32,7 @@ def _ids(vocab: int = 512, n: int = 13) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory) -> tuple[Path, MatFormerLM]:
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     folder = tmp_path_factory.mktemp("heads") / "full"
     save_model(model, folder)
     return folder, model
@@ -95,7 +81,7 @@ def test_config_keeps_stored_heads_base_and_head_dim():
 
 
 def test_fewer_heads_run_as_views_and_unused_heads_get_exactly_zero_gradient():
-    model = _model().train()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4).train()
     x = _ids()
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     with model.at_width(kv_heads=1, layer_kv_heads=None, tier=1):
@@ -115,7 +101,7 @@ def test_fewer_heads_run_as_views_and_unused_heads_get_exactly_zero_gradient():
 
 
 def test_runtime_heads_equal_a_model_built_with_those_heads():
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     small = MatFormerLM(model.config.with_kv_heads([2, 1])).eval()
     sd = {}
     for k, v in model.state_dict().items():
@@ -128,7 +114,7 @@ def test_runtime_heads_equal_a_model_built_with_those_heads():
 
 
 def test_head_requests_that_cannot_run_are_clear_errors():
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     small = MatFormerLM(model.config.with_kv_heads(2))
     with pytest.raises(TierError, match="stores 2 KV heads; kv_heads 3 needs 3"):
         small.set_widths(kv_heads=3)
@@ -141,7 +127,7 @@ def test_head_requests_that_cannot_run_are_clear_errors():
 
 
 def test_kv_cache_is_allocated_at_the_active_heads_and_decoding_matches_full_recompute():
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     with model.at_width(kv_heads=1):
         cache = model.new_cache(1, 32)
         assert [k.shape[1] for k in cache.k] == [1, 1]
@@ -156,7 +142,7 @@ def test_kv_cache_is_allocated_at_the_active_heads_and_decoding_matches_full_rec
 
 
 def test_speculative_draft_with_fewer_heads_gives_the_targets_greedy_output():
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     prompt = [5, 6, 7, 8]
     for target, draft in (({}, {"draft_kv_heads": 1}),
                           ({}, {"draft_kv_heads": 2, "draft_tier": 2}),
@@ -173,7 +159,7 @@ def test_speculative_draft_with_fewer_heads_gives_the_targets_greedy_output():
 
 
 def test_truth_rule_save_model_writes_stored_heads_not_the_runtime_setting(tmp_path):
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     model.set_widths(kv_heads=1, tier=2)
     save_model(model, tmp_path / "ck")
     d = json.loads((tmp_path / "ck" / "config.json").read_text())
@@ -275,7 +261,7 @@ def test_gguf_writes_per_layer_head_arrays_and_cut_weights(tmp_path):
     from matformer.slicing.export import export_gguf
 
     tok = train_tokenizer([f"the quick brown fox {i} jumps" for i in range(200)], 300)
-    model = _model(vocab_size=tok.get_vocab_size())
+    model = tiny_lm(vocab_size=tok.get_vocab_size(), heads=True, random_norms=True, head_scale=4)
     save_model(model, tmp_path / "ck")
     save_tokenizer(tok, tmp_path / "ck")
     res = export_gguf(tmp_path / "ck", tmp_path / "pl.gguf", layer_kv_heads=[3, 1],
@@ -308,7 +294,7 @@ def test_gguf_writes_per_layer_head_arrays_and_cut_weights(tmp_path):
 
 
 def test_eval_reports_the_tier_by_heads_grid_with_cache_bytes(tmp_path):
-    model = _model()
+    model = tiny_lm(heads=True, random_norms=True, head_scale=4)
     data = np.random.default_rng(0).integers(0, 512, (3, 24))
     r = evaluate(model, data, kv_heads=[2, 1], mix_n_match=False, uniform_tiers=[0, 2],
                  speculative=False, spec_prompts=1, spec_new_tokens=4)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from matformer import MatFormerConfig, MatFormerLM
 from matformer.errors import CheckpointChanged, CheckpointError, ConfigError, MatFormerError
 from matformer.io.checkpoint import (
     checkpoint_info,
@@ -26,15 +25,7 @@ from matformer.io.safetensors import st_dtype
 from matformer.io.source import resolve_source
 from matformer.io.swap import REPLACE, check_save_target, save_target
 from matformer.slicing.extract import slice_checkpoint
-
-
-def _model(value: float, **overrides) -> MatFormerLM:
-    """A debug model whose every weight is `value`: which save a tensor came from is visible."""
-    m = MatFormerLM(MatFormerConfig.from_preset("debug", **overrides))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.fill_(value)
-    return m
+from tests.conftest import tiny_lm
 
 
 def _versions(sd: dict[str, torch.Tensor]) -> set[float]:
@@ -50,7 +41,7 @@ class _Writer(threading.Thread):
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
         self.path, self.saves, self.error = path, 0, None
-        self.models = [_model(1.0), _model(2.0)]
+        self.models = [tiny_lm(None, fill=1.0), tiny_lm(None, fill=2.0)]
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -63,7 +54,7 @@ class _Writer(threading.Thread):
 
 
 def _race(path: Path, read, seconds: float = 4.0, max_reads: int = 400) -> tuple[int, int, int]:
-    save_model(_model(1.0), path, max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=1.0), path, max_shard_size="100KB")
     writer = _Writer(path)
     writer.start()
     whole = changed = reads = 0
@@ -112,8 +103,8 @@ def test_a_load_refuses_shards_of_two_saves(tmp_path):
     """Shards copied together from two saves (or a per-file replacement caught half-way): the
     save ids differ, the load says so instead of mixing."""
     a, b = tmp_path / "a", tmp_path / "b"
-    save_model(_model(1.0), a, max_shard_size="100KB")
-    save_model(_model(2.0), b, max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=1.0), a, max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=2.0), b, max_shard_size="100KB")
     shard = sorted(p.name for p in a.glob("model-*.safetensors"))[0]
     os.replace(b / shard, a / shard)
     with pytest.raises(CheckpointChanged, match="different saves"):
@@ -121,8 +112,8 @@ def test_a_load_refuses_shards_of_two_saves(tmp_path):
 
 
 def test_equal_weights_give_byte_identical_files(tmp_path):
-    save_model(_model(1.0), tmp_path / "a", max_shard_size="100KB")
-    save_model(_model(1.0), tmp_path / "b", max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=1.0), tmp_path / "a", max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=1.0), tmp_path / "b", max_shard_size="100KB")
     for p in (tmp_path / "a").iterdir():
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
 
@@ -130,9 +121,9 @@ def test_equal_weights_give_byte_identical_files(tmp_path):
 def test_a_load_keeps_reading_the_folder_it_opened(tmp_path):
     """The source opened before a save swapped the folder reads the old version whole."""
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck, max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=1.0), ck, max_shard_size="100KB")
     source = resolve_source(ck)
-    save_model(_model(2.0), ck, max_shard_size="100KB")  # the old folder is deleted after the swap
+    save_model(tiny_lm(None, fill=2.0), ck, max_shard_size="100KB")  # the old folder is deleted after the swap
     with pytest.raises(CheckpointChanged, match="read it again"):
         load_state_dict(source)  # a Source is not re-resolved: a clear error, never a mix
     assert _versions(load_state_dict(ck)) == {2.0}
@@ -145,8 +136,8 @@ def test_save_writes_through_a_symlink(tmp_path):
     real, link = tmp_path / "real", tmp_path / "latest"
     real.mkdir()
     link.symlink_to(real)
-    save_model(_model(1.0), link)
-    save_model(_model(2.0), link)
+    save_model(tiny_lm(None, fill=1.0), link)
+    save_model(tiny_lm(None, fill=2.0), link)
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert _versions(load_state_dict(real)) == {2.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "real"]  # nothing stray
@@ -160,7 +151,7 @@ def test_save_into_the_working_folder_or_its_parent_is_refused(tmp_path, monkeyp
     monkeypatch.chdir(work)
     target = "." if where == "cwd" else ".."
     with pytest.raises(CheckpointError, match="working folder"):
-        save_model(_model(1.0), target)
+        save_model(tiny_lm(None, fill=1.0), target)
     with pytest.raises(CheckpointError, match="working folder"):
         check_save_target(target)
     assert (work / "notes.txt").read_text() == "keep me" and Path.cwd() == work
@@ -176,8 +167,8 @@ def test_folders_that_cannot_be_swapped_get_per_file_replacement(tmp_path, monke
     (ck / "notes.txt").write_text("mine")
     monkeypatch.setattr(swap, "is_mount_point", lambda p: Path(p) == ck)
     assert save_target(ck) == (ck, REPLACE) and check_save_target(ck) == REPLACE
-    save_model(_model(1.0), ck, max_shard_size="100KB")
-    save_model(_model(2.0), ck, max_shard_size="200KB")  # fewer shards: stale ones removed
+    save_model(tiny_lm(None, fill=1.0), ck, max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=2.0), ck, max_shard_size="200KB")  # fewer shards: stale ones removed
     assert _versions(load_state_dict(ck)) == {2.0}
     assert (ck / "notes.txt").read_text() == "mine"
     assert not [p for p in ck.iterdir() if p.name.startswith(".")]
@@ -190,13 +181,13 @@ def test_a_swap_failing_with_ebusy_falls_back_to_per_file(tmp_path, monkeypatch)
     from matformer.io import swap
 
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
 
     def busy(a, b):
         raise swap._NoSwap("Device or resource busy")
 
     monkeypatch.setattr(swap, "_exchange", busy)
-    save_model(_model(2.0), ck)
+    save_model(tiny_lm(None, fill=2.0), ck)
     assert _versions(load_state_dict(ck)) == {2.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
@@ -205,7 +196,7 @@ def test_files_created_during_a_save_are_kept(tmp_path, monkeypatch):
     from matformer.io import swap
 
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck, extra_files={"log.txt": b"v1"})
+    save_model(tiny_lm(None, fill=1.0), ck, extra_files={"log.txt": b"v1"})
     (ck / "notes.txt").write_text("before")
     real = swap._exchange
 
@@ -216,7 +207,7 @@ def test_files_created_during_a_save_are_kept(tmp_path, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(swap, "_exchange", late_writer)
-    save_model(_model(2.0), ck, extra_files={"log.txt": b"v2"})
+    save_model(tiny_lm(None, fill=2.0), ck, extra_files={"log.txt": b"v2"})
     assert (ck / "late.txt").read_text() == "written during the save"
     assert (ck / "notes.txt").read_text() == "after"
     assert (ck / "log.txt").read_bytes() == b"v2"
@@ -229,7 +220,7 @@ def test_concurrent_saves_into_one_folder_all_complete(tmp_path):
     def save(v: float) -> None:
         try:
             for _ in range(3):
-                save_model(_model(v), ck, max_shard_size="100KB")
+                save_model(tiny_lm(None, fill=v), ck, max_shard_size="100KB")
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -248,7 +239,7 @@ def test_concurrent_saves_into_one_folder_all_complete(tmp_path):
                                   "matformer_manifest.json", ".matformer-x"])
 def test_reserved_extra_file_names_are_refused(tmp_path, name):
     with pytest.raises(CheckpointError, match="reserved"):
-        save_model(_model(1.0), tmp_path / "ck", extra_files={name: b"{}"})
+        save_model(tiny_lm(None, fill=1.0), tmp_path / "ck", extra_files={name: b"{}"})
     assert not (tmp_path / "ck").exists()
 
 
@@ -263,7 +254,7 @@ def _edit_config(folder: Path, **changes) -> None:
 
 def test_a_config_claiming_millions_of_layers_is_refused_before_allocating(tmp_path):
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
     _edit_config(ck, num_hidden_layers=20_000_000)
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         checkpoint_info(ck)
@@ -280,7 +271,7 @@ def test_a_config_claiming_millions_of_layers_is_refused_before_allocating(tmp_p
 ])
 def test_wrong_typed_config_values_are_refused(tmp_path, key, value):
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
     d = json.loads((ck / "config.json").read_text())
     d[key] = value
     if key == "torch_dtype":
@@ -293,7 +284,7 @@ def test_wrong_typed_config_values_are_refused(tmp_path, key, value):
 
 def test_integer_weights_are_not_cast_into_a_float_model(tmp_path):
     ck = tmp_path / "ck"
-    m = _model(1.0)
+    m = tiny_lm(None, fill=1.0)
     cfg = m.config
     sd = {k: v.to(torch.int32) if k.endswith("norm.weight") else v for k, v in m.state_dict().items()}
     specs = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in sd.items()]
@@ -305,7 +296,7 @@ def test_integer_weights_are_not_cast_into_a_float_model(tmp_path):
 @pytest.mark.parametrize("what", ["config.json", "model.safetensors.index.json", "manifest"])
 def test_deeply_nested_json_is_a_one_line_error(tmp_path, what):
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck, max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=1.0), ck, max_shard_size="100KB")
     deep = "[" * 200_000 + "]" * 200_000
     if what == "manifest":
         (ck / "config.json").unlink()
@@ -320,7 +311,7 @@ def test_deeply_nested_json_is_a_one_line_error(tmp_path, what):
 @pytest.mark.parametrize("what", ["config.json", "model.safetensors"])
 def test_fifos_and_devices_in_a_checkpoint_are_refused_without_blocking(tmp_path, what):
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
     (ck / what).unlink()
     os.mkfifo(ck / what)
     with pytest.raises(MatFormerError, match="FIFO"):
@@ -345,14 +336,14 @@ def test_a_missing_local_path_shaped_like_a_repo_id_is_not_sent_to_the_hub(tmp_p
 
 
 def _repo(tmp_path: Path) -> Path:
-    save_model(_model(1.0), tmp_path / "full")
+    save_model(tiny_lm(None, fill=1.0), tmp_path / "full")
     slice_checkpoint(tmp_path / "full", tmp_path / "repo", tiers=[1, 2])
     return tmp_path / "repo"
 
 
 def test_files_dropped_into_a_tier_folder_are_not_loaded(tmp_path):
     repo = _repo(tmp_path)
-    save_model(_model(2.0), tmp_path / "other", max_shard_size="100KB")
+    save_model(tiny_lm(None, fill=2.0), tmp_path / "other", max_shard_size="100KB")
     for p in (tmp_path / "other").glob("model*"):
         os.link(p, repo / "tier-1" / p.name)
     with pytest.raises(CheckpointError, match="does not list"):
@@ -385,7 +376,7 @@ def test_odd_tier_keys_in_a_manifest_are_refused(tmp_path, key):
 
 def test_huge_tier_numbers_are_one_line_errors(tmp_path):
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
     for t in (64, 5000, 10**6):
         with pytest.raises(MatFormerError) as e:
             load_model(ck, tier=t)
@@ -397,9 +388,9 @@ def test_header_and_map_come_from_one_file(tmp_path):
     from matformer.io.safetensors import mmap_tensors, read_header
 
     ck = tmp_path / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
     h = read_header(ck / "model.safetensors")
-    save_model(_model(2.0), ck)
+    save_model(tiny_lm(None, fill=2.0), ck)
     with pytest.raises(CheckpointChanged):
         mmap_tensors(h)
     assert struct.unpack("<Q", (ck / "model.safetensors").read_bytes()[:8])[0] == h.header_len
@@ -534,16 +525,6 @@ def trained(tmp_path_factory, corpus) -> Path:
     return tmp / "run"
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from matformer.cli import main
-
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:  # argparse's own errors: usage + one line, status 2
-        rc = int(e.code or 0)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
 
 @pytest.mark.parametrize("args", [
     ["--temperature", "nan"], ["--temperature", "1e-45"], ["--temperature", "inf"],
@@ -551,16 +532,16 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     ["--threads", "100000"],
     ["--tier", "5000"], ["--tier", str(10**30)], ["--widths", "999999999999"],
 ])
-def test_bad_generate_arguments_are_one_line_errors(trained, capsys, args):
-    rc, _, err = _cli(capsys, "generate", str(trained), "--prompt", "def f", "--max-new-tokens",
+def test_bad_generate_arguments_are_one_line_errors(trained, run_cli, args):
+    rc, _, err = run_cli("generate", str(trained), "--prompt", "def f", "--max-new-tokens",
                       "2", *args)
     assert rc == 2 and err.count("\n") == 1 and "error:" in err, err
 
 
-def test_device_cuda_without_cuda_is_a_one_line_error(trained, capsys):
+def test_device_cuda_without_cuda_is_a_one_line_error(trained, run_cli):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    rc, _, err = _cli(capsys, "eval", str(trained), "--device", "cuda")
+    rc, _, err = run_cli("eval", str(trained), "--device", "cuda")
     assert rc == 2 and "CUDA is not available" in err
 
 
@@ -589,17 +570,17 @@ def _nan_copy(trained: Path, dst: Path) -> Path:
     return dst
 
 
-def test_nan_weights_warn_in_generate_and_eval_json_is_strict(trained, tmp_path, capsys):
+def test_nan_weights_warn_in_generate_and_eval_json_is_strict(trained, tmp_path, run_cli):
     ck = _nan_copy(trained, tmp_path / "nan")
-    rc, _, err = _cli(capsys, "generate", str(ck), "--prompt", "def f", "--max-new-tokens", "2")
+    rc, _, err = run_cli("generate", str(ck), "--prompt", "def f", "--max-new-tokens", "2")
     assert rc == 0 and "non-finite weights" in err
-    rc, out, err = _cli(capsys, "eval", str(ck), "--json", "--data", str(trained / "config.json"),
+    rc, out, err = run_cli("eval", str(ck), "--json", "--data", str(trained / "config.json"),
                         "--no-decode", "--no-speculative", "--no-mix", "--seq-len", "16")
     assert rc == 0 and "not finite" in err, err
     json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
 
 
-def test_eval_does_not_read_a_data_path_named_by_the_checkpoint(trained, tmp_path, capsys,
+def test_eval_does_not_read_a_data_path_named_by_the_checkpoint(trained, tmp_path, run_cli,
                                                                 monkeypatch):
     """A device named by a run's train_config.json is refused unread; a downloaded checkpoint
     (inside the Hub cache) does not choose a local path to read at all."""
@@ -619,7 +600,7 @@ def test_eval_does_not_read_a_data_path_named_by_the_checkpoint(trained, tmp_pat
             ck = shutil.copytree(ck, tmp_path / "local")
             s["data"] = "/dev/zero"
             (ck / "train_config.json").write_text(json.dumps(s))
-        rc, _, err = _cli(capsys, "eval", str(ck), "--no-decode", "--no-speculative", "--no-mix")
+        rc, _, err = run_cli("eval", str(ck), "--no-decode", "--no-speculative", "--no-mix")
         errors = [line for line in err.splitlines() if "error:" in line]  # (progress lines too)
         assert rc == 2 and len(errors) == 1 and expected in errors[0], err
 
@@ -662,7 +643,7 @@ _FUZZ = settings(max_examples=int(os.environ.get("MATFORMER_FUZZ_EXAMPLES", "40"
 @pytest.fixture(scope="module")
 def fuzz_ck(tmp_path_factory) -> Path:
     ck = tmp_path_factory.mktemp("fuzz") / "ck"
-    save_model(_model(1.0), ck)
+    save_model(tiny_lm(None, fill=1.0), ck)
     return ck
 
 
@@ -696,14 +677,14 @@ _GENERATE_FLAGS = ["--temperature", "--top-k", "--top-p", "--seed", "--tier", "-
 @_FUZZ
 @given(args=st.lists(st.tuples(st.sampled_from(_GENERATE_FLAGS), _ARG_VALUES), min_size=1,
                      max_size=3))
-def test_fuzzed_generate_arguments_succeed_or_fail_in_one_line(trained, capsys, args):
+def test_fuzzed_generate_arguments_succeed_or_fail_in_one_line(trained, run_cli, args):
     argv = [x for flag, v in args for x in (flag, v)]
     if "--max-new-tokens" not in argv:
         argv += ["--max-new-tokens", "2"]
     n = dict(args).get("--max-new-tokens")
     if n is not None and n.lstrip("-").isdigit() and int(n) > 4:
         argv += ["--max-new-tokens", "4"]  # the last one wins: keep the example fast
-    rc, _, err = _cli(capsys, "generate", str(trained), "--prompt", "def f", *argv)
+    rc, _, err = run_cli("generate", str(trained), "--prompt", "def f", *argv)
     assert rc in (0, 2), err
     if rc == 2:
         assert "error:" in err.splitlines()[-1] and "Traceback" not in err, err
@@ -727,12 +708,12 @@ def test_disk_full_during_a_save_keeps_the_old_checkpoint(tmp_path, monkeypatch)
 
     for mode in ("swap", "replace"):
         ck = tmp_path / mode
-        save_model(_model(1.0), ck, max_shard_size="100KB")
+        save_model(tiny_lm(None, fill=1.0), ck, max_shard_size="100KB")
         if mode == "replace":
             monkeypatch.setattr(swap, "is_mount_point", lambda p, ck=ck: Path(p) == ck)
         monkeypatch.setattr(C, "write_file", full)
         with pytest.raises(CheckpointError, match="No space left") as e:
-            save_model(_model(2.0), ck, max_shard_size="100KB")
+            save_model(tiny_lm(None, fill=2.0), ck, max_shard_size="100KB")
         monkeypatch.setattr(C, "write_file", real)
         assert "\n" not in str(e.value)
         assert _versions(load_state_dict(ck)) == {1.0}

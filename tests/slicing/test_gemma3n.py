@@ -36,7 +36,7 @@ from matformer.slicing.gemma3n import (  # noqa: E402
     read_slicing_config,
     slice_gemma3n,
 )
-from matformer.slicing.gemma3n.config import _normalise  # noqa: E402
+from matformer.slicing.gemma3n.config import normalise  # noqa: E402
 from matformer.slicing.gemma3n.shapes import parameter_groups, text_shapes  # noqa: E402
 
 L = 10
@@ -244,7 +244,7 @@ def test_published_effective_parameters_are_reproduced():
     """Google's slicing configs list E4B (35 layers, FFN 16_384) as 3.98B and the E2B config (30
     layers, FFN 8_192, layers 20-24 skipped) as 1.91B effective parameters; the same count over
     the transformers-default (E4B) shapes gives those numbers."""
-    text = _normalise({}, "")
+    text = normalise({}, "")
 
     def effective(widths: list[int], first_shared: int) -> float:
         req, opt = text_shapes(text, widths, first_shared)
@@ -330,7 +330,8 @@ def test_info_counts_effective_parameters_and_imports_no_torch(full, tmp_path):
     assert info["kv_sources"] == {"full_attention": 5, "sliding_attention": 4}
     code = ("import sys; from matformer.cli import main; rc = main(['info', sys.argv[1]]); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; sys.exit(rc)")
-    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     assert "KV sharing       layers 6-9 reuse the keys/values of layer 5 (full), layer 4 (sliding)" in run.stdout
     assert "FFN widths       64 x4, 128, 64 x5" in run.stdout
@@ -408,8 +409,9 @@ def test_multimodal_slice_cuts_the_text_model_and_copies_the_towers(full, multim
 def hub(full, multimodal, tmp_path_factory):
     """The loopback fake Hub serving the text-only and the multimodal folder (plus a file no
     slice needs), with huggingface_hub pointed at it in this process."""
-    from fake_hub import FakeHub
     from huggingface_hub import constants
+
+    from tests.fake_hub import FakeHub
 
     home = tmp_path_factory.mktemp("g3n-hub")
 

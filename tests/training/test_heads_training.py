@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_scale import _torchrun
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from matformer import MatFormerConfig, MatFormerLM
@@ -25,8 +24,9 @@ from matformer.training.objective import step_plan, update_extents
 from matformer.training.optimizer import NestedAdamW, build_optimizer, nested_dims, set_lr
 from matformer.training.points import Point, all_trained_points, extents, parse_key
 from matformer.training.state import STATE_FILE
+from tests.conftest import HEADS
+from tests.training.test_train_scale import _torchrun
 
-HEADS = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 SMALL = dict(preset="debug", batch_size=2, seq_len=32, vocab_size=300, max_corpus_bytes=60_000,
              eval_windows=2, quiet=True, warmup_steps=0)
 

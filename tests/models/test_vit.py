@@ -536,7 +536,8 @@ def test_info_describes_a_matvit_without_torch(tmp_path) -> None:
     save_model(model, tmp_path)
     code = ("import json, sys; from matformer import checkpoint_info; "
             f"i = checkpoint_info({str(tmp_path)!r}); print(json.dumps(i)); print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         timeout=300).stdout
     info, torch_loaded = json.loads(out.splitlines()[0]), out.splitlines()[1]
     assert torch_loaded == "False"
     assert info["model_type"] == "vit" and info["num_labels"] == 10 and info["image_size"] == 8

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
 from matformer.cli import main as cli_main
 from matformer.data import text as D
@@ -42,6 +41,7 @@ from matformer.training.optimizer import nested_dim, set_lr
 from matformer.training.precision import LossScaler
 from matformer.training.sharded import load_state
 from matformer.training.state import STATE_FILE
+from tests.conftest import tiny_config
 
 # ---- the optimizer: vectorized == per-parameter reference, bit for bit ------------------------
 

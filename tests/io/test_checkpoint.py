@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -29,13 +27,10 @@ from matformer.io.checkpoint import (
     save_model,
     write_checkpoint,
 )
+from tests.conftest import tiny_lm
 
 DEBUG = MatFormerConfig.from_preset("debug")  # hidden 64, FFN 256, 2 layers, vocab 512
 
-
-def make_model(seed: int = 0, **overrides) -> MatFormerLM:
-    torch.manual_seed(seed)
-    return MatFormerLM(MatFormerConfig.from_preset("debug", **overrides))
 
 
 def ids(n: int = 12) -> torch.Tensor:
@@ -53,7 +48,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def test_round_trip_is_bit_identical_with_equal_config(tmp_path):
-    m = make_model()
+    m = tiny_lm()
     save_model(m, tmp_path / "ck")
     assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
     sd = m.state_dict()
@@ -65,7 +60,7 @@ def test_round_trip_is_bit_identical_with_equal_config(tmp_path):
 
 
 def test_full_width_model_running_at_tier_2_writes_tier_0(tmp_path):
-    m = make_model()
+    m = tiny_lm()
     m.set_widths(tier=2)  # computes with 64 of 256 neurons; stores all 256
     save_model(m, tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
@@ -104,7 +99,7 @@ def test_per_layer_widths_round_trip(tmp_path):
 
 
 def test_dtype_conversion_and_bf16_storage(tmp_path):
-    m = make_model().to(torch.bfloat16)
+    m = tiny_lm().to(torch.bfloat16)
     save_model(m, tmp_path / "ck")
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     m2 = load_model(tmp_path / "ck")
@@ -115,7 +110,7 @@ def test_dtype_conversion_and_bf16_storage(tmp_path):
 
 
 def test_tied_embeddings_are_written_once(tmp_path):
-    m = make_model(tie_word_embeddings=True)
+    m = tiny_lm(tie_word_embeddings=True)
     save_model(m, tmp_path / "ck")
     sd = load_state_dict(tmp_path / "ck")
     assert "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd
@@ -146,7 +141,7 @@ def test_plan_shards_greedy_decimal_and_oversized_alone():
 
 
 def test_sharded_save_names_index_and_stale_shards_removed(tmp_path):
-    m = make_model()
+    m = tiny_lm()
     ck = tmp_path / "ck"
     save_model(m, ck, max_shard_size="200KB")
     index = json.loads((ck / "model.safetensors.index.json").read_text())
@@ -167,16 +162,16 @@ def test_sharded_save_names_index_and_stale_shards_removed(tmp_path):
 def test_extra_files_are_written_with_the_checkpoint(tmp_path):
     tok = tmp_path / "tokenizer.json"
     tok.write_text('{"model": {}}')
-    save_model(make_model(), tmp_path / "ck", extra_files={"tokenizer.json": tok,
+    save_model(tiny_lm(), tmp_path / "ck", extra_files={"tokenizer.json": tok,
                                                            "generation_config.json": b"{}"})
     assert (tmp_path / "ck" / "tokenizer.json").read_text() == '{"model": {}}'
     assert (tmp_path / "ck" / "generation_config.json").read_bytes() == b"{}"
     with pytest.raises(CheckpointError, match="plain file name"):
-        save_model(make_model(), tmp_path / "ck2", extra_files={"../x": b""})
+        save_model(tiny_lm(), tmp_path / "ck2", extra_files={"../x": b""})
 
 
 def test_write_checkpoint_streams_one_tensor_at_a_time(tmp_path):
-    src = make_model().state_dict()
+    src = tiny_lm().state_dict()
     specs = [(k, "F32", tuple(v.shape)) for k, v in src.items()]
     calls: list[str] = []
     previous: list[weakref.ref] = []
@@ -204,7 +199,7 @@ def test_write_checkpoint_refuses_a_config_that_does_not_describe_the_tensors(tm
 
 def test_saving_over_the_mmapped_folder_it_was_loaded_from(tmp_path):
     ck = tmp_path / "ck"
-    save_model(make_model(0), ck, max_shard_size="200KB")
+    save_model(tiny_lm(0), ck, max_shard_size="200KB")
     m = load_model(ck)  # tensors are views of the files in ck
     before = m(ids())
     with torch.no_grad():
@@ -233,7 +228,7 @@ def _hf_config(cfg: MatFormerConfig):
 def test_transformers_loads_what_we_save_with_equal_logits(tmp_path, tied):
     from transformers import LlamaForCausalLM
 
-    m = make_model(tie_word_embeddings=tied)
+    m = tiny_lm(tie_word_embeddings=tied)
     save_model(m, tmp_path / "ck", max_shard_size="300KB")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
     with torch.no_grad():
@@ -259,7 +254,7 @@ def test_transformers_sharded_save_pretrained_loads_bit_exactly(tmp_path):
 def test_huggingface_hub_save_torch_state_dict_loads_bit_exactly(tmp_path):
     from huggingface_hub import save_torch_state_dict
 
-    sd = make_model(5).state_dict()
+    sd = tiny_lm(5).state_dict()
     (tmp_path / "hh").mkdir()
     save_torch_state_dict(sd, tmp_path / "hh", max_shard_size="150KB")
     assert (tmp_path / "hh" / "model.safetensors.index.json").exists()
@@ -271,7 +266,7 @@ def test_huggingface_hub_save_torch_state_dict_loads_bit_exactly(tmp_path):
 def test_the_three_single_file_names_load(tmp_path, name):
     from safetensors.torch import save_file
 
-    m = make_model(2)
+    m = tiny_lm(2)
     save_model(m, tmp_path / "ck")
     (tmp_path / "ck" / "model.safetensors").unlink()
     save_file(m.state_dict(), tmp_path / "ck" / name, metadata={"format": "pt"})
@@ -280,7 +275,7 @@ def test_the_three_single_file_names_load(tmp_path, name):
 
 
 def test_rope_theta_read_from_transformers_rope_parameters(tmp_path):
-    m = make_model()
+    m = tiny_lm()
     save_model(m, tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg.pop("rope_theta", None)
@@ -294,7 +289,7 @@ def test_rope_theta_read_from_transformers_rope_parameters(tmp_path):
 
 @pytest.fixture
 def sharded(tmp_path) -> Path:
-    save_model(make_model(), tmp_path / "ck", max_shard_size="200KB")
+    save_model(tiny_lm(), tmp_path / "ck", max_shard_size="200KB")
     return tmp_path / "ck"
 
 
@@ -318,7 +313,7 @@ def test_index_shard_names_must_be_plain_files(sharded, bad):
 
 def test_nothing_outside_the_folder_is_opened(tmp_path, sharded):
     # A valid safetensors file outside the folder, named by a traversal: refused, not read.
-    save_model(make_model(), tmp_path / "outside")
+    save_model(tiny_lm(), tmp_path / "outside")
     _edit_index(sharded, lambda wm: wm.__setitem__("model.norm.weight", "../outside/model.safetensors"))
     with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
         load_state_dict(sharded)
@@ -362,7 +357,7 @@ def test_stale_shard_files_are_never_globbed(sharded):
 
 
 def test_a_broken_index_is_reported_not_skipped(sharded):
-    save_model(make_model(), sharded.parent / "single")
+    save_model(tiny_lm(), sharded.parent / "single")
     os.link(sharded.parent / "single" / "model.safetensors", sharded / "model.safetensors")
     (sharded / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="index.json: not valid JSON"):
@@ -370,7 +365,7 @@ def test_a_broken_index_is_reported_not_skipped(sharded):
 
 
 def test_shapes_that_disagree_with_config(tmp_path):
-    save_model(make_model(), tmp_path / "ck")
+    save_model(tiny_lm(), tmp_path / "ck")
     p = tmp_path / "ck" / "config.json"
     cfg = json.loads(p.read_text())
     cfg["intermediate_size"], cfg["matformer_tier"] = 128, 1
@@ -381,7 +376,7 @@ def test_shapes_that_disagree_with_config(tmp_path):
 
 
 def test_a_tier_label_that_disagrees_with_the_sizes(tmp_path):
-    save_model(make_model(), tmp_path / "ck")
+    save_model(tiny_lm(), tmp_path / "ck")
     p = tmp_path / "ck" / "config.json"
     cfg = json.loads(p.read_text())
     cfg["matformer_tier"] = 2  # the historic bug: full-width weights labelled with the compute tier
@@ -391,7 +386,7 @@ def test_a_tier_label_that_disagrees_with_the_sizes(tmp_path):
 
 
 def test_missing_base_means_dense_tier_0(tmp_path):
-    save_model(make_model(), tmp_path / "ck")
+    save_model(tiny_lm(), tmp_path / "ck")
     p = tmp_path / "ck" / "config.json"
     cfg = json.loads(p.read_text())
     del cfg["matformer_base_intermediate_size"], cfg["matformer_tier"]
@@ -403,8 +398,8 @@ def test_missing_base_means_dense_tier_0(tmp_path):
 def test_missing_and_unexpected_tensors(tmp_path):
     from safetensors.torch import save_file
 
-    sd = make_model().state_dict()
-    save_model(make_model(), tmp_path / "ck")
+    sd = tiny_lm().state_dict()
+    save_model(tiny_lm(), tmp_path / "ck")
     save_file({k: v for k, v in sd.items() if k != "model.norm.weight"}, tmp_path / "ck" / "model.safetensors")
     with pytest.raises(CheckpointError, match="'model.norm.weight'.* missing"):
         load_model(tmp_path / "ck")
@@ -414,7 +409,7 @@ def test_missing_and_unexpected_tensors(tmp_path):
 
 
 def test_pickle_checkpoints_are_refused_unless_opted_in(tmp_path):
-    m = make_model()
+    m = tiny_lm()
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text(m.config.to_json_string())
     torch.save(m.state_dict(), tmp_path / "ck" / "pytorch_model.bin")
@@ -430,7 +425,7 @@ def test_no_weights_and_no_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no weights found"):
         load_state_dict(tmp_path / "empty")
-    save_model(make_model(), tmp_path / "ck")
+    save_model(tiny_lm(), tmp_path / "ck")
     (tmp_path / "ck" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path / "ck")
@@ -445,7 +440,7 @@ def _crash_run(tmp_path: Path, iterations: int) -> None:
     """Fork a process that saves A and B over one folder in a loop; SIGKILL it at a random
     moment; the folder must then load and be exactly A or exactly B."""
     ck = tmp_path / "ck"
-    a, b = make_model(10), make_model(11)
+    a, b = tiny_lm(10), tiny_lm(11)
     sa, sb = a.state_dict(), b.state_dict()
     save_model(a, ck)
     rng = random.Random(0)
@@ -504,35 +499,28 @@ def test_checkpoint_info_fields(tmp_path):
     assert all(f["size"] == (tmp_path / "ck" / f["name"]).stat().st_size for f in info["files"])
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from matformer.cli import main; rc = main(sys.argv[1:]); "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "print('IMPORTED', bad, file=sys.stderr) if bad else None; sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=120)
 
-
-def test_cli_info_text_and_json_without_torch(tmp_path):
-    save_model(make_model(), tmp_path / "ck", max_shard_size="200KB")
-    r = _cli("info", str(tmp_path / "ck"), "--json")
-    assert r.returncode == 0, r.stderr
-    assert "IMPORTED" not in r.stderr
-    info = json.loads(r.stdout)
+def test_cli_info_text_and_json_without_torch(tmp_path, run_cli):
+    save_model(tiny_lm(), tmp_path / "ck", max_shard_size="200KB")
+    r = run_cli("info", str(tmp_path / "ck"), "--json", fresh=True)
+    assert r.code == 0, r.err
+    assert "IMPORTED" not in r.err
+    info = json.loads(r.out)
     for key in ("intermediate_size", "matformer_base_intermediate_size", "matformer_tier", "files",
                 "num_parameters", "dtype", "runnable_tiers"):
         assert key in info
-    r = _cli("info", str(tmp_path / "ck"))
-    assert r.returncode == 0 and "tier 0 (width 256)" in r.stdout and "IMPORTED" not in r.stderr
+    r = run_cli("info", str(tmp_path / "ck"), fresh=True)
+    assert r.code == 0 and "tier 0 (width 256)" in r.out and "IMPORTED" not in r.err
 
 
-def test_cli_info_errors_are_one_or_two_lines(tmp_path):
-    save_model(make_model(), tmp_path / "ck")
+def test_cli_info_errors_are_one_or_two_lines(tmp_path, run_cli):
+    save_model(tiny_lm(), tmp_path / "ck")
     raw = (tmp_path / "ck" / "model.safetensors").read_bytes()
     (tmp_path / "ck" / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-    r = _cli("info", str(tmp_path / "ck"))
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr and 1 <= len(r.stderr.strip().splitlines()) <= 2
-    assert "model.safetensors" in r.stderr and "truncated" in r.stderr
+    r = run_cli("info", str(tmp_path / "ck"), fresh=True)
+    assert r.code == 2
+    assert "Traceback" not in r.err and 1 <= len(r.err.strip().splitlines()) <= 2
+    assert "model.safetensors" in r.err and "truncated" in r.err
 
 
 def test_errors_are_our_type():
@@ -593,7 +581,7 @@ _PRISTINE: dict[str, Path] = {}
 def _pristine(factory) -> Path:
     if "p" not in _PRISTINE:
         folder = factory.mktemp("pristine") / "ck"
-        save_model(make_model(), folder, max_shard_size="200KB")
+        save_model(tiny_lm(), folder, max_shard_size="200KB")
         assert len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]) > 4
         _PRISTINE["p"] = folder
     return _PRISTINE["p"]
@@ -602,18 +590,18 @@ def _pristine(factory) -> Path:
 def test_write_errors_are_our_type_and_leave_the_old_checkpoint(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(CheckpointError, match="not a folder|cannot create"):
-        save_model(make_model(), tmp_path / "file" / "ck")
-    save_model(make_model(0), tmp_path / "ck")
+        save_model(tiny_lm(), tmp_path / "file" / "ck")
+    save_model(tiny_lm(0), tmp_path / "ck")
 
     class Boom(RuntimeError):
         pass
 
     def produce(name):
         raise Boom  # a failure half-way through a save
-    sd = make_model(1).state_dict()
+    sd = tiny_lm(1).state_dict()
     with pytest.raises(Boom):
         write_checkpoint(tmp_path / "ck", DEBUG, [(k, "F32", tuple(v.shape)) for k, v in sd.items()], produce)
-    assert_same_tensors(load_state_dict(tmp_path / "ck"), make_model(0).state_dict())
+    assert_same_tensors(load_state_dict(tmp_path / "ck"), tiny_lm(0).state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "file"]
 
 

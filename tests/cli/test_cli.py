@@ -40,7 +40,7 @@ def test_help_does_not_import_transformers_or_torch() -> None:
         "bad = [m for m in ('transformers', 'torch') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
 
 
 @pytest.mark.parametrize("verb", ["info", "generate", "eval", "slice"])

@@ -26,6 +26,7 @@ from matformer.slicing.extract import (
     slice_checkpoint,
 )
 from matformer.tiers import tier_of
+from tests.conftest import tiny_lm
 
 CARRIED = {
     "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
@@ -35,21 +36,12 @@ CARRIED = {
 }
 
 
-def _model(cfg: MatFormerConfig, seed: int = 0) -> MatFormerLM:
-    torch.manual_seed(seed)
-    model = MatFormerLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms, so a wrongly copied norm would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory) -> tuple[Path, MatFormerLM]:
     """A 4-layer debug model (base width 256), saved sharded, with tokenizer/generation files."""
     cfg = MatFormerConfig.from_preset("debug", num_hidden_layers=4)
-    model = _model(cfg)
+    model = tiny_lm(config=cfg, random_norms=True)
     folder = tmp_path_factory.mktemp("src") / "full"
     save_model(model, folder, max_shard_size="200KB", extra_files=CARRIED)
     assert (folder / "model.safetensors.index.json").exists()  # really sharded
@@ -130,7 +122,7 @@ def test_mix_slice_equals_runtime_mix(full, tmp_path, kwargs) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_further_slicing_is_bit_exact(tmp_path, dtype) -> None:
     cfg = MatFormerConfig.from_preset("debug", num_hidden_layers=4)
-    model = _model(cfg).to(dtype)
+    model = tiny_lm(config=cfg, random_norms=True).to(dtype)
     src = tmp_path / "full"
     save_model(model, src, max_shard_size="100KB")
     slice_checkpoint(src, tmp_path / "t1", tier=1, max_shard_size="100KB")
@@ -455,7 +447,7 @@ def test_fake_hub_multi_tier_repo_fetches_one_tier_and_checks_hashes(repo, tmp_p
     only the manifest and tier 2's files are downloaded; a file altered on the Hub is refused."""
     import os
 
-    from fake_hub import FakeHub
+    from tests.fake_hub import FakeHub
 
     files = {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     code = ("import sys; from matformer import load_model, MatFormerError\n"

@@ -7,25 +7,24 @@ import math
 
 import pytest
 import torch
-from conftest import distinct_widths_model
 
 from matformer import MatFormerConfig, MatFormerLM
 from matformer.errors import ConfigError, DataError, TierError
 from matformer.inference.decode import generate, generate_batch
 from matformer.inference.sampling import Sampler
 from matformer.inference.speculative import speculative_generate
+from tests.conftest import tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-_model = distinct_widths_model
 
 
 PROMPT = [5, 17, 300, 42, 8, 99, 123]
 
 
 def test_cached_decoding_equals_uncached() -> None:
-    model = _model()
+    model = tiny_lm(distinct=True)
     for widths in (None, [64, 256]):
         a = generate(model, PROMPT, 30, ignore_eos=True, widths=widths)
         b = generate(model, PROMPT, 30, ignore_eos=True, widths=widths, use_cache=False)
@@ -48,7 +47,7 @@ def test_cached_decoding_equals_uncached() -> None:
     ids=["t1-k3", "t2-k1", "t3-k4", "t3-adaptive", "mix-draft", "target-t1", "mix-target"],
 )
 def test_greedy_speculative_equals_plain_decoding(target, draft, k) -> None:
-    model = _model()
+    model = tiny_lm(distinct=True)
     plain = generate(model, PROMPT, 40, ignore_eos=True, **target)
     spec = speculative_generate(model, PROMPT, 40, draft_tokens=k, ignore_eos=True,
                                 **target, **draft)
@@ -62,7 +61,7 @@ def test_greedy_speculative_equals_plain_decoding(target, draft, k) -> None:
 
 
 def test_speculative_cache_holds_the_verifier_entries() -> None:
-    model = _model(1)
+    model = tiny_lm(1, distinct=True)
     out = speculative_generate(model, PROMPT, 25, draft_tier=3, draft_tokens=4, ignore_eos=True,
                                return_cache=True)
     cache = out.extra["cache"]
@@ -83,7 +82,7 @@ def test_speculative_cache_holds_the_verifier_entries() -> None:
 
 
 def test_width_switching_between_calls_on_one_model() -> None:
-    model = _model(2)
+    model = tiny_lm(2, distinct=True)
     a2 = generate(model, PROMPT, 20, ignore_eos=True, tier=2)
     assert model.widths == model.stored_widths  # a call's width doesn't stick
     model.set_widths(tier=1)
@@ -103,7 +102,7 @@ def test_width_switching_between_calls_on_one_model() -> None:
 
 
 def test_eos_stops_and_stream_sees_every_token() -> None:
-    model = _model(3)
+    model = tiny_lm(3, distinct=True)
     free = generate(model, PROMPT, 30, ignore_eos=True)
     eos = free.tokens[6]
     first = free.tokens.index(eos)
@@ -120,7 +119,7 @@ def test_eos_stops_and_stream_sees_every_token() -> None:
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_k() -> None:
-    model = _model(4)
+    model = tiny_lm(4, distinct=True)
     kw = dict(temperature=1.0, seed=7, ignore_eos=True)
     a = generate(model, PROMPT, 25, **kw)
     assert generate(model, PROMPT, 25, **kw).tokens == a.tokens
@@ -170,7 +169,7 @@ def _chi2_pvalue(observed: torch.Tensor, expected_p: torch.Tensor, n: int) -> fl
 
 def test_speculative_sampling_keeps_the_target_distribution() -> None:
     V, N = 8, 1000
-    model = _model(0, vocab_size=V, eos_token_id=None)
+    model = tiny_lm(0, vocab_size=V, eos_token_id=None, distinct=True)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # TV(target, draft) about 0.4 on the first token
     prompt = [1, 2, 3]
@@ -212,7 +211,7 @@ def test_speculative_sampling_keeps_the_target_distribution() -> None:
 
 
 def test_bad_requests_are_clear_errors() -> None:
-    model = _model()
+    model = tiny_lm(distinct=True)
     with pytest.raises(DataError, match="empty"):
         generate(model, [], 5)
     with pytest.raises(DataError, match="max_position_embeddings"):
@@ -249,7 +248,7 @@ PROMPTS = [[5, 17, 300, 42, 8, 99, 123], [7], [400, 3, 9], [11, 12, 13, 14, 15, 
 @pytest.mark.parametrize("width", [dict(), dict(tier=2), dict(widths=[128, 64])],
                          ids=["stored", "tier2", "mix"])
 def test_batched_rows_equal_each_prompt_alone(width) -> None:
-    model = _model(5)
+    model = tiny_lm(5, distinct=True)
     batch = generate_batch(model, PROMPTS, 24, ignore_eos=True, **width)
     for p, out in zip(PROMPTS, batch, strict=True):
         alone = generate(model, p, 24, ignore_eos=True, **width)
@@ -283,7 +282,7 @@ def test_compiled_decoding_equals_eager_and_keeps_one_graph_per_width() -> None:
     widths and under speculative decoding; switching back to a width compiles nothing."""
     from torch._dynamo.utils import counters
 
-    model = _model(6)
+    model = tiny_lm(6, distinct=True)
     eager = {t: generate(model, PROMPT, 20, ignore_eos=True, tier=t).tokens for t in (0, 2)}
     for t in (0, 2):
         assert generate(model, PROMPT, 20, ignore_eos=True, tier=t, compile=True).tokens == eager[t]
@@ -295,7 +294,7 @@ def test_compiled_decoding_equals_eager_and_keeps_one_graph_per_width() -> None:
 
 @pytest.mark.slow
 def test_compiled_speculative_and_batched_decoding_equal_eager() -> None:
-    model = _model(6)
+    model = tiny_lm(6, distinct=True)
     plain = generate(model, PROMPT, 20, ignore_eos=True)
     spec = speculative_generate(model, PROMPT, 20, draft_tier=2, draft_tokens=2, ignore_eos=True,
                                 compile=True)
@@ -314,7 +313,7 @@ def test_width_switches_do_not_recompile() -> None:
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    model = _model(7)
+    model = tiny_lm(7, distinct=True)
     dec = StaticDecoder(model, 1, 64, compile=True, backend=counter)
     with torch.inference_mode():
         dec.prefill([torch.tensor(PROMPT)])
@@ -361,7 +360,7 @@ def test_the_benchmark_sequence_compiles_each_setting_once(monkeypatch) -> None:
         return forward(self, ids)
 
     monkeypatch.setattr(decoding.StaticDecoder, "forward", recording)
-    model, draft = _model(11), _model(12, intermediate_size=32)
+    model, draft = tiny_lm(11, distinct=True), tiny_lm(12, intermediate_size=32, distinct=True)
     prompts = [PROMPT, [9, 8, 7, 6, 5], [300, 1, 2, 400, 3, 4, 5, 6, 7]]
     kw = dict(ignore_eos=True, compile=True, max_draft_tokens=6)
 
@@ -434,25 +433,25 @@ def test_auto_draft_explores_a_draft_whose_prompt_agreement_was_low_by_chance() 
     benchmark's costs, tier 3 at a prior of 9/16 loses to tier 2 on estimates, but its upper
     bound would win: auto tries it (explore=True), and once tier 3's observed acceptance is in,
     it is chosen on its estimate. A draft that cannot win even optimistically is not tried."""
-    from matformer.inference.speculative import DecodeCosts, Draft, _rechoose, _Round
+    from matformer.inference.speculative import DecodeCosts, Draft, DraftRound, rechoose_draft
 
     costs = DecodeCosts(7.5, {"tier 2": 2.33, "tier 3": 1.76},
                         {1: 8.57, 2: 9.20, 3: 12.22, 4: 12.49})
     drafts = [Draft("tier 2", [1024]), Draft("tier 3", [512])]
-    state = _Round(draft=drafts[0], k=2, mode="auto", prior={"tier 2": 0.75, "tier 3": 0.5625},
+    state = DraftRound(draft=drafts[0], k=2, mode="auto", prior={"tier 2": 0.75, "tier 3": 0.5625},
                    plain_ok=True)
     state.seen["tier 2"] = [40, 46]
     extra: dict = {}
     assert state.acceptance()["tier 2"] > state.acceptance()["tier 3"]
-    _rechoose(state, drafts, costs, [1, 2, 3, 4], extra)
+    rechoose_draft(state, drafts, costs, [1, 2, 3, 4], extra)
     assert extra["choice"].explore and state.draft.name == "tier 3"
     state.seen["tier 3"] = [36, 40]  # what tier 3 then shows
-    _rechoose(state, drafts, costs, [1, 2, 3, 4], extra)
+    rechoose_draft(state, drafts, costs, [1, 2, 3, 4], extra)
     assert state.draft.name == "tier 3" and not extra["choice"].explore
-    hopeless = _Round(draft=drafts[0], k=2, mode="auto", prior={"tier 2": 0.9, "tier 3": 0.05},
+    hopeless = DraftRound(draft=drafts[0], k=2, mode="auto", prior={"tier 2": 0.9, "tier 3": 0.05},
                       plain_ok=True)
     hopeless.seen["tier 2"] = [80, 90]
-    _rechoose(hopeless, drafts, costs, [1, 2, 3, 4], extra)
+    rechoose_draft(hopeless, drafts, costs, [1, 2, 3, 4], extra)
     assert hopeless.draft.name == "tier 2" and not extra["choice"].explore
 
 
@@ -502,7 +501,7 @@ def _small_draft(seed: int, **overrides) -> MatFormerLM:
 
 
 def test_separate_draft_model_greedy_equals_plain() -> None:
-    model = _model(9)
+    model = tiny_lm(9, distinct=True)
     # A separate model object (own cache, own keys/values) holding the target's tier-1 weights.
     draft = copy.deepcopy(model).set_widths(tier=1)
     plain = generate(model, PROMPT, 40, ignore_eos=True)
@@ -522,7 +521,7 @@ def test_separate_draft_model_greedy_equals_plain() -> None:
 
 def test_separate_draft_model_sampling_keeps_the_target_distribution() -> None:
     V, N = 8, 600
-    model = _model(0, vocab_size=V, eos_token_id=None)
+    model = tiny_lm(0, vocab_size=V, eos_token_id=None, distinct=True)
     draft = _small_draft(3, vocab_size=V, eos_token_id=None)
     prompt = [1, 2, 3]
     sampler = Sampler(1.0)
@@ -598,7 +597,7 @@ def test_generate_verb_batch_auto_draft_and_draft_model(two_ckpts, tmp_path, cap
 def test_speculative_draft_widths_are_one_request() -> None:
     """The draft's five keywords form one request: per-layer tiers, widths, and heads alone
     (the target's FFN widths, fewer heads); each greedy output is the target's."""
-    model = _model()
+    model = tiny_lm(distinct=True)
     plain = generate(model, PROMPT, 20, ignore_eos=True, layer_tiers=[1, 0])
     for draft in (dict(draft_layer_tiers=[3, 2]), dict(draft_widths=64),
                   dict(draft_layer_tiers=[2, 2], draft_kv_heads=1),
