@@ -4,7 +4,7 @@ Train one Llama-compatible model whose FFNs are nested; run or extract any width
 Imports are lazy so that `import matformer` (and the CLI's start-up) stays cheap. No submodule is
 named like a public name (`generation`, `evaluation`, `training` hold `generate`, `evaluate`,
 `train`): importing a submodule sets the package attribute of its name, which would replace the
-function; tests/test_layout.py checks every import order.
+function; tests/contracts/test_layout.py checks every import order.
 """
 
 from __future__ import annotations

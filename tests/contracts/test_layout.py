@@ -6,6 +6,12 @@
   has no cycle.
 - No matformer module is imported inside a function, except the CLI's lazy verb loading (so
   `matformer --help` and `matformer info` never import torch), listed below with the reason.
+- Dependencies run one way (issue 22): errors < tiers < models < io < data < {inference,
+  training, slicing} < evaluation < cli. A module imports only from its own layer or lower ones;
+  the three peers in the middle do not import each other. `matformer/__init__.py` (the lazy
+  public API) is exempt, and nothing but the CLI imports that API back.
+- argparse is imported only under `matformer/cli/`: the library takes arguments, not flags.
+- No module imports another module's `_private` name: what crosses a module boundary is public.
 """
 
 from __future__ import annotations
@@ -91,6 +97,75 @@ def _imports(module: str) -> list[tuple[str, str | None]]:
 GRAPH = {m: _imports(m) for m in MODULES}
 
 
+def _imported_names(module: str) -> list[tuple[str, str]]:
+    """(module, name) for every `from X import name` in `module`, any import (stdlib too), at any
+    depth, `if TYPE_CHECKING:` included (an annotation still names what it uses); a plain
+    `import X` gives (X, "")."""
+    path = MODULES[module]
+    found: list[tuple[str, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "") for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found += [(target, a.name) for a in node.names]
+    return found
+
+
+NAMES = {m: _imported_names(m) for m in MODULES}
+
+# The layer order, lowest first; the peers share a rank and may not import each other.
+LAYERS = ("errors", "tiers", "models", "io", "data", ("inference", "training", "slicing"),
+          "evaluation", "cli")
+RANK = {name: i for i, layer in enumerate(LAYERS)
+        for name in ((layer,) if isinstance(layer, str) else layer)}
+
+
+def _layer(module: str) -> str | None:
+    """The layer of a matformer module: its first component under `matformer` (None for the
+    package itself, the lazy public API)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _layer_violations() -> list[str]:
+    bad = []
+    for m in MODULES:
+        own = _layer(m)
+        if own is None:  # matformer/__init__.py: the lazy public API, exempt
+            continue
+        if own not in RANK:
+            bad.append(f"{m} is in no layer (add it to LAYERS or move it)")
+            continue
+        for target in sorted({t for t, _ in GRAPH[m]}):
+            other = _layer(target)
+            if other == own:
+                continue
+            if other is None:  # the public API re-exports every layer: only the CLI may use it
+                if own != "cli":
+                    bad.append(f"{m} imports the public API `matformer` (import from the module)")
+            elif other not in RANK or RANK[other] > RANK[own]:
+                bad.append(f"{m} ({own}) imports {target} ({other}): a higher layer")
+            elif RANK[other] == RANK[own]:
+                bad.append(f"{m} ({own}) imports its peer {target} ({other})")
+    return bad
+
+
+def _private_imports() -> list[str]:
+    bad = []
+    for m in MODULES:
+        for target, name in NAMES[m]:
+            if (target.split(".")[0] == "matformer" and target != m and name.startswith("_")
+                    and not name.startswith("__") and f"{target}.{name}" not in MODULES):
+                bad.append(f"{m} imports {target}.{name}")
+    return sorted(set(bad))
+
+
 def test_the_import_graph_has_no_cycle() -> None:
     edges = {m: sorted({t for t, _ in GRAPH[m] if t in MODULES}) for m in MODULES}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -116,6 +191,31 @@ def test_no_matformer_imports_inside_functions_but_the_lazy_cli() -> None:
                    if f is not None and not _lazy_allowed(m, f)})
     assert not lazy, "function-level imports of matformer modules: " + ", ".join(
         f"{m}.{f} imports {t}" for m, f, t in lazy)
+
+
+def test_dependencies_run_one_way_through_the_layers() -> None:
+    bad = _layer_violations()
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_only_the_cli_imports_argparse() -> None:
+    bad = sorted(m for m in MODULES if not (m == "matformer.cli" or m.startswith("matformer.cli."))
+                 and any(t == "argparse" or t.startswith("argparse.") for t, _ in NAMES[m]))
+    assert not bad, "argparse outside matformer/cli/: " + ", ".join(bad)
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    bad = _private_imports()
+    assert not bad, "private names imported across modules:\n" + "\n".join(bad)
+
+
+def test_the_rule_readers_see_what_they_check() -> None:
+    # The three rules above would pass vacuously on readers that find nothing.
+    assert ("argparse", "") in NAMES["matformer.cli"] or any(
+        t == "argparse" for m in MODULES if m.startswith("matformer.cli.") for t, _ in NAMES[m])
+    assert set(RANK) <= {_layer(m) for m in MODULES} | {"errors", "tiers"}
+    assert RANK["models"] < RANK["io"] < RANK["data"] < RANK["slicing"] == RANK["training"]
+    assert RANK["evaluation"] < RANK["cli"]
 
 
 def test_the_graph_reader_sees_imports() -> None:
@@ -178,7 +278,7 @@ def test_public_names_are_the_same_objects_in_every_import_order() -> None:
     # One fresh interpreter; before each order every matformer module is dropped from
     # sys.modules, so each order starts from a fresh package (torch stays loaded: it is not ours).
     out = subprocess.run([sys.executable, "-c", _CHECK_ORDERS], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, timeout=300).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["orders"] > 2 * len(matformer.__all__) - 1
     assert result["failures"] == {}
@@ -197,4 +297,4 @@ def test_public_functions_in_a_fresh_interpreter(first: str) -> None:
         "    assert callable(getattr(matformer, n)) and not isinstance(getattr(matformer, n),"
         " types.ModuleType), n\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

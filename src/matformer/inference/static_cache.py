@@ -6,7 +6,7 @@ never by the position, so `torch.compile` makes one graph per width and token co
 it. The width is a setting of the model that dynamo guards on (the FFN widths are plain ints on
 the modules), so switching between a draft and a verifier width finds the graph compiled for
 each the first time and reuses it afterwards: no recompiles after the first use of a width
-(tests/test_generate.py counts them). `dynamic=False` keeps a verify of k+1 tokens from turning
+(tests/inference/test_generate.py counts them). `dynamic=False` keeps a verify of k+1 tokens from turning
 the token dimension symbolic after a second k is seen.
 
 Dynamo also guards on the token tensor's strides and on whether it is an inference tensor, so
