@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 """benchmarks/results/: the JSON files docs/*.md cite (paths that must not move)."""
 
 
+def _prog() -> str | None:
+    """`python -m benchmarks.speed.decode` in usage lines when run as a module (argparse would
+    say `decode.py`, which does not run: the script imports this package)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return f"python -m {name}" if name.startswith("benchmarks.") else None
+
+
 def parser(doc: str | None, *, full_doc: bool = False) -> argparse.ArgumentParser:
     """An argument parser described by a script's docstring: its first line, or (`full_doc`)
     all of it with the layout kept, for scripts whose docstring explains the experiment."""
     if full_doc:
-        return argparse.ArgumentParser(description=doc,
+        return argparse.ArgumentParser(prog=_prog(), description=doc,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    return argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    first = doc.strip().splitlines()[0] if doc and doc.strip() else None
+    return argparse.ArgumentParser(prog=_prog(), description=first)
 
 
 def cpu_name() -> str:
