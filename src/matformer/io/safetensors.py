@@ -311,7 +311,13 @@ def build_header(specs: Sequence[tuple[str, str, Sequence[int]]],
 
 
 def tensor_bytes(t) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous. A
+    numpy array works too (io.gguf_source writes without importing torch)."""
+    if not hasattr(t, "detach"):
+        import numpy as np
+
+        a = np.ascontiguousarray(t).reshape(-1)
+        return memoryview(a.view(np.uint8)).cast("B") if a.size else memoryview(b"")
     import torch
 
     t = t.detach()

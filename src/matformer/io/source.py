@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class Source:
     spec: str
     """What the caller gave (path or repo id), for messages."""
     kind: str
-    """'folder', 'file' or 'hub'."""
+    """'folder', 'file', 'hub' or 'gguf' (a .gguf file: `folder` is its converted copy)."""
     folder: Path
     """The local folder with config.json and the weights (a multi-tier repo: the tier folder)."""
     layout: Layout
@@ -216,6 +216,11 @@ def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
     spec = os.fspath(src)
     p = Path(spec)
     if os.path.lexists(p):
+        from matformer.io.gguf_source import gguf_checkpoint  # (it imports this module)
+
+        folder = gguf_checkpoint(p)  # a .gguf SRC: its checkpoint folder, converted once
+        if folder is not None:
+            return replace(_local(spec, folder, tier, _widest(widths)), kind="gguf")
         return _local(spec, p, tier, _widest(widths))
     if is_repo_id(spec) and not _looks_local(spec):
         return _hub(spec, revision, tier, _widest(widths), companions)
