@@ -128,12 +128,38 @@ class TokenizerSpec:
     merges: list[str]
     add_bos: bool
     add_eos: bool
+    pre: str = TOKENIZER_PRE
+    """llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`)."""
+    chat_template: str | None = None
+    """tokenizer_config.json's `chat_template` (a string), written as `tokenizer.chat_template`."""
+
+
+def _byte_level(pre: Any) -> bool:
+    """ByteLevel with the GPT-2 split regex and no prefix space."""
+    return (isinstance(pre, dict) and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space"))
+
+
+def pre_tokenizer_name(pre: Any) -> str | None:
+    """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre_tokenizer, or None: "gpt-2"
+    for ByteLevel (GPT-2 regex), "smollm" for each digit split off first, then that ByteLevel
+    (SmolLM's tokenizer; llama.cpp's `\\p{N}` rule before the GPT-2 regex)."""
+    if _byte_level(pre):
+        return TOKENIZER_PRE
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" \
+        else None
+    if (isinstance(steps, list) and len(steps) == 2 and isinstance(steps[0], dict)
+            and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+            and _byte_level(steps[1])):
+        return "smollm"
+    return None
 
 
 def read_tokenizer(path: Path, vocab_size: int) -> TokenizerSpec:
     """Our byte-level BPE `path` (a tokenizer.json) as llama.cpp's `gpt2` tokenizer. Anything else (another
-    model type, a normalizer, a pre-tokenizer other than ByteLevel with the GPT-2 regex and no
-    prefix space) is refused: llama.cpp would tokenize differently from the model's training."""
+    model type, a normalizer, a pre-tokenizer llama.cpp has no name for: see
+    `pre_tokenizer_name`) is refused: llama.cpp would tokenize differently from the model's
+    training."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -144,14 +170,16 @@ def read_tokenizer(path: Path, vocab_size: int) -> TokenizerSpec:
             model.get("vocab"), dict):
         raise CheckpointError(f"{path}: model is not a BPE vocabulary; only byte-level BPE "
                               f"tokenizers can be exported to llama.cpp")
-    if obj.get("normalizer") is not None or model.get("byte_fallback") or not (
-            isinstance(pre, dict) and pre.get("type") == "ByteLevel"
-            and pre.get("use_regex", True) and not pre.get("add_prefix_space")):
+    name = pre_tokenizer_name(pre)
+    if obj.get("normalizer") is not None or model.get("byte_fallback") or name is None:
         raise CheckpointError(
             f"{path}: pre_tokenizer {pre!r} (normalizer {obj.get('normalizer')!r}) is not "
-            f"ByteLevel(add_prefix_space=False, use_regex=True) without a normalizer; llama.cpp's "
-            f"'{TOKENIZER_PRE}' pre-tokenizer would split text differently")
-    return _tokenizer_spec(path, obj, model, vocab_size)
+            f"ByteLevel(add_prefix_space=False, use_regex=True) without a normalizer (or "
+            f"SmolLM's Digits + that ByteLevel); llama.cpp's '{TOKENIZER_PRE}' pre-tokenizer "
+            f"would split text differently")
+    spec = _tokenizer_spec(path, obj, model, vocab_size)
+    spec.pre = name
+    return spec
 
 
 def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> TokenizerSpec:
@@ -181,8 +209,12 @@ def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> Toke
         tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         tcfg = {}
+    if not isinstance(tcfg, dict):
+        tcfg = {}
+    template = tcfg.get("chat_template")
     return TokenizerSpec(tokens, types, merges, bool(tcfg.get("add_bos_token", False)),
-                         bool(tcfg.get("add_eos_token", False)))
+                         bool(tcfg.get("add_eos_token", False)),
+                         chat_template=template if isinstance(template, str) else None)
 
 
 # ---- metadata and writing -----------------------------------------------------------------------
@@ -239,7 +271,7 @@ def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> N
     w.add_rope_dimension_count(meta.head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(TOKENIZER_PRE)
+    w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.token_types)
     w.add_token_merges(tok.merges)
@@ -249,6 +281,8 @@ def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> N
             getattr(w, f"add_{key}_token_id")(value)
     w.add_add_bos_token(tok.add_bos)
     w.add_add_eos_token(tok.add_eos)
+    if tok.chat_template is not None:
+        w.add_chat_template(tok.chat_template)
 
 
 @dataclass
