@@ -236,7 +236,7 @@ def test_our_export_reads_back(ckpt, tok, tmp_path, outtype):
             torch.testing.assert_close(b(ids), a(ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
 def test_gguf_writer_llama_reads_back(tmp_path, hf_untied, tok_dir, qtype):
     """A llama.cpp-style file (permuted q/k, quantized): each tensor is exactly what the
     quantization stored, un-permuted, and close to the original."""
@@ -343,7 +343,7 @@ def _transformers_gguf(path: Path):
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.Q4_0])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q4_0], ids=lambda q: q.name)
 def test_logits_and_tokenizer_equal_transformers_gguf_load(tmp_path, hf_untied, tok_dir, tok,
                                                            qtype, one_thread):
     path = write_llama_gguf(tmp_path / "m.gguf", _hf_sd(hf_untied), tok_dir, qtype)
@@ -583,6 +583,33 @@ def test_lying_offset_overlap_and_alignment(tmp_path, f32_gguf):
     blob[b:b + 8] = struct.pack("<Q", off + 4)
     with pytest.raises(CheckpointError, match="aligned"):
         gguf_to_checkpoint(_bad(tmp_path, blob), tmp_path / "o")
+
+
+def test_absurd_merge_count(tmp_path, hf_untied, tok_dir):
+    p = _tiny(tmp_path, hf_untied, tok_dir)
+    blob = p.read_bytes()
+    key = b"tokenizer.ggml.merges"
+    at = _find(blob, key) + len(key) + 8  # u32 ARRAY, u32 STRING, then the count
+    (count,) = struct.unpack_from("<Q", blob, at)
+    # each added merge is an 8-byte length and "a b": 4608 x 11 bytes, a multiple of the
+    # 32-byte alignment, so the tensors stay where they were and only the count is wrong
+    many = 9 * 512
+    extra = (struct.pack("<Q", 3) + b"a b") * many
+    end = _merges_end(blob, at + 8, count)
+    blob = blob[:at] + struct.pack("<Q", count + many) + blob[at + 8:end] + extra + blob[end:]
+    p = _bad(tmp_path, blob)
+    with GGUFFile(p) as f:
+        assert f.count("tokenizer.ggml.merges") == count + many  # a valid file otherwise
+    with pytest.raises(CheckpointError, match="merges has .* corrupt") as e:
+        gguf_to_checkpoint(p, tmp_path / "o")
+    _one_line(e, p)
+
+
+def _merges_end(blob: bytes, at: int, count: int) -> int:
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", blob, at)
+        at += 8 + n
+    return at
 
 
 def _tiny(tmp_path, hf_untied, tok_dir, **kw) -> Path:

@@ -401,6 +401,10 @@ def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
         raise CheckpointError(f"{f.path}: tokenizer.ggml.model={model!r}: only byte-level BPE "
                               f"('gpt2') tokenizers can be rebuilt yet")
     pre = _pre_tokenizer(_meta(f, "tokenizer.ggml.pre", str, None), f.path)
+    n_merges = f.count("tokenizer.ggml.merges") or 0
+    if n_merges > 8 * config["vocab_size"]:  # real files: about one per token (Llama 3: 2.2)
+        raise CheckpointError(f"{f.path}: tokenizer.ggml.merges has {n_merges} entries for a "
+                              f"vocabulary of {config['vocab_size']}: corrupt")
     tokens = f.get("tokenizer.ggml.tokens")
     merges = f.get("tokenizer.ggml.merges")
     types = f.get("tokenizer.ggml.token_type")
