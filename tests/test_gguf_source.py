@@ -124,7 +124,7 @@ def _gguf_name(hf: str) -> str:
 
 def write_llama_gguf(path: Path, sd: dict[str, np.ndarray], tok_dir: Path, qtype, *,
                      arch: str = "llama", pre: str = "gpt-2", tied: bool = False, ffn=FFN,
-                     extra_kv=None, extra_tensors=None) -> Path:
+                     add_bos: bool = False, extra_kv=None, extra_tensors=None) -> Path:
     """A llama.cpp-style GGUF of a transformers Llama state dict: q/k rows interleaved per head,
     2-D tensors in `qtype`, norms in F32, the tokenizer as llama.cpp's `gpt2` model."""
     spec = read_tokenizer(tok_dir / "tokenizer.json", sd["model.embed_tokens.weight"].shape[0])
@@ -148,7 +148,7 @@ def write_llama_gguf(path: Path, sd: dict[str, np.ndarray], tok_dir: Path, qtype
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(TEMPLATE)
     for key, value in (extra_kv or {}).items():
         w.add_key_value(key, *value)
@@ -372,6 +372,24 @@ def test_logits_and_tokenizer_equal_transformers_gguf_load(tmp_path, hf_untied, 
         torch.testing.assert_close(plain(ids).logits, want, rtol=0, atol=1e-4)
     gen = json.loads((folder / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+
+
+def test_add_bos_token_like_transformers(tmp_path, hf_untied, tok_dir):
+    """`tokenizer.ggml.add_bos_token` true: BOS before every text, as transformers' GGUF
+    tokenizer (and llama.cpp) add it."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    p = _tiny(tmp_path, hf_untied, tok_dir, add_bos=True)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=p.name)
+    folder = gguf_to_checkpoint(p, tmp_path / "ck")
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(folder)
+    for text in SAMPLES:
+        want = ref(text)["input_ids"]
+        assert want[0] == 1 and ours.encode(text).ids == want, text
+        assert hf(text)["input_ids"] == want, text  # BOS once, not twice
+    assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is True
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe"])

@@ -446,17 +446,13 @@ def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
     names = {k: tokens[v] for k, v in ids.items()}
     if (add_bos and "bos" not in names) or (add_eos and "eos" not in names):
         raise CheckpointError(f"{f.path}: add_bos_token/add_eos_token set without a BOS/EOS id")
-    if add_bos or add_eos:
-        bos = [f"{names['bos']}:0"] if add_bos else []
-        eos = [f"{names['eos']}:0"] if add_eos else []
-        specials = ([(names["bos"], ids["bos"])] if add_bos else []) + (
-            [(names["eos"], ids["eos"])] if add_eos and names.get("eos") != names.get("bos")
-            else [])
+    if add_bos or add_eos:  # llama.cpp adds them around every text
+        around = [k for k, on in (("bos", add_bos), ("eos", add_eos)) if on]
+        first = ([names["bos"]] if add_bos else []) + ["$A"] + ([names["eos"]] if add_eos else [])
+        second = [p if p != "$A" else "$B:1" for p in first]
         tok.post_processor = processors.TemplateProcessing(
-            single=" ".join([*bos, "$A:0", *eos]),
-            pair=" ".join([*bos, "$A:0", *eos, *[b.replace(":0", ":1") for b in bos], "$B:1",
-                           *[e.replace(":0", ":1") for e in eos]]),
-            special_tokens=specials)
+            single=first, pair=first + second,
+            special_tokens=list({names[k]: ids[k] for k in around}.items()))
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     specials_map = {f"{k}_token": names[k] for k in ("bos", "eos", "unk", "pad") if k in names}
