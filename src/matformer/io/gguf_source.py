@@ -113,8 +113,9 @@ def _meta(f: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = .
     from matformer.io.gguf_reader import ArrayRef
 
     if isinstance(value, ArrayRef):
-        raise CheckpointError(f"{f.path}: metadata {key!r} is a per-layer array; matformer reads "
-                              f"GGUFs whose layers all have the same sizes")
+        raise CheckpointError(f"{f.path}: metadata {key!r} is an array (per-layer sizes?) where "
+                              f"one value is expected; matformer reads GGUFs whose layers all "
+                              f"have the same sizes")
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise CheckpointError(f"{f.path}: metadata {key!r}={value!r} has the wrong type")
@@ -133,7 +134,7 @@ def _f32(x: float) -> float:
     9.999999747378752e-06): what the original config said."""
     import numpy as np
 
-    return float(repr(np.float32(x)).removeprefix("np.float32(").removesuffix(")"))
+    return float(str(np.float32(x)))
 
 
 def _refuse_numerics(f: GGUFFile, arch: str) -> None:
