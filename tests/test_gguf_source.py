@@ -319,6 +319,37 @@ def test_reader_dequantizes_like_gguf(tmp_path, name):
         np.testing.assert_array_equal(f.read("b"), np.arange(32, dtype=np.float32))
 
 
+def test_custom_alignment(tmp_path):
+    """`general.alignment` other than 32: tensors sit at multiples of it."""
+    path = tmp_path / "a.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_custom_alignment(64)
+    w.add_array("general.tags", [[1, 2], [3]])  # an array of arrays is skipped and decoded
+    w.add_tensor("a", np.arange(3, dtype=np.float32))
+    w.add_tensor("b", np.arange(5, dtype=np.float32) * 2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFFile(path) as f:
+        assert f.alignment == 64 and all(t.offset % 64 == 0 for t in f.tensors.values())
+        np.testing.assert_array_equal(f.read("b"), np.arange(5, dtype=np.float32) * 2)
+        assert [a.tolist() for a in f.get("general.tags")] == [[1, 2], [3]]
+    blob = bytearray(path.read_bytes())
+    at = _find(blob, b"general.alignment") + len("general.alignment") + 4
+    blob[at:at + 4] = struct.pack("<I", 48)
+    with pytest.raises(CheckpointError, match="general.alignment=48 is not a power of two"):
+        GGUFFile(_bad(tmp_path, blob))
+
+
+def test_without_the_gguf_package(f32_gguf, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'matformer\[gguf\]'"):
+        GGUFFile(f32_gguf)
+
+
 def test_metadata_values(f32_gguf, tok):
     with GGUFFile(f32_gguf) as f:
         assert f.get("general.architecture") == "llama"
