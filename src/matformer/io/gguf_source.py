@@ -32,6 +32,7 @@ partial rotary, experts, per-layer sizes) is a one-line refusal that names it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,17 +40,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
-from matformer.io.checkpoint import write_folder
-from matformer.io.layout import CONFIG_NAME
+from matformer.io.atomic import atomic_write
+from matformer.io.gguf import unpermute_rope
+from matformer.io.gguf_reader import ArrayRef, GGUFFile, pread_exact
+from matformer.io.layout import CONFIG_NAME, INDEX_NAME
 from matformer.io.manifest import MANIFEST_NAME
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from matformer.io.gguf_reader import GGUFFile
+from matformer.io.safetensors import write_file
+from matformer.io.swap import atomic_folder
+from matformer.models.registry import config_from_dict
 
 SUFFIX = ".gguf"
 MARKER = "gguf_source.json"
@@ -110,8 +113,6 @@ def _meta(f: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = .
             raise CheckpointError(f"{f.path}: metadata {key!r} is missing")
         return default
     value = f.metadata[key]
-    from matformer.io.gguf_reader import ArrayRef
-
     if isinstance(value, ArrayRef):
         raise CheckpointError(f"{f.path}: metadata {key!r} is an array (per-layer sizes?) where "
                               f"one value is expected; matformer reads GGUFs whose layers all "
@@ -132,8 +133,6 @@ def _positive(f: GGUFFile, key: str, default: Any = ...) -> int:
 def _f32(x: float) -> float:
     """A float32 metadata value as the shortest decimal that reads back as it (1e-05, not
     9.999999747378752e-06): what the original config said."""
-    import numpy as np
-
     return float(str(np.float32(x)))
 
 
@@ -332,8 +331,6 @@ def plan_tensors(f: GGUFFile, arch: Architecture, config: dict[str, Any]) -> lis
 
 
 def read_tensor(f: GGUFFile, t: TensorMap, dtype: str) -> np.ndarray:
-    from matformer.io.gguf import unpermute_rope
-
     w = f.read(t.gguf)
     if t.rope_heads is not None:
         w = unpermute_rope(w, t.rope_heads)
@@ -490,8 +487,6 @@ def _check_dtype(dtype: str) -> str:
 
 
 def header_sha256(f: GGUFFile) -> str:
-    from matformer.io.gguf_reader import pread_exact
-
     return hashlib.sha256(pread_exact(f.fd, f.header_bytes, 0, f.path)).hexdigest()
 
 
@@ -503,9 +498,24 @@ def _provenance(f: GGUFFile, dtype: str) -> dict[str, Any]:
             "name": f.metadata.get("general.name")}
 
 
-def _write(f: GGUFFile, out_dir: str | os.PathLike, dtype: str) -> Path:
-    from matformer.models.registry import config_from_dict
+WEIGHTS = "model.safetensors"
+COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json")
 
+
+def _replaced_files(folder: Path) -> set[str]:
+    """Names in an existing output folder that belong to the checkpoint written over it (files
+    others put there are kept; see io.swap)."""
+    names = {CONFIG_NAME, INDEX_NAME, MARKER, *COMPANIONS}
+    with contextlib.suppress(OSError):
+        names.update(e.name for e in os.scandir(folder) if e.name.endswith(".safetensors"))
+    return names
+
+
+def _write(f: GGUFFile, out_dir: str | os.PathLike, dtype: str) -> Path:
+    """Check everything (architecture, config, tensors, types, tokenizer), then write the folder
+    in place of `out_dir` atomically (io.swap): one safetensors file written tensor by tensor
+    (peak memory: one dequantized tensor), the tokenizer files, config.json last."""
     arch = architecture_of(f)
     config = arch.config(f, arch.name)
     config["torch_dtype"] = dtype
@@ -515,15 +525,23 @@ def _write(f: GGUFFile, out_dir: str | os.PathLike, dtype: str) -> Path:
     by_name = {t.hf: t for t in plan}
     st = {"float32": "F32", "float16": "F16"}[dtype]
     specs = [(t.hf, st, t.shape) for t in plan]
-    extra = {
+    files = {
         "tokenizer.json": tk.tokenizer_json.encode(),
         "tokenizer_config.json": _json(tk.tokenizer_config),
         "special_tokens_map.json": _json(tk.special_tokens_map),
         "generation_config.json": _json(tk.generation_config),
         MARKER: _json(_provenance(f, dtype)),
     }
-    return write_folder(out_dir, json.dumps(config, indent=2, sort_keys=True) + "\n", specs,
-                        lambda name: read_tensor(f, by_name[name], dtype), extra_files=extra)
+
+    def fill(tmp: Path) -> set[str]:
+        for name, data in files.items():
+            atomic_write(tmp / name, data)
+        write_file(tmp / WEIGHTS, specs, lambda name: read_tensor(f, by_name[name], dtype),
+                   metadata={"format": "pt"})
+        atomic_write(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return {*files, WEIGHTS, CONFIG_NAME}
+
+    return atomic_folder(out_dir, fill, _replaced_files)
 
 
 def _json(obj: Any) -> bytes:
@@ -534,8 +552,6 @@ def gguf_to_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
                        dtype: str = "float32") -> Path:
     """Dequantize the GGUF at `path` into a checkpoint folder `out_dir` (safetensors in `dtype`,
     config.json, tokenizer files; see the module docstring), atomically. Returns the folder."""
-    from matformer.io.gguf_reader import GGUFFile
-
     _check_dtype(dtype)
     with GGUFFile(path) as f:
         return _write(f, out_dir, dtype)
@@ -551,8 +567,6 @@ def gguf_checkpoint(p: str | os.PathLike, *, dtype: str = "float32",
                     cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The checkpoint folder of GGUF SRC `p` (see `gguf_file_in`), converted into the cache the
     first time and reused after; None when `p` is not a GGUF SRC."""
-    from matformer.io.gguf_reader import GGUFFile
-
     src = gguf_file_in(Path(p))
     if src is None:
         return None

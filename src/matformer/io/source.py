@@ -34,6 +34,7 @@ from typing import Any
 from matformer.errors import CheckpointError, ConfigError, DataError, MatFormerError, TierError
 from matformer.io.files import is_regular, read_json
 from matformer.io.folder import Folder
+from matformer.io.gguf_source import gguf_checkpoint
 from matformer.io.hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
 from matformer.io.layout import CONFIG_NAME, Layout, resolve_files
 from matformer.io.manifest import MANIFEST_NAME, Manifest, TierEntry, read_manifest, verify_file
@@ -216,8 +217,6 @@ def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
     spec = os.fspath(src)
     p = Path(spec)
     if os.path.lexists(p):
-        from matformer.io.gguf_source import gguf_checkpoint  # (it imports this module)
-
         folder = gguf_checkpoint(p)  # a .gguf SRC: its checkpoint folder, converted once
         if folder is not None:
             return replace(_local(spec, folder, tier, _widest(widths)), kind="gguf")
