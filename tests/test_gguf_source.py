@@ -267,6 +267,21 @@ def test_float16_checkpoint(tmp_path, f32_gguf, hf_untied):
         gguf_to_checkpoint(f32_gguf, tmp_path / "b", dtype="bfloat16")
 
 
+def test_written_over_an_existing_folder(tmp_path, f32_gguf, ckpt):
+    """Atomic like every save: the old checkpoint's files are replaced, a user's notes kept."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(ckpt, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    gguf_to_checkpoint(f32_gguf, out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == H
+    assert resolve_source(out).layout.shards == ["model.safetensors"]
+
+
 def test_tied_embeddings(tmp_path, tok, tok_dir):
     model = _hf_llama(True, tok.get_vocab_size(), seed=1)
     path = write_llama_gguf(tmp_path / "t.gguf", _hf_sd(model), tok_dir, Q.F32, tied=True)

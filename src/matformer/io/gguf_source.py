@@ -19,7 +19,7 @@ holds what transformers would write for the same model:
 - `gguf_source.json`: which file it came from (not a companion: it does not travel on).
 
 `gguf_to_checkpoint(path, out_dir)` writes such a folder where asked (atomically, like every
-save); `gguf_checkpoint(src)` is what `io.source.resolve_source` calls for a `.gguf` SRC (or a
+save, through io.swap and io.safetensors: io.checkpoint imports io.source, which imports this); `gguf_checkpoint(src)` is what `io.source.resolve_source` calls for a `.gguf` SRC (or a
 folder holding exactly one `.gguf` and no config.json): the folder in the cache
 (`$MATFORMER_CACHE/gguf/` or `~/.cache/matformer/gguf/`), keyed by the file's size, mtime and
 a hash of its header, written the first time and reused after.
