@@ -714,8 +714,7 @@ def test_unsupported_contents_are_named(tmp_path, hf_untied, tok_dir, case):
         kw["pre"] = "deepseek-llm"
     elif case == "per_layer":  # llama.cpp's per-layer FFN widths (what `deci` files carry)
         kw["ffn"] = [FFN, FFN // 2]
-    p = _tiny(tmp_path, hf_untied, tok_dir, **kw) if case not in ("missing",) else \
-        write_llama_gguf(tmp_path / "m.gguf", sd, tok_dir, Q.F32)
+    p = write_llama_gguf(tmp_path / "m.gguf", sd, tok_dir, Q.F32, **kw)
     if case == "tokenizer":
         blob = bytearray(p.read_bytes())
         at = _find(blob, b"tokenizer.ggml.model") + len("tokenizer.ggml.model") + 4 + 8
