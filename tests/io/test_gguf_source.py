@@ -522,7 +522,7 @@ def test_info_on_a_gguf_imports_no_torch(tmp_path, f32_gguf):
             f"{str(f32_gguf)!r}]); assert 'torch' not in sys.modules and 'transformers' not in "
             "sys.modules; sys.exit(rc)")
     env = {**os.environ, "MATFORMER_CACHE": str(tmp_path / "c"),
-           "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+           "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
 
