@@ -10,6 +10,12 @@ FSDP2 and nested widths: each rank runs every layer (all ranks issue the same al
 reduce-scatters) at its own width, on views of the unsharded parameters. A nested matrix is
 sharded along its *other* dimension (gate/up [I, H] by columns, down [H, I] by rows), so every
 rank's shard holds all neurons of its slice and `NestedAdamW`'s prefix updates stay local.
+
+The global gradient norm (clipping, the float16 overflow test) is `grad_norm`: defined on the
+FSDP2 shard layout of the run's world size whichever wrapper holds the gradients, so DDP and
+FSDP2 runs on the same number of processes clip by the same number, bit for bit (a run resumed
+in the other mode continues the uninterrupted one exactly; see docs/TRAINING.md, "Sharded
+resume").
 """
 
 from __future__ import annotations
@@ -100,15 +106,78 @@ def shard(model: nn.Module, dist: Dist, nested_dim: Callable[[str], int | None])
         torch.distributed.init_process_group("nccl" if dist.device.type == "cuda" else "gloo",
                                              store=store, rank=0, world_size=1)
     mesh = init_device_mesh(dist.device.type, (dist.world,))
-    dims = {id(p): d for name, p in model.named_parameters() if (d := nested_dim(name)) is not None}
+    dims = {id(p): nested_dim(name) for name, p in model.named_parameters()}
 
     def placement(p: nn.Parameter) -> Shard:
-        return Shard(1 - dims[id(p)]) if id(p) in dims else Shard(0)
+        return Shard(shard_dim(p.ndim, dims.get(id(p))))
 
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     return model
+
+
+def shard_dim(ndim: int, nested: int | None) -> int:
+    """The dimension FSDP2 shards a parameter along: the other one of a nested matrix (each
+    rank's shard then holds whole neurons), dimension 0 otherwise. `grad_norm` reads the same
+    rule, so a DDP run measures its gradients in the pieces an FSDP2 run would hold."""
+    return 1 - nested if nested is not None and ndim == 2 else 0
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and 64-byte aligned (a copy only when it is not): a reduction kernel then
+    sees a piece the same way however it was laid out in memory (a strided column block of a
+    whole gradient, an FSDP2 shard at some offset of its reduce-scatter buffer)."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def grad_norm(grads: list[torch.Tensor], dims: list[int], dist: Dist) -> torch.Tensor:
+    """The global L2 norm of `grads` (float32, 0-dim, on the gradients' device), computed in one
+    order that does not depend on how they are held: each gradient cut into `world` pieces along
+    its shard dimension `dims[i]` (torch.chunk's pieces, FSDP2's shards), the norm of each piece,
+    then the norm of those `len(grads) * world` numbers, gradient by gradient and piece by piece.
+
+    Why not `clip_grad_norm_`'s own: over whole tensors (DDP) and over shards combined by the
+    DTensor reduction (FSDP2) it sums the squares in different orders, so the two clip by norms
+    one rounding step apart and a run resumed in the other mode drifts from the uninterrupted
+    one by that much at every clipped step. Here an FSDP2 rank takes the norm of its own shard
+    and one all-gather of those numbers completes the table; a DDP rank (replicated gradients)
+    computes the whole table itself. In one process (`world` 1) a piece is the whole gradient:
+    the norm `clip_grad_norm_` computes, bit for bit."""
+    from torch.distributed.tensor import DTensor
+
+    if not grads:
+        return torch.zeros((), device=dist.device)
+    if isinstance(grads[0], DTensor):
+        mesh = grads[0].device_mesh
+        local = torch.stack([torch.linalg.vector_norm(_canonical(g.to_local())).float()
+                             for g in grads])
+        world = mesh.size()
+        if world > 1:
+            pieces = [torch.empty_like(local) for _ in range(world)]
+            torch.distributed.all_gather(pieces, local, group=mesh.get_group())
+            local = torch.stack(pieces, dim=1)  # [gradient, piece]
+        return torch.linalg.vector_norm(local.flatten())
+    table = []
+    for g, dim in zip(grads, dims, strict=True):
+        pieces = list(torch.chunk(g, dist.world, dim)) if dist.world > 1 else [g]
+        norms = [torch.linalg.vector_norm(_canonical(c)).float() for c in pieces]
+        zero = torch.zeros((), device=g.device)  # FSDP2's empty shards (dimension < world)
+        table.append(torch.stack(norms + [zero] * (dist.world - len(norms))))
+    return torch.linalg.vector_norm(torch.stack(table).flatten())
+
+
+def clip_grads(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` in place as `clip_grad_norm_` does given the global `norm` (coefficient
+    max_norm / (norm + 1e-6), at most 1); an FSDP2 gradient scales its own shard."""
+    from torch.distributed.tensor import DTensor
+
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if local:
+        torch._foreach_mul_(local, coef.to(local[0].device))
 
 
 def broadcast_str(text: str | None, dist: Dist) -> str:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from matformer.training.distributed import clip_grads, grad_norm, shard_dim
 from matformer.training.divergence import guard
 from matformer.training.objective import Plan, step_plan, update_extent, update_extents
 from matformer.training.points import heads_in_play
@@ -81,13 +81,15 @@ def _sync(run: Any, last: bool) -> contextlib.AbstractContextManager:
 
 
 def _finish_grads(run: Any) -> torch.Tensor | None:
-    """Unscale, then the global gradient norm (clipping to `grad_clip` if set)."""
+    """Unscale, then the global gradient norm (clipping to `grad_clip` if set). The norm is
+    `distributed.grad_norm`'s, the same number under DDP and FSDP2 on as many processes."""
     params = [p for p in run.model.parameters() if p.grad is not None]
-    run.scaler.unscale_([p.grad for p in params])
-    if run.cfg.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
-    elif run.scaler.enabled:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    else:
+    grads = [p.grad for p in params]
+    run.scaler.unscale_(grads)
+    if run.cfg.grad_clip <= 0 and not run.scaler.enabled:
         return None
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    dims = [shard_dim(p.ndim, run.opt.nest_dim.get(p)) for p in params]
+    norm = grad_norm(grads, dims, run.dist)
+    if run.cfg.grad_clip > 0:
+        clip_grads(grads, norm, run.cfg.grad_clip)
+    return norm
