@@ -5,7 +5,10 @@ it draws the token offsets of each global batch and keeps this rank's share; a `
 (worker processes, pinned memory) reads the windows at those offsets from the token stream (an
 in-memory array or a memory-mapped prepared token file) ahead of the step that uses them. The
 position saved in a checkpoint is the one after the last batch *consumed*, not the read-ahead
-one, so a resumed run reads exactly the batches an uninterrupted run would.
+one, so a resumed run reads exactly the batches an uninterrupted run would. The loader has a
+generator of its own: its iterator draws a worker base seed when it starts (once per process),
+which from the global generator would leave a resumed run's RNG two draws ahead of an
+uninterrupted run's (the state every checkpoint saves).
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ class Batches:
             loader = DataLoader(_Windows(self.sampler), batch_sampler=self._offsets(),
                                 num_workers=self.workers, collate_fn=_as_is,
                                 pin_memory=self.device.type == "cuda",
-                                persistent_workers=self.workers > 0)
+                                persistent_workers=self.workers > 0,
+                                generator=torch.Generator())
             self._it = iter(loader)
         batch = next(self._it)
         self.position = self._ahead.popleft()
