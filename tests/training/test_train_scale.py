@@ -463,7 +463,11 @@ def _reference(cfg: TrainConfig, out: Path) -> tuple[MatFormerLM, dict[str, torc
             for item in step_plan(cfg, 256, step, r, world):
                 loss, _ = obj(x[r * B:(r + 1) * B], [item])
                 (loss / world).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = grad_norm(grads, [shard_dim(p.ndim, opt.nest_dim.get(p)) for p in params],
+                         Dist(world=world))  # the run's norm (test_train says why it matters)
+        clip_grads(grads, norm, cfg.grad_clip)
         opt.step(update_extent(cfg, 256, step, world))
         opt.zero_grad(set_to_none=True)
     return model, init
