@@ -427,8 +427,24 @@ class WindowSampler:
             if k in state and int(state[k]) != self.state()[k]:
                 raise DataError(f"saved data position has {k}={state[k]}, but this run has "
                                 f"{self.state()[k]}: the data or settings changed since the checkpoint")
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
+        epoch, index = saved_position(state)
+        self.epoch = epoch
+        if index > self.windows_per_epoch:
+            raise DataError(f"saved data position has index={index}, past the "
+                            f"{self.windows_per_epoch} windows of an epoch: a damaged checkpoint")
+        self.index = index
+
+
+def saved_position(state: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, index) of a saved data position: non-negative integers, else a DataError."""
+    out = []
+    for k in ("epoch", "index"):
+        v = state.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**48:
+            raise DataError(f"saved data position has {k}={v!r}; expected a non-negative "
+                            f"integer (a damaged checkpoint)")
+        out.append(v)
+    return out[0], out[1]
 
 
 HELDOUT_SEQ_LEN = 128
