@@ -16,7 +16,6 @@ No torch import: data readers and `matformer info` use this too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from matformer.errors import DataError, MatFormerError
+from matformer.io import files
 
 MAX_JSON_BYTES = 64 * 2**20
 """Largest metadata JSON file read (the real ones are a few KB; a larger one is not ours)."""
@@ -41,21 +41,11 @@ def _show(value: Any) -> str:
 
 def read_json(path: str | os.PathLike, error: type[MatFormerError] = DataError,
               what: str = "metadata", max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """The JSON object in `path`; `error` (one line, naming the file) when it is missing,
-    not a regular file, larger than `max_bytes`, not UTF-8 JSON, or not an object."""
-    path = Path(path)
-    try:
-        if not path.is_file():
-            raise error(f"{path}: missing or not a regular file (cannot read the {what})")
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size} bytes, more than any {what} file ({max_bytes}); "
-                        f"not a matformer file?")
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise error(f"{path}: cannot read the {what} ({str(e)[:200]})") from None
+    """The JSON object in `path`, read through io.files (regular files only, never blocking on
+    a FIFO, size capped, strict JSON: no NaN/Infinity); `error` naming the file otherwise."""
+    d = files.read_json(path, limit=max_bytes, error=error)
     if not isinstance(d, dict):
-        raise error(f"{path}: expected a JSON object, got {type(d).__name__}")
+        raise error(f"{path}: expected a JSON object ({what}), got {type(d).__name__}")
     return d
 
 

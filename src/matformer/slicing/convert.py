@@ -125,7 +125,7 @@ def _score_ffn(method: str, acc: torch.Tensor, gram: torch.Tensor | None, mlp: A
     """Forward pre-hook of a NestedMLP: add its neurons' scores over the input's tokens to `acc`
     (and a^T a to `gram`)."""
     x = args[0].float()
-    a = F.silu(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
+    a = mlp.act(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
     a = a.reshape(-1, a.shape[-1]).double()
     s = a.abs().sum(0)
     if method != "activation":
