@@ -46,6 +46,7 @@ import numpy as np
 from matformer.errors import ConfigError, DataError
 from matformer.io.atomic import atomic_write
 from matformer.io.files import read_bytes
+from matformer.io.metadata import Fields
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -239,15 +240,27 @@ def split_texts(texts: Sequence[str], val_fraction: float = DEFAULT_VAL_FRACTION
 
 # ---- tokenizer -------------------------------------------------------------------------------
 
+MAX_TRAINED_VOCAB = 2**20
+"""Largest BPE vocabulary `train_tokenizer` learns (the largest published ones are ~256k; the
+tokenizers library aborts the process, a Rust panic, for ~10^8)."""
+
+
+def check_vocab_size(vocab_size: Any) -> None:
+    """A ConfigError unless `vocab_size` is a vocabulary the BPE trainer can learn (checked
+    before any text is read, by train and prepare-data alike)."""
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not min_vocab <= vocab_size <= MAX_TRAINED_VOCAB:
+        raise ConfigError(f"vocab_size must be an integer in [{min_vocab}, {MAX_TRAINED_VOCAB}] "
+                          f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens, up to the largest "
+                          f"BPE trained here), got {vocab_size!r}")
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
     """Byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    min_vocab = 256 + len(SPECIAL_TOKENS)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab \
-            or vocab_size > 2**31 - 1:
-        raise ConfigError(f"vocab_size must be an integer >= {min_vocab} (256 bytes + "
-                          f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -492,8 +505,10 @@ def training_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 def heldout_shape(settings: dict[str, Any]) -> tuple[int, int]:
     """(seq_len, windows) of the held-out evaluation a run with these settings logged: its own
     seq_len and eval_windows, else the defaults."""
-    return (int(settings.get("seq_len") or HELDOUT_SEQ_LEN),
-            int(settings.get("eval_windows") or HELDOUT_WINDOWS))
+    f = Fields(settings, "train_config.json", DataError)
+    seq, windows = settings.get("seq_len"), settings.get("eval_windows")
+    return (HELDOUT_SEQ_LEN if seq is None else f.integer("seq_len", lo=2, hi=2**24),
+            HELDOUT_WINDOWS if windows is None else f.integer("eval_windows", lo=1, hi=2**24))
 
 
 def default_eval_tokens(tok, data: str | os.PathLike | None = None,

@@ -183,6 +183,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
                         f"changed)")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if tokenizer is None:
+        D.check_vocab_size(vocab_size)  # before a byte is read: tokenizers aborts on ~10^8
     files = source_files(src)
     tok = _tokenizer(tokenizer, src, vocab_size, tokenizer_sample_bytes, val_fraction, split_seed)
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32

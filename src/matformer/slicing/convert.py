@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 from matformer.data import text as D
 from matformer.data import token_files as TF
 from matformer.errors import CheckpointError, ConfigError, DataError
-from matformer.io.checkpoint import load_model, load_state_dict, write_checkpoint
+from matformer.io.checkpoint import load_model, load_state_dict, parse_size, write_checkpoint
 from matformer.io.safetensors import st_dtype
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.models.lm.config import MatFormerConfig
@@ -348,6 +348,16 @@ def _check_dense(source: Source) -> MatFormerConfig:
     return cfg
 
 
+def _check_counts(**counts: Any) -> None:
+    """--samples, --batch-size, --seq-len: positive integers (None: the default), bounded."""
+    for key, v in counts.items():
+        if v is None and key == "seq_len":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**24:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer (at most "
+                              f"{2**24}), got {str(v)[:40]}")
+
+
 def _same_folder(a: Path, b: Path) -> bool:
     try:
         return b.exists() and os.path.samefile(a, b)
@@ -365,7 +375,13 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     say = log or (lambda _m: None)
     if method not in METHODS:
         raise ConfigError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
+    _check_counts(samples=samples, batch_size=batch_size, seq_len=seq_len)
+    parse_size(max_shard_size)  # a bad size fails now, not after the importance pass
     source = resolve_source(src, revision=revision, companions=True)
+    if not isinstance(source.config, MatFormerConfig):
+        raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint; "
+                          f"convert orders the FFN and heads of a dense language model (Llama "
+                          f"layout) only")
     config = _check_dense(source)
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "
