@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from matformer.data import text as D
+from matformer.data.vocabulary import difference
 from matformer.errors import DataError
 from matformer.io.atomic import atomic_write, fsync_dir
 from matformer.io.metadata import Fields, file_size_matches, read_json
@@ -285,7 +286,21 @@ def load(folder: str | os.PathLike) -> tuple[Any, np.ndarray, np.ndarray, dict[s
         raise DataError(f"{folder / META}: vocab_size {meta['vocab_size']} but "
                         f"{folder / 'tokenizer.json'} has {tok.get_vocab_size()} tokens; the "
                         f"folder is damaged, prepare it again")
+    for split, tokens in zip(("train", "val"), arrays, strict=True):
+        check_token_ids(tokens, meta["vocab_size"], folder / f"{split}.bin")
     return tok, arrays[0], arrays[1], meta
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str | os.PathLike) -> None:
+    """A DataError naming `source` and its largest id when a token id is past the vocabulary
+    (the embedding lookup would otherwise fail with an IndexError deep inside the model)."""
+    if len(tokens) == 0:
+        return
+    top = int(tokens.max())  # one pass over the memory map, no copy
+    if top >= vocab_size:
+        raise DataError(f"{source}: token id {top} is past the vocabulary of {vocab_size} "
+                        f"tokens; the file was written for another tokenizer or is damaged "
+                        f"(prepare the data again)")
 
 
 def load_for(folder: str | os.PathLike, tokenizer: Any | None,
@@ -295,9 +310,10 @@ def load_for(folder: str | os.PathLike, tokenizer: Any | None,
     DataError naming the folder's tokenizer.json and `tokenizer_file` (the model's)."""
     folder = Path(folder)
     tok, train, val, _ = load(folder)
-    if tokenizer is not None and tokenizer.to_str() != tok.to_str():
+    why = None if tokenizer is None else difference(tokenizer, tok)
+    if why is not None:
         theirs = tokenizer_file or "the given tokenizer"
-        raise DataError(f"{folder / 'tokenizer.json'} differs from {theirs}: the token folder was "
+        raise DataError(f"{folder / 'tokenizer.json'} differs from {theirs} ({why}): the token folder was "
                         f"prepared with another tokenizer; prepare it again with "
                         f"`matformer prepare-data SRC -o NEW --tokenizer {theirs}`")
     return train, val

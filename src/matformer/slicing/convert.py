@@ -52,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 
 from matformer.data import text as D
 from matformer.data import token_files as TF
+from matformer.devices import check_device
 from matformer.errors import CheckpointError, ConfigError, DataError
 from matformer.io.checkpoint import load_model, load_state_dict, parse_size, write_checkpoint
 from matformer.io.safetensors import st_dtype
@@ -377,6 +378,7 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
         raise ConfigError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_counts(samples=samples, batch_size=batch_size, seq_len=seq_len)
     parse_size(max_shard_size)  # a bad size fails now, not after the importance pass
+    check_device(device)
     source = resolve_source(src, revision=revision, companions=True)
     if not isinstance(source.config, MatFormerConfig):
         raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint; "

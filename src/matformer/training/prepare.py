@@ -204,8 +204,13 @@ def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None, report: Reporter
     t0 = time.time()
     if token_files.is_prepared(cfg.data):  # matformer prepare-data: memory-mapped, no tokenizing
         tok, train_tokens, val_tokens, meta = token_files.load(cfg.data)
+        # the model's tokenizer (resumed or --init-from) must be the one the folder was made with
         if ckpt is not None:
             tok = D.load_tokenizer(ckpt)
+            token_files.load_for(cfg.data, tok, ckpt / "tokenizer.json")
+        elif init is not None:
+            tok = warmstart.init_tokenizer(init)
+            token_files.load_for(cfg.data, tok, init.tokenizer_path or f"--init-from {cfg.init_from}")
         report.say(f"data: {cfg.data} (prepared): {meta['train_tokens']:,} / "
                    f"{meta['val_tokens']:,} train / held-out tokens, vocab {tok.get_vocab_size()}")
         return tok, train_tokens, val_tokens
