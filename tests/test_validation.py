@@ -417,3 +417,26 @@ def test_generate_with_nan_weights_and_temperature_warns_like_greedy(runs, tmp_p
 
 def test_every_new_error_is_a_matformer_error():
     assert issubclass(CheckpointError, MatFormerError) and dataclasses.is_dataclass(TrainingState)
+
+
+def test_gemma3n_huge_tier_is_refused_before_allocating(tmp_path):
+    """`slice --tier 10**12` of a Gemma 3n computed `1 << 10**12` (a 125 GB integer)."""
+    pytest.importorskip("transformers")
+    from matformer.errors import TierError
+    from matformer.slicing.gemma3n import slice_gemma3n
+
+    folder = _gemma_folder(tmp_path)
+    for tier in (10**12, 64, -1):
+        with pytest.raises(TierError, match="tier"):
+            slice_gemma3n(folder, tmp_path / f"t{tier}", tier=tier)
+
+
+def _gemma_folder(tmp_path: Path) -> Path:
+    from test_gemma3n import TOKENIZER, text_config
+    from transformers import Gemma3nForCausalLM
+
+    folder = tmp_path / "g3n"
+    Gemma3nForCausalLM(text_config()).save_pretrained(folder)
+    for name, data in TOKENIZER.items():
+        (folder / name).write_bytes(data)
+    return folder
