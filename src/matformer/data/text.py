@@ -197,6 +197,8 @@ def _load_hf_dataset(path: Path) -> list[str]:
     except Exception as e:  # datasets raises many types for a broken folder
         raise DataError(f"{path}: cannot load the dataset ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
+        if not len(ds):
+            raise DataError(f"{path}: the dataset folder lists no splits")
         split = "train" if "train" in ds else sorted(ds)[0]
         ds = ds[split]
     cols = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]

@@ -167,7 +167,8 @@ def _read_resume(ckpt: Path) -> tuple[dict[str, torch.Tensor] | None, TrainingSt
     """The training state a checkpoint holds: tensors + state (single-file), or None + state
     (sharded, loaded into the model and optimizer later by every rank)."""
     if sharded.is_sharded(ckpt):
-        return None, TrainingState.from_meta(sharded.read_meta(ckpt), str(ckpt / sharded.META_FILE))
+        return None, TrainingState.from_meta(sharded.read_meta(ckpt),
+                                             f"{ckpt / sharded.META_FILE} (training state)")
     return state.read_state(ckpt)
 
 

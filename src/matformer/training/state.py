@@ -237,7 +237,7 @@ def read_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
     if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
         raise CheckpointError(f"{path}: no training metadata (not written by matformer train?)")
     try:
-        state = TrainingState.from_meta(meta, str(path))
+        state = TrainingState.from_meta(meta, f"{path} (training state)")
         _check_state(state, tensors)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: "

@@ -143,7 +143,7 @@ def _rope(v: Any, d: dict[str, Any]) -> str | None:
         return "expected an object"
     kind = v.get("rope_type", v.get("type", "default"))
     if kind != "default":
-        return "only 'default' rotary embeddings are implemented"
+        return f"rope_type={kind!r}: only 'default' rotary embeddings are implemented"
     other = sorted(set(v) - {"rope_type", "type", "rope_theta"})
     if other:
         return f"keys {other} are not implemented"
