@@ -440,3 +440,16 @@ def _gemma_folder(tmp_path: Path) -> Path:
     for name, data in TOKENIZER.items():
         (folder / name).write_bytes(data)
     return folder
+
+
+@pytest.mark.parametrize("saved", [{"scale": "x", "clean_steps": 0}, {"scale": 0.0, "clean_steps": 0},
+                                   {"scale": 1e300, "clean_steps": 0}, {"scale": 2.0, "clean_steps": -1},
+                                   [1, 2]])
+def test_saved_loss_scale_is_checked(saved):
+    from matformer.training.precision import LossScaler
+
+    with pytest.raises(CheckpointError, match="loss_scale"):
+        LossScaler(True).load_state(saved)
+    s = LossScaler(True)
+    s.load_state({"scale": 1024.0, "clean_steps": 3})
+    assert (s.scale, s.clean_steps) == (1024.0, 3)
