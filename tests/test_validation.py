@@ -48,7 +48,8 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus):
-    """A plain and an --fsdp (sharded DCP state) run of 2 steps, a checkpoint at each step."""
+    """A plain and an --fsdp (sharded DCP state) run of 2 steps, a checkpoint at each step
+    (about 6 s once per module; every resume, tokenizer and generate test reuses them)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for kind in ("plain", "fsdp"):
@@ -420,7 +421,8 @@ def test_every_new_error_is_a_matformer_error():
 
 
 def test_gemma3n_huge_tier_is_refused_before_allocating(tmp_path):
-    """`slice --tier 10**12` of a Gemma 3n computed `1 << 10**12` (a 125 GB integer)."""
+    """`slice --tier 10**12` of a Gemma 3n computed `1 << 10**12` (a 125 GB integer). About 5 s:
+    it builds and saves a tiny transformers Gemma 3n, the only source slice_gemma3n takes."""
     pytest.importorskip("transformers")
     from matformer.errors import TierError
     from matformer.slicing.gemma3n import slice_gemma3n
