@@ -52,11 +52,11 @@ from torch.overrides import TorchFunctionMode
 
 from matformer.data import text as D
 from matformer.data import token_files as TF
-from matformer.devices import check_device
 from matformer.errors import CheckpointError, ConfigError, DataError
 from matformer.io.checkpoint import load_model, load_state_dict, parse_size, write_checkpoint
 from matformer.io.safetensors import st_dtype
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
+from matformer.models.devices import check_device
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
 

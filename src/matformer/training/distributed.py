@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from matformer.devices import check_device
+from matformer.models.devices import check_device
 
 T = TypeVar("T")
 

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
-from matformer.cli import main as cli_main
 from matformer.data import images as I
 from matformer.data import text as D
 from matformer.data import token_files
@@ -28,6 +26,7 @@ from matformer.slicing.gemma3n.slicing_configs import parse_expression, read_sli
 from matformer.training import train
 from matformer.training.settings import validate
 from matformer.training.state import TrainingState
+from tests.conftest import tiny_config
 
 
 def _tree_hash(folder: Path) -> str:
@@ -38,12 +37,6 @@ def _tree_hash(folder: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str]:
-    rc = cli_main(list(argv))
-    err = capsys.readouterr().err
-    return rc, err
 
 
 @pytest.fixture(scope="module")
@@ -384,8 +377,8 @@ def test_matvit_refused_by_convert_and_distill(tmp_path):
 
 @pytest.mark.parametrize("device", ["foo", "1e3", "cuda" if not torch.cuda.is_available() else "tpu",
                                     "meta"])
-def test_train_device_flag_is_one_line_error(capsys, tmp_path, corpus, device):
-    rc, err = _cli(capsys, "train", "--data", str(corpus), "--out", str(tmp_path / "o"),
+def test_train_device_flag_is_one_line_error(run_cli, tmp_path, corpus, device):
+    rc, _, err = run_cli("train", "--data", str(corpus), "--out", str(tmp_path / "o"),
                    "--steps", "1", "--device", device, "--quiet")
     assert rc == 2 and "--device" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -400,7 +393,7 @@ def test_sampling_from_non_finite_logits_does_what_greedy_does():
     assert got[0].item() == logits[0].argmax().item() and got[1].item() in (0, 1, 2)
 
 
-def test_generate_with_nan_weights_and_temperature_warns_like_greedy(runs, tmp_path, capsys):
+def test_generate_with_nan_weights_and_temperature_warns_like_greedy(runs, tmp_path, run_cli):
     from matformer import load_model, save_model
 
     ck = tmp_path / "nan"
@@ -411,7 +404,7 @@ def test_generate_with_nan_weights_and_temperature_warns_like_greedy(runs, tmp_p
             p.fill_(float("nan"))
     save_model(m, ck)
     for t in ("0", "0.8"):
-        rc, err = _cli(capsys, "generate", str(ck), "--prompt", "def f", "--max-new-tokens", "2",
+        rc, _, err = run_cli("generate", str(ck), "--prompt", "def f", "--max-new-tokens", "2",
                        "--temperature", t)
         assert rc == 0 and "non-finite weights" in err and "Traceback" not in err
 
@@ -434,8 +427,9 @@ def test_gemma3n_huge_tier_is_refused_before_allocating(tmp_path):
 
 
 def _gemma_folder(tmp_path: Path) -> Path:
-    from test_gemma3n import TOKENIZER, text_config
     from transformers import Gemma3nForCausalLM
+
+    from tests.slicing.test_gemma3n import TOKENIZER, text_config
 
     folder = tmp_path / "g3n"
     Gemma3nForCausalLM(text_config()).save_pretrained(folder)
