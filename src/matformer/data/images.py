@@ -18,19 +18,25 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from matformer.data.text import DEFAULT_VAL_FRACTION
+from matformer.data.text import DEFAULT_VAL_FRACTION, saved_position
 from matformer.errors import ConfigError, DataError
+from matformer.io.metadata import Fields, read_json
 
 DIGITS = "digits"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 HELDOUT_FRACTION = 0.2
+MIN_STD = 1e-6
+"""Smallest per-channel std a normalisation may hold (`Normalisation.fit` clamps to it)."""
+MAX_STD = 1e6
+"""Largest |mean| or std: pixels are in [0, 1] (or 0..255 unscaled); beyond this is damage."""
 SPLIT_SEED = 0
 
 
@@ -61,7 +67,7 @@ class Normalisation:
     def fit(cls, images: np.ndarray) -> Normalisation:
         mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
         std = images.std(axis=(0, 2, 3), dtype=np.float64)
-        return cls([float(m) for m in mean], [float(max(s, 1e-6)) for s in std])
+        return cls([float(m) for m in mean], [float(max(s, MIN_STD)) for s in std])
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
@@ -74,13 +80,12 @@ class Normalisation:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str) -> Normalisation:
-        try:
-            mean = [float(x) for x in d["image_mean"]]
-            std = [float(x) for x in d["image_std"]]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{source}: needs image_mean and image_std lists of numbers") from None
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise DataError(f"{source}: image_mean and image_std must be equally long, std > 0")
+        """The statistics a preprocessor_config.json records, checked: finite means, stds in
+        [MIN_STD, MAX_STD] (a NaN, infinite or 1e-40 std would normalise every image to
+        garbage and score chance level instead of failing), as many of each."""
+        f = Fields(d, source, DataError)
+        mean = f.numbers("image_mean", lo=-MAX_STD, hi=MAX_STD, max_length=64)
+        std = f.numbers("image_std", lo=MIN_STD, hi=MAX_STD, length=len(mean))
         return cls(mean, std)
 
 
@@ -131,12 +136,17 @@ def load_digits(image_size: int = 8, num_channels: int = 1) -> Images:
 def _read_image(path: Path, image_size: int, num_channels: int) -> np.ndarray:
     Image = _pillow()
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if num_channels == 1 else "RGB")
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-            array = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read as an image ({e})") from None
+        with warnings.catch_warnings():  # a decompression bomb is refused, not decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("L" if num_channels == 1 else "RGB")
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+                array = np.asarray(im, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: refused as a decompression bomb ({str(e)[:160]}); resize "
+                        f"the image or remove it from the folder") from None
+    except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: some damaged headers
+        raise DataError(f"{path}: cannot read as an image ({str(e)[:200]})") from None
     return array[None] if num_channels == 1 else array.transpose(2, 0, 1)  # (C, S, S)
 
 
@@ -230,13 +240,7 @@ def read_normalisation(folder: str | os.PathLike) -> Normalisation | None:
     path = Path(folder) / PREPROCESSOR_FILE
     if not path.is_file():
         return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read the image normalisation ({e})") from None
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return Normalisation.from_dict(d, str(path))
+    return Normalisation.from_dict(read_json(path, DataError, "image normalisation"), str(path))
 
 
 class BatchSampler:
@@ -276,4 +280,8 @@ class BatchSampler:
             if k in state and int(state[k]) != self.state()[k]:
                 raise DataError(f"saved data position has {k}={state[k]}, but this run has "
                                 f"{self.state()[k]}: the data or settings changed since the checkpoint")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        epoch, index = saved_position(state)
+        if index > self.num_items:
+            raise DataError(f"saved data position has index={index}, past the {self.num_items} "
+                            f"training images: a damaged checkpoint")
+        self.epoch, self.index = epoch, index

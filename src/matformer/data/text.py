@@ -46,6 +46,7 @@ import numpy as np
 from matformer.errors import ConfigError, DataError
 from matformer.io.atomic import atomic_write
 from matformer.io.files import read_bytes
+from matformer.io.metadata import Fields
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -196,6 +197,8 @@ def _load_hf_dataset(path: Path) -> list[str]:
     except Exception as e:  # datasets raises many types for a broken folder
         raise DataError(f"{path}: cannot load the dataset ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
+        if not len(ds):
+            raise DataError(f"{path}: the dataset folder lists no splits")
         split = "train" if "train" in ds else sorted(ds)[0]
         ds = ds[split]
     cols = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
@@ -239,15 +242,27 @@ def split_texts(texts: Sequence[str], val_fraction: float = DEFAULT_VAL_FRACTION
 
 # ---- tokenizer -------------------------------------------------------------------------------
 
+MAX_TRAINED_VOCAB = 2**20
+"""Largest BPE vocabulary `train_tokenizer` learns (the largest published ones are ~256k; the
+tokenizers library aborts the process, a Rust panic, for ~10^8)."""
+
+
+def check_vocab_size(vocab_size: Any) -> None:
+    """A ConfigError unless `vocab_size` is a vocabulary the BPE trainer can learn (checked
+    before any text is read, by train and prepare-data alike)."""
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not min_vocab <= vocab_size <= MAX_TRAINED_VOCAB:
+        raise ConfigError(f"vocab_size must be an integer in [{min_vocab}, {MAX_TRAINED_VOCAB}] "
+                          f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens, up to the largest "
+                          f"BPE trained here), got {vocab_size!r}")
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
     """Byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    min_vocab = 256 + len(SPECIAL_TOKENS)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab \
-            or vocab_size > 2**31 - 1:
-        raise ConfigError(f"vocab_size must be an integer >= {min_vocab} (256 bytes + "
-                          f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -427,8 +442,24 @@ class WindowSampler:
             if k in state and int(state[k]) != self.state()[k]:
                 raise DataError(f"saved data position has {k}={state[k]}, but this run has "
                                 f"{self.state()[k]}: the data or settings changed since the checkpoint")
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
+        epoch, index = saved_position(state)
+        self.epoch = epoch
+        if index > self.windows_per_epoch:
+            raise DataError(f"saved data position has index={index}, past the "
+                            f"{self.windows_per_epoch} windows of an epoch: a damaged checkpoint")
+        self.index = index
+
+
+def saved_position(state: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, index) of a saved data position: non-negative integers, else a DataError."""
+    out = []
+    for k in ("epoch", "index"):
+        v = state.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**48:
+            raise DataError(f"saved data position has {k}={v!r}; expected a non-negative "
+                            f"integer (a damaged checkpoint)")
+        out.append(v)
+    return out[0], out[1]
 
 
 HELDOUT_SEQ_LEN = 128
@@ -476,8 +507,10 @@ def training_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 def heldout_shape(settings: dict[str, Any]) -> tuple[int, int]:
     """(seq_len, windows) of the held-out evaluation a run with these settings logged: its own
     seq_len and eval_windows, else the defaults."""
-    return (int(settings.get("seq_len") or HELDOUT_SEQ_LEN),
-            int(settings.get("eval_windows") or HELDOUT_WINDOWS))
+    f = Fields(settings, "train_config.json", DataError)
+    seq, windows = settings.get("seq_len"), settings.get("eval_windows")
+    return (HELDOUT_SEQ_LEN if seq is None else f.integer("seq_len", lo=2, hi=2**24),
+            HELDOUT_WINDOWS if windows is None else f.integer("eval_windows", lo=1, hi=2**24))
 
 
 def default_eval_tokens(tok, data: str | os.PathLike | None = None,

@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 
 from matformer.data import text as D
+from matformer.data.vocabulary import difference
 from matformer.errors import DataError
 from matformer.io.atomic import atomic_write, fsync_dir
+from matformer.io.metadata import Fields, file_size_matches, read_json
 
 META = "tokens.json"
 FORMAT = "matformer-tokens"
@@ -54,14 +56,35 @@ def is_prepared(path: str | os.PathLike | None) -> bool:
 
 
 def _hf_dataset_files(folder: Path) -> list[Path] | None:
-    """The Arrow files of a `save_to_disk` folder (a Dataset, or a DatasetDict's train split)."""
+    """The Arrow files of a `save_to_disk` folder (a Dataset, or a DatasetDict's train split);
+    its dataset_dict.json and state.json checked (metadata.Fields) before any file is opened."""
     if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        f = Fields(read_json(folder / "dataset_dict.json", DataError, "datasets split list"),
+                   str(folder / "dataset_dict.json"), DataError)
+        splits = f.d.get("splits")
+        if (not isinstance(splits, list) or not splits
+                or not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..")
+                           for s in splits)):
+            raise f.fail("splits", splits, "a non-empty list of split names")
         folder = folder / ("train" if "train" in splits else sorted(splits)[0])
+        if not folder.is_dir():
+            raise DataError(f"{folder}: the split listed in dataset_dict.json is missing")
     if not ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()):
         return None
-    state = json.loads((folder / "state.json").read_text())
-    return [folder / f["filename"] for f in state.get("_data_files", [])]
+    f = Fields(read_json(folder / "state.json", DataError, "datasets state"),
+               str(folder / "state.json"), DataError)
+    files = f.d.get("_data_files")
+    if not isinstance(files, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("filename"), str) and e["filename"]
+            and Path(e["filename"]).name == e["filename"] for e in files):
+        raise f.fail("_data_files", files, 'a list of {"filename": NAME} (files in the folder)')
+    if not files:
+        raise DataError(f"{folder / 'state.json'}: lists no data files")
+    paths = [folder / e["filename"] for e in files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: listed in {folder / 'state.json'} but missing")
+    return paths
 
 
 def source_files(src: Path) -> list[Path]:
@@ -161,6 +184,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
                         f"changed)")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if tokenizer is None:
+        D.check_vocab_size(vocab_size)  # before a byte is read: tokenizers aborts on ~10^8
     files = source_files(src)
     tok = _tokenizer(tokenizer, src, vocab_size, tokenizer_sample_bytes, val_fraction, split_seed)
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
@@ -221,26 +246,61 @@ def _write_batch(tok, batch: list[tuple[str, bool]], sinks: dict[str, Any],
 # ---- reading -----------------------------------------------------------------------------------
 
 
+_MAX_TOKENS = 2**48  # no token file is larger; a bigger count is damage
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """tokens.json of a prepared folder, checked: format, a dtype that holds the vocabulary
+    (uint16 up to 65536 tokens, else uint32), non-negative counts. The sizes of train.bin and
+    val.bin are checked against the counts by `load`."""
+    f = Fields(read_json(folder / META, DataError, "token folder metadata"), str(folder / META),
+               DataError)
+    if f.d.get("format") != FORMAT:
+        raise DataError(f"{folder / META}: not a matformer token folder (format {FORMAT!r})")
+    dtype = f.choice("dtype", ("uint16", "uint32"))
+    vocab = f.integer("vocab_size", lo=1, hi=2**32)
+    if dtype == "uint16" and vocab > 2**16:
+        raise f.fail("dtype", dtype, f"uint32 for vocab_size {vocab} (over 65536)")
+    for split in ("train", "val"):
+        f.integer(f"{split}_tokens", lo=0, hi=_MAX_TOKENS)
+        f.integer(f"{split}_documents", lo=0, hi=_MAX_TOKENS, default=0)
+    return f.d
+
+
 def load(folder: str | os.PathLike) -> tuple[Any, np.ndarray, np.ndarray, dict[str, Any]]:
     """(tokenizer, train tokens, held-out tokens, tokens.json) of a prepared folder; the token
     arrays are read-only memory maps."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{folder / META}: cannot read ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{folder / META}: not a matformer token folder (format {FORMAT!r})")
+    meta = read_meta(folder)
     arrays = []
+    dtype = np.dtype(meta["dtype"])
     for split in ("train", "val"):
-        path, n = folder / f"{split}.bin", int(meta[f"{split}_tokens"])
-        dtype = np.dtype(meta["dtype"])
-        if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
-            raise DataError(f"{path}: expected {n} {dtype.name} tokens ({n * dtype.itemsize} "
-                            f"bytes); the folder is incomplete, prepare it again")
+        path, n = folder / f"{split}.bin", meta[f"{split}_tokens"]
+        file_size_matches(path, n, dtype.itemsize, DataError,
+                          f"{folder / META} records {n} {dtype.name} tokens; the folder is "
+                          f"incomplete or damaged, prepare it again")
         # an empty file cannot be memory-mapped: a split without tokens is an empty array
         arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype))
-    return D.load_tokenizer(folder), arrays[0], arrays[1], meta
+    tok = D.load_tokenizer(folder)
+    if tok.get_vocab_size() != meta["vocab_size"]:
+        raise DataError(f"{folder / META}: vocab_size {meta['vocab_size']} but "
+                        f"{folder / 'tokenizer.json'} has {tok.get_vocab_size()} tokens; the "
+                        f"folder is damaged, prepare it again")
+    for split, tokens in zip(("train", "val"), arrays, strict=True):
+        check_token_ids(tokens, meta["vocab_size"], folder / f"{split}.bin")
+    return tok, arrays[0], arrays[1], meta
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str | os.PathLike) -> None:
+    """A DataError naming `source` and its largest id when a token id is past the vocabulary
+    (the embedding lookup would otherwise fail with an IndexError deep inside the model)."""
+    if len(tokens) == 0:
+        return
+    top = int(tokens.max())  # one pass over the memory map, no copy
+    if top >= vocab_size:
+        raise DataError(f"{source}: token id {top} is past the vocabulary of {vocab_size} "
+                        f"tokens; the file was written for another tokenizer or is damaged "
+                        f"(prepare the data again)")
 
 
 def load_for(folder: str | os.PathLike, tokenizer: Any | None,
@@ -250,9 +310,10 @@ def load_for(folder: str | os.PathLike, tokenizer: Any | None,
     DataError naming the folder's tokenizer.json and `tokenizer_file` (the model's)."""
     folder = Path(folder)
     tok, train, val, _ = load(folder)
-    if tokenizer is not None and tokenizer.to_str() != tok.to_str():
+    why = None if tokenizer is None else difference(tokenizer, tok)
+    if why is not None:
         theirs = tokenizer_file or "the given tokenizer"
-        raise DataError(f"{folder / 'tokenizer.json'} differs from {theirs}: the token folder was "
+        raise DataError(f"{folder / 'tokenizer.json'} differs from {theirs} ({why}): the token folder was "
                         f"prepared with another tokenizer; prepare it again with "
                         f"`matformer prepare-data SRC -o NEW --tokenizer {theirs}`")
     return train, val

@@ -85,6 +85,11 @@ class GenerationOutput:
 # ---- sampling ------------------------------------------------------------------------------
 
 
+def valid_rows(probs: torch.Tensor) -> torch.Tensor:
+    """(...,) bool: rows of `probs` that are a distribution multinomial can draw from."""
+    return torch.isfinite(probs).all(-1) & (probs >= 0).all(-1) & (probs.sum(-1) > 0)
+
+
 class Sampler:
     """Turns logits into the processed distribution (temperature, top-k, top-p) and draws from
     it with its own seeded generator. Temperature 0 is greedy (argmax)."""
@@ -128,6 +133,15 @@ class Sampler:
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """probs (..., V) -> token ids (...,) drawn with this sampler's generator."""
         flat = probs.reshape(-1, probs.shape[-1])
+        valid = valid_rows(flat)
+        if not bool(valid.all()):
+            # Non-finite logits (NaN weights, float16 overflow): no distribution to draw from.
+            # Do what temperature 0 does with them (argmax; generate has already warned that
+            # the weights are not finite) instead of multinomial's RuntimeError traceback.
+            safe = torch.where(valid[:, None], flat, torch.ones_like(flat))
+            drawn = torch.multinomial(safe, 1, generator=self.generator)[:, 0]
+            out = torch.where(valid, drawn, flat.argmax(-1))
+            return out.reshape(probs.shape[:-1])
         out = torch.multinomial(flat, 1, generator=self.generator)  # (N, 1)
         return out.reshape(probs.shape[:-1])
 
@@ -135,7 +149,11 @@ class Sampler:
         """logits (..., V) -> next token ids (...,)."""
         if self.greedy:
             return logits.argmax(-1)
-        return self.draw(self.probs(logits))
+        p = self.probs(logits)
+        ok = valid_rows(p)
+        if not bool(ok.all()):  # non-finite logits: the token temperature 0 picks (see draw)
+            return torch.where(ok, self.draw(p), logits.argmax(-1))
+        return self.draw(p)
 
     def uniform(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.rand(n, generator=self.generator, device=device)

@@ -313,7 +313,7 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
 def parse_size(size: int | str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers); 'KiB', 'MiB', 'GiB' are binary."""
     if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
+        if size <= 0 or size >= 2**62:
             raise CheckpointError(f"max_shard_size must be positive, got {size}")
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(size), re.IGNORECASE)
@@ -322,7 +322,10 @@ def parse_size(size: int | str) -> int:
     unit = (m.group(2) or "b").lower()
     mult = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}[unit]
-    n = int(float(m.group(1)) * mult)
+    value = float(m.group(1)) * mult
+    if not value < 2**62:  # '9' * 400 + 'GB' is infinite as a float: no file is that large
+        raise CheckpointError(f"max_shard_size {str(size)[:40]!r} is larger than any file")
+    n = int(value)
     if n <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
     return n

@@ -53,9 +53,10 @@ from torch.overrides import TorchFunctionMode
 from matformer.data import text as D
 from matformer.data import token_files as TF
 from matformer.errors import CheckpointError, ConfigError, DataError
-from matformer.io.checkpoint import load_model, load_state_dict, write_checkpoint
+from matformer.io.checkpoint import load_model, load_state_dict, parse_size, write_checkpoint
 from matformer.io.safetensors import st_dtype
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
+from matformer.models.devices import check_device
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
 
@@ -125,7 +126,7 @@ def _score_ffn(method: str, acc: torch.Tensor, gram: torch.Tensor | None, mlp: A
     """Forward pre-hook of a NestedMLP: add its neurons' scores over the input's tokens to `acc`
     (and a^T a to `gram`)."""
     x = args[0].float()
-    a = F.silu(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
+    a = mlp.act(F.linear(x, mlp.gate_proj.weight.float())) * F.linear(x, mlp.up_proj.weight.float())
     a = a.reshape(-1, a.shape[-1]).double()
     s = a.abs().sum(0)
     if method != "activation":
@@ -348,6 +349,16 @@ def _check_dense(source: Source) -> MatFormerConfig:
     return cfg
 
 
+def _check_counts(**counts: Any) -> None:
+    """--samples, --batch-size, --seq-len: positive integers (None: the default), bounded."""
+    for key, v in counts.items():
+        if v is None and key == "seq_len":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**24:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer (at most "
+                              f"{2**24}), got {str(v)[:40]}")
+
+
 def _same_folder(a: Path, b: Path) -> bool:
     try:
         return b.exists() and os.path.samefile(a, b)
@@ -365,7 +376,14 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     say = log or (lambda _m: None)
     if method not in METHODS:
         raise ConfigError(f"importance method must be one of {', '.join(METHODS)}, got {method!r}")
+    _check_counts(samples=samples, batch_size=batch_size, seq_len=seq_len)
+    parse_size(max_shard_size)  # a bad size fails now, not after the importance pass
+    check_device(device)
     source = resolve_source(src, revision=revision, companions=True)
+    if not isinstance(source.config, MatFormerConfig):
+        raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint; "
+                          f"convert orders the FFN and heads of a dense language model (Llama "
+                          f"layout) only")
     config = _check_dense(source)
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "

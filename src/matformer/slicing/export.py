@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matformer.errors import CheckpointError
+from matformer.errors import CheckpointError, ConfigError
 from matformer.io.checkpoint import open_checked
 from matformer.io.gguf import (
     ModelMeta,
@@ -39,6 +39,7 @@ from matformer.io.layout import Checkpoint
 from matformer.io.source import Source, resolve_source
 from matformer.io.tensors import TO_F32, ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.numerics import hidden_act
 from matformer.tiers import Setting, WidthRequest, describe_heads, describe_widths
 
 
@@ -104,6 +105,10 @@ def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], wid
     the stored heads; shapes: the stored tensors)."""
     n, hd = config.num_hidden_layers, config.head_dim
     assert hd is not None
+    act = hidden_act(config)
+    if act not in ("silu", "swish"):  # llama.cpp's llama architecture computes SwiGLU only
+        raise ConfigError(f"hidden_act={act!r}: llama.cpp's llama architecture runs silu only; "
+                          f"this checkpoint cannot be exported to GGUF with the same logits")
     kv_heads = config.layer_kv_heads if kv_heads is None else list(kv_heads)
     heads = [g * config.group_size for g in kv_heads]
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id

@@ -26,11 +26,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from matformer.data import text as D
+from matformer.data.vocabulary import difference
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_model
 from matformer.io.source import resolve_source
+from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
 
 
@@ -63,6 +66,10 @@ class Teacher:
 
     def __init__(self, src: str | os.PathLike, device: torch.device | str) -> None:
         self.source = resolve_source(src, companions=True)
+        if not isinstance(self.source.config, MatFormerConfig):
+            raise ConfigError(f"--distill {self.source.describe()}: a "
+                              f"{type(self.source.config).__name__} checkpoint; the teacher must be "
+                              f"a language model")
         self.model: MatFormerLM = load_model(self.source, dtype=torch.float32, device=device)
         self.model.eval().requires_grad_(False)
 
@@ -79,10 +86,16 @@ class Teacher:
             raise ConfigError(f"--distill {src}: the teacher's vocab_size is {tv}, the student's "
                               f"{sv}; distillation needs the same vocabulary (convert the teacher "
                               f"with matformer convert and --init-from its output)")
-        if tokenizer_json is not None and self.source.tokenizer_path is not None:
-            if D.load_tokenizer(self.source.folder).to_str() != tokenizer_json:
-                raise ConfigError(f"--distill {src}: its tokenizer.json differs from the run's "
-                                  f"tokenizer; teacher and student must tokenize alike")
+        if tokenizer_json is not None:
+            if self.source.tokenizer_path is None:
+                raise ConfigError(f"--distill {src}: has no tokenizer.json, so nothing shows it "
+                                  f"reads the student's tokens; add the tokenizer it was trained "
+                                  f"with to the teacher's folder")
+            why = difference(D.load_tokenizer(self.source.folder),
+                             Tokenizer.from_str(tokenizer_json))
+            if why is not None:
+                raise ConfigError(f"--distill {src}: its tokenizer differs from the run's "
+                                  f"({why}); teacher and student must tokenize alike")
         if seq_len > self.model.config.max_position_embeddings:
             raise ConfigError(f"--distill {src}: seq_len={seq_len} exceeds the teacher's "
                               f"max_position_embeddings={self.model.config.max_position_embeddings}")

@@ -29,6 +29,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from matformer.models.devices import check_device
+
 T = TypeVar("T")
 
 
@@ -49,6 +51,7 @@ def setup(device: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    check_device(device, allow_auto=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:

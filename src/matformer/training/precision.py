@@ -20,6 +20,9 @@ from collections.abc import Iterable
 
 import torch
 
+from matformer.errors import CheckpointError
+from matformer.io.metadata import Fields
+
 
 def compute_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -66,4 +69,7 @@ class LossScaler:
 
     def load_state(self, state: dict[str, float]) -> None:
         if self.enabled and state:
-            self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+            # a saved loss scale is checked like every training-state field (io.metadata)
+            f = Fields(state, "training state: extra.loss_scale", CheckpointError)
+            self.scale = f.number("scale", lo=2.0**-64, hi=2.0**64)
+            self.clean_steps = f.integer("clean_steps", lo=0)

@@ -21,6 +21,7 @@ from matformer.data import token_files
 from matformer.io.swap import check_save_target
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM, parameter_counts
+from matformer.models.memory import TRAIN_BYTES_PER_PARAMETER, check_fits
 from matformer.training import distributed, execution, sharded, state, warmstart
 from matformer.training.batches import Batches
 from matformer.training.distill import Distillation, Teacher
@@ -37,7 +38,13 @@ from matformer.training.points import (
 )
 from matformer.training.precision import LossScaler
 from matformer.training.report import Reporter
-from matformer.training.settings import TrainConfig, model_config, runtime_tiers, validate
+from matformer.training.settings import (
+    SHAPE_KEYS,
+    TrainConfig,
+    model_config,
+    runtime_tiers,
+    validate,
+)
 from matformer.training.state import History, TrainingState
 
 
@@ -113,6 +120,8 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     mcfg = (warmstart.init_model_config(init, tok.get_vocab_size(), cfg.seq_len) if init
             else model_config(cfg, tok.get_vocab_size()))
     validate(cfg, base=mcfg.base, world=dist.world)
+    check_fits(parameter_counts(mcfg)["total"], TRAIN_BYTES_PER_PARAMETER, dist.device,
+               f"the model ({_origin(cfg)})", "use a smaller --preset or shape flags")
     validate_heads(cfg, mcfg.base_kv_heads, dist.world)
     trained = all_trained_points(cfg, mcfg.base, mcfg.base_kv_heads, dist.world)
     resumed = None
@@ -158,7 +167,8 @@ def _read_resume(ckpt: Path) -> tuple[dict[str, torch.Tensor] | None, TrainingSt
     """The training state a checkpoint holds: tensors + state (single-file), or None + state
     (sharded, loaded into the model and optimizer later by every rank)."""
     if sharded.is_sharded(ckpt):
-        return None, TrainingState.from_meta(sharded.read_meta(ckpt))
+        return None, TrainingState.from_meta(sharded.read_meta(ckpt),
+                                             f"{ckpt / sharded.META_FILE} (training state)")
     return state.read_state(ckpt)
 
 
@@ -195,8 +205,13 @@ def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None, report: Reporter
     t0 = time.time()
     if token_files.is_prepared(cfg.data):  # matformer prepare-data: memory-mapped, no tokenizing
         tok, train_tokens, val_tokens, meta = token_files.load(cfg.data)
+        # the model's tokenizer (resumed or --init-from) must be the one the folder was made with
         if ckpt is not None:
             tok = D.load_tokenizer(ckpt)
+            token_files.load_for(cfg.data, tok, ckpt / "tokenizer.json")
+        elif init is not None:
+            tok = warmstart.init_tokenizer(init)
+            token_files.load_for(cfg.data, tok, init.tokenizer_path or f"--init-from {cfg.init_from}")
         report.say(f"data: {cfg.data} (prepared): {meta['train_tokens']:,} / "
                    f"{meta['val_tokens']:,} train / held-out tokens, vocab {tok.get_vocab_size()}")
         return tok, train_tokens, val_tokens
@@ -217,6 +232,14 @@ def _load_data(cfg: TrainConfig, dist: Dist, ckpt: Path | None, report: Reporter
                f"{len(train_tokens):,} / {len(val_tokens):,} tokens, vocab {tok.get_vocab_size()} "
                f"({time.time() - t0:.1f}s)")
     return tok, train_tokens, val_tokens
+
+
+def _origin(cfg: TrainConfig) -> str:
+    """The flags that sized the model, for messages."""
+    flags = " ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)}" for f in SHAPE_KEYS
+                     if getattr(cfg, f) is not None)
+    base = f"--init-from {cfg.init_from}" if cfg.init_from else f"--preset {cfg.preset}"
+    return f"{base} {flags}".strip()
 
 
 def _describe(run: Run, val_desc: str) -> None:

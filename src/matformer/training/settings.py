@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matformer.data import text as D
+from matformer.data.token_files import is_prepared
 from matformer.errors import CheckpointError, ConfigError, TierError
 from matformer.models.lm.config import MatFormerConfig
 from matformer.tiers import max_tier, width_of
@@ -330,6 +331,7 @@ def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:
         raise ConfigError(f"distill_alpha must be in [0, 1] and distill_temperature positive, got "
                           f"{cfg.distill_alpha}, {cfg.distill_temperature}")
     _validate_scale(cfg)
+    _validate_sources(cfg)
     if base is None:  # from_preset raises the ConfigError listing the presets
         base = model_config(cfg, cfg.vocab_size).base
     _validate_tiers(cfg, base, world)
@@ -356,6 +358,23 @@ def _validate_scale(cfg: TrainConfig) -> None:
         raise ConfigError(f"peak_tflops must be positive, got {cfg.peak_tflops!r}")
     if cfg.compile is not None and (not isinstance(cfg.compile, str) or not cfg.compile):
         raise ConfigError(f"compile must name a torch.compile backend, got {cfg.compile!r}")
+
+
+def _validate_sources(cfg: TrainConfig) -> None:
+    """Flags that the chosen source of the model or tokenizer would silently ignore are refused:
+    --init-from takes the architecture from its checkpoint (a --hidden-size beside it used to be
+    dropped without a word), and a BPE is trained only from raw text with --vocab-size in range
+    (the tokenizers library aborts the process for ~10^8)."""
+    if cfg.init_from:
+        given = [f"--{f.replace('_', '-')}" for f in SHAPE_KEYS if getattr(cfg, f) is not None]
+        if cfg.model_config is not None:
+            given.append("--model-config")
+        if given:
+            raise ConfigError(f"{' '.join(given)}: the architecture comes from --init-from "
+                              f"{cfg.init_from}; drop {'them' if len(given) > 1 else 'it'} (or "
+                              f"train from scratch without --init-from)")
+    if cfg.arch == "lm" and not cfg.init_from and not is_prepared(cfg.data):
+        D.check_vocab_size(cfg.vocab_size)
 
 
 def _validate_finite(cfg: TrainConfig) -> None:

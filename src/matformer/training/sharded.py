@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from matformer.errors import CheckpointError
 from matformer.io.atomic import atomic_write, fsync_dir
+from matformer.io.metadata import read_json
 from matformer.training.distributed import Dist, barrier
 from matformer.training.optimizer import NestedAdamW
 
@@ -70,11 +71,9 @@ def finish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / META_FILE}: cannot read the training state ({e})") from None
-    if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
+    """training_state.json as parsed JSON (its fields are checked by TrainingState.from_meta)."""
+    meta = read_json(folder / META_FILE, CheckpointError, "training state")
+    if not {"step", "data_position"} <= meta.keys():
         raise CheckpointError(f"{folder / META_FILE}: no training metadata")
     return meta
 
@@ -89,9 +88,14 @@ def load_state(folder: Path, model: nn.Module, opt: NestedAdamW) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(folder / STATE_DIR),
                      no_dist=not torch.distributed.is_initialized())
-    except Exception as e:  # DCP raises several types (CheckpointException, RuntimeError, ...)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP raises several types, CheckpointException (a
+        # BaseException) among them, for a truncated .metadata/.distcp or another model's state
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(f"{folder / STATE_DIR}: cannot load the sharded training state "
-                              f"({str(e).splitlines()[0][:300]}); is it from the same model?") from None
+                              f"({type(e).__name__}: {first}); is it from the same model? "
+                              f"(the checkpoint was not changed)") from None
     opt.loaded_from_dcp()
     torch.set_rng_state(state["rng"])
 

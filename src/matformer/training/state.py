@@ -24,6 +24,7 @@ from matformer.data import text as D
 from matformer.errors import CheckpointError
 from matformer.io.checkpoint import load_state_dict
 from matformer.io.hub import download
+from matformer.io.metadata import Fields, check_integer, check_number
 from matformer.io.source import resolve_source
 from matformer.models.lm.config import MatFormerConfig
 from matformer.training import sharded
@@ -65,13 +66,34 @@ class TrainingState:
                 "history": history_json(self.history), "extra": self.extra}
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> TrainingState:
-        return cls(step=int(meta["step"]), data_position=meta["data_position"],
-                   tokens_seen=int(meta.get("tokens_seen", 0)),
-                   world_size=int(meta.get("world_size", 1)), lr=float(meta.get("lr", 0.0)),
-                   history=[{"step": h["step"], "val_loss": {parse_key(k): v for k, v in h["val_loss"].items()}}
-                            for h in meta.get("history", [])],
-                   extra=dict(meta.get("extra", {})))
+    def from_meta(cls, meta: Any, source: str = "training state") -> TrainingState:
+        """The state a checkpoint's metadata records, every field checked (types, ranges,
+        finiteness: io.metadata) so a damaged or edited training_state.json is a one-line
+        CheckpointError before anything is loaded or written."""
+        f = Fields(meta, source, CheckpointError)
+        pos = f.mapping("data_position")
+        for k, v in pos.items():
+            check_integer(v, f"data_position.{k}", f, lo=0)
+        history = f.d.get("history", [])
+        if not isinstance(history, list):
+            raise f.fail("history", history, "a list")
+        parsed: History = []
+        for i, h in enumerate(history):
+            hf = Fields(h, f"{source}: history[{i}]", CheckpointError)
+            losses = hf.mapping("val_loss")
+            try:
+                keys = {parse_key(k): v for k, v in losses.items()}
+            except (TypeError, ValueError):
+                raise hf.fail("val_loss", losses, "tier keys") from None
+            for k, v in losses.items():
+                if v is not None:
+                    check_number(v, f"val_loss.{k}", hf)
+            parsed.append({"step": hf.integer("step", lo=0), "val_loss": keys})
+        return cls(step=f.integer("step", lo=0), data_position=dict(pos),
+                   tokens_seen=f.integer("tokens_seen", lo=0, default=0),
+                   world_size=f.integer("world_size", lo=1, hi=2**20, default=1),
+                   lr=f.number("lr", lo=0.0, default=0.0), history=parsed,
+                   extra=dict(f.mapping("extra", default={})))
 
 
 def history_json(history: History) -> list[dict[str, Any]]:
@@ -215,7 +237,7 @@ def read_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
     if not isinstance(meta, dict) or not {"step", "data_position"} <= meta.keys():
         raise CheckpointError(f"{path}: no training metadata (not written by matformer train?)")
     try:
-        state = TrainingState.from_meta(meta)
+        state = TrainingState.from_meta(meta, f"{path} (training state)")
         _check_state(state, tensors)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: "
@@ -224,18 +246,7 @@ def read_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], TrainingState]:
 
 
 def _check_state(state: TrainingState, tensors: dict[str, torch.Tensor]) -> None:
-    """What from_meta's conversions do not catch: ranges, the position's fields, the RNG."""
-    if state.step < 0 or state.tokens_seen < 0 or state.world_size < 1:
-        raise ValueError(f"step {state.step}, tokens_seen {state.tokens_seen}, world_size "
-                         f"{state.world_size} out of range")
-    pos = state.data_position
-    if not isinstance(pos, dict) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                        for v in pos.values()):
-        raise ValueError(f"data position {str(pos)[:80]} is not a mapping to non-negative integers")
-    for h in state.history:
-        if not isinstance(h["step"], int) or not all(v is None or isinstance(v, (int, float))
-                                                     for v in h["val_loss"].values()):
-            raise ValueError("history entries need an integer step and numeric losses")
+    """What from_meta's field checks cannot see: the RNG tensor beside them."""
     rng = tensors.get("rng.torch")
     if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
         raise KeyError("rng.torch (the random generator state) is missing or malformed")

@@ -28,6 +28,7 @@ from typing import Any
 
 from matformer.errors import ConfigError
 from matformer.io.files import read_json
+from matformer.models.lm.numerics import check_numerics_keys
 from matformer.tiers import uniform_tier, width_of
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -307,6 +308,7 @@ class MatFormerConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> MatFormerConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        check_numerics_keys(d, source)  # every key that changes the logits: ours, or refused
         d = dict(d)
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}

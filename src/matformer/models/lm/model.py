@@ -31,6 +31,7 @@ from torch import nn
 
 from matformer.errors import TierError
 from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.numerics import activation, hidden_act
 from matformer.models.lm.shapes import parameter_counts
 from matformer.models.nesting import WidthSetting
 
@@ -211,8 +212,9 @@ class Attention(nn.Module):
 class NestedMLP(nn.Module):
     """SwiGLU FFN whose first `width` neurons form the smaller model's FFN."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu") -> None:
         super().__init__()
+        self.act = activation(act)  # config hidden_act (models.lm.numerics)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -225,19 +227,19 @@ class NestedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.width
         if m == self.stored_width:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         # Views, not copies: rows [:m] are contiguous; columns [:, :m] are a strided view that
         # the matmul reads with a leading dimension of the stored width.
         g = F.linear(x, self.gate_proj.weight[:m])
         u = F.linear(x, self.up_proj.weight[:m])
-        return F.linear(F.silu(g) * u, self.down_proj.weight[:, :m])
+        return F.linear(self.act(g) * u, self.down_proj.weight[:, :m])
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: MatFormerConfig, layer_idx: int, intermediate_size: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = NestedMLP(config.hidden_size, intermediate_size)
+        self.mlp = NestedMLP(config.hidden_size, intermediate_size, hidden_act(config))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -77,7 +77,8 @@ def _per_layer(values: Sequence[int], keep: list[int], n_src: int, what: str) ->
 def _tier_widths(stored: list[int], tiers: list[int], keep: list[int]) -> list[int]:
     out = []
     for i, t in zip(keep, tiers, strict=True):
-        if t < 0 or stored[i] % (1 << t):
+        # the size first: `1 << 10**12` would allocate a 125 GB integer before any check
+        if t < 0 or t >= stored[i].bit_length() or stored[i] % (1 << t):
             raise TierError(f"layer_tiers: tier {t} of layer {i} (stored width {stored[i]}) is not "
                             f"a whole width stored >> tier")
         out.append(stored[i] >> t)

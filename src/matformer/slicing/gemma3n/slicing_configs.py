@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matformer.errors import ConfigError
+from matformer.io.metadata import MAX_NUMBER_CHARS
 
 NAME, LAYERS, DIMS, SKIPPED = "name", "# Layers", "FFN Hidden Dims", "Layers Skipped"
-_TOKEN = re.compile(r"\s*(?:(\d+(?:_\d+)*)|([\[\](),*+]))")
+_TOKEN = re.compile(r"\s*(?:([0-9]+(?:_[0-9]+)*)|([\[\](),*+]))", re.ASCII)  # no '²', no '٣'
+_MAX_CELL = 10_000  # characters in one cell; the published ones are a few hundred
+_MAX_DEPTH = 32  # nested parentheses/brackets; recursion stays far below Python's limit
+_MAX_CSV_BYTES = 16 * 2**20  # the published file is a few KB
 _MAX_INT = 10**12  # no FFN width or layer index is larger; keeps products bounded
 _MAX_ITEMS = 100_000  # no list of layers is longer; keeps repetition bounded
 
@@ -32,6 +36,10 @@ class _Parser:
 
     def __init__(self, text: str, what: str) -> None:
         self.text, self.what = text, what
+        self.depth = 0
+        if len(text) > _MAX_CELL:
+            raise ConfigError(f"{what}: {len(text)} characters, more than {_MAX_CELL}; not a "
+                              f"slicing configuration")
         self.tokens: list[tuple[int, str]] = []
         pos = 0
         while pos < len(text):
@@ -45,7 +53,8 @@ class _Parser:
         self.i = 0
 
     def fail(self, pos: int, why: str) -> None:
-        raise ConfigError(f"{self.what}: {why} at character {pos + 1} of {self.text!r} (allowed: "
+        shown = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        raise ConfigError(f"{self.what}: {why} at character {pos + 1} of {shown!r} (allowed: "
                           f"integers like 2_048, *, +, parentheses and [...] lists)")
 
     def peek(self) -> str | None:
@@ -88,6 +97,21 @@ class _Parser:
         if tok is None:
             self.fail(at, "expression ends early")
         self.i += 1
+        if tok in "([":
+            self.depth += 1
+            if self.depth > _MAX_DEPTH:
+                self.fail(at, f"more than {_MAX_DEPTH} nested brackets")
+            v = self.bracketed(tok, at)
+            self.depth -= 1
+            return v
+        if tok[0].isdigit():
+            if len(tok) > MAX_NUMBER_CHARS:
+                self.fail(at, f"a {len(tok)}-character number")
+            return self.bounded(int(tok.replace("_", "")), at)
+        self.fail(at, f"unexpected {tok!r}")
+        raise AssertionError  # fail() always raises
+
+    def bracketed(self, tok: str, at: int) -> Value:
         if tok == "(":
             v = self.expr()
             self.take(")")
@@ -104,10 +128,7 @@ class _Parser:
                 self.i += 1
             self.take("]")
             return items
-        if tok[0].isdigit():
-            return self.bounded(int(tok.replace("_", "")), at)
-        self.fail(at, f"unexpected {tok!r}")
-        raise AssertionError  # fail() always raises
+        raise AssertionError(tok)
 
     def bounded(self, v: Value, at: int) -> Value:
         if isinstance(v, int) and v > _MAX_INT:
@@ -156,6 +177,9 @@ def read_slicing_config(path: str | Path, name: str) -> SlicingConfig:
     """The row called `name` of the CSV file `path`, parsed and checked for consistency."""
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > _MAX_CSV_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes, more than any slicing-config CSV "
+                              f"({_MAX_CSV_BYTES})")
         with open(p, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
             header = rows[0].keys() if rows else []
@@ -183,7 +207,8 @@ def read_slicing_config(path: str | Path, name: str) -> SlicingConfig:
                else parse_int_list(skipped_text, f"{where} column {SKIPPED!r}"))
     layers_text = (row.get(LAYERS) or "").strip()
     if layers_text:
-        if not layers_text.isdigit() or int(layers_text) != len(widths):
+        if (not layers_text.isascii() or not layers_text.isdigit()
+                or len(layers_text) > MAX_NUMBER_CHARS or int(layers_text) != len(widths)):
             raise ConfigError(f"{where}: column {LAYERS!r} says {layers_text!r} but {DIMS!r} "
                               f"lists {len(widths)} widths (one per kept layer)")
     return SlicingConfig(name, widths, skipped, row.get("# Effective Params (B)"))
