@@ -311,18 +311,34 @@ def tokenizer_files(tok, model_max_length: int | None = None) -> dict[str, bytes
         return {n: (Path(d) / n).read_bytes() for n in names}
 
 
-def load_tokenizer(folder: str | os.PathLike):
-    """The tokenizer saved in a checkpoint folder (its tokenizer.json)."""
+MAX_TOKENIZER_BYTES = 1 << 30
+"""A tokenizer.json over 1 GiB is refused before it is read (the largest real ones, 256k-token
+vocabularies with their merges, are ~35 MB)."""
+
+
+def read_tokenizer_file(path: str | os.PathLike):
+    """The tokenizer of a tokenizer.json file, read through `io.files.read_bytes`: a FIFO,
+    device (/dev/zero) or folder is refused before a byte is read (never waited on), and a file
+    over `MAX_TOKENIZER_BYTES` before it is allocated; every failure is a one-line DataError."""
     from tokenizers import Tokenizer
 
+    raw = read_bytes(path, limit=MAX_TOKENIZER_BYTES, error=DataError)
+    try:
+        return Tokenizer.from_str(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a tokenizer.json (not UTF-8 text at byte {e.start})") from None
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a valid tokenizer.json ({msg})") from None
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a checkpoint folder (its tokenizer.json)."""
     path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DataError(f"{path}: no tokenizer in this checkpoint (tokenizer.json is missing); "
                         f"checkpoints written by `matformer train` carry one")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise DataError(f"{path}: not a valid tokenizer file ({e})") from None
+    return read_tokenizer_file(path)
 
 
 # ---- token streams ---------------------------------------------------------------------------
