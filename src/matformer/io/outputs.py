@@ -27,7 +27,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from matformer.errors import ConfigError, MatFormerError
+from matformer.errors import CheckpointError, ConfigError, MatFormerError
 from matformer.io.atomic import fsync_dir, temp_path, temp_prefix
 from matformer.io.files import file_kind
 from matformer.io.swap import remove_dead_temps
@@ -115,6 +115,25 @@ def check_output(path: str | os.PathLike, *, protect: Protected = (), what: str 
     if hit is not None:
         raise error(f"{s}: would overwrite {'a file of ' if hit != s else ''}{hit}, which this "
                     f"command reads; write the {what} elsewhere")
+    return real
+
+
+def check_output_folder(path: str | os.PathLike, *, protect: Protected = (),
+                        what: str = "output folder",
+                        error: type[MatFormerError] = CheckpointError) -> Path:
+    """The real folder a save into `path` replaces (symlinks followed), or `error` in one line
+    when it is, lies inside, or contains one of the inputs `protect` (a save replaces the whole
+    folder) or its name cannot exist. Nothing is written."""
+    s = check_name(path, what=what, error=error)
+    real = Path(os.path.realpath(s))
+    for p in protect:
+        if p is None:
+            continue
+        pr = Path(os.path.realpath(p))
+        if real == pr or pr in real.parents or real in pr.parents:
+            rel = "is" if real == pr else "is inside" if pr in real.parents else "contains"
+            raise error(f"{s}: {rel} {os.fspath(p)}, which this command reads; write the {what} "
+                        f"elsewhere (the source stays as it is)")
     return real
 
 
