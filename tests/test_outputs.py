@@ -380,3 +380,20 @@ def test_looks_local_rule():
     for spec in ("./x", "../x", "/abs", "~/x", "a/b/c", "x.safetensors", "org/x.json"):
         assert looks_local(spec), spec
 
+
+
+def test_fifos_beside_the_weights_are_never_waited_on(ckpt, tmp_path, capsys):
+    """tokenizer_config.json / train_config.json as FIFOs: export and slice finish (the files are
+    optional companions) or say what is wrong in one line; nothing blocks."""
+    import shutil
+
+    pytest.importorskip("gguf")
+    src = tmp_path / "src"
+    shutil.copytree(ckpt, src)
+    for name in ("tokenizer_config.json", "train_config.json"):
+        (src / name).unlink(missing_ok=True)
+        os.mkfifo(src / name)
+    assert main(["export", str(src), "-o", str(tmp_path / "x.gguf"), "--tier", "1"]) == 0
+    rc = main(["slice", str(src), "-o", str(tmp_path / "s"), "--tier", "1"])
+    err = capsys.readouterr().err
+    assert rc in (0, 2) and "Traceback" not in err, err

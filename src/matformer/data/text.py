@@ -45,7 +45,7 @@ import numpy as np
 
 from matformer.errors import ConfigError, DataError
 from matformer.io.atomic import atomic_write
-from matformer.io.files import read_bytes
+from matformer.io.files import read_bytes, read_json
 from matformer.io.metadata import Fields
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -509,12 +509,9 @@ def heldout_windows(tokens: np.ndarray, seq_len: int = HELDOUT_SEQ_LEN,
 def training_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """The train_config.json a checkpoint was trained with ({} if it has none)."""
     path = Path(ckpt_dir) / "train_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    settings = read_json(path, error=DataError)  # a FIFO or device: refused, never waited on
     if not isinstance(settings, dict):
         raise DataError(f"{path}: expected a JSON object of training settings")
     return settings

@@ -24,7 +24,6 @@ only when complete.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
+from matformer.io.files import read_json
 from matformer.io.outputs import Protected, output_temp
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -162,10 +162,7 @@ def read_tokenizer(path: Path, vocab_size: int) -> TokenizerSpec:
     model type, a normalizer, a pre-tokenizer llama.cpp has no name for: see
     `pre_tokenizer_name`) is refused: llama.cpp would tokenize differently from the model's
     training."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    obj = read_json(path, limit=1 << 30)  # regular files only: a FIFO is refused, not waited on
     model = obj.get("model") if isinstance(obj, dict) else None
     pre = obj.get("pre_tokenizer") if isinstance(obj, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(
@@ -208,8 +205,8 @@ def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> Toke
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     cfg_path = path.parent / "tokenizer_config.json"
     try:
-        tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        tcfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
+    except CheckpointError:
         tcfg = {}
     if not isinstance(tcfg, dict):
         tcfg = {}

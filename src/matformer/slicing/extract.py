@@ -31,7 +31,6 @@ all layers) is crossed with those width lists and the largest pair within budget
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import time
@@ -40,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matformer.errors import CheckpointError, ConfigError, TierError
+from matformer.errors import CheckpointError, ConfigError, MatFormerError, TierError
 from matformer.io.checkpoint import open_checked, write_checkpoint
+from matformer.io.files import read_json
 from matformer.io.layout import Checkpoint
 from matformer.io.manifest import MANIFEST_NAME, write_manifest
 from matformer.io.outputs import check_output_folder
@@ -591,9 +591,10 @@ def heads_nest(source: Source) -> bool:
         return True
     path = source.folder / "train_config.json"
     try:
-        return bool(json.loads(path.read_text(encoding="utf-8")).get("nest_heads", False))
-    except (OSError, ValueError, AttributeError):
+        settings = read_json(path) if os.path.lexists(path) else {}
+    except MatFormerError:  # regular files only: a FIFO is refused, never waited on
         return False
+    return isinstance(settings, dict) and bool(settings.get("nest_heads", False))
 
 
 def _written_files(out: Path) -> list[str]:
