@@ -12,8 +12,13 @@ SRC is a text file, a JSONL file (one {"text": ...} per line), a Parquet or Arro
 `text` column, read with pyarrow in record batches), a folder of any of these (recursive,
 sorted, hidden files skipped), or a dataset saved with Hugging Face `datasets.save_to_disk`
 (its Arrow files, read with pyarrow; `datasets` itself is not needed). Documents are never all
-in memory: they are read, tokenized (`encode_batch`, in parallel in the tokenizers library) and
-appended a batch at a time, with a progress bar. The held-out split is per document and
+in memory, and no document is ever whole in the tokenizer: text files are read a 1 MB block at a
+time, JSONL files a line at a time, every document is cut into pieces of at most `PIECE_CHARS`
+characters at whitespace boundaries (`pieces`: the ids are those of the whole text), and pieces
+are tokenized (`encode_batch`, in parallel in the tokenizers library) and appended
+`BATCH_CHARS` characters at a time, with a progress bar; memory stays bounded whatever the
+longest document (a 46 MB single-line JSONL took 12 GB before). Every input file is opened as a
+regular file only (a FIFO or device is refused, never waited on). The held-out split is per document and
 streaming: document i goes to val.bin when the i-th draw of a generator seeded with
 `split_seed` is below `val_fraction`. The tokenizer is given (`--tokenizer`: a tokenizer.json or
 a folder holding one, e.g. a checkpoint) or a byte-level BPE trained on the first
