@@ -397,3 +397,18 @@ def test_fifos_beside_the_weights_are_never_waited_on(ckpt, tmp_path, capsys):
     rc = main(["slice", str(src), "-o", str(tmp_path / "s"), "--tier", "1"])
     err = capsys.readouterr().err
     assert rc in (0, 2) and "Traceback" not in err, err
+
+
+def test_plot_is_written_through_a_temporary_png(tmp_path):
+    """matplotlib picks the format from the name's suffix: the temporary name ends in .png."""
+    from matformer.cli.flags import write_plot
+
+    seen = []
+
+    def plot(report, path, title):
+        seen.append(Path(path))
+        Path(path).write_bytes(b"\x89PNG")
+
+    write_plot(plot, None, str(tmp_path / "curve.png"), "t")
+    assert seen[0].suffix == ".png" and ".matformer-tmp-" in seen[0].name
+    assert (tmp_path / "curve.png").read_bytes() == b"\x89PNG" and leftovers(tmp_path) == []

@@ -113,7 +113,7 @@ def write_plot(plot: Callable[..., Any], report: Any, path: str, title: str,
     ConfigError."""
     from matformer.io.outputs import output_temp
 
-    with output_temp(path, protect=protect, what="plot") as tmp:
+    with output_temp(path, protect=protect, what="plot", suffix=".png") as tmp:
         plot(report, tmp, title=title)
 
 

@@ -131,21 +131,23 @@ def check_output_folder(path: str | os.PathLike, *, protect: Protected = (),
             continue
         pr = Path(os.path.realpath(p))
         if real == pr or pr in real.parents or real in pr.parents:
-            rel = "is" if real == pr else "is inside" if pr in real.parents else "contains"
-            raise error(f"{s}: {rel} {os.fspath(p)}, which this command reads; write the {what} "
-                        f"elsewhere (the source stays as it is)")
+            rel = ("is the source folder" if real == pr else
+                   f"is inside {os.fspath(p)}" if pr in real.parents else f"contains {os.fspath(p)}")
+            raise error(f"{s}: {rel}, which this command reads; write the {what} elsewhere (the "
+                        f"source stays as it is)")
     return real
 
 
 @contextlib.contextmanager
 def output_temp(path: str | os.PathLike, *, protect: Protected = (), what: str = "output",
-                error: type[MatFormerError] = ConfigError) -> Iterator[Path]:
+                error: type[MatFormerError] = ConfigError, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside the checked target of `path` for the caller to fill; renamed
     over the target when the block ends normally, removed otherwise. OSErrors of the block
-    (ENOSPC, EFBIG, ...) become `error` in one line."""
+    (ENOSPC, EFBIG, ...) become `error` in one line. `suffix` ends the temporary name (writers
+    such as matplotlib choose the format by it)."""
     target = check_output(path, protect=protect, what=what, error=error)
     remove_dead_temps(target.parent, temp_prefix(target))
-    tmp = temp_path(target)
+    tmp = temp_path(target).with_name(temp_path(target).name + suffix)
     try:
         yield tmp
         os.replace(tmp, target)
