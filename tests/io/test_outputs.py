@@ -356,8 +356,7 @@ def test_pieces_cut_at_whitespace_and_keep_every_character():
 
 
 def test_info_of_a_missing_local_looking_path_makes_no_request(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fake_hub import FakeHub
+    from tests.fake_hub import FakeHub
 
     (tmp_path / "runs").mkdir()
     with FakeHub() as hub:
