@@ -178,9 +178,12 @@ def mix_n_match_plans(base: int, num_layers: int, uniform_tiers: Sequence[int]) 
 def parse_int_list(text: str, what: str = "list") -> list[int]:
     """Parse '1,2,3' (the CLI's list syntax) into ints, with an error naming `what`."""
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+        values = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise TierError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:  # '' or ',': every caller needs at least one (min()/max() of nothing)
+        raise TierError(f"{what} must list at least one integer, got {text!r}")
+    return values
 
 
 def describe_widths(base: int, widths: Sequence[int]) -> str:

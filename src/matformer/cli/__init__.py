@@ -9,6 +9,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -26,6 +27,11 @@ VERBS = {
     "export": "export",
     "convert": "convert",
 }
+
+
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT,
+                errno.EEXIST, errno.ENXIO, errno.ENODEV}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,4 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        # The OS refusing a path the user gave (a name too long, a loop of links, permissions,
+        # a read-only or full disk) is bad input, not a bug: one line naming the path.
+        if e.errno not in _USER_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"matformer {args.verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 

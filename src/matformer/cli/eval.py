@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -37,15 +38,15 @@ from matformer.cli.flags import (
     add_checkpoint_argument,
     add_width_flags,
     check_device,
+    check_report_paths,
     draft_tokens_arg,
     int_list,
     set_threads,
     write_plot,
+    write_report,
 )
 from matformer.cli.vit_eval import is_vit, run_vit
-from matformer.errors import ConfigError
 from matformer.evaluation.report import format_comparison, format_eval_report
-from matformer.io.atomic import atomic_write
 from matformer.io.source import resolve_source
 from matformer.tiers import WidthRequest, parse_int_list
 
@@ -100,10 +101,10 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
     from matformer.evaluation.lm import evaluate  # torch: imported only when a command runs
 
     out = out or sys.stdout
-    if plot is not None and not str(plot).lower().endswith(".png"):
-        raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
     request = WidthRequest(tier=kwargs.get("tier"), layer_tiers=kwargs.get("layer_tiers"))
     source = resolve_source(ckpt, request=request, revision=revision, companions=True)
+    protect = [*source.inputs(), kwargs.get("data")]
+    check_report_paths(json_out, plot, protect)
     report = evaluate(source, **kwargs)
     data, nonfinite = _strict_json(report.to_dict())
     if nonfinite:
@@ -115,13 +116,9 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
     else:
         out.write(format_eval_report(report) + "\n")
         if json_out is not None:
-            try:
-                atomic_write(json_out, text)
-            except OSError as e:
-                raise ConfigError(f"{json_out}: cannot write the JSON report ({e.strerror or e}); "
-                                  f"choose another --json-out") from None
+            write_report(json_out, text, protect)
     if plot is not None:
-        _plot(report, plot, Path(ckpt).name)
+        _plot(report, plot, Path(ckpt).name, protect)
     return report
 
 
@@ -138,10 +135,10 @@ def _strict_json(obj: Any) -> tuple[Any, int]:
     return obj, 0
 
 
-def _plot(report: EvalReport, path: str, name: str) -> None:
+def _plot(report: EvalReport, path: str, name: str, protect: list[Any]) -> None:
     from matformer.evaluation.plot import plot_elastic_curve  # matplotlib: optional
 
-    write_plot(plot_elastic_curve, report, path, f"MatFormer evaluation: {name}")
+    write_plot(plot_elastic_curve, report, path, f"MatFormer evaluation: {name}", protect)
 
 
 def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
@@ -150,6 +147,8 @@ def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
 
     out = out or sys.stdout
     others = [c for c in args.compare.split(",") if c]
+    protect = [c for c in [args.ckpt, *others] if os.path.lexists(c)] + [args.data]
+    check_report_paths(args.json_out, None, protect)
     result = compare([args.ckpt, *others], revision=args.revision,
                      tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
                      data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -158,7 +157,7 @@ def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
     text = json.dumps(result.to_dict(), indent=2) + "\n"
     out.write(text if args.json else format_comparison(result) + "\n")
     if args.json_out:
-        atomic_write(args.json_out, text)
+        write_report(args.json_out, text, protect)
 
 
 def head_counts(args: argparse.Namespace) -> list[int] | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from matformer.errors import ConfigError, TierError
@@ -83,14 +83,38 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
 
 
-def write_plot(plot: Callable[..., Any], report: Any, path: str, title: str) -> None:
-    """--plot: draw `report` to `path` with `plot(report, path, title=...)`; a path that cannot
-    be written is a one-line ConfigError."""
-    try:
-        plot(report, path, title=title)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write the plot ({e.strerror or e}); choose another "
-                          f"--plot") from None
+def check_report_paths(json_out: str | None, plot: str | None, protect: Sequence[Any]) -> None:
+    """Before an evaluation runs: --json-out and --plot must be writable by the rule of
+    `io.outputs` (not a file the command reads, a regular file, an existing folder) and not the
+    same file; a one-line ConfigError otherwise."""
+    from matformer.io.outputs import check_output
+
+    if plot is not None and not str(plot).lower().endswith(".png"):
+        raise ConfigError(f"--plot takes a .png file name, got {plot!r}")
+    real = []
+    for path, what in ((json_out, "JSON report"), (plot, "plot")):
+        if path is not None and path != "-":
+            real.append(check_output(path, protect=protect, what=what))
+    if len(real) == 2 and real[0] == real[1]:
+        raise ConfigError(f"--json-out and --plot name the same file {json_out!r}; give two")
+
+
+def write_report(path: str, text: str, protect: Sequence[Any]) -> None:
+    """--json-out: write `text` by the rule of `io.outputs` (one-line errors, nothing left)."""
+    from matformer.io.outputs import write_output
+
+    write_output(path, text, protect=protect, what="JSON report")
+
+
+def write_plot(plot: Callable[..., Any], report: Any, path: str, title: str,
+               protect: Sequence[Any] = ()) -> None:
+    """--plot: draw `report` with `plot(report, tmp, title=...)` into a temporary PNG that
+    replaces `path` when complete (`io.outputs`); a path that cannot be written is a one-line
+    ConfigError."""
+    from matformer.io.outputs import output_temp
+
+    with output_temp(path, protect=protect, what="plot", suffix=".png") as tmp:
+        plot(report, tmp, title=title)
 
 
 # ---- the width flags: one generator for every verb that takes a width -------------------------

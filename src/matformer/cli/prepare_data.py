@@ -3,7 +3,8 @@
 SRC: a text file, a JSONL file ({"text": ...} per line), a Parquet or Arrow file (a `text`
 column), a folder of any of these, or a dataset saved with Hugging Face datasets' save_to_disk.
 DIR gets train.bin / val.bin (token ids, each document followed by </s>), tokens.json and the
-tokenizer. Documents are streamed (never all in memory), with a progress bar.
+tokenizer. Documents are streamed (never all in memory; a long one is tokenized in pieces cut at
+whitespace, so memory stays bounded), with a progress bar.
 
 examples:
   matformer prepare-data corpus/ -o data/tok                  # trains a 32000-token BPE

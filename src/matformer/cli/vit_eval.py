@@ -17,9 +17,8 @@ import json
 import sys
 from typing import Any, TextIO
 
-from matformer.cli.flags import write_plot
+from matformer.cli.flags import check_report_paths, write_plot, write_report
 from matformer.errors import ConfigError
-from matformer.io.atomic import atomic_write
 from matformer.io.source import resolve_source
 from matformer.models.lm.shapes import format_count
 from matformer.models.vit.config import MatViTConfig
@@ -43,14 +42,15 @@ def run_vit(args: argparse.Namespace, out: TextIO | None = None) -> int:
     for key, unset in _TEXT_ONLY.items():
         if getattr(args, key, unset) != unset:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to a MatViT checkpoint")
-    if args.plot is not None and not str(args.plot).lower().endswith(".png"):
-        raise ConfigError(f"--plot takes a .png file name, got {args.plot!r}")
+    source = resolve_source(args.ckpt, tier=args.tier, revision=args.revision, companions=True)
+    protect = [*source.inputs(), args.data]
+    check_report_paths(None if args.json else args.json_out, args.plot, protect)
     tiers = parse_int_list(args.tiers, "--tiers") if args.tiers else None
     if tiers is None and args.tier is not None:
         tiers = [args.tier]
     print(f"evaluating {args.ckpt} (MatViT) ...", file=sys.stderr)
     report = evaluate_checkpoint(
-        resolve_source(args.ckpt, tier=args.tier, revision=args.revision, companions=True),
+        source,
         data=args.data, uniform_tiers=tiers,
         plans=[parse_int_list(w, "--widths") for w in args.widths or []],
         kv_heads=parse_int_list(args.kv_heads, "--kv-heads") if args.kv_heads else None,
@@ -61,13 +61,9 @@ def run_vit(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         out.write(format_vit_report(report) + "\n")
         if args.json_out is not None:
-            try:
-                atomic_write(args.json_out, text)
-            except OSError as e:
-                raise ConfigError(f"{args.json_out}: cannot write the JSON report "
-                                  f"({e.strerror or e}); choose another --json-out") from None
+            write_report(args.json_out, text, protect)
     if args.plot is not None:
-        _plot(report, args.plot, args.ckpt)
+        _plot(report, args.plot, args.ckpt, protect)
     return 0
 
 
@@ -89,7 +85,7 @@ def format_vit_report(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _plot(report: Any, path: str, name: str) -> None:
+def _plot(report: Any, path: str, name: str, protect: list[Any]) -> None:
     from matformer.evaluation.vision_plot import plot_vit_report  # matplotlib: optional
 
-    write_plot(plot_vit_report, report, path, f"MatViT evaluation: {name}")
+    write_plot(plot_vit_report, report, path, f"MatViT evaluation: {name}", protect)

@@ -45,7 +45,7 @@ import numpy as np
 
 from matformer.errors import ConfigError, DataError
 from matformer.io.atomic import atomic_write
-from matformer.io.files import read_bytes
+from matformer.io.files import read_bytes, read_json
 from matformer.io.metadata import Fields
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -311,18 +311,34 @@ def tokenizer_files(tok, model_max_length: int | None = None) -> dict[str, bytes
         return {n: (Path(d) / n).read_bytes() for n in names}
 
 
-def load_tokenizer(folder: str | os.PathLike):
-    """The tokenizer saved in a checkpoint folder (its tokenizer.json)."""
+MAX_TOKENIZER_BYTES = 1 << 30
+"""A tokenizer.json over 1 GiB is refused before it is read (the largest real ones, 256k-token
+vocabularies with their merges, are ~35 MB)."""
+
+
+def read_tokenizer_file(path: str | os.PathLike):
+    """The tokenizer of a tokenizer.json file, read through `io.files.read_bytes`: a FIFO,
+    device (/dev/zero) or folder is refused before a byte is read (never waited on), and a file
+    over `MAX_TOKENIZER_BYTES` before it is allocated; every failure is a one-line DataError."""
     from tokenizers import Tokenizer
 
+    raw = read_bytes(path, limit=MAX_TOKENIZER_BYTES, error=DataError)
+    try:
+        return Tokenizer.from_str(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a tokenizer.json (not UTF-8 text at byte {e.start})") from None
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a valid tokenizer.json ({msg})") from None
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a checkpoint folder (its tokenizer.json)."""
     path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DataError(f"{path}: no tokenizer in this checkpoint (tokenizer.json is missing); "
                         f"checkpoints written by `matformer train` carry one")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise DataError(f"{path}: not a valid tokenizer file ({e})") from None
+    return read_tokenizer_file(path)
 
 
 # ---- token streams ---------------------------------------------------------------------------
@@ -493,12 +509,9 @@ def heldout_windows(tokens: np.ndarray, seq_len: int = HELDOUT_SEQ_LEN,
 def training_settings(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """The train_config.json a checkpoint was trained with ({} if it has none)."""
     path = Path(ckpt_dir) / "train_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+    settings = read_json(path, error=DataError)  # a FIFO or device: refused, never waited on
     if not isinstance(settings, dict):
         raise DataError(f"{path}: expected a JSON object of training settings")
     return settings

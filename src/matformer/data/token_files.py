@@ -12,8 +12,13 @@ SRC is a text file, a JSONL file (one {"text": ...} per line), a Parquet or Arro
 `text` column, read with pyarrow in record batches), a folder of any of these (recursive,
 sorted, hidden files skipped), or a dataset saved with Hugging Face `datasets.save_to_disk`
 (its Arrow files, read with pyarrow; `datasets` itself is not needed). Documents are never all
-in memory: they are read, tokenized (`encode_batch`, in parallel in the tokenizers library) and
-appended a batch at a time, with a progress bar. The held-out split is per document and
+in memory, and no document is ever whole in the tokenizer: text files are read a 1 MB block at a
+time, JSONL files a line at a time, every document is cut into pieces of at most `PIECE_CHARS`
+characters at whitespace boundaries (`pieces`: the ids are those of the whole text), and pieces
+are tokenized (`encode_batch`, in parallel in the tokenizers library) and appended
+`BATCH_CHARS` characters at a time, with a progress bar; memory stays bounded whatever the
+longest document (a 46 MB single-line JSONL took 12 GB before). Every input file is opened as a
+regular file only (a FIFO or device is refused, never waited on). The held-out split is per document and
 streaming: document i goes to val.bin when the i-th draw of a generator seeded with
 `split_seed` is below `val_fraction`. The tokenizer is given (`--tokenizer`: a tokenizer.json or
 a folder holding one, e.g. a checkpoint) or a byte-level BPE trained on the first
@@ -28,10 +33,13 @@ checkpoint's), as does `matformer eval CKPT` of a checkpoint trained on DIR
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +48,11 @@ import numpy as np
 from matformer.data import text as D
 from matformer.data.vocabulary import difference
 from matformer.errors import DataError
-from matformer.io.atomic import atomic_write, fsync_dir
+from matformer.io.atomic import atomic_write, fsync_dir, temp_path, temp_prefix
+from matformer.io.files import open_regular
 from matformer.io.metadata import Fields, file_size_matches, read_json
+from matformer.io.outputs import check_name
+from matformer.io.swap import remove_dead_temps
 
 META = "tokens.json"
 FORMAT = "matformer-tokens"
@@ -53,6 +64,18 @@ def is_prepared(path: str | os.PathLike | None) -> bool:
 
 
 # ---- reading documents -------------------------------------------------------------------------
+
+PIECE_CHARS = 1 << 16
+"""Longest text handed to the tokenizer at once. A longer document is cut into pieces of at most
+this many characters before the tokenizer (`pieces`): the tokenizer's working memory grows with
+the text it is given (~250 bytes a character), so a single 46 MB line would take 12 GB."""
+BATCH_CHARS = 1 << 18
+"""Characters of pieces tokenized in one `encode_batch` call (bounds its memory too)."""
+_READ_BLOCK = 1 << 20
+# Where a piece may end: just before a whitespace run that follows a non-space character (the
+# last such place in the window); the GPT-2 pre-tokenizer splits there too, so the ids of the
+# pieces are the ids of the whole text.
+_LAST_CUT = re.compile(r".*\S(?=\s)", re.S)
 
 
 def _hf_dataset_files(folder: Path) -> list[Path] | None:
@@ -70,6 +93,8 @@ def _hf_dataset_files(folder: Path) -> list[Path] | None:
         if not folder.is_dir():
             raise DataError(f"{folder}: the split listed in dataset_dict.json is missing")
     if not ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()):
+        if (folder.parent / "dataset_dict.json").is_file():
+            raise DataError(f"{folder}: the split folder lacks state.json or dataset_info.json")
         return None
     f = Fields(read_json(folder / "state.json", DataError, "datasets state"),
                str(folder / "state.json"), DataError)
@@ -91,12 +116,12 @@ def source_files(src: Path) -> list[Path]:
     if not src.exists():
         raise DataError(f"{src}: no such file or folder (prepare-data takes text, JSONL, Parquet "
                         f"or Arrow files, a folder of them, or a datasets save_to_disk folder)")
-    if src.is_file():
-        return [src]
+    if not src.is_dir():
+        return [src]  # a FIFO or device is refused when it is opened (io.files.open_regular)
     hf = _hf_dataset_files(src)
     if hf is not None:
         return hf
-    files = sorted(p for p in src.rglob("*") if p.is_file()
+    files = sorted(p for p in src.rglob("*") if not p.is_dir()
                    and not any(part.startswith(".") for part in p.relative_to(src).parts))
     if not files:
         raise DataError(f"{src}: the folder holds no files")
@@ -110,9 +135,10 @@ def _table_documents(path: Path) -> Iterator[str]:
     except ImportError:
         raise DataError(f"{path}: reading Parquet/Arrow needs pyarrow (pip install "
                         f"'matformer[data]')") from None
+    os.close(open_regular(path, error=DataError))  # a FIFO or device: refused, never waited on
     try:
         if path.suffix == ".parquet":
-            batches = pq.ParquetFile(str(path)).iter_batches(columns=["text"], batch_size=4096)
+            batches = pq.ParquetFile(str(path)).iter_batches(columns=["text"], batch_size=256)
         else:  # datasets' Arrow files are IPC streams; plain .arrow files may be IPC files
             try:
                 batches = iter(pa.ipc.open_stream(str(path)))
@@ -123,19 +149,103 @@ def _table_documents(path: Path) -> Iterator[str]:
                 raise DataError(f"{path}: no 'text' column (columns: {batch.schema.names})")
             yield from (t for t in batch.column("text").to_pylist() if isinstance(t, str))
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+        raise DataError(f"{path}: cannot read ({str(e).splitlines()[0][:200]})") from None
+
+
+def _text_blocks(path: Path) -> Iterator[str]:
+    """The text of a UTF-8 file in blocks of about `_READ_BLOCK` bytes (never all in memory)."""
+    fd = open_regular(path, error=DataError)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    with os.fdopen(fd, "rb") as f:
+        while True:
+            try:
+                raw = f.read(_READ_BLOCK)
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text (byte {pos + e.start}); remove it or "
+                                f"point SRC at text files only") from None
+            pos += len(raw)
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    """The "text" of each line of a JSONL file, one line in memory at a time."""
+    fd = open_regular(path, error=DataError)
+    with os.fdopen(fd, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not UTF-8 text (byte {e.start} of the line)") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                msg = getattr(e, "msg", "nested too deeply")
+                raise DataError(f"{path}:{i}: not valid JSON ({msg})") from None
+            del raw
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f'{path}:{i}: expected an object with a string "text" field')
+            yield obj.pop("text")
+
+
+def pieces(blocks: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
+    """The text of `blocks` (one document, in consecutive parts) re-cut into pieces of at most
+    `size` characters. Each cut is placed just before the last whitespace run (that follows a
+    non-space character) in the window, where the GPT-2 pre-tokenizer of byte-level BPE splits
+    anyway, so tokenizing the pieces one by one gives the ids of the whole text; a window without
+    whitespace is cut at `size` characters."""
+    buf = ""
+    for block in blocks:
+        buf += block
+        start = 0
+        while len(buf) - start > size:
+            m = _LAST_CUT.match(buf, start, start + size)
+            cut = m.end() if m and m.end() > start else start + size
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
+    if buf:
+        yield buf
+
+
+def document_pieces(src: str | os.PathLike) -> Iterator[tuple[str, bool]]:
+    """(piece, starts a document) for every non-empty document of `src`, in order: a document
+    is one piece or more (`pieces`), so no document is ever whole in the tokenizer, and a text
+    file is read a block at a time."""
+    for path in source_files(Path(src)):
+        if path.suffix in _TABLE_SUFFIXES or path.suffix == ".jsonl":
+            docs = _table_documents(path) if path.suffix != ".jsonl" else _jsonl_documents(path)
+            for d in docs:
+                if d.strip():
+                    for j, piece in enumerate(pieces([d])):
+                        yield piece, j == 0
+            continue
+        started = False
+        for piece in pieces(_text_blocks(path)):
+            if not started and not piece.strip():
+                continue  # leading blank text; a blank file is no document
+            yield piece, not started
+            started = True
 
 
 def documents(src: str | os.PathLike) -> Iterator[str]:
-    """Every non-empty document of `src`, in order."""
-    for path in source_files(Path(src)):
-        if path.suffix in _TABLE_SUFFIXES:
-            docs: Any = _table_documents(path)
-        else:
-            docs = D._read_file(path)  # text or JSONL, with data.py's checks and messages
-        for d in docs:
-            if d.strip():
-                yield d
+    """Every non-empty document of `src`, in order, whole (for callers that need documents; the
+    tokenizing path uses `document_pieces`)."""
+    doc: list[str] = []
+    for piece, first in document_pieces(src):
+        if first and doc:
+            yield "".join(doc)
+            doc = []
+        doc.append(piece)
+    if doc:
+        yield "".join(doc)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -147,17 +257,13 @@ def _tokenizer(tokenizer: str | os.PathLike | None, src: Path, vocab_size: int,
         path = Path(tokenizer)
         if path.is_dir():
             return D.load_tokenizer(path)
-        from tokenizers import Tokenizer
-
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception
-            raise DataError(f"{path}: not a tokenizer.json ({e})") from None
+        return D.read_tokenizer_file(path)  # a FIFO or /dev/zero: refused before reading
+    D.check_vocab_size(vocab_size)  # before reading the corpus
     sample, size = [], 0
-    for doc, is_val in _split(documents(src), val_fraction, split_seed):
+    for piece, is_val, _ in _split(document_pieces(src), val_fraction, split_seed):
         if not is_val:
-            sample.append(doc)
-            size += len(doc)
+            sample.append(piece)
+            size += len(piece)
             if size >= sample_bytes:
                 break
     if not sample:
@@ -165,46 +271,87 @@ def _tokenizer(tokenizer: str | os.PathLike | None, src: Path, vocab_size: int,
     return D.train_tokenizer(sample, vocab_size)
 
 
-def _split(docs: Iterator[str], val_fraction: float, seed: int) -> Iterator[tuple[str, bool]]:
+def _split(pieces_: Iterator[tuple[str, bool]], val_fraction: float, seed: int
+           ) -> Iterator[tuple[str, bool, bool]]:
+    """(piece, held out, starts a document): one seeded draw per document."""
     rng = np.random.default_rng([seed, 0x70C])
-    for d in docs:
-        yield d, bool(rng.random() < val_fraction)
+    is_val = False
+    for piece, first in pieces_:
+        if first:
+            is_val = bool(rng.random() < val_fraction)
+        yield piece, is_val, first
+
+
+def _check_settings(val_fraction: Any, split_seed: Any, batch_docs: Any) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**63:
+        raise DataError(f"--split-seed must be an integer from 0 to 2**63-1, got {split_seed!r}")
+    if isinstance(batch_docs, bool) or not isinstance(batch_docs, int) or batch_docs < 1:
+        raise DataError(f"batch_docs must be a positive integer, got {batch_docs!r}")
 
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
             vocab_size: int = 32000, tokenizer_sample_bytes: int = 100_000_000,
             val_fraction: float = D.DEFAULT_VAL_FRACTION, split_seed: int = D.DEFAULT_SPLIT_SEED,
             batch_docs: int = 1024, progress: bool = True) -> dict[str, Any]:
-    """Tokenize `src` into the folder `out` (see the module docstring); returns tokens.json."""
+    """Tokenize `src` into the folder `out` (see the module docstring); returns tokens.json.
+
+    Memory stays bounded whatever the documents' sizes: documents are read one at a time (a text
+    file a block at a time, a JSONL file a line at a time), cut into pieces of at most
+    `PIECE_CHARS` characters at whitespace (`pieces`), and tokenized `BATCH_CHARS` characters
+    (or `batch_docs` pieces) at a time. `out` must not exist; it is written as a temporary
+    folder beside it (`io.atomic.temp_path`, removed on failure or by the next run if this one
+    was killed) renamed into place when complete; a full disk is a one-line DataError."""
     from tqdm import tqdm
 
-    src, out = Path(src), Path(out)
-    if out.exists():
+    _check_settings(val_fraction, split_seed, batch_docs)
+    src = Path(src)
+    out = Path(check_name(out, what="output folder", error=DataError))
+    if os.path.lexists(out):
         raise DataError(f"{out}: already exists; remove it or choose another -o (nothing was "
                         f"changed)")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if tokenizer is None:
         D.check_vocab_size(vocab_size)  # before a byte is read: tokenizers aborts on ~10^8
+    real_out = Path(os.path.realpath(out))
+    real_src = Path(os.path.realpath(src))
+    if real_out == real_src or real_src in real_out.parents:
+        raise DataError(f"{out}: is inside the corpus {src}; a later run would read the token "
+                        f"files as text; write elsewhere")
+    if tokenizer is not None and Path(os.path.realpath(tokenizer)) in real_out.parents:
+        raise DataError(f"{out}: is inside the tokenizer folder {tokenizer}; write elsewhere")
     files = source_files(src)
     tok = _tokenizer(tokenizer, src, vocab_size, tokenizer_sample_bytes, val_fraction, split_seed)
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(out.parent, temp_prefix(out))
+        tmp = temp_path(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
     try:
-        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-                   desc=f"tokenizing {src.name}", disable=not progress)
+        total = 0
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {src.name}",
+                   disable=not progress)
         with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
             sinks = {"train": ftrain, "val": fval}
-            batch: list[tuple[str, bool]] = []
-            for item in _split(documents(src), val_fraction, split_seed):
+            writer = _Writer(tok, sinks, counts, dtype, bar)
+            batch: list[tuple[str, bool, bool]] = []
+            chars = 0
+            for item in _split(document_pieces(src), val_fraction, split_seed):
                 batch.append(item)
-                if len(batch) >= batch_docs:
-                    _write_batch(tok, batch, sinks, counts, dtype, bar)
-                    batch = []
-            _write_batch(tok, batch, sinks, counts, dtype, bar)
+                chars += len(item[0])
+                if len(batch) >= batch_docs or chars >= BATCH_CHARS:
+                    writer.write(batch)
+                    batch, chars = [], 0
+            writer.write(batch)
+            writer.close()
             for f in sinks.values():
                 f.flush()
                 os.fsync(f.fileno())
@@ -223,24 +370,50 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         fsync_dir(tmp)
         os.rename(tmp, out)
         fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise DataError(f"{out}: cannot write the token files: {e.strerror or e}{where}; nothing "
+                        f"was left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
 
 
-def _write_batch(tok, batch: list[tuple[str, bool]], sinks: dict[str, Any],
-                 counts: dict[str, list[int]], dtype: Any, bar: Any) -> None:
-    if not batch:
-        return
-    encs = tok.encode_batch([d for d, _ in batch], add_special_tokens=False)
-    for (_, is_val), enc in zip(batch, encs, strict=True):
-        split = "val" if is_val else "train"
-        ids = np.asarray(enc.ids + [D.EOS_ID], dtype=dtype)
-        ids.tofile(sinks[split])
-        counts[split][0] += len(ids)
-        counts[split][1] += 1
-    bar.update(sum(len(d.encode("utf-8", errors="replace")) for d, _ in batch))
+class _Writer:
+    """Appends the ids of tokenized pieces to train.bin / val.bin, with </s> after each
+    document (written when the next document starts, or at `close`)."""
+
+    def __init__(self, tok: Any, sinks: dict[str, Any], counts: dict[str, list[int]], dtype: Any,
+                 bar: Any) -> None:
+        self.tok, self.sinks, self.counts, self.dtype, self.bar = tok, sinks, counts, dtype, bar
+        self.open: str | None = None  # the split of the document being written
+
+    def _end(self) -> None:
+        if self.open is not None:
+            np.asarray([D.EOS_ID], dtype=self.dtype).tofile(self.sinks[self.open])
+            self.counts[self.open][0] += 1
+            self.counts[self.open][1] += 1
+            self.open = None
+
+    def write(self, batch: list[tuple[str, bool, bool]]) -> None:
+        if not batch:
+            return
+        encs = self.tok.encode_batch([p for p, _, _ in batch], add_special_tokens=False)
+        for (piece, is_val, first), enc in zip(batch, encs, strict=True):
+            if first:
+                self._end()
+                self.open = "val" if is_val else "train"
+            assert self.open is not None
+            ids = np.asarray(enc.ids, dtype=self.dtype)
+            ids.tofile(self.sinks[self.open])
+            self.counts[self.open][0] += len(ids)
+            self.bar.update(len(piece.encode("utf-8", errors="replace")))
+        del encs
+
+    def close(self) -> None:
+        self._end()
 
 
 # ---- reading -----------------------------------------------------------------------------------

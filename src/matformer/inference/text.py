@@ -23,6 +23,7 @@ from matformer.inference.decode import generate, generate_batch
 from matformer.inference.sampling import GenerationOutput
 from matformer.inference.speculative import DecodeCosts, DraftChoice, speculative_generate
 from matformer.io.checkpoint import load_model
+from matformer.io.files import read_bytes
 from matformer.io.source import Source, resolve_source
 from matformer.tiers import WidthRequest, describe_widths
 
@@ -170,11 +171,10 @@ def write_batch(tok: Any, results: list[GenerationOutput], out: TextIO) -> None:
 
 def read_prompts(path: str) -> list[str]:
     """The prompts of a UTF-8 text file, one per line (blank lines skipped)."""
+    # a regular file of at most 256 MB: a FIFO or device is refused, never waited on
+    raw = read_bytes(path, limit=256_000_000, error=DataError, shown=path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\r\n") for line in f]
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the prompts file ({e.strerror or e})") from None
+        lines = [line.rstrip("\r") for line in raw.decode("utf-8").split("\n")]
     except UnicodeDecodeError:
         raise DataError(f"{path}: the prompts file is not UTF-8 text; save it as UTF-8") from None
     prompts = [line for line in lines if line.strip()]

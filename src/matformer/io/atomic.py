@@ -31,6 +31,24 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+TEMP_TAG = ".matformer-"
+"""What every temporary file or folder matformer writes beside a target has in its name:
+`.<target name, at most 100 characters>.matformer-<tmp|old|stage>-<pid>-<random>`. The pid lets a
+later run tell a dead writer's leftovers (removed, `io.swap.remove_dead_temps`) from a live one's."""
+
+
+def temp_prefix(target: str | os.PathLike) -> str:
+    """The name prefix of the temporary files written beside `target` (see `TEMP_TAG`); the
+    target's name is cut to 100 characters so that the temporary name stays under 255 bytes."""
+    return f".{Path(target).name[:100]}{TEMP_TAG}"
+
+
+def temp_path(target: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh temporary name beside `target` (same folder: the final rename is atomic)."""
+    t = Path(target)
+    return t.parent / f"{temp_prefix(t)}{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Replace `path` with `data` (str is written as UTF-8) atomically and durably.
 
@@ -38,7 +56,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     then unchanged and no temporary file is left behind."""
     target = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(target)
     try:
         with open(tmp, "wb") as f:
             f.write(payload)

@@ -25,7 +25,7 @@ MAX_JSON_BYTES = 64_000_000
 """Largest metadata JSON file read (config.json, index, manifest): far above any real one."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "a FIFO (named pipe)"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -54,7 +54,7 @@ def open_regular(path: str | os.PathLike, *, dir_fd: int | None = None,
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{name}: is {_kind(st.st_mode)}, not a regular file; refusing to read it")
+            raise error(f"{name}: is {file_kind(st.st_mode)}, not a regular file; refusing to read it")
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
     except BaseException:

@@ -17,14 +17,14 @@ Conventions follow llama.cpp's own converter (convert_hf_to_gguf.py, `LlamaModel
 
 Writing streams: tensor infos are declared first (shapes and types are known from the plan),
 then each tensor's data is produced, converted and written one at a time. The file is written
-to a temporary name in the target folder and renamed over the target only when complete.
+by the rule of `io.outputs`: to a temporary name in the target folder, renamed over the target
+only when complete.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
+from matformer.io.files import read_json
+from matformer.io.outputs import Protected, output_temp
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # The llama.cpp pre-tokenizer whose regex is the one of tokenizers' ByteLevel(use_regex=True):
@@ -160,10 +162,7 @@ def read_tokenizer(path: Path, vocab_size: int) -> TokenizerSpec:
     model type, a normalizer, a pre-tokenizer llama.cpp has no name for: see
     `pre_tokenizer_name`) is refused: llama.cpp would tokenize differently from the model's
     training."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    obj = read_json(path, limit=1 << 30)  # regular files only: a FIFO is refused, not waited on
     model = obj.get("model") if isinstance(obj, dict) else None
     pre = obj.get("pre_tokenizer") if isinstance(obj, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(
@@ -206,8 +205,8 @@ def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> Toke
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     cfg_path = path.parent / "tokenizer_config.json"
     try:
-        tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        tcfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
+    except CheckpointError:
         tcfg = {}
     if not isinstance(tcfg, dict):
         tcfg = {}
@@ -295,63 +294,39 @@ class TensorPlan:
 
 
 def write_gguf(out: str | os.PathLike, meta: ModelMeta, tok: TokenizerSpec, outtype: str,
-               tensors: Sequence[TensorPlan], produce: Callable[[TensorPlan], np.ndarray]) -> int:
+               tensors: Sequence[TensorPlan], produce: Callable[[TensorPlan], np.ndarray], *,
+               protect: Protected = ()) -> int:
     """Write the GGUF file: metadata, tensor infos, then `produce(t)` (float32 values) for one
-    tensor at a time. Atomic: a temporary file beside `out` is renamed over it when complete.
-    Returns the file size."""
+    tensor at a time. Written by the rule of `io.outputs` (never over a file of `protect`,
+    through symlinks, a temporary file beside the target renamed over it when complete, a full
+    disk is one line and leaves nothing). Returns the file size."""
     gguf = _gguf()
-    target = Path(out)
-    tmp = _temp_beside(target)
-    try:
+    with output_temp(out, protect=protect, what="GGUF file", error=CheckpointError) as tmp:
         w = gguf.GGUFWriter(tmp, meta.arch)
-        add_metadata(w, meta, tok, outtype)
-        for t in tensors:
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _byte_count(t.shape, t.qtype),
-                              raw_dtype=t.qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in tensors:
-            data = encode(produce(t), t.qtype)
-            w.write_tensor_data(data)
-            del data
-        assert w.fout is not None
-        f = w.fout[0]
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
-        w.close()
-        os.replace(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        try:
+            add_metadata(w, meta, tok, outtype)
+            for t in tensors:
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32),
+                                  _byte_count(t.shape, t.qtype), raw_dtype=t.qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for t in tensors:
+                data = encode(produce(t), t.qtype)
+                w.write_tensor_data(data)
+                del data
+            assert w.fout is not None
+            f = w.fout[0]
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        finally:
+            with contextlib.suppress(OSError):
+                w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     return size
-
-
-def _temp_beside(target: Path) -> Path:
-    """A fresh temporary file in the target's folder (so the final rename is atomic), or a
-    CheckpointError naming the path when that folder cannot be written."""
-    if target.is_dir():
-        raise CheckpointError(f"{target}: is a folder; give the .gguf file name to write")
-    folder = target.parent
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except FileNotFoundError:
-        raise CheckpointError(f"{target}: cannot write (folder {folder} does not exist)") from None
-    except OSError as e:
-        raise CheckpointError(f"{target}: cannot write ({e.strerror or e})") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would otherwise survive the rename
-    return Path(name)
-
-
-def _remove_quietly(p: Path) -> None:
-    try:
-        p.unlink()
-    except OSError:
-        pass
 
 
 def field_value(reader: Any, key: str) -> Any:

@@ -123,6 +123,16 @@ class Source:
                             f"checkpoints written by `matformer train` carry one")
         return p
 
+    def inputs(self) -> list[Path]:
+        """What a command reading this source must never write over (`io.outputs`): its whole
+        folder (a multi-tier repo: the repo root too), or for a bare .safetensors file given as
+        SRC, that file and the config and companion files read beside it."""
+        if self.kind != "file":
+            root = self.folder.parent if self.tier_entry is not None else self.folder
+            return [self.folder, root]
+        names = [CONFIG_NAME, *COMPANION_FILES, *self.layout.shards]
+        return [self.folder / n for n in names] + [Path(self.spec)]
+
     def __str__(self) -> str:
         return self.describe()
 
@@ -183,7 +193,7 @@ def source_family(src: str | os.PathLike | Source, *, revision: str | None = Non
             return family_of(read_json(path, error=ConfigError)) if is_regular(path) else LM
         except MatFormerError:
             return LM
-    if is_repo_id(spec) and not _looks_local(spec):
+    if is_repo_id(spec) and not looks_local(spec):
         config = _hub_config(spec, *split_revision(spec, revision))
         return LM if config is None else family_of(read_json(config, error=ConfigError))
     return LM
@@ -221,18 +231,27 @@ def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
         if folder is not None:
             return replace(_local(spec, folder, tier, _widest(widths)), kind="gguf")
         return _local(spec, p, tier, _widest(widths))
-    if is_repo_id(spec) and not _looks_local(spec):
+    if is_repo_id(spec) and not looks_local(spec):
         return _hub(spec, revision, tier, _widest(widths), companions)
     raise CheckpointError(f"{spec}: no such file or folder (and not a Hub repo id like org/name)")
 
 
-def _looks_local(spec: str) -> bool:
-    """A missing path that names a local place rather than a Hub repo: './x', '../x', '~/x', an
-    absolute path, or 'a/b' where the folder 'a' exists here."""
-    if spec.startswith(("./", "../", "/", "~", ".\\")):
+_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".gguf", ".csv", ".txt",
+                  ".jsonl", ".parquet", ".arrow", ".npy", ".png", ".jpg", ".tar", ".gz", ".zip")
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a SRC that does not exist names a local place rather than a Hub repo (then it is
+    a one-line 'no such file or folder' at once, with no network request): './x', '../x', '~x',
+    an absolute path, more than one '/', a first component that exists here ('runs/typo' when
+    runs/ exists), or a name ending in a file suffix ('model.safetensors', 'x/config.json').
+    Only the bare `org/name[@revision]` form goes to the Hub."""
+    name = spec.split("@", 1)[0]
+    if spec.startswith(("./", "../", "/", "~", ".\\")) or "\\" in name or name.count("/") != 1:
         return True
-    first = spec.split("/", 1)[0]
-    return os.path.isdir(first)
+    if name.lower().endswith(_FILE_SUFFIXES):
+        return True
+    return os.path.lexists(name.split("/", 1)[0])
 
 
 def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from matformer.errors import CheckpointError
-from matformer.io.atomic import fsync_dir
+from matformer.io.atomic import fsync_dir, temp_prefix
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -138,15 +138,22 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _tmp_prefix(target: Path) -> str:
-    return f".{target.name}.matformer-"
+    return temp_prefix(target)
 
 
 _ACTIVE: set[str] = set()
 """Temporary folders this process is writing now (other threads' saves must not remove them)."""
 
 
+def remove_dead_temps(folder: str | os.PathLike, prefix: str) -> None:
+    """Remove the temporary files and folders named `<prefix><tmp|old|stage>-<pid>-...` in
+    `folder` whose writer process is gone (a save or an export that was killed)."""
+    _cleanup_stale(Path(folder), prefix)
+
+
 def _cleanup_stale(folder: Path, prefix: str) -> None:
-    """Remove temporary folders left by saves that were killed (their process is gone)."""
+    """Remove temporary folders (and files) left by writers that were killed (their process is
+    gone)."""
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             if not entry.name.startswith(prefix) or str(entry) in _ACTIVE:
@@ -163,7 +170,11 @@ def _cleanup_stale(folder: Path, prefix: str) -> None:
                     pass
                 except (PermissionError, OverflowError):
                     continue
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 def _link_or_copy(src: str, dst: str) -> None:

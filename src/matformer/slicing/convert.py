@@ -54,6 +54,7 @@ from matformer.data import text as D
 from matformer.data import token_files as TF
 from matformer.errors import CheckpointError, ConfigError, DataError
 from matformer.io.checkpoint import load_model, load_state_dict, parse_size, write_checkpoint
+from matformer.io.outputs import check_output_folder
 from matformer.io.safetensors import st_dtype
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.models.devices import check_device
@@ -388,6 +389,7 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "
                               f"another folder (the source stays as it is)")
+    check_output_folder(out, protect=[*source.inputs(), calibration])
     seq_len = min(seq_len or D.heldout_shape(D.training_settings(source.folder))[0],
                   config.max_position_embeddings)
     t0 = time.time()

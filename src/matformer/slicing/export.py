@@ -36,6 +36,7 @@ from matformer.io.gguf import (
     write_gguf,
 )
 from matformer.io.layout import Checkpoint
+from matformer.io.outputs import check_output
 from matformer.io.source import Source, resolve_source
 from matformer.io.tensors import TO_F32, ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
@@ -202,16 +203,17 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     source, ck = open_source(src, request, revision=revision)
     folder, config = source.folder, source.config
     out_path = Path(out)
-    if any(out_path.resolve() == (folder / s).resolve() for s in ck.layout.shards):
-        raise CheckpointError(f"{out_path}: is a weights file of the source; write elsewhere")
+    tok_path = source.require_tokenizer()
+    protect = [*source.inputs(), tok_path]
+    check_output(out_path, protect=protect, what="GGUF file", error=CheckpointError)
     ws, hl = resolve_request(config, request)
-    tok = read_tokenizer(source.require_tokenizer(), config.vocab_size)
+    tok = read_tokenizer(tok_path, config.vocab_size)
     shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
     plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)
     by_name = {j.plan.name: j for j in plan.jobs}
     # Whole-row chunks with readahead: the disk pattern of the memory map this replaced.
     with TensorReader(ck, exact_run_limit=0, readahead=True) as reader:
         size = write_gguf(out_path, plan.meta, tok, outtype, [j.plan for j in plan.jobs],
-                          lambda t: produce(reader, by_name[t.name]))
+                          lambda t: produce(reader, by_name[t.name]), protect=protect)
     return ExportResult(out_path, plan.meta.arch, ws, config.base, outtype, len(plan.jobs), size,
                         time.perf_counter() - t0, kv_heads=hl)

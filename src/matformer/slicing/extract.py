@@ -31,7 +31,6 @@ all layers) is crossed with those width lists and the largest pair within budget
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import time
@@ -40,10 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matformer.errors import CheckpointError, ConfigError, TierError
+from matformer.errors import CheckpointError, ConfigError, MatFormerError, TierError
 from matformer.io.checkpoint import open_checked, write_checkpoint
+from matformer.io.files import read_json
 from matformer.io.layout import Checkpoint
 from matformer.io.manifest import MANIFEST_NAME, write_manifest
+from matformer.io.outputs import check_output_folder
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.io.tensors import ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
@@ -561,8 +562,7 @@ def slice_checkpoint(
     source, ck = _open_source(src, revision, request)
     folder = source.folder
     out_path = Path(out)
-    if out_path.exists() and out_path.resolve() == folder.resolve():
-        raise CheckpointError(f"{out_path}: is the source folder; write the slice to another folder")
+    check_output_folder(out_path, protect=source.inputs(), what="slice")
     if search_heads is None:
         search_heads = heads_nest(source)
     plan = _plan(source.config, request, budget, skip_layers, search_heads)
@@ -591,9 +591,10 @@ def heads_nest(source: Source) -> bool:
         return True
     path = source.folder / "train_config.json"
     try:
-        return bool(json.loads(path.read_text(encoding="utf-8")).get("nest_heads", False))
-    except (OSError, ValueError, AttributeError):
+        settings = read_json(path) if os.path.lexists(path) else {}
+    except MatFormerError:  # regular files only: a FIFO is refused, never waited on
         return False
+    return isinstance(settings, dict) and bool(settings.get("nest_heads", False))
 
 
 def _written_files(out: Path) -> list[str]:
@@ -617,6 +618,7 @@ def _slice_many(src: str | os.PathLike | Source, out: str | os.PathLike, tiers: 
         )
     # Validate every tier before writing anything (a multi-tier source: the folder holding all).
     source, _ = _open_source(src, revision, WidthRequest(tier=min(tiers)))
+    check_output_folder(root, protect=source.inputs(), what="multi-tier repo")
     for t in tiers:
         _plan(source.config, WidthRequest(tier=t, **heads.keywords()), None, skip_layers, False)
     root.mkdir(parents=True, exist_ok=True)

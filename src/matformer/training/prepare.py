@@ -18,6 +18,7 @@ from torch import nn
 
 from matformer.data import text as D
 from matformer.data import token_files
+from matformer.io.outputs import check_output_folder
 from matformer.io.swap import check_save_target
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM, parameter_counts
@@ -41,6 +42,7 @@ from matformer.training.report import Reporter
 from matformer.training.settings import (
     SHAPE_KEYS,
     TrainConfig,
+    inputs_of,
     model_config,
     runtime_tiers,
     validate,
@@ -111,6 +113,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     if cfg.data is not None and cfg.data not in D.PACKAGED_CORPORA:  # recorded absolute:
         # evaluation may run from another folder (a packaged corpus is a name, not a path)
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
+    check_output_folder(cfg.out, protect=inputs_of(cfg), what="--out folder")
     report = Reporter(Path(cfg.out), dist.main, cfg.quiet)
     if dist.main:  # a save that would fail (or a mount point: per-file saves) known before step 1
         check_save_target(cfg.out)

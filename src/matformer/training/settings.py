@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +305,12 @@ def all_trained_tiers(cfg: TrainConfig, base: int, world: int) -> list[int]:
 
 
 # ---- validation ------------------------------------------------------------------------------
+
+
+def inputs_of(cfg: TrainConfig) -> list[str]:
+    """What a run reads and its --out must not be, lie in, or contain (`io.outputs`): the
+    --init-from and --distill checkpoints and --data, those that are local paths."""
+    return [p for p in (cfg.init_from, cfg.distill, cfg.data) if p and os.path.lexists(p)]
 
 
 def validate(cfg: TrainConfig, base: int | None = None, world: int = 1) -> None:

@@ -44,6 +44,7 @@ from matformer.data.images import (
 )
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_state_dict
+from matformer.io.outputs import check_output_folder
 from matformer.io.swap import check_save_target
 from matformer.models.vit.config import MatViTConfig, parameter_counts
 from matformer.models.vit.model import MatViT
@@ -53,7 +54,7 @@ from matformer.training.optimizer import build_optimizer, lr_at, set_lr
 from matformer.training.precision import LossScaler
 from matformer.training.prepare import RunPaths
 from matformer.training.report import Reporter, fmt_time, step_losses
-from matformer.training.settings import TrainConfig, all_trained_tiers, validate
+from matformer.training.settings import TrainConfig, all_trained_tiers, inputs_of, validate
 from matformer.training.step import train_step
 
 ARCH = "vit"
@@ -222,6 +223,7 @@ def prepare_vit(cfg: TrainConfig, dist: Dist) -> VisionRun:
     check_settings(cfg)
     if cfg.data not in (None, "digits"):  # recorded absolute: evaluation may run elsewhere
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
+    check_output_folder(cfg.out, protect=inputs_of(cfg), what="--out folder")
     report = Reporter(Path(cfg.out), dist.main, cfg.quiet)
     if dist.main:  # a save that would fail is known before step 1
         check_save_target(cfg.out)

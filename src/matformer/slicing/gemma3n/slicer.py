@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matformer.errors import CheckpointError
 from matformer.io.checkpoint import write_folder
 from matformer.io.layout import CONFIG_NAME, INDEX_NAME, resolve_files
+from matformer.io.outputs import check_output_folder
 from matformer.io.source import Source
 from matformer.io.tensors import TensorReader
 from matformer.slicing.gemma3n.plan import Gemma3nPlan, plan_gemma3n
@@ -69,9 +69,7 @@ def slice_gemma3n(
     folder = resolved.folder
     try:
         out_path = Path(out)
-        if out_path.exists() and out_path.resolve() == folder.resolve():
-            raise CheckpointError(f"{out_path}: is the source folder; write the slice to another "
-                                  f"folder")
+        check_output_folder(out_path, protect=[*resolved.inputs(), config_csv], what="slice")
         plan = plan_gemma3n(source, tier=tier, widths=widths, layer_tiers=layer_tiers,
                             skip_layers=skip_layers, config_csv=config_csv, config_name=config_name)
         if log:

@@ -12,11 +12,13 @@ with single underscores between digits, `*`, `+`, parentheses and `[...]` lists,
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from matformer.errors import ConfigError
+from matformer.io.files import read_bytes
 from matformer.io.metadata import MAX_NUMBER_CHARS
 
 NAME, LAYERS, DIMS, SKIPPED = "name", "# Layers", "FFN Hidden Dims", "Layers Skipped"
@@ -176,17 +178,18 @@ class SlicingConfig:
 def read_slicing_config(path: str | Path, name: str) -> SlicingConfig:
     """The row called `name` of the CSV file `path`, parsed and checked for consistency."""
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such slicing-config CSV file")
+    if p.is_file() and p.stat().st_size > _MAX_CSV_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size} bytes, more than any slicing-config CSV "
+                          f"({_MAX_CSV_BYTES})")
+    # regular files only, size capped before reading: a FIFO is refused, never waited on
+    raw = read_bytes(p, limit=_MAX_CSV_BYTES, error=ConfigError, shown=str(p))
     try:
-        if p.is_file() and p.stat().st_size > _MAX_CSV_BYTES:
-            raise ConfigError(f"{p}: {p.stat().st_size} bytes, more than any slicing-config CSV "
-                              f"({_MAX_CSV_BYTES})")
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such slicing-config CSV file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ConfigError(f"{p}: cannot read it as CSV ({e})") from None
+        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
+        header = rows[0].keys() if rows else []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{p}: cannot read it as CSV ({str(e).splitlines()[0][:200]})") from None
     missing = [c for c in (NAME, DIMS, SKIPPED) if c not in header]
     if missing:
         raise ConfigError(f"{p}: missing column(s) {missing}; expected Google's slicing-config "
