@@ -20,8 +20,14 @@ non-embedding parameters (the elastic curve). Progress goes to stderr.
 --compare B,C scores CKPT, B and C tier by tier on the same windows (loss only), e.g. a dense
 source (naive truncation), its `matformer convert` output (importance order) and the distilled
 model: `matformer eval runs/dense --compare runs/mat,runs/distilled`.
-A MatViT checkpoint (config.json model_type "vit") is evaluated on images instead: top-1,
-agreement, elastic retrieval and speed per width (matformer.cli.vit_eval).
+A MatViT checkpoint (config.json model_type "vit") is evaluated on images instead: every width
+it can run (--tiers, --tier, --widths, --no-mix, --kv-heads choose) on the held-out images its
+training used (its train_config.json: digits, or --data FOLDER for an image folder), normalised as
+in training (its preprocessor_config.json): top-1, agreement with the full width's predictions,
+elastic retrieval (leave-one-out 1-NN, cosine, of each width's embeddings against the full
+width's) and images/s. Flags that only mean something for text (--compare, --layer-kv-heads,
+--seq-len, --max-tokens, --compile, --dtype) are refused for it.
+Of a multi-tier repo, the folder evaluated is the one holding --tier (else the widest of --tiers).
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from matformer.cli.flags import (
     write_plot,
     write_report,
 )
-from matformer.cli.vit_eval import is_vit, run_vit
-from matformer.evaluation.report import format_comparison, format_eval_report
-from matformer.io.source import resolve_source
+from matformer.errors import ConfigError
+from matformer.evaluation.report import format_comparison, format_eval_report, format_vit_report
+from matformer.io.source import Source, resolve_source
+from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, check_loadable
 from matformer.tiers import WidthRequest, parse_int_list
 
 if TYPE_CHECKING:
@@ -94,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
 
 
-def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
+def run_eval(ckpt: str | Source, *, json_out: str | None = None, plot: str | None = None,
              out: TextIO | None = None, revision: str | None = None, **kwargs: Any) -> EvalReport:
     """Evaluate a checkpoint (`matformer.evaluate` with `kwargs`), print the table (or JSON with
     `json_out="-"`, or also write JSON to the file `json_out`), draw the elastic curve to `plot`."""
@@ -105,7 +112,7 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
     source = resolve_source(ckpt, request=request, revision=revision, companions=True)
     protect = [*source.inputs(), kwargs.get("data")]
     check_report_paths(json_out, plot, protect)
-    report = evaluate(source, **kwargs)
+    report = evaluate(source, **kwargs)  # a given Source is used as it is
     data, nonfinite = _strict_json(report.to_dict())
     if nonfinite:
         print(f"warning: {nonfinite} value(s) of the report are not finite (NaN/inf weights or "
@@ -118,7 +125,7 @@ def run_eval(ckpt: str, *, json_out: str | None = None, plot: str | None = None,
         if json_out is not None:
             write_report(json_out, text, protect)
     if plot is not None:
-        _plot(report, plot, Path(ckpt).name, protect)
+        _plot(report, plot, Path(source.spec).name, protect)
     return report
 
 
@@ -141,7 +148,8 @@ def _plot(report: EvalReport, path: str, name: str, protect: list[Any]) -> None:
     write_plot(plot_elastic_curve, report, path, f"MatFormer evaluation: {name}", protect)
 
 
-def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
+def run_compare(args: argparse.Namespace, source: Source | None = None,
+                out: TextIO | None = None) -> None:
     """`--compare`: CKPT and the listed checkpoints, tier by tier (matformer.evaluation.compare)."""
     from matformer.evaluation.compare import compare  # torch: imported only when a command runs
 
@@ -149,7 +157,7 @@ def run_compare(args: argparse.Namespace, out: TextIO | None = None) -> None:
     others = [c for c in args.compare.split(",") if c]
     protect = [c for c in [args.ckpt, *others] if os.path.lexists(c)] + [args.data]
     check_report_paths(args.json_out, None, protect)
-    result = compare([args.ckpt, *others], revision=args.revision,
+    result = compare([source or args.ckpt, *others], revision=args.revision,
                      tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
                      data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                      batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -173,19 +181,32 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     counts = head_counts(args)
     args.kv_heads, args.kv_heads_list = (",".join(map(str, counts)) if counts else None), None
-    if is_vit(args.ckpt, args.revision, args.tier):  # a MatViT: images, not text
-        return run_vit(args)
+    tiers = parse_int_list(args.tiers, "--tiers") if args.tiers else None
+    layer_tiers = int_list(args.layer_tiers, "--layer-tiers")
+    # SRC resolved once; of a multi-tier repo, the folder holding the widest tier asked for.
+    pick = (WidthRequest(tier=min(tiers)) if tiers and args.tier is None and layer_tiers is None
+            else WidthRequest(tier=args.tier, layer_tiers=layer_tiers))
+    source = resolve_source(args.ckpt, request=pick, revision=args.revision, companions=True)
+    check_loadable(source.family, source.describe())
+    by_task = {CAUSAL_LM: _run_text, IMAGE_CLASSIFICATION: run_vit}
+    if source.family.task not in by_task:
+        raise ConfigError(f"{source.describe()}: matformer cannot evaluate a "
+                          f"{source.family.task} model")
+    return by_task[source.family.task](args, source)
+
+
+def _run_text(args: argparse.Namespace, source: Source) -> int:
     if args.compare:
-        run_compare(args)
+        run_compare(args, source)
         return 0
     run_eval(
-        args.ckpt, json_out="-" if args.json else args.json_out, plot=args.plot,
+        source, json_out="-" if args.json else args.json_out, plot=args.plot,
         revision=args.revision, tier=args.tier, data=args.data,
         layer_tiers=int_list(args.layer_tiers, "--layer-tiers"),
         uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         plans=[parse_int_list(w, "--widths") for w in args.widths or []],
         mix_n_match=not args.no_mix, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        kv_heads=counts,
+        kv_heads=int_list(args.kv_heads, "--kv-heads"),  # every count (run joined them)
         layer_kv_heads=[parse_int_list(h, "--layer-kv-heads") for h in args.layer_kv_heads or []]
         or None,
         batch_size=args.batch_size, decode=not args.no_decode,
@@ -193,4 +214,44 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype,
         progress=lambda msg: print(msg, file=sys.stderr),
     )
+    return 0
+
+
+# Flags that only mean something for text, and their unset values.
+_TEXT_ONLY = {"compare": None, "layer_kv_heads": None, "layer_tiers": None, "seq_len": None,
+              "max_tokens": None, "compile": False, "dtype": None}
+
+
+def run_vit(args: argparse.Namespace, source: Source, out: TextIO | None = None) -> int:
+    """`matformer eval` of an image classifier (MatViT): top-1, agreement, retrieval, speed."""
+    from matformer.evaluation.vision import (
+        evaluate_checkpoint,  # torch: imported only when a command runs
+    )
+
+    out = out or sys.stdout
+    for key, unset in _TEXT_ONLY.items():
+        if getattr(args, key, unset) != unset:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to a MatViT checkpoint")
+    protect = [*source.inputs(), args.data]
+    check_report_paths(None if args.json else args.json_out, args.plot, protect)
+    tiers = parse_int_list(args.tiers, "--tiers") if args.tiers else None
+    if tiers is None and args.tier is not None:
+        tiers = [args.tier]
+    print(f"evaluating {args.ckpt} (MatViT) ...", file=sys.stderr)
+    report = evaluate_checkpoint(
+        source, data=args.data, uniform_tiers=tiers,
+        plans=[parse_int_list(w, "--widths") for w in args.widths or []],
+        kv_heads=parse_int_list(args.kv_heads, "--kv-heads") if args.kv_heads else None,
+        mix_n_match=not args.no_mix, device=args.device)
+    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    if args.json:
+        out.write(text)
+    else:
+        out.write(format_vit_report(report) + "\n")
+        if args.json_out is not None:
+            write_report(args.json_out, text, protect)
+    if args.plot is not None:
+        from matformer.evaluation.vision_plot import plot_vit_report  # matplotlib: optional
+
+        write_plot(plot_vit_report, report, args.plot, f"MatViT evaluation: {args.ckpt}", protect)
     return 0

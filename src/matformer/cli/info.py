@@ -4,7 +4,9 @@ Printed: stored and base FFN widths, the tier, runnable tiers, stored and base K
 parameters and dtype.
 
 SRC is a checkpoint folder, a .safetensors file, a Hub repo id (org/name[@revision]), or a
-multi-tier repo written by `matformer slice --tiers` with --tier T (the folder holding tier T).
+multi-tier repo written by `matformer slice --tiers`: the repo and every tier it stores (widths,
+heads, parameters, files), or with --tier T the folder holding tier T. A Hugging Face Gemma 3n
+checkpoint: its layers, per-layer FFN widths, attention types, KV sharing and parameters.
 Only config.json and the safetensors headers are read; no tensor data, no torch import.
 """
 
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from matformer.io.checkpoint import checkpoint_info
-from matformer.io.source import source_family
+from matformer.io.checkpoint import checkpoint_info, repo_info
+from matformer.io.source import TierRepo, resolve_any
 from matformer.models.registry import GEMMA3N
+from matformer.slicing.gemma3n.info import format_info as format_gemma3n_info
+from matformer.slicing.gemma3n.info import gemma3n_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +50,22 @@ def _heads(info: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if source_family(args.src, revision=args.revision) == GEMMA3N:
-        from matformer.cli.gemma3n import run_info
-
-        return run_info(args)
-    info = checkpoint_info(args.src, revision=args.revision, tier=args.tier)
-    if args.json:
-        print(json.dumps(info, indent=2))
+    found = resolve_any(args.src, tier=args.tier, revision=args.revision)  # SRC resolved once
+    if isinstance(found, TierRepo):
+        info = repo_info(found)
+        print(json.dumps(info, indent=2) if args.json else format_repo(info))
         return 0
+    if found.family is GEMMA3N:
+        info = gemma3n_info(found)
+        print(json.dumps(info, indent=2) if args.json else format_gemma3n_info(info))
+        return 0
+    info = checkpoint_info(found)
+    print(json.dumps(info, indent=2) if args.json else format_checkpoint(info))
+    return 0
+
+
+def format_checkpoint(info: dict[str, Any]) -> str:
+    """The text `matformer info` prints for one checkpoint (`checkpoint_info`)."""
     base = info["matformer_base_intermediate_size"]
     tier = info["matformer_tier"]
     widths = info["stored_widths"]
@@ -68,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "runtime tiers    " + ", ".join(f"{t} (width {w})" for t, w in
                                          zip(info["runnable_tiers"], info["runnable_widths"], strict=True)),
         f"KV heads         {_heads(info)}",
-        f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, "
-        + (f"MatViT: {info['image_size']}px images, patch {info['patch_size']}, "
-           f"{info['num_channels']} channel(s), {info['num_labels']} classes"
-           if info.get("model_type") == "vit" else f"vocab {info['vocab_size']}")
+        f"layers x hidden  {info['num_hidden_layers']} x {info['hidden_size']}, {info['summary']}"
         + (", tied embeddings" if info["tie_word_embeddings"] else ""),
         f"parameters       {n['total']:,} ({n['embedding']:,} embedding, "
         f"{n['non_embedding']:,} non-embedding)",
@@ -79,5 +89,32 @@ def run(args: argparse.Namespace) -> int:
         f"files            {len(info['files'])}, {_size(sum(f['size'] for f in info['files']))}",
     ]
     lines += [f"  {f['name']:<40} {_size(f['size']):>10}" for f in info["files"]]
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
+
+
+def format_repo(info: dict[str, Any]) -> str:
+    """The text `matformer info` prints for a multi-tier repo (`repo_info`): the repo, a table of
+    its tiers, then each tier as one checkpoint."""
+    tiers = info["tiers"]
+    lines = [
+        f"multi-tier repo  {info['folder']} ({info['manifest']})",
+        f"base width       {info['matformer_base_intermediate_size']}",
+        f"tiers            {len(tiers)}: " + ", ".join(str(t) for t in info["stored_tiers"]),
+        "",
+        "| tier | folder | width | KV heads | non-emb params | params | files | size |",
+        "|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for t in tiers:
+        kv = t["num_key_value_heads"]
+        n = t["num_parameters"]
+        lines.append(f"| {t['manifest_tier']} | {t['folder'].rsplit('/', 1)[-1]}/ | "
+                     f"{_widths(t['stored_widths'])} | {kv if isinstance(kv, int) else kv} | "
+                     f"{n['non_embedding']:,} | {n['total']:,} | {len(t['files'])} | "
+                     f"{_size(sum(f['size'] for f in t['files']))} |")
+    for t in tiers:
+        lines += ["", format_checkpoint(t)]
+    return "\n".join(lines)
+
+
+def _widths(widths: list[int]) -> str:
+    return str(widths[0]) if len(set(widths)) == 1 else ",".join(map(str, widths))

@@ -6,6 +6,9 @@ multi-tier repo with a manifest), and the attention heads with --kv-heads or --l
 --kv-heads pins them). Tensors stream one at a time: memory stays about one tensor.
 SRC may itself be a multi-tier repo: the tier folder that holds the widths asked for is used
 (--budget needs a plain checkpoint or one tier folder, e.g. REPO/tier-1).
+A Hugging Face Gemma 3n SRC (config.json model_type gemma3n / gemma3n_text) is sliced by its own
+rules (docs/GEMMA3N.md): --tier, --widths, --layer-tiers or a named row of --config-csv
+(--config-name), and --skip-layers; not --budget, --tiers or the head flags.
 
 examples:
   matformer slice runs/full -o runs/tier2 --tier 2
@@ -21,9 +24,11 @@ import argparse
 
 from matformer.cli.flags import add_width_flags, int_list, width_request
 from matformer.errors import ConfigError
-from matformer.io.source import source_family
+from matformer.io.source import COMPANION_FILES, Source
 from matformer.models.registry import GEMMA3N
-from matformer.slicing.extract import slice_checkpoint
+from matformer.slicing.extract import slice_checkpoint, slice_source
+from matformer.slicing.gemma3n.slicer import slice_gemma3n
+from matformer.slicing.gemma3n.source import COMPANION_FILES as GEMMA3N_COMPANIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,21 +54,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if source_family(args.src, revision=args.revision) == GEMMA3N:
-        from matformer.cli.gemma3n import run_slice
-
-        return run_slice(args)
+    # SRC resolved once, with what a slice of either kind carries; its family picks the slicer.
+    source = slice_source(args.src, args.revision, request=width_request(args),
+                          tiers=int_list(args.tiers, "--tiers"),
+                          companions=tuple(dict.fromkeys(COMPANION_FILES + GEMMA3N_COMPANIONS)))
+    if source.family is GEMMA3N:
+        return _run_gemma3n(args, source)
     if args.config_csv or args.config_name:
         raise ConfigError("--config-csv/--config-name apply to Gemma 3n checkpoints only")
     result = slice_checkpoint(
-        args.src,
+        source,
         args.output,
         **width_request(args).keywords(),
         budget=args.budget,
         skip_layers=int_list(args.skip_layers, "--skip-layers"),
         tiers=int_list(args.tiers, "--tiers"),
         max_shard_size=args.max_shard_size,
-        revision=args.revision,
+        log=print,
+    )
+    print(result.summary())
+    return 0
+
+
+def _run_gemma3n(args: argparse.Namespace, source: Source) -> int:
+    """The Gemma 3n half of `slice` (matformer.slicing.gemma3n)."""
+    for flag, value in (("--budget", args.budget), ("--tiers", args.tiers),
+                        ("--kv-heads", args.kv_heads), ("--layer-kv-heads", args.layer_kv_heads)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not available for Gemma 3n checkpoints; give --widths, "
+                              f"--layer-tiers, --tier or --config-csv/--config-name")
+    result = slice_gemma3n(
+        source,
+        args.output,
+        **width_request(args).ffn().keywords(),
+        skip_layers=int_list(args.skip_layers, "--skip-layers"),
+        config_csv=args.config_csv,
+        config_name=args.config_name,
+        max_shard_size=args.max_shard_size,
         log=print,
     )
     print(result.summary())

@@ -249,7 +249,7 @@ def _window_shape(model_or_ckpt: MatFormerLM | str | os.PathLike, data: Any, seq
     """(seq_len, windows): as asked; by default, on a checkpoint's own held-out split, the windows
     its training evaluated (its train_config.json), else data.HELDOUT_SEQ_LEN x HELDOUT_WINDOWS."""
     prepared = isinstance(data, (str, os.PathLike)) and token_files.is_prepared(data)
-    own = not isinstance(model_or_ckpt, MatFormerLM) and (data is None or prepared)
+    own = not isinstance(model_or_ckpt, torch.nn.Module) and (data is None or prepared)
     settings = training_settings(_checkpoint_folder(model_or_ckpt)) if own else {}  # type: ignore[arg-type]
     if data is not None and not _same_folder(data, settings.get("data")):
         settings = {}
@@ -270,7 +270,7 @@ def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: An
     """(windows (n, seq_len), a description of the data) for `evaluate`'s `data` argument."""
     if data is not None and not isinstance(data, (str, os.PathLike)):
         return _as_windows(data, seq_len, max_windows), "given token ids"
-    in_memory = isinstance(model_or_ckpt, MatFormerLM)
+    in_memory = isinstance(model_or_ckpt, torch.nn.Module)
     if data is not None and token_files.is_prepared(data):  # matformer prepare-data's token files
         tokenizer_file = None
         if tokenizer is None and not in_memory:  # the checkpoint's, checked against the folder's
@@ -352,12 +352,16 @@ def evaluate(
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
-    if not isinstance(model_or_ckpt, MatFormerLM):
+    if not isinstance(model_or_ckpt, torch.nn.Module):
         # One resolution (a multi-tier repo: the folder holding `tier`; the Hub: the tokenizer
         # too); every later use of `model_or_ckpt` reads this Source's folder.
         model_or_ckpt = resolve_source(
             model_or_ckpt, request=WidthRequest(tier=tier, layer_tiers=layer_tiers),
             companions=True)
+        if not model_or_ckpt.family.text:
+            raise ConfigError(f"{model_or_ckpt.describe()}: a {model_or_ckpt.family.name} "
+                              f"checkpoint ({model_or_ckpt.family.task}), not a text model; "
+                              f"`matformer eval` evaluates it as one")
     model, source = _model_to_evaluate(model_or_ckpt, device, dtype)
     if layer_tiers is not None:
         plans = [*(plans or []), model.resolve(WidthRequest(layer_tiers=layer_tiers)).widths]
@@ -398,7 +402,7 @@ def _heads_to_evaluate(model: MatFormerLM, model_or_ckpt: MatFormerLM | Source,
                        layer_kv_heads: Sequence[Sequence[int]] | None) -> Sequence[int] | None:
     """The uniform head counts to evaluate: as asked, or (nothing asked) `default_kv_heads`."""
     if kv_heads is None and layer_kv_heads is None:
-        own = None if isinstance(model_or_ckpt, MatFormerLM) else _checkpoint_folder(model_or_ckpt)
+        own = None if isinstance(model_or_ckpt, torch.nn.Module) else _checkpoint_folder(model_or_ckpt)
         kv_heads = default_kv_heads(model, own)
     return [kv_heads] if isinstance(kv_heads, int) else kv_heads
 
@@ -406,7 +410,7 @@ def _heads_to_evaluate(model: MatFormerLM, model_or_ckpt: MatFormerLM | Source,
 def _model_to_evaluate(model_or_source: MatFormerLM | Source, device: str | torch.device | None,
                        dtype: str | None) -> tuple[MatFormerLM, str]:
     """(the model in eval mode on `device` in `dtype`, a description of where it came from)."""
-    if isinstance(model_or_source, MatFormerLM):
+    if isinstance(model_or_source, torch.nn.Module):
         model = model_or_source
         if device is not None:
             model.to(device)

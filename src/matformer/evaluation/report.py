@@ -5,7 +5,7 @@ text. Torch-free: it reads fields, never tensors. (The `matformer generate` summ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from matformer.models.lm.shapes import format_count
 from matformer.tiers import describe_widths
@@ -88,4 +88,24 @@ def format_comparison(c: Comparison) -> str:
         cells = "  ".join(f"{c.losses[i][k]:>{colw}.4f}" for i in range(len(names)))
         lines.append(f"{t:>4}  {c.widths[k]:>5}  {format_count(c.non_embedding_params[k]):>14}  "
                      f"{cells}")
+    return "\n".join(lines)
+
+
+def format_vit_report(report: Any) -> str:
+    """The plain-text report of `matformer eval` of a MatViT (a `VisionEvalReport` or its dict):
+    a header and one row per width."""
+    d = report.to_dict() if hasattr(report, "to_dict") else report
+    lines = [f"{d['source']}: MatViT, {d['num_images']} held-out images ({d['data']}), "
+             f"{d['num_classes']} classes; reference (agreement, retrieval gallery): "
+             f"{d['reference']}, {d['threads']} threads",
+             "",
+             "| width | heads | non-emb params | top-1 | agreement with full | retrieval vs full "
+             "gallery | images/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        heads = r["kv_heads"]
+        h = str(heads[0]) if len(set(heads)) == 1 else ",".join(map(str, heads))
+        lines.append(f"| {r['name']} | {h} | {format_count(r['non_embedding_params'])} | "
+                     f"{r['top1']:.2%} | {r['agreement']:.2%} | {r['retrieval']:.2%} | "
+                     f"{r['images_per_s']:,.0f} |")
     return "\n".join(lines)

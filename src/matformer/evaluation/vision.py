@@ -36,6 +36,7 @@ from matformer.data.text import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, traini
 from matformer.errors import CheckpointError, DataError
 from matformer.io.checkpoint import load_model
 from matformer.io.source import Source, resolve_source
+from matformer.models.registry import IMAGE_CLASSIFICATION
 from matformer.models.vit.model import MatViT
 from matformer.tiers import describe_widths, mix_n_match_plans, runnable_tiers, uniform_tier
 
@@ -253,10 +254,10 @@ def evaluate_checkpoint(src: str | os.PathLike | Source, *, data: str | os.PathL
                         repeats: int = 2) -> VisionEvalReport:
     """`evaluate_vit` of a MatViT checkpoint on the held-out images its training used."""
     source = resolve_source(src, companions=True)
+    if source.family.task != IMAGE_CLASSIFICATION:
+        raise CheckpointError(f"{source.describe()}: not an image classifier (a {source.family.name} "
+                              f"checkpoint, model_type {source.config.to_dict().get('model_type')!r})")
     model = load_model(source, device=device)
-    if not isinstance(model, MatViT):
-        raise CheckpointError(f"{source.describe()}: not a MatViT checkpoint (model_type "
-                              f"{source.config.to_dict().get('model_type')!r})")
     heldout = checkpoint_heldout(source, model, data)
     report = evaluate_vit(model, heldout, uniform_tiers=uniform_tiers, plans=plans,
                           kv_heads=kv_heads, mix_n_match=mix_n_match, batch_size=batch_size,

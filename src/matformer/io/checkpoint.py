@@ -9,6 +9,10 @@
 - `write_checkpoint(out_dir, config, specs, produce)`: the streaming writer (one tensor in
   memory at a time); `save_model(model, out_dir)` is built on it.
 - `checkpoint_info(src)`: what `matformer info` prints; reads headers only, imports no torch.
+  `repo_info(repo)`: the same for a multi-tier repo and every tier in it.
+
+Whatever the model family, the family record (`models.registry`) says which tensors a config
+describes, which are per-layer, embedding or tied, and which model class to build.
 
 Writes are atomic per folder: everything goes into a temporary folder beside the target, is
 fsynced, then swapped in with one `renameat2(RENAME_EXCHANGE)` (the old folder stays complete
@@ -44,11 +48,9 @@ from matformer.io.layout import (
 )
 from matformer.io.manifest import MANIFEST_NAME
 from matformer.io.safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
-from matformer.io.source import Source, resolve_source
+from matformer.io.source import Source, TierRepo, resolve_source
 from matformer.io.swap import atomic_folder
-from matformer.models.lm.config import MatFormerConfig
-from matformer.models.registry import Config, expected_shapes
-from matformer.models.vit.config import MatViTConfig
+from matformer.models.registry import Config, expected_shapes, family_of_config, family_of_model
 from matformer.tiers import (
     WidthRequest,
     runnable_kv_heads,
@@ -59,24 +61,21 @@ from matformer.tiers import (
 if TYPE_CHECKING:
     import torch
 
-    from matformer.models.lm.model import MatFormerLM
-    from matformer.models.vit.model import MatViT
-
 # Tensors of old transformers checkpoints that carry no weights (recomputed at run time).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_LAYER_RE = re.compile(r"^(?:model\.layers|vit\.encoder\.layer)\.(\d{1,9})\.")  # LM, MatViT
 _FLOAT_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 # ---- checking a checkpoint against its config ------------------------------------------
 
 
-def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, where: str,
+def check_shapes(found: Mapping[str, tuple[int, ...]], config: Config, where: str,
                   file_of: Callable[[str], str] | None = None) -> None:
     """Tensor names and shapes must be what config.json describes (spec §2 detection). The
     layer count is compared first, before anything proportional to the config's sizes is built."""
-    layers = {int(m.group(1)) for n in found if (m := _LAYER_RE.match(n))}
+    fam = family_of_config(config)
+    layers = {at[0] for n in found if (at := fam.layer_of(n)) is not None}
     on_disk = max(layers) + 1 if layers else 0
     if on_disk != config.num_hidden_layers:
         raise CheckpointError(f"{where}: config.json says num_hidden_layers="
@@ -103,8 +102,8 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], config: MatFormerConfig, 
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{where}: tensors {missing[:3]}{more} are missing from the "
                               f"checkpoint")
-    extra = [n for n in found if n not in want and not _IGNORED.search(n)
-             and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    tied = fam.tied if config.tie_word_embeddings else {}
+    extra = [n for n in found if n not in want and not _IGNORED.search(n) and n not in tied]
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         raise CheckpointError(f"{where}: unexpected tensors {extra[:3]}{more} (not part of a "
@@ -241,9 +240,9 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
                revision: str | None = None, device: Any = None, *,
                kv_heads: int | None = None, layer_kv_heads: Sequence[int] | None = None,
                allow_pickle: bool = False,
-               layer_tiers: Sequence[int] | None = None) -> MatFormerLM | MatViT:
-    """Config + weights -> `MatFormerLM` (or `MatViT` for a ViT config.json), without a second
-    copy of the weights.
+               layer_tiers: Sequence[int] | None = None) -> torch.nn.Module:
+    """Config + weights -> the model of the family config.json describes (`MatFormerLM`,
+    `MatViT`, ...), without a second copy of the weights.
 
     `tier` (absolute: width = base >> tier), `layer_tiers` or `widths` selects the active width
     (one `tiers.WidthRequest` with the heads), `kv_heads` /
@@ -252,9 +251,6 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     floating-point weights (default: as stored). `src`: anything `io.source.resolve_source`
     takes (of a multi-tier repo only the folder of the tier asked for is fetched and checked)."""
     import torch
-
-    from matformer.models.lm.model import MatFormerLM
-    from matformer.models.vit.model import MatViT
 
     request = WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths, kv_heads=kv_heads,
                            layer_kv_heads=layer_kv_heads)
@@ -288,23 +284,30 @@ def load_model(src: str | os.PathLike | Source, tier: int | None = None,
     for k, v in sd.items():
         if v.dtype != target:
             sd[k] = v.to(target)
-    if config.tie_word_embeddings:
-        # One tensor on disk; the model holds it under both names.
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    fam = family_of_config(config)
+    tied = fam.tied if config.tie_word_embeddings else {}
+    for name, shared in tied.items():  # one tensor on disk; the model holds it under both names
+        sd[name] = sd[shared]
     config.torch_dtype = str(target).removeprefix("torch.")
     with torch.device("meta"), _SkipMetaInit():
-        model = (MatViT if isinstance(config, MatViTConfig) else MatFormerLM)(config)
+        model = fam.model_class()(config)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:  # already shape-checked; keep the message short anyway
         raise CheckpointError(f"{layout.folder}: {str(e).splitlines()[0]}") from None
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, shared in tied.items():  # assign=True gave each name its own Parameter: tie again
+        _set_parameter(model, name, model.get_parameter(shared))
     if device is not None:
         model.to(device)
     if request:
         model.apply(request)
     return model
+
+
+def _set_parameter(model: Any, name: str, param: Any) -> None:
+    """model.<name> = param, for a dotted parameter name."""
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, param)
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -437,7 +440,7 @@ def _write_extra(folder: Path, extra_files: Mapping[str, str | os.PathLike | byt
     return names
 
 
-def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
+def write_checkpoint(out_dir: str | os.PathLike, config: Config,
                      specs: Sequence[tuple[str, str, Sequence[int]]],
                      produce: Callable[[str], torch.Tensor], max_shard_size: int | str = "5GB",
                      extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
@@ -451,8 +454,8 @@ def write_checkpoint(out_dir: str | os.PathLike, config: MatFormerConfig,
     always set.
     Atomic: the folder holds the old checkpoint or the new one, never a mix."""
     specs = [(n, st_dtype(d), tuple(int(x) for x in s)) for n, d, s in specs]
-    if config.tie_word_embeddings:
-        specs = [s for s in specs if s[0] != "lm_head.weight"]  # tied: written once
+    if config.tie_word_embeddings:  # tied: written once
+        specs = [s for s in specs if s[0] not in family_of_config(config).tied]
     check_shapes({n: s for n, _, s in specs}, config, str(out_dir))
     config = type(config).from_dict(config.to_dict())  # a copy; tier recomputed below
     floats = {d for n, d, _ in specs if d in _FLOAT_ST}
@@ -506,7 +509,7 @@ def _unwrap(model: Any) -> Any:
             return model
 
 
-def save_model(model: MatFormerLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+def save_model(model: Any, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
                extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Path:
     """Save config.json + safetensors (sharded above `max_shard_size`, decimal units).
 
@@ -517,7 +520,8 @@ def save_model(model: MatFormerLM, out_dir: str | os.PathLike, max_shard_size: i
     config = model.config.with_widths(model.stored_widths).with_kv_heads(model.stored_kv_heads)
     sd = model.state_dict()
     if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+        for name in family_of_model(model).tied:
+            sd.pop(name, None)
     specs = [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in sd.items()]
     return write_checkpoint(out_dir, config, specs, sd.__getitem__, max_shard_size, extra_files)
 
@@ -528,14 +532,32 @@ def save_model(model: MatFormerLM, out_dir: str | os.PathLike, max_shard_size: i
 def checkpoint_info(src: str | os.PathLike | Source, revision: str | None = None, *,
                     tier: int | None = None) -> dict[str, Any]:
     """Everything `matformer info` shows, from config.json and the safetensors headers (no
-    tensor data is read, torch is not imported). `tier` picks the folder of a multi-tier repo.
-    Raises CheckpointError/ConfigError on any inconsistency a load would refuse."""
-    return consistent_read(lambda: _info(src, revision, tier), src)
+    tensor data is read, torch is not imported). `tier` picks the folder of a multi-tier repo
+    (without it, see `repo_info`). Raises CheckpointError/ConfigError on any inconsistency a
+    load would refuse."""
+    return consistent_read(lambda: _info(resolve_source(src, tier=tier, revision=revision)), src)
 
 
-def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | None) -> dict[str, Any]:
-    source = resolve_source(src, tier=tier, revision=revision)
+def repo_info(repo: TierRepo) -> dict[str, Any]:
+    """`matformer info` of a multi-tier repo: its manifest (base width, tiers) and, per stored
+    tier, `checkpoint_info` of its folder (widths, heads, parameters, files)."""
+    tiers = [consistent_read(lambda t=t: _info(repo.tier_source(t)), repo.spec)
+             for t in sorted(repo.manifest.tiers)]
+    return {
+        "source": repo.spec,
+        "folder": str(repo.root),
+        "revision": repo.revision,
+        "multi_tier": True,
+        "manifest": MANIFEST_NAME,
+        "matformer_base_intermediate_size": repo.manifest.base_intermediate_size,
+        "stored_tiers": sorted(repo.manifest.tiers),
+        "tiers": tiers,
+    }
+
+
+def _info(source: Source) -> dict[str, Any]:
     layout, config = source.layout, source.config
+    fam = family_of_config(config)
     if layout.pickle:
         raise CheckpointError(f"{layout.folder}: only pickle (.bin) weights; matformer reads "
                               f"safetensors (pickles can run code when loaded)")
@@ -543,12 +565,10 @@ def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | Non
         tensors = ck.tensors
     check_shapes({n: t.shape for n, t in tensors.items()}, config, str(layout.folder),
                   lambda n: ck.where[n])
-    vit = isinstance(config, MatViTConfig)  # embedding: patches/positions and the classifier
-    emb = sum(t.numel for n, t in tensors.items()
-              if (vit and n.startswith(("vit.embeddings.", "classifier.")))
-              or n == "model.embed_tokens.weight" or (n == "lm_head.weight" and not config.tie_word_embeddings))
-    total = sum(t.numel for n, t in tensors.items() if not _IGNORED.search(n)
-                and not (n == "lm_head.weight" and config.tie_word_embeddings))
+    tied = fam.tied if config.tie_word_embeddings else {}
+    counted = {n: t for n, t in tensors.items() if not _IGNORED.search(n) and n not in tied}
+    emb = sum(t.numel for n, t in counted.items() if fam.is_embedding(n))
+    total = sum(t.numel for t in counted.values())
     dtypes = sorted({t.dtype for t in tensors.values()})
     widths = config.layer_widths
     base = config.base
@@ -561,6 +581,7 @@ def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | Non
         "source": source.spec,
         "folder": str(layout.folder),
         "revision": source.revision,
+        "family": fam.name,
         "manifest_tier": source.tier_entry.tier if source.tier_entry is not None else None,
         "intermediate_size": config.intermediate_size,
         "matformer_base_intermediate_size": base,
@@ -581,7 +602,6 @@ def _info(src: str | os.PathLike | Source, revision: str | None, tier: int | Non
         "tie_word_embeddings": config.tie_word_embeddings,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
-        "vocab_size": getattr(config, "vocab_size", None),
-        **({"model_type": "vit", "image_size": config.image_size, "patch_size": config.patch_size,
-            "num_channels": config.num_channels, "num_labels": config.num_labels} if vit else {}),
+        "summary": fam.summary(config) if fam.summary is not None else fam.name,
+        **(fam.info(config) if fam.info is not None else {}),
     }

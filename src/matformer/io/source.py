@@ -13,11 +13,12 @@ and returns one `Source`: the local folder, its weight files (`Layout`), the par
 tokenizer file if there is one, the manifest entry for a multi-tier repo, the Hub commit. Every
 verb and every public loading function goes through it. Torch is never imported here.
 
-A Hugging Face Gemma 3n checkpoint (`families.GEMMA3N`) resolves too, folder or Hub id, with
-`family` set and no parsed config (matformer.slicing.gemma3n reads its config.json itself): its files
-are fetched as for ours (config, index, shards, and the companions the caller names).
-`source_family(src)` tells which family SRC is from config.json alone, so a verb can hand a
-Gemma 3n SRC to matformer.slicing.gemma3n before anything else is downloaded.
+Every `Source` carries its model family (`Source.family`, a `models.registry.Family` found from
+config.json), so a verb resolves SRC once and dispatches on it. A Hugging Face Gemma 3n
+checkpoint (`registry.GEMMA3N`) resolves too, folder or Hub id, with no parsed config
+(matformer.slicing.gemma3n reads its config.json itself): its files are fetched as for ours
+(config, index, shards, and the companions the caller names). `read_config_file(path)` reads one
+config.json as its family's config.
 
 Where the tokenizer lives: beside the weights, in the same folder (`Source.folder`). `slice
 --tiers` copies it into each tier folder, where the manifest lists (and hashes) it.
@@ -31,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from matformer.errors import CheckpointError, ConfigError, DataError, MatFormerError, TierError
+from matformer.errors import CheckpointError, ConfigError, DataError, TierError
 from matformer.io.files import is_regular, read_json
 from matformer.io.folder import Folder
 from matformer.io.gguf_source import gguf_checkpoint
@@ -39,9 +40,9 @@ from matformer.io.hub import download, fetch_weights, is_repo_id, snapshot_commi
 from matformer.io.layout import CONFIG_NAME, Layout, resolve_files
 from matformer.io.manifest import MANIFEST_NAME, Manifest, TierEntry, read_manifest, verify_file
 from matformer.models.registry import (
-    GEMMA3N,
     LM,
     Config,
+    Family,
     check_loadable,
     config_from_dict,
     family_of,
@@ -83,8 +84,9 @@ class Source:
     listed: frozenset[str] | None = None
     """Multi-tier repo: the file names the manifest lists (and that were hash-checked) in the
     tier folder; nothing else in it is read. None: no such restriction."""
-    family: str = LM
-    """What config.json describes (families.LM, VIT or GEMMA3N; GEMMA3N has no stored_config)."""
+    family: Family = LM
+    """The model family config.json describes (one matformer does not load, e.g. Gemma 3n, has
+    no stored_config)."""
 
     @property
     def config_path(self) -> Path:
@@ -163,40 +165,57 @@ def _parsed(obj: Any, path: Path) -> Config:
     return cfg
 
 
-def read_config(path: Path, folder: Folder | None = None) -> Config | None:
-    """config.json of a checkpoint (read through `folder` when given), its tier label checked
-    against its sizes; None if absent (a bare state dict can still be loaded; a model cannot)."""
-    obj = _config_json(path, folder)
-    return None if obj is None else _parsed(obj, path)
+def read_config_file(path: str | os.PathLike, expect: type[Config] | None = None) -> Config:
+    """A config.json file (a regular file, strict JSON; see io.files.read_json) as the config of
+    the family it describes (or, given `expect`, as that config class), its tier label checked;
+    errors name the file."""
+    p = Path(path)
+    obj = read_json(p, error=ConfigError)
+    if expect is None:
+        return _parsed(obj, p)
+    cfg = expect.from_dict(obj, source=str(p))
+    cfg.check_tier_label(source=str(p))
+    return cfg
 
 
-def _config_and_family(path: Path, folder: Folder | None = None) -> tuple[Config | None, str]:
-    """(config, family): a Gemma 3n config.json is left to matformer.slicing.gemma3n (config None)."""
+def _config_and_family(path: Path, folder: Folder | None = None) -> tuple[Config | None, Family]:
+    """(config, family): a family matformer does not load (Gemma 3n) is left to its own reader
+    (config None)."""
     obj = _config_json(path, folder)
     family = family_of(obj)
-    if obj is None or family == GEMMA3N:
+    if obj is None or not family.loadable:
         return None, family
     return _parsed(obj, path), family
 
 
-def source_family(src: str | os.PathLike | Source, *, revision: str | None = None) -> str:
-    """The family SRC's config.json declares (families.LM, VIT or GEMMA3N), reading only that
-    file (a Hub repo: downloading only it). LM where there is none (a multi-tier repo, a bare
-    state dict) or it cannot be read locally: `resolve_source` then says what is wrong."""
-    if isinstance(src, Source):
-        return src.family
-    spec = os.fspath(src)
-    p = Path(spec)
-    if os.path.lexists(p):
-        path = p.parent / CONFIG_NAME if os.path.isfile(p) else p / CONFIG_NAME
-        try:
-            return family_of(read_json(path, error=ConfigError)) if is_regular(path) else LM
-        except MatFormerError:
-            return LM
-    if is_repo_id(spec) and not looks_local(spec):
-        config = _hub_config(spec, *split_revision(spec, revision))
-        return LM if config is None else family_of(read_json(config, error=ConfigError))
-    return LM
+@dataclass(frozen=True)
+class TierRepo:
+    """A multi-tier repo resolved without choosing a tier (`resolve_any`): its manifest, and
+    each tier's `Source` on demand (only that tier's files are fetched and checked)."""
+
+    spec: str
+    kind: str
+    """'folder' or 'hub'."""
+    root: Path
+    """The local folder holding the manifest (a Hub repo: its snapshot folder)."""
+    manifest: Manifest
+    repo_id: str | None = None
+    revision: str | None = None
+    """Hub: the commit the manifest came from (every tier is fetched at it)."""
+
+    def tier_source(self, tier: int) -> Source:
+        """The Source of the folder that stores `tier` (as `resolve_source(spec, tier=tier)`)."""
+        if self.repo_id is not None:
+            return _hub_multi_tier(self.spec, self.repo_id, self.revision, tier, None)
+        fo = Folder(self.root)
+        entry = self.manifest.pick(tier, None, source=self.spec)
+        return _tier_source(self.spec, "folder", self.root, fo.sub(entry.folder), self.manifest,
+                            entry)
+
+    def describe(self) -> str:
+        if self.repo_id is not None and self.revision and "@" not in self.spec:
+            return f"{self.spec}@{self.revision[:12]}"
+        return self.spec
 
 
 def _widest(widths: int | Sequence[int] | None) -> int | None:
@@ -224,15 +243,33 @@ def resolve_source(src: str | os.PathLike | Source, *, tier: int | None = None,
             raise TierError("give tier/widths or a request, not both")
         tier, widest = request.pick()
         widths = widest
+    found = _resolve(src, tier, _widest(widths), revision, companions, whole_repo=False)
+    assert isinstance(found, Source)
+    return found
+
+
+def resolve_any(src: str | os.PathLike | Source, *, tier: int | None = None,
+                revision: str | None = None,
+                companions: bool | Sequence[str] = False) -> Source | TierRepo:
+    """As `resolve_source`, except that a multi-tier repo given no `tier` is a `TierRepo` (its
+    manifest; each tier on demand) instead of an error: what `matformer info REPO` describes."""
+    if isinstance(src, Source):
+        return src
+    return _resolve(src, tier, None, revision, companions, whole_repo=tier is None)
+
+
+def _resolve(src: str | os.PathLike, tier: int | None, width: int | None, revision: str | None,
+             companions: bool | Sequence[str], whole_repo: bool) -> Source | TierRepo:
     spec = os.fspath(src)
     p = Path(spec)
     if os.path.lexists(p):
         folder = gguf_checkpoint(p)  # a .gguf SRC: its checkpoint folder, converted once
         if folder is not None:
-            return replace(_local(spec, folder, tier, _widest(widths)), kind="gguf")
-        return _local(spec, p, tier, _widest(widths))
+            found = _local(spec, folder, tier, width, whole_repo)
+            return replace(found, kind="gguf") if isinstance(found, Source) else found
+        return _local(spec, p, tier, width, whole_repo)
     if is_repo_id(spec) and not looks_local(spec):
-        return _hub(spec, revision, tier, _widest(widths), companions)
+        return _hub(spec, revision, tier, width, companions, whole_repo)
     raise CheckpointError(f"{spec}: no such file or folder (and not a Hub repo id like org/name)")
 
 
@@ -254,7 +291,8 @@ def looks_local(spec: str) -> bool:
     return os.path.lexists(name.split("/", 1)[0])
 
 
-def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:
+def _local(spec: str, p: Path, tier: int | None, width: int | None,
+           whole_repo: bool = False) -> Source | TierRepo:
     if os.path.isfile(p):
         if p.suffix not in (".safetensors", ".bin"):
             raise CheckpointError(f"{p}: not a folder or a .safetensors file")
@@ -269,6 +307,8 @@ def _local(spec: str, p: Path, tier: int | None, width: int | None) -> Source:
     fo = Folder(p)
     if fo.is_file(MANIFEST_NAME) and not fo.exists(CONFIG_NAME):
         manifest = read_manifest(p / MANIFEST_NAME, fo)
+        if whole_repo:
+            return TierRepo(spec, "folder", p, manifest)
         entry = manifest.pick(tier, width, source=spec)
         tier_dir = fo.sub(entry.folder)
         return _tier_source(spec, "folder", p, tier_dir, manifest, entry)
@@ -291,8 +331,9 @@ def _tier_source(spec: str, kind: str, root: Path, tier_dir: Folder, manifest: M
         raise CheckpointError(f"{tier_dir.path}: {', '.join(unlisted)} would be read but "
                               f"{MANIFEST_NAME} does not list (and hash) it; refusing files "
                               f"added to a tier folder after it was written")
-    return Source(spec, kind, tier_dir.path, layout, read_config(tier_dir.path / CONFIG_NAME, tier_dir),
-                  manifest=manifest, tier_entry=entry, listed=listed, **hub)
+    config, family = _config_and_family(tier_dir.path / CONFIG_NAME, tier_dir)
+    return Source(spec, kind, tier_dir.path, layout, config, manifest=manifest, tier_entry=entry,
+                  listed=listed, family=family, **hub)
 
 
 def _hub_config(spec: str, repo: str, rev: str | None) -> Path | None:
@@ -304,10 +345,14 @@ def _hub_config(spec: str, repo: str, rev: str | None) -> Path | None:
 
 
 def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
-         companions: bool | Sequence[str]) -> Source:
+         companions: bool | Sequence[str], whole_repo: bool = False) -> Source | TierRepo:
     repo, rev = split_revision(spec, revision)
     config = _hub_config(spec, repo, rev)
     if config is None:
+        if whole_repo:
+            path, commit = _hub_manifest(repo, rev)
+            return TierRepo(spec, "hub", path.parent, read_manifest(path, Folder(path.parent)),
+                            repo_id=repo, revision=commit)
         return _hub_multi_tier(spec, repo, rev, tier, width)
     commit = snapshot_commit(config, CONFIG_NAME, rev)
     fetched = fetch_weights(repo, config.parent, commit)
@@ -323,13 +368,18 @@ def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
                   family=family)
 
 
-def _hub_multi_tier(spec: str, repo: str, rev: str | None, tier: int | None,
-                    width: int | None) -> Source:
+def _hub_manifest(repo: str, rev: str | None) -> tuple[Path, str]:
+    """(the downloaded manifest of a Hub multi-tier repo, the commit it came from)."""
     path = download(repo, MANIFEST_NAME, rev, missing_ok=True)
     if path is None:
         raise CheckpointError(f"{repo}: the repo has no {CONFIG_NAME} (and no {MANIFEST_NAME}); "
                               f"it is not a matformer checkpoint")
-    commit = snapshot_commit(path, MANIFEST_NAME, rev)
+    return path, snapshot_commit(path, MANIFEST_NAME, rev)
+
+
+def _hub_multi_tier(spec: str, repo: str, rev: str | None, tier: int | None,
+                    width: int | None) -> Source:
+    path, commit = _hub_manifest(repo, rev)
     root = path.parent
     fo = Folder(root)
     manifest = read_manifest(path, fo)

@@ -1,95 +1,250 @@
-"""Model families: which config, architecture arithmetic and model a config.json describes.
+"""The model-family registry: one frozen `Family` record per family, found from config.json.
 
-Two families share the nesting machinery (tiers, views, checkpoints, training objectives):
-- the language model (`MatFormerConfig` / `MatFormerLM`, transformers' Llama layout), the default;
-- MatViT (`MatViTConfig` / `MatViT`, transformers' ViT layout), chosen by `model_type: "vit"`.
+Every stage (io, slicing, training, evaluation, cli) asks here instead of naming a family, so
+adding one is: its folder `models/<family>/` (a config subclassing `nesting.NestedConfig`, a
+model mixing in `nesting.WidthSetting`, its shape arithmetic), one `register(Family(...))`
+below, and its tests. Built in:
 
-A third family is read but not loaded: Hugging Face Gemma 3n (`model_type` `gemma3n` or
-`gemma3n_text`), which `matformer.slicing.gemma3n` slices and describes from its own config reader;
-`family_of` names it so the resolver can fetch its files and the verbs can hand it over, and
-asking for its config as one of ours is a one-line error.
+- `lm`: the language model (`MatFormerConfig` / `MatFormerLM`, transformers' Llama layout); the
+  default family, so a config.json of no known family is read as one (its reader then says
+  what is wrong with it);
+- `vit`: MatViT (`MatViTConfig` / `MatViT`, transformers' ViT layout), `model_type: "vit"`;
+- `gemma3n`: Hugging Face Gemma 3n (`model_type` `gemma3n` or `gemma3n_text`), read but not
+  loaded: `matformer.slicing.gemma3n` slices and describes it from its own config reader, and
+  asking for its config as one of ours is a one-line error (`check_loadable`).
 
-Loaders and writers ask here instead of naming one family, so detection has one rule. Torch-free.
+Torch-free: a record names its model class by dotted path and imports it only when asked
+(`Family.model_class()`), so `matformer info` never imports torch.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
+import importlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from matformer.errors import ConfigError
-from matformer.models.lm import shapes
-from matformer.models.lm.config import MatFormerConfig
-from matformer.models.vit import config as V
+from matformer.models.lm import config as lm_config
+from matformer.models.lm import shapes as lm_shapes
+from matformer.models.nesting import NestedConfig
+from matformer.models.vit import config as vit_config
 from matformer.models.vit.config import MatViTConfig
 
-Config = MatFormerConfig | MatViTConfig
-LM, VIT, GEMMA3N = "lm", "vit", "gemma3n"
-GEMMA3N_MODEL_TYPES = ("gemma3n", "gemma3n_text")
-"""Gemma3nForConditionalGeneration (multimodal) and Gemma3nForCausalLM (text-only)."""
+Config = NestedConfig
+"""The config of any loadable family."""
+Shapes = Callable[[Any, Sequence[int] | None, Sequence[int] | None], dict[str, tuple[int, ...]]]
+Counts = Callable[[Any, Sequence[int] | None, Sequence[int] | None], dict[str, int]]
+
+CAUSAL_LM = "causal-lm"
+"""Task of a text decoder: trained, evaluated and run by the language-model stages."""
+IMAGE_CLASSIFICATION = "image-classification"
+"""Task of an image encoder with a classifier (MatViT's training, evaluation and report)."""
 
 
-def is_vit(config_dict: Any) -> bool:
-    return V.is_vit_config(config_dict)
+@dataclass(frozen=True)
+class Family:
+    """What the stages need to know about one model family."""
+
+    name: str
+    """The family's name: `--arch`, `Source.family.name`, `family(name)`."""
+    model_types: tuple[str, ...]
+    """The config.json `model_type`s read as this family (the first is the one written)."""
+    architectures: tuple[str, ...] = ()
+    """Hugging Face `architectures` it writes: (uniform config, per-layer config)."""
+    config_class: type[NestedConfig] | None = None
+    """Its config (None: a family matformer reads but does not load)."""
+    model_path: str | None = None
+    """'module:Class' of its model, imported only by `model_class()` (torch)."""
+    task: str = CAUSAL_LM
+    """What the model does (`CAUSAL_LM`, `IMAGE_CLASSIFICATION`): which training loop,
+    evaluation and report the stages use for it."""
+    layer_prefix: str = ""
+    """Name prefix of per-layer tensors, followed by the layer index and a dot
+    ('model.layers.' -> 'model.layers.3.mlp.up_proj.weight')."""
+    embedding_prefixes: tuple[str, ...] = ()
+    """Tensor-name prefixes counted as embedding parameters (not in the paper's size measure)."""
+    tied: Mapping[str, str] = field(default_factory=dict)
+    """Tensors that `tie_word_embeddings` stores once: {tied name: name it shares}."""
+    shapes: Shapes | None = None
+    """`shapes(config, widths, kv_heads)`: every tensor of a checkpoint and its shape."""
+    counts: Counts | None = None
+    """`counts(config, widths, kv_heads)`: {'embedding', 'non_embedding', 'total', ...}."""
+    summary: Callable[[Any], str] | None = None
+    """One line of what the config describes beyond widths and heads (`matformer info`)."""
+    info: Callable[[Any], dict[str, Any]] | None = None
+    """Family-specific keys of `checkpoint_info`."""
+
+    @property
+    def loadable(self) -> bool:
+        return self.config_class is not None
+
+    @property
+    def text(self) -> bool:
+        """A text language model (tokenizer, generation, the LM evaluation)."""
+        return self.task == CAUSAL_LM
+
+    def model_class(self) -> type:
+        """The model class (imports it, and so torch)."""
+        if self.model_path is None:
+            raise ConfigError(f"the {self.name} family has no model in matformer")
+        module, _, name = self.model_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def layer_of(self, tensor: str) -> tuple[int, str] | None:
+        """(layer index, rest of the name) of a per-layer tensor, None for any other."""
+        m = _layer_re(self.layer_prefix).match(tensor) if self.layer_prefix else None
+        return None if m is None else (int(m.group(1)), m.group(2))
+
+    def layer_name(self, index: int, rest: str) -> str:
+        """The name of tensor `rest` of layer `index` (`layer_of`'s inverse)."""
+        return f"{self.layer_prefix}{index}.{rest}"
+
+    def is_embedding(self, tensor: str) -> bool:
+        return tensor.startswith(self.embedding_prefixes)
 
 
-def family_of(config_dict: Any) -> str:
-    """LM, VIT or GEMMA3N for a parsed config.json (anything unrecognised: LM, whose reader then
-    says what is wrong)."""
-    if isinstance(config_dict, dict) and config_dict.get("model_type") in GEMMA3N_MODEL_TYPES:
-        return GEMMA3N
-    return VIT if is_vit(config_dict) else LM
+def _layer_re(prefix: str) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(prefix)}(\d{{1,9}})\.(.+)$")
 
 
-def check_loadable(family: str, source: str) -> None:
-    """The one-line error for a family matformer reads but does not load or run."""
-    if family == GEMMA3N:
-        raise ConfigError(f"{source}: a Hugging Face Gemma 3n checkpoint; matformer slices and "
-                          f"describes it (`matformer slice`, `matformer info`, docs/GEMMA3N.md) "
-                          f"but does not load or run it")
+_FAMILIES: dict[str, Family] = {}
+DEFAULT = "lm"
+"""The family a config.json of no registered `model_type` is read as."""
 
 
-def config_from_dict(d: Any, source: str = "config.json") -> Config:
-    """The config a parsed config.json describes (`model_type: "vit"`: a MatViT; else the LM)."""
-    check_loadable(family_of(d), source)
-    if is_vit(d):
-        return MatViTConfig.from_dict(d, source=source)
-    return MatFormerConfig.from_dict(d, source=source)
+def register(fam: Family) -> Family:
+    """Add a family (a name or a model_type already taken is a bug: ValueError)."""
+    if fam.name in _FAMILIES:
+        raise ValueError(f"model family {fam.name!r} is already registered")
+    taken = {t for f in _FAMILIES.values() for t in f.model_types}
+    if taken & set(fam.model_types):
+        raise ValueError(f"model_type {sorted(taken & set(fam.model_types))} is already read by "
+                         f"another family")
+    _FAMILIES[fam.name] = fam
+    return fam
 
 
-def read_config_file(path: str | os.PathLike) -> Config:
-    """A checkpoint's config.json, as the config of its family (errors name the file)."""
+def unregister(name: str) -> None:
+    """Remove a family (tests that register a toy one)."""
+    if name == DEFAULT:
+        raise ValueError(f"the default family {name!r} cannot be removed")
+    _FAMILIES.pop(name, None)
+
+
+def families() -> list[Family]:
+    """Every registered family, in registration order."""
+    return list(_FAMILIES.values())
+
+
+def family(name: str) -> Family:
+    """The family called `name` (an unknown one is a one-line ConfigError)."""
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        d = None  # the family's own reader reports what is wrong with the file
-    check_loadable(family_of(d), os.fspath(path))
-    return (MatViTConfig if is_vit(d) else MatFormerConfig).from_json_file(path)
+        return _FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; one of "
+                          f"{', '.join(_FAMILIES)}") from None
 
 
-def expected_shapes(config: Config, widths: Sequence[int] | None = None,
+def family_of(config_dict: Any) -> Family:
+    """The family of a parsed config.json, by its `model_type` (none, or one no family reads:
+    the default family, whose reader then says what is wrong)."""
+    if isinstance(config_dict, dict):
+        mt = config_dict.get("model_type")
+        for fam in _FAMILIES.values():
+            if fam.name != DEFAULT and mt in fam.model_types:
+                return fam
+    return _FAMILIES[DEFAULT]
+
+
+def family_of_config(config: Any) -> Family:
+    """The family whose config class `config` is (subclasses included)."""
+    for fam in _FAMILIES.values():
+        if fam.config_class is not None and type(config) is fam.config_class:
+            return fam
+    for fam in _FAMILIES.values():
+        if fam.config_class is not None and isinstance(config, fam.config_class):
+            return fam
+    raise ConfigError(f"{type(config).__name__} is the config of no registered model family")
+
+
+def family_of_model(model: Any) -> Family:
+    """The family of a model (through its config; a DDP / compiled wrapper is looked through)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return family_of_config(getattr(getattr(model, "_orig_mod", model), "config", None))
+
+
+def check_loadable(fam: Family, source: str) -> None:
+    """The one-line error for a family matformer reads but does not load or run."""
+    if not fam.loadable:
+        raise ConfigError(f"{source}: a Hugging Face {fam.name} checkpoint; matformer slices and "
+                          f"describes it (`matformer slice`, `matformer info`) but does not load "
+                          f"or run it")
+
+
+def config_from_dict(d: Any, source: str = "config.json") -> NestedConfig:
+    """The config a parsed config.json describes, as its family's config class."""
+    fam = family_of(d)
+    check_loadable(fam, source)
+    assert fam.config_class is not None
+    return fam.config_class.from_dict(d, source=source)
+
+
+def expected_shapes(config: NestedConfig, widths: Sequence[int] | None = None,
                     kv_heads: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint of `config` at `widths`/`kv_heads` (default: as stored)."""
-    if isinstance(config, MatViTConfig):
-        return V.expected_shapes(config, None if widths is None else list(widths),
-                                 None if kv_heads is None else list(kv_heads))
-    return shapes.expected_shapes(config, widths, kv_heads)
+    fam = family_of_config(config)
+    assert fam.shapes is not None
+    return fam.shapes(config, None if widths is None else list(widths),
+                      None if kv_heads is None else list(kv_heads))
 
 
-def parameter_counts(config: Config, widths: Sequence[int] | None = None,
+def parameter_counts(config: NestedConfig, widths: Sequence[int] | None = None,
                      kv_heads: Sequence[int] | None = None) -> dict[str, int]:
-    """Parameter counts of `config` at `widths`/`kv_heads`; both families report `embedding`,
+    """Parameter counts of `config` at `widths`/`kv_heads`; every family reports `embedding`,
     `non_embedding` and `total` (MatViT also its classifier `head`)."""
-    if isinstance(config, MatViTConfig):
-        return V.parameter_counts(config, None if widths is None else list(widths),
-                                  None if kv_heads is None else list(kv_heads))
-    return shapes.parameter_counts(config, widths, kv_heads)
+    fam = family_of_config(config)
+    assert fam.counts is not None
+    return fam.counts(config, None if widths is None else list(widths),
+                      None if kv_heads is None else list(kv_heads))
 
 
-def non_embedding_parameters(config: Config, widths: Sequence[int] | None = None,
+def non_embedding_parameters(config: NestedConfig, widths: Sequence[int] | None = None,
                              kv_heads: Sequence[int] | None = None) -> int:
-    """The size the paper compares widths by, in either family."""
+    """The size the paper compares widths by, in any family."""
     return parameter_counts(config, widths, kv_heads)["non_embedding"]
+
+
+# ---- the built-in families ---------------------------------------------------------------------
+
+LM = register(Family(
+    name="lm", model_types=(lm_config.MODEL_TYPE,),
+    architectures=(lm_config.ARCHITECTURE, lm_config.NESTED_ARCHITECTURE),
+    config_class=lm_config.MatFormerConfig, model_path="matformer.models.lm.model:MatFormerLM",
+    task=CAUSAL_LM, layer_prefix="model.layers.",
+    embedding_prefixes=(lm_shapes.EMBEDDING, lm_shapes.LM_HEAD),
+    tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
+    shapes=lm_shapes.expected_shapes, counts=lm_shapes.parameter_counts,
+    summary=lambda c: f"vocab {c.vocab_size}", info=lambda c: {"vocab_size": c.vocab_size},
+))
+VIT = register(Family(
+    name="vit", model_types=(vit_config.MODEL_TYPE,),
+    architectures=(vit_config.ARCHITECTURE, vit_config.NESTED_ARCHITECTURE),
+    config_class=MatViTConfig, model_path="matformer.models.vit.model:MatViT",
+    task=IMAGE_CLASSIFICATION, layer_prefix=vit_config.LAYER_PREFIX,
+    embedding_prefixes=("vit.embeddings.", "classifier."),
+    shapes=vit_config.expected_shapes, counts=vit_config.parameter_counts,
+    summary=lambda c: (f"MatViT: {c.image_size}px images, patch {c.patch_size}, "
+                       f"{c.num_channels} channel(s), {c.num_labels} classes"),
+    info=lambda c: {"vocab_size": None, "model_type": vit_config.MODEL_TYPE,
+                    "image_size": c.image_size, "patch_size": c.patch_size,
+                    "num_channels": c.num_channels, "num_labels": c.num_labels},
+))
+GEMMA3N = register(Family(
+    name="gemma3n", model_types=("gemma3n", "gemma3n_text"),
+    architectures=("Gemma3nForConditionalGeneration", "Gemma3nForCausalLM"),
+))
+GEMMA3N_MODEL_TYPES = GEMMA3N.model_types
+"""Gemma3nForConditionalGeneration (multimodal) and Gemma3nForCausalLM (text-only)."""

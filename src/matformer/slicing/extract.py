@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,10 +46,13 @@ from matformer.io.manifest import MANIFEST_NAME, write_manifest
 from matformer.io.outputs import check_output_folder
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.io.tensors import ReadJob, TensorReader
-from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.shapes import format_count, parse_count
-from matformer.models.registry import expected_shapes, non_embedding_parameters
-from matformer.models.vit.config import MatViTConfig
+from matformer.models.registry import (
+    Config,
+    expected_shapes,
+    family_of_config,
+    non_embedding_parameters,
+)
 from matformer.tiers import (
     WidthRequest,
     check_heads_held,
@@ -67,9 +69,6 @@ from matformer.tiers import (
 # The paper's granularities: g = 4 widths, d_ff/8 .. d_ff (tiers 0..3).
 DEFAULT_GRANULARITIES = 4
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
 # ---- planning ------------------------------------------------------------------------------
 
 
@@ -77,8 +76,8 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 class SlicePlan:
     """What to write: output config, which source layers are kept (in order), their widths."""
 
-    source: MatFormerConfig
-    config: MatFormerConfig
+    source: Config
+    config: Config
     keep_layers: list[int]
     widths: list[int]
     explanation: str
@@ -100,7 +99,7 @@ class SlicePlan:
 
 
 def plan_budget(
-    config: MatFormerConfig,
+    config: Config,
     budget: int | str,
     *,
     skip_layers: Sequence[int] | None = None,
@@ -115,7 +114,7 @@ def plan_budget(
 
 
 def plan_budget_heads(
-    config: MatFormerConfig,
+    config: Config,
     budget: int | str,
     *,
     skip_layers: Sequence[int] | None = None,
@@ -192,7 +191,7 @@ def plan_budget_heads(
     return ws, hl, explanation
 
 
-def _uniform_lines(config: MatFormerConfig, cands: list[int], stored: list[int],
+def _uniform_lines(config: Config, cands: list[int], stored: list[int],
                    head_opts: list[list[int]], L: int) -> list[str]:
     lines = []
     for hl in head_opts:
@@ -218,7 +217,7 @@ def _span(a: int, b: int) -> str:
     return f"layer {a}" if a == b else f"layers {a}-{b}"
 
 
-def _keep_layers(config: MatFormerConfig, skip_layers: Sequence[int] | None) -> list[int]:
+def _keep_layers(config: Config, skip_layers: Sequence[int] | None) -> list[int]:
     n = config.num_hidden_layers
     if not skip_layers:
         return list(range(n))
@@ -235,7 +234,7 @@ def _keep_layers(config: MatFormerConfig, skip_layers: Sequence[int] | None) -> 
 
 
 def plan_slice(
-    source: MatFormerConfig,
+    source: Config,
     *,
     tier: int | None = None,
     widths: int | Sequence[int] | None = None,
@@ -268,7 +267,7 @@ def _request(tier: int | None, widths: int | Sequence[int] | None,
                         layer_kv_heads=layer_kv_heads)
 
 
-def _plan(source: MatFormerConfig, request: WidthRequest, budget: int | str | None,
+def _plan(source: Config, request: WidthRequest, budget: int | str | None,
           skip_layers: Sequence[int] | None, search_heads: bool) -> SlicePlan:
     """`plan_slice` for one width request (or a `budget` with the request's heads)."""
     keep = _keep_layers(source, skip_layers)
@@ -300,7 +299,7 @@ def _plan(source: MatFormerConfig, request: WidthRequest, budget: int | str | No
                      explanation=explanation, kv_heads=list(out_heads))
 
 
-def _out_widths(source: MatFormerConfig, keep: list[int], request: WidthRequest) -> list[int]:
+def _out_widths(source: Config, keep: list[int], request: WidthRequest) -> list[int]:
     """FFN widths of each kept layer for the FFN `request` (a per-layer list may name every
     source layer or only the kept ones); whether the source holds them is checked after."""
     n_keep = len(keep)
@@ -323,7 +322,7 @@ def _per_kept(lst: list[int], keep: list[int], n_src: int, name: str) -> list[in
     return lst
 
 
-def _out_heads(source: MatFormerConfig, keep: list[int], request: WidthRequest) -> list[int]:
+def _out_heads(source: Config, keep: list[int], request: WidthRequest) -> list[int]:
     """KV heads of each kept layer for the head `request` (default: as stored), each held by
     its source layer."""
     stored = [source.layer_kv_heads[i] for i in keep]
@@ -340,8 +339,8 @@ def _out_heads(source: MatFormerConfig, keep: list[int], request: WidthRequest) 
     return out
 
 
-def _explain(cfg: MatFormerConfig, out_widths: list[int], out_heads: list[int],
-             source: MatFormerConfig, keep: list[int]) -> str:
+def _explain(cfg: Config, out_widths: list[int], out_heads: list[int],
+             source: Config, keep: list[int]) -> str:
     t = cfg.stored_tier
     n_keep, n_src = len(keep), source.num_hidden_layers
     text = (f"tier {t}: width {out_widths[0]} in all {n_keep} layers" if t is not None
@@ -376,84 +375,48 @@ class TensorJob:
 def map_tensors(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[int]]]) -> list[TensorJob]:
     """Map the source's (name, dtype, shape) list (in file order) onto the output tensors.
 
-    Layers not kept are dropped; kept layers are renumbered 0..n-1 in order. FFN tensors of a
-    kept layer are cut to its output width and checked against the width the source config
-    says it stores (a mismatch names the tensor and both shapes)."""
-    if isinstance(plan.source, MatViTConfig):
-        return _map_by_shapes(plan, src_tensors)
+    Layers not kept are dropped; kept layers are renumbered 0..n-1 in order (the family's
+    per-layer names, `Family.layer_of`). Every nested tensor of every family is a prefix of one
+    dimension (FFN neurons; attention heads by KV group), so each output tensor is the source
+    tensor cut to the shape the output config expects: rows (a prefix of dim 0) or columns (of
+    dim 1). A source tensor is checked against the shape the source config says it stores (a
+    mismatch names the tensor and both shapes)."""
+    fam = family_of_config(plan.source)
     new_index = {src: j for j, src in enumerate(plan.keep_layers)}
-    stored = plan.source.layer_widths
-    h = plan.source.hidden_size
-    jobs: list[TensorJob] = []
-    for name, dtype, shape in src_tensors:
-        shape = tuple(int(d) for d in shape)
-        m = _LAYER_RE.match(name)
-        if m is None:
-            jobs.append(TensorJob(name, name, dtype, shape, shape, "copy"))
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        if i >= plan.source.num_hidden_layers:
-            raise CheckpointError(
-                f"tensor {name!r}: layer {i} does not exist in a model of "
-                f"{plan.source.num_hidden_layers} layers (config.json num_hidden_layers)"
-            )
-        if i not in new_index:
-            continue
-        j = new_index[i]
-        out_name = f"model.layers.{j}.{rest}"
-        s, w = stored[i], plan.widths[j]
-        if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            _expect(name, shape, (s, h))
-            jobs.append(TensorJob(out_name, name, dtype, shape, (w, h), "rows" if w < s else "copy"))
-        elif rest == "mlp.down_proj.weight":
-            _expect(name, shape, (h, s))
-            jobs.append(TensorJob(out_name, name, dtype, shape, (h, w), "cols" if w < s else "copy"))
-        elif rest in _ATTN_UNITS:
-            jobs.append(_attention_job(plan, i, j, rest, name, dtype, shape))
-        else:
-            jobs.append(TensorJob(out_name, name, dtype, shape, shape, "copy"))
-    return jobs
-
-
-_VIT_LAYER_RE = re.compile(r"^vit\.encoder\.layer\.(\d+)\.(.+)$")
-
-
-def _map_by_shapes(plan: SlicePlan, src_tensors: Sequence[tuple[str, str, Sequence[int]]]) -> list[TensorJob]:
-    """A MatViT (transformers' ViT names): every nested tensor is a prefix of dim 0 (FFN rows and
-    biases, query/key/value rows and biases) or of dim 1 (output.dense columns), so each output
-    shape is the one the output config expects (the source's were checked against its config)."""
-    new_index = {src: j for j, src in enumerate(plan.keep_layers)}
+    have = expected_shapes(plan.source)
     want = expected_shapes(plan.config)
     jobs: list[TensorJob] = []
     for name, dtype, shape in src_tensors:
         shape = tuple(int(d) for d in shape)
-        m = _VIT_LAYER_RE.match(name)
-        if m is not None and int(m.group(1)) not in new_index:
-            continue
-        out_name = name if m is None else f"vit.encoder.layer.{new_index[int(m.group(1))]}.{m.group(2)}"
-        out = want[out_name]
-        kind = "copy" if out == shape else ("rows" if out[0] < shape[0] else "cols")
-        jobs.append(TensorJob(out_name, name, dtype, shape, out, kind))
+        at = fam.layer_of(name)
+        out_name = name
+        if at is not None:
+            i, rest = at
+            if i >= plan.source.num_hidden_layers:
+                raise CheckpointError(
+                    f"tensor {name!r}: layer {i} does not exist in a model of "
+                    f"{plan.source.num_hidden_layers} layers (config.json num_hidden_layers)"
+                )
+            if i not in new_index:
+                continue
+            out_name = fam.layer_name(new_index[i], rest)
+        if name in have:
+            _expect(name, shape, have[name])
+        out = want.get(out_name, shape)
+        jobs.append(TensorJob(out_name, name, dtype, shape, out, _cut(name, shape, out)))
     return jobs
 
 
-# Attention tensors: (dim cut, per KV head: query heads (r) or one KV head) -> rows / columns.
-_ATTN_UNITS = {"self_attn.q_proj.weight": (0, True), "self_attn.k_proj.weight": (0, False),
-               "self_attn.v_proj.weight": (0, False), "self_attn.o_proj.weight": (1, True)}
-
-
-def _attention_job(plan: SlicePlan, i: int, j: int, rest: str, name: str, dtype: str,
-                   shape: tuple[int, ...]) -> TensorJob:
-    """Heads nest by KV group: g KV heads are rows [:g*r*hd] of q_proj, [:g*hd] of k/v_proj and
-    columns [:, :g*r*hd] of o_proj."""
-    dim, per_query = _ATTN_UNITS[rest]
-    src = plan.source
-    unit = src.head_dim * (src.group_size if per_query else 1)  # type: ignore[operator]
-    s, g, h = src.layer_kv_heads[i] * unit, plan.kv_heads[j] * unit, src.hidden_size
-    _expect(name, shape, (s, h) if dim == 0 else (h, s))
-    out = (g, h) if dim == 0 else (h, g)
-    kind = "copy" if g == s else ("rows" if dim == 0 else "cols")
-    return TensorJob(f"model.layers.{j}.{rest}", name, dtype, shape, out, kind)
+def _cut(name: str, shape: tuple[int, ...], out: tuple[int, ...]) -> str:
+    """'copy', 'rows' (a prefix of dim 0) or 'cols' (a prefix of dim 1 of a 2-D tensor)."""
+    if out == shape:
+        return "copy"
+    if len(out) == len(shape) and out[1:] == shape[1:] and out[0] < shape[0]:
+        return "rows"
+    if len(out) == len(shape) == 2 and out[0] == shape[0] and out[1] < shape[1]:
+        return "cols"
+    raise CheckpointError(f"tensor {name!r}: shape {list(shape)} cannot be cut to {list(out)} "
+                          f"(only a prefix of one dimension is nested)")
 
 
 def _expect(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
@@ -473,7 +436,7 @@ class SliceResult:
     `manifest` the manifest's path; the byte counts are then totals."""
 
     path: Path
-    config: MatFormerConfig | None
+    config: Config | None
     widths: list[int]
     keep_layers: list[int]
     explanation: str
@@ -511,6 +474,19 @@ def _open_source(src: str | os.PathLike | Source, revision: str | None,
     `request` asks for; tokenizer and companions fetched too) and its validated headers."""
     source = resolve_source(src, request=request, revision=revision, companions=True)
     return source, open_checked(source, "slicing")
+
+
+def slice_source(src: str | os.PathLike | Source, revision: str | None = None, *,
+                 request: WidthRequest | None = None, tiers: Sequence[int] | None = None,
+                 companions: Sequence[str] = COMPANION_FILES) -> Source:
+    """The source a slice of `request` (or of `tiers`) reads (of a multi-tier repo: the tier
+    folder holding the widest width asked for), with the `companions` a slice carries fetched.
+    `slice_checkpoint` takes the result as it is, so a caller that must know the family first
+    resolves SRC once."""
+    if tiers:
+        request = WidthRequest(tier=min(int(t) for t in tiers))
+    return resolve_source(src, request=request or WidthRequest(), revision=revision,
+                          companions=tuple(companions))
 
 
 def _file_order(ck: Checkpoint) -> list[tuple[str, str, tuple[int, ...]]]:

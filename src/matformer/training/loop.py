@@ -10,10 +10,13 @@ whose forward is collective) and writes a checkpoint. The final model goes to `o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matformer.errors import ConfigError
+from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, family
 from matformer.training import distributed, divergence, sharded, state
 from matformer.training.evaluation import evaluate_tiers, loss_table
 from matformer.training.metrics import TensorBoard, Throughput
@@ -43,10 +46,21 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult | VisionTrainResult:
     """Train (or resume) a MatFormer as `cfg` says; returns the final per-tier validation losses.
-    `cfg.arch == "vit"`: a MatViT (training.vision)."""
-    if cfg.arch == "vit":
-        return train_vit(cfg)
+    The loop is the one for the task of the family `cfg.arch` names (models.registry): a text
+    decoder here, an image classifier (MatViT) in training.vision."""
+    task = family(cfg.arch).task
+    if task not in _LOOPS:
+        raise ConfigError(f"arch {cfg.arch!r}: matformer cannot train a {task} model")
+    return _LOOPS[task](cfg)
+
+
+def _train_lm(cfg: TrainConfig) -> TrainResult:
     return distributed.run_in_group(cfg.device, lambda dist: _loop(prepare(cfg, dist)))
+
+
+_LOOPS: dict[str, Callable[[TrainConfig], Any]] = {CAUSAL_LM: _train_lm,
+                                                   IMAGE_CLASSIFICATION: train_vit}
+"""The training loop of each model task."""
 
 
 def _loop(run: Run) -> TrainResult:

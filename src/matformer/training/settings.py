@@ -22,6 +22,7 @@ from typing import Any
 from matformer.data import text as D
 from matformer.data.token_files import is_prepared
 from matformer.errors import CheckpointError, ConfigError, TierError
+from matformer.io.source import read_config_file
 from matformer.models.lm.config import MatFormerConfig
 from matformer.tiers import max_tier, width_of
 
@@ -207,7 +208,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
     overrides applied, validated as a config.json is. The vocabulary is the tokenizer's (a file's
     larger vocab_size is kept: rows to spare, e.g. padded for fast matmuls)."""
     if cfg.model_config is not None:
-        d = MatFormerConfig.from_json_file(cfg.model_config).to_dict()
+        d = read_config_file(cfg.model_config, MatFormerConfig).to_dict()
         what = cfg.model_config
         vocab_size = max(vocab_size, d["vocab_size"])
     else:

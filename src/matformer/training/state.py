@@ -25,7 +25,7 @@ from matformer.errors import CheckpointError
 from matformer.io.checkpoint import load_state_dict
 from matformer.io.hub import download
 from matformer.io.metadata import Fields, check_integer, check_number
-from matformer.io.source import resolve_source
+from matformer.io.source import read_config_file, resolve_source
 from matformer.models.lm.config import MatFormerConfig
 from matformer.training import sharded
 from matformer.training.distributed import Dist
@@ -271,7 +271,7 @@ def check_resume(cfg: TrainConfig, ckpt: Path, model_cfg: MatFormerConfig,
         # Resuming would write the weights of a longer run as this run's final model.
         raise CheckpointError(f"{ckpt}: the checkpoint is at step {state.step}, past --steps "
                               f"{cfg.steps}; resume with --steps {state.step} or more")
-    saved_model = type(model_cfg).from_json_file(ckpt / "config.json").to_dict()  # LM or MatViT
+    saved_model = read_config_file(ckpt / "config.json", type(model_cfg)).to_dict()  # LM or MatViT
     now_model = model_cfg.to_dict()
     mdiff = [k for k in now_model if saved_model.get(k) != now_model[k]
              and k not in ("dtype", "torch_dtype")]

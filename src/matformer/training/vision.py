@@ -45,6 +45,7 @@ from matformer.data.images import (
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_state_dict
 from matformer.io.outputs import check_output_folder
+from matformer.io.source import read_config_file
 from matformer.io.swap import check_save_target
 from matformer.models.vit.config import MatViTConfig, parameter_counts
 from matformer.models.vit.model import MatViT
@@ -85,7 +86,7 @@ def vit_model_config(cfg: TrainConfig, class_names: list[str] | None = None) -> 
     """The model the settings describe (preset or --model-config, overrides applied), validated
     as a config.json is; its labels are `class_names` (the data's classes) when given."""
     if cfg.model_config is not None:
-        d = MatViTConfig.from_json_file(cfg.model_config).to_dict()
+        d = read_config_file(cfg.model_config, MatViTConfig).to_dict()
         what = cfg.model_config
     else:
         d = MatViTConfig.from_preset(cfg.preset).to_dict()

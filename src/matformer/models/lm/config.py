@@ -18,49 +18,33 @@ Unknown keys are kept in `extra` and written back unchanged.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from matformer.errors import ConfigError
-from matformer.io.files import read_json
 from matformer.models.lm.numerics import check_numerics_keys
-from matformer.tiers import uniform_tier, width_of
+from matformer.models.nesting import (
+    NESTED_KEYS,
+    REWRITTEN,
+    NestedConfig,
+    check_positive_int,
+    check_positive_number,
+    show_value,
+)
 
-_DTYPES = ("float32", "float16", "bfloat16")
+MODEL_TYPE = "llama"
+ARCHITECTURE = "LlamaForCausalLM"
+# A per-layer (Mix'n'Match or per-layer heads) config: our loader reads it, transformers' cannot.
+NESTED_ARCHITECTURE = "MatFormerForCausalLM"
 
-# Keys we own: read from and written to config.json by name. Everything else goes to `extra`.
-_KNOWN = {
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "rope_theta",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "torch_dtype",
-    "initializer_range",
-    "matformer_base_intermediate_size",
-    "matformer_tier",
-    "matformer_base_num_key_value_heads",
-}
-# Keys that we derive or rewrite on every write (not preserved from `extra`).
-_REWRITTEN = {"model_type", "architectures", "rope_parameters", "dtype", "transformers_version"}
+MAX_LAYERS = 100_000
+"""More layers than any model has: a config asking for more is damaged (nothing proportional to
+num_hidden_layers is allocated before this check)."""
 
 
 @dataclass
-class MatFormerConfig:
+class MatFormerConfig(NestedConfig):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int | list[int] = 11008
@@ -91,11 +75,20 @@ class MatFormerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Unknown config.json keys, kept for the round trip."""
 
+    MODEL_TYPE: ClassVar[str] = MODEL_TYPE
+    KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS | {
+        "vocab_size", "hidden_size", "num_key_value_heads", "max_position_embeddings",
+        "rms_norm_eps", "rope_theta", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+        "pad_token_id"}
+    REWRITTEN: ClassVar[frozenset[str]] = REWRITTEN | {"rope_parameters"}
+    REQUIRED: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_hidden_layers",
+                                           "num_attention_heads", "intermediate_size")
+
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = copy.copy(self.num_attention_heads)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
-            _positive_int(key, getattr(self, key))
+            check_positive_int(key, getattr(self, key))
         if self.num_hidden_layers > MAX_LAYERS:
             raise ConfigError(f"num_hidden_layers={self.num_hidden_layers} is over the limit of "
                               f"{MAX_LAYERS} layers; the config is damaged or not a model's")
@@ -111,58 +104,26 @@ class MatFormerConfig:
                     f"{self.num_attention_heads}; change one of them or set head_dim explicitly"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        _positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        self._check_heads()
-        if isinstance(self.intermediate_size, (list, tuple)):
-            sizes = list(self.intermediate_size)
-            if len(sizes) != self.num_hidden_layers:
-                raise ConfigError(
-                    f"intermediate_size has {len(sizes)} entries but num_hidden_layers="
-                    f"{self.num_hidden_layers}; a per-layer list needs one width per layer"
-                )
-            for i, s in enumerate(sizes):
-                _positive_int(f"intermediate_size[{i}]", s)
-            self.intermediate_size = sizes
-            if all(s == sizes[0] for s in sizes) and len(sizes) > 0:
-                # A uniform list is an int: keeps the config loadable by transformers.
-                self.intermediate_size = sizes[0]
-        else:
-            _positive_int("intermediate_size", self.intermediate_size)
-        if self.matformer_base_intermediate_size is None:
-            self.matformer_base_intermediate_size = max(self.layer_widths)
-        _positive_int("matformer_base_intermediate_size", self.matformer_base_intermediate_size)
-        base = self.matformer_base_intermediate_size
-        for i, w in enumerate(self.layer_widths):
-            if w > base:
-                raise ConfigError(
-                    f"intermediate_size of layer {i} is {w}, wider than "
-                    f"matformer_base_intermediate_size={base}"
-                )
-        if self.matformer_tier is not None:
-            _nonneg_int("matformer_tier", self.matformer_tier)
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        self._check_groups()
+        self.intermediate_size = self._per_layer("intermediate_size")
+        self._check_nested()
         self.rope_theta = float(self.rope_theta)
-        if self.torch_dtype not in _DTYPES:
-            raise ConfigError(f"torch_dtype={_show(self.torch_dtype)} is not one of {_DTYPES}")
 
     def _check_scalars(self) -> None:
         """Types and ranges of the non-size keys: a wrong type is refused, never coerced (a
         string "false" is true in Python; Infinity is no epsilon)."""
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"tie_word_embeddings must be true or false, got "
-                              f"{_show(self.tie_word_embeddings)}")
+                              f"{show_value(self.tie_word_embeddings)}")
         for key in ("rms_norm_eps", "rope_theta"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ConfigError(f"{key} must be a positive finite number, got {_show(v)}")
+            check_positive_number(key, getattr(self, key))
         v = self.initializer_range
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-            raise ConfigError(f"initializer_range must be a non-negative finite number, got {_show(v)}")
+            raise ConfigError(f"initializer_range must be a non-negative finite number, got "
+                              f"{show_value(v)}")
         for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
             v = getattr(self, key)
             ids = v if key == "eos_token_id" and isinstance(v, list) else [v]
@@ -172,24 +133,10 @@ class MatFormerConfig:
                               for i in ids):
                 what = "a token id or a list of them" if key == "eos_token_id" else "a token id"
                 raise ConfigError(f"{key} must be {what} (a non-negative integer) or null, got "
-                                  f"{_show(v)}")
+                                  f"{show_value(v)}")
 
-    def _per_layer(self, key: str) -> int | list[int]:
-        """A head count as stored: an int, or a per-layer list (a uniform list becomes an int, so
-        the config stays loadable by transformers)."""
-        v = getattr(self, key)
-        if isinstance(v, (list, tuple)):
-            vals = list(v)
-            if len(vals) != self.num_hidden_layers:
-                raise ConfigError(f"{key} has {len(vals)} entries but num_hidden_layers="
-                                  f"{self.num_hidden_layers}; a per-layer list needs one per layer")
-            for i, x in enumerate(vals):
-                _positive_int(f"{key}[{i}]", x)
-            return vals[0] if all(x == vals[0] for x in vals) else vals
-        _positive_int(key, v)
-        return v
-
-    def _check_heads(self) -> None:
+    def _check_groups(self) -> None:
+        """The query heads per KV head (r) divide evenly and are the same in every layer."""
         heads, kv = self.layer_heads, self.layer_kv_heads
         ratios = set()
         for i, (nh, g) in enumerate(zip(heads, kv, strict=True)):
@@ -201,26 +148,11 @@ class MatFormerConfig:
         if len(ratios) > 1:
             raise ConfigError(f"num_attention_heads / num_key_value_heads must be the same in every "
                               f"layer (query heads per KV head), got {sorted(ratios)}")
-        if self.matformer_base_num_key_value_heads is None:
-            self.matformer_base_num_key_value_heads = max(kv)
-        _positive_int("matformer_base_num_key_value_heads", self.matformer_base_num_key_value_heads)
-        for i, g in enumerate(kv):
-            if g > self.matformer_base_num_key_value_heads:
-                raise ConfigError(f"num_key_value_heads of layer {i} is {g}, more than "
-                                  f"matformer_base_num_key_value_heads="
-                                  f"{self.matformer_base_num_key_value_heads}")
 
     def _varies(self) -> bool:
         return isinstance(self.num_key_value_heads, list)
 
     # ---- derived -------------------------------------------------------------------------
-
-    @property
-    def layer_kv_heads(self) -> list[int]:
-        """Stored KV heads of each layer."""
-        v = self.num_key_value_heads
-        assert v is not None
-        return list(v) if isinstance(v, list) else [v] * self.num_hidden_layers
 
     @property
     def layer_heads(self) -> list[int]:
@@ -233,12 +165,6 @@ class MatFormerConfig:
         """Query heads per KV head (r), the same in every layer."""
         return self.layer_heads[0] // self.layer_kv_heads[0]
 
-    @property
-    def base_kv_heads(self) -> int:
-        """G: the full number of KV heads (matformer_base_num_key_value_heads)."""
-        assert self.matformer_base_num_key_value_heads is not None
-        return self.matformer_base_num_key_value_heads
-
     def with_kv_heads(self, kv_heads: int | list[int]) -> MatFormerConfig:
         """A copy describing the same model storing `kv_heads` KV heads (int or per layer; the
         query heads follow: r per KV head); same base G and head_dim."""
@@ -249,49 +175,6 @@ class MatFormerConfig:
                                    else [g * r for g in kv_heads])
         new.__post_init__()
         return new
-
-    @property
-    def layer_widths(self) -> list[int]:
-        """Stored FFN width of each layer."""
-        if isinstance(self.intermediate_size, list):
-            return list(self.intermediate_size)
-        return [self.intermediate_size] * self.num_hidden_layers
-
-    @property
-    def base(self) -> int:
-        assert self.matformer_base_intermediate_size is not None
-        return self.matformer_base_intermediate_size
-
-    @property
-    def stored_tier(self) -> int | None:
-        """Tier of the stored widths, computed from the sizes (the rule of the spec §2)."""
-        return uniform_tier(self.base, self.layer_widths)
-
-    def check_tier_label(self, source: str = "config.json") -> None:
-        """A `matformer_tier` read from a file must agree with the stored sizes."""
-        if self.matformer_tier is None:
-            return
-        actual = self.stored_tier
-        if actual != self.matformer_tier:
-            what = f"tier {actual}" if actual is not None else "no uniform tier"
-            raise ConfigError(
-                f"{source}: matformer_tier={self.matformer_tier} disagrees with the stored sizes "
-                f"(intermediate_size={self.intermediate_size}, matformer_base_intermediate_size="
-                f"{self.base}: that is {what}); fix or remove matformer_tier"
-            )
-
-    def check_tier(self, tier: int) -> int:
-        """Width of `tier` for this base, or a ConfigError naming the key."""
-        try:
-            return width_of(self.base, tier)
-        except ValueError as e:
-            raise ConfigError(f"matformer_base_intermediate_size: {e}") from None
-
-    @property
-    def dtype(self):
-        import torch
-
-        return getattr(torch, self.torch_dtype)
 
     def with_widths(self, widths: int | list[int]) -> MatFormerConfig:
         """A copy describing the same model storing `widths` (same base)."""
@@ -304,21 +187,19 @@ class MatFormerConfig:
 
     # ---- config.json ---------------------------------------------------------------------
 
+    def architecture(self) -> str:
+        uniform = isinstance(self.intermediate_size, int) and not self._varies()
+        return ARCHITECTURE if uniform else NESTED_ARCHITECTURE
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> MatFormerConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    def _check_input(cls, d: dict[str, Any], source: str) -> None:
         check_numerics_keys(d, source)  # every key that changes the logits: ours, or refused
-        d = dict(d)
-        kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        rope_params = d.pop("rope_parameters", None)
-        dtype = d.pop("dtype", None)
-        for k, v in d.items():
-            if k in _KNOWN:
-                kwargs[k] = v
-            elif k not in _REWRITTEN:
-                extra[k] = v
+
+    @classmethod
+    def _read_special(cls, d: dict[str, Any], kwargs: dict[str, Any], extra: dict[str, Any],
+                      source: str) -> None:
+        """transformers' rope_parameters (default rotary embeddings only) and no rope_scaling."""
+        rope_params = d.get("rope_parameters")
         if isinstance(rope_params, dict):
             rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
             if rtype != "default":
@@ -331,84 +212,12 @@ class MatFormerConfig:
         scaling = extra.get("rope_scaling")
         if scaling:
             raise ConfigError(f"{source}: rope_scaling={scaling!r} is not supported")
-        if dtype is not None and "torch_dtype" not in kwargs:
-            kwargs["torch_dtype"] = dtype
-        if kwargs.get("torch_dtype") is None:
-            kwargs.pop("torch_dtype", None)
-        elif isinstance(kwargs["torch_dtype"], str):
-            kwargs["torch_dtype"] = kwargs["torch_dtype"].removeprefix("torch.")
-        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if k not in kwargs:
-                raise ConfigError(f"{source}: required key {k!r} is missing")
-        if "intermediate_size" not in kwargs:
-            raise ConfigError(f"{source}: required key 'intermediate_size' is missing")
-        try:
-            cfg = cls(**kwargs, extra=extra)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except TypeError as e:  # wrong types that dataclass can't even hold
-            raise ConfigError(f"{source}: {e}") from None
-        return cfg
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config.json object. `matformer_tier` is recomputed from the stored sizes."""
-        d: dict[str, Any] = dict(self.extra)
-        uniform = isinstance(self.intermediate_size, int) and not self._varies()
-        d["model_type"] = "llama"
-        d["architectures"] = ["LlamaForCausalLM"] if uniform else ["MatFormerForCausalLM"]
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "matformer_tier"):
-                continue
-            d[f.name] = copy.deepcopy(getattr(self, f.name))
-        d["matformer_tier"] = self.stored_tier
+    def _write_special(self, d: dict[str, Any]) -> None:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        d["dtype"] = self.torch_dtype
         d.setdefault("hidden_act", "silu")
         d.setdefault("attention_bias", False)
         d.setdefault("mlp_bias", False)
-        return dict(sorted(d.items()))
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> MatFormerConfig:
-        """A config.json (a regular file, strict JSON; see io.files.read_json)."""
-        p = Path(path)
-        return cls.from_dict(read_json(p, error=ConfigError), source=str(p))
-
-    # ---- presets ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> MatFormerConfig:
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-MAX_LAYERS = 100_000
-"""More layers than any model has: a config asking for more is damaged (nothing proportional to
-num_hidden_layers is allocated before this check)."""
-MAX_SIZE = 1 << 40
-"""Bound on any size or count in a config (widths, vocabulary, heads, positions)."""
-
-
-def _show(v: Any) -> str:
-    """repr of a config value for a message, short even for huge integers or long strings."""
-    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
-        return f"an integer of {v.bit_length()} bits"
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _positive_int(key: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < MAX_SIZE:
-        raise ConfigError(f"{key} must be a positive integer below 2^40, got {_show(v)}")
-
-
-def _nonneg_int(key: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_SIZE:
-        raise ConfigError(f"{key} must be a non-negative integer below 2^40, got {_show(v)}")
 
 
 # Named sizes. `debug` is what tests and examples use; the rest are for real runs. Vocab sizes are
@@ -436,6 +245,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
                        max_position_embeddings=1024),
 }
+MatFormerConfig.PRESETS = PRESETS
 
 
 def perplexity(loss: float) -> float:
