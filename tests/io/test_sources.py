@@ -130,6 +130,22 @@ def test_eval(built, kind, capsys) -> None:
     assert got[TIER] == pytest.approx(ref[TIER], abs=1e-5)
 
 
+def test_eval_tiers_of_a_multi_tier_repo_reads_the_tier_folder(built, hub, capsys) -> None:
+    """`eval REPO --tiers 2` evaluates tier 2's stored checkpoint (no --tier needed); `--tiers
+    1,2` the folder of the widest (tier 1), which runs tier 2 by runtime slicing."""
+    ref = _eval([str(built["ck"]), "--tiers", "1,2"], built, capsys)
+    for repo in (str(built["repo"]), "acme/multi"):
+        assert main(["eval", repo, "--tiers", "2", "--data", str(built["text"]), "--seq-len",
+                     "32", "--max-tokens", "256", "--no-decode", "--no-speculative", "--no-mix",
+                     "--json"]) == 0, capsys.readouterr().err
+        report = json.loads(capsys.readouterr().out)
+        assert "tier-2" in report["source"]
+        assert report["reference_widths"] == [64, 64]  # the stored tier-2 weights
+        assert {r["tier"]: r["loss"] for r in report["results"]}[2] == pytest.approx(ref[2], abs=1e-5)
+        both = _eval([repo, "--tiers", "1,2"], built, capsys)
+        assert both == pytest.approx({t: ref[t] for t in (1, 2)}, abs=1e-5)
+
+
 def test_slice(built, kind, tmp_path, capsys) -> None:
     argv = [a for a in src_of(kind, built) if a not in ("--tier", str(TIER))]
     assert main(["slice", *argv, "-o", str(tmp_path / "out"), "--tier", "3"]) == 0
@@ -154,12 +170,19 @@ def test_load_model(built, kind) -> None:
         assert (model(x) - ref(x)).abs().max().item() <= 1e-6
 
 
-def test_multi_tier_repo_needs_a_tier_and_holds_the_tokenizer(built, hub, capsys) -> None:
+def test_multi_tier_repo_loads_by_tier_describes_all_and_holds_the_tokenizer(built, hub, capsys) -> None:
     for src in (str(built["repo"]), "acme/multi"):
         with pytest.raises(TierError, match="pass tier="):
             resolve_source(src)
-        assert main(["info", src]) == 2
-        assert "--tier" in capsys.readouterr().err
+        assert main(["info", src]) == 0  # info describes the repo and every tier instead
+        out = capsys.readouterr().out
+        assert "multi-tier repo" in out and "| 1 | tier-1/ | 128 |" in out and "| 2 | tier-2/ | 64 |" in out
+        assert main(["info", src, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["multi_tier"] and info["stored_tiers"] == [1, 2]
+        assert [t["stored_widths"] for t in info["tiers"]] == [[128, 128], [64, 64]]
+        assert main(["info", src, "--tier", "2", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["manifest_tier"] == 2
         s = resolve_source(src, tier=3)  # not stored: the narrowest tier folder holding it
         assert s.tier_entry is not None and s.tier_entry.folder == "tier-2"
         assert s.tokenizer_path == s.folder / "tokenizer.json"

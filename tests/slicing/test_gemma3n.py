@@ -467,7 +467,7 @@ def test_a_gemma3n_checkpoint_is_refused_by_the_loaders_in_one_line(full):
     from matformer.io.source import resolve_source
 
     source = resolve_source(full[0])  # resolved (files, family), but not ours to load
-    assert source.family == "gemma3n" and source.layout.shards == ["model.safetensors"]
+    assert source.family.name == "gemma3n" and source.layout.shards == ["model.safetensors"]
     msg = "Gemma 3n checkpoint; matformer slices and describes it"
     with pytest.raises(ConfigError, match=msg):
         _ = source.config

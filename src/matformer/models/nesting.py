@@ -75,6 +75,10 @@ class NestedConfig:
 
     MODEL_TYPE: ClassVar[str] = ""
     """The `model_type` written to config.json."""
+    ARCHITECTURE: ClassVar[str] = ""
+    """The `architectures` entry of a uniform config (the transformers class that loads it)."""
+    NESTED_ARCHITECTURE: ClassVar[str] = ""
+    """The `architectures` entry of a per-layer config (only matformer loads it)."""
     KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS
     """Keys read into fields by name; everything else goes to `extra`."""
     REWRITTEN: ClassVar[frozenset[str]] = REWRITTEN
@@ -171,6 +175,33 @@ class NestedConfig:
         """Tier of the stored widths, computed from the sizes (the rule of the spec §2)."""
         return uniform_tier(self.base, self.layer_widths)
 
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (r), the same in every layer (1: multi-head attention)."""
+        q = self.num_attention_heads
+        return (q[0] if isinstance(q, list) else q) // self.layer_kv_heads[0]
+
+    def with_widths(self, widths: int | list[int]) -> Self:
+        """A copy describing the same model storing `widths` (same base); the tier label
+        follows the sizes."""
+        new = copy.deepcopy(self)
+        new.intermediate_size = widths
+        new.matformer_tier = None
+        new.__post_init__()  # type: ignore[attr-defined]
+        new.matformer_tier = new.stored_tier
+        return new
+
+    def with_kv_heads(self, kv_heads: int | list[int]) -> Self:
+        """A copy storing `kv_heads` KV heads (int or per layer; the query heads follow, r per
+        KV head); same base G and head_dim."""
+        new = copy.deepcopy(self)
+        r = self.group_size
+        new.num_key_value_heads = kv_heads if isinstance(kv_heads, int) else list(kv_heads)
+        new.num_attention_heads = (kv_heads * r if isinstance(kv_heads, int)
+                                   else [g * r for g in kv_heads])
+        new.__post_init__()  # type: ignore[attr-defined]
+        return new
+
     def check_tier_label(self, source: str = "config.json") -> None:
         """A `matformer_tier` read from a file must agree with the stored sizes."""
         if self.matformer_tier is None or self.matformer_tier == self.stored_tier:
@@ -212,9 +243,15 @@ class NestedConfig:
     def _write_special(self, d: dict[str, Any]) -> None:
         """Hook: write the family's derived keys into the config.json object `d`."""
 
+    @property
+    def is_uniform(self) -> bool:
+        """Every layer stores the same width and heads (transformers can load such a config)."""
+        return (isinstance(self.intermediate_size, int)
+                and isinstance(self.num_key_value_heads, int))
+
     def architecture(self) -> str:
-        """The `architectures` entry written (a uniform config: the transformers class)."""
-        raise NotImplementedError
+        """The `architectures` entry written: the transformers class of a uniform config."""
+        return self.ARCHITECTURE if self.is_uniform else self.NESTED_ARCHITECTURE
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> Self:

@@ -75,6 +75,10 @@ class Family:
     """One line of what the config describes beyond widths and heads (`matformer info`)."""
     info: Callable[[Any], dict[str, Any]] | None = None
     """Family-specific keys of `checkpoint_info`."""
+    title: str = ""
+    """The name people know it by, for messages (default: `name`)."""
+    docs: str = ""
+    """Where its documentation is (named by the error of a family matformer does not load)."""
 
     @property
     def loadable(self) -> bool:
@@ -179,9 +183,10 @@ def family_of_model(model: Any) -> Family:
 def check_loadable(fam: Family, source: str) -> None:
     """The one-line error for a family matformer reads but does not load or run."""
     if not fam.loadable:
-        raise ConfigError(f"{source}: a Hugging Face {fam.name} checkpoint; matformer slices and "
-                          f"describes it (`matformer slice`, `matformer info`) but does not load "
-                          f"or run it")
+        docs = f", {fam.docs}" if fam.docs else ""
+        raise ConfigError(f"{source}: a Hugging Face {fam.title or fam.name} checkpoint; matformer "
+                          f"slices and describes it (`matformer slice`, `matformer info`{docs}) "
+                          f"but does not load or run it")
 
 
 def config_from_dict(d: Any, source: str = "config.json") -> NestedConfig:
@@ -245,6 +250,7 @@ VIT = register(Family(
 GEMMA3N = register(Family(
     name="gemma3n", model_types=("gemma3n", "gemma3n_text"),
     architectures=("Gemma3nForConditionalGeneration", "Gemma3nForCausalLM"),
+    title="Gemma 3n", docs="docs/GEMMA3N.md",
 ))
 GEMMA3N_MODEL_TYPES = GEMMA3N.model_types
 """Gemma3nForConditionalGeneration (multimodal) and Gemma3nForCausalLM (text-only)."""

@@ -76,6 +76,8 @@ class MatFormerConfig(NestedConfig):
     """Unknown config.json keys, kept for the round trip."""
 
     MODEL_TYPE: ClassVar[str] = MODEL_TYPE
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    NESTED_ARCHITECTURE: ClassVar[str] = NESTED_ARCHITECTURE
     KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS | {
         "vocab_size", "hidden_size", "num_key_value_heads", "max_position_embeddings",
         "rms_norm_eps", "rope_theta", "tie_word_embeddings", "bos_token_id", "eos_token_id",
@@ -160,36 +162,7 @@ class MatFormerConfig(NestedConfig):
         v = self.num_attention_heads
         return list(v) if isinstance(v, list) else [v] * self.num_hidden_layers
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (r), the same in every layer."""
-        return self.layer_heads[0] // self.layer_kv_heads[0]
-
-    def with_kv_heads(self, kv_heads: int | list[int]) -> MatFormerConfig:
-        """A copy describing the same model storing `kv_heads` KV heads (int or per layer; the
-        query heads follow: r per KV head); same base G and head_dim."""
-        new = copy.deepcopy(self)
-        r = self.group_size
-        new.num_key_value_heads = kv_heads if isinstance(kv_heads, int) else list(kv_heads)
-        new.num_attention_heads = (kv_heads * r if isinstance(kv_heads, int)
-                                   else [g * r for g in kv_heads])
-        new.__post_init__()
-        return new
-
-    def with_widths(self, widths: int | list[int]) -> MatFormerConfig:
-        """A copy describing the same model storing `widths` (same base)."""
-        new = copy.deepcopy(self)
-        new.intermediate_size = widths
-        new.matformer_tier = None
-        new.__post_init__()
-        new.matformer_tier = new.stored_tier
-        return new
-
     # ---- config.json ---------------------------------------------------------------------
-
-    def architecture(self) -> str:
-        uniform = isinstance(self.intermediate_size, int) and not self._varies()
-        return ARCHITECTURE if uniform else NESTED_ARCHITECTURE
 
     @classmethod
     def _check_input(cls, d: dict[str, Any], source: str) -> None:

@@ -72,6 +72,8 @@ class MatViTConfig(NestedConfig):
     """Unknown config.json keys (dropout rates, pooler settings, ...), kept for the round trip."""
 
     MODEL_TYPE: ClassVar[str] = MODEL_TYPE
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    NESTED_ARCHITECTURE: ClassVar[str] = NESTED_ARCHITECTURE
     KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS | {
         "image_size", "patch_size", "num_channels", "hidden_size", "num_labels", "id2label",
         "hidden_act", "layer_norm_eps", "qkv_bias"}
@@ -137,11 +139,6 @@ class MatViTConfig(NestedConfig):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    @property
-    def is_uniform(self) -> bool:
-        """Every layer stores the same width and heads: a plain transformers ViT config."""
-        return isinstance(self.intermediate_size, int) and isinstance(self.num_attention_heads, int)
-
     # The LM config's names for what a MatViT also has, so loaders and writers read both alike.
     tie_word_embeddings = False
     """A ViT has no token embedding to tie."""
@@ -154,11 +151,6 @@ class MatViTConfig(NestedConfig):
     @num_key_value_heads.setter
     def num_key_value_heads(self, heads: int | list[int]) -> None:
         self.num_attention_heads = heads
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head: 1 (multi-head attention)."""
-        return 1
 
     def with_widths(self, widths: int | list[int] | None = None,
                     heads: int | list[int] | None = None) -> MatViTConfig:
@@ -179,9 +171,6 @@ class MatViTConfig(NestedConfig):
         return self.with_widths(heads=heads)
 
     # ---- config.json ---------------------------------------------------------------------
-
-    def architecture(self) -> str:
-        return ARCHITECTURE if self.is_uniform else NESTED_ARCHITECTURE
 
     @classmethod
     def _check_input(cls, d: dict[str, Any], source: str) -> None:
