@@ -19,6 +19,7 @@ Torch-free: a record names its model class by dotted path and imports it only wh
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -75,6 +76,9 @@ class Family:
     """One line of what the config describes beyond widths and heads (`matformer info`)."""
     info: Callable[[Any], dict[str, Any]] | None = None
     """Family-specific keys of `checkpoint_info`."""
+    nested: Callable[[str], tuple[str, int] | None] | None = None
+    """`nested(parameter name)`: ("ffn" | "heads", the dimension its prefix is cut along) for a
+    nested parameter, None for a plain one (training's optimizer and sharding)."""
     title: str = ""
     """The name people know it by, for messages (default: `name`)."""
     docs: str = ""
@@ -109,6 +113,7 @@ class Family:
         return tensor.startswith(self.embedding_prefixes)
 
 
+@functools.cache
 def _layer_re(prefix: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(prefix)}(\d{{1,9}})\.(.+)$")
 
@@ -180,6 +185,15 @@ def family_of_model(model: Any) -> Family:
     return family_of_config(getattr(getattr(model, "_orig_mod", model), "config", None))
 
 
+def nested_axis(name: str) -> tuple[str, int] | None:
+    """How a model parameter `name` nests, by the rule of the family whose names it uses:
+    ("ffn" | "heads", dimension), or None for a plain parameter."""
+    for fam in _FAMILIES.values():
+        if fam.nested is not None and (axis := fam.nested(name)) is not None:
+            return axis
+    return None
+
+
 def check_loadable(fam: Family, source: str) -> None:
     """The one-line error for a family matformer reads but does not load or run."""
     if not fam.loadable:
@@ -228,7 +242,7 @@ LM = register(Family(
     name="lm", model_types=(lm_config.MODEL_TYPE,),
     architectures=(lm_config.ARCHITECTURE, lm_config.NESTED_ARCHITECTURE),
     config_class=lm_config.MatFormerConfig, model_path="matformer.models.lm.model:MatFormerLM",
-    task=CAUSAL_LM, layer_prefix="model.layers.",
+    task=CAUSAL_LM, layer_prefix=lm_shapes.LAYER_PREFIX, nested=lm_shapes.nested_axis,
     embedding_prefixes=(lm_shapes.EMBEDDING, lm_shapes.LM_HEAD),
     tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
     shapes=lm_shapes.expected_shapes, counts=lm_shapes.parameter_counts,
@@ -239,6 +253,7 @@ VIT = register(Family(
     architectures=(vit_config.ARCHITECTURE, vit_config.NESTED_ARCHITECTURE),
     config_class=MatViTConfig, model_path="matformer.models.vit.model:MatViT",
     task=IMAGE_CLASSIFICATION, layer_prefix=vit_config.LAYER_PREFIX,
+    nested=vit_config.nested_axis,
     embedding_prefixes=("vit.embeddings.", "classifier."),
     shapes=vit_config.expected_shapes, counts=vit_config.parameter_counts,
     summary=lambda c: (f"MatViT: {c.image_size}px images, patch {c.patch_size}, "

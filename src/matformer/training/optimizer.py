@@ -11,7 +11,6 @@ correction counts only the steps that used it.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from matformer.errors import CheckpointError
+from matformer.models.registry import nested_axis
 from matformer.training.points import heads_in_play
 from matformer.training.settings import ADAMW_IMPLS as IMPLS
 from matformer.training.settings import TrainConfig
@@ -49,34 +49,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-_FFN_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-# MatViT (transformers' ViT names): rows of intermediate.dense (weight and bias), columns of the
-# block's output.dense weight (its bias is not nested).
-_VIT_FFN_PARAM = re.compile(
-    r"^vit\.encoder\.layer\.\d+\.(intermediate\.dense\.weight|intermediate\.dense\.bias|output\.dense\.weight)$")
-
-
 def nested_dim(name: str) -> int | None:
-    """The dimension along which a parameter's neurons are nested (0: rows of gate/up, 1: columns
-    of down), None for a plain parameter."""
-    m = _FFN_PARAM.match(name)
-    if m is not None:
-        return 1 if m.group(2) == "down_proj" else 0
-    m = _VIT_FFN_PARAM.match(name)
-    if m is not None:
-        return 1 if m.group(1) == "output.dense.weight" else 0
-    return None
-
-
-_ATTN_PARAM = re.compile(r"^model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$")
+    """The dimension along which a parameter's FFN neurons are nested (0: rows of gate/up, 1:
+    columns of down, in the family's names; models.registry.nested_axis), None for a plain
+    parameter."""
+    axis = nested_axis(name)
+    return axis[1] if axis is not None and axis[0] == "ffn" else None
 
 
 def nested_head_dim(name: str) -> int | None:
     """Nested attention heads (issue 11): rows of q/k/v_proj (0), columns of o_proj (1)."""
-    m = _ATTN_PARAM.match(name)
-    if m is None:
-        return None
-    return 1 if m.group(1) == "o_proj" else 0
+    axis = nested_axis(name)
+    return axis[1] if axis is not None and axis[0] == "heads" else None
 
 
 def nested_dims(heads: bool) -> Callable[[str], int | None]:

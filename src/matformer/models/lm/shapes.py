@@ -17,6 +17,23 @@ from matformer.models.lm.config import MatFormerConfig
 
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+LAYER_PREFIX = "model.layers."
+"""Per-layer tensors are named LAYER_PREFIX + index + "." + the rest (transformers' Llama)."""
+
+_NESTED = re.compile(r"^model\.layers\.\d+\.(mlp\.(?:gate_proj|up_proj|down_proj)|"
+                     r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj))\.weight$")
+
+
+def nested_axis(name: str) -> tuple[str, int] | None:
+    """How parameter `name` nests: ("ffn", 0) rows of gate/up_proj, ("ffn", 1) columns of
+    down_proj, ("heads", 0) rows of q/k/v_proj, ("heads", 1) columns of o_proj; None: not
+    nested (embeddings, norms, lm_head)."""
+    m = _NESTED.match(name)
+    if m is None:
+        return None
+    part = m.group(1)
+    axis = "ffn" if part.startswith("mlp.") else "heads"
+    return axis, 1 if part.endswith(("down_proj", "o_proj")) else 0
 
 
 def _widths(config: MatFormerConfig, widths: Sequence[int] | None) -> list[int]:
@@ -43,7 +60,7 @@ def layer_shapes(config: MatFormerConfig, index: int, width: int,
     assert hd is not None  # set by MatFormerConfig.__post_init__
     nkv = config.layer_kv_heads[index] if kv_heads is None else kv_heads
     nh = nkv * config.group_size
-    pre = f"model.layers.{index}."
+    pre = f"{LAYER_PREFIX}{index}."
     return {
         pre + "self_attn.q_proj.weight": (nh * hd, h),
         pre + "self_attn.k_proj.weight": (nkv * hd, h),

@@ -21,6 +21,7 @@ tensor shapes and parameter counts at any widths.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -192,6 +193,20 @@ def is_vit_config(d: Any) -> bool:
 
 LAYER_PREFIX = "vit.encoder.layer."
 """Per-layer tensors are named LAYER_PREFIX + index + "." + the rest (transformers' ViT)."""
+
+
+_NESTED_FFN = re.compile(r"^vit\.encoder\.layer\.\d+\.(intermediate\.dense\.weight|"
+                         r"intermediate\.dense\.bias|output\.dense\.weight)$")
+
+
+def nested_axis(name: str) -> tuple[str, int] | None:
+    """How parameter `name` nests in training: ("ffn", 0) rows of intermediate.dense (weight and
+    bias), ("ffn", 1) columns of the block's output.dense weight (its bias is not nested); None:
+    not nested (MatViT's heads are cut at slicing and run time, not nested by the optimizer)."""
+    m = _NESTED_FFN.match(name)
+    if m is None:
+        return None
+    return "ffn", 1 if m.group(1) == "output.dense.weight" else 0
 
 
 def _layer_prefix(i: int) -> str:

@@ -5,7 +5,7 @@
   cuts per-layer FFN widths and layers out of a Gemma 3n folder, streamed tensor by tensor;
 - `gemma3n_info(src)` describes one from config.json and the headers (no torch import);
 - SRC is a folder or a Hub repo id, resolved by `io.source.resolve_source`; the `slice` and
-  `info` verbs hand SRC here when `io.source.source_family(SRC)` is `families.GEMMA3N`.
+  `info` verbs hand SRC here when the resolved `Source.family` is `models.registry.GEMMA3N`.
 """
 
 from __future__ import annotations
