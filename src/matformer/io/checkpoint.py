@@ -87,10 +87,11 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], config: Config, where: st
             continue
         if tuple(shape) != want[name]:
             hint = ""
-            if ".mlp." in name:
+            axis = fam.nested(name) if fam.nested is not None else None
+            if axis is not None and axis[0] == "ffn":
                 hint = (f" (config.json says intermediate_size={config.intermediate_size}; the "
                         f"stored FFN width must match it)")
-            elif ".self_attn." in name:
+            elif axis is not None and axis[0] == "heads":
                 hint = (f" (config.json says num_key_value_heads={config.num_key_value_heads}, "
                         f"num_attention_heads={config.num_attention_heads}, head_dim="
                         f"{config.head_dim}; the stored heads must match them)")

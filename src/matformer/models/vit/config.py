@@ -184,11 +184,6 @@ class MatViTConfig(NestedConfig):
         d["label2id"] = {name: i for i, name in sorted(self.id2label.items())}
 
 
-def is_vit_config(d: Any) -> bool:
-    """Whether a parsed config.json describes a ViT (so the MatViT loader should read it)."""
-    return isinstance(d, dict) and d.get("model_type") == MODEL_TYPE
-
-
 # ---- architecture arithmetic (torch-free) ----------------------------------------------------
 
 LAYER_PREFIX = "vit.encoder.layer."
