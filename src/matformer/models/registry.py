@@ -44,16 +44,18 @@ IMAGE_CLASSIFICATION = "image-classification"
 """Task of an image encoder with a classifier (MatViT's training, evaluation and report)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
-    """What the stages need to know about one model family."""
+    """What the stages need to know about one model family (compared and hashed by identity:
+    one record per family)."""
 
     name: str
     """The family's name: `--arch`, `Source.family.name`, `family(name)`."""
     model_types: tuple[str, ...]
     """The config.json `model_type`s read as this family (the first is the one written)."""
     architectures: tuple[str, ...] = ()
-    """Hugging Face `architectures` it writes: (uniform config, per-layer config)."""
+    """Hugging Face `architectures` of its configs: (a uniform config, which transformers loads;
+    a per-layer one, which only matformer loads). Detection is by `model_type`."""
     config_class: type[NestedConfig] | None = None
     """Its config (None: a family matformer reads but does not load)."""
     model_path: str | None = None
