@@ -17,7 +17,6 @@ import textwrap
 import pytest
 import torch
 
-from matformer.cli import main
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import checkpoint_info, load_model, save_model
 from matformer.io.source import read_config_file, resolve_source
@@ -171,7 +170,7 @@ def toy(tmp_path, monkeypatch):
             sys.modules.pop(name, None)
 
 
-def test_a_new_family_is_one_package_and_one_register_call(toy, tmp_path, capsys) -> None:
+def test_a_new_family_is_one_package_and_one_register_call(toy, tmp_path, run_cli) -> None:
     fam, ToyConfig = toy
     cfg = ToyConfig(matformer_base_num_key_value_heads=4)
     assert family_of_config(cfg) is fam and family_of(cfg.to_dict()) is fam
@@ -194,8 +193,8 @@ def test_a_new_family_is_one_package_and_one_register_call(toy, tmp_path, capsys
     info = checkpoint_info(tmp_path / "full")
     assert info["family"] == "toy" and info["stored_widths"] == [16, 16]
     assert info["num_parameters"] == parameter_counts(cfg)
-    assert main(["info", str(tmp_path / "full")]) == 0
-    assert "2 x 8, toy" in capsys.readouterr().out
+    code, out, _ = run_cli("info", tmp_path / "full")
+    assert code == 0 and "2 x 8, toy" in out
 
     # slicing: per-layer names renumbered through the family's layer prefix
     slice_checkpoint(tmp_path / "full", tmp_path / "cut", widths=[8, 4], kv_heads=2,
