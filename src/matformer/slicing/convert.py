@@ -60,6 +60,7 @@ from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.models.devices import check_device
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
+from matformer.models.registry import LM
 
 METHODS = ("reconstruction", "contribution", "activation")
 REPORT_NAME = "convert_report.json"
@@ -381,10 +382,10 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     parse_size(max_shard_size)  # a bad size fails now, not after the importance pass
     check_device(device)
     source = resolve_source(src, revision=revision, companions=True)
-    if not isinstance(source.config, MatFormerConfig):
-        raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint; "
-                          f"convert orders the FFN and heads of a dense language model (Llama "
-                          f"layout) only")
+    if source.family is not LM:
+        raise ConfigError(f"{source.describe()}: a {source.family.name} checkpoint; convert "
+                          f"orders the FFN and heads of a dense language model (Llama layout) "
+                          f"only")
     config = _check_dense(source)
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "

@@ -33,7 +33,6 @@ from matformer.data.vocabulary import difference
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_model
 from matformer.io.source import resolve_source
-from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
 
 
@@ -66,10 +65,10 @@ class Teacher:
 
     def __init__(self, src: str | os.PathLike, device: torch.device | str) -> None:
         self.source = resolve_source(src, companions=True)
-        if not isinstance(self.source.config, MatFormerConfig):
-            raise ConfigError(f"--distill {self.source.describe()}: a "
-                              f"{type(self.source.config).__name__} checkpoint; the teacher must be "
-                              f"a language model")
+        if not self.source.family.text:
+            raise ConfigError(f"--distill {self.source.describe()}: a {self.source.family.name} "
+                              f"checkpoint ({self.source.family.task}); the teacher must be a "
+                              f"language model")
         self.model: MatFormerLM = load_model(self.source, dtype=torch.float32, device=device)
         self.model.eval().requires_grad_(False)
 

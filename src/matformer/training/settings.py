@@ -24,6 +24,7 @@ from matformer.data.token_files import is_prepared
 from matformer.errors import CheckpointError, ConfigError, TierError
 from matformer.io.source import read_config_file
 from matformer.models.lm.config import MatFormerConfig
+from matformer.models.registry import family
 from matformer.tiers import max_tier, width_of
 
 OBJECTIVES = ("sample", "joint", "single")
@@ -381,7 +382,7 @@ def _validate_sources(cfg: TrainConfig) -> None:
             raise ConfigError(f"{' '.join(given)}: the architecture comes from --init-from "
                               f"{cfg.init_from}; drop {'them' if len(given) > 1 else 'it'} (or "
                               f"train from scratch without --init-from)")
-    if cfg.arch == "lm" and not cfg.init_from and not is_prepared(cfg.data):
+    if family(cfg.arch).text and not cfg.init_from and not is_prepared(cfg.data):
         D.check_vocab_size(cfg.vocab_size)
 
 
