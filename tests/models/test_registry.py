@@ -214,7 +214,7 @@ def test_unregistered_family_is_read_as_the_default(toy, tmp_path) -> None:
     d = ToyConfig().to_dict()
     registry.unregister("toy")
     assert family_of(d) is LM  # the LM reader then says what is missing
-    with pytest.raises(ConfigError, match="'vocab_size' is missing"):
+    with pytest.raises(ConfigError, match="model_type='toy' is not supported"):
         config_from_dict(d)
     registry.register(fam)  # the fixture unregisters it again
 

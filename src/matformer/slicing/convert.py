@@ -383,9 +383,9 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     check_device(device)
     source = resolve_source(src, revision=revision, companions=True)
     if source.family is not LM:
-        raise ConfigError(f"{source.describe()}: a {source.family.name} checkpoint; convert "
-                          f"orders the FFN and heads of a dense language model (Llama layout) "
-                          f"only")
+        raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint "
+                          f"(family {source.family.name}); convert orders the FFN and heads of a "
+                          f"dense language model (Llama layout) only")
     config = _check_dense(source)
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "
