@@ -251,7 +251,7 @@ def run_vit(args: argparse.Namespace, source: Source, out: TextIO | None = None)
         if args.json_out is not None:
             write_report(args.json_out, text, protect)
     if args.plot is not None:
-        from matformer.evaluation.vision_plot import plot_vit_report  # matplotlib: optional
+        from matformer.evaluation.plot import plot_vit_report  # matplotlib: optional
 
         write_plot(plot_vit_report, report, args.plot, f"MatViT evaluation: {args.ckpt}", protect)
     return 0

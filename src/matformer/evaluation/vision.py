@@ -16,7 +16,7 @@ same held-out images and reports, per setting:
 
 `cross_retrieval(query_model, gallery_model, images)` is the same measure between two models,
 for the independently trained baselines (query by baseline S, gallery by baseline XL).
-The library returns data; printing and plotting live with the CLI and `vision_plot`.
+The library returns data; printing and plotting live with the CLI and `evaluation.plot`.
 """
 
 from __future__ import annotations
