@@ -197,7 +197,7 @@ def test_write_checkpoint_refuses_a_config_that_does_not_describe_the_tensors(tm
     assert not (tmp_path / "ck").exists()
 
 
-def test_saving_over_the_mmapped_folder_it_was_loaded_from(tmp_path):
+def test_saving_over_the_folder_it_was_loaded_from(tmp_path):
     ck = tmp_path / "ck"
     save_model(tiny_lm(0), ck, max_shard_size="200KB")
     m = load_model(ck)  # tensors are views of the files in ck

@@ -3,8 +3,8 @@
 - `load_state_dict(src)`: tensors of a folder, a single .safetensors file, or a Hub repo id.
 - `load_model(src, tier=None, widths=None, dtype=None, kv_heads=None, layer_kv_heads=None,
   layer_tiers=None)`:
-  build the model on the meta device and assign zero-copy memory-mapped tensors (about 1x the
-  checkpoint in memory); the stored widths and heads are checked against config.json and the
+  build the model on the meta device and assign the tensors read into memory (one read per
+  tensor, about 1x the checkpoint in memory, no memory map); the stored widths and heads are checked against config.json and the
   shapes, a requested width / head count is applied as runtime slicing.
 - `write_checkpoint(out_dir, config, specs, produce)`: the streaming writer (one tensor in
   memory at a time); `save_model(model, out_dir)` is built on it.
@@ -47,9 +47,10 @@ from matformer.io.layout import (
     open_checkpoint,
 )
 from matformer.io.manifest import MANIFEST_NAME
-from matformer.io.safetensors import mmap_tensors, nbytes_of, st_dtype, write_file
+from matformer.io.safetensors import nbytes_of, st_dtype, write_file
 from matformer.io.source import Source, TierRepo, resolve_source
 from matformer.io.swap import atomic_folder
+from matformer.io.tensors import ReadJob, TensorReader
 from matformer.models.registry import Config, expected_shapes, family_of_config, family_of_model
 from matformer.tiers import (
     WidthRequest,
@@ -158,11 +159,16 @@ def _tensors(layout: Layout, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         return _load_pickle(layout), None
     out: dict[str, torch.Tensor] = {}
     by_shard: dict[str, list[str]] = {}
-    with open_checkpoint(layout) as ck:
+    # Read into the process's own memory (one pread per tensor, from the descriptors the
+    # headers were validated from), not mapped: a map of a shard that another tool truncates in
+    # place kills the process with SIGBUS when it touches the lost pages, which Python cannot
+    # catch; a read of a file cut short is a one-line CheckpointError. Memory stays 1x.
+    with open_checkpoint(layout) as ck, TensorReader(ck, readahead=True) as reader:
         for n, s in ck.where.items():
             by_shard.setdefault(s, []).append(n)
-        for s, names in by_shard.items():
-            out.update(mmap_tensors(ck.headers[s], names, ck.fds[s]))
+        for names in by_shard.values():
+            for n in names:
+                out[n] = reader.read(ReadJob(n))
     return out, ck
 
 
@@ -195,8 +201,8 @@ def consistent_read(read: Callable[[], Any], src: Any) -> Any:
 def load_state_dict(src: str | os.PathLike | Source, revision: str | None = None, *,
                     tier: int | None = None, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint (folder, .safetensors file, Hub repo id, or multi-tier repo
-    with `tier`; see `io.source`), validated, as read-only-on-disk memory-mapped CPU tensors
-    (writing to one never changes the file)."""
+    with `tier`; see `io.source`), validated, read into CPU tensors of the process's own
+    (writing to one never changes the file; truncating the file never touches them)."""
     def read() -> dict[str, torch.Tensor]:
         return _tensors(resolve_source(src, tier=tier, revision=revision).layout, allow_pickle)[0]
 

@@ -63,20 +63,34 @@ def open_regular(path: str | os.PathLike, *, dir_fd: int | None = None,
     return fd
 
 
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill `buf` from byte `offset` of `fd`; returns how many bytes came (fewer only where the
+    file ends). The one positional-read loop of the package: headers, metadata files, GGUF
+    blocks and the ranged tensor reader (io/tensors.py) all read through it. OSError propagates
+    for the caller to name the file."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def pread_upto(fd: int, n: int, offset: int) -> bytes:
+    """Up to `n` bytes from byte `offset` of `fd` (fewer only where the file ends)."""
+    buf = bytearray(n)
+    got = pread_into(fd, memoryview(buf), offset)
+    return bytes(buf) if got == n else bytes(buf[:got])
+
+
 def read_fd(fd: int, limit: int, name: str, error: type[MatFormerError] = CheckpointError) -> bytes:
     """All bytes of an open regular file from offset 0, refusing files over `limit` bytes."""
     size = os.fstat(fd).st_size
     if size > limit:
         raise error(f"{name}: {size} bytes, over the {limit}-byte limit for this kind of file; "
                     f"not a matformer metadata file?")
-    chunks, pos = [], 0
-    while pos < size:
-        b = os.pread(fd, size - pos, pos)
-        if not b:
-            break
-        chunks.append(b)
-        pos += len(b)
-    return b"".join(chunks)
+    return pread_upto(fd, size, 0)
 
 
 def read_bytes(path: str | os.PathLike, *, limit: int, dir_fd: int | None = None,

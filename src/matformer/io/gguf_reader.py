@@ -13,8 +13,8 @@ metadata count; metadata entries (string key, u32 value type, value); tensor inf
 u32 n_dims, n_dims x u64 dims (innermost first), u32 GGML type, u64 offset); padding to
 `general.alignment` (default 32); the tensor data, each tensor at data start + offset.
 
-Reads go through one file descriptor with `os.pread` (no memory map: mapped pages would count
-against the process); metadata arrays are decoded only when asked for (`GGUFFile.get`).
+Reads go through one file descriptor with `io.files.pread_upto` (no memory map: mapped pages
+would count against the process); metadata arrays are decoded only when asked for (`GGUFFile.get`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
+from matformer.io.files import pread_upto
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -133,14 +134,12 @@ class _Cursor:
 
 
 def pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = os.pread(fd, n - len(out), offset + len(out))
-        if not chunk:
-            raise CheckpointError(f"{path}: the file ended early at byte {offset + len(out)} "
-                                  f"(changed while reading?)")
-        out += chunk
-    return bytes(out)
+    """Exactly `n` bytes from byte `offset`, or a one-line error: the file is shorter."""
+    out = pread_upto(fd, n, offset)
+    if len(out) < n:
+        raise CheckpointError(f"{path}: the file ended early at byte {offset + len(out)} "
+                              f"(changed while reading?)")
+    return out
 
 
 class GGUFFile:

@@ -12,7 +12,6 @@ and reports every problem as a `CheckpointError` that names the file.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matformer.errors import CheckpointChanged, CheckpointError
-from matformer.io.files import identity, open_regular
+from matformer.errors import CheckpointError
+from matformer.io.files import identity, open_regular, pread_upto
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 _U64_MAX = (1 << 64) - 1
@@ -121,24 +120,13 @@ def read_header(path: str | os.PathLike) -> Header:
         os.close(fd)
 
 
-def _pread_exact(fd: int, n: int, offset: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        b = os.pread(fd, n - got, offset + got)
-        if not b:
-            break
-        chunks.append(b)
-        got += len(b)
-    return b"".join(chunks)
-
-
 def read_header_fd(fd: int, p: Path) -> Header:
     """`read_header` of an open file (`p` names it in messages): the header and, later, the
     memory map come from this one descriptor, so from one file even if the path is replaced."""
     try:
         size = os.fstat(fd).st_size
-        head = _pread_exact(fd, 8, 0)
-        if head == _LFS_MAGIC[:8] and _pread_exact(fd, len(_LFS_MAGIC), 0) == _LFS_MAGIC:
+        head = pread_upto(fd, 8, 0)
+        if head == _LFS_MAGIC[:8] and pread_upto(fd, len(_LFS_MAGIC), 0) == _LFS_MAGIC:
             raise CheckpointError(
                 f"{p}: is a Git LFS pointer, not weights; fetch the real file "
                 f"(`git lfs pull`, or download through huggingface_hub)"
@@ -153,7 +141,7 @@ def read_header_fd(fd: int, p: Path) -> Header:
         if n + 8 > size:
             raise CheckpointError(f"{p}: header says {n} bytes but the file has only {size}; "
                                   f"truncated download or not a safetensors file")
-        raw = _pread_exact(fd, n, 8)
+        raw = pread_upto(fd, n, 8)
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
     if len(raw) != n:
@@ -249,39 +237,6 @@ def st_dtype(dtype) -> str:
     if name not in _TORCH_TO_ST:
         raise CheckpointError(f"dtype {dtype} cannot be written to safetensors by matformer")
     return _TORCH_TO_ST[name]
-
-
-def mmap_tensors(header: Header, names: Iterable[str] | None = None,
-                 fd: int | None = None) -> dict[str, Any]:
-    """Tensors of a validated file as zero-copy views of a private (copy-on-write) memory map:
-    nothing is read until used, the page cache is shared, and writing to a tensor never touches
-    the file. The map stays alive as long as any of the tensors does. `fd`: the descriptor the
-    header was read from (the map must be of that same file; a file changed since is a
-    `CheckpointChanged`); default: the path is opened again."""
-    import numpy as np
-    import torch
-
-    own = fd is None
-    if fd is None:
-        fd = open_regular(header.path)
-    try:
-        if header.identity is not None and identity(fd) != header.identity:
-            raise CheckpointChanged(f"{header.path}: changed since its header was read (a save "
-                                    f"ran at the same time); read it again")
-        mm = mmap.mmap(fd, header.file_size, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{header.path}: cannot map the file ({e})") from None
-    finally:
-        if own:
-            os.close(fd)
-    buf = np.frombuffer(mm, dtype=np.uint8)
-    out: dict[str, Any] = {}
-    wanted = header.tensors if names is None else {n: header.tensors[n] for n in names}
-    for name, t in wanted.items():
-        raw = torch.from_numpy(buf[t.start:t.end])  # uint8 view, storage starts at this tensor
-        dt = torch_dtype(t.dtype)
-        out[name] = (raw.view(dt) if raw.numel() else torch.empty(0, dtype=dt)).reshape(t.shape)
-    return out
 
 
 # ---- writing --------------------------------------------------------------------------------

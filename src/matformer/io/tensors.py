@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from matformer.errors import CheckpointError
+from matformer.io.files import pread_into
 from matformer.io.layout import Checkpoint
 from matformer.io.safetensors import DTYPES, TensorInfo, nbytes_of, torch_dtype
 
@@ -177,17 +178,14 @@ class TensorReader:
         return fd
 
     def _pread(self, fd: int, mv: memoryview, offset: int, name: str) -> None:
-        done = 0
-        while done < len(mv):
-            try:
-                n = os.preadv(fd, [mv[done:]], offset + done)
-            except OSError as e:
-                raise CheckpointError(f"{self._path(name)}: tensor {name!r}: cannot read "
-                                      f"({e.strerror or e})") from None
-            if n <= 0:
-                raise CheckpointError(f"{self._path(name)}: tensor {name!r}: file ended early "
-                                      f"(changed while reading?)")
-            done += n
+        try:
+            done = pread_into(fd, mv, offset)
+        except OSError as e:
+            raise CheckpointError(f"{self._path(name)}: tensor {name!r}: cannot read "
+                                  f"({e.strerror or e})") from None
+        if done < len(mv):
+            raise CheckpointError(f"{self._path(name)}: tensor {name!r}: file ended early "
+                                  f"(changed while reading?)")
         self.bytes_read += done
         self.reads += 1
 
