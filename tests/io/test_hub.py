@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,17 @@ def test_hub_errors_are_reported_in_one_line(hub, files, tmp_path):
     assert_one_line_error(r, REPO)
     r = client(hub, tmp_path / "home2", INFO, REPO, token="hf_secret", offline=True)
     assert_one_line_error(r, "not in the local cache")
+
+
+def test_an_unresolvable_hub_host_fails_at_once_in_one_line(tmp_path):
+    """No network (the Hub's host name does not resolve): `info org/name` goes to the cache at
+    once and says so in one line, instead of huggingface_hub's five retries with back-off
+    (about 25 s and a screen of retry warnings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT="http://no-such-host.invalid", HF_HOME=str(tmp_path / "home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", INFO, "runs/typo-folder"], capture_output=True,
+                       text=True, env=env, timeout=180)
+    assert time.monotonic() - start < 20  # the retries alone took 25 s
+    assert_one_line_error(r, "runs/typo-folder", "does not resolve")

@@ -12,8 +12,12 @@ so a push between two requests cannot mix two versions. `io.source` decides whic
 
 from __future__ import annotations
 
+import functools
 import re
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from matformer.errors import CheckpointError
 from matformer.io.layout import INDEX_NAME, SINGLE_NAMES, Layout, parse_index
@@ -42,6 +46,27 @@ def snapshot_commit(path: Path, filename: str, revision: str | None) -> str | No
     return root.name if _COMMIT.fullmatch(root.name) else revision
 
 
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:  # gaierror included: no such name, no resolver, no network
+        return False
+    return True
+
+
+@functools.cache
+def hub_reachable(host: str) -> bool:
+    """Whether the Hub endpoint's host name resolves (asked once per host and process, bounded
+    to 3 s). With no network huggingface_hub retries a failed lookup five times with back-off
+    (about 25 s and a screen of retry warnings) before its error; a name that does not resolve
+    means no Hub, so `download` goes to the local cache at once instead."""
+    answer: list[bool] = []
+    probe = threading.Thread(target=lambda: answer.append(_resolves(host)), daemon=True)
+    probe.start()
+    probe.join(3.0)
+    return bool(answer and answer[0])
+
+
 def download(repo_id: str, filename: str, revision: str | None = None, *,
              missing_ok: bool = False) -> Path | None:
     """Local path of `filename` of the Hub repo (downloaded, or from the cache).
@@ -49,10 +74,14 @@ def download(repo_id: str, filename: str, revision: str | None = None, *,
     With `missing_ok`, None when the repo (at `revision`) has no such file; otherwise its absence
     is a CheckpointError. Unreachable (offline, network, auth) is always a CheckpointError."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
+    host = urlsplit(constants.ENDPOINT).hostname
+    local_only = bool(host) and not hub_reachable(host)
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision))
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
+                                                    local_files_only=local_only))
     except RemoteEntryNotFoundError:
         if missing_ok:
             return None
@@ -62,9 +91,11 @@ def download(repo_id: str, filename: str, revision: str | None = None, *,
         cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
         if missing_ok and cached is not None and not isinstance(cached, str):
             return None
+        why = (f"its host {host} does not resolve: no network?" if local_only
+               else f"offline mode or network error: {_short(e)}")
         raise CheckpointError(
             f"{repo_id}: {filename} is not in the local cache and the Hub cannot be reached "
-            f"(offline mode or network error: {_short(e)})"
+            f"({why})"
         ) from None
     except Exception as e:  # HTTP, auth, repo not found, disk: report, never swallow
         raise CheckpointError(f"{repo_id}: cannot download {filename} ({_short(e)})") from None
