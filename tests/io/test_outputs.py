@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors.index.json",
-                                  "model-00001-of-00002.safetensors", "new.gguf"])
+                                  "model-00001-of-00008.safetensors", "special_tokens_map.json"])
 def test_export_never_writes_into_the_source(ckpt, name, capsys):
     pytest.importorskip("gguf")
     before = digest(ckpt)
@@ -92,8 +93,41 @@ def test_export_refuses_a_hard_link_to_a_source_file(ckpt, tmp_path, capsys):
 def test_eval_json_out_and_plot_never_write_into_the_checkpoint(ckpt, name, capsys):
     before = digest(ckpt)
     one_line_error(capsys, main(["eval", str(ckpt), "--json-out", str(ckpt / name)]), "reads")
-    one_line_error(capsys, main(["eval", str(ckpt), "--plot", str(ckpt / "curve.png")]), "reads")
     assert digest(ckpt) == before
+
+
+def test_reports_never_land_in_a_runs_log_or_its_resumable_states(ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run)
+    (run / "checkpoints").mkdir()
+    (run / "train_log.jsonl").write_text("{}\n")
+    one_line_error(capsys, main(["eval", str(run), "--plot", str(run / "checkpoints" / "c.png")]),
+                   "reads")
+    one_line_error(capsys, main(["eval", str(run), "--json-out", str(run / "train_log.jsonl")]),
+                   "reads")
+    assert not (run / "checkpoints" / "c.png").exists()
+    assert (run / "train_log.jsonl").read_text() == "{}\n"
+
+
+def test_reports_beside_the_checkpoint_are_written_and_rewritten(ckpt, tmp_path, capsys):
+    """The demo's pattern: `eval RUN --json-out RUN/eval.json --plot RUN/elastic.png`, run again
+    on a rerun; a GGUF exported beside the weights. None is a file the checkpoint consists of,
+    so they are written (and replaced) while every checkpoint file stays as it was."""
+    pytest.importorskip("gguf")
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run)
+    before = digest(run)
+    text = tmp_path / "held_out.txt"
+    text.write_text("".join(TEXTS))
+    for _ in range(2):
+        assert main(["eval", str(run), "--data", str(text), "--seq-len", "16", "--no-mix",
+                     "--no-decode", "--no-speculative", "--json-out", str(run / "eval.json"),
+                     "--plot", str(run / "elastic.png")]) == 0
+    assert main(["export", str(run), "-o", str(run / "t0.gguf"), "--outtype", "f32"]) == 0
+    after = digest(run)
+    assert {k: after[k] for k in before} == before
+    assert {"eval.json", "elastic.png", "t0.gguf"} <= set(after)
+    capsys.readouterr()
 
 
 def test_prepare_data_never_writes_into_its_corpus_or_tokenizer(tmp_path, tok, capsys):

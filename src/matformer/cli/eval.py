@@ -110,7 +110,7 @@ def run_eval(ckpt: str | Source, *, json_out: str | None = None, plot: str | Non
     out = out or sys.stdout
     request = WidthRequest(tier=kwargs.get("tier"), layer_tiers=kwargs.get("layer_tiers"))
     source = resolve_source(ckpt, request=request, revision=revision, companions=True)
-    protect = [*source.inputs(), kwargs.get("data")]
+    protect = [*source.read_files(), kwargs.get("data")]
     check_report_paths(json_out, plot, protect)
     report = evaluate(source, **kwargs)  # a given Source is used as it is
     data, nonfinite = _strict_json(report.to_dict())
@@ -232,7 +232,7 @@ def run_vit(args: argparse.Namespace, source: Source, out: TextIO | None = None)
     for key, unset in _TEXT_ONLY.items():
         if getattr(args, key, unset) != unset:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to a MatViT checkpoint")
-    protect = [*source.inputs(), args.data]
+    protect = [*source.read_files(), args.data]
     check_report_paths(None if args.json else args.json_out, args.plot, protect)
     tiers = parse_int_list(args.tiers, "--tiers") if args.tiers else None
     if tiers is None and args.tier is not None:

@@ -4,9 +4,10 @@ GGUF exports, JSON reports (`eval --json-out`), plots (`--plot`) and prepared to
 (`prepare-data -o`) all go through `check_output` (before any long work, so a bad path fails
 in a second) and are written with `write_output` / `output_temp` (at the end):
 
-- never over a file the command reads: `protect` lists the inputs (a source checkpoint folder
-  protects every file in it: `export SRC -o SRC/config.json` is refused, as is `eval CK
-  --json-out CK/tokenizer.json`); a hard link to a protected file is refused too;
+- never over a file the command reads: `protect` lists the inputs (for a source checkpoint, the
+  files it consists of, `Source.read_files`: `export SRC -o SRC/config.json` is refused, as is
+  `eval CK --json-out CK/tokenizer.json`, while a report beside them, `CK/eval.json`, is not); a
+  hard link to a protected file is refused too;
 - through symlinks: `-o latest.gguf` where latest.gguf -> v3.gguf replaces v3.gguf and the link
   stays (what checkpoint saves do, `io.swap.save_target`);
 - only regular files are replaced: a folder, FIFO, device node (`/dev/null`, a `mknod`), socket,

@@ -37,7 +37,7 @@ from matformer.io.files import is_regular, read_json
 from matformer.io.folder import Folder
 from matformer.io.gguf_source import gguf_checkpoint
 from matformer.io.hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
-from matformer.io.layout import CONFIG_NAME, Layout, resolve_files
+from matformer.io.layout import CONFIG_NAME, INDEX_NAME, Layout, resolve_files
 from matformer.io.manifest import MANIFEST_NAME, Manifest, TierEntry, read_manifest, verify_file
 from matformer.models.registry import (
     LM,
@@ -129,11 +129,29 @@ class Source:
         """What a command reading this source must never write over (`io.outputs`): its whole
         folder (a multi-tier repo: the repo root too), or for a bare .safetensors file given as
         SRC, that file and the config and companion files read beside it."""
+        if self.kind == "gguf":  # the .gguf file (or its folder) and its converted copy
+            return [Path(self.spec), self.folder]
         if self.kind != "file":
             root = self.folder.parent if self.tier_entry is not None else self.folder
             return [self.folder, root]
         names = [CONFIG_NAME, *COMPANION_FILES, *self.layout.shards]
         return [self.folder / n for n in names] + [Path(self.spec)]
+
+    def read_files(self) -> list[Path]:
+        """What a command writing one FILE (a report, a plot, a GGUF) must never replace: the
+        files the checkpoint consists of (config.json, the weights and their index, the companion
+        files, a multi-tier repo's manifest, a training run's log and resumable states under
+        checkpoints/). Other files beside them may be replaced: `eval runs/demo --json-out
+        runs/demo/eval.json --plot runs/demo/elastic.png` (the demo, run again) rewrites its own
+        report. A whole-folder save uses `inputs` instead."""
+        if self.kind in ("file", "gguf"):
+            return self.inputs()
+        names = [CONFIG_NAME, *COMPANION_FILES, *self.layout.shards, INDEX_NAME, MANIFEST_NAME,
+                 "train_log.jsonl", "checkpoints"]
+        files = [self.folder / n for n in names]
+        if self.tier_entry is not None:
+            files.append(self.folder.parent / MANIFEST_NAME)
+        return files
 
     def __str__(self) -> str:
         return self.describe()

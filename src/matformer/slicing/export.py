@@ -204,7 +204,7 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     folder, config = source.folder, source.config
     out_path = Path(out)
     tok_path = source.require_tokenizer()
-    protect = [*source.inputs(), tok_path]
+    protect = [*source.read_files(), tok_path]
     check_output(out_path, protect=protect, what="GGUF file", error=CheckpointError)
     ws, hl = resolve_request(config, request)
     tok = read_tokenizer(tok_path, config.vocab_size)
