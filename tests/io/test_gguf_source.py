@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from matformer import MatFormerConfig, MatFormerLM, load_model, save_model
+from matformer import MatFormerConfig, load_model, save_model
 from matformer.cli import main
 from matformer.data.text import save_tokenizer, train_tokenizer
 from matformer.errors import CheckpointError, ConfigError
@@ -32,6 +32,7 @@ from matformer.io.gguf_source import (
 )
 from matformer.io.source import resolve_source
 from matformer.slicing.export import export_gguf
+from tests.conftest import tiny_lm
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -61,14 +62,7 @@ def tok_dir(tmp_path_factory, tok) -> Path:
 def ckpt(tmp_path_factory, tok) -> Path:
     """A debug MatFormer checkpoint (what `matformer export` reads)."""
     folder = tmp_path_factory.mktemp("src") / "ckpt"
-    torch.manual_seed(0)
-    cfg = MatFormerConfig.from_preset("debug", vocab_size=tok.get_vocab_size())
-    model = MatFormerLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.mul_(8)
-        model.lm_head.weight.mul_(4)
-    save_model(model, folder)
+    save_model(tiny_lm(0, distinct=True, vocab_size=tok.get_vocab_size()), folder)
     save_tokenizer(tok, folder)
     return folder
 
