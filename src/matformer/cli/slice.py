@@ -16,6 +16,12 @@ examples:
   matformer slice runs/full -o runs/120m --budget 120M --skip-layers 5
   matformer slice runs/full -o runs/repo --tiers 0,1,2,3
   matformer slice runs/full -o runs/t1-kv1 --tier 1 --kv-heads 1
+  matformer slice runs/full -o runs/nas --format nemotron-nas --layer-tiers 2,1,1,0 --skip-layers 3
+  matformer slice runs/full -o runs/fit --plan PLAN.json      # a plan written by `matformer plan`
+
+--format nemotron-nas writes NVIDIA's DeciLMForCausalLM (block_configs) for vLLM, SGLang,
+TensorRT-LLM and llama.cpp's converter: FFN widths must be multiples of 256, skipped layers
+become no-op blocks (docs/DEPLOY.md).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from matformer.models.registry import GEMMA3N
 from matformer.slicing.extract import slice_checkpoint, slice_source
 from matformer.slicing.gemma3n.slicer import slice_gemma3n
 from matformer.slicing.gemma3n.source import COMPANION_FILES as GEMMA3N_COMPANIONS
+
+FORMATS = ("matformer", "nemotron-nas")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +52,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "MatFormer Mix'n'Match heuristic and prints why")
     what.add_argument("--tiers", metavar="T1,T2,...",
                       help="write OUT/tier-T/ for each tier plus OUT/matformer_manifest.json")
+    what.add_argument("--plan", metavar="PLAN.json",
+                      help="the widths, heads, skipped layers and format of a plan written by "
+                      "`matformer plan`")
     parser.add_argument("--skip-layers", metavar="I,J,...",
                         help="drop these source layers (0-based) and renumber the rest")
     parser.add_argument("--config-csv", metavar="FILE",
                         help="Gemma 3n: a CSV of named slicing configs (Google's columns)")
     parser.add_argument("--config-name", metavar="NAME", help="Gemma 3n: the row of --config-csv")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="matformer (default: our checkpoint, skipped layers dropped) or "
+                        "nemotron-nas (DeciLMForCausalLM with block_configs, skipped layers as "
+                        "no-op blocks)")
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                         help="largest shard file, decimal units (default: 5GB)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan is not None:
+        _apply_plan(args)
+    if args.format == "nemotron-nas":
+        return _run_nemotron_nas(args)
     # SRC resolved once, with what a slice of either kind carries; its family picks the slicer.
     source = slice_source(args.src, args.revision, request=width_request(args),
                           tiers=int_list(args.tiers, "--tiers"),
@@ -93,5 +112,39 @@ def _run_gemma3n(args: argparse.Namespace, source: Source) -> int:
         max_shard_size=args.max_shard_size,
         log=print,
     )
+    print(result.summary())
+    return 0
+
+
+def _apply_plan(args: argparse.Namespace) -> None:
+    """--plan: a PLAN.json's widths, KV heads, skipped layers (and format, unless --format
+    is given) in place of the width flags."""
+    from matformer.evaluation.plan import read_plan
+
+    given = [f for f, v in (("--kv-heads", args.kv_heads), ("--layer-kv-heads", args.layer_kv_heads),
+                            ("--skip-layers", args.skip_layers)) if v is not None]
+    if given:
+        raise ConfigError(f"--plan sets the widths, heads and skipped layers; drop "
+                          f"{', '.join(given)}")
+    plan = read_plan(args.plan)
+    args.widths = ",".join(map(str, plan.widths))
+    args.layer_kv_heads = ",".join(map(str, plan.kv_heads))
+    args.skip_layers = ",".join(map(str, plan.skip_layers)) or None
+    if args.format is None and plan.format == "nemotron-nas":
+        args.format = "nemotron-nas"
+
+
+def _run_nemotron_nas(args: argparse.Namespace) -> int:
+    """--format nemotron-nas (matformer.slicing.nemotron_nas)."""
+    from matformer.slicing.nemotron_nas import write_nemotron_nas
+
+    for flag, value in (("--tiers", args.tiers), ("--config-csv", args.config_csv),
+                        ("--config-name", args.config_name)):
+        if value is not None:
+            raise ConfigError(f"{flag} does not apply to --format nemotron-nas")
+    result = write_nemotron_nas(
+        args.src, args.output, **width_request(args).keywords(), budget=args.budget,
+        skip_layers=int_list(args.skip_layers, "--skip-layers"),
+        max_shard_size=args.max_shard_size, revision=args.revision, log=print)
     print(result.summary())
     return 0
