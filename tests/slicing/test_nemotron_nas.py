@@ -207,3 +207,89 @@ def test_head_dim_that_is_not_hidden_over_heads_is_refused(tmp_path):
                        head_dim=16), folder)
     with pytest.raises(ConfigError, match="hidden_size / head_dim"):
         write_nemotron_nas(folder, tmp_path / "out")
+
+
+# ---- llama.cpp's own converter (slow: needs the llama-cpp-python source and the library) ------
+
+
+def _llama_tokenizer(vocab_size: int):
+    """A Llama-style BPE tokenizer (byte fallback, Sequence decoder): the kind llama.cpp's
+    converter reads for a DeciLM whose vocabulary is not Llama 3's (`LlamaHfVocab`)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for c in "▁abcdefghijklmnopqrstuvwxyz0123456789.,!?'":
+        vocab.setdefault(c, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"▁w{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+def _llama_cpp_tree(tmp: Path) -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist: $LLAMA_CPP_SRC (the folder
+    holding convert_hf_to_gguf.py), else the sdist of the installed version via pip."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    if os.environ.get("LLAMA_CPP_SRC"):
+        return Path(os.environ["LLAMA_CPP_SRC"])
+    llama_cpp = pytest.importorskip("llama_cpp")
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                        ":all:", f"llama-cpp-python=={llama_cpp.__version__}", "-d", str(tmp)],
+                       capture_output=True, text=True, timeout=600)
+    sdists = sorted(tmp.glob("llama_cpp_python-*.tar.gz"))
+    if r.returncode or not sdists:
+        pytest.skip(f"no llama-cpp-python sdist (set LLAMA_CPP_SRC): {r.stderr[-300:]}")
+    with tarfile.open(sdists[0]) as tf:
+        keep = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name and (
+            m.name.endswith("convert_hf_to_gguf.py") or "/conversion/" in m.name
+            or "/gguf-py/" in m.name)]
+        tf.extractall(tmp, members=keep, filter="data")
+    return next(tmp.glob("*/vendor/llama.cpp"))
+
+
+@pytest.mark.slow
+def test_llama_cpp_converter_runs_the_export_with_our_logits(tmp_path):
+    """A Mix'n'Match export with per-layer KV heads and a skipped layer, converted by
+    llama.cpp's own convert_hf_to_gguf.py (DeciModel) and run by llama.cpp (f32 weights and KV
+    cache): its logits equal matformer's slice of the same request (1e-4)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tree = _llama_cpp_tree(tmp_path / "sdist")
+    src = tmp_path / "src"
+    save_model(tiny_lm(0, distinct=True, random_norms=True, **{**SHAPE, "num_hidden_layers": 4}),
+               src)
+    _llama_tokenizer(512).save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>"}))
+    request = dict(layer_tiers=[2, 1, 0, 1], layer_kv_heads=[4, 2, 4, 1], skip_layers=[2])
+    write_nemotron_nas(src, tmp_path / "nas", **request)
+    gguf_path = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(tmp_path / "nas"),
+                        "--outtype", "f32", "--outfile", str(gguf_path)], cwd=tree,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    slice_checkpoint(src, tmp_path / "ref", **request)
+    ids = [1, 5, 9, 200, 33, 7, 480, 2, 64, 3, 17, 300]
+    with torch.no_grad():
+        ours = load_model(tmp_path / "ref", dtype=torch.float32).eval()(torch.tensor([ids]))
+    ours = (ours.logits if hasattr(ours, "logits") else ours)[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_batch=64, logits_all=True,
+                          n_threads=1, verbose=False, seed=0, type_k=0, type_v=0)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    assert np.abs(theirs - ours).max() < 1e-4, np.abs(theirs - ours).max()

@@ -26,6 +26,7 @@ VERBS = {
     "eval": "eval",
     "export": "export",
     "convert": "convert",
+    "plan": "plan",
 }
 
 

@@ -156,7 +156,6 @@ class NasPlan:
             "max_position_embeddings": c.max_position_embeddings,
             "rms_norm_eps": c.rms_norm_eps,
             "rope_theta": c.rope_theta,
-            "rope_scaling": None,
             "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
             "hidden_act": "silu",
             "attention_bias": False,
