@@ -47,6 +47,7 @@ from matformer.io.files import read_json
 from matformer.io.source import Source, resolve_source
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import DecoderLayer, KVCache, MatFormerLM, lm_loss
+from matformer.models.lm.numerics import hidden_act
 from matformer.models.lm.shapes import (
     format_count,
     kv_cache_bytes_per_token,
@@ -440,6 +441,9 @@ def plan_device(src: str | os.PathLike | Source, *, memory: int | str, latency_m
     if source.family is not LM or not isinstance(config, MatFormerConfig):
         raise ConfigError(f"{source.describe()}: `plan` plans language models; this is a "
                           f"{source.family.name!r} checkpoint")
+    if fmt == "gguf" and hidden_act(config) not in ("silu", "swish"):
+        raise ConfigError(f"--format gguf: hidden_act={hidden_act(config)!r}; llama.cpp runs "
+                          f"silu only, so no slice of this checkpoint exports with its logits")
     if fmt == "nemotron-nas":  # refuse what the format can never describe before measuring
         try:
             plan_nemotron_nas(config)
