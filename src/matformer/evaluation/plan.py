@@ -2,12 +2,14 @@
 latency target, with every number measured on the device it runs on.
 
 What users have is a device and a latency budget, not a parameter count (`slice --budget`). So:
-1. costs (seconds, timed here): each layer's decode step, one token for each of `batch` rows at
-   cache position `context - 1` (the slowest step of a `context`-long generation), at every FFN
-   width and KV head count the search uses, each layer cut to that size as contiguous weights (as
-   a slice stores them) and timed alone (a low quantile of `reps` interleaved runs, `QUANTILE`); plus the rest of the step (embedding,
-   final norm, lm_head, the loop) as the full model's measured step minus its layers' costs.
-   A plan's predicted latency is the rest plus its layers' costs.
+1. costs (seconds, timed here): for every uniform (FFN width, KV heads) setting the candidates
+   use, the checkpoint is sliced to it and loaded, as it would be deployed, and its decode step
+   (one token for each of `batch` rows at cache position `context - 1`, the slowest step of a
+   `context`-long generation) is timed, every layer within it too: each layer's cost at each
+   width and head count is its share of that step; the rest (embedding, rotary, final norm,
+   lm_head) is the step minus its layers. A plan's predicted latency is the rest plus its
+   layers' costs. All settings and the stored model run in interleaved rounds; each time is a
+   low quantile of its runs (`QUANTILE`).
 2. memory (bytes, counted): the plan's weights at the checkpoint's dtype plus its KV cache for
    `batch` sequences of `context` tokens.
 3. candidates, in the paper's least-slope order (as `slice --budget`): every uniform width the
@@ -27,7 +29,6 @@ vLLM) have other constant costs, but the per-layer costs they pay scale the same
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -141,39 +142,6 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], device: torch.device,
     return times
 
 
-def _layer_at(model: MatFormerLM, i: int, width: int, kv_heads: int) -> tuple[DecoderLayer,
-                                                                               MatFormerConfig]:
-    """Layer `i` of `model` cut to (`width`, `kv_heads`) as a standalone layer with contiguous
-    weights (what a slice stores), and the one-layer config it is built from."""
-    cfg = copy.deepcopy(model.config)
-    r, hd = cfg.group_size, cfg.head_dim
-    assert hd is not None
-    cfg.num_hidden_layers = 1
-    cfg.intermediate_size = width
-    cfg.num_key_value_heads = kv_heads
-    cfg.num_attention_heads = kv_heads * r
-    cfg.__post_init__()
-    src = model.model.layers[i]
-    p = src.input_layernorm.weight
-    with torch.device("meta"):
-        layer = DecoderLayer(cfg, 0, width)
-    q, kv = kv_heads * r * hd, kv_heads * hd
-    cut = {
-        "self_attn.q_proj.weight": src.self_attn.q_proj.weight[:q],
-        "self_attn.k_proj.weight": src.self_attn.k_proj.weight[:kv],
-        "self_attn.v_proj.weight": src.self_attn.v_proj.weight[:kv],
-        "self_attn.o_proj.weight": src.self_attn.o_proj.weight[:, :q],
-        "mlp.gate_proj.weight": src.mlp.gate_proj.weight[:width],
-        "mlp.up_proj.weight": src.mlp.up_proj.weight[:width],
-        "mlp.down_proj.weight": src.mlp.down_proj.weight[:, :width],
-        "input_layernorm.weight": src.input_layernorm.weight,
-        "post_attention_layernorm.weight": src.post_attention_layernorm.weight,
-    }
-    layer.load_state_dict({k: v.detach().to(p.device).contiguous().clone()
-                           for k, v in cut.items()}, assign=True)
-    return layer.eval(), cfg
-
-
 def _step(model: MatFormerLM, layers: Sequence[DecoderLayer], caches: Sequence[KVCache],
           ids: torch.Tensor, position: int, laps: list[float] | None = None) -> torch.Tensor:
     """One decode step of `model`'s embedding, head and rotary around `layers` (each with its
@@ -195,48 +163,47 @@ def _step(model: MatFormerLM, layers: Sequence[DecoderLayer], caches: Sequence[K
     return model.lm_head(model.model.norm(x))
 
 
-def measure_step_costs(model: MatFormerLM, options: Sequence[tuple[int, int]], *,
+def measure_step_costs(model: MatFormerLM, options: dict[tuple[int, int], MatFormerLM], *,
                        batch: int, position: int, reps: int) -> StepCosts:
-    """Time the decode step of the model cut to each uniform (width, kv_heads) of `options`
-    (contiguous weights, as a slice stores them), every layer of it within the step, and the
-    stored model's step; all in interleaved rounds (see `interleaved_times`). Each layer's cost
+    """Time the decode step of each model in `options` (the checkpoint sliced to that uniform
+    (width, kv_heads) and loaded, as deployed), every layer of it within the step, and the
+    stored `model`'s step; all in interleaved rounds (see `interleaved_times`). Each layer's cost
     at a setting is its share of that setting's whole step; the rest (embedding, head) is the
     step minus its layers, the same at every setting."""
     t_start = time.perf_counter()
     dev = model.model.embed_tokens.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
     n = len(model.model.layers)
     ids = torch.ones(batch, 1, dtype=torch.long, device=dev)
-    laps: dict[int, list[list[float]]] = {k: [[] for _ in range(n)] for k in range(len(options))}
+    keys = list(options)
+    laps: dict[int, list[list[float]]] = {k: [[] for _ in range(n)] for k in range(len(keys))}
     rests: list[float] = []
     fns: list[Callable[[], Any]] = []
     with torch.inference_mode():
         stored_cache = model.new_cache(batch, position + 1)
         fns.append(lambda: model(ids, cache=stored_cache, start=position))
-        for k, (w, g) in enumerate(options):
-            cut = [_layer_at(model, i, w, g) for i in range(n)]
-            layers = [layer for layer, _ in cut]
-            caches = [KVCache(cfg, batch, position + 1, device=dev, dtype=dtype, kv_heads=[g])
-                      for _, cfg in cut]
+        for k, key in enumerate(keys):
+            m = options[key]
+            cache = m.new_cache(batch, position + 1)
+            layers, caches = list(m.model.layers), [cache] * n
 
-            def instrumented(k: int = k, layers: list = layers, caches: list = caches) -> None:
+            def instrumented(k: int = k, m: MatFormerLM = m, layers: list = layers,
+                             caches: list = caches) -> None:
                 lap: list[float] = []
                 sync_device(dev)
                 t0 = time.perf_counter()
-                _step(model, layers, caches, ids, position, lap)
+                _step(m, layers, caches, ids, position, lap)
                 sync_device(dev)
                 rests.append(time.perf_counter() - t0 - sum(lap))
                 for i, t in enumerate(lap):
                     laps[k][i].append(t)
 
-            fns.append(lambda layers=layers, caches=caches: _step(model, layers, caches, ids,
-                                                                  position))
+            fns.append(lambda m=m, cache=cache: m(ids, cache=cache, start=position))
             fns.append(instrumented)
         times = interleaved_times(fns, dev, reps)
     rest = low_quantile(rests)
     layer_costs: list[dict[str, float]] = [{} for _ in range(n)]
     uniform = {}
-    for k, (w, g) in enumerate(options):
+    for k, (w, g) in enumerate(keys):
         step = low_quantile(times[1 + 2 * k])
         uniform[f"{w},{g}"] = step
         parts = [low_quantile(laps[k][i]) for i in range(n)]
@@ -476,7 +443,14 @@ def plan_device(src: str | os.PathLike | Source, *, memory: int | str, latency_m
                 options.append((w, g))
     say(f"timing the step at {len(options)} (width, KV heads) settings, every layer within it "
         f"(batch {batch}, position {context - 1})")
-    costs = measure_step_costs(model, options, batch=batch, position=context - 1, reps=reps)
+    with tempfile.TemporaryDirectory(prefix="matformer-plan-") as tmp:
+        models = {}
+        for w, g in options:  # each setting as deployed: sliced, then loaded
+            folder = Path(tmp) / f"w{w}-g{g}"
+            slice_checkpoint(source, folder, widths=w, kv_heads=g)
+            models[(w, g)] = load_model(folder, device=device).eval()
+    costs = measure_step_costs(model, models, batch=batch, position=context - 1, reps=reps)
+    del models
     for c in small:
         c.latency_s = costs.predict(c.widths, c.kv_heads)
         c.fits = c.latency_s <= latency_ms / 1e3
