@@ -40,8 +40,10 @@ def test_rope_theta_read_from_either_place() -> None:
     assert MatFormerConfig.from_dict({**base, "rope_theta": 1234.0}).rope_theta == 1234.0
     tf5 = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}
     assert MatFormerConfig.from_dict(tf5).rope_theta == 777.0
-    with pytest.raises(ConfigError, match="rope_type='llama3'"):
+    with pytest.raises(ConfigError, match="rope_type 'llama3' needs"):
         MatFormerConfig.from_dict({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}})
+    with pytest.raises(ConfigError, match="rope_parameters.rope_type='longrope'"):
+        MatFormerConfig.from_dict({**base, "rope_parameters": {"rope_type": "longrope"}})
 
 
 def test_dtype_read_from_either_key() -> None:

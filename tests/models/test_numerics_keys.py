@@ -27,7 +27,8 @@ def _keys(cls) -> set[str]:
     return params | set(cls().to_dict())
 
 
-@pytest.mark.parametrize("cls_name", ["LlamaConfig", "MistralConfig"])
+@pytest.mark.parametrize("cls_name", ["LlamaConfig", "MistralConfig", "Qwen2Config",
+                                      "Qwen3Config"])
 def test_every_transformers_key_is_classified(cls_name):
     keys = _keys(getattr(transformers, cls_name))
     covered = set(numerics.IMPLEMENTED) | set(numerics.HARMLESS)
@@ -51,12 +52,13 @@ def test_default_transformers_configs_load(cls_name):
 
 @pytest.mark.parametrize("key,value", [
     ("hidden_act", "gelu_new"), ("hidden_act", "quick_gelu"), ("hidden_act", 3),
-    ("sliding_window", 16), ("use_sliding_window", True), ("attention_bias", True),
-    ("mlp_bias", True), ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-    ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+    ("sliding_window", 16), ("use_sliding_window", True), ("attention_bias", "yes"),
+    ("mlp_bias", True), ("rope_scaling", {"rope_type": "longrope", "factor": 2.0}),
+    ("rope_scaling", {"type": "linear", "factor": 2.0, "low_freq_factor": 1.0}),
     ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
     ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
-    ("model_type", "qwen2"), ("model_type", "gemma"), ("quantization_config", {"bits": 4}),
+    ("rope_parameters", {"rope_type": "mystery", "rope_theta": 1e4}),
+    ("model_type", "gemma"), ("quantization_config", {"bits": 4}),
     ("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
     ("logits_scaling", 2.0), ("embedding_multiplier", 12.0), ("layer_norm_eps", 1e-5),
     ("norm_eps", 1e-5), ("partial_rotary_factor", 0.5), ("layer_types", ["sliding_attention"]),

@@ -5,9 +5,13 @@ adding one is: its folder `models/<family>/` (a config subclassing `nesting.Nest
 model mixing in `nesting.WidthSetting`, its shape arithmetic), one `register(Family(...))`
 below, and its tests. Built in:
 
-- `lm`: the language model (`MatFormerConfig` / `MatFormerLM`, transformers' Llama layout); the
-  default family, so a config.json of no known family is read as one (its reader then says
-  what is wrong with it);
+- `lm`: the language model (`MatFormerConfig` / `MatFormerLM`, transformers' Llama layout, with
+  Llama 3.x rope scaling); the default family, so a config.json of no known family is read as
+  one (its reader then says what is wrong with it);
+- `mistral`, `qwen2`, `qwen3`: the same block with a sliding window, q/k/v biases, per-head q/k
+  norms (`models/<family>/config.py`: a `MatFormerConfig` subclass naming its `Dialect`, model
+  type, transformers class and llama.cpp architecture; the model and shapes are the LM's, which
+  read those switches from the config);
 - `vit`: MatViT (`MatViTConfig` / `MatViT`, transformers' ViT layout), `model_type: "vit"`;
 - `gemma3n`: Hugging Face Gemma 3n (`model_type` `gemma3n` or `gemma3n_text`), read but not
   loaded: `matformer.slicing.gemma3n` slices and describes it from its own config reader, and
@@ -29,7 +33,10 @@ from typing import Any
 from matformer.errors import ConfigError
 from matformer.models.lm import config as lm_config
 from matformer.models.lm import shapes as lm_shapes
+from matformer.models.mistral.config import MistralConfig
 from matformer.models.nesting import NestedConfig
+from matformer.models.qwen2.config import Qwen2Config
+from matformer.models.qwen3.config import Qwen3Config
 from matformer.models.vit import config as vit_config
 from matformer.models.vit.config import MatViTConfig
 
@@ -85,6 +92,9 @@ class Family:
     """The name people know it by, for messages (default: `name`)."""
     docs: str = ""
     """Where its documentation is (named by the error of a family matformer does not load)."""
+    gguf_arch: str | None = None
+    """llama.cpp's architecture name for a uniform model of this family (None: no GGUF
+    export)."""
 
     @property
     def loadable(self) -> bool:
@@ -240,16 +250,49 @@ def non_embedding_parameters(config: NestedConfig, widths: Sequence[int] | None 
 
 # ---- the built-in families ---------------------------------------------------------------------
 
-LM = register(Family(
-    name="lm", model_types=(lm_config.MODEL_TYPE,),
-    architectures=(lm_config.ARCHITECTURE, lm_config.NESTED_ARCHITECTURE),
-    config_class=lm_config.MatFormerConfig, model_path="matformer.models.lm.model:MatFormerLM",
-    task=CAUSAL_LM, layer_prefix=lm_shapes.LAYER_PREFIX, nested=lm_shapes.nested_axis,
-    embedding_prefixes=(lm_shapes.EMBEDDING, lm_shapes.LM_HEAD),
-    tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
-    shapes=lm_shapes.expected_shapes, counts=lm_shapes.parameter_counts,
-    summary=lambda c: f"vocab {c.vocab_size}", info=lambda c: {"vocab_size": c.vocab_size},
-))
+def _lm_summary(c: Any) -> str:
+    parts = [f"vocab {c.vocab_size}"]
+    if c.rope.scaled:
+        parts.append(f"rope {c.rope.rope_type} x{c.rope.params.get('factor')}")
+    windows = sorted({w for w in c.layer_windows if w is not None})
+    if windows:
+        n = sum(w is not None for w in c.layer_windows)
+        parts.append(f"sliding window {'/'.join(map(str, windows))} in {n} of "
+                     f"{c.num_hidden_layers} layers")
+    if c.qkv_bias:
+        parts.append("q/k/v biases")
+    if c.qk_norm:
+        parts.append("q/k norms")
+    return ", ".join(parts)
+
+
+def _lm_info(c: Any) -> dict[str, Any]:
+    return {"vocab_size": c.vocab_size, "model_type": c.MODEL_TYPE,
+            "rope_type": c.rope.rope_type, "sliding_windows": c.layer_windows
+            if c.sliding else None, "attention_bias": c.qkv_bias, "qk_norm": c.qk_norm}
+
+
+def llama_block_family(name: str, config_class: type[lm_config.MatFormerConfig],
+                       title: str) -> Family:
+    """The record of a family on the Llama block: the LM's model, shapes and nesting, read
+    through `config_class` (its Dialect, model_type, transformers class, llama.cpp arch)."""
+    return Family(
+        name=name, model_types=tuple(t for t in config_class.DIALECT.model_types if t),
+        architectures=(config_class.ARCHITECTURE, config_class.NESTED_ARCHITECTURE),
+        config_class=config_class, model_path="matformer.models.lm.model:MatFormerLM",
+        task=CAUSAL_LM, layer_prefix=lm_shapes.LAYER_PREFIX, nested=lm_shapes.nested_axis,
+        embedding_prefixes=(lm_shapes.EMBEDDING, lm_shapes.LM_HEAD),
+        tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
+        shapes=lm_shapes.expected_shapes, counts=lm_shapes.parameter_counts,
+        summary=_lm_summary, info=_lm_info, title=title, gguf_arch=config_class.GGUF_ARCH)
+
+
+LM = register(llama_block_family("lm", lm_config.MatFormerConfig, "Llama"))
+MISTRAL = register(llama_block_family("mistral", MistralConfig, "Mistral"))
+QWEN2 = register(llama_block_family("qwen2", Qwen2Config, "Qwen2"))
+QWEN3 = register(llama_block_family("qwen3", Qwen3Config, "Qwen3"))
+LLAMA_BLOCK = (LM, MISTRAL, QWEN2, QWEN3)
+"""The families whose model is `MatFormerLM` (convert, GGUF export and input read them)."""
 VIT = register(Family(
     name="vit", model_types=(vit_config.MODEL_TYPE,),
     architectures=(vit_config.ARCHITECTURE, vit_config.NESTED_ARCHITECTURE),

@@ -21,7 +21,9 @@ checkpoint whose every prefix keeps the most important neurons and heads:
    `activation`), and the query heads inside each group by their scores.
    Measured on small models in docs/RESULTS.md: reconstruction keeps the most at narrow widths.
 2. permutation, exact: gate_proj/up_proj rows and down_proj columns by the FFN order; q_proj
-   rows and o_proj columns by head (hd rows/columns each), k_proj/v_proj rows by KV group. Every
+   rows and o_proj columns by head (hd rows/columns each), k_proj/v_proj rows by KV group, q/k/v
+   biases (Qwen2) with their rows; o_proj's bias and Qwen3's q/k norms (one weight over
+   head_dim, the same for every head) stay as they are. Every
    neuron and head computes what it did, in another place, so the converted model at tier 0 (all
    heads) computes the original function (logits equal up to float summation order).
 3. streamed write: the source tensors are memory-mapped, and each output tensor is permuted and
@@ -60,7 +62,7 @@ from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.models.devices import check_device
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
-from matformer.models.registry import LM
+from matformer.models.registry import LLAMA_BLOCK
 
 METHODS = ("reconstruction", "contribution", "activation")
 REPORT_NAME = "convert_report.json"
@@ -263,6 +265,8 @@ def permute_tensor(name: str, tensor: torch.Tensor, perm: Permutation, head_dim:
     i, proj = int(parts[2]), parts[4]
     index: torch.Tensor | None = None
     dim = 0
+    if tensor.dim() == 1 and proj in ("down_proj", "o_proj"):
+        return tensor  # a bias over the hidden size: not permuted (q/k norms: not projections)
     if proj in ("gate_proj", "up_proj", "down_proj"):
         index, dim = torch.tensor(perm.ffn[i], dtype=torch.long), int(proj == "down_proj")
     elif proj in ("q_proj", "o_proj"):
@@ -382,10 +386,11 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     parse_size(max_shard_size)  # a bad size fails now, not after the importance pass
     check_device(device)
     source = resolve_source(src, revision=revision, companions=True)
-    if source.family is not LM:
+    if source.family not in LLAMA_BLOCK:
         raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint "
                           f"(family {source.family.name}); convert orders the FFN and heads of a "
-                          f"dense language model (Llama layout) only")
+                          f"dense language model on the Llama block (Llama, Mistral, Qwen2, "
+                          f"Qwen3) only")
     config = _check_dense(source)
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "
@@ -429,7 +434,7 @@ def _write(source: Source, config: MatFormerConfig, perm: Permutation, out: str 
     extra: dict[str, str | os.PathLike | bytes] = {
         name: source.folder / name for name in COMPANION_FILES if (source.folder / name).is_file()}
     extra[REPORT_NAME] = report
-    out_config = MatFormerConfig.from_dict(config.to_dict())
+    out_config = type(config).from_dict(config.to_dict())
     return write_checkpoint(out, out_config, specs, lambda n: permute_tensor(n, sd[n], perm, hd),
                             max_shard_size=max_shard_size, extra_files=extra)
 

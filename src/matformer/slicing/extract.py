@@ -286,6 +286,8 @@ def _plan(source: Config, request: WidthRequest, budget: int | str | None,
     check_held(base, [stored[i] for i in keep], out_widths, layers=keep, holder="the source",
                remedy="slice from a checkpoint that holds it")
     cfg = copy.deepcopy(source)
+    if hasattr(cfg, "keep_layers"):  # per-layer keys (a Qwen's layer_types) follow the layers
+        cfg.keep_layers(keep)
     cfg.num_hidden_layers = n_keep
     cfg.intermediate_size = list(out_widths)
     cfg.num_key_value_heads = list(out_heads)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from matformer.errors import ConfigError
-from matformer.models.lm.numerics import check_numerics_keys
+from matformer.models.lm.numerics import LLAMA, Dialect, check_numerics_keys, layer_windows
+from matformer.models.lm.rope import RopeSpec, read_rope
 from matformer.models.nesting import (
     NESTED_KEYS,
     REWRITTEN,
@@ -78,11 +79,23 @@ class MatFormerConfig(NestedConfig):
     MODEL_TYPE: ClassVar[str] = MODEL_TYPE
     ARCHITECTURE: ClassVar[str] = ARCHITECTURE
     NESTED_ARCHITECTURE: ClassVar[str] = NESTED_ARCHITECTURE
+    DIALECT: ClassVar[Dialect] = LLAMA
+    """How this family reads the numerics keys (models.lm.numerics.Dialect)."""
+    GGUF_ARCH: ClassVar[str] = "llama"
+    """llama.cpp's architecture name for a uniform model of this family."""
+    _BY_MODEL_TYPE: ClassVar[dict[str, type[MatFormerConfig]]] = {}
+    """model_type -> the config class of the Llama-block family that reads it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for mt in cls.DIALECT.model_types:
+            if mt is not None:
+                MatFormerConfig._BY_MODEL_TYPE[mt] = cls
     KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS | {
         "vocab_size", "hidden_size", "num_key_value_heads", "max_position_embeddings",
         "rms_norm_eps", "rope_theta", "tie_word_embeddings", "bos_token_id", "eos_token_id",
         "pad_token_id"}
-    REWRITTEN: ClassVar[frozenset[str]] = REWRITTEN | {"rope_parameters"}
+    REWRITTEN: ClassVar[frozenset[str]] = REWRITTEN
     REQUIRED: ClassVar[tuple[str, ...]] = ("vocab_size", "hidden_size", "num_hidden_layers",
                                            "num_attention_heads", "intermediate_size")
 
@@ -113,6 +126,48 @@ class MatFormerConfig(NestedConfig):
         self.intermediate_size = self._per_layer("intermediate_size")
         self._check_nested()
         self.rope_theta = float(self.rope_theta)
+        view = self._numerics_view()
+        self.rope: RopeSpec = read_rope(view)
+        """The rotary embedding (models.lm.rope)."""
+        self.layer_windows: list[int | None] = layer_windows(view, self.num_hidden_layers,
+                                                             self.DIALECT)
+        """Attention window of each layer (None: full causal attention)."""
+
+    def _numerics_view(self) -> dict[str, Any]:
+        """The keys the numerics readers take, as config.json has them."""
+        return {**self.extra, "rope_theta": self.rope_theta,
+                "max_position_embeddings": self.max_position_embeddings}
+
+    # ---- what the family computes ------------------------------------------------------------
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections have biases (Qwen2 always; Llama/Qwen3 with attention_bias)."""
+        b = self.DIALECT.bias
+        return b == "qkv" or (b == "config" and self.extra.get("attention_bias") is True)
+
+    @property
+    def o_bias(self) -> bool:
+        """o_proj has a bias (Llama/Qwen3 with attention_bias)."""
+        return self.DIALECT.bias == "config" and self.extra.get("attention_bias") is True
+
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of queries and keys (Qwen3)."""
+        return self.DIALECT.qk_norm
+
+    @property
+    def sliding(self) -> bool:
+        """Some layer attends through a window."""
+        return any(w is not None for w in self.layer_windows)
+
+    def keep_layers(self, keep: list[int]) -> None:
+        """Keep only layers `keep` (per-layer keys such as `layer_types` follow them); the
+        caller re-runs __post_init__."""
+        types = self.extra.get("layer_types")
+        if isinstance(types, list) and len(types) == self.num_hidden_layers:
+            self.extra["layer_types"] = [types[i] for i in keep]
+        self.num_hidden_layers = len(keep)
 
     def _check_scalars(self) -> None:
         """Types and ranges of the non-size keys: a wrong type is refused, never coerced (a
@@ -165,31 +220,43 @@ class MatFormerConfig(NestedConfig):
     # ---- config.json ---------------------------------------------------------------------
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> Any:
+        """As NestedConfig.from_dict; asked of MatFormerConfig, a config.json of another family
+        on the Llama block (Mistral, Qwen2, Qwen3) is read as that family's config, so no path
+        reads a Mistral as a Llama and silently drops its window."""
+        if cls is MatFormerConfig and isinstance(d, dict):
+            mt = d.get("model_type")
+            if mt not in cls.DIALECT.model_types:
+                if mt not in cls._BY_MODEL_TYPE:
+                    import matformer.models.registry  # noqa: F401  (registers every family)
+                target = cls._BY_MODEL_TYPE.get(mt) if isinstance(mt, str) else None
+                if target is not None:
+                    return target.from_dict(d, source=source)
+        return super().from_dict(d, source=source)
+
+    @classmethod
     def _check_input(cls, d: dict[str, Any], source: str) -> None:
-        check_numerics_keys(d, source)  # every key that changes the logits: ours, or refused
+        # every key that changes the logits: ours, or refused
+        check_numerics_keys(d, source, cls.DIALECT)
 
     @classmethod
     def _read_special(cls, d: dict[str, Any], kwargs: dict[str, Any], extra: dict[str, Any],
                       source: str) -> None:
-        """transformers' rope_parameters (default rotary embeddings only) and no rope_scaling."""
-        rope_params = d.get("rope_parameters")
-        if isinstance(rope_params, dict):
-            rtype = rope_params.get("rope_type", rope_params.get("type", "default"))
-            if rtype != "default":
-                raise ConfigError(
-                    f"{source}: rope_parameters.rope_type={rtype!r} is not supported "
-                    f"(only 'default' rotary embeddings)"
-                )
-            if "rope_theta" in rope_params:
-                kwargs.setdefault("rope_theta", rope_params["rope_theta"])
-        scaling = extra.get("rope_scaling")
-        if scaling:
-            raise ConfigError(f"{source}: rope_scaling={scaling!r} is not supported")
+        """rope_theta from transformers' rope_parameters (the rest is read by models.lm.rope
+        from `extra`); per-layer keys checked against the layer count."""
+        rope = read_rope(d, source)
+        if "rope_theta" in (d.get("rope_parameters") or {}) or "rope_theta" not in d:
+            kwargs["rope_theta"] = rope.theta
+        n = d.get("num_hidden_layers")
+        if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_LAYERS:
+            layer_windows(d, n, cls.DIALECT, source)
 
     def _write_special(self, d: dict[str, Any]) -> None:
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["rope_parameters"] = self.rope.to_dict()
+        d.pop("rope_scaling", None)  # transformers reads rope_scaling over rope_parameters
         d.setdefault("hidden_act", "silu")
-        d.setdefault("attention_bias", False)
+        if self.DIALECT.bias == "config":
+            d.setdefault("attention_bias", False)
         d.setdefault("mlp_bias", False)
 
 

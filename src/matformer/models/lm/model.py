@@ -32,6 +32,8 @@ from torch import nn
 from matformer.errors import TierError
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.numerics import activation, hidden_act
+from matformer.models.lm.rope import RopeSpec
+from matformer.models.lm.rope import inv_freq as rope_inv_freq
 from matformer.models.lm.shapes import parameter_counts
 from matformer.models.nesting import WidthSetting
 
@@ -56,26 +58,53 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary:
-    """Default (unscaled) rotary embeddings, computed exactly as transformers' Llama does."""
+    """Rotary embeddings computed exactly as transformers does for the config's rope type
+    (`models.lm.rope`: default, linear, dynamic, yarn, llama3): cos/sin for the positions of
+    each call, no table sized to max_position_embeddings."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float | None = None, spec: RopeSpec | None = None,
+                 max_positions: int = 2048) -> None:
         self.head_dim = head_dim
-        self.theta = theta
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.spec = spec if spec is not None else RopeSpec(theta=10000.0 if theta is None
+                                                           else float(theta))
+        self.theta = self.spec.theta
+        self.max_positions = max_positions
+        self._inv_freq: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            exps = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(device, torch.float) / self.head_dim
-            self._inv_freq[device] = 1.0 / (self.theta**exps)
+        return self._freqs(device)[0]
+
+    def _freqs(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        if device not in self._inv_freq:  # computed on the CPU as transformers does, then moved
+            inv, factor = rope_inv_freq(self.spec, self.head_dim, self.max_positions)
+            self._inv_freq[device] = (inv.to(device), factor)
         return self._inv_freq[device]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (B, T) -> cos, sin: (B, T, hd)
-        inv = self.inv_freq(positions.device)
+        inv, factor = self._freqs(positions.device)
+        if self.spec.rope_type == "dynamic":
+            longest = int(positions.max()) + 1 if positions.numel() else 0
+            if longest > self.max_positions:  # transformers' dynamic_rope_update: grown
+                inv, factor = rope_inv_freq(self.spec, self.head_dim, self.max_positions,
+                                            seq_len=torch.tensor(longest))
+                inv = inv.to(positions.device)
         inv_e = inv[None, :, None].expand(positions.shape[0], -1, 1)
         freqs = (inv_e @ positions[:, None, :].float()).transpose(1, 2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(..., Tq, Tk) booleans: key position k is seen from query position q when k <= q and,
+    with a `window`, q - k < window (transformers' sliding_window_overlay: k > q - window)."""
+    seen = k_pos[..., None, :] <= q_pos[..., :, None]
+    if window is not None:
+        seen = seen & (k_pos[..., None, :] > q_pos[..., :, None] - window)
+    return seen
 
 
 class KVCache:
@@ -131,10 +160,17 @@ class Attention(nn.Module):
         self.hd = config.head_dim
         stored = config.layer_kv_heads[layer_idx]
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, stored * self.group * self.hd, bias=False)
-        self.k_proj = nn.Linear(h, stored * self.hd, bias=False)
-        self.v_proj = nn.Linear(h, stored * self.hd, bias=False)
-        self.o_proj = nn.Linear(stored * self.group * self.hd, h, bias=False)
+        qkv_bias = config.qkv_bias
+        self.q_proj = nn.Linear(h, stored * self.group * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, stored * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, stored * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(stored * self.group * self.hd, h, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by every head
+            self.q_norm = RMSNorm(self.hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.window = config.layer_windows[layer_idx]
+        """Sliding attention window of this layer (None: full causal attention)."""
         self.kv_heads = stored
         """Active KV heads g (the first g KV groups run)."""
 
@@ -153,6 +189,14 @@ class Attention(nn.Module):
         q_rows, kv_rows = g * self.group * self.hd, g * self.hd
         return wq[:q_rows], wk[:kv_rows], wv[:kv_rows], wo[:, :q_rows]
 
+    def _biases(self) -> tuple[torch.Tensor | None, ...]:
+        """q, k, v biases of the active heads (prefixes of rows, as the weights), or Nones."""
+        bq, bk, bv = self.q_proj.bias, self.k_proj.bias, self.v_proj.bias
+        if bq is None or self.kv_heads == self.stored_kv_heads:
+            return bq, bk, bv
+        q_rows, kv_rows = self.kv_heads * self.group * self.hd, self.kv_heads * self.hd
+        return bq[:q_rows], bk[:kv_rows], bv[:kv_rows]
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, start: int | torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,9 +207,14 @@ class Attention(nn.Module):
         g = self.kv_heads
         nh = g * self.group
         wq, wk, wv, wo = self._weights()
-        q = F.linear(x, wq).view(B, T, nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = F.linear(x, wk).view(B, T, g, self.hd).transpose(1, 2)  # (B, g, T, hd)
-        v = F.linear(x, wv).view(B, T, g, self.hd).transpose(1, 2)
+        bq, bk, bv = self._biases()
+        q = F.linear(x, wq, bq).view(B, T, nh, self.hd)
+        k = F.linear(x, wk, bk).view(B, T, g, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, nh, T, hd)
+        k = k.transpose(1, 2)  # (B, g, T, hd)
+        v = F.linear(x, wv, bv).view(B, T, g, self.hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -187,18 +236,26 @@ class Attention(nn.Module):
             ck[:, :, start:end] = k
             cv[:, :, start:end] = v
             k, v = ck[:, :, :end], cv[:, :, :end]
-            if start > 0 and T > 1:
-                # Query i sits at absolute position start+i and sees keys 0..start+i.
-                q_pos = torch.arange(start, end, device=x.device)[:, None]
-                mask = torch.arange(end, device=x.device)[None, :] <= q_pos  # (T, end)
+            if start > 0 and (T > 1 or self._masks(end)):
+                # Query i sits at absolute position start+i and sees keys 0..start+i (those
+                # within the window, if any).
+                mask = window_mask(torch.arange(start, end, device=x.device),
+                                   torch.arange(end, device=x.device), self.window)  # (T, end)
                 is_causal = False
             elif start > 0:
                 is_causal = False
+        if mask is None and is_causal and self._masks(T):
+            pos = torch.arange(T, device=x.device)
+            mask, is_causal = window_mask(pos, pos, self.window), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.hd**-0.5,
             enable_gqa=self.group != 1,
         )  # (B, nh, T, hd)
-        return F.linear(y.transpose(1, 2).reshape(B, T, nh * self.hd), wo)
+        return F.linear(y.transpose(1, 2).reshape(B, T, nh * self.hd), wo, self.o_proj.bias)
+
+    def _masks(self, length: int) -> bool:
+        """The window hides some key from some query of a sequence of `length` positions."""
+        return self.window is not None and length > self.window
 
     def _cache_heads(self, cache: KVCache, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
@@ -268,7 +325,8 @@ class MatFormerLM(WidthSetting, nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.rotary = Rotary(config.head_dim, spec=config.rope,
+                             max_positions=config.max_position_embeddings)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -287,6 +345,8 @@ class MatFormerLM(WidthSetting, nn.Module):
                     continue
                 w = torch.empty(mod.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
                 mod.weight.copy_(w)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
             elif isinstance(mod, RMSNorm):
                 mod.weight.fill_(1.0)
 
@@ -330,9 +390,12 @@ class MatFormerLM(WidthSetting, nn.Module):
         # Column c is seen by the query in column q when c <= q and c is no padding; a padding
         # query sees itself (a row of -inf would give NaN keys for later layers to read).
         mask = (cols <= q_col) & ((cols >= pad[:, None, None]) | (cols == q_col))  # (B, T, L)
-        mask = mask[:, None]  # (B, 1, T, L)
+        masks = {None: mask[:, None]}  # (B, 1, T, L)
+        for w in set(self.config.layer_windows) - {None}:
+            # A window counts columns as positions: both are offset by the row's padding.
+            masks[w] = (mask & ((cols > q_col - w) | (cols == q_col)))[:, None]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, input_pos, mask)
+            x = layer(x, cos, sin, cache, input_pos, masks[layer.self_attn.window])
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

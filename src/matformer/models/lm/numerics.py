@@ -8,20 +8,45 @@ converted and then computed other logits. So every config any path reads (load, 
 `check_numerics_keys` first: each key is implemented exactly, harmless (listed with the reason),
 or refused with a one-line ConfigError naming the key and the value.
 
-`tests/test_numerics_keys.py` enumerates every key transformers' LlamaConfig and MistralConfig
-define and fails on one that none of the tables below covers.
+The families built on the Llama block (Llama, Mistral, Qwen2, Qwen3: `models/<family>/`) differ
+in a few exact places, each a `Dialect` field: which model_types it reads, whether and where a
+sliding window applies, which attention biases it has, and per-head q/k norms. The keys are the
+same; what a key means is the dialect's (Mistral's `sliding_window` masks every layer, a Qwen's
+only when `use_sliding_window` and then by `layer_types`; Llama ignores it in transformers and
+is refused here when it would mask).
+
+`tests/models/test_numerics_keys.py` enumerates every key transformers' LlamaConfig,
+MistralConfig, Qwen2Config and Qwen3Config define and fails on one no table below covers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from matformer.errors import ConfigError
+from matformer.models.lm.rope import read_rope
 
-MODEL_TYPES = (None, "llama", "mistral")
-"""model_type values whose layout and math are ours (Mistral is Llama plus `sliding_window`).
-Others (qwen2: q/k/v biases; gemma: scaled embeddings; ...) differ in ways no key records."""
+@dataclass(frozen=True)
+class Dialect:
+    """How one family on the Llama block reads the numerics keys (see the module docstring)."""
+
+    model_types: tuple[str | None, ...]
+    """config.json `model_type`s it reads (None: a config without one)."""
+    sliding: str = "none"
+    """'none': no window (a `sliding_window` that would mask is refused); 'all': every layer
+    masks with `sliding_window` (Mistral); 'layer_types': layers marked 'sliding_attention'
+    mask when `use_sliding_window` (Qwen2/Qwen3)."""
+    bias: str = "config"
+    """'config': `attention_bias` gives q/k/v/o biases (Llama, Qwen3); 'qkv': q/k/v biases
+    always, o none (Qwen2); 'none': never (Mistral; a true `attention_bias` is refused)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys before rope (Qwen3's q_norm/k_norm)."""
+
+
+LLAMA = Dialect(model_types=(None, "llama"))
+"""transformers' Llama (and a config without model_type)."""
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 """`hidden_act` values computed bit-for-bit as transformers' ACT2FN computes them (the gated
@@ -39,15 +64,22 @@ IMPLEMENTED: dict[str, str] = {
     "max_position_embeddings": "longest context",
     "rms_norm_eps": "RMSNorm epsilon",
     "rope_theta": "rotary base",
-    "rope_parameters": "rope_type 'default' with rope_theta (others refused)",
+    "rope_parameters": "rope_type default/linear/dynamic/yarn/llama3 (models.lm.rope; others "
+                       "refused)",
+    "rope_scaling": "the older name of rope_parameters (read the same way)",
+    "original_max_position_embeddings": "yarn/llama3 rope: overrides the nested key",
     "tie_word_embeddings": "lm_head shares the embedding",
     "hidden_act": f"one of {ACTIVATIONS} (others refused)",
-    "model_type": f"one of {MODEL_TYPES[1:]} (others refused)",
-    "sliding_window": "null, or no shorter than max_position_embeddings (never reached)",
-    "use_sliding_window": "false (Qwen-style switch; true refused)",
-    "attention_bias": "false (no bias tensors; true refused)",
-    "mlp_bias": "false (no bias tensors; true refused)",
-    "rope_scaling": "null or type 'default' (scaled RoPE refused)",
+    "model_type": "the family (models.registry); each family reads its own",
+    "sliding_window": "Mistral: every layer; Qwen2/3: the 'sliding_attention' layers; Llama: "
+                      "null or no shorter than max_position_embeddings (never reached)",
+    "use_sliding_window": "Qwen2/3: turns layer_types' windows on; others: false only",
+    "max_window_layers": "Qwen2/3: first layer with a window when layer_types is not given",
+    "layer_types": "Qwen2/3: full_attention / sliding_attention per layer; others: "
+                   "full_attention only",
+    "attention_bias": "Llama/Qwen3: q/k/v/o biases; Qwen2 ignores it (q/k/v biases always); "
+                      "Mistral: false only",
+    "mlp_bias": "false (no FFN bias tensors; true refused)",
 }
 
 HARMLESS: dict[str, str] = {
@@ -88,12 +120,9 @@ _REFUSED_PRESENT: dict[str, str] = {
     "residual_multiplier": "scaled residuals",
     "attention_multiplier": "scaled attention",
     "query_pre_attn_scalar": "another attention scale",
-    "partial_rotary_factor": "partial rotary embeddings",
     "qk_norm": "query/key norms",
     "use_qk_norm": "query/key norms",
     "no_rope_layers": "layers without rotary embeddings",
-    "layer_types": "per-layer attention types",
-    "max_window_layers": "per-layer sliding windows",
     "norm_eps": "a norm epsilon under another name than rms_norm_eps",
     "layer_norm_eps": "a LayerNorm, not RMSNorm",
     "layer_norm_epsilon": "a LayerNorm, not RMSNorm",
@@ -109,53 +138,83 @@ _REFUSED_PRESENT: dict[str, str] = {
 _NEUTRAL = (None, False, 0, 0.0, 1, 1.0, [], {})
 
 
-def _no_bias(v: Any, d: dict[str, Any]) -> str | None:
+def _no_bias(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
     return None if v is None or v is False else "bias tensors are not implemented"
 
 
-def _act(v: Any, d: dict[str, Any]) -> str | None:
+def _attention_bias(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
+    if v is None or isinstance(v, bool) and (v is False or dialect.bias != "none"):
+        return None
+    if not isinstance(v, bool):
+        return "expected true or false"
+    return "this family's attention has no biases"
+
+
+def _act(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
     return None if v in ACTIVATIONS else f"implemented: {', '.join(ACTIVATIONS)}"
 
 
-def _model_type(v: Any, d: dict[str, Any]) -> str | None:
-    return None if v in MODEL_TYPES else f"implemented: {', '.join(map(str, MODEL_TYPES[1:]))}"
+def _model_type(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
+    if v in dialect.model_types:
+        return None
+    return f"this family reads {', '.join(map(str, dialect.model_types))}"
 
 
-def _sliding(v: Any, d: dict[str, Any]) -> str | None:
+def _window(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _sliding(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
     if v is None:
         return None
+    if dialect.sliding != "none":
+        return None if _window(v) else "expected a positive integer or null"
     limit = d.get("max_position_embeddings")
-    if (isinstance(v, int) and not isinstance(v, bool) and isinstance(limit, int)
-            and v >= limit):
+    if _window(v) and isinstance(limit, int) and v >= limit:
         return None  # a window at least as long as any sequence never masks anything
-    return (f"sliding-window attention is not implemented (a window shorter than "
-            f"max_position_embeddings={limit!r} changes the logits)")
+    return (f"transformers' Llama has no sliding window (a window shorter than "
+            f"max_position_embeddings={limit!r} would mask); use model_type 'mistral' if the "
+            f"weights were trained with one")
 
 
-def _use_sliding(v: Any, d: dict[str, Any]) -> str | None:
-    return None if v in (None, False) else "sliding-window attention is not implemented"
+def _use_sliding(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
+    if v in (None, False) or (v is True and dialect.sliding == "layer_types"):
+        return None
+    return "this family has no sliding-window switch"
 
 
-def _rope(v: Any, d: dict[str, Any]) -> str | None:
+def _max_window_layers(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
+    if dialect.sliding == "layer_types":
+        ok = v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return None if ok else "expected a non-negative integer"
+    return None if v in (None, 0) else "per-layer sliding windows are not this family's"
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_types(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
     if v is None:
         return None
-    if not isinstance(v, dict):
-        return "expected an object"
-    kind = v.get("rope_type", v.get("type", "default"))
-    if kind != "default":
-        return f"rope_type={kind!r}: only 'default' rotary embeddings are implemented"
-    other = sorted(set(v) - {"rope_type", "type", "rope_theta"})
-    if other:
-        return f"keys {other} are not implemented"
+    if not isinstance(v, list) or any(t not in LAYER_TYPES for t in v):
+        return f"expected a list of {' / '.join(LAYER_TYPES)}"
+    if dialect.sliding != "layer_types" and any(t != "full_attention" for t in v):
+        return "per-layer sliding windows are not this family's"
     return None
 
 
-_CHECKS: dict[str, Callable[[Any, dict[str, Any]], str | None]] = {
+def _rope(v: Any, d: dict[str, Any], dialect: Dialect) -> str | None:
+    return None  # read, and refused with the key named, by models.lm.rope.read_rope
+
+
+_CHECKS: dict[str, Callable[[Any, dict[str, Any], Dialect], str | None]] = {
     "hidden_act": _act,
     "model_type": _model_type,
     "sliding_window": _sliding,
     "use_sliding_window": _use_sliding,
-    "attention_bias": _no_bias,
+    "max_window_layers": _max_window_layers,
+    "layer_types": _layer_types,
+    "attention_bias": _attention_bias,
     "mlp_bias": _no_bias,
     "rope_scaling": _rope,
     "rope_parameters": _rope,
@@ -167,12 +226,14 @@ def _show(v: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_numerics_keys(d: dict[str, Any], source: str = "config.json") -> None:
+def check_numerics_keys(d: dict[str, Any], source: str = "config.json",
+                        dialect: Dialect = LLAMA) -> None:
     """A ConfigError naming the first key of `d` that would change the logits in a way matformer
-    does not compute (see the module docstring); nothing for implemented or harmless keys."""
+    does not compute for a family of `dialect` (see the module docstring); nothing for
+    implemented or harmless keys."""
     for key, check in _CHECKS.items():
         if key in d:
-            why = check(d[key], d)
+            why = check(d[key], d, dialect)
             if why is not None:
                 raise ConfigError(f"{source}: {key}={_show(d[key])} is not supported ({why}); "
                                   f"matformer would compute different logits than transformers")
@@ -181,6 +242,29 @@ def check_numerics_keys(d: dict[str, Any], source: str = "config.json") -> None:
         if key in d and not any(v is n or (type(v) is type(n) and v == n) for n in _NEUTRAL):
             raise ConfigError(f"{source}: {key}={_show(v)} is not supported ({what}); matformer "
                               f"would compute different logits than transformers")
+    read_rope(d, source)
+
+
+def layer_windows(d: dict[str, Any], n_layers: int, dialect: Dialect,
+                  source: str = "config.json") -> list[int | None]:
+    """The attention window of each layer (None: full causal attention), as the family's
+    transformers class masks: Mistral every layer by `sliding_window`; a Qwen the layers
+    `layer_types` marks 'sliding_attention' (default: from `max_window_layers` on) when
+    `use_sliding_window`; none otherwise."""
+    w = d.get("sliding_window")
+    if dialect.sliding == "all":
+        return [w] * n_layers
+    if dialect.sliding != "layer_types" or not d.get("use_sliding_window") or w is None:
+        return [None] * n_layers
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers")
+        first = 28 if first is None else first
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise ConfigError(f"{source}: layer_types has {len(types)} entries for "
+                          f"num_hidden_layers={n_layers}")
+    return [w if t == "sliding_attention" else None for t in types]
 
 
 def hidden_act(config: Any) -> str:

@@ -22,12 +22,17 @@ LAYER_PREFIX = "model.layers."
 
 _NESTED = re.compile(r"^model\.layers\.\d+\.(mlp\.(?:gate_proj|up_proj|down_proj)|"
                      r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj))\.weight$")
+_NESTED_BIAS = re.compile(r"^model\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj)\.bias$")
 
 
 def nested_axis(name: str) -> tuple[str, int] | None:
     """How parameter `name` nests: ("ffn", 0) rows of gate/up_proj, ("ffn", 1) columns of
     down_proj, ("heads", 0) rows of q/k/v_proj, ("heads", 1) columns of o_proj; None: not
-    nested (embeddings, norms, lm_head)."""
+    nested (embeddings, norms, lm_head, o_proj's bias). q/k/v biases nest with their rows
+    ("heads", 0); Qwen3's q_norm/k_norm weigh each position of every head alike, so a cut keeps
+    them whole."""
+    if _NESTED_BIAS.match(name):
+        return "heads", 0
     m = _NESTED.match(name)
     if m is None:
         return None
@@ -61,17 +66,29 @@ def layer_shapes(config: MatFormerConfig, index: int, width: int,
     nkv = config.layer_kv_heads[index] if kv_heads is None else kv_heads
     nh = nkv * config.group_size
     pre = f"{LAYER_PREFIX}{index}."
-    return {
-        pre + "self_attn.q_proj.weight": (nh * hd, h),
-        pre + "self_attn.k_proj.weight": (nkv * hd, h),
-        pre + "self_attn.v_proj.weight": (nkv * hd, h),
-        pre + "self_attn.o_proj.weight": (h, nh * hd),
+    out = {pre + "self_attn.q_proj.weight": (nh * hd, h)}
+    if config.qkv_bias:  # Qwen2 always, Llama/Qwen3 with attention_bias: nested like their rows
+        out[pre + "self_attn.q_proj.bias"] = (nh * hd,)
+    out[pre + "self_attn.k_proj.weight"] = (nkv * hd, h)
+    if config.qkv_bias:
+        out[pre + "self_attn.k_proj.bias"] = (nkv * hd,)
+    out[pre + "self_attn.v_proj.weight"] = (nkv * hd, h)
+    if config.qkv_bias:
+        out[pre + "self_attn.v_proj.bias"] = (nkv * hd,)
+    out[pre + "self_attn.o_proj.weight"] = (h, nh * hd)
+    if config.o_bias:
+        out[pre + "self_attn.o_proj.bias"] = (h,)
+    if config.qk_norm:  # Qwen3: one weight over head_dim, shared by every head
+        out[pre + "self_attn.q_norm.weight"] = (hd,)
+        out[pre + "self_attn.k_norm.weight"] = (hd,)
+    out.update({
         pre + "mlp.gate_proj.weight": (width, h),
         pre + "mlp.up_proj.weight": (width, h),
         pre + "mlp.down_proj.weight": (h, width),
         pre + "input_layernorm.weight": (h,),
         pre + "post_attention_layernorm.weight": (h,),
-    }
+    })
+    return out
 
 
 def expected_shapes(config: MatFormerConfig, widths: Sequence[int] | None = None,

@@ -1,0 +1,1 @@
+"""Mistral (`MistralForCausalLM`): the Llama block with a sliding attention window."""

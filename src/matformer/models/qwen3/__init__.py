@@ -1,0 +1,1 @@
+"""Qwen3 (`Qwen3ForCausalLM`): the Llama block with per-head q/k norms."""

@@ -1,0 +1,174 @@
+"""The families on the Llama block (issue 25): Llama 3.x rope scaling, Mistral's sliding window,
+Qwen2's q/k/v biases, Qwen3's per-head q/k norms. Each is checked against its own transformers
+class on a tiny random model built here: full-width logits, the decoding paths (KV cache and
+the static cache), every uniform tier sliced out (loaded by the family's transformers class)
+against our runtime tier, convert's tier 0 against the source, and the info line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from matformer.data import text as D
+from matformer.errors import ConfigError
+from matformer.io.checkpoint import load_model
+from matformer.models.registry import family_of
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "".join(f"def f{i}(x, y):\n    return x * {i % 13} + y - {i % 7}\n\n" for i in range(300))
+VOCAB = 300
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=64, rms_norm_eps=1e-6)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+CASES: dict[str, tuple[str, dict]] = {
+    # name: (transformers class, config kwargs)
+    "llama3-tied": ("Llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3)),
+    "llama-linear-bias": ("Llama", dict(attention_bias=True, rope_parameters={
+        "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0})),
+    "llama-dynamic": ("Llama", dict(max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "llama-yarn": ("Llama", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 16.0})),
+    "mistral-window": ("Mistral", dict(sliding_window=8)),
+    "qwen2-bias": ("Qwen2", dict(tie_word_embeddings=True)),
+    "qwen2-window": ("Qwen2", dict(use_sliding_window=True, sliding_window=6,
+                                   max_window_layers=1)),
+    "qwen3-norms": ("Qwen3", dict(head_dim=16, attention_bias=True)),
+}
+T = 24
+"""Longer than every window above and than llama-dynamic's 16 positions."""
+
+
+def _hf(case: str):
+    kind, kw = CASES[case]
+    cfg = getattr(transformers, f"{kind}Config")(**{**BASE, **kw})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # random norms and biases, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    root = tmp_path_factory.mktemp("families")
+    tok = D.train_tokenizer([TEXT], VOCAB)
+    (root / "calib.txt").write_text(TEXT)
+    out = {}
+    for case in CASES:
+        hf = _hf(case)
+        hf.save_pretrained(root / case)
+        D.save_tokenizer(tok, root / case)
+        out[case] = (root / case, hf)
+    return out
+
+
+def _ids(n: int = T, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_full_width_logits_equal_transformers(saved, case, one_thread) -> None:
+    folder, hf = saved[case]
+    ours = load_model(folder, dtype=torch.float32)
+    kind = CASES[case][0]
+    assert family_of(json.loads((folder / "config.json").read_text())).title == kind
+    x = _ids()
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x)
+    assert (got - ref).abs().max().item() <= 1e-5
+    if T > ours.config.max_position_embeddings:
+        return  # caches stop at max_position_embeddings (dynamic rope is checked past it above)
+    # The decoding paths see the same window, biases, norms and rope: incremental KV cache
+    # (prefill 5, then one token at a time) and the static cache with left padding.
+    with torch.no_grad():
+        cache = ours.new_cache(2, T)
+        steps = [ours(x[:, :5], cache=cache)] + [ours(x[:, i:i + 1], cache=cache)
+                                                 for i in range(5, T)]
+        assert (torch.cat(steps, 1) - ref).abs().max().item() <= 1e-5
+        pad = torch.tensor([0, 3])
+        cache = ours.new_cache(2, T + 3)
+        ids = torch.cat([torch.zeros(2, 3, dtype=torch.long), x], 1)
+        ids[0, :T] = x[0]  # row 0 unpadded (its last 3 columns unused), row 1 padded by 3
+        cols = torch.arange(T + 3)
+        static = ours.forward_static(ids, cols, cache, pad)
+        assert (static[0, :T] - ref[0]).abs().max().item() <= 1e-5
+        assert (static[1, 3:] - ref[1]).abs().max().item() <= 1e-5
+
+
+SLICED = ["llama3-tied", "mistral-window", "qwen2-window", "qwen3-norms"]
+
+
+@pytest.mark.parametrize("case", SLICED)
+def test_uniform_tiers_load_in_the_family_class(saved, case, tmp_path, one_thread) -> None:
+    from matformer.slicing.extract import slice_checkpoint
+
+    folder, _ = saved[case]
+    kind = CASES[case][0]
+    ours = load_model(folder, dtype=torch.float32)
+    x = _ids(T, 1)
+    for request in ({"tier": 1}, {"tier": 3}, {"kv_heads": 1}):
+        out = tmp_path / "-".join(map(str, request.items()))
+        slice_checkpoint(folder, out, **request)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["model_type"] == kind.lower() and cfg["architectures"] == [
+            f"{kind}ForCausalLM"]
+        hf = getattr(transformers, f"{kind}ForCausalLM").from_pretrained(
+            out, dtype=torch.float32).eval()
+        with torch.no_grad(), ours.at_width(**request):
+            mine = ours(x)
+        with torch.no_grad():
+            assert (hf(x).logits - mine).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["qwen2-bias", "qwen3-norms"])
+def test_convert_tier0_equals_source(saved, case, tmp_path, one_thread) -> None:
+    """Importance order moves biases with their rows (norms stay, being per head position):
+    the converted model at tier 0 is the source's function."""
+    from matformer.slicing.convert import convert
+
+    folder, hf = saved[case]
+    result = convert(folder, tmp_path / "conv", calibration=folder.parent / "calib.txt",
+                     samples=4, seq_len=16, batch_size=4)
+    assert result.max_abs_logit_diff <= 1e-5
+    assert not result.permutation.is_identity()
+    out = load_model(tmp_path / "conv", dtype=torch.float32)
+    with torch.no_grad():
+        assert (out(_ids()) - hf(_ids()).logits).abs().max().item() <= 1e-5
+    cfg = json.loads((tmp_path / "conv" / "config.json").read_text())
+    assert cfg["model_type"] == CASES[case][0].lower()
+
+
+def test_info_line_names_what_differs(saved) -> None:
+    from matformer.models.registry import family as fam
+
+    folder, _ = saved["qwen2-window"]
+    cfg = load_model(folder).config
+    line = fam("qwen2").summary(cfg)
+    assert "sliding window 6 in 1 of 2 layers" in line and "q/k/v biases" in line
+    assert "rope llama3 x8.0" in fam("lm").summary(load_model(saved["llama3-tied"][0]).config)
+
+
+@pytest.mark.parametrize("key,value,family", [
+    ("attention_bias", True, "mistral"), ("layer_types", ["sliding_attention"] * 2, "mistral"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "qwen3"),
+    ("partial_rotary_factor", 0.5, "qwen2"),
+])
+def test_what_a_family_does_not_compute_is_refused(key, value, family) -> None:
+    from matformer.models.lm.config import MatFormerConfig
+
+    with pytest.raises(ConfigError, match=key) as e:
+        MatFormerConfig.from_dict({**BASE, "model_type": family, key: value}, "ck/config.json")
+    assert "\n" not in str(e.value)
