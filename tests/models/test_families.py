@@ -172,3 +172,55 @@ def test_what_a_family_does_not_compute_is_refused(key, value, family) -> None:
     with pytest.raises(ConfigError, match=key) as e:
         MatFormerConfig.from_dict({**BASE, "model_type": family, key: value}, "ck/config.json")
     assert "\n" not in str(e.value)
+
+
+GGUF_CASES = {"llama3-tied": {"tier": 1}, "llama-linear-bias": {}, "llama-yarn": {"kv_heads": 1},
+              "mistral-window": {"tier": 2}, "qwen2-bias": {"tier": 1},
+              "qwen3-norms": {"tier": 1, "kv_heads": 1}}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_export_round_trips_through_our_reader(saved, case, tmp_path, one_thread) -> None:
+    """A uniform tier exported to GGUF (llama.cpp's arch and tensor names for the family) and
+    read back as a SRC computes our runtime tier's logits: biases, q/k norms, rope rows and
+    rope scaling all survive."""
+    pytest.importorskip("gguf")
+    from matformer.io.gguf_reader import GGUFFile
+    from matformer.io.gguf_source import gguf_to_checkpoint
+    from matformer.slicing.export import export_gguf
+
+    folder, _ = saved[case]
+    request = GGUF_CASES[case]
+    out = tmp_path / "m.gguf"
+    result = export_gguf(folder, out, outtype="f32", **request)
+    kind = CASES[case][0]
+    assert result.arch == {"Qwen2": "qwen2", "Qwen3": "qwen3"}.get(kind, "llama")
+    f = GGUFFile(out)
+    names = set(f.tensors)
+    if kind == "Qwen2":
+        assert "blk.0.attn_q.bias" in names and "blk.0.attn_output.bias" not in names
+    if kind == "Qwen3":
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight",
+                "blk.0.attn_output.bias"} <= names
+    if case == "llama3-tied":
+        assert "rope_freqs.weight" in names
+    if case == "mistral-window":  # llama.cpp's llama graph has no window: it is the context
+        assert f.metadata["llama.context_length"] == 8
+    back = gguf_to_checkpoint(out, tmp_path / "back")
+    ours, mine = load_model(folder, dtype=torch.float32), load_model(back, dtype=torch.float32)
+    assert mine.config.MODEL_TYPE == (kind.lower() if kind != "Mistral" else "llama")
+    assert mine.config.rope == ours.config.rope or case == "mistral-window"
+    x = _ids(8 if case == "mistral-window" else T, 1)
+    with torch.no_grad(), ours.at_width(**request):
+        assert (mine(x) - ours(x)).abs().max().item() <= 1e-5
+
+
+def test_gguf_export_refusals(saved, tmp_path) -> None:
+    from matformer.slicing.export import export_gguf
+
+    with pytest.raises(ConfigError, match="uniform tier") as e:
+        export_gguf(saved["qwen3-norms"][0], tmp_path / "x.gguf", layer_tiers=[0, 1])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="qwen2 graph"):
+        export_gguf(saved["qwen2-bias"][0], tmp_path / "x.gguf", kv_heads=1)
+    assert not (tmp_path / "x.gguf").exists()

@@ -54,13 +54,27 @@ def _gguf():
 # ---- names and layout -------------------------------------------------------------------------
 
 
-def gguf_name(hf_name: str, n_layers: int) -> str:
-    """The GGUF tensor name of a transformers Llama tensor (gguf's own name map)."""
+ROPE_FREQS = "rope_freqs.weight"
+"""llama.cpp's per-frequency divisors: how its converter writes Llama 3 rope scaling."""
+ROPE_PARAMETERS_KEY = "matformer.rope_parameters"
+"""Our metadata key holding transformers' `rope_parameters` as JSON (llama.cpp ignores it; our
+GGUF reader takes it back, since `rope_freqs` alone does not say which llama3 parameters made
+it)."""
+NEOX_ARCHS = ("qwen2", "qwen3")
+"""llama.cpp architectures whose rope rotates halves, as transformers does (no row permutation);
+`llama`/`deci` rotate interleaved pairs."""
+
+
+def gguf_name(hf_name: str, n_layers: int, arch: str = "llama") -> str:
+    """The GGUF tensor name of a transformers tensor in llama.cpp architecture `arch` (gguf's
+    own name map)."""
     gguf = _gguf()
-    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers).get_name(
+    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
+                  "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    name = gguf.get_tensor_name_map(model_arch, n_layers).get_name(
         hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise CheckpointError(f"tensor {hf_name!r} has no GGUF name in a Llama model")
+        raise CheckpointError(f"tensor {hf_name!r} has no GGUF name in a {arch} model")
     return name
 
 
@@ -236,6 +250,10 @@ class ModelMeta:
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    family_arch: str = "llama"
+    """llama.cpp's architecture for a uniform model of the family (`llama`, `qwen2`, `qwen3`)."""
+    rope: dict[str, Any] | None = None
+    """transformers' `rope_parameters` of a scaled rope (None: default rope)."""
 
     @property
     def uniform(self) -> bool:
@@ -243,7 +261,15 @@ class ModelMeta:
 
     @property
     def arch(self) -> str:
-        return "llama" if self.uniform else "deci"
+        if self.uniform:
+            return self.family_arch
+        if self.family_arch != "llama":
+            raise ConfigError(
+                f"llama.cpp's {self.family_arch} graph builds every layer with layer 0's FFN "
+                f"width and heads, so a per-layer (Mix'n'Match) model does not load there; export "
+                f"a uniform tier (--tier N, --kv-heads G), or keep the per-layer model as "
+                f"safetensors (`matformer slice`) for matformer")
+        return "deci"
 
 
 def _scalar_or_list(values: list[int]) -> int | list[int]:
@@ -262,6 +288,7 @@ def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> N
     w.add_head_count(_scalar_or_list(meta.heads))
     w.add_head_count_kv(_scalar_or_list(meta.kv_heads))
     w.add_rope_freq_base(meta.rope_theta)
+    _add_rope_scaling(w, meta.rope)
     w.add_layer_norm_rms_eps(meta.rms_norm_eps)
     w.add_key_length(meta.head_dim)
     w.add_value_length(meta.head_dim)
@@ -282,6 +309,34 @@ def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> N
     w.add_add_eos_token(tok.add_eos)
     if tok.chat_template is not None:
         w.add_chat_template(tok.chat_template)
+
+
+def _add_rope_scaling(w: Any, rope: dict[str, Any] | None) -> None:
+    """Rope scaling keys as convert_hf_to_gguf.py writes them (`linear`: type and factor;
+    `yarn`: type, factor, original context, attention factor and betas when given; `llama3`:
+    the `rope_freqs` tensor instead; `dynamic`: nothing, llama.cpp runs it as default rope,
+    which it equals within max_position_embeddings), plus transformers' own parameters under
+    `ROPE_PARAMETERS_KEY` for our reader."""
+    if not rope or rope.get("rope_type", "default") == "default":
+        return
+    import json
+
+    gguf = _gguf()
+    kind = rope["rope_type"]
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope.get("attention_factor") is not None:
+            w.add_rope_scaling_yarn_attn_factor(float(rope["attention_factor"]))
+        if rope.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+    w.add_string(ROPE_PARAMETERS_KEY, json.dumps(rope, sort_keys=True))
 
 
 @dataclass

@@ -25,9 +25,14 @@ folder holding exactly one `.gguf` and no config.json): the folder in the cache
 a hash of its header, written the first time and reused after.
 
 Architectures are tables (`ARCHITECTURES`): each names its tensors, which ones carry rope
-rows, and how its metadata becomes a config. Only `llama` is there now; any other architecture,
-tokenizer model, pre-tokenizer, quantization type or numerics-changing key (rope scaling,
-partial rotary, experts, per-layer sizes) is a one-line refusal that names it.
+rows, and how its metadata becomes a config: `llama` (also what llama.cpp's converter writes for
+Mistral; its window is not in the file), `qwen2` (q/k/v biases) and `qwen3` (q/k norms), the
+last two with NEOX rope (rows as transformers has them). Rope scaling is read from
+`rope.scaling.*` (linear, yarn) or, for Llama 3's `rope_freqs` tensor, from the transformers
+parameters our exporter stores beside it (`matformer.rope_parameters`, checked against the
+tensor). Any other architecture, tokenizer model, pre-tokenizer, quantization type or
+numerics-changing key (partial rotary, experts, a sliding window, per-layer sizes) is a
+one-line refusal that names it.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
 from matformer.io.atomic import atomic_write
-from matformer.io.gguf import unpermute_rope
+from matformer.io.gguf import ROPE_FREQS, ROPE_PARAMETERS_KEY, unpermute_rope
 from matformer.io.gguf_reader import ArrayRef, GGUFFile, pread_exact
 from matformer.io.layout import CONFIG_NAME, INDEX_NAME
 from matformer.io.manifest import MANIFEST_NAME
@@ -138,23 +143,98 @@ def _f32(x: float) -> float:
 
 def _refuse_numerics(f: GGUFFile, arch: str) -> None:
     """Keys that change what the model computes and that this reader does not implement."""
-    scaling = f.metadata.get(f"{arch}.rope.scaling.type")
-    factor = f.metadata.get(f"{arch}.rope.scaling.factor")
-    if scaling not in (None, "none") or (factor not in (None, 0, 1, 0.0, 1.0)):
-        raise CheckpointError(f"{f.path}: {arch}.rope.scaling.type={scaling!r} (factor "
-                              f"{factor!r}): rope scaling is not supported yet")
-    if "rope_freqs.weight" in f.tensors:
-        raise CheckpointError(f"{f.path}: tensor 'rope_freqs.weight' (Llama 3 rope scaling) is "
-                              f"not supported yet")
     for key in (f"{arch}.expert_count", f"{arch}.attention.sliding_window",
                 f"{arch}.attn_logit_softcapping", f"{arch}.final_logit_softcapping"):
         if f.metadata.get(key) not in (None, 0):
             raise CheckpointError(f"{f.path}: metadata {key}={f.metadata[key]!r} is not "
-                                  f"supported (a plain Llama has none)")
+                                  f"supported (a plain {arch} has none)")
     splits = f.metadata.get("split.count")
     if splits not in (None, 0, 1):
         raise CheckpointError(f"{f.path}: one part of a GGUF split in {splits}; merge the parts "
                               f"first (llama-gguf-split --merge)")
+
+
+def _rope_parameters(f: GGUFFile, arch: str, theta: float, head_dim: int) -> dict[str, Any]:
+    """transformers' rope_parameters from the rope scaling metadata (see the module
+    docstring); a scaling this reader cannot state exactly is a one-line refusal."""
+    k = f"{arch}.rope.scaling."
+    kind = f.metadata.get(k + "type")
+    factor = f.metadata.get(k + "factor")
+    ours = f.metadata.get(ROPE_PARAMETERS_KEY)
+    if ours is not None:
+        try:
+            rope = json.loads(ours) if isinstance(ours, str) else None
+        except ValueError:
+            rope = None
+        if not isinstance(rope, dict) or rope.get("rope_type") not in ("linear", "yarn",
+                                                                       "llama3", "dynamic"):
+            raise CheckpointError(f"{f.path}: metadata {ROPE_PARAMETERS_KEY}={ours!r} is not a "
+                                  f"rope_parameters object matformer wrote")
+        _check_rope_agrees(f, k, rope, theta, head_dim)
+        return {**rope, "rope_theta": _f32(theta)}
+    if ROPE_FREQS in f.tensors:
+        raise CheckpointError(f"{f.path}: tensor {ROPE_FREQS!r} (Llama 3 rope scaling) without "
+                              f"the parameters that made it; matformer cannot state its "
+                              f"llama3 rope_parameters exactly")
+    if kind in (None, "none") and factor in (None, 0, 1, 0.0, 1.0):
+        return {"rope_type": "default", "rope_theta": _f32(theta)}
+    if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
+        return {"rope_type": "linear", "rope_theta": _f32(theta), "factor": _f32(factor)}
+    if kind == "yarn" and isinstance(factor, (int, float)) and factor > 0:
+        out = {"rope_type": "yarn", "rope_theta": _f32(theta), "factor": _f32(factor),
+               "original_max_position_embeddings": _positive(f, k + "original_context_length")}
+        for gk, hk in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                       ("yarn_beta_slow", "beta_slow")):
+            if f.metadata.get(k + gk) is not None:
+                out[hk] = _f32(_meta(f, k + gk, (float, int)))
+        return out
+    raise CheckpointError(f"{f.path}: {k}type={kind!r} (factor {factor!r}): this rope scaling "
+                          f"is not supported")
+
+
+def _check_rope_agrees(f: GGUFFile, k: str, rope: dict[str, Any], theta: float,
+                       head_dim: int) -> None:
+    """Our stored rope_parameters describe what llama.cpp reads from the same file."""
+    from matformer.models.lm.rope import RopeSpec, llama3_factors
+
+    kind = rope["rope_type"]
+    gkind = f.metadata.get(k + "type")
+    agrees = (gkind in (None, "none") if kind in ("llama3", "dynamic") else gkind == kind)
+    if kind == "llama3":
+        have = f.read(ROPE_FREQS) if ROPE_FREQS in f.tensors else None
+        params = {x: v for x, v in rope.items() if x not in ("rope_type", "rope_theta")}
+        want = np.asarray(llama3_factors(RopeSpec("llama3", float(theta), params), head_dim),
+                          dtype=np.float32)
+        agrees = agrees and have is not None and np.allclose(have, want, rtol=1e-6, atol=0)
+    if not agrees:
+        raise CheckpointError(f"{f.path}: metadata {ROPE_PARAMETERS_KEY} ({kind}) disagrees "
+                              f"with the file's rope scaling ({k}type={gkind!r}); the file was "
+                              f"changed after matformer wrote it")
+
+
+def _llama_block_config(model_type: str, architecture: str, *, bias: str = "none",
+                        qk_norm: bool = False) -> Callable[[GGUFFile, str], dict[str, Any]]:
+    """The config reader of a llama.cpp architecture on the Llama block. `bias`: 'none', or
+    'qkv' (q/k/v biases always: Qwen2), or 'tensors' (attention_bias when the file has them:
+    Qwen3)."""
+
+    def read(f: GGUFFile, arch: str) -> dict[str, Any]:
+        c = _llama_config(f, arch)
+        c["model_type"], c["architectures"] = model_type, [architecture]
+        if model_type != "llama":
+            for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+                c.pop(key)
+        elif "blk.0.attn_output.bias" in f.tensors and "blk.0.attn_q.bias" not in f.tensors:
+            raise CheckpointError(f"{f.path}: an o_proj bias without q/k/v biases is no "
+                                  f"transformers Llama (attention_bias gives all four)")
+        if bias == "tensors":
+            c["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+        if model_type in ("qwen2", "qwen3"):
+            c.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+        return c
+
+    read.bias, read.qk_norm = bias, qk_norm  # type: ignore[attr-defined]
+    return read
 
 
 def _llama_config(f: GGUFFile, arch: str) -> dict[str, Any]:
@@ -178,6 +258,7 @@ def _llama_config(f: GGUFFile, arch: str) -> dict[str, Any]:
     theta = _meta(f, k + "rope.freq_base", (float, int), 10000.0)
     if not (eps > 0 and theta > 0):
         raise CheckpointError(f"{f.path}: RMS epsilon {eps} and rope base {theta} must be > 0")
+    rope = _rope_parameters(f, arch, theta, head_dim)
     vocab = _vocab_size(f, k)
     ids = _special_ids(f, vocab)
     return {
@@ -193,7 +274,7 @@ def _llama_config(f: GGUFFile, arch: str) -> dict[str, Any]:
         "max_position_embeddings": _positive(f, k + "context_length", 2048),
         "rms_norm_eps": _f32(eps),
         "rope_theta": _f32(theta),
-        "rope_parameters": {"rope_type": "default", "rope_theta": _f32(theta)},
+        "rope_parameters": rope,
         "tie_word_embeddings": "output.weight" not in f.tensors,
         "bos_token_id": ids.get("bos"),
         "eos_token_id": ids.get("eos"),
@@ -240,41 +321,58 @@ def _special_ids(f: GGUFFile, vocab: int) -> dict[str, int]:
 
 
 def _llama_shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    h, i, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
-           "lm_head.weight": (v, h)}
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        out.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        })
+    """Every tensor of the config's model, as our own shape arithmetic names it (biases and
+    q/k norms included where the family has them)."""
+    from matformer.models.registry import config_from_dict, expected_shapes
+
+    out = dict(expected_shapes(config_from_dict(dict(c), source="config rebuilt from GGUF")))
+    out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])  # tied: optional
     return out
 
 
+_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_LAYER = {"attn_norm.weight": "input_layernorm.weight",
+          "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+          "attn_v.weight": "self_attn.v_proj.weight",
+          "attn_output.weight": "self_attn.o_proj.weight",
+          "ffn_norm.weight": "post_attention_layernorm.weight",
+          "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+          "ffn_down.weight": "mlp.down_proj.weight"}
+_BIASES = {"attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+           "attn_v.bias": "self_attn.v_proj.bias"}
+_O_BIAS = {"attn_output.bias": "self_attn.o_proj.bias"}
+_QK_NORMS = {"attn_q_norm.weight": "self_attn.q_norm.weight",
+             "attn_k_norm.weight": "self_attn.k_norm.weight"}
+
 LLAMA = Architecture(
     name="llama",
-    config=_llama_config,
-    top={"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-         "output.weight": "lm_head.weight"},
-    layer={"attn_norm.weight": "input_layernorm.weight",
-           "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-           "attn_v.weight": "self_attn.v_proj.weight",
-           "attn_output.weight": "self_attn.o_proj.weight",
-           "ffn_norm.weight": "post_attention_layernorm.weight",
-           "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-           "ffn_down.weight": "mlp.down_proj.weight"},
-    optional=frozenset({"output.weight"}),
-    rope_rows={"attn_q.weight": ROPE_HEADS, "attn_k.weight": ROPE_KV_HEADS},
+    config=_llama_block_config("llama", "LlamaForCausalLM", bias="tensors"),
+    top=_TOP, layer={**_LAYER, **_BIASES, **_O_BIAS},
+    optional=frozenset({"output.weight", ROPE_FREQS}),
+    rope_rows={"attn_q.weight": ROPE_HEADS, "attn_k.weight": ROPE_KV_HEADS,
+               "attn_q.bias": ROPE_HEADS, "attn_k.bias": ROPE_KV_HEADS},
+    shapes=_llama_shapes,
+)
+QWEN2 = Architecture(
+    name="qwen2",
+    config=_llama_block_config("qwen2", "Qwen2ForCausalLM", bias="qkv"),
+    top=_TOP, layer={**_LAYER, **_BIASES},
+    optional=frozenset({"output.weight", ROPE_FREQS}),
+    rope_rows={},  # NEOX rope: llama.cpp rotates halves, as transformers does
+    shapes=_llama_shapes,
+)
+QWEN3 = Architecture(
+    name="qwen3",
+    config=_llama_block_config("qwen3", "Qwen3ForCausalLM", bias="tensors", qk_norm=True),
+    top=_TOP, layer={**_LAYER, **_BIASES, **_O_BIAS, **_QK_NORMS},
+    optional=frozenset({"output.weight", ROPE_FREQS}),
+    rope_rows={},
     shapes=_llama_shapes,
 )
 
-ARCHITECTURES: dict[str, Architecture] = {"llama": LLAMA}
-"""llama.cpp architecture -> table. Next: qwen2, qwen3, mistral, gemma3 (issue 25)."""
+ARCHITECTURES: dict[str, Architecture] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3}
+"""llama.cpp architecture -> table (Gemma 3 is another helper's)."""
 
 
 def architecture_of(f: GGUFFile) -> Architecture:
@@ -306,7 +404,7 @@ def plan_tensors(f: GGUFFile, arch: Architecture, config: dict[str, Any]) -> lis
         for g, h in arch.layer.items():
             by_gguf[f"blk.{n}.{g}"] = f"model.layers.{n}.{h}"
     for name in f.tensors:
-        if name not in by_gguf:
+        if name not in by_gguf and name != ROPE_FREQS:  # rope_freqs: read into the config
             raise CheckpointError(f"{f.path}: tensor {name!r} has no place in a {arch.name} model "
                                   f"of {config['num_hidden_layers']} layers; not supported")
     plan = []

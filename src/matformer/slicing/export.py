@@ -26,6 +26,8 @@ import numpy as np
 from matformer.errors import CheckpointError, ConfigError
 from matformer.io.checkpoint import open_checked
 from matformer.io.gguf import (
+    NEOX_ARCHS,
+    ROPE_FREQS,
     ModelMeta,
     TensorPlan,
     check_outtype,
@@ -41,6 +43,7 @@ from matformer.io.source import Source, resolve_source
 from matformer.io.tensors import TO_F32, ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.numerics import hidden_act
+from matformer.models.lm.rope import llama3_factors
 from matformer.tiers import Setting, WidthRequest, describe_heads, describe_widths
 
 
@@ -49,8 +52,9 @@ class TensorJob:
     """One GGUF tensor and where its values come from."""
 
     plan: TensorPlan
-    read: ReadJob  # the source tensor's kept rows (gate/up, q/k/v) or columns (down, o), as F32
+    read: ReadJob | None  # the source tensor's kept rows (gate/up, q/k/v) or columns (down, o)
     rope_heads: int | None = None  # permute rows for llama.cpp's rope with this many heads
+    values: np.ndarray | None = None  # a tensor made here, not read (llama3's rope_freqs)
 
 
 @dataclass
@@ -113,25 +117,57 @@ def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], wid
     kv_heads = config.layer_kv_heads if kv_heads is None else list(kv_heads)
     heads = [g * config.group_size for g in kv_heads]
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    meta = ModelMeta(name=name, context_length=config.max_position_embeddings,
+    # llama.cpp's llama/qwen graphs have no sliding window: the window (if shorter) becomes the
+    # context length, so llama.cpp never runs a sequence where the window would mask.
+    context = min([config.max_position_embeddings,
+                   *(w for w in config.layer_windows if w is not None)])
+    meta = ModelMeta(name=name, context_length=context,
                      hidden_size=config.hidden_size, ffn_widths=list(widths), heads=heads,
                      kv_heads=kv_heads, head_dim=hd, rope_theta=config.rope_theta,
                      rms_norm_eps=config.rms_norm_eps, vocab_size=config.vocab_size,
                      bos_token_id=config.bos_token_id, eos_token_id=eos,
-                     pad_token_id=config.pad_token_id)
+                     pad_token_id=config.pad_token_id, family_arch=config.GGUF_ARCH,
+                     rope=config.rope.to_dict() if config.rope.scaled else None)
+    arch = meta.arch  # a per-layer model of a family llama.cpp reads uniform only: refused
+    if arch == "qwen2" and heads[0] * hd != config.hidden_size:
+        raise ConfigError(f"llama.cpp's qwen2 graph needs query heads x head_dim = hidden_size "
+                          f"({heads[0]} x {hd} != {config.hidden_size}): export all "
+                          f"{config.base_kv_heads} KV heads (the FFN tiers export), or slice the "
+                          f"head cut to safetensors (`matformer slice`), which transformers loads")
+    if arch == "deci" and (config.qkv_bias or config.o_bias or config.rope.scaled):
+        raise ConfigError("llama.cpp's deci graph (per-layer widths) reads no attention biases "
+                          "or rope scaling: export a uniform tier (--tier N)")
     plan = ExportPlan(config, list(widths), meta)
     order = ["model.embed_tokens.weight"]
+    if config.rope.rope_type == "llama3":
+        order.append(ROPE_FREQS)
     for i in range(n):
-        order += [f"model.layers.{i}.{t}.weight" for t in (
-            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-            "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-            "mlp.down_proj")]
+        order += [f"model.layers.{i}.{t}" for t in expected_layer_order(config)]
     order.append("model.norm.weight")
     if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd as the output
         order.append("lm_head.weight")
     for src in order:
+        if src == ROPE_FREQS:  # what llama.cpp's converter writes for Llama 3 rope scaling
+            values = np.asarray(llama3_factors(config.rope, hd), dtype=np.float32)
+            plan.jobs.append(TensorJob(TensorPlan(ROPE_FREQS, values.shape, tensor_qtype(
+                outtype, values.shape)), None, values=values))
+            continue
         plan.jobs.append(_job(src, shapes[src], plan, outtype))
     return plan
+
+
+def expected_layer_order(config: MatFormerConfig) -> list[str]:
+    """A layer's tensors (names after `model.layers.N.`) in llama.cpp converter order."""
+    attn = ["self_attn.q_proj.weight"]
+    if config.qkv_bias:
+        attn += ["self_attn.q_proj.bias"]
+    attn += ["self_attn.k_proj.weight"] + (["self_attn.k_proj.bias"] if config.qkv_bias else [])
+    attn += ["self_attn.v_proj.weight"] + (["self_attn.v_proj.bias"] if config.qkv_bias else [])
+    attn += ["self_attn.o_proj.weight"] + (["self_attn.o_proj.bias"] if config.o_bias else [])
+    if config.qk_norm:
+        attn += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    return ["input_layernorm.weight", *attn, "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 
 
 def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> TensorJob:
@@ -143,19 +179,23 @@ def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> Te
             rows, shape = w, (w, *shape[1:])
         elif src.endswith("down_proj.weight"):
             cols, shape = w, (shape[0], w)
-        elif ".self_attn." in src:  # heads nest by KV group: prefixes of rows / columns
+        elif ".self_attn." in src and "_norm." not in src and not src.endswith("o_proj.bias"):
+            # heads nest by KV group: prefixes of rows / columns (biases: of their rows)
             hd = plan.config.head_dim
             assert hd is not None
             q, kv = plan.meta.heads[i] * hd, plan.meta.kv_heads[i] * hd
-            if src.endswith("q_proj.weight"):
+            if ".q_proj." in src:
                 heads, rows, shape = plan.meta.heads[i], q, (q, *shape[1:])
-            elif src.endswith("k_proj.weight"):
+            elif ".k_proj." in src:
                 heads, rows, shape = plan.meta.kv_heads[i], kv, (kv, *shape[1:])
-            elif src.endswith("v_proj.weight"):
+            elif ".v_proj." in src:
                 rows, shape = kv, (kv, *shape[1:])
             else:  # o_proj
                 cols, shape = q, (shape[0], q)
-    name = gguf_name(src, plan.config.num_hidden_layers)
+    arch = plan.meta.arch
+    if arch in NEOX_ARCHS:
+        heads = None  # llama.cpp rotates halves there, as transformers does: rows stay
+    name = gguf_name(src, plan.config.num_hidden_layers, arch)
     read = ReadJob(src, rows=None if rows is None else ((0, rows),),
                    cols=None if cols is None else ((0, cols),), to="F32")
     return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape)), read, heads)
@@ -166,6 +206,9 @@ def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> Te
 
 def produce(reader: TensorReader, job: TensorJob) -> np.ndarray:
     """The float32 values of one GGUF tensor, in llama.cpp's row order."""
+    if job.values is not None:
+        return job.values
+    assert job.read is not None
     ck, src = reader.ck, job.read.src
     if ck.info(src).dtype not in TO_F32:
         raise CheckpointError(f"{ck.layout.folder / ck.where[src]}: tensor {src!r} is "
