@@ -250,8 +250,8 @@ def non_embedding_parameters(config: NestedConfig, widths: Sequence[int] | None 
 
 # ---- the built-in families ---------------------------------------------------------------------
 
-def _lm_summary(c: Any) -> str:
-    parts = [f"vocab {c.vocab_size}"]
+def _lm_summary(c: Any, title: str = "") -> str:
+    parts = [f"{title}: vocab {c.vocab_size}" if title else f"vocab {c.vocab_size}"]
     if c.rope.scaled:
         parts.append(f"rope {c.rope.rope_type} x{c.rope.params.get('factor')}")
     windows = sorted({w for w in c.layer_windows if w is not None})
@@ -284,7 +284,8 @@ def llama_block_family(name: str, config_class: type[lm_config.MatFormerConfig],
         embedding_prefixes=(lm_shapes.EMBEDDING, lm_shapes.LM_HEAD),
         tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
         shapes=lm_shapes.expected_shapes, counts=lm_shapes.parameter_counts,
-        summary=_lm_summary, info=_lm_info, title=title, gguf_arch=config_class.GGUF_ARCH)
+        summary=lambda c: _lm_summary(c, "" if name == DEFAULT and not c.rope.scaled else title),
+        info=_lm_info, title=title, gguf_arch=config_class.GGUF_ARCH)
 
 
 LM = register(llama_block_family("lm", lm_config.MatFormerConfig, "Llama"))

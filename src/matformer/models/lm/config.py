@@ -245,8 +245,16 @@ class MatFormerConfig(NestedConfig):
         """rope_theta from transformers' rope_parameters (the rest is read by models.lm.rope
         from `extra`); per-layer keys checked against the layer count."""
         rope = read_rope(d, source)
-        if "rope_theta" in (d.get("rope_parameters") or {}) or "rope_theta" not in d:
+        top = d.get("rope_theta")
+        if top is None:
             kwargs["rope_theta"] = rope.theta
+        elif top != rope.theta:  # transformers would take the nested one without a word
+            try:
+                check_positive_number("rope_theta", top)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: rope_theta={show_value(top)} disagrees with the rope "
+                              f"parameters' rope_theta={rope.theta!r}; make them equal")
         n = d.get("num_hidden_layers")
         if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_LAYERS:
             layer_windows(d, n, cls.DIALECT, source)
