@@ -224,3 +224,47 @@ def test_gguf_export_refusals(saved, tmp_path) -> None:
     with pytest.raises(ConfigError, match="qwen2 graph"):
         export_gguf(saved["qwen2-bias"][0], tmp_path / "x.gguf", kv_heads=1)
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ---- against llama.cpp itself (slow; needs llama-cpp-python) -------------------------------------
+
+LLAMACPP_CASES = {
+    # case: (CASES entry, config overrides): Mistral's window at least the run's length, as
+    # llama.cpp's llama graph has none (the export writes the window as the context length)
+    "llama3-tied": ("llama3-tied", {}),
+    "llama-linear-bias": ("llama-linear-bias", {}),
+    "mistral-window": ("mistral-window", {"sliding_window": 64}),
+    "qwen2-bias": ("qwen2-bias", {}),
+    "qwen3-norms": ("qwen3-norms", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LLAMACPP_CASES))
+def test_llamacpp_logits_and_greedy_tokens_match(case, tmp_path):
+    """A uniform tier (FFN tier 1) exported to GGUF computes, in llama.cpp, our runtime tier's
+    logits and greedy tokens."""
+    pytest.importorskip("llama_cpp")
+    from benchmarks.speed import llamacpp as bench
+
+    name, overrides = LLAMACPP_CASES[case]
+    kind, kw = CASES[name]
+    cfg = getattr(transformers, f"{kind}Config")(**{**BASE, **kw, **overrides,
+                                                   "max_position_embeddings": 128})
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # random norms and biases; a sharper head: decisive greedy margins
+        for pname, p in hf.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif pname.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+        hf.lm_head.weight.mul_(8)
+    folder = tmp_path / "src"
+    hf.save_pretrained(folder)
+    D.save_tokenizer(D.train_tokenizer([TEXT], VOCAB), folder)
+    row = bench.compare(folder, tmp_path / "m.gguf", n_new=16, tier=1)
+    assert row["arch"] == {"Qwen2": "qwen2", "Qwen3": "qwen3"}.get(kind, "llama")
+    assert row["tokenize_equal"], row
+    assert row["max_abs_logit_diff"] < 1e-4, row
+    assert row["greedy_equal"], row

@@ -57,7 +57,8 @@ from matformer.io.layout import CONFIG_NAME, INDEX_NAME
 from matformer.io.manifest import MANIFEST_NAME
 from matformer.io.safetensors import write_file
 from matformer.io.swap import atomic_folder
-from matformer.models.registry import config_from_dict
+from matformer.models.lm.rope import RopeSpec, llama3_factors
+from matformer.models.registry import config_from_dict, expected_shapes
 
 SUFFIX = ".gguf"
 MARKER = "gguf_source.json"
@@ -195,8 +196,6 @@ def _rope_parameters(f: GGUFFile, arch: str, theta: float, head_dim: int) -> dic
 def _check_rope_agrees(f: GGUFFile, k: str, rope: dict[str, Any], theta: float,
                        head_dim: int) -> None:
     """Our stored rope_parameters describe what llama.cpp reads from the same file."""
-    from matformer.models.lm.rope import RopeSpec, llama3_factors
-
     kind = rope["rope_type"]
     gkind = f.metadata.get(k + "type")
     agrees = (gkind in (None, "none") if kind in ("llama3", "dynamic") else gkind == kind)
@@ -323,8 +322,6 @@ def _special_ids(f: GGUFFile, vocab: int) -> dict[str, int]:
 def _llama_shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor of the config's model, as our own shape arithmetic names it (biases and
     q/k norms included where the family has them)."""
-    from matformer.models.registry import config_from_dict, expected_shapes
-
     out = dict(expected_shapes(config_from_dict(dict(c), source="config rebuilt from GGUF")))
     out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])  # tied: optional
     return out

@@ -227,8 +227,9 @@ class MatFormerConfig(NestedConfig):
         if cls is MatFormerConfig and isinstance(d, dict):
             mt = d.get("model_type")
             if mt not in cls.DIALECT.model_types:
-                if mt not in cls._BY_MODEL_TYPE:
-                    import matformer.models.registry  # noqa: F401  (registers every family)
+                # (a family whose module is not imported is not here: its model_type is then
+                # refused by the Llama dialect, never read as a Llama; models.registry imports
+                # every family)
                 target = cls._BY_MODEL_TYPE.get(mt) if isinstance(mt, str) else None
                 if target is not None:
                     return target.from_dict(d, source=source)

@@ -28,6 +28,7 @@ from typing import Any
 from matformer.errors import ConfigError
 from matformer.models.lm.rope import read_rope
 
+
 @dataclass(frozen=True)
 class Dialect:
     """How one family on the Llama block reads the numerics keys (see the module docstring)."""
