@@ -133,7 +133,7 @@ def test_uniform_tiers_load_in_the_family_class(saved, case, tmp_path, one_threa
             assert (hf(x).logits - mine).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["qwen2-bias", "qwen3-norms"])
+@pytest.mark.parametrize("case", ["llama3-tied", "mistral-window", "qwen2-bias", "qwen3-norms"])
 def test_convert_tier0_equals_source(saved, case, tmp_path, one_thread) -> None:
     """Importance order moves biases with their rows (norms stay, being per head position):
     the converted model at tier 0 is the source's function."""
@@ -268,3 +268,29 @@ def test_llamacpp_logits_and_greedy_tokens_match(case, tmp_path):
     assert row["tokenize_equal"], row
     assert row["max_abs_logit_diff"] < 1e-4, row
     assert row["greedy_equal"], row
+
+
+def test_every_verb_reads_the_family(saved, tmp_path, run_cli, one_thread) -> None:
+    """info, generate, eval, train --init-from --distill on a Qwen3 and a Mistral: each verb
+    runs the family (its window, norms) and a trained model keeps its model_type."""
+    qwen3, _ = saved["qwen3-norms"]
+    mistral, hf = saved["mistral-window"]
+    r = run_cli("info", qwen3)
+    assert r.code == 0 and "Qwen3: vocab 300, q/k/v biases, q/k norms" in r.out
+    r = run_cli("generate", mistral, "--prompt", "def f1(x", "--max-new-tokens", "4", "--tier", "1")
+    assert r.code == 0, r.err
+    calib = mistral.parent / "calib.txt"
+    r = run_cli("eval", mistral, "--data", calib, "--tiers", "0", "--no-mix", "--json")
+    assert r.code == 0, r.err
+    out = tmp_path / "run"
+    r = run_cli("train", "--init-from", mistral, "--distill", mistral, "--data", calib,
+                "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--out", out, "--quiet",
+                "--cache-dir", tmp_path / "cache")
+    assert r.code == 0, r.err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mistral" and cfg["sliding_window"] == 8
+    assert cfg["architectures"] == ["MistralForCausalLM"]
+    trained = transformers.MistralForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        x = _ids()
+        assert (trained(x).logits - load_model(out, dtype=torch.float32)(x)).abs().max() <= 1e-5
