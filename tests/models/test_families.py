@@ -294,3 +294,14 @@ def test_every_verb_reads_the_family(saved, tmp_path, run_cli, one_thread) -> No
     with torch.no_grad():
         x = _ids()
         assert (trained(x).logits - load_model(out, dtype=torch.float32)(x)).abs().max() <= 1e-5
+
+
+def test_dropping_layers_keeps_each_layers_window(saved) -> None:
+    """A Qwen's windows default from max_window_layers (a layer index): a slice that drops
+    layers writes them per layer, so the kept sliding layer stays sliding."""
+    from matformer.slicing.extract import plan_slice
+
+    cfg = load_model(saved["qwen2-window"][0]).config
+    assert cfg.layer_windows == [None, 6]
+    out = plan_slice(cfg, skip_layers=[0]).config
+    assert out.layer_windows == [6] and out.to_dict()["layer_types"] == ["sliding_attention"]

@@ -211,11 +211,11 @@ def _check_rope_agrees(f: GGUFFile, k: str, rope: dict[str, Any], theta: float,
                               f"changed after matformer wrote it")
 
 
-def _llama_block_config(model_type: str, architecture: str, *, bias: str = "none",
-                        qk_norm: bool = False) -> Callable[[GGUFFile, str], dict[str, Any]]:
+def _llama_block_config(model_type: str, architecture: str, *, bias: str = "none"
+                        ) -> Callable[[GGUFFile, str], dict[str, Any]]:
     """The config reader of a llama.cpp architecture on the Llama block. `bias`: 'none', or
-    'qkv' (q/k/v biases always: Qwen2), or 'tensors' (attention_bias when the file has them:
-    Qwen3)."""
+    'qkv' (q/k/v biases always: Qwen2, nothing to write), or 'tensors' (attention_bias when the
+    file has them: Llama, Qwen3). Qwen3's q/k norms follow from its model_type."""
 
     def read(f: GGUFFile, arch: str) -> dict[str, Any]:
         c = _llama_config(f, arch)
@@ -232,7 +232,6 @@ def _llama_block_config(model_type: str, architecture: str, *, bias: str = "none
             c.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
         return c
 
-    read.bias, read.qk_norm = bias, qk_norm  # type: ignore[attr-defined]
     return read
 
 
@@ -361,7 +360,7 @@ QWEN2 = Architecture(
 )
 QWEN3 = Architecture(
     name="qwen3",
-    config=_llama_block_config("qwen3", "Qwen3ForCausalLM", bias="tensors", qk_norm=True),
+    config=_llama_block_config("qwen3", "Qwen3ForCausalLM", bias="tensors"),
     top=_TOP, layer={**_LAYER, **_BIASES, **_O_BIAS, **_QK_NORMS},
     optional=frozenset({"output.weight", ROPE_FREQS}),
     rope_rows={},

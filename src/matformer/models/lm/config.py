@@ -165,6 +165,11 @@ class MatFormerConfig(NestedConfig):
         """Keep only layers `keep` (per-layer keys such as `layer_types` follow them); the
         caller re-runs __post_init__."""
         types = self.extra.get("layer_types")
+        if self.DIALECT.sliding == "layer_types" and (types is not None or self.sliding):
+            # written out per layer: a default from max_window_layers counts layer indices,
+            # which renumbering would shift
+            types = ["sliding_attention" if w is not None else "full_attention"
+                     for w in self.layer_windows]
         if isinstance(types, list) and len(types) == self.num_hidden_layers:
             self.extra["layer_types"] = [types[i] for i in keep]
         self.num_hidden_layers = len(keep)
