@@ -41,7 +41,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen2-bias": ("Qwen2", dict(tie_word_embeddings=True)),
     "qwen2-window": ("Qwen2", dict(use_sliding_window=True, sliding_window=6,
                                    max_window_layers=1)),
-    "qwen3-norms": ("Qwen3", dict(head_dim=16, attention_bias=True)),
+    "qwen3-norms": ("Qwen3", dict(head_dim=16)),
+    "qwen3-bias": ("Qwen3", dict(head_dim=16, attention_bias=True, tie_word_embeddings=True)),
 }
 T = 24
 """Longer than every window above and than llama-dynamic's 16 positions."""
@@ -200,8 +201,7 @@ def test_gguf_export_round_trips_through_our_reader(saved, case, tmp_path, one_t
     if kind == "Qwen2":
         assert "blk.0.attn_q.bias" in names and "blk.0.attn_output.bias" not in names
     if kind == "Qwen3":
-        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight",
-                "blk.0.attn_output.bias"} <= names
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= names
     if case == "llama3-tied":
         assert "rope_freqs.weight" in names
     if case == "mistral-window":  # llama.cpp's llama graph has no window: it is the context
@@ -223,6 +223,8 @@ def test_gguf_export_refusals(saved, tmp_path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="qwen2 graph"):
         export_gguf(saved["qwen2-bias"][0], tmp_path / "x.gguf", kv_heads=1)
+    with pytest.raises(ConfigError, match="no o_proj bias"):
+        export_gguf(saved["qwen3-bias"][0], tmp_path / "x.gguf", tier=1)
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -233,6 +235,7 @@ LLAMACPP_CASES = {
     # llama.cpp's llama graph has none (the export writes the window as the context length)
     "llama3-tied": ("llama3-tied", {}),
     "llama-linear-bias": ("llama-linear-bias", {}),
+    "llama-yarn": ("llama-yarn", {}),
     "mistral-window": ("mistral-window", {"sliding_window": 64}),
     "qwen2-bias": ("qwen2-bias", {}),
     "qwen3-norms": ("qwen3-norms", {}),
@@ -266,7 +269,7 @@ def test_llamacpp_logits_and_greedy_tokens_match(case, tmp_path):
     row = bench.compare(folder, tmp_path / "m.gguf", n_new=16, tier=1)
     assert row["arch"] == {"Qwen2": "qwen2", "Qwen3": "qwen3"}.get(kind, "llama")
     assert row["tokenize_equal"], row
-    assert row["max_abs_logit_diff"] < 1e-4, row
+    assert row["max_abs_logit_diff"] < 1e-5, row  # measured 0.95e-6 to 1.4e-6
     assert row["greedy_equal"], row
 
 
@@ -276,7 +279,7 @@ def test_every_verb_reads_the_family(saved, tmp_path, run_cli, one_thread) -> No
     qwen3, _ = saved["qwen3-norms"]
     mistral, hf = saved["mistral-window"]
     r = run_cli("info", qwen3)
-    assert r.code == 0 and "Qwen3: vocab 300, q/k/v biases, q/k norms" in r.out
+    assert r.code == 0 and "Qwen3: vocab 300, q/k norms" in r.out
     r = run_cli("generate", mistral, "--prompt", "def f1(x", "--max-new-tokens", "4", "--tier", "1")
     assert r.code == 0, r.err
     calib = mistral.parent / "calib.txt"

@@ -134,6 +134,10 @@ def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], wid
                           f"({heads[0]} x {hd} != {config.hidden_size}): export all "
                           f"{config.base_kv_heads} KV heads (the FFN tiers export), or slice the "
                           f"head cut to safetensors (`matformer slice`), which transformers loads")
+    if arch == "qwen3" and config.o_bias:
+        raise ConfigError("llama.cpp's qwen3 graph loads no o_proj bias (attention_bias: true), "
+                          "so the file would not load there; keep this model as safetensors "
+                          "(`matformer slice`), which transformers loads")
     if arch == "deci" and (config.qkv_bias or config.o_bias or config.rope.scaled):
         raise ConfigError("llama.cpp's deci graph (per-layer widths) reads no attention biases "
                           "or rope scaling: export a uniform tier (--tier N)")
