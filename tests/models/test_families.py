@@ -283,7 +283,8 @@ def test_every_verb_reads_the_family(saved, tmp_path, run_cli, one_thread) -> No
     r = run_cli("generate", mistral, "--prompt", "def f1(x", "--max-new-tokens", "4", "--tier", "1")
     assert r.code == 0, r.err
     calib = mistral.parent / "calib.txt"
-    r = run_cli("eval", mistral, "--data", calib, "--tiers", "0", "--no-mix", "--json")
+    r = run_cli("eval", mistral, "--data", calib, "--tiers", "0", "--no-mix", "--no-speculative",
+                "--no-decode", "--seq-len", "16", "--max-tokens", "64", "--json")
     assert r.code == 0, r.err
     out = tmp_path / "run"
     r = run_cli("train", "--init-from", mistral, "--distill", mistral, "--data", calib,
