@@ -309,3 +309,62 @@ def test_dropping_layers_keeps_each_layers_window(saved) -> None:
     assert cfg.layer_windows == [None, 6]
     out = plan_slice(cfg, skip_layers=[0]).config
     assert out.layer_windows == [6] and out.to_dict()["layer_types"] == ["sliding_attention"]
+
+
+_CONVERT = """
+import importlib.machinery, runpy, sys, types
+sp = types.ModuleType("sentencepiece")  # imported by the converter, not needed for a BPE
+sp.SentencePieceProcessor, sp.__spec__ = None, importlib.machinery.ModuleSpec("sentencepiece", None)
+sys.modules["sentencepiece"] = sp
+import conversion.base as base
+for cls in vars(base).values():  # our tokenizer's hash is not in its table; its split is gpt-2's
+    if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
+        cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[1:]]
+runpy.run_path("convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qwen2-bias", "qwen3-norms", "llama3-tied"])
+def test_gguf_written_by_llamacpps_converter_reads_back(case, tmp_path):
+    """A GGUF written by llama.cpp's own convert_hf_to_gguf.py (the files people download) is
+    read as the family's model with transformers' logits. Needs llama.cpp's source:
+    $MATFORMER_LLAMACPP_SRC (e.g. llama-cpp-python's sdist vendor/llama.cpp)."""
+    import os
+    import subprocess
+    import sys
+
+    from matformer.io.gguf_source import gguf_to_checkpoint
+
+    src = os.environ.get("MATFORMER_LLAMACPP_SRC")
+    if not src or not Path(src, "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set MATFORMER_LLAMACPP_SRC to llama.cpp's source folder")
+    kind, kw = CASES[case]
+    # transformers' tokenizer counts one id past our 300 (its converter asserts the vocabulary
+    # holds every id): 320 rows, the last ones never produced
+    cfg = getattr(transformers, f"{kind}Config")(**{**BASE, **kw, "vocab_size": 320})
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if pname.endswith(("norm.weight", ".bias")):
+                p.normal_(1.0, 0.3)
+    folder = tmp_path / "src"
+    hf.save_pretrained(folder)
+    D.save_tokenizer(D.train_tokenizer([TEXT], VOCAB), folder)
+    out = tmp_path / "m.gguf"
+    env = {**os.environ, "PYTHONPATH": f"{src}:{src}/gguf-py"}
+    r = subprocess.run([sys.executable, "-c", _CONVERT, str(folder), "--outfile", str(out),
+                        "--outtype", "f32"], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=src)
+    if case == "llama3-tied":  # rope_freqs alone does not say which llama3 parameters made it
+        assert r.returncode == 0, r.stderr[-2000:]
+        with pytest.raises(Exception, match="rope_freqs"):
+            gguf_to_checkpoint(out, tmp_path / "back")
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = load_model(gguf_to_checkpoint(out, tmp_path / "back"), dtype=torch.float32)
+    assert mine.config.MODEL_TYPE == CASES[case][0].lower()
+    with torch.no_grad():
+        assert (mine(_ids()) - hf(_ids()).logits).abs().max().item() <= 1e-5
