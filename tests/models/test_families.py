@@ -368,3 +368,15 @@ def test_gguf_written_by_llamacpps_converter_reads_back(case, tmp_path):
     assert mine.config.MODEL_TYPE == CASES[case][0].lower()
     with torch.no_grad():
         assert (mine(_ids()) - hf(_ids()).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["llama3-tied", "llama-linear-bias"])
+def test_nemotron_nas_refuses_what_it_cannot_state(saved, case) -> None:
+    """--format nemotron-nas writes default rope and no biases: a scaled rope or biased Llama is
+    refused there (in one line) instead of exported with other logits."""
+    from matformer.slicing.nemotron_nas import plan_nemotron_nas
+
+    cfg = load_model(saved[case][0]).config
+    with pytest.raises(ConfigError, match="rope_type 'llama3'|rope_type 'linear'") as e:
+        plan_nemotron_nas(cfg, tier=0)
+    assert "\n" not in str(e.value)

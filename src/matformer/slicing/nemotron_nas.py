@@ -198,6 +198,12 @@ def plan_nemotron_nas(source: MatFormerConfig, *, tier: int | None = None,
     if act not in ("silu", "swish"):  # llama.cpp's deci graph computes SwiGLU only
         raise ConfigError(f"hidden_act={act!r}: the {MODEL_TYPE} engines (llama.cpp's deci) run "
                           f"silu only; this checkpoint cannot be written with the same logits")
+    if source.rope.scaled or source.qkv_bias or source.o_bias:
+        what = (f"rope_type {source.rope.rope_type!r}" if source.rope.scaled
+                else "attention biases")
+        raise ConfigError(f"{what}: this {MODEL_TYPE} writer states default rope and no "
+                          f"biases, so the export would compute other logits; slice to "
+                          f"safetensors (the default format) or export GGUF instead")
     hd = source.head_dim
     assert hd is not None
     if source.hidden_size % hd:
