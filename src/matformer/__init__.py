@@ -12,7 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from matformer import hf as _hf
+
 __version__ = "0.1.0"
+
+# transformers' Auto classes learn matformer's checkpoints when transformers loads them, not now
+# (neither torch nor transformers is imported here: matformer.hf).
+_hf.install()
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -120,7 +120,7 @@ def _imported_names(module: str) -> list[tuple[str, str]]:
 NAMES = {m: _imported_names(m) for m in MODULES}
 
 # The layer order, lowest first; the peers share a rank and may not import each other.
-LAYERS = ("errors", "tiers", "models", "io", "data", ("inference", "training", "slicing"),
+LAYERS = ("errors", "tiers", "models", "io", "data", ("inference", "training", "slicing", "hf"),
           "evaluation", "cli")
 RANK = {name: i for i, layer in enumerate(LAYERS)
         for name in ((layer,) if isinstance(layer, str) else layer)}

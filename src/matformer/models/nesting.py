@@ -79,6 +79,11 @@ class NestedConfig:
     """The `architectures` entry of a uniform config (the transformers class that loads it)."""
     NESTED_ARCHITECTURE: ClassVar[str] = ""
     """The `architectures` entry of a per-layer config (only matformer loads it)."""
+    NESTED_MODEL_TYPE: ClassVar[str] = ""
+    """The `model_type` written for a per-layer config ("": `matformer_<MODEL_TYPE>`). Ours, so
+    that transformers without matformer refuses it ("unknown model type") instead of building
+    every layer at one size; `import matformer` registers it with transformers (`matformer.hf`).
+    Read back as this family, as is the `MODEL_TYPE` that per-layer configs carried before."""
     KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS
     """Keys read into fields by name; everything else goes to `extra`."""
     REWRITTEN: ClassVar[frozenset[str]] = REWRITTEN
@@ -254,10 +259,24 @@ class NestedConfig:
         return self.ARCHITECTURE if self.is_uniform else self.NESTED_ARCHITECTURE
 
     @classmethod
+    def nested_model_type(cls) -> str:
+        """The `model_type` of this family's per-layer configs: `NESTED_MODEL_TYPE` as set on
+        the class itself (a family subclassing another's config gets its own, never its
+        parent's), else `matformer_<MODEL_TYPE>`."""
+        return cls.__dict__.get("NESTED_MODEL_TYPE") or f"matformer_{cls.MODEL_TYPE}"
+
+    def model_type(self) -> str:
+        """The `model_type` written: the transformers one of a uniform config (it loads there
+        unchanged), ours for a per-layer one."""
+        return self.MODEL_TYPE if self.is_uniform else self.nested_model_type()
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> Self:
         """The config a parsed config.json object describes; every error names `source`."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("model_type") == cls.nested_model_type():  # ours: the family's own from here
+            d = {**d, "model_type": cls.MODEL_TYPE}
         cls._check_input(d, source)
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -310,7 +329,7 @@ class NestedConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config.json object. `matformer_tier` is recomputed from the stored sizes."""
         d: dict[str, Any] = dict(self.extra)
-        d["model_type"] = self.MODEL_TYPE
+        d["model_type"] = self.model_type()
         d["architectures"] = [self.architecture()]
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if f.name not in ("extra", "matformer_tier", *self.DERIVED_FIELDS):

@@ -97,6 +97,13 @@ class Family:
     export)."""
 
     @property
+    def all_model_types(self) -> tuple[str, ...]:
+        """Every config.json `model_type` read as this family: `model_types` and the one of its
+        per-layer configs (`NestedConfig.nested_model_type`, e.g. "matformer")."""
+        nested = () if self.config_class is None else (self.config_class.nested_model_type(),)
+        return self.model_types + tuple(t for t in nested if t not in self.model_types)
+
+    @property
     def loadable(self) -> bool:
         return self.config_class is not None
 
@@ -139,10 +146,10 @@ def register(fam: Family) -> Family:
     """Add a family (a name or a model_type already taken is a bug: ValueError)."""
     if fam.name in _FAMILIES:
         raise ValueError(f"model family {fam.name!r} is already registered")
-    taken = {t for f in _FAMILIES.values() for t in f.model_types}
-    if taken & set(fam.model_types):
-        raise ValueError(f"model_type {sorted(taken & set(fam.model_types))} is already read by "
-                         f"another family")
+    taken = {t for f in _FAMILIES.values() for t in f.all_model_types}
+    if taken & set(fam.all_model_types):
+        raise ValueError(f"model_type {sorted(taken & set(fam.all_model_types))} is already read "
+                         f"by another family")
     _FAMILIES[fam.name] = fam
     return fam
 
@@ -174,7 +181,7 @@ def family_of(config_dict: Any) -> Family:
     if isinstance(config_dict, dict):
         mt = config_dict.get("model_type")
         for fam in _FAMILIES.values():
-            if fam.name != DEFAULT and mt in fam.model_types:
+            if fam.name != DEFAULT and mt in fam.all_model_types:
                 return fam
     return _FAMILIES[DEFAULT]
 

@@ -12,6 +12,11 @@ MatFormer keys (see docs/FORMAT.md, rules from the checkpoint spec §2):
   from (always written), `head_dim` is always written (it no longer follows from hidden_size once
   heads are cut). The query heads per KV head (r) are the same in every layer.
 
+A per-layer config (Mix'n'Match widths or per-layer heads) is written with `model_type:
+"matformer"` (`architectures: ["MatFormerForCausalLM"]`): transformers loads it only through the
+classes `import matformer` registers (`matformer.hf`). Per-layer configs written before carry
+`llama` and still load here.
+
 Unknown keys are kept in `extra` and written back unchanged.
 """
 
@@ -36,8 +41,10 @@ from matformer.models.nesting import (
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
-# A per-layer (Mix'n'Match or per-layer heads) config: our loader reads it, transformers' cannot.
+# A per-layer (Mix'n'Match or per-layer heads) config: our loader reads it, and transformers once
+# `import matformer` registered these (matformer.hf); stock transformers says "unknown model type".
 NESTED_ARCHITECTURE = "MatFormerForCausalLM"
+NESTED_MODEL_TYPE = "matformer"
 
 MAX_LAYERS = 100_000
 """More layers than any model has: a config asking for more is damaged (nothing proportional to
@@ -91,6 +98,10 @@ class MatFormerConfig(NestedConfig):
         for mt in cls.DIALECT.model_types:
             if mt is not None:
                 MatFormerConfig._BY_MODEL_TYPE[mt] = cls
+
+    NESTED_MODEL_TYPE: ClassVar[str] = NESTED_MODEL_TYPE
+    """Llama's only: a subclass (Mistral, Qwen, ...) writes `matformer_<its type>`
+    (`NestedConfig.nested_model_type` reads this from the class's own attributes)."""
     KNOWN: ClassVar[frozenset[str]] = NESTED_KEYS | {
         "vocab_size", "hidden_size", "num_key_value_heads", "max_position_embeddings",
         "rms_norm_eps", "rope_theta", "tie_word_embeddings", "bos_token_id", "eos_token_id",

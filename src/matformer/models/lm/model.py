@@ -206,15 +206,20 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         g = self.kv_heads
         nh = g * self.group
-        wq, wk, wv, wo = self._weights()
-        bq, bk, bv = self._biases()
-        q = F.linear(x, wq, bq).view(B, T, nh, self.hd)
-        k = F.linear(x, wk, bk).view(B, T, g, self.hd)
+        if g == self.stored_kv_heads:  # the modules themselves (an adapter wrapping them runs)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            _check_plain(self, ("q_proj", "k_proj", "v_proj", "o_proj"), "KV heads", g)
+            wq, wk, wv, _ = self._weights()
+            bq, bk, bv = self._biases()
+            q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
+        q = q.view(B, T, nh, self.hd)
+        k = k.view(B, T, g, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         k = k.transpose(1, 2)  # (B, g, T, hd)
-        v = F.linear(x, wv, bv).view(B, T, g, self.hd).transpose(1, 2)
+        v = v.view(B, T, g, self.hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -251,7 +256,10 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.hd**-0.5,
             enable_gqa=self.group != 1,
         )  # (B, nh, T, hd)
-        return F.linear(y.transpose(1, 2).reshape(B, T, nh * self.hd), wo, self.o_proj.bias)
+        y = y.transpose(1, 2).reshape(B, T, nh * self.hd)
+        if g == self.stored_kv_heads:
+            return self.o_proj(y)
+        return F.linear(y, self._weights()[3], self.o_proj.bias)
 
     def _masks(self, length: int) -> bool:
         """The window hides some key from some query of a sequence of `length` positions."""
@@ -264,6 +272,17 @@ class Attention(nn.Module):
                             f"this model runs {g} (allocate the cache at the heads it will run: "
                             f"new_cache(..., kv_heads=...))")
         return (ck, cv) if g == ck.shape[1] else (ck[:, :g], cv[:, :g])
+
+
+def _check_plain(owner: nn.Module, names: tuple[str, ...], axis: str, active: int) -> None:
+    """A narrower setting reads prefix views of the weights, past any module that wraps a
+    projection (a PEFT LoRA adapter): refused, rather than dropping the adapter's term."""
+    wrapped = [n for n in names if type(getattr(owner, n)) is not nn.Linear]
+    if wrapped:
+        raise TierError(f"{wrapped[0]} is wrapped ({type(getattr(owner, wrapped[0])).__name__}, "
+                        f"e.g. a LoRA adapter), which runs at the stored size only; this model "
+                        f"runs {active} {axis}: merge the adapter first (merge_and_unload) or "
+                        f"fine-tune a checkpoint sliced to this width")
 
 
 class NestedMLP(nn.Module):
@@ -285,6 +304,7 @@ class NestedMLP(nn.Module):
         m = self.width
         if m == self.stored_width:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        _check_plain(self, ("gate_proj", "up_proj", "down_proj"), "FFN width", m)
         # Views, not copies: rows [:m] are contiguous; columns [:, :m] are a strided view that
         # the matmul reads with a leading dimension of the stored width.
         g = F.linear(x, self.gate_proj.weight[:m])

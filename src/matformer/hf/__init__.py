@@ -1,0 +1,121 @@
+"""matformer models as transformers-native classes: `AutoModelForCausalLM.from_pretrained(CKPT)`.
+
+`import matformer` makes transformers' Auto classes know matformer's per-layer checkpoints
+(`model_type` "matformer" and each family's `matformer_<type>`; no `trust_remote_code`), while
+`import matformer` itself imports neither torch nor transformers (`matformer --help` and
+`matformer info` stay cheap). Libraries that plug into transformers usually register at import
+(flash-linear-attention's `fla.models`, hf_olmo: `AutoConfig.register` / `AutoModelForCausalLM
+.register` at module level), which would cost every matformer import the seconds of importing
+torch and transformers. Here the registration waits for transformers instead:
+
+- `install()` (called by `matformer/__init__`) puts a finder on `sys.meta_path` that watches two
+  transformers modules. When `transformers.models.auto.configuration_auto` has finished loading,
+  `matformer.hf.config` is imported (it registers the config classes: AutoConfig, AutoTokenizer
+  then read our config.json); when `transformers.models.auto.modeling_auto` has, `matformer.hf
+  .model` (the model classes: AutoModelForCausalLM, pipeline). Either module imported directly
+  registers itself the same way. Modules already loaded when matformer is imported are
+  registered at once.
+- A registration that fails (a transformers this code does not support) warns once and leaves
+  transformers working; only matformer's classes are then missing.
+
+What is registered: for every registered causal-LM family (`models.registry`), a
+`PreTrainedConfig` and a `PreTrainedModel` + `GenerationMixin` (`model.py`), generic over the
+registry, so a new family gets them from its registry entry. A uniform checkpoint keeps its own
+`model_type` (`llama`): Auto classes build transformers' own class for it (equal logits); to run
+one at another width, load it with the class of its family (`MatFormerForCausalLM.from_pretrained`,
+then `set_widths` / `at_width`). See docs/DEPLOY.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+CONFIG_MODULE = "matformer.hf.config"
+MODEL_MODULE = "matformer.hf.model"
+WATCHED = {
+    "transformers.models.auto.configuration_auto": CONFIG_MODULE,
+    "transformers.models.auto.modeling_auto": MODEL_MODULE,
+}
+"""transformers module -> the matformer module imported (and so registered) once it has loaded."""
+
+# public name -> module of this package that defines it (imported on first use)
+_EXPORTS = {
+    "config_class": CONFIG_MODULE,
+    "register_configs": CONFIG_MODULE,
+    "model_class": MODEL_MODULE,
+    "register_models": MODEL_MODULE,
+    "MatFormerCache": MODEL_MODULE,
+    "MatFormerHFConfig": CONFIG_MODULE,
+    "MatFormerForCausalLM": MODEL_MODULE,
+}
+
+
+def _register(module: str) -> None:
+    """Import `module` (which registers its classes); a failure warns, never raises into the
+    import of transformers that triggered it."""
+    if module in sys.modules:  # loaded, or loading (it registers when it finishes)
+        return
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure here must not break transformers
+        sys.modules.pop(module, None)
+        warnings.warn(f"matformer: could not register its classes with transformers ({e}); "
+                      f"AutoModelForCausalLM will not know matformer checkpoints", stacklevel=2)
+
+
+class _Loader(importlib.abc.Loader):
+    """Runs the real loader of a watched module, then registers."""
+
+    def __init__(self, loader: importlib.abc.Loader, then: str) -> None:
+        self.loader = loader
+        self.then = then
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        _register(self.then)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a watched module it asks the finders after it and wraps the
+    loader of the spec they return."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        then = WATCHED.get(fullname)
+        if then is None:
+            return None
+        for finder in sys.meta_path:
+            if isinstance(finder, _Finder) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, then)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Register matformer's classes with transformers when (or, if already so, now that)
+    transformers' Auto modules are loaded; imports neither torch nor transformers itself."""
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+    for watched, then in WATCHED.items():
+        if watched in sys.modules:
+            _register(then)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'matformer.hf' has no attribute {name!r}")
