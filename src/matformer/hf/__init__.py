@@ -85,9 +85,16 @@ class _Loader(importlib.abc.Loader):
         _register(self.then)
 
 
+_MARK = "matformer_hf_finder"
+"""Attribute marking our finder, whichever copy of this module made it (a test that forgets
+matformer's modules and imports them again must find the first one, not add a second)."""
+
+
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a watched module it asks the finders after it and wraps the
+    """Finds nothing itself: for a watched module it asks the other finders and wraps the
     loader of the spec they return."""
+
+    matformer_hf_finder = True
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
@@ -95,7 +102,7 @@ class _Finder(importlib.abc.MetaPathFinder):
         if then is None:
             return None
         for finder in sys.meta_path:
-            if isinstance(finder, _Finder) or not hasattr(finder, "find_spec"):
+            if getattr(finder, _MARK, False) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -108,7 +115,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     """Register matformer's classes with transformers when (or, if already so, now that)
     transformers' Auto modules are loaded; imports neither torch nor transformers itself."""
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+    if not any(getattr(f, _MARK, False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     for watched, then in WATCHED.items():
         if watched in sys.modules:
