@@ -76,9 +76,9 @@ def test_auto_model_loads_every_kind_with_matformers_logits(ckpts, kind) -> None
     assert torch.allclose(_logits(hf), _logits(load_model(ckpts[kind])), atol=1e-5, rtol=0)
 
 
-def test_a_full_elastic_checkpoint_runs_any_width_in_transformers(ckpts) -> None:
+def test_a_full_elastic_checkpoint_runs_any_width_in_transformers(ckpts, tmp_path) -> None:
     hf = MatFormerForCausalLM.from_pretrained(ckpts["full"])  # model_type llama, as an elastic
-    assert hf.widths == [256, 256] and hf.config.model_type == "llama"
+    assert hf.widths == [256, 256] and hf.config.to_dict()["model_type"] == "llama"
     assert torch.allclose(_logits(hf), _logits(load_model(ckpts["full"])), atol=1e-5, rtol=0)
     hf.set_widths(tier=1)
     assert hf.tier == 1
@@ -91,6 +91,11 @@ def test_a_full_elastic_checkpoint_runs_any_width_in_transformers(ckpts) -> None
     assert hf.widths == [128, 128] and hf.layer_kv_heads == [4, 4]  # restored
     with pytest.raises(TierError):
         MatFormerForCausalLM.from_pretrained(ckpts["tier1"]).set_widths(tier=0)
+    hf.save_pretrained(tmp_path / "again")  # what is stored, whatever it runs at: still a Llama
+    cfg = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.allclose(_logits(again), _logits(load_model(ckpts["full"])), atol=1e-5, rtol=0)
 
 
 def test_generate_greedy_equals_matformers_and_padding_equals_its_batches(ckpts) -> None:
@@ -217,3 +222,34 @@ def test_a_bad_config_is_one_line(ckpts, tmp_path) -> None:
     with pytest.raises(ConfigError, match="intermediate_size has 3 entries"):
         AutoConfig.from_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(ckpts["heads"]), MatFormerHFConfig)
+
+
+def test_matvit_per_layer_checkpoint_loads_in_auto_image_classification(tmp_path) -> None:
+    from transformers import AutoModelForImageClassification, ViTForImageClassification
+
+    from matformer.hf import MatViTForImageClassification
+    from matformer.models.vit.config import MatViTConfig
+    from matformer.models.vit.model import MatViT
+
+    torch.manual_seed(0)
+    model = MatViT(MatViTConfig.from_preset("debug")).eval()
+    save_model(model, tmp_path / "full")
+    base = model.config.base
+    slice_checkpoint(tmp_path / "full", tmp_path / "mnm", widths=[base, base // 4])
+    cfg = json.loads((tmp_path / "mnm" / "config.json").read_text())
+    assert cfg["model_type"] == "matformer_vit"
+    pixels = torch.randn(2, model.config.num_channels, model.config.image_size,
+                         model.config.image_size)
+    hf = AutoModelForImageClassification.from_pretrained(tmp_path / "mnm")
+    assert type(hf) is MatViTForImageClassification
+    ours = load_model(tmp_path / "mnm")
+    assert torch.allclose(_logits(hf, pixels), _logits(ours, pixels), atol=1e-5, rtol=0)
+    labels = torch.tensor([1, 3])
+    assert torch.allclose(hf(pixel_values=pixels, labels=labels).loss,
+                          ours.loss(pixels, labels), atol=1e-6)
+    # the full model is transformers' own ViT; loaded as ours it runs any width
+    assert type(AutoModelForImageClassification.from_pretrained(tmp_path / "full")) is (
+        ViTForImageClassification)
+    elastic = MatViTForImageClassification.from_pretrained(tmp_path / "full")
+    with elastic.at_width(widths=[base, base // 4]):
+        assert torch.allclose(_logits(elastic, pixels), _logits(ours, pixels), atol=1e-5, rtol=0)

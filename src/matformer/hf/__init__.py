@@ -20,7 +20,8 @@ torch and transformers. Here the registration waits for transformers instead:
 
 What is registered: for every registered causal-LM family (`models.registry`), a
 `PreTrainedConfig` and a `PreTrainedModel` + `GenerationMixin` (`model.py`), generic over the
-registry, so a new family gets them from its registry entry. A uniform checkpoint keeps its own
+registry, so a new family gets them from its registry entry; for MatViT, a config and an
+`AutoModelForImageClassification` class. A uniform checkpoint keeps its own
 `model_type` (`llama`): Auto classes build transformers' own class for it (equal logits); to run
 one at another width, load it with the class of its family (`MatFormerForCausalLM.from_pretrained`,
 then `set_widths` / `at_width`). See docs/DEPLOY.md.
@@ -54,6 +55,8 @@ _EXPORTS = {
     "MatFormerCache": MODEL_MODULE,
     "MatFormerHFConfig": CONFIG_MODULE,
     "MatFormerForCausalLM": MODEL_MODULE,
+    "MatViTHFConfig": CONFIG_MODULE,
+    "MatViTForImageClassification": MODEL_MODULE,
 }
 
 

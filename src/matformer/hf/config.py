@@ -1,9 +1,10 @@
-"""transformers `PreTrainedConfig` classes for matformer's causal-LM families (no torch).
+"""transformers `PreTrainedConfig` classes for matformer's families (no torch).
 
-One class per registered causal-LM family (`models.registry`), made from its record:
-`model_type` is the family's per-layer type (`NestedConfig.nested_model_type`: "matformer" for
-the Llama-layout `lm`), the class name its per-layer architecture with `HFConfig` for
-`ForCausalLM` (`MatFormerHFConfig`). The class holds config.json's keys as attributes, as every
+One class per registered causal-LM family (`models.registry`; and MatViT's image
+classification), made from its record: `model_type` is the family's per-layer type
+(`NestedConfig.nested_model_type`: "matformer" for the Llama-layout `lm`, "matformer_vit"), the
+class name its per-layer architecture with `HFConfig` for `For...` (`MatFormerHFConfig`,
+`MatViTHFConfig`). The class holds config.json's keys as attributes, as every
 transformers config does, and `to_matformer()` is the family's own config read from them, so
 every check matformer makes on a config.json (sizes, heads, keys that change the logits) runs
 on what transformers loads too: an invalid config is the same one-line `ConfigError`.
@@ -18,12 +19,13 @@ Importing this module registers the classes with `AutoConfig` (see `matformer.hf
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 
 from matformer.models.nesting import NestedConfig
-from matformer.models.registry import Family, families
+from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, Family, families
 
 _BASE_DEFAULTS: dict[str, Any] = PreTrainedConfig().to_dict()
 """The keys every transformers config has, with their defaults (dropped when the family does
@@ -43,6 +45,16 @@ class MatFormerPreTrainedConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.matformer_family:  # checked now: a bad config.json fails at load, in one line
             self.to_matformer()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any,
+                        **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reader; a `model_type` of this family (`llama` for a uniform
+        checkpoint loaded to run at other widths) is this class's, not a mismatch to warn of."""
+        d, rest = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if cls.matformer_family and d.get("model_type") in cls.family().all_model_types:
+            d = {k: v for k, v in d.items() if k != "model_type"}
+        return d, rest
 
     @classmethod
     def family(cls) -> Family:
@@ -81,25 +93,28 @@ class MatFormerPreTrainedConfig(PreTrainedConfig):
 
 
 _CLASSES: dict[str, type[MatFormerPreTrainedConfig]] = {}
+TASKS = (CAUSAL_LM, IMAGE_CLASSIFICATION)
+"""The families' tasks that have transformers classes here (`model.py` has one base per task)."""
 
 
 def _class_name(fam: Family) -> str:
     assert fam.config_class is not None
-    return fam.config_class.NESTED_ARCHITECTURE.replace("ForCausalLM", "") + "HFConfig"
+    return re.sub(r"For[A-Za-z]+$", "", fam.config_class.NESTED_ARCHITECTURE) + "HFConfig"
 
 
-def causal_families() -> list[Family]:
-    """The registered families transformers gets classes for: loadable text decoders."""
-    return [f for f in families() if f.loadable and f.text]
+def hf_families() -> list[Family]:
+    """The registered families transformers gets classes for: loadable ones of a task in
+    `TASKS` (every causal LM; MatViT's image classification)."""
+    return [f for f in families() if f.loadable and f.task in TASKS]
 
 
 def config_class(family: Family | str = "lm") -> type[MatFormerPreTrainedConfig]:
-    """The transformers config class of a causal-LM family (made on first use)."""
+    """The transformers config class of a family (made on first use)."""
     fam = family if isinstance(family, Family) else next(
-        (f for f in causal_families() if f.name == family), None)
-    if fam is None or fam not in causal_families():
-        raise ValueError(f"{family!r} is not a registered causal-LM family; one of "
-                         f"{', '.join(f.name for f in causal_families())}")
+        (f for f in hf_families() if f.name == family), None)
+    if fam is None or fam not in hf_families():
+        raise ValueError(f"{family!r} is not a registered family with transformers classes; "
+                         f"one of {', '.join(f.name for f in hf_families())}")
     if fam.name not in _CLASSES:
         assert fam.config_class is not None
         name = _class_name(fam)
@@ -115,8 +130,8 @@ def config_class(family: Family | str = "lm") -> type[MatFormerPreTrainedConfig]
 
 
 def register_configs() -> None:
-    """`AutoConfig.register` every causal-LM family's per-layer `model_type`."""
-    for fam in causal_families():
+    """`AutoConfig.register` every such family's per-layer `model_type`."""
+    for fam in hf_families():
         cls = config_class(fam)
         AutoConfig.register(cls.model_type, cls, exist_ok=True)
 
@@ -124,3 +139,5 @@ def register_configs() -> None:
 register_configs()
 MatFormerHFConfig = config_class("lm")
 """The config of the Llama-layout family (`model_type` "matformer")."""
+MatViTHFConfig = config_class("vit")
+"""The config of MatViT (`model_type` "matformer_vit")."""

@@ -1,10 +1,14 @@
-"""transformers `PreTrainedModel` + `GenerationMixin` classes for matformer's causal-LM families.
+"""transformers `PreTrainedModel` classes for matformer's families: causal LMs (with
+`GenerationMixin`) and MatViT's image classification.
 
-`model_class(family)` wraps the family's own model (`MatFormerLM`, ...: the *core*), built from
-`config.to_matformer()`. The wrapper adopts the core's child modules under their own names
-(`model`, `lm_head`), so its parameter names are the checkpoint's and `from_pretrained` /
-`save_pretrained` map tensors one to one, while the forward is the core's: the logits are
-matformer's, at whatever width the core runs (`set_widths`, `at_width`, one `tiers.WidthRequest`).
+`model_class(family)` wraps the family's own model (`MatFormerLM`, `MatViT`, ...: the *core*),
+built from `config.to_matformer()`. The wrapper adopts the core's child modules under their own
+names (`model`, `lm_head`; `vit`, `classifier`), so its parameter names are the checkpoint's and
+`from_pretrained` / `save_pretrained` map tensors one to one, while the forward is the core's:
+the logits are matformer's, at whatever width the core runs (`set_widths`, `at_width`, one
+`tiers.WidthRequest`).
+
+The causal LM's forward takes what transformers passes:
 
 The forward takes what transformers passes:
 
@@ -22,7 +26,8 @@ The forward takes what transformers passes:
 
 PEFT LoRA wraps the projections; the core calls them as modules at their stored size, so an
 adapter trains and runs there, and a narrower setting of a wrapped layer is refused
-(`models.lm.model`). Importing this module registers the classes with `AutoModelForCausalLM`.
+(`models.lm.model`). Importing this module registers the classes with `AutoModelForCausalLM`
+and `AutoModelForImageClassification`.
 """
 
 from __future__ import annotations
@@ -32,14 +37,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput
 
 from matformer.errors import TierError
-from matformer.hf.config import MatFormerPreTrainedConfig, causal_families, config_class
-from matformer.models.registry import Family
+from matformer.hf.config import MatFormerPreTrainedConfig, config_class, hf_families
+from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, Family
 from matformer.tiers import WidthRequest
 
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else (
@@ -112,15 +123,12 @@ def _left_padding(mask: torch.Tensor | None, cached: bool) -> torch.Tensor | Non
                      "left padding (and right padding without a cache) only")
 
 
-class MatFormerPreTrainedModel(PreTrainedModel):
-    """Base of the per-family classes (`model_class(family)`, which add `GenerationMixin`:
-    transformers wants it among a generating class's own bases)."""
+class CoreBackedModel(PreTrainedModel):
+    """What every matformer transformers class shares: the family's own model (the core) built
+    from the config, its children adopted under their own names, its width setting."""
 
     config_class = MatFormerPreTrainedConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq"]
     _supports_sdpa = True
 
     def __init__(self, config: MatFormerPreTrainedConfig) -> None:
@@ -136,13 +144,13 @@ class MatFormerPreTrainedModel(PreTrainedModel):
 
     @property
     def matformer(self) -> nn.Module:
-        """The family's own model (`MatFormerLM`, ...), sharing every parameter with this one:
-        what `matformer.generate`, `evaluate` and `save_model` take."""
+        """The family's own model (`MatFormerLM`, `MatViT`, ...), sharing every parameter with
+        this one: what `matformer.generate`, `evaluate` and `save_model` take."""
         return self._core
 
     def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                    widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                   layer_kv_heads: Sequence[int] | None = None) -> MatFormerPreTrainedModel:
+                   layer_kv_heads: Sequence[int] | None = None) -> CoreBackedModel:
         """Run at another FFN width / KV heads from now on (an axis not named goes back to
         what is stored); see `models.nesting.WidthSetting.set_widths`."""
         self._core.apply(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
@@ -152,8 +160,7 @@ class MatFormerPreTrainedModel(PreTrainedModel):
     @contextlib.contextmanager
     def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
                  widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                 layer_kv_heads: Sequence[int] | None = None
-                 ) -> Iterator[MatFormerPreTrainedModel]:
+                 layer_kv_heads: Sequence[int] | None = None) -> Iterator[CoreBackedModel]:
         """Run at another setting inside a `with` block; the previous one is restored after."""
         with self._core.running(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
                                              kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)):
@@ -174,19 +181,28 @@ class MatFormerPreTrainedModel(PreTrainedModel):
         """The uniform tier the model runs at (None: per-layer widths)."""
         return self._core.tier
 
-    # ---- transformers ------------------------------------------------------------------------
-
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' Llama init for weights a checkpoint lacks: N(0, initializer_range)
-        for linears and embeddings, ones for RMS norms."""
+        """For weights a checkpoint lacks: N(0, initializer_range) for linears, convolutions
+        and embeddings (zero biases), norms at identity."""
         std = self._core.config.initializer_range
         with torch.no_grad():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif type(module).__name__.endswith("RMSNorm"):
+            elif isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
                 module.weight.fill_(1.0)
+            if isinstance(getattr(module, "bias", None), torch.Tensor):
+                module.bias.zero_()
+
+
+class MatFormerPreTrainedModel(CoreBackedModel):
+    """Base of the causal-LM classes (`model_class(family)`, which add `GenerationMixin`:
+    transformers wants it among a generating class's own bases)."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq"]
+
+    # ---- transformers ------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Module:
         return self._core.model.embed_tokens
@@ -266,20 +282,43 @@ class MatFormerPreTrainedModel(PreTrainedModel):
         return logits
 
 
-_CLASSES: dict[str, type[MatFormerPreTrainedModel]] = {}
+class MatViTPreTrainedModel(CoreBackedModel):
+    """Base of the image-classification classes: `forward(pixel_values, labels=None)` ->
+    logits (B, num_labels) at the active width, and the cross-entropy when labels are given."""
+
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+
+    def forward(self, pixel_values: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
+        if pixel_values is None:
+            raise ValueError("MatViT takes pixel_values (batch, channels, height, width)")
+        logits = self._core(pixel_values)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def model_class(family: Family | str = "lm") -> type[MatFormerPreTrainedModel]:
-    """The transformers model class of a causal-LM family (made on first use), named as its
-    per-layer config's `architectures` says (`MatFormerForCausalLM`)."""
+_TASKS: dict[str, tuple[tuple[type, ...], Any]] = {
+    CAUSAL_LM: ((MatFormerPreTrainedModel, GenerationMixin), AutoModelForCausalLM),
+    IMAGE_CLASSIFICATION: ((MatViTPreTrainedModel,), AutoModelForImageClassification),
+}
+"""task -> (the bases of its classes, the Auto class they register with)."""
+_CLASSES: dict[str, type[CoreBackedModel]] = {}
+
+
+def model_class(family: Family | str = "lm") -> type[CoreBackedModel]:
+    """The transformers model class of a family (made on first use), named as its per-layer
+    config's `architectures` says (`MatFormerForCausalLM`, `MatViTForImageClassification`)."""
     cfg = config_class(family)
     fam = cfg.family()
     if fam.name not in _CLASSES:
         assert fam.config_class is not None
         name = fam.config_class.NESTED_ARCHITECTURE
-        cls = type(name, (MatFormerPreTrainedModel, GenerationMixin), {
+        cls = type(name, _TASKS[fam.task][0], {
             "__module__": __name__, "__qualname__": name,
-            "__doc__": f"matformer's {fam.name!r} family as a transformers causal LM.",
+            "__doc__": f"matformer's {fam.name!r} family as a transformers {fam.task} model.",
             "config_class": cfg,
             "_tied_weights_keys": dict(fam.tied)})
         globals()[name] = cls
@@ -288,12 +327,15 @@ def model_class(family: Family | str = "lm") -> type[MatFormerPreTrainedModel]:
 
 
 def register_models() -> None:
-    """`AutoModelForCausalLM.register` every causal-LM family's classes."""
-    for fam in causal_families():
-        AutoModelForCausalLM.register(config_class(fam), model_class(fam), exist_ok=True)
+    """Register every family's class with the Auto class of its task
+    (`AutoModelForCausalLM`, `AutoModelForImageClassification`)."""
+    for fam in hf_families():
+        _TASKS[fam.task][1].register(config_class(fam), model_class(fam), exist_ok=True)
 
 
 register_models()
 MatFormerForCausalLM = model_class("lm")
 """The Llama-layout family's model (`model_type` "matformer", and `llama` checkpoints loaded
 through it to run at other widths)."""
+MatViTForImageClassification = model_class("vit")
+"""MatViT (`model_type` "matformer_vit", and `vit` checkpoints loaded through it)."""
