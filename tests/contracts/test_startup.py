@@ -1,20 +1,28 @@
 """The start-up contract of `import matformer` with transformers (matformer.hf).
 
 - `import matformer` imports neither torch nor transformers (the CLI's `--help` / `info` stay
-  cheap; tests/cli/test_cli.py checks the CLI itself), yet transformers' Auto classes know
-  matformer's checkpoints once transformers loads: the config classes when `AutoConfig` is
-  loaded, the model classes only when `AutoModelForCausalLM` is.
+  cheap; tests/cli/test_cli.py checks the CLI itself), yet transformers' Auto classes learn
+  matformer's checkpoints once transformers loads: `matformer.hf.install()` watches the import of
+  transformers' Auto modules and imports matformer's registering modules right after them (the
+  mechanism is checked here on stand-in modules, in this process; tests/hf runs the real
+  registration).
 - Without matformer, transformers refuses a Mix'n'Match config ("does not recognize this
   architecture") instead of building every layer at one width; importing matformer after
-  transformers registers at once.
+  transformers registers at once (a fresh interpreter: config level, which needs no model
+  classes).
 """
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import pytest
+
+import matformer.hf
 from matformer.models.lm.config import MatFormerConfig
 
 _BARE = """
@@ -24,7 +32,7 @@ bad = [m for m in ("torch", "transformers") if m in sys.modules]
 assert not bad, bad
 """
 
-_ORDERS = """
+_STOCK = """
 import sys
 from transformers import AutoConfig
 try:
@@ -33,10 +41,7 @@ try:
 except ValueError as e:
     print("STOCK", str(e).splitlines()[0])
 import matformer  # after transformers: the config classes register at once
-print("CONFIG", type(AutoConfig.from_pretrained(sys.argv[1])).__name__,
-      "matformer.hf.model" in sys.modules)
-from transformers import AutoModelForCausalLM  # loads modeling_auto: the model classes register
-print("MODEL", type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))).__name__)
+print("CONFIG", type(AutoConfig.from_pretrained(sys.argv[1])).__name__)
 """
 
 
@@ -44,12 +49,57 @@ def test_import_matformer_imports_neither_torch_nor_transformers() -> None:
     subprocess.run([sys.executable, "-c", _BARE], check=True, capture_output=True, timeout=120)
 
 
-def test_auto_classes_know_matformer_only_with_it(tmp_path: Path) -> None:
+def test_stock_transformers_refuses_a_mixnmatch_config_and_knows_it_after_import(
+        tmp_path: Path) -> None:
     cfg = MatFormerConfig.from_preset("debug").with_widths([256, 64])
     (tmp_path / "config.json").write_text(cfg.to_json_string())
-    out = subprocess.run([sys.executable, "-c", _ORDERS, str(tmp_path)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _STOCK, str(tmp_path)], capture_output=True,
                          text=True, timeout=300, check=True).stdout.splitlines()
     assert out[0].startswith("STOCK") and "model type `matformer`" in out[0]
     assert "does not recognize this architecture" in out[0]
-    assert out[1] == "CONFIG MatFormerHFConfig False"  # no model classes (torch) for a config
-    assert out[2] == "MODEL MatFormerForCausalLM"
+    assert out[1] == "CONFIG MatFormerHFConfig"
+
+
+@pytest.fixture
+def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A package `standin` with a watched module `auto` and the modules run after it: `then`
+    (reads what `auto` defined, as the registration reads transformers' Auto classes) and
+    `broken` (raises)."""
+    pkg = tmp_path / "standin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "auto.py").write_text("REGISTRY = []\nLOADED = True\n")
+    (pkg / "then.py").write_text(textwrap.dedent("""
+        import standin.auto
+        assert standin.auto.LOADED  # the watched module ran to its end first
+        standin.auto.REGISTRY.append("registered")
+    """))
+    (pkg / "broken.py").write_text("raise RuntimeError('an unsupported version')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in [n for n in sys.modules if n == "standin" or n.startswith("standin.")]:
+        del sys.modules[name]
+
+
+def test_registration_runs_right_after_the_watched_module_loads(stand_ins, monkeypatch) -> None:
+    matformer.hf.install()
+    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.then")
+    assert "standin.then" not in sys.modules
+    auto = importlib.import_module("standin.auto")
+    assert auto.REGISTRY == ["registered"] and "standin.then" in sys.modules
+
+
+def test_a_failing_registration_warns_and_the_watched_import_still_works(stand_ins,
+                                                                        monkeypatch) -> None:
+    matformer.hf.install()
+    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.broken")
+    with pytest.warns(UserWarning, match="could not register its classes with transformers"):
+        auto = importlib.import_module("standin.auto")
+    assert auto.LOADED and "standin.broken" not in sys.modules
+
+
+def test_modules_loaded_before_install_are_registered_at_once(stand_ins, monkeypatch) -> None:
+    importlib.import_module("standin.auto")
+    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.then")
+    matformer.hf.install()
+    assert sys.modules["standin.auto"].REGISTRY == ["registered"]

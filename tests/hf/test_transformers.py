@@ -89,6 +89,11 @@ def test_a_full_elastic_checkpoint_runs_any_width_in_transformers(ckpts, tmp_pat
         want = load_model(ckpts["full"], layer_tiers=[0, 2], kv_heads=2)
         assert torch.allclose(_logits(hf), _logits(want), atol=1e-5, rtol=0)
     assert hf.widths == [128, 128] and hf.layer_kv_heads == [4, 4]  # restored
+    with hf.at_width(tier=1, kv_heads=2):  # generate at a width: the cache holds its heads
+        out = hf.generate(IDS, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    want = generate(load_model(ckpts["full"]), IDS[0].tolist(), 6, ignore_eos=True, tier=1,
+                    kv_heads=2).tokens
+    assert out[0, IDS.shape[1]:].tolist() == want
     with pytest.raises(TierError):
         MatFormerForCausalLM.from_pretrained(ckpts["tier1"]).set_widths(tier=0)
     hf.save_pretrained(tmp_path / "again")  # what is stored, whatever it runs at: still a Llama
@@ -101,8 +106,9 @@ def test_a_full_elastic_checkpoint_runs_any_width_in_transformers(ckpts, tmp_pat
 def test_generate_greedy_equals_matformers_and_padding_equals_its_batches(ckpts) -> None:
     hf = AutoModelForCausalLM.from_pretrained(ckpts["mixnmatch"])
     ours = load_model(ckpts["mixnmatch"])
-    out = hf.generate(IDS, max_new_tokens=12, do_sample=False, eos_token_id=None)
-    want = generate(ours, IDS[0].tolist(), 12, ignore_eos=True).tokens
+    # 8 + 72 positions: the cache (64 at first) grows on the way
+    out = hf.generate(IDS, max_new_tokens=72, do_sample=False, eos_token_id=None)
+    want = generate(ours, IDS[0].tolist(), 72, ignore_eos=True).tokens
     assert out[0, IDS.shape[1]:].tolist() == want
     # left-padded batch (what batched pipelines send) vs matformer's own batched decoding
     prompts = [[5, 9, 33], [1, 17, 40, 3, 99]]
@@ -112,6 +118,15 @@ def test_generate_greedy_equals_matformers_and_padding_equals_its_batches(ckpts)
                       eos_token_id=None, pad_token_id=0)
     want = [g.tokens for g in generate_batch(ours, prompts, 6, ignore_eos=True)]
     assert out[:, ids.shape[1]:].tolist() == want
+    # right padding without a cache (a training batch): the real tokens' logits are unchanged
+    right = torch.tensor([[*prompts[0], 0, 0], prompts[1]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        got = hf(right, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(got[0, :3], _logits(ours, torch.tensor([prompts[0]]))[0], atol=1e-5,
+                          rtol=0)
+    with pytest.raises(ValueError, match="pads inside a sequence"):
+        hf(right, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
 
 
 def test_beam_search_and_sampling_equal_transformers_llama(ckpts) -> None:

@@ -85,6 +85,11 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
+        # What the import system does once this returns, done first: the registering module
+        # may reach the watched one as an attribute of its package.
+        parent, _, child = module.__name__.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, module)
         _register(self.then)
 
 

@@ -19,7 +19,6 @@ Importing this module registers the classes with `AutoConfig` (see `matformer.hf
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -99,7 +98,8 @@ TASKS = (CAUSAL_LM, IMAGE_CLASSIFICATION)
 
 def _class_name(fam: Family) -> str:
     assert fam.config_class is not None
-    return re.sub(r"For[A-Za-z]+$", "", fam.config_class.NESTED_ARCHITECTURE) + "HFConfig"
+    arch = fam.config_class.NESTED_ARCHITECTURE  # MatFormerForCausalLM -> MatFormerHFConfig
+    return (arch[:arch.rindex("For")] if "For" in arch else arch) + "HFConfig"
 
 
 def hf_families() -> list[Family]:
