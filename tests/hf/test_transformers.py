@@ -127,6 +127,8 @@ def test_generate_greedy_equals_matformers_and_padding_equals_its_batches(ckpts)
                           rtol=0)
     with pytest.raises(ValueError, match="pads inside a sequence"):
         hf(right, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        hf(right, output_hidden_states=True)
 
 
 def test_beam_search_and_sampling_equal_transformers_llama(ckpts) -> None:

@@ -70,7 +70,8 @@ def _register(module: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure here must not break transformers
         sys.modules.pop(module, None)
         warnings.warn(f"matformer: could not register its classes with transformers ({e}); "
-                      f"AutoModelForCausalLM will not know matformer checkpoints", stacklevel=2)
+                      f"AutoModelForCausalLM will not know matformer checkpoints (matformer.hf "
+                      f"is written for transformers>=5.25)", stacklevel=2)
 
 
 class _Loader(importlib.abc.Loader):

@@ -24,6 +24,12 @@ The forward takes what transformers passes:
 - `labels`: transformers' causal-LM loss (shifted, -100 ignored, `num_items_in_batch` for the
   Trainer's gradient accumulation), the same number as `lm_loss`.
 
+What a causal-LM family's model must provide (matformer's own decoding uses the same):
+`forward(input_ids, cache=, start=)`, `forward_static(input_ids, input_pos, cache, pad)`,
+`new_cache(batch, max_len, kv_heads=)` with a `KVCache`-like result (`k`, `v`, `length`,
+`max_len`, `kv_heads`, `crop`), the `WidthSetting` mixin, and children named as its checkpoint's
+tensors.
+
 PEFT LoRA wraps the projections; the core calls them as modules at their stored size, so an
 adapter trains and runs there, and a narrower setting of a wrapped layer is refused
 (`models.lm.model`). Importing this module registers the classes with `AutoModelForCausalLM`
@@ -233,6 +239,10 @@ class MatFormerPreTrainedModel(CoreBackedModel):
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("matformer's transformers model takes input_ids (inputs_embeds is "
                              "not supported)")
+        for key in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(key):
+                raise ValueError(f"{key}=True: matformer's transformers model returns logits "
+                                 f"(and the loss and cache) only")
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = not self.training and getattr(self.config, "use_cache", True)
