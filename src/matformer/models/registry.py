@@ -59,7 +59,8 @@ class Family:
     name: str
     """The family's name: `--arch`, `Source.family.name`, `family(name)`."""
     model_types: tuple[str, ...]
-    """The config.json `model_type`s read as this family (the first is the one written)."""
+    """The config.json `model_type`s read as this family (the first is the one a uniform config
+    writes; a per-layer one writes the config class's `nested_model_type`, also read)."""
     architectures: tuple[str, ...] = ()
     """Hugging Face `architectures` of its configs: (a uniform config, which transformers loads;
     a per-layer one, which only matformer loads). Detection is by `model_type`."""
