@@ -27,9 +27,11 @@ from matformer.models.lm.config import MatFormerConfig
 
 _BARE = """
 import sys
-import matformer, matformer.hf
+import matformer, matformer.hf, matformer.hf.config
 bad = [m for m in ("torch", "transformers") if m in sys.modules]
 assert not bad, bad
+import matformer.hf.model  # torch (the models), still no transformers until a class is used
+assert "transformers" not in sys.modules
 """
 
 _STOCK = """
@@ -70,11 +72,12 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "auto.py").write_text("REGISTRY = []\nLOADED = True\n")
     (pkg / "then.py").write_text(textwrap.dedent("""
-        import standin.auto
-        assert standin.auto.LOADED  # the watched module ran to its end first
-        standin.auto.REGISTRY.append("registered")
+        def register():
+            import standin.auto
+            assert standin.auto.LOADED  # the watched module ran to its end first
+            standin.auto.REGISTRY.append("registered")
     """))
-    (pkg / "broken.py").write_text("raise RuntimeError('an unsupported version')\n")
+    (pkg / "broken.py").write_text("def register():\n    raise RuntimeError('an unsupported version')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
     for name in [n for n in sys.modules if n == "standin" or n.startswith("standin.")]:
@@ -83,23 +86,23 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_registration_runs_right_after_the_watched_module_loads(stand_ins, monkeypatch) -> None:
     matformer.hf.install()
-    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.then")
+    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.then:register")
     assert "standin.then" not in sys.modules
     auto = importlib.import_module("standin.auto")
-    assert auto.REGISTRY == ["registered"] and "standin.then" in sys.modules
+    assert auto.REGISTRY == ["registered"]
 
 
 def test_a_failing_registration_warns_and_the_watched_import_still_works(stand_ins,
                                                                         monkeypatch) -> None:
     matformer.hf.install()
-    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.broken")
+    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.broken:register")
     with pytest.warns(UserWarning, match="could not register its classes with transformers"):
         auto = importlib.import_module("standin.auto")
-    assert auto.LOADED and "standin.broken" not in sys.modules
+    assert auto.LOADED
 
 
 def test_modules_loaded_before_install_are_registered_at_once(stand_ins, monkeypatch) -> None:
     importlib.import_module("standin.auto")
-    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.then")
+    monkeypatch.setitem(matformer.hf.WATCHED, "standin.auto", "standin.then:register")
     matformer.hf.install()
     assert sys.modules["standin.auto"].REGISTRY == ["registered"]

@@ -10,11 +10,12 @@ torch and transformers. Here the registration waits for transformers instead:
 
 - `install()` (called by `matformer/__init__`) puts a finder on `sys.meta_path` that watches two
   transformers modules. When `transformers.models.auto.configuration_auto` has finished loading,
-  `matformer.hf.config` is imported (it registers the config classes: AutoConfig, AutoTokenizer
-  then read our config.json); when `transformers.models.auto.modeling_auto` has, `matformer.hf
-  .model` (the model classes: AutoModelForCausalLM, pipeline). Either module imported directly
-  registers itself the same way. Modules already loaded when matformer is imported are
-  registered at once.
+  `matformer.hf.config.register_configs()` runs (the config classes: AutoConfig, AutoTokenizer
+  then read our config.json); when `transformers.models.auto.modeling_auto` has,
+  `matformer.hf.model.register_models()` (the model classes: AutoModelForCausalLM, pipeline).
+  Modules already loaded when matformer is imported are registered at once.
+- The classes themselves are made on first use: importing `matformer.hf.config` or
+  `matformer.hf.model` imports no transformers (the layout contract imports every module).
 - A registration that fails (a transformers this code does not support) warns once and leaves
   transformers working; only matformer's classes are then missing.
 
@@ -41,10 +42,10 @@ from typing import Any
 CONFIG_MODULE = "matformer.hf.config"
 MODEL_MODULE = "matformer.hf.model"
 WATCHED = {
-    "transformers.models.auto.configuration_auto": CONFIG_MODULE,
-    "transformers.models.auto.modeling_auto": MODEL_MODULE,
+    "transformers.models.auto.configuration_auto": f"{CONFIG_MODULE}:register_configs",
+    "transformers.models.auto.modeling_auto": f"{MODEL_MODULE}:register_models",
 }
-"""transformers module -> the matformer module imported (and so registered) once it has loaded."""
+"""transformers module -> 'module:function' of matformer called once it has loaded."""
 
 # public name -> module of this package that defines it (imported on first use)
 _EXPORTS = {
@@ -60,15 +61,13 @@ _EXPORTS = {
 }
 
 
-def _register(module: str) -> None:
-    """Import `module` (which registers its classes); a failure warns, never raises into the
-    import of transformers that triggered it."""
-    if module in sys.modules:  # loaded, or loading (it registers when it finishes)
-        return
+def _register(target: str) -> None:
+    """Call `target` ('module:function', which registers classes); a failure warns, never
+    raises into the import of transformers that triggered it."""
+    module, _, function = target.partition(":")
     try:
-        importlib.import_module(module)
+        getattr(importlib.import_module(module), function)()
     except Exception as e:  # noqa: BLE001 - any failure here must not break transformers
-        sys.modules.pop(module, None)
         warnings.warn(f"matformer: could not register its classes with transformers ({e}); "
                       f"AutoModelForCausalLM will not know matformer checkpoints (matformer.hf "
                       f"is written for transformers>=5.25)", stacklevel=2)

@@ -14,31 +14,60 @@ checkpoint is loaded as an elastic model (`MatFormerForCausalLM.from_pretrained(
 writes what `NestedConfig.to_dict` writes, so `save_pretrained` gives a checkpoint matformer
 loads, whose `model_type` says who can read it (`llama` when uniform, ours when per-layer).
 
-Importing this module registers the classes with `AutoConfig` (see `matformer.hf`).
+The classes are made on first use and importing this module imports no transformers;
+`register_configs()` (called by the import hook of `matformer.hf` once transformers' AutoConfig
+has loaded) registers them with `AutoConfig`.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
-
-from transformers import AutoConfig, PreTrainedConfig
 
 from matformer.models.nesting import NestedConfig
 from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, Family, families
 
-_BASE_DEFAULTS: dict[str, Any] = PreTrainedConfig().to_dict()
-"""The keys every transformers config has, with their defaults (dropped when the family does
-not know them and they are at the default: they are transformers', not the checkpoint's)."""
 _TRANSFORMERS_ONLY = ("_name_or_path", "transformers_version")
+_AUTO_CONFIG = "transformers.models.auto.configuration_auto"
+_state: dict[str, Any] = {"base": None, "building": False}
 
 
-class MatFormerPreTrainedConfig(PreTrainedConfig):
+def base_config_class() -> type:
+    """`MatFormerPreTrainedConfig`, the base of the per-family classes, defined on first use:
+    it subclasses transformers' `PreTrainedConfig`, and importing this module must not import
+    transformers (the layout contract imports every module; a user may never load transformers)."""
+    if _state["base"] is None:
+        _state["building"] = True  # transformers' import may fire the hook: it waits for us
+        try:
+            _state["base"] = _define()
+        finally:
+            _state["building"] = False
+        if _AUTO_CONFIG in sys.modules:
+            register_configs()
+    return _state["base"]
+
+
+def _define() -> type:
+    from transformers import PreTrainedConfig
+
+    base_defaults: dict[str, Any] = PreTrainedConfig().to_dict()
+    # The keys every transformers config has, with their defaults (dropped when the family does
+    # not know them and they are at the default: they are transformers', not the checkpoint's).
+    return type("MatFormerPreTrainedConfig", (_Mixin, PreTrainedConfig), {
+        "__module__": __name__, "__qualname__": "MatFormerPreTrainedConfig",
+        "__doc__": _Mixin.__doc__, "model_type": "matformer_base",
+        "transformers_base": PreTrainedConfig, "base_defaults": base_defaults})
+
+
+class _Mixin:
     """Base of the per-family classes (`config_class(family)`): a config.json's keys as
-    attributes, and the family's config made from them."""
+    attributes, and the family's config made from them. (The methods of
+    `MatFormerPreTrainedConfig`, which adds transformers' `PreTrainedConfig` as its base.)"""
 
-    model_type = "matformer_base"
     matformer_family: ClassVar[str] = ""
     """The `models.registry` family whose config this is."""
+    transformers_base: ClassVar[Any]
+    base_defaults: ClassVar[dict[str, Any]]
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -62,13 +91,13 @@ class MatFormerPreTrainedConfig(PreTrainedConfig):
     def matformer_dict(self) -> dict[str, Any]:
         """config.json as matformer reads it: this config's keys less transformers' own ones
         left at their defaults."""
-        d = dict(PreTrainedConfig.to_dict(self))
+        d = dict(self.transformers_base.to_dict(self))
         fam_config = self.family().config_class
         assert fam_config is not None
         known = fam_config.KNOWN
         for k in list(d):
-            if k in _TRANSFORMERS_ONLY or (k in _BASE_DEFAULTS and k not in known
-                                           and d[k] == _BASE_DEFAULTS[k]):
+            if k in _TRANSFORMERS_ONLY or (k in self.base_defaults and k not in known
+                                           and d[k] == self.base_defaults[k]):
                 del d[k]
         d["model_type"] = fam_config.MODEL_TYPE  # ours or the family's: the same family
         return d
@@ -84,14 +113,15 @@ class MatFormerPreTrainedConfig(PreTrainedConfig):
         """What matformer writes for this config (`model_type` and `architectures` as the
         stored sizes say), with the transformers version."""
         d = self.to_matformer().to_dict()
-        d["transformers_version"] = PreTrainedConfig.to_dict(self).get("transformers_version")
+        d["transformers_version"] = self.transformers_base.to_dict(self).get(
+            "transformers_version")
         return d
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
 
-_CLASSES: dict[str, type[MatFormerPreTrainedConfig]] = {}
+_CLASSES: dict[str, type] = {}
 TASKS = (CAUSAL_LM, IMAGE_CLASSIFICATION)
 """The families' tasks that have transformers classes here (`model.py` has one base per task)."""
 
@@ -108,36 +138,45 @@ def hf_families() -> list[Family]:
     return [f for f in families() if f.loadable and f.task in TASKS]
 
 
-def config_class(family: Family | str = "lm") -> type[MatFormerPreTrainedConfig]:
+def config_class(family: Family | str = "lm") -> type:
     """The transformers config class of a family (made on first use)."""
     fam = family if isinstance(family, Family) else next(
         (f for f in hf_families() if f.name == family), None)
     if fam is None or fam not in hf_families():
         raise ValueError(f"{family!r} is not a registered family with transformers classes; "
                          f"one of {', '.join(f.name for f in hf_families())}")
+    base = base_config_class()  # first: making the base may register (and so make) this one
     if fam.name not in _CLASSES:
         assert fam.config_class is not None
         name = _class_name(fam)
-        cls = type(name, (MatFormerPreTrainedConfig,), {
+        cls = type(name, (base,), {
             "__module__": __name__, "__qualname__": name,
             "__doc__": f"transformers config of matformer's {fam.name!r} family "
                        f"({fam.config_class.__name__}).",
             "model_type": fam.config_class.nested_model_type(),
             "matformer_family": fam.name})
-        globals()[name] = cls  # importable by name (pickling, `from matformer.hf.config import`)
-        _CLASSES[fam.name] = cls
+        _CLASSES[fam.name] = cls  # importable by name (pickling): this module's __getattr__
     return _CLASSES[fam.name]
 
 
 def register_configs() -> None:
-    """`AutoConfig.register` every such family's per-layer `model_type`."""
+    """`AutoConfig.register` every such family's per-layer `model_type` (what the import hook
+    of `matformer.hf` calls once transformers' AutoConfig has loaded)."""
+    if _state["building"]:
+        return  # fired by our own import of transformers: base_config_class registers after
+    from transformers import AutoConfig
+
     for fam in hf_families():
         cls = config_class(fam)
         AutoConfig.register(cls.model_type, cls, exist_ok=True)
 
 
-register_configs()
-MatFormerHFConfig = config_class("lm")
-"""The config of the Llama-layout family (`model_type` "matformer")."""
-MatViTHFConfig = config_class("vit")
-"""The config of MatViT (`model_type` "matformer_vit")."""
+def __getattr__(name: str) -> Any:
+    """The classes by name, made on first use: `MatFormerPreTrainedConfig`, and each family's
+    (`MatFormerHFConfig` for `lm`, `MatViTHFConfig` for `vit`, ...)."""
+    if name == "MatFormerPreTrainedConfig":
+        return base_config_class()
+    for fam in hf_families():
+        if _class_name(fam) == name:
+            return config_class(fam)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,36 +32,30 @@ tensors.
 
 PEFT LoRA wraps the projections; the core calls them as modules at their stored size, so an
 adapter trains and runs there, and a narrower setting of a wrapped layer is refused
-(`models.lm.model`). Importing this module registers the classes with `AutoModelForCausalLM`
-and `AutoModelForImageClassification`.
+(`models.lm.model`). The classes are made on first use (importing this module imports no
+transformers); `register_models()`, called by the import hook of `matformer.hf` once
+transformers' Auto model classes have loaded, registers them with `AutoModelForCausalLM` and
+`AutoModelForImageClassification`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    GenerationMixin,
-    PreTrainedModel,
-)
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput
 
 from matformer.errors import TierError
-from matformer.hf.config import MatFormerPreTrainedConfig, config_class, hf_families
+from matformer.hf.config import base_config_class, config_class, hf_families
 from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, Family
 from matformer.tiers import WidthRequest
 
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else (
-    "past_key_values")
-"""The output field transformers reads the cache from (`cache` since 5.x)."""
+_AUTO_MODEL = "transformers.models.auto.modeling_auto"
+_state: dict[str, Any] = {"classes": None, "building": False}
 
 
 class MatFormerCache:
@@ -129,223 +123,264 @@ def _left_padding(mask: torch.Tensor | None, cached: bool) -> torch.Tensor | Non
                      "left padding (and right padding without a cache) only")
 
 
-class CoreBackedModel(PreTrainedModel):
-    """What every matformer transformers class shares: the family's own model (the core) built
-    from the config, its children adopted under their own names, its width setting."""
+def _define() -> dict[str, Any]:
+    """The classes that subclass transformers' (imported here, not with this module)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        GenerationMixin,
+        PreTrainedModel,
+    )
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput
 
-    config_class = MatFormerPreTrainedConfig
-    supports_gradient_checkpointing = False
-    _supports_sdpa = True
+    # The output field transformers reads the cache from (`cache` since 5.x).
+    cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else (
+        "past_key_values")
 
-    def __init__(self, config: MatFormerPreTrainedConfig) -> None:
-        super().__init__(config)
-        fam = type(config).family()
-        core = fam.model_class()(config.to_matformer())
-        object.__setattr__(self, "_core", core)  # not a submodule: its children are ours
-        for name, child in core.named_children():
-            setattr(self, name, child)
-        self.post_init()
+    class CoreBackedModel(PreTrainedModel):
+        """What every matformer transformers class shares: the family's own model (the core) built
+        from the config, its children adopted under their own names, its width setting."""
 
-    # ---- the matformer model ----------------------------------------------------------------
+        config_class = base_config_class()
+        supports_gradient_checkpointing = False
+        _supports_sdpa = True
 
-    @property
-    def matformer(self) -> nn.Module:
-        """The family's own model (`MatFormerLM`, `MatViT`, ...), sharing every parameter with
-        this one: what `matformer.generate`, `evaluate` and `save_model` take."""
-        return self._core
+        def __init__(self, config: Any) -> None:  # a MatFormerPreTrainedConfig
+            super().__init__(config)
+            fam = type(config).family()
+            core = fam.model_class()(config.to_matformer())
+            object.__setattr__(self, "_core", core)  # not a submodule: its children are ours
+            for name, child in core.named_children():
+                setattr(self, name, child)
+            self.post_init()
 
-    def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                   widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                   layer_kv_heads: Sequence[int] | None = None) -> CoreBackedModel:
-        """Run at another FFN width / KV heads from now on (an axis not named goes back to
-        what is stored); see `models.nesting.WidthSetting.set_widths`."""
-        self._core.apply(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
-                                      kv_heads=kv_heads, layer_kv_heads=layer_kv_heads))
-        return self
+        # ---- the matformer model ----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
-                 widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
-                 layer_kv_heads: Sequence[int] | None = None) -> Iterator[CoreBackedModel]:
-        """Run at another setting inside a `with` block; the previous one is restored after."""
-        with self._core.running(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
-                                             kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)):
-            yield self
+        @property
+        def matformer(self) -> nn.Module:
+            """The family's own model (`MatFormerLM`, `MatViT`, ...), sharing every parameter with
+            this one: what `matformer.generate`, `evaluate` and `save_model` take."""
+            return self._core
 
-    @property
-    def widths(self) -> list[int]:
-        """Active FFN width of each layer."""
-        return self._core.widths
+        def set_widths(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
+                       widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
+                       layer_kv_heads: Sequence[int] | None = None) -> CoreBackedModel:
+            """Run at another FFN width / KV heads from now on (an axis not named goes back to
+            what is stored); see `models.nesting.WidthSetting.set_widths`."""
+            self._core.apply(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
+                                          kv_heads=kv_heads, layer_kv_heads=layer_kv_heads))
+            return self
 
-    @property
-    def layer_kv_heads(self) -> list[int]:
-        """Active KV heads of each layer."""
-        return self._core.layer_kv_heads
+        @contextlib.contextmanager
+        def at_width(self, *, tier: int | None = None, layer_tiers: Sequence[int] | None = None,
+                     widths: int | Sequence[int] | None = None, kv_heads: int | None = None,
+                     layer_kv_heads: Sequence[int] | None = None) -> Iterator[CoreBackedModel]:
+            """Run at another setting inside a `with` block; the previous one is restored after."""
+            with self._core.running(WidthRequest(tier=tier, layer_tiers=layer_tiers, widths=widths,
+                                                 kv_heads=kv_heads, layer_kv_heads=layer_kv_heads)):
+                yield self
 
-    @property
-    def tier(self) -> int | None:
-        """The uniform tier the model runs at (None: per-layer widths)."""
-        return self._core.tier
+        @property
+        def widths(self) -> list[int]:
+            """Active FFN width of each layer."""
+            return self._core.widths
 
-    def _init_weights(self, module: nn.Module) -> None:
-        """For weights a checkpoint lacks: N(0, initializer_range) for linears, convolutions
-        and embeddings (zero biases), norms at identity."""
-        std = self._core.config.initializer_range
-        with torch.no_grad():
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
-                module.weight.fill_(1.0)
-            if isinstance(getattr(module, "bias", None), torch.Tensor):
-                module.bias.zero_()
+        @property
+        def layer_kv_heads(self) -> list[int]:
+            """Active KV heads of each layer."""
+            return self._core.layer_kv_heads
+
+        @property
+        def tier(self) -> int | None:
+            """The uniform tier the model runs at (None: per-layer widths)."""
+            return self._core.tier
+
+        def _init_weights(self, module: nn.Module) -> None:
+            """For weights a checkpoint lacks: N(0, initializer_range) for linears, convolutions
+            and embeddings (zero biases), norms at identity."""
+            std = self._core.config.initializer_range
+            with torch.no_grad():
+                if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                    module.weight.normal_(0.0, std)
+                elif isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+                    module.weight.fill_(1.0)
+                if isinstance(getattr(module, "bias", None), torch.Tensor):
+                    module.bias.zero_()
 
 
-class MatFormerPreTrainedModel(CoreBackedModel):
-    """Base of the causal-LM classes (`model_class(family)`, which add `GenerationMixin`:
-    transformers wants it among a generating class's own bases)."""
+    class MatFormerPreTrainedModel(CoreBackedModel):
+        """Base of the causal-LM classes (`model_class(family)`, which add `GenerationMixin`:
+        transformers wants it among a generating class's own bases)."""
 
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq"]
+        base_model_prefix = "model"
+        main_input_name = "input_ids"
+        _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq"]
 
-    # ---- transformers ------------------------------------------------------------------------
+        # ---- transformers ------------------------------------------------------------------------
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self._core.model.embed_tokens
+        def get_input_embeddings(self) -> nn.Module:
+            return self._core.model.embed_tokens
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self._core.lm_head
+        def get_output_embeddings(self) -> nn.Module:
+            return self._core.lm_head
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate leaves the cache to the forward (a MatFormerCache)
+        @classmethod
+        def _supports_default_dynamic_cache(cls) -> bool:
+            return False  # generate leaves the cache to the forward (a MatFormerCache)
 
-    def _reorder_cache(self, cache: MatFormerCache, beam_idx: torch.Tensor) -> MatFormerCache:
-        cache.reorder(beam_idx)
-        return cache
+        def _reorder_cache(self, cache: MatFormerCache, beam_idx: torch.Tensor) -> MatFormerCache:
+            cache.reorder(beam_idx)
+            return cache
 
-    def forward(self, input_ids: torch.LongTensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None,
-                cache: MatFormerCache | Cache | None = None,
-                inputs_embeds: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0,
-                past_key_values: MatFormerCache | Cache | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
-        """input_ids (B, T) -> logits (B, T, V) at the active width (see the module docstring
-        for the cache, mask and loss)."""
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError("matformer's transformers model takes input_ids (inputs_embeds is "
-                             "not supported)")
-        for key in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(key):
-                raise ValueError(f"{key}=True: matformer's transformers model returns logits "
-                                 f"(and the loss and cache) only")
-        cache = cache if cache is not None else past_key_values
-        if use_cache is None:
-            use_cache = not self.training and getattr(self.config, "use_cache", True)
-        if isinstance(cache, Cache) and cache.get_seq_length() == 0:
-            cache = None  # an empty transformers cache: ours replaces it
-        if cache is not None and not isinstance(cache, MatFormerCache):
-            raise ValueError(f"cache: a {type(cache).__name__} holds no matformer keys; pass "
-                             f"the MatFormerCache a previous call returned, or none")
-        if cache is None and use_cache:
-            cache = MatFormerCache(self._core, input_ids.shape[0])
-        pad = _left_padding(attention_mask, cache is not None)
-        logits = self._run(input_ids, cache, pad)
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep:
-                logits = logits[:, -logits_to_keep:]
-        else:
-            logits = logits[:, logits_to_keep]
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels,
-                                      vocab_size=self._core.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      **{_CACHE_FIELD: cache if use_cache else None})
+        def forward(self, input_ids: torch.LongTensor | None = None,
+                    attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.LongTensor | None = None,
+                    cache: MatFormerCache | Cache | None = None,
+                    inputs_embeds: torch.Tensor | None = None,
+                    labels: torch.LongTensor | None = None,
+                    use_cache: bool | None = None,
+                    logits_to_keep: int | torch.Tensor = 0,
+                    past_key_values: MatFormerCache | Cache | None = None,
+                    **kwargs: Any) -> CausalLMOutputWithPast:
+            """input_ids (B, T) -> logits (B, T, V) at the active width (see the module docstring
+            for the cache, mask and loss)."""
+            if inputs_embeds is not None or input_ids is None:
+                raise ValueError("matformer's transformers model takes input_ids (inputs_embeds is "
+                                 "not supported)")
+            for key in ("output_attentions", "output_hidden_states"):
+                if kwargs.get(key):
+                    raise ValueError(f"{key}=True: matformer's transformers model returns logits "
+                                     f"(and the loss and cache) only")
+            cache = cache if cache is not None else past_key_values
+            if use_cache is None:
+                use_cache = not self.training and getattr(self.config, "use_cache", True)
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                cache = None  # an empty transformers cache: ours replaces it
+            if cache is not None and not isinstance(cache, MatFormerCache):
+                raise ValueError(f"cache: a {type(cache).__name__} holds no matformer keys; pass "
+                                 f"the MatFormerCache a previous call returned, or none")
+            if cache is None and use_cache:
+                cache = MatFormerCache(self._core, input_ids.shape[0])
+            pad = _left_padding(attention_mask, cache is not None)
+            logits = self._run(input_ids, cache, pad)
+            if isinstance(logits_to_keep, int):
+                if logits_to_keep:
+                    logits = logits[:, -logits_to_keep:]
+            else:
+                logits = logits[:, logits_to_keep]
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels,
+                                          vocab_size=self._core.config.vocab_size, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                          **{cache_field: cache if use_cache else None})
 
-    def _run(self, input_ids: torch.Tensor, cache: MatFormerCache | None,
-             pad: torch.Tensor | None) -> torch.Tensor:
-        core = self._core
-        B, T = input_ids.shape
-        if cache is None:
+        def _run(self, input_ids: torch.Tensor, cache: MatFormerCache | None,
+                 pad: torch.Tensor | None) -> torch.Tensor:
+            core = self._core
+            B, T = input_ids.shape
+            if cache is None:
+                if pad is None:
+                    return core(input_ids)
+                kv = core.new_cache(B, T)
+                return core.forward_static(input_ids, torch.arange(T, device=input_ids.device), kv,
+                                           pad.to(input_ids.device))
+            if cache.kv.k[0].shape[0] != B:
+                raise ValueError(f"cache holds {cache.kv.k[0].shape[0]} sequences; input_ids has {B}")
+            start = cache.kv.length
+            cache.reserve(start + T)
+            if cache.kv.kv_heads != core.layer_kv_heads:
+                raise TierError("the KV heads changed since this cache was made; start a new one")
             if pad is None:
-                return core(input_ids)
-            kv = core.new_cache(B, T)
-            return core.forward_static(input_ids, torch.arange(T, device=input_ids.device), kv,
-                                       pad.to(input_ids.device))
-        if cache.kv.k[0].shape[0] != B:
-            raise ValueError(f"cache holds {cache.kv.k[0].shape[0]} sequences; input_ids has {B}")
-        start = cache.kv.length
-        cache.reserve(start + T)
-        if cache.kv.kv_heads != core.layer_kv_heads:
-            raise TierError("the KV heads changed since this cache was made; start a new one")
-        if pad is None:
-            return core(input_ids, cache=cache.kv, start=start)
-        logits = core.forward_static(input_ids, torch.arange(start, start + T,
-                                                             device=input_ids.device),
-                                     cache.kv, pad.to(input_ids.device))
-        cache.kv.length = start + T
-        return logits
+                return core(input_ids, cache=cache.kv, start=start)
+            logits = core.forward_static(input_ids, torch.arange(start, start + T,
+                                                                 device=input_ids.device),
+                                         cache.kv, pad.to(input_ids.device))
+            cache.kv.length = start + T
+            return logits
 
 
-class MatViTPreTrainedModel(CoreBackedModel):
-    """Base of the image-classification classes: `forward(pixel_values, labels=None)` ->
-    logits (B, num_labels) at the active width, and the cross-entropy when labels are given."""
+    class MatViTPreTrainedModel(CoreBackedModel):
+        """Base of the image-classification classes: `forward(pixel_values, labels=None)` ->
+        logits (B, num_labels) at the active width, and the cross-entropy when labels are given."""
 
-    base_model_prefix = "vit"
-    main_input_name = "pixel_values"
+        base_model_prefix = "vit"
+        main_input_name = "pixel_values"
 
-    def forward(self, pixel_values: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
-        if pixel_values is None:
-            raise ValueError("MatViT takes pixel_values (batch, channels, height, width)")
-        logits = self._core(pixel_values)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        def forward(self, pixel_values: torch.Tensor | None = None,
+                    labels: torch.LongTensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
+            if pixel_values is None:
+                raise ValueError("MatViT takes pixel_values (batch, channels, height, width)")
+            logits = self._core(pixel_values)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+            return ImageClassifierOutput(loss=loss, logits=logits)
+
+    classes: dict[str, Any] = {
+        "CoreBackedModel": CoreBackedModel, "MatFormerPreTrainedModel": MatFormerPreTrainedModel,
+        "MatViTPreTrainedModel": MatViTPreTrainedModel}
+    for name, cls in classes.items():
+        cls.__qualname__ = name
+    classes["tasks"] = {  # task -> (the bases of its classes, the Auto class they register with)
+        CAUSAL_LM: ((MatFormerPreTrainedModel, GenerationMixin), AutoModelForCausalLM),
+        IMAGE_CLASSIFICATION: ((MatViTPreTrainedModel,), AutoModelForImageClassification),
+    }
+    return classes
 
 
-_TASKS: dict[str, tuple[tuple[type, ...], Any]] = {
-    CAUSAL_LM: ((MatFormerPreTrainedModel, GenerationMixin), AutoModelForCausalLM),
-    IMAGE_CLASSIFICATION: ((MatViTPreTrainedModel,), AutoModelForImageClassification),
-}
-"""task -> (the bases of its classes, the Auto class they register with)."""
-_CLASSES: dict[str, type[CoreBackedModel]] = {}
+def _classes() -> dict[str, Any]:
+    if _state["classes"] is None:
+        _state["building"] = True  # transformers' import may fire the hook: it waits for us
+        try:
+            _state["classes"] = _define()
+        finally:
+            _state["building"] = False
+        if _AUTO_MODEL in sys.modules:
+            register_models()
+    return _state["classes"]
 
 
-def model_class(family: Family | str = "lm") -> type[CoreBackedModel]:
+_CLASSES: dict[str, type] = {}
+
+
+def model_class(family: Family | str = "lm") -> type:
     """The transformers model class of a family (made on first use), named as its per-layer
     config's `architectures` says (`MatFormerForCausalLM`, `MatViTForImageClassification`)."""
     cfg = config_class(family)
     fam = cfg.family()
+    tasks = _classes()["tasks"]  # first: making the bases may register (and so make) this one
     if fam.name not in _CLASSES:
         assert fam.config_class is not None
         name = fam.config_class.NESTED_ARCHITECTURE
-        cls = type(name, _TASKS[fam.task][0], {
+        cls = type(name, tasks[fam.task][0], {
             "__module__": __name__, "__qualname__": name,
             "__doc__": f"matformer's {fam.name!r} family as a transformers {fam.task} model.",
             "config_class": cfg,
             "_tied_weights_keys": dict(fam.tied)})
-        globals()[name] = cls
-        _CLASSES[fam.name] = cls
+        _CLASSES[fam.name] = cls  # importable by name (pickling): this module's __getattr__
     return _CLASSES[fam.name]
 
 
 def register_models() -> None:
-    """Register every family's class with the Auto class of its task
-    (`AutoModelForCausalLM`, `AutoModelForImageClassification`)."""
+    """Register every family's class with the Auto class of its task (`AutoModelForCausalLM`,
+    `AutoModelForImageClassification`): what the import hook of `matformer.hf` calls once
+    transformers' Auto model classes have loaded."""
+    if _state["building"]:
+        return  # fired by our own import of transformers: _classes registers after
+    tasks = _classes()["tasks"]
     for fam in hf_families():
-        _TASKS[fam.task][1].register(config_class(fam), model_class(fam), exist_ok=True)
+        tasks[fam.task][1].register(config_class(fam), model_class(fam), exist_ok=True)
 
 
-register_models()
-MatFormerForCausalLM = model_class("lm")
-"""The Llama-layout family's model (`model_type` "matformer", and `llama` checkpoints loaded
-through it to run at other widths)."""
-MatViTForImageClassification = model_class("vit")
-"""MatViT (`model_type` "matformer_vit", and `vit` checkpoints loaded through it)."""
+def __getattr__(name: str) -> Any:
+    """The classes by name, made on first use: the bases (`CoreBackedModel`,
+    `MatFormerPreTrainedModel`, `MatViTPreTrainedModel`) and each family's
+    (`MatFormerForCausalLM` for `lm`, `MatViTForImageClassification` for `vit`, ...)."""
+    if name in ("CoreBackedModel", "MatFormerPreTrainedModel", "MatViTPreTrainedModel"):
+        return _classes()[name]
+    for fam in hf_families():
+        if fam.config_class is not None and fam.config_class.NESTED_ARCHITECTURE == name:
+            return model_class(fam)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
