@@ -5,7 +5,8 @@
   matformer's checkpoints once transformers loads: `matformer.hf.install()` watches the import of
   transformers' Auto modules and imports matformer's registering modules right after them (the
   mechanism is checked here on stand-in modules, in this process; tests/hf runs the real
-  registration).
+  registration). No matformer module imports transformers at module level (its classes are
+  made on first use), so importing every module never loads it.
 - Without matformer, transformers refuses a Mix'n'Match config ("does not recognize this
   architecture") instead of building every layer at one width; importing matformer after
   transformers registers at once (a fresh interpreter: config level, which needs no model
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
@@ -30,8 +32,6 @@ import sys
 import matformer, matformer.hf, matformer.hf.config
 bad = [m for m in ("torch", "transformers") if m in sys.modules]
 assert not bad, bad
-import matformer.hf.model  # torch (the models), still no transformers until a class is used
-assert "transformers" not in sys.modules
 """
 
 _STOCK = """
@@ -49,6 +49,22 @@ print("CONFIG", type(AutoConfig.from_pretrained(sys.argv[1])).__name__)
 
 def test_import_matformer_imports_neither_torch_nor_transformers() -> None:
     subprocess.run([sys.executable, "-c", _BARE], check=True, capture_output=True, timeout=120)
+
+
+def test_no_matformer_module_imports_transformers_at_import() -> None:
+    # The classes subclassing transformers' are made on first use, inside functions: importing
+    # any module (as the layout contract does with all of them) never loads transformers.
+    package = Path(matformer.hf.__file__).parents[1]
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.relative_to(package)}: {n}" for n in names
+                    if n.split(".")[0] in ("transformers", "peft")]
+    assert not bad, bad
+    assert any("from transformers import" in p.read_text(encoding="utf-8")
+               for p in (package / "hf").glob("*.py"))  # the reader would see one
 
 
 def test_stock_transformers_refuses_a_mixnmatch_config_and_knows_it_after_import(

@@ -270,3 +270,28 @@ def test_matvit_per_layer_checkpoint_loads_in_auto_image_classification(tmp_path
     elastic = MatViTForImageClassification.from_pretrained(tmp_path / "full")
     with elastic.at_width(widths=[base, base // 4]):
         assert torch.allclose(_logits(elastic, pixels), _logits(ours, pixels), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3"])
+def test_every_causal_family_gets_its_class_from_the_registry(name, tmp_path) -> None:
+    # Nothing in matformer.hf names these families: their registry entries make the classes.
+    from matformer.hf.model import model_class
+    from matformer.models.registry import family
+
+    fam = family(name)
+    torch.manual_seed(0)
+    model = fam.model_class()(fam.config_class.from_preset("debug")).eval()
+    with torch.no_grad():  # every tensor visible: biases and q/k norms included
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(model, tmp_path / "full")
+    slice_checkpoint(tmp_path / "full", tmp_path / "mnm", widths=[256, 64])
+    cfg = json.loads((tmp_path / "mnm" / "config.json").read_text())
+    assert cfg["model_type"] == f"matformer_{fam.model_types[0]}"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mnm")
+    assert type(hf) is model_class(fam)
+    ours = load_model(tmp_path / "mnm")
+    assert torch.allclose(_logits(hf), _logits(ours), atol=1e-5, rtol=0)
+    out = hf.generate(IDS, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert out[0, IDS.shape[1]:].tolist() == generate(ours, IDS[0].tolist(), 6,
+                                                      ignore_eos=True).tokens

@@ -95,7 +95,7 @@ class MatFormerConfig(NestedConfig):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for mt in cls.DIALECT.model_types:
+        for mt in (*cls.DIALECT.model_types, cls.nested_model_type()):  # per-layer ones too
             if mt is not None:
                 MatFormerConfig._BY_MODEL_TYPE[mt] = cls
 
