@@ -56,7 +56,7 @@ def served(tmp_path_factory):
     torch.set_num_threads(n)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0,
                          timeout=60)
