@@ -300,3 +300,45 @@ def test_the_cli_refuses_bad_options_in_one_line(run_cli, tmp_path: Path) -> Non
         assert r.code == 2 and needle in r.err and len(r.err.strip().splitlines()) == 1, r
     r = run_cli("serve", tmp_path / "none")
     assert r.code == 2 and "Traceback" not in r.err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_the_cli_serves_and_shuts_down_gracefully(served, sig: str) -> None:
+    """`matformer serve CKPT --port 0` in its own process: SIGINT or SIGTERM while a stream is
+    running lets it finish, then the process exits 0."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "matformer.cli", "serve", str(served[3]),
+                             "--port", "0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", line).group(1)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        body = {"model": NAME, "prompt": PROMPT, "max_tokens": 60, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        texts = []
+        with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions",
+                                                           json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    if not texts:
+                        proc.send_signal(getattr(signal, sig))
+                    texts.append(json.loads(line[6:])["choices"][0])
+        assert texts[-1]["finish_reason"] == "length"
+        want, _ = reference(served, served[1].encode(PROMPT).ids, 60)
+        assert "".join(t["text"] for t in texts) == want
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()

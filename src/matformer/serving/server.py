@@ -10,6 +10,7 @@ background thread on a socket bound here (tests and benchmarks: port 0 = a free 
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import sys
 import threading
@@ -121,7 +122,27 @@ def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(describe(state, f"http://{shown}:{sock.getsockname()[1]}"), file=sys.stderr, flush=True)
-    uvicorn.Server(_config(state, log_level)).run(sockets=[sock])
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again; that
+    # shutdown was the signal's whole point, so it ends here (the CLI exits 0).
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if main else None
+    try:
+        uvicorn.Server(_config(state, log_level)).run(sockets=[sock])
+    except (KeyboardInterrupt, Stopped):
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    print("matformer serve: stopped", file=sys.stderr, flush=True)
+
+
+class Stopped(Exception):
+    """SIGTERM, raised again by uvicorn after its graceful shutdown."""
+
+
+def _stopped(sig: int, frame: Any) -> None:
+    raise Stopped
 
 
 class ServerThread:
