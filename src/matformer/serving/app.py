@@ -223,7 +223,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = _parse(CompletionRequest, await request.body())
         width = _check(state, req)
-        prompts = _prompt_ids(state, req.prompt)
+        prompts = await asyncio.to_thread(_prompt_ids, state, req.prompt)  # a long one: ms
         limit = req.max_tokens if req.max_tokens is not None else 16
         _check_lengths(state, prompts, limit)
         return await _answer(state, request, req, width, prompts, limit, chat=False)
@@ -238,7 +238,8 @@ def create_app(state: ServerState) -> FastAPI:
             text = await asyncio.to_thread(state.chat.render, messages)
         except DataError as e:
             raise ApiError(400, str(e), param="messages") from None
-        ids = state.tokenizer.encode(text, add_special_tokens=False).ids
+        encoded = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=False)
+        ids = encoded.ids
         if not ids:
             raise ApiError(400, "the messages render to an empty prompt", param="messages")
         limit = req.limit()
