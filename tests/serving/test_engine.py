@@ -131,6 +131,10 @@ def test_the_policy_takes_the_widest_width_under_the_target() -> None:
     assert policy.choose(2, 0.0) == "mid"  # 2 rows: interpolated, 0.016 / 0.0096
     assert policy.choose(8, 0.0) == "narrow"  # nothing fits: the narrowest
     assert LoadPolicy(["wide", "narrow"], None, table).choose(8, 1.0) == "wide"  # no target
+    for _ in range(30):  # steps took 2x their estimate (scheduler, HTTP): the estimates scale
+        policy.observe_interval(0.005, 0.010)
+    assert 1.9 < policy.overhead <= 2.0
+    assert policy.choose(1, 0.0) == "narrow"  # 0.010 x 2 and 0.006 x 2 miss; 0.004 x 2 fits
     table.observe("wide", 1, 0.001)  # measurements move the average
     assert 0.001 < table.estimate("wide", 1) < 0.010
 

@@ -173,15 +173,22 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------
 
     def loop(self) -> None:
+        previous: tuple[float, float] | None = None  # (start, estimate) of the step before
         while True:
             with self.cond:
+                if not self.waiting and not self.running:
+                    previous = None  # idle: the next interval is no step's
                 while not self.closed and not self.waiting and not self.running:
                     self.cond.wait()
                 if self.closed:
                     return
                 self.admit()
+            now = time.perf_counter()
+            if previous is not None:
+                # what a running row waited for its token, against what the costs predicted
+                self.policy.observe_interval(previous[1], now - previous[0])
             try:
-                self.step()
+                previous = (now, self.step())
             except Exception:  # a bug in the loop itself: fail the batch, keep serving
                 log.exception("scheduler step failed")
                 for job in self.running:
@@ -193,8 +200,9 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             self.running.append(self.waiting.popleft())
 
-    def step(self) -> None:
-        """One step: every decoding job one token, and one prefill chunk."""
+    def step(self) -> float:
+        """One step: every decoding job one token, and one prefill chunk. Returns the step's
+        estimated cost (seconds; 0 when nothing was measured yet)."""
         t_step = time.perf_counter()
         for job in self.running:
             if job.cancelled and not job.finished:
@@ -217,6 +225,8 @@ class Engine:
             other += self.table.estimate(PREFILL_KEY, 1) or 0.0
         auto_key = self.policy.choose(max(len(auto_jobs), 1), other)
         auto_width = self.auto_widths[auto_key]
+        estimate = other + ((self.table.estimate(auto_key, len(auto_jobs)) or 0.0)
+                            if auto_jobs else 0.0)
         if auto_jobs:
             groups.setdefault(auto_key, []).extend(auto_jobs)
             settings[auto_key] = auto_width.setting  # type: ignore[assignment]
@@ -226,6 +236,7 @@ class Engine:
             self._prefill(prefilling, auto_width)
         if groups or prefilling is not None:
             self.metrics.observe("step_seconds", time.perf_counter() - t_step)
+        return estimate
 
     def _decode(self, key: Hashable, setting: Setting, jobs: list[Job]) -> None:
         name = self.catalog.named(setting).name

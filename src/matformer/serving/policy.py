@@ -2,7 +2,9 @@
 under the target (`--slo-ms`).
 
 Every row of a step waits for the whole step (every width group's forward and the prefill chunk
-the step carries), so a row's per-token latency is the step's time. Before each step the engine
+the step carries), so a row's per-token latency is the step's time, plus what the scheduler and
+the HTTP side take between steps: the measured ratio of the real interval between steps to the
+estimated compute (`overhead`, a moving average) scales every estimate. Before each step the engine
 asks `choose` for the auto rows' width: the widest candidate (uniform tiers, widest first) for
 which the estimated step time -- the pinned groups' costs, the prefill chunk's, and the auto
 group's at that width and batch size -- stays under the target. With no candidate under it, the
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 
 EMA = 0.2
 """Weight of a new measurement in a cost's moving average."""
+
+MAX_OVERHEAD = 10.0
+"""The largest interval/estimate ratio folded in (a pause of the whole process is no cost)."""
 
 
 @dataclass
@@ -64,6 +69,15 @@ class LoadPolicy:
         self.candidates = list(candidates)  # widest first
         self.slo_s = slo_s
         self.table = table
+        self.overhead = 1.0
+        """Measured time between a row's tokens over the step's estimated compute (a moving
+        average, at least 1): the scheduler's own work, the HTTP side's share of the CPU."""
+
+    def observe_interval(self, estimate: float, interval: float) -> None:
+        """Fold one step's real interval (start to next start) into `overhead`."""
+        if estimate > 0 and interval > 0:
+            ratio = min(max(interval / estimate, 1.0), MAX_OVERHEAD)
+            self.overhead = (1 - EMA) * self.overhead + EMA * ratio
 
     def choose(self, auto_rows: int, other_seconds: float) -> Hashable:
         """The widest candidate whose step, with `other_seconds` of other work in it, is
@@ -72,7 +86,7 @@ class LoadPolicy:
             return self.candidates[0]
         for key in self.candidates:
             cost = self.table.estimate(key, auto_rows)
-            if cost is not None and other_seconds + cost <= self.slo_s:
+            if cost is not None and (other_seconds + cost) * self.overhead <= self.slo_s:
                 return key
         return self.candidates[-1]
 
