@@ -134,7 +134,8 @@ def test_the_policy_takes_the_widest_width_under_the_target() -> None:
     for _ in range(30):  # steps took 2x their estimate (scheduler, HTTP): the estimates scale
         policy.observe_interval(0.005, 0.010)
     assert 1.9 < policy.overhead <= 2.0
-    assert policy.choose(1, 0.0) == "narrow"  # 0.010 x 2 and 0.006 x 2 miss; 0.004 x 2 fits
+    assert policy.choose(1, 0.0) == "mid"  # 0.010 x 2 misses the target, 0.006 x 2 fits
+    assert policy.choose(1, 0.001) == "narrow"  # 0.007 x 2 misses, 0.005 x 2 fits
     table.observe("wide", 1, 0.001)  # measurements move the average
     assert 0.001 < table.estimate("wide", 1) < 0.010
 
