@@ -37,6 +37,7 @@ from matformer.serving.engine import Engine, EngineBusy, EngineClosed, Event, Jo
 from matformer.serving.metrics import Metrics
 from matformer.serving.protocol import (
     MAX_BODY_BYTES,
+    MAX_CHOICES,
     ChatRequest,
     CompletionRequest,
     Sampling,
@@ -332,9 +333,9 @@ def _check_lengths(state: ServerState, prompts: list[list[int]], limit: int) -> 
 async def _answer(state: ServerState, request: Request, req: Sampling, width: Width,
                   prompts: list[list[int]], limit: int, *, chat: bool) -> Response:
     """Queue one job per sequence and answer: a stream or one JSON body."""
-    if len(prompts) * req.n > 16:
-        raise ApiError(400, f"{len(prompts)} prompts x n={req.n} asks for more than 16 "
-                            f"sequences", param="n")
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={req.n} asks for more than "
+                            f"{MAX_CHOICES} sequences", param="n")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     eos = set() if req.ignore_eos else eos_set(state.engine.model, None)
