@@ -7,8 +7,8 @@
 - No matformer module is imported inside a function, except the CLI's lazy verb loading (so
   `matformer --help` and `matformer info` never import torch), listed below with the reason.
 - Dependencies run one way (issue 22): errors < tiers < models < io < data < {inference,
-  training, slicing} < evaluation < serving < cli. A module imports only from its own layer or lower ones;
-  the three peers in the middle do not import each other. `matformer/__init__.py` (the lazy
+  training, slicing} < evaluation < serving < cli. A module imports only from its own layer or
+  lower ones; the three peers in the middle do not import each other. `matformer/__init__.py` (the lazy
   public API) is exempt, and nothing but the CLI imports that API back.
 - argparse is imported only under `matformer/cli/`: the library takes arguments, not flags.
 - No module imports another module's `_private` name: what crosses a module boundary is public.

@@ -43,8 +43,8 @@ def test_a_step_of_rows_at_their_own_positions_is_the_models_forward(model) -> N
             alone = stepper.new_cache(setting, 16)
             stepper.prefill(setting, alone, p)
             # one row alone: the model's own cached step, bit for bit
-            assert torch.equal(stepper.step(setting, [alone], [t])[0],
-                               model(torch.tensor([[t]]), cache=_cache_of(model, setting, p))[0, -1])
+            own = model(torch.tensor([[t]]), cache=_cache_of(model, setting, p))[0, -1]
+            assert torch.equal(stepper.step(setting, [alone], [t])[0], own)
     assert [c.length for c in caches] == [6, 10, 3]
 
 
