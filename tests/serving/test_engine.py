@@ -9,7 +9,7 @@ import torch
 from matformer.inference.decode import generate
 from matformer.inference.sampling import Sampler
 from matformer.serving.catalog import Catalog
-from matformer.serving.engine import Engine, Event, Job
+from matformer.serving.engine import Engine, EngineBusy, EngineClosed, Event, Job
 from matformer.serving.metrics import Metrics
 from matformer.serving.policy import CostTable, LoadPolicy
 from matformer.serving.rows import RowStepper
@@ -154,3 +154,41 @@ def test_the_catalog_names_and_refuses_widths(model) -> None:
             catalog.resolve(bad)
     with pytest.raises(TierError):
         catalog.resolve("m@tier-1", "tier-2")
+
+
+def test_a_failing_width_group_fails_its_jobs_only(model, monkeypatch) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=4)
+    bad, good = catalog.parse("tier-2"), catalog.full()
+    real = engine.stepper.step
+
+    def step(setting, caches, tokens):
+        if setting == bad.setting:
+            raise RuntimeError("boom")
+        return real(setting, caches, tokens)
+
+    monkeypatch.setattr(engine.stepper, "step", step)
+    ev_bad: list[Event] = []
+    ev_good: list[Event] = []
+    jobs = [_job(engine, [5, 6], 4, bad, ev_bad), _job(engine, [5, 6], 4, good, ev_good)]
+    for job in jobs:
+        engine.submit(job)
+    engine.admit()
+    for _ in range(6):
+        engine.step()
+    assert ev_bad[-1].kind == "error" and "RuntimeError" in ev_bad[-1].message
+    assert ev_good[-1].kind == "done" and len(jobs[1].tokens) == 4
+
+
+def test_a_full_queue_and_a_closed_engine_refuse_new_jobs(model) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=1, max_waiting=1)
+    engine.submit(_job(engine, [5], 2, catalog.full(), []))
+    with pytest.raises(EngineBusy):
+        engine.submit(_job(engine, [5], 2, catalog.full(), []))
+    events: list[Event] = []
+    engine.waiting[0].emit = events.append
+    engine.stop()
+    assert events[-1].kind == "error"  # what was waiting ends with an error, not silence
+    with pytest.raises(EngineClosed):
+        engine.submit(_job(engine, [5], 2, catalog.full(), []))
