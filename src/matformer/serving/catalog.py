@@ -15,7 +15,6 @@ or not; one it does not hold is a `TierError` (a 400 to the client).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,7 +169,3 @@ def _one_int(value: str, key: str) -> int:
     except ValueError:
         raise TierError(f"{key} must be an integer, got {value!r}") from None
 
-
-def describe(names: Sequence[str]) -> str:
-    """A short list for messages."""
-    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
