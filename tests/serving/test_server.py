@@ -34,6 +34,7 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
             "{% if add_generation_prompt %}[assistant] {% endif %}")
 PROMPT = "the quick brown fox"
 KEY = "sk-test-key"
+CONTEXT = 4096
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve") / NAME
     tok = train_tokenizer([f"the quick brown fox {i} jumps over the lazy dog {i * 7}"
                            for i in range(300)], 512)
-    save_model(tiny_lm(0, distinct=True, heads=True), folder)
+    save_model(tiny_lm(0, distinct=True, heads=True, max_position_embeddings=CONTEXT), folder)
     save_tokenizer(tok, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config,
@@ -191,16 +192,31 @@ def _wait_idle(url: str) -> dict:
             return health
 
 
-def test_a_client_leaving_mid_stream_ends_its_job_only(served, client) -> None:
+def _generated(url: str) -> float:
+    """matformer_generated_tokens_total, every width."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("matformer_generated_tokens_total"))
+
+
+def test_a_client_leaving_ends_its_job_only(served, client) -> None:
     url = served[0].url
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+    n = CONTEXT - 16  # seconds of decoding: a job that ran to the end would show
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": n, "temperature": 0,
             "stream": True, "ignore_eos": True}
+    before = _generated(url)
     with httpx.Client(timeout=30) as http, http.stream("POST", url + "/v1/completions",
                                                        json=body) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    assert _wait_idle(url)["running"] == 0  # the 200-token job was dropped, not finished
+    assert _wait_idle(url)["running"] == 0
+    assert _generated(url) - before < n  # the job was dropped, not run to its end
+    before = _generated(url)  # a plain (not streamed) request whose client gives up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+    assert _wait_idle(url)["running"] == 0
+    assert _generated(url) - before < n
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0)
     assert r.choices[0].text == reference(served, served[1].encode(PROMPT).ids, 4)[0]
 
@@ -232,7 +248,7 @@ BAD = [
     ({"model": NAME, "prompt": PROMPT, "width": [1, 2, 3]}, 400, "width"),
     ({"model": NAME, "prompt": PROMPT, "width": True}, 400, "width"),
     ({"model": NAME, "prompt": PROMPT, "max_tokens": 10**12}, 400, "max_tokens"),
-    ({"model": NAME, "prompt": PROMPT, "max_tokens": 256}, 400, "max_tokens"),
+    ({"model": NAME, "prompt": PROMPT, "max_tokens": CONTEXT}, 400, "max_tokens"),
     ({"model": NAME, "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": NAME, "prompt": PROMPT, "n": 10**9}, 400, "n"),
     ({"model": NAME, "prompt": [PROMPT] * 9, "n": 2}, 400, "n"),
@@ -266,7 +282,7 @@ def test_every_bad_input_is_an_openai_shaped_4xx_and_the_server_goes_on(served, 
         r = http.get(url + "/v1/nothing")
         assert r.status_code == 404 and r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1000)
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=CONTEXT + 1)
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user",

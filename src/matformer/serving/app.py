@@ -165,23 +165,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="matformer serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     metrics = state.metrics
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Response:
-        path = request.url.path
-        response: Response
-        if state.api_key is not None and path != "/health" and not _authorized(
-                request, state.api_key):
-            response = ApiError(401, "a valid API key is required: send the header "
-                                     "'Authorization: Bearer KEY'", code="invalid_api_key"
-                                ).response()
-        elif _body_too_large(request):
-            response = ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes").response()
-        else:
-            response = await call_next(request)
-        metrics.inc("requests_total", endpoint=path if path in _ENDPOINTS else "other",
-                    status=str(response.status_code))
-        return response
+    app.add_middleware(Guard, state=state)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -253,6 +237,46 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 _ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+class Guard:
+    """The API key, the body size limit and the request counter, as plain ASGI middleware (a
+    `BaseHTTPMiddleware` would wrap every streamed chunk and hide a client's disconnect from
+    `request.is_disconnected`)."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable,
+                       send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path = scope["path"]
+        status = [500]
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            key = self.state.api_key
+            if key is not None and path != "/health" and not _authorized(request, key):
+                await ApiError(401, "a valid API key is required: send the header "
+                                    "'Authorization: Bearer KEY'", code="invalid_api_key"
+                               ).response()(scope, receive, counted)
+            elif _body_too_large(request):
+                await ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes"
+                               ).response()(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            self.state.metrics.inc("requests_total",
+                                   endpoint=path if path in _ENDPOINTS else "other",
+                                   status=str(status[0]))
 
 
 def _authorized(request: Request, key: str) -> bool:
@@ -409,15 +433,19 @@ async def _gather(request: Request, choices: list[Choice],
                   queue: asyncio.Queue[tuple[int, Event]]) -> None:
     """Wait for every choice to end; give up (cancelling) when the client disconnects."""
     left = len(choices)
+    checked = time.monotonic()
     while left:
         try:
             i, ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
         except TimeoutError:
+            ev = None
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:  # tokens may never pause
+            checked = time.monotonic()
             if await request.is_disconnected():
                 return
-            continue
-        _, ended = _apply(choices[i], ev)
-        left -= ended
+        if ev is not None:
+            _, ended = _apply(choices[i], ev)
+            left -= ended
 
 
 def _final_choice(c: Choice, chat: bool) -> dict[str, Any]:
