@@ -194,8 +194,8 @@ def width_losses(src: Path, names: dict[str, Any], windows: Any) -> dict[str, fl
 def main() -> int:
     p = parser(__doc__, full_doc=True)
     p.add_argument("--src", required=True, help="checkpoint folder (with its tokenizer)")
-    p.add_argument("--rates", default="1,2,4,8,16", help="request rates (per second)")
-    p.add_argument("--requests", type=int, default=24, help="requests per rate")
+    p.add_argument("--rates", default="2,4,8,16,32,64", help="request rates (per second)")
+    p.add_argument("--requests", type=int, default=32, help="requests per rate")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-batch", type=int, default=8)
@@ -269,7 +269,10 @@ def main() -> int:
             ctx = json.loads((src / "config.json").read_text())["max_position_embeddings"]
             cmd = [py, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                    "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(args.threads),
-                   "--n_threads_batch", str(args.threads), "--model_alias", name]
+                   "--n_threads_batch", str(args.threads), "--model_alias", name,
+                   # its default cuts a running stream short when a new request arrives; a
+                   # server under load queues instead
+                   "--interrupt_requests", "False"]
             proc = start(cmd, url, "/v1/models", env)
             try:
                 sweep("llama.cpp", url, name, {"logit_bias": {str(eos): -100.0}})
