@@ -7,8 +7,8 @@
 - No matformer module is imported inside a function, except the CLI's lazy verb loading (so
   `matformer --help` and `matformer info` never import torch), listed below with the reason.
 - Dependencies run one way (issue 22): errors < tiers < models < io < data < {inference,
-  training, slicing} < evaluation < cli. A module imports only from its own layer or lower ones;
-  the three peers in the middle do not import each other. `matformer/__init__.py` (the lazy
+  training, slicing} < evaluation < serving < cli. A module imports only from its own layer or
+  lower ones; the three peers in the middle do not import each other. `matformer/__init__.py` (the lazy
   public API) is exempt, and nothing but the CLI imports that API back.
 - argparse is imported only under `matformer/cli/`: the library takes arguments, not flags.
 - No module imports another module's `_private` name: what crosses a module boundary is public.
@@ -121,7 +121,7 @@ NAMES = {m: _imported_names(m) for m in MODULES}
 
 # The layer order, lowest first; the peers share a rank and may not import each other.
 LAYERS = ("errors", "tiers", "models", "io", "data", ("inference", "training", "slicing", "hf"),
-          "evaluation", "cli")
+          "evaluation", "serving", "cli")
 RANK = {name: i for i, layer in enumerate(LAYERS)
         for name in ((layer,) if isinstance(layer, str) else layer)}
 

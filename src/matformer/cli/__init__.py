@@ -27,6 +27,7 @@ VERBS = {
     "export": "export",
     "convert": "convert",
     "plan": "plan",
+    "serve": "serve",
 }
 
 

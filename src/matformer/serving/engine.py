@@ -1,0 +1,312 @@
+"""The continuous-batching scheduler: one thread owns the model and runs steps.
+
+A request becomes a `Job` (prompt ids, limits, sampler, width) and waits in a queue. Before
+every step the scheduler admits waiting jobs while the running batch has room (`max_batch`),
+drops jobs whose client went away, and then runs one step:
+
+- every running job that has its first token decodes one more: jobs are grouped by width
+  setting and each group is one batched forward (`rows.RowStepper.step`); `auto` jobs join the
+  group of the width `policy.LoadPolicy` chooses for this step;
+- the oldest job still reading its prompt gets one chunk of it (`PREFILL_CHUNK` tokens), so a
+  long prompt delays the running streams by one chunk per step, not by the whole prompt; its
+  last chunk gives its first token and it decodes from the next step on.
+
+Tokens go back to the request's handler through its `emit` callback (thread-safe: the handler
+runs on the event loop). A job leaves the batch at its end-of-sequence token, at `max_tokens`,
+or when cancelled; its KV cache goes with it. An exception in one group fails that group's jobs
+with an error event and the loop goes on: other requests are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from matformer.inference.sampling import Sampler
+from matformer.models.lm.model import KVCache, MatFormerLM
+from matformer.serving.catalog import Catalog, Width, setting_key
+from matformer.serving.metrics import Metrics
+from matformer.serving.policy import CostTable, LoadPolicy, calibration_sizes
+from matformer.serving.rows import RowStepper
+from matformer.tiers import Setting
+
+log = logging.getLogger("matformer.serve")
+
+PREFILL_CHUNK = 64
+"""Prompt tokens one step prefills (of one job)."""
+
+PREFILL_KEY = ("prefill",)
+"""The cost table's key for one prefill chunk."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down (or has stopped): no new jobs."""
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full."""
+
+
+@dataclass
+class Event:
+    """What a job tells its handler: a `token` (with the width name that made it), `done`
+    (with the finish reason: 'stop' or 'length'), or `error` (with a message)."""
+
+    kind: str
+    token: int = -1
+    width: str = ""
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass
+class Job:
+    """One sequence to decode. `emit` is called from the engine thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler
+    eos: set[int]
+    width: Width
+    emit: Callable[[Event], None]
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    cache: KVCache | None = None
+    fed: int = 0
+    last: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    widths_used: Counter = field(default_factory=Counter)
+    first_at: float | None = None
+    last_at: float = 0.0
+    finished: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this job before its next step (any thread)."""
+        self.cancelled = True
+
+
+class Engine:
+    """The scheduler thread around one model."""
+
+    def __init__(self, model: MatFormerLM, catalog: Catalog, metrics: Metrics, *,
+                 max_batch: int = 8, slo_ms: float | None = None, compile: bool = False,
+                 max_waiting: int = 256, prefill_chunk: int = PREFILL_CHUNK) -> None:
+        self.model = model
+        self.catalog = catalog
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.stepper = RowStepper(model, compile=compile)
+        self.table = CostTable()
+        tiers = catalog.tier_widths()
+        self.auto_widths: dict[Hashable, Width] = {setting_key(w.setting): w for w in tiers}
+        self.policy = LoadPolicy(list(self.auto_widths), None if slo_ms is None
+                                 else slo_ms / 1000.0, self.table)
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        metrics.gauges["queue_depth"] = lambda: len(self.waiting)
+        metrics.gauges["running_requests"] = lambda: len(self.running)
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Measure the auto candidates' step costs (with a target) and start the thread."""
+        if self.policy.slo_s is not None:
+            self.calibrate()
+        self.thread = threading.Thread(target=self.loop, name="matformer-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs, end the ones left with an error event, and stop the thread."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        for job in [*self.waiting, *self.running]:
+            self._fail(job, "the server is shutting down")
+        self.waiting.clear()
+        self.running.clear()
+
+    def submit(self, job: Job) -> None:
+        """Queue `job` (any thread); `EngineClosed` when stopping, `EngineBusy` when full."""
+        with self.cond:
+            if self.closed:
+                raise EngineClosed("the server is shutting down")
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineBusy(f"{len(self.waiting)} requests are waiting; retry later")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def calibrate(self, reps: int = 3) -> None:
+        """Time each auto candidate at batch sizes 1, 2, 4, ... `max_batch` (and one prefill
+        chunk) on throwaway caches, so the first auto steps have costs to choose from."""
+        ctx = self.model.config.max_position_embeddings
+        length = min(32, ctx - reps - 2)
+        for key, width in self.auto_widths.items():
+            assert width.setting is not None
+            for b in calibration_sizes(self.max_batch):
+                caches = [self.stepper.new_cache(width.setting, length + reps + 1)
+                          for _ in range(b)]
+                for c in caches:
+                    c.length = length
+                self.stepper.step(width.setting, caches, [0] * b)  # warm-up
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    self.stepper.step(width.setting, caches, [0] * b)
+                self.table.observe(key, b, (time.perf_counter() - t0) / reps)
+        full = self.catalog.full().setting
+        n = min(self.prefill_chunk, ctx)
+        cache = self.stepper.new_cache(full, n)
+        t0 = time.perf_counter()
+        self.stepper.prefill(full, cache, [0] * n)
+        self.table.observe(PREFILL_KEY, 1, time.perf_counter() - t0)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        previous: tuple[float, float] | None = None  # (start, estimate) of the step before
+        while True:
+            with self.cond:
+                if not self.waiting and not self.running:
+                    previous = None  # idle: the next interval is no step's
+                while not self.closed and not self.waiting and not self.running:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                self.admit()
+            now = time.perf_counter()
+            if previous is not None:
+                # what a running row waited for its token, against what the costs predicted
+                self.policy.observe_interval(previous[1], now - previous[0])
+            try:
+                previous = (now, self.step())
+            except Exception:  # a bug in the loop itself: fail the batch, keep serving
+                log.exception("scheduler step failed")
+                for job in self.running:
+                    self._fail(job, "internal error in the scheduler")
+            self.running = [j for j in self.running if not j.finished]
+
+    def admit(self) -> None:
+        """Move waiting jobs into the running batch while it has room (call under `cond`)."""
+        while self.waiting and len(self.running) < self.max_batch:
+            self.running.append(self.waiting.popleft())
+
+    def step(self) -> float:
+        """One step: every decoding job one token, and one prefill chunk. Returns the step's
+        estimated cost (seconds; 0 when nothing was measured yet)."""
+        t_step = time.perf_counter()
+        for job in self.running:
+            if job.cancelled and not job.finished:
+                self._finish(job)
+        live = [j for j in self.running if not j.finished]
+        decoding = [j for j in live if j.last is not None]
+        prefilling = next((j for j in live if j.last is None), None)
+        groups: dict[Hashable, list[Job]] = {}
+        settings: dict[Hashable, Setting] = {}
+        auto_jobs = []
+        for job in decoding:
+            if job.width.setting is None:
+                auto_jobs.append(job)
+                continue
+            key = setting_key(job.width.setting)
+            groups.setdefault(key, []).append(job)
+            settings[key] = job.width.setting
+        other = self.policy.other_cost([(k, len(v)) for k, v in groups.items()])
+        if prefilling is not None:
+            other += self.table.estimate(PREFILL_KEY, 1) or 0.0
+        auto_key = self.policy.choose(max(len(auto_jobs), 1), other)
+        auto_width = self.auto_widths[auto_key]
+        estimate = other + ((self.table.estimate(auto_key, len(auto_jobs)) or 0.0)
+                            if auto_jobs else 0.0)
+        if auto_jobs:
+            groups.setdefault(auto_key, []).extend(auto_jobs)
+            settings[auto_key] = auto_width.setting  # type: ignore[assignment]
+        for key, jobs in groups.items():
+            self._decode(key, settings[key], jobs)
+        if prefilling is not None:
+            self._prefill(prefilling, auto_width)
+        if groups or prefilling is not None:
+            self.metrics.observe("step_seconds", time.perf_counter() - t_step)
+        return estimate
+
+    def _decode(self, key: Hashable, setting: Setting, jobs: list[Job]) -> None:
+        name = self.catalog.named(setting).name
+        t0 = time.perf_counter()
+        try:
+            logits = self.stepper.step(setting, [j.cache for j in jobs],  # type: ignore[misc]
+                                       [j.last for j in jobs])  # type: ignore[misc]
+            picked = [int(j.sampler.pick(logits[b])) for b, j in enumerate(jobs)]
+        except Exception as e:  # noqa: BLE001  (one group's failure must not stop the server)
+            log.exception("decoding step at %s failed", name)
+            for job in jobs:
+                self._fail(job, f"decoding failed: {type(e).__name__}")
+            return
+        self.table.observe(key, len(jobs), time.perf_counter() - t0)
+        self.metrics.inc("width_steps_total", width=name)
+        for job, tok in zip(jobs, picked, strict=True):
+            self._deliver(job, tok, name)
+
+    def _prefill(self, job: Job, auto_width: Width) -> None:
+        width = job.width if job.width.setting is not None else auto_width
+        setting = width.setting
+        assert setting is not None
+        t0 = time.perf_counter()
+        try:
+            if job.cache is None:
+                job.cache = self.stepper.new_cache(setting, len(job.prompt) + job.max_tokens)
+            chunk = job.prompt[job.fed:job.fed + self.prefill_chunk]
+            logits = self.stepper.prefill(setting, job.cache, chunk)
+            job.fed += len(chunk)
+            tok = int(job.sampler.pick(logits)) if job.fed == len(job.prompt) else None
+        except Exception as e:  # noqa: BLE001  (out of memory, a bad prompt: this job only)
+            log.exception("prefill failed")
+            self._fail(job, f"prefill failed: {type(e).__name__}")
+            return
+        self.table.observe(PREFILL_KEY, 1, time.perf_counter() - t0)
+        self.metrics.inc("prompt_tokens_total", len(chunk))
+        if tok is not None:
+            self._deliver(job, tok, width.name)
+
+    def _deliver(self, job: Job, tok: int, width: str) -> None:
+        now = time.perf_counter()
+        if job.first_at is None:
+            job.first_at = now
+            self.metrics.observe("time_to_first_token_seconds", now - job.arrived)
+        else:
+            self.metrics.observe("time_per_output_token_seconds", now - job.last_at)
+        job.last_at = now
+        job.tokens.append(tok)
+        job.widths_used[width] += 1
+        self.metrics.inc("generated_tokens_total", width=width)
+        job.emit(Event("token", token=tok, width=width))
+        if tok in job.eos:
+            self._finish(job, "stop")
+        elif len(job.tokens) >= job.max_tokens:
+            self._finish(job, "length")
+        else:
+            job.last = tok
+
+    def _finish(self, job: Job, reason: str | None = None) -> None:
+        """Take `job` out of the batch (its cache freed); `reason` None: it was cancelled and
+        nobody is listening."""
+        job.finished = True
+        job.cache = None
+        if reason is not None:
+            job.emit(Event("done", reason=reason))
+
+    def _fail(self, job: Job, message: str) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        job.cache = None
+        job.emit(Event("error", message=message))
+

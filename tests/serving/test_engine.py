@@ -1,0 +1,194 @@
+"""The scheduler's parts without HTTP: the per-row decoding step against the model's own
+forward, chunked prefill, rows joining and leaving between steps, and the auto policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matformer.inference.decode import generate
+from matformer.inference.sampling import Sampler
+from matformer.serving.catalog import Catalog
+from matformer.serving.engine import Engine, EngineBusy, EngineClosed, Event, Job
+from matformer.serving.metrics import Metrics
+from matformer.serving.policy import CostTable, LoadPolicy
+from matformer.serving.rows import RowStepper
+from matformer.tiers import Setting, TierError
+from tests.conftest import tiny_lm
+
+
+@pytest.fixture(scope="module")
+def model():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_lm(0, distinct=True, heads=True)
+    torch.set_num_threads(n)
+
+
+def test_a_step_of_rows_at_their_own_positions_is_the_models_forward(model) -> None:
+    stepper = RowStepper(model)
+    setting = Setting([128, 256], [2, 4])  # tier 1 FFN in layer 0, half the heads there
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 9, 2)]
+    caches = [stepper.new_cache(setting, 16) for _ in prompts]
+    assert [c.k[0].shape[1] for c in caches] == [2, 2, 2]  # each row's cache at its heads
+    for cache, p in zip(caches, prompts, strict=True):
+        stepper.prefill(setting, cache, p)
+    nxt = [7, 8, 9]
+    got = stepper.step(setting, caches, nxt)
+    with torch.inference_mode(), model.running(setting):
+        for b, (p, t) in enumerate(zip(prompts, nxt, strict=True)):
+            want = model(torch.tensor([p + [t]]))[0, -1]
+            assert torch.allclose(got[b], want, atol=1e-5, rtol=1e-5)
+            alone = stepper.new_cache(setting, 16)
+            stepper.prefill(setting, alone, p)
+            # one row alone: the model's own cached step, bit for bit
+            own = model(torch.tensor([[t]]), cache=_cache_of(model, setting, p))[0, -1]
+            assert torch.equal(stepper.step(setting, [alone], [t])[0], own)
+    assert [c.length for c in caches] == [6, 10, 3]
+
+
+def _cache_of(model, setting, prompt):
+    cache = model.new_cache(1, 16, kv_heads=setting.kv_heads)
+    with model.running(setting):
+        model(torch.tensor([prompt]), cache=cache)
+    return cache
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_same_logits(model) -> None:
+    stepper = RowStepper(model)
+    full = Setting(model.stored_widths, model.stored_kv_heads)
+    prompt = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    one = stepper.prefill(full, stepper.new_cache(full, 48), prompt)
+    cache = stepper.new_cache(full, 48)
+    for i in range(0, 40, 16):
+        chunked = stepper.prefill(full, cache, prompt[i:i + 16])
+    assert torch.allclose(chunked, one, atol=1e-5, rtol=1e-5)
+
+
+def _job(engine: Engine, prompt: list[int], n: int, width, events: list) -> Job:
+    return Job(prompt, n, Sampler(), set(), width, events.append)
+
+
+def test_jobs_join_and_leave_between_steps_and_long_prompts_are_chunked(model) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=2, prefill_chunk=8)
+    ev_a: list[Event] = []
+    ev_b: list[Event] = []
+    ev_c: list[Event] = []
+    a = _job(engine, [5, 6, 7], 6, catalog.parse("tier-2"), ev_a)
+    long_prompt = list(range(10, 30))  # 20 tokens: 3 chunks of 8
+    b = _job(engine, long_prompt, 8, catalog.full(), ev_b)
+    c = _job(engine, [9, 9], 2, catalog.full(), ev_c)
+    for job in (a, b, c):
+        engine.submit(job)
+    engine.admit()
+    assert engine.running == [a, b] and list(engine.waiting) == [c]  # max_batch 2
+    engine.step()  # a: prefill (first token)
+    assert len(a.tokens) == 1 and b.fed == 0
+    for k in range(3):  # b's three chunks: a decodes one token in each of these steps
+        engine.step()
+        assert len(a.tokens) == 2 + k and b.fed == min(8 * (k + 1), 20)
+    assert len(b.tokens) == 1  # its first token came with its last chunk
+    while not a.finished:
+        engine.step()
+    engine.running = [j for j in engine.running if not j.finished]
+    engine.admit()  # a left: c joins the running batch
+    assert engine.running == [b, c]
+    while engine.running:
+        engine.step()
+        engine.running = [j for j in engine.running if not j.finished]
+    for job, events, width in ((a, ev_a, {"tier": 2}), (b, ev_b, {}), (c, ev_c, {})):
+        assert [e.token for e in events if e.kind == "token"] == job.tokens
+        assert events[-1].kind == "done" and events[-1].reason == "length"
+        want = generate(model, job.prompt, job.max_tokens, ignore_eos=True, **width).tokens
+        assert job.tokens == want
+
+
+def test_a_cancelled_job_leaves_at_the_next_step(model) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=4)
+    events: list[Event] = []
+    job = _job(engine, [5, 6], 50, catalog.full(), events)
+    engine.submit(job)
+    engine.admit()
+    engine.step()
+    engine.step()
+    job.cancel()
+    engine.step()
+    assert job.finished and job.cache is None and len(job.tokens) == 2
+
+
+def test_the_policy_takes_the_widest_width_under_the_target() -> None:
+    table = CostTable()
+    for key, cost in (("wide", 0.010), ("mid", 0.006), ("narrow", 0.004)):
+        table.observe(key, 1, cost)
+        table.observe(key, 4, 3 * cost)
+    policy = LoadPolicy(["wide", "mid", "narrow"], 0.0125, table)
+    assert policy.choose(1, 0.0) == "wide"
+    assert policy.choose(1, 0.004) == "mid"  # other work in the step leaves less room
+    assert policy.choose(4, 0.0) == "narrow"
+    assert policy.choose(2, 0.0) == "mid"  # 2 rows: interpolated, 0.016 / 0.0096
+    assert policy.choose(8, 0.0) == "narrow"  # nothing fits: the narrowest
+    assert LoadPolicy(["wide", "narrow"], None, table).choose(8, 1.0) == "wide"  # no target
+    for _ in range(30):  # steps took 2x their estimate (scheduler, HTTP): the estimates scale
+        policy.observe_interval(0.005, 0.010)
+    assert 1.9 < policy.overhead <= 2.0
+    assert policy.choose(1, 0.0) == "mid"  # 0.010 x 2 misses the target, 0.006 x 2 fits
+    assert policy.choose(1, 0.001) == "narrow"  # 0.007 x 2 misses, 0.005 x 2 fits
+    table.observe("wide", 1, 0.001)  # measurements move the average
+    assert 0.001 < table.estimate("wide", 1) < 0.010
+
+
+def test_the_catalog_names_and_refuses_widths(model) -> None:
+    catalog = Catalog("m", model)
+    assert catalog.resolve("m").setting == Setting([256, 256], [4, 4])
+    assert catalog.resolve("m@tier-1").setting.widths == [128, 128]
+    assert catalog.resolve("m", [64, 128]).name == "m@widths=64,128"
+    assert catalog.resolve("m@auto").auto
+    assert catalog.resolve("m@tier-0").name == "m"
+    with pytest.raises(LookupError):
+        catalog.resolve("n@tier-1")
+    for bad in ("m@tier-x", "m@tier-9", "m@widths=512,1", "m@color=red"):
+        with pytest.raises(TierError):
+            catalog.resolve(bad)
+    with pytest.raises(TierError):
+        catalog.resolve("m@tier-1", "tier-2")
+
+
+def test_a_failing_width_group_fails_its_jobs_only(model, monkeypatch) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=4)
+    bad, good = catalog.parse("tier-2"), catalog.full()
+    real = engine.stepper.step
+
+    def step(setting, caches, tokens):
+        if setting == bad.setting:
+            raise RuntimeError("boom")
+        return real(setting, caches, tokens)
+
+    monkeypatch.setattr(engine.stepper, "step", step)
+    ev_bad: list[Event] = []
+    ev_good: list[Event] = []
+    jobs = [_job(engine, [5, 6], 4, bad, ev_bad), _job(engine, [5, 6], 4, good, ev_good)]
+    for job in jobs:
+        engine.submit(job)
+    engine.admit()
+    for _ in range(6):
+        engine.step()
+    assert ev_bad[-1].kind == "error" and "RuntimeError" in ev_bad[-1].message
+    assert ev_good[-1].kind == "done" and len(jobs[1].tokens) == 4
+
+
+def test_a_full_queue_and_a_closed_engine_refuse_new_jobs(model) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=1, max_waiting=1)
+    engine.submit(_job(engine, [5], 2, catalog.full(), []))
+    with pytest.raises(EngineBusy):
+        engine.submit(_job(engine, [5], 2, catalog.full(), []))
+    events: list[Event] = []
+    engine.waiting[0].emit = events.append
+    engine.stop()
+    assert events[-1].kind == "error"  # what was waiting ends with an error, not silence
+    with pytest.raises(EngineClosed):
+        engine.submit(_job(engine, [5], 2, catalog.full(), []))
