@@ -13,6 +13,8 @@ below, and its tests. Built in:
   type, transformers class and llama.cpp architecture; the model and shapes are the LM's, which
   read those switches from the config);
 - `vit`: MatViT (`MatViTConfig` / `MatViT`, transformers' ViT layout), `model_type: "vit"`;
+- `gemma3`: Gemma 3 text (`Gemma3Config` / `Gemma3LM`, transformers' `Gemma3ForCausalLM`
+  layout, `model_type` `gemma3_text`), nested on both axes like `lm`;
 - `gemma3n`: Hugging Face Gemma 3n (`model_type` `gemma3n` or `gemma3n_text`), read but not
   loaded: `matformer.slicing.gemma3n` slices and describes it from its own config reader, and
   asking for its config as one of ours is a one-line error (`check_loadable`).
@@ -31,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matformer.errors import ConfigError
+from matformer.models.gemma3 import config as gemma3_config
+from matformer.models.gemma3 import shapes as gemma3_shapes
 from matformer.models.lm import config as lm_config
 from matformer.models.lm import shapes as lm_shapes
 from matformer.models.mistral.config import MistralConfig
@@ -323,3 +327,15 @@ GEMMA3N = register(Family(
 ))
 GEMMA3N_MODEL_TYPES = GEMMA3N.model_types
 """Gemma3nForConditionalGeneration (multimodal) and Gemma3nForCausalLM (text-only)."""
+GEMMA3 = register(Family(
+    name="gemma3", model_types=(gemma3_config.MODEL_TYPE,),
+    architectures=(gemma3_config.ARCHITECTURE, gemma3_config.NESTED_ARCHITECTURE),
+    config_class=gemma3_config.Gemma3Config,
+    model_path="matformer.models.gemma3.model:Gemma3LM",
+    task=CAUSAL_LM, layer_prefix=lm_shapes.LAYER_PREFIX, nested=gemma3_shapes.nested_axis,
+    embedding_prefixes=(lm_shapes.EMBEDDING, lm_shapes.LM_HEAD),
+    tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
+    shapes=gemma3_shapes.expected_shapes, counts=gemma3_shapes.parameter_counts,
+    summary=gemma3_shapes.summary, info=gemma3_shapes.info,
+    title="Gemma 3", docs="docs/FAMILIES.md",
+))
