@@ -674,10 +674,18 @@ def _tiny(tmp_path, hf_untied, tok_dir, **kw) -> Path:
     return write_llama_gguf(tmp_path / "m.gguf", _hf_sd(hf_untied), tok_dir, Q.F32, **kw)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "mistral3"])
+@pytest.mark.parametrize("arch", ["mistral3"])
 def test_unsupported_architecture(tmp_path, hf_untied, tok_dir, arch):
     p = _tiny(tmp_path, hf_untied, tok_dir, arch=arch)
     with pytest.raises(CheckpointError, match=f"architecture '{arch}' is not supported") as e:
+        gguf_to_checkpoint(p, tmp_path / "o")
+    _one_line(e, p)
+
+
+def test_llama_tensors_labelled_gemma3_name_the_missing_tensor(tmp_path, hf_untied, tok_dir):
+    """gemma3 is read (tests/models/test_gemma3.py); a file without its extra norms is refused."""
+    p = _tiny(tmp_path, hf_untied, tok_dir, arch="gemma3")
+    with pytest.raises(CheckpointError, match="post_attention_norm.weight.*is missing") as e:
         gguf_to_checkpoint(p, tmp_path / "o")
     _one_line(e, p)
 

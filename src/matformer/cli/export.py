@@ -3,7 +3,8 @@
 Choose the width with one of --tier, --widths or --layer-tiers (none: the stored widths), and
 the attention heads with --kv-heads or --layer-kv-heads (none: the stored heads).
 Uniform widths are written as llama.cpp's `llama` architecture, per-layer (Mix'n'Match) widths
-as `deci`, the Llama block with per-layer FFN widths. The tokenizer is embedded. Tensors stream
+as `deci`, the Llama block with per-layer FFN widths; a Gemma 3 checkpoint as llama.cpp's
+`gemma3` (uniform tiers only: its graph has no per-layer widths). The tokenizer is embedded. Tensors stream
 one at a time; the file appears only when complete. Needs `pip install 'matformer[export]'`.
 
 examples:

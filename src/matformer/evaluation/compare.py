@@ -22,7 +22,7 @@ from matformer.data import token_files
 from matformer.errors import DataError
 from matformer.evaluation.lm import EvalReport, evaluate
 from matformer.io.source import Source, resolve_source
-from matformer.models.lm.shapes import non_embedding_parameters
+from matformer.models.registry import non_embedding_parameters
 from matformer.tiers import runnable_tiers
 
 

@@ -54,7 +54,8 @@ from matformer.io.checkpoint import load_model
 from matformer.io.source import Source, resolve_source
 from matformer.models.lm.config import perplexity
 from matformer.models.lm.model import MatFormerLM
-from matformer.models.lm.shapes import kv_cache_bytes_per_token, non_embedding_parameters
+from matformer.models.lm.shapes import kv_cache_bytes_per_token
+from matformer.models.registry import non_embedding_parameters
 from matformer.tiers import (
     WidthRequest,
     describe_heads,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ ROPE_PARAMETERS_KEY = "matformer.rope_parameters"
 """Our metadata key holding transformers' `rope_parameters` as JSON (llama.cpp ignores it; our
 GGUF reader takes it back, since `rope_freqs` alone does not say which llama3 parameters made
 it)."""
-NEOX_ARCHS = ("qwen2", "qwen3")
+NEOX_ARCHS = ("qwen2", "qwen3", "gemma3")
 """llama.cpp architectures whose rope rotates halves, as transformers does (no row permutation);
 `llama`/`deci` rotate interleaved pairs."""
 
@@ -70,7 +70,8 @@ def gguf_name(hf_name: str, n_layers: int, arch: str = "llama") -> str:
     own name map)."""
     gguf = _gguf()
     model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI,
-                  "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+                  "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+                  "gemma3": gguf.MODEL_ARCH.GEMMA3}[arch]
     name = gguf.get_tensor_name_map(model_arch, n_layers).get_name(
         hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
@@ -251,9 +252,13 @@ class ModelMeta:
     eos_token_id: int | None
     pad_token_id: int | None
     family_arch: str = "llama"
-    """llama.cpp's architecture for a uniform model of the family (`llama`, `qwen2`, `qwen3`)."""
+    """llama.cpp's architecture for a uniform model of the family (`llama`, `qwen2`, `qwen3`,
+    `gemma3`)."""
     rope: dict[str, Any] | None = None
     """transformers' `rope_parameters` of a scaled rope (None: default rope)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Family keys: {gguf.GGUFWriter `add_<name>` method suffix: value}, written after the
+    common ones (e.g. gemma3's sliding_window, rope_freq_base_swa)."""
 
     @property
     def uniform(self) -> bool:
@@ -309,6 +314,8 @@ def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> N
     w.add_add_eos_token(tok.add_eos)
     if tok.chat_template is not None:
         w.add_chat_template(tok.chat_template)
+    for key, value in meta.extra.items():
+        getattr(w, f"add_{key}")(value)
 
 
 def _add_rope_scaling(w: Any, rope: dict[str, Any] | None) -> None:

@@ -110,6 +110,9 @@ class Architecture:
     """Layer suffix -> ROPE_HEADS / ROPE_KV_HEADS: rows llama.cpp interleaved per head."""
     shapes: Callable[[dict[str, Any]], dict[str, tuple[int, ...]]]
     """config -> {transformers name: shape} of every tensor."""
+    norm_shift: frozenset[str] = frozenset()
+    """Layer suffixes and top names of norms llama.cpp stores as 1 + w (Gemma's (1 + w)
+    RMSNorm): 1 is subtracted on reading."""
 
 
 def _meta(f: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -237,6 +240,12 @@ def _llama_block_config(model_type: str, architecture: str, *, bias: str = "none
 
 def _llama_config(f: GGUFFile, arch: str) -> dict[str, Any]:
     _refuse_numerics(f, arch)
+    return _llama_shaped(f, arch)
+
+
+def _llama_shaped(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """The Llama config of the sizes, heads, rope, epsilon and tokens of `arch`'s metadata (the
+    numerics keys not checked: `_refuse_numerics`, or the family's own reader)."""
     k = f"{arch}."
     layers = _positive(f, k + "block_count")
     hidden = _positive(f, k + "embedding_length")
@@ -367,8 +376,94 @@ QWEN3 = Architecture(
     shapes=_llama_shapes,
 )
 
-ARCHITECTURES: dict[str, Architecture] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3}
-"""llama.cpp architecture -> table (Gemma 3 is another helper's)."""
+
+# Gemma 3 (llama.cpp's `gemma3`, as its converter and `matformer export` write it): the Llama
+# tensors plus q/k norms and the post-attention / post-feedforward norms, every norm stored as
+# 1 + w, q/k rows not interleaved (llama.cpp ropes Gemma in the NEOX layout).
+GEMMA3_SWA_PATTERN = 6
+"""llama.cpp's default when the file has no sliding_window_pattern: every 6th layer global."""
+GEMMA3_27B_LAYERS = 62
+
+
+def _gemma3_config(f: GGUFFile, arch: str) -> dict[str, Any]:
+    k = f"{arch}."
+    for key in (k + "expert_count", k + "attn_logit_softcapping"):
+        if f.metadata.get(key) not in (None, 0):
+            raise CheckpointError(f"{f.path}: metadata {key}={f.metadata[key]!r} is not "
+                                  f"supported in Gemma 3")
+    if f.metadata.get("split.count") not in (None, 0, 1):
+        raise CheckpointError(f"{f.path}: one part of a GGUF split; merge the parts first "
+                              f"(llama-gguf-split --merge)")
+    scaling = f.metadata.get(k + "rope.scaling.type")
+    factor = _meta(f, k + "rope.scaling.factor", (float, int), None)
+    if scaling not in (None, "none", "linear"):
+        raise CheckpointError(f"{f.path}: {k}rope.scaling.type={scaling!r} is not supported "
+                              f"in Gemma 3 (linear only)")
+    c = _llama_shaped(f, arch)
+    layers = c["num_hidden_layers"]
+    window = _positive(f, k + "attention.sliding_window", None) or None
+    pattern = f.get(k + "attention.sliding_window_pattern")
+    if window is None:
+        sliding = [False] * layers
+    elif pattern is None or isinstance(pattern, int):
+        n = pattern or GEMMA3_SWA_PATTERN  # llama.cpp's set_swa_pattern
+        sliding = [i % n < n - 1 for i in range(layers)]
+    else:
+        sliding = [bool(x) for x in pattern]
+        if len(sliding) != layers:
+            raise CheckpointError(f"{f.path}: {k}attention.sliding_window_pattern has "
+                                  f"{len(sliding)} entries for {layers} layers")
+    local = _meta(f, k + "rope.freq_base_swa", (float, int), 10000.0)
+    cap = _meta(f, k + "final_logit_softcapping", (float, int), None)
+    heads, hd = c["num_attention_heads"], c["head_dim"]
+    c.update({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        # llama.cpp's gemma3 attention scale (src/models/gemma3.cpp), as transformers spells it
+        "query_pre_attn_scalar": (c["hidden_size"] // heads if layers == GEMMA3_27B_LAYERS
+                                  else hd),
+        "sliding_window": window,
+        "layer_types": ["sliding_attention" if x else "full_attention" for x in sliding],
+        "rope_parameters": {
+            "full_attention": ({"rope_type": "linear", "factor": _f32(factor),
+                                "rope_theta": c["rope_theta"]}
+                               if scaling == "linear" and factor not in (None, 0, 1)
+                               else {"rope_type": "default", "rope_theta": c["rope_theta"]}),
+            "sliding_attention": {"rope_type": "default", "rope_theta": _f32(local)}},
+        "final_logit_softcapping": None if not cap else _f32(cap),
+        "attn_logit_softcapping": None,
+    })
+    for key in ("rope_theta", "hidden_act", "mlp_bias", "pretraining_tp"):
+        c.pop(key, None)
+    return c
+
+
+GEMMA3 = Architecture(
+    name="gemma3",
+    config=_gemma3_config,
+    top=LLAMA.top,
+    layer={"attn_norm.weight": "input_layernorm.weight",
+           "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+           "attn_v.weight": "self_attn.v_proj.weight",
+           "attn_output.weight": "self_attn.o_proj.weight",
+           "attn_q_norm.weight": "self_attn.q_norm.weight",
+           "attn_k_norm.weight": "self_attn.k_norm.weight",
+           "post_attention_norm.weight": "post_attention_layernorm.weight",
+           "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+           "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+           "ffn_down.weight": "mlp.down_proj.weight",
+           "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+    optional=frozenset({"output.weight"}),
+    rope_rows={},
+    shapes=_llama_shapes,  # our shape arithmetic, through the rebuilt Gemma 3 config
+    norm_shift=frozenset({"attn_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight",
+                          "post_attention_norm.weight", "ffn_norm.weight",
+                          "post_ffw_norm.weight", "output_norm.weight"}),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3,
+                                          "gemma3": GEMMA3}
+"""llama.cpp architecture -> table."""
 
 
 def architecture_of(f: GGUFFile) -> Architecture:
@@ -389,6 +484,8 @@ class TensorMap:
     shape: tuple[int, ...]
     rope_heads: int | None
     """Heads whose rows llama.cpp interleaved (None: no rope rows)."""
+    shift: float = 0.0
+    """Added on reading (-1 for a norm stored as 1 + w)."""
 
 
 def plan_tensors(f: GGUFFile, arch: Architecture, config: dict[str, Any]) -> list[TensorMap]:
@@ -420,7 +517,8 @@ def plan_tensors(f: GGUFFile, arch: Architecture, config: dict[str, Any]) -> lis
         f.check_dequantizable(g)
         suffix = g.split(".", 2)[2] if g.startswith("blk.") else None
         kind = arch.rope_rows.get(suffix) if suffix else None
-        plan.append(TensorMap(hf, g, tuple(shape), heads[kind] if kind else None))
+        shift = -1.0 if (suffix or g) in arch.norm_shift else 0.0
+        plan.append(TensorMap(hf, g, tuple(shape), heads[kind] if kind else None, shift))
     return plan
 
 
@@ -428,6 +526,8 @@ def read_tensor(f: GGUFFile, t: TensorMap, dtype: str) -> np.ndarray:
     w = f.read(t.gguf)
     if t.rope_heads is not None:
         w = unpermute_rope(w, t.rope_heads)
+    if t.shift:
+        w = w + np.float32(t.shift)
     return w.astype(dtype, copy=False)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from matformer.errors import CheckpointError, ConfigError, DataError, TierError
 from matformer.io.files import is_regular, read_json
 from matformer.io.folder import Folder
+from matformer.io.gemma3_text import text_checkpoint
 from matformer.io.gguf_source import gguf_checkpoint
 from matformer.io.hub import download, fetch_weights, is_repo_id, snapshot_commit, split_revision
 from matformer.io.layout import CONFIG_NAME, INDEX_NAME, Layout, resolve_files
@@ -285,6 +286,9 @@ def _resolve(src: str | os.PathLike, tier: int | None, width: int | None, revisi
         if folder is not None:
             found = _local(spec, folder, tier, width, whole_repo)
             return replace(found, kind="gguf") if isinstance(found, Source) else found
+        folder = text_checkpoint(p)  # a Gemma3ForConditionalGeneration: its text model, once
+        if folder is not None:
+            return _local(spec, folder, tier, width, whole_repo)
         return _local(spec, p, tier, width, whole_repo)
     if is_repo_id(spec) and not looks_local(spec):
         return _hub(spec, revision, tier, width, companions, whole_repo)
@@ -381,6 +385,11 @@ def _hub(spec: str, revision: str | None, tier: int | None, width: int | None,
     if layout.shards != fetched.shards:
         raise CheckpointError(f"{repo}: the downloaded snapshot {config.parent} holds other "
                               f"weights than the index names; clear it from the cache")
+    text = text_checkpoint(config.parent)  # a Gemma3ForConditionalGeneration: its text model
+    if text is not None:
+        found = _local(spec, text, tier, width)
+        assert isinstance(found, Source)  # the text folder holds a config.json
+        return replace(found, kind="hub", repo_id=repo, revision=commit)
     parsed, family = _config_and_family(config, fo)
     return Source(spec, "hub", config.parent, layout, parsed, repo_id=repo, revision=commit,
                   family=family)

@@ -60,9 +60,8 @@ from matformer.io.outputs import check_output_folder
 from matformer.io.safetensors import st_dtype
 from matformer.io.source import COMPANION_FILES, Source, resolve_source
 from matformer.models.devices import check_device
-from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
-from matformer.models.registry import LLAMA_BLOCK
+from matformer.models.registry import GEMMA3, LLAMA_BLOCK, Config
 
 METHODS = ("reconstruction", "contribution", "activation")
 REPORT_NAME = "convert_report.json"
@@ -343,7 +342,7 @@ class ConvertResult:
         ])
 
 
-def _check_dense(source: Source) -> MatFormerConfig:
+def _check_dense(source: Source) -> Config:
     cfg = source.config
     if cfg.layer_widths != [cfg.base] * cfg.num_hidden_layers:
         raise ConfigError(f"{source.describe()}: stores FFN widths {cfg.layer_widths} of base "
@@ -386,11 +385,11 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
     parse_size(max_shard_size)  # a bad size fails now, not after the importance pass
     check_device(device)
     source = resolve_source(src, revision=revision, companions=True)
-    if source.family not in LLAMA_BLOCK:
+    if source.family not in (*LLAMA_BLOCK, GEMMA3):
         raise ConfigError(f"{source.describe()}: a {type(source.config).__name__} checkpoint "
                           f"(family {source.family.name}); convert orders the FFN and heads of a "
                           f"dense language model on the Llama block (Llama, Mistral, Qwen2, "
-                          f"Qwen3) only")
+                          f"Qwen3) or Gemma 3 only")
     config = _check_dense(source)
     if _same_folder(source.folder, Path(out)):
         raise CheckpointError(f"{out}: is the source checkpoint; write the converted model to "
@@ -423,7 +422,7 @@ def convert(src: str | os.PathLike | Source, out: str | os.PathLike, *,
                                   "write": t3 - t2, "check": time.time() - t3})
 
 
-def _write(source: Source, config: MatFormerConfig, perm: Permutation, out: str | os.PathLike,
+def _write(source: Source, config: Config, perm: Permutation, out: str | os.PathLike,
            max_shard_size: int | str, report: bytes) -> Path:
     """Stream the permuted tensors into `out` (one in memory at a time), companions beside them."""
     sd = load_state_dict(source)  # memory-mapped

@@ -44,6 +44,8 @@ from matformer.io.tensors import TO_F32, ReadJob, TensorReader
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.numerics import hidden_act
 from matformer.models.lm.rope import llama3_factors
+from matformer.models.registry import Config, family_of_config
+from matformer.slicing import gemma3_export as g3
 from matformer.tiers import Setting, WidthRequest, describe_heads, describe_widths
 
 
@@ -55,11 +57,12 @@ class TensorJob:
     read: ReadJob | None  # the source tensor's kept rows (gate/up, q/k/v) or columns (down, o)
     rope_heads: int | None = None  # permute rows for llama.cpp's rope with this many heads
     values: np.ndarray | None = None  # a tensor made here, not read (llama3's rope_freqs)
+    shift: float = 0.0  # added to every value (Gemma's (1 + w) norms are stored as 1 + w)
 
 
 @dataclass
 class ExportPlan:
-    config: MatFormerConfig
+    config: Config
     widths: list[int]
     meta: ModelMeta
     jobs: list[TensorJob] = field(default_factory=list)
@@ -88,7 +91,7 @@ class ExportResult:
 # ---- planning -------------------------------------------------------------------------------
 
 
-def resolve_request(config: MatFormerConfig, request: WidthRequest) -> Setting:
+def resolve_request(config: Config, request: WidthRequest) -> Setting:
     """Per-layer FFN widths and KV heads for `request` (an axis not named: as stored), each
     held by the source."""
     return request.resolve(config, holder="the source",
@@ -96,7 +99,7 @@ def resolve_request(config: MatFormerConfig, request: WidthRequest) -> Setting:
                            heads_remedy="export from a checkpoint that holds them")
 
 
-def request_widths(config: MatFormerConfig, *, tier: int | None = None,
+def request_widths(config: Config, *, tier: int | None = None,
                    layer_tiers: Sequence[int] | None = None,
                    widths: int | Sequence[int] | None = None) -> list[int]:
     """Per-layer FFN widths for a request (none: the stored widths), each held by the source."""
@@ -104,10 +107,13 @@ def request_widths(config: MatFormerConfig, *, tier: int | None = None,
     return resolve_request(config, request).widths
 
 
-def plan_export(config: MatFormerConfig, shapes: dict[str, tuple[int, ...]], widths: list[int],
+def plan_export(config: Config, shapes: dict[str, tuple[int, ...]], widths: list[int],
                 outtype: str, name: str, kv_heads: list[int] | None = None) -> ExportPlan:
     """GGUF tensors and metadata for `config` cut to `widths` and per-layer `kv_heads` (default:
-    the stored heads; shapes: the stored tensors)."""
+    the stored heads; shapes: the stored tensors). A Gemma 3 config is planned by
+    `slicing.gemma3_export` (llama.cpp's `gemma3` architecture)."""
+    if family_of_config(config).name == "gemma3":
+        return _plan_gemma3(config, shapes, widths, outtype, name, kv_heads)
     n, hd = config.num_hidden_layers, config.head_dim
     assert hd is not None
     act = hidden_act(config)
@@ -174,6 +180,24 @@ def expected_layer_order(config: MatFormerConfig) -> list[str]:
             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 
 
+def _plan_gemma3(config: Config, shapes: dict[str, tuple[int, ...]], widths: list[int],
+                 outtype: str, name: str, kv_heads: list[int] | None) -> ExportPlan:
+    """llama.cpp's `gemma3` (`slicing.gemma3_export`): norms whole and shifted to 1 + w, q/k
+    rows as transformers has them (llama.cpp ropes Gemma in the NEOX layout)."""
+    plan = ExportPlan(config, list(widths), g3.gemma3_meta(config, widths, kv_heads, name))
+    for src in g3.tensor_order(config):
+        shape = shapes[src]
+        if g3.is_norm(src):
+            out = gguf_name(src, config.num_hidden_layers, g3.ARCH)
+            plan.jobs.append(TensorJob(TensorPlan(out, tuple(shape), tensor_qtype(outtype, shape)),
+                                       ReadJob(src, to="F32"), shift=g3.NORM_SHIFT))
+        else:
+            job = _job(src, shape, plan, outtype)
+            job.rope_heads = None
+            plan.jobs.append(job)
+    return plan
+
+
 def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> TensorJob:
     rows = cols = heads = None
     if src.startswith("model.layers."):
@@ -220,6 +244,8 @@ def produce(reader: TensorReader, job: TensorJob) -> np.ndarray:
     data = reader.read_array(job.read)
     if job.rope_heads is not None:
         data = permute_rope(data, job.rope_heads)
+    if job.shift:
+        data = data + np.float32(job.shift)
     return data
 
 

@@ -289,6 +289,8 @@ def _plan(source: Config, request: WidthRequest, budget: int | str | None,
     if hasattr(cfg, "keep_layers"):  # per-layer keys (a Qwen's layer_types) follow the layers
         cfg.keep_layers(keep)
     cfg.num_hidden_layers = n_keep
+    if hasattr(cfg, "keep_layers"):  # per-layer keys beyond the nested ones (Gemma 3's layer_types)
+        cfg.keep_layers(keep)
     cfg.intermediate_size = list(out_widths)
     cfg.num_key_value_heads = list(out_heads)
     cfg.num_attention_heads = [g * source.group_size for g in out_heads]

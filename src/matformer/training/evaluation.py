@@ -15,7 +15,8 @@ import torch
 
 from matformer.data import text as D
 from matformer.models.lm.config import MatFormerConfig, perplexity
-from matformer.models.lm.model import MatFormerLM, parameter_counts
+from matformer.models.lm.model import MatFormerLM
+from matformer.models.registry import parameter_counts
 from matformer.training.points import Key, Point, setting_of, tier_of_key
 
 

@@ -21,8 +21,9 @@ from matformer.data import token_files
 from matformer.io.outputs import check_output_folder
 from matformer.io.swap import check_save_target
 from matformer.models.lm.config import MatFormerConfig
-from matformer.models.lm.model import MatFormerLM, parameter_counts
+from matformer.models.lm.model import MatFormerLM
 from matformer.models.memory import TRAIN_BYTES_PER_PARAMETER, check_fits
+from matformer.models.registry import family_of_config, parameter_counts
 from matformer.training import distributed, execution, sharded, state, warmstart
 from matformer.training.batches import Batches
 from matformer.training.distill import Distillation, Teacher
@@ -132,7 +133,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
         tensors, resumed = _read_resume(ckpt)
         state.check_resume(cfg, ckpt, mcfg, resumed)
 
-    model = MatFormerLM(mcfg)
+    model = family_of_config(mcfg).model_class()(mcfg)  # --init-from: SRC's family
     model.reset_parameters(seed=cfg.seed)
     if ckpt is not None:
         state.load_weights(model, ckpt)

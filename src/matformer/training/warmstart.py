@@ -15,7 +15,7 @@ from typing import Any
 from matformer.data import text as D
 from matformer.errors import ConfigError
 from matformer.io.source import Source, resolve_source
-from matformer.models.lm.config import MatFormerConfig
+from matformer.models.registry import Config
 
 
 def init_source(src: str | os.PathLike) -> Source:
@@ -35,12 +35,12 @@ def init_tokenizer(source: Source) -> Any:
     return D.load_tokenizer(source.folder)
 
 
-def init_model_config(source: Source, vocab_size: int, seq_len: int) -> MatFormerConfig:
+def init_model_config(source: Source, vocab_size: int, seq_len: int) -> Config:
     """The run's model: SRC's config, trained in float32 (master weights)."""
     d = source.config.to_dict()
     d.pop("matformer_tier", None)
     d["torch_dtype"] = "float32"
-    mc = MatFormerConfig.from_dict(d, source=str(source.config_path))
+    mc = type(source.config).from_dict(d, source=str(source.config_path))  # SRC's family
     if vocab_size > mc.vocab_size:
         raise ConfigError(f"--init-from {source.describe()}: its tokenizer has {vocab_size} tokens "
                           f"but the model only {mc.vocab_size} embeddings")

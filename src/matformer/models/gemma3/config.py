@@ -72,6 +72,7 @@ _IGNORED: dict[str, str] = {
     "_sliding_window_pattern": "transformers' copy of sliding_window_pattern",
     "rope_parameters": "read into the rope fields",
     "cache_implementation": "cache choice: the same math",
+    "attn_implementation": "attention kernel choice: the same math",
     "model_type": "gemma3_text",
 }
 
@@ -330,5 +331,12 @@ def text_part(d: dict[str, Any], source: str) -> dict[str, Any]:
     out = dict(text)
     out["model_type"] = MODEL_TYPE
     out.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
+    for key in ("dtype", "torch_dtype"):
+        if key in d and "dtype" not in out and "torch_dtype" not in out:
+            out[key] = d[key]
+    # Hub text_configs leave out what transformers' Gemma3TextConfig defaults fill in.
+    defaults = Gemma3Config()
+    for key in Gemma3Config.REQUIRED + ("num_key_value_heads", "head_dim"):
+        out.setdefault(key, getattr(defaults, key))
     return out
 
