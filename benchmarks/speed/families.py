@@ -1,4 +1,4 @@
-"""Per family on the Llama block (Llama 3 rope, Mistral window, Qwen2 biases, Qwen3 q/k norms):
+"""Per family (Llama 3 rope, Mistral window, Qwen2 biases, Qwen3 q/k norms, Gemma 3):
 load time and greedy decode tokens/s, matformer vs the family's own transformers class on the
 same weights, in the same run.
 
@@ -36,13 +36,19 @@ FAMILIES = {
     "mistral (window 64)": ("Mistral", {"sliding_window": 64}),
     "qwen2 (q/k/v biases)": ("Qwen2", {"tie_word_embeddings": True}),
     "qwen3 (q/k norms)": ("Qwen3", {"head_dim": 64}),
+    # Gemma 3's defaults are a 2B's (head_dim 256): the same head size as the others here, a
+    # window the run exceeds (sliding and global layers both work), every 2nd layer global.
+    "gemma3 (window 32)": ("Gemma3", {"head_dim": 32, "query_pre_attn_scalar": 32,
+                                      "sliding_window": 32, "sliding_window_pattern": 2}),
 }
+CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
+"""transformers' config class when it is not `<kind>Config` (Gemma3Config is the multimodal one)."""
 
 
 def _save(kind: str, kw: dict, shape: dict, folder: Path) -> None:
     import transformers
 
-    cfg = getattr(transformers, f"{kind}Config")(**{**shape, **kw})
+    cfg = getattr(transformers, CONFIG_CLASSES.get(kind, f"{kind}Config"))(**{**shape, **kw})
     torch.manual_seed(0)
     model = getattr(transformers, f"{kind}ForCausalLM")(cfg)
     model.save_pretrained(folder)

@@ -337,5 +337,5 @@ GEMMA3 = register(Family(
     tied={lm_shapes.LM_HEAD: lm_shapes.EMBEDDING},
     shapes=gemma3_shapes.expected_shapes, counts=gemma3_shapes.parameter_counts,
     summary=gemma3_shapes.summary, info=gemma3_shapes.info,
-    title="Gemma 3", docs="docs/FAMILIES.md",
+    title="Gemma 3", docs="docs/FAMILIES.md", gguf_arch="gemma3",
 ))
