@@ -21,8 +21,8 @@ import torch
 
 from matformer.cli import main as cli_main
 from matformer.data import text as D
-from matformer.data import tokenizer_files as TF
 from matformer.data import token_files
+from matformer.data import tokenizer_files as TF
 from matformer.errors import DataError
 
 transformers = pytest.importorskip("transformers")

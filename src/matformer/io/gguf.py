@@ -39,6 +39,7 @@ import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
 from matformer.io.files import is_regular, read_bytes, read_json
+from matformer.io.gguf_pre import CHKTXT, KNOWN
 from matformer.io.outputs import Protected, output_temp
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -194,8 +195,6 @@ def pre_tokenizer_by_hash(path: Path) -> str | None:
     import hashlib
 
     from tokenizers import Tokenizer
-
-    from matformer.io.gguf_pre import CHKTXT, KNOWN
 
     try:
         tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
