@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from matformer.cli import main as cli_main
 from matformer.data import text as D
 from matformer.data import tokenizer_files as TF
 from matformer.inference.chat import chat_prompt, user_turn
