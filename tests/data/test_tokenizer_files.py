@@ -110,8 +110,10 @@ def test_specials_eos_and_template_are_read_from_the_files(src, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "tokenizer.json").write_text(smol_tokenizer().to_str())
-    with pytest.raises(DataError, match="no end-of-sequence token"):
+    with pytest.raises(DataError, match="tokenizer.json: the tokenizer names no end-of-seq"):
         TF.eos_id(D.load_tokenizer(bare))
+    (bare / "config.json").write_text(json.dumps({"eos_token_id": [1, 0]}))  # the model's
+    assert TF.eos_id(D.load_tokenizer(bare)) == 1
 
 
 def test_prepared_folder_keeps_the_files_and_eos(src, tmp_path, one_thread):

@@ -343,6 +343,8 @@ def read_tokenizer_file(path: str | os.PathLike):
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DataError(f"{path}: not a valid tokenizer.json ({msg})") from None
     folder = Path(path).parent
+    if Path(path).name != "tokenizer.json":  # a lone file: the folder's files are not its own
+        return TF.attach(tok, {"tokenizer.json": raw}, folder)
     return TF.attach(tok, TF.read_files(folder, tokenizer_json=raw), folder)
 
 

@@ -140,21 +140,36 @@ def _ids(value: Any) -> list[int]:
     return []
 
 
+def _config_eos(tok: Any) -> list[int]:
+    """The `eos_token_id` of the model config.json beside the tokenizer's files, if any."""
+    origin = _ORIGIN.get(tok)
+    path = Path(origin) / "config.json" if origin else None
+    if path is None or not is_regular(path):
+        return []
+    try:
+        obj = json.loads(read_bytes(path, limit=_MAX_COMPANION_BYTES, error=DataError))
+    except (DataError, UnicodeDecodeError, ValueError):
+        return []
+    return _ids(obj.get("eos_token_id")) if isinstance(obj, dict) else []
+
+
 def eos_id(tok: Any) -> int:
     """The tokenizer's end-of-sequence id (its tokenizer_config's `eos_token`, else the first
-    of generation_config's `eos_token_id`, else `</s>`): what ends each training document."""
+    of generation_config's `eos_token_id`, else the model config.json's beside it, else `</s>`):
+    what ends each training document."""
     found = special_ids(tok).get("eos")
     if found is not None:
         return found
-    gen = _ids(generation_config(tok).get("eos_token_id"))
-    if gen:
-        return gen[0]
+    for ids in (_ids(generation_config(tok).get("eos_token_id")), _config_eos(tok)):
+        if ids:
+            return ids[0]
     own = tok.token_to_id(OWN_SPECIALS["eos"])
     if own is not None:
         return int(own)
-    raise DataError("the tokenizer names no end-of-sequence token (no eos_token in its "
-                    "tokenizer_config.json, no eos_token_id in generation_config.json, no "
-                    "</s>); add tokenizer_config.json with \"eos_token\" beside tokenizer.json")
+    where = Path(_ORIGIN.get(tok) or ".") / "tokenizer.json"
+    raise DataError(f"{where}: the tokenizer names no end-of-sequence token (no eos_token in "
+                    f"tokenizer_config.json, no eos_token_id in generation_config.json or "
+                    f"config.json, no </s>); add tokenizer_config.json with \"eos_token\"")
 
 
 def stop_ids(tok: Any, config_eos: int | list[int] | None = None) -> list[int]:

@@ -188,17 +188,18 @@ def pre_tokenizer_name(pre: Any) -> str | None:
     return None
 
 
-def pre_tokenizer_by_hash(path: Path) -> str | None:
-    """llama.cpp's pre-tokenizer name for the tokenizer.json at `path` as its converter finds it
+def pre_tokenizer_by_hash(obj: dict[str, Any]) -> str | None:
+    """llama.cpp's pre-tokenizer name for a parsed tokenizer.json as its converter finds it
     (`io.gguf_pre`: sha256 of the ids the tokenizer gives a fixed text, with its own special
     tokens added, as transformers' `encode` adds them), or None when the hash is not llama.cpp's."""
     import hashlib
+    import json
 
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
-    except Exception:  # a malformed file: the structural checks below name it
+        tok = Tokenizer.from_str(json.dumps(obj))
+    except Exception:  # a malformed file: the structural checks of read_tokenizer name it
         return None
     ids = tok.encode(CHKTXT).ids
     return KNOWN.get(hashlib.sha256(str(ids).encode()).hexdigest())
@@ -218,7 +219,7 @@ def read_tokenizer(path: Path, vocab_size: int, pre: str | None = None) -> Token
             model.get("vocab"), dict):
         raise CheckpointError(f"{path}: model is not a BPE vocabulary; only byte-level BPE "
                               f"tokenizers can be exported to llama.cpp")
-    name = pre or pre_tokenizer_by_hash(path)
+    name = pre or pre_tokenizer_by_hash(obj)
     if name is None:
         name = pre_tokenizer_name(structure)
         if obj.get("normalizer") is not None or model.get("byte_fallback") or name is None:
