@@ -187,24 +187,32 @@ def f32_gguf(tmp_path_factory, hf_untied, tok_dir) -> Path:
 # ---- tensors, config, tokenizer ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
 def test_our_export_reads_back(ckpt, tok, tmp_path, outtype):
     """`matformer export` -> GGUF -> checkpoint: the same weights (exactly in F32, within the
-    type's own rounding otherwise), config and tokenizer."""
-    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[outtype]
+    type's own rounding otherwise; 4-bit types keep the embedding Q8_0), config and tokenizer."""
+    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[outtype]
     path = tmp_path / "m.gguf"
     export_gguf(ckpt, path, outtype=outtype)
     out = gguf_to_checkpoint(path, tmp_path / "back")
     got, src = _weights(out), _weights(ckpt)
     assert set(got) == set(src)
+    four_bit = qtype in (Q.Q4_0, Q.Q4_1)
     for name, w in src.items():
-        want = w if w.ndim == 1 else _roundtrip(w, qtype if w.shape[-1] % 32 == 0 else Q.F16)
+        stored = Q.Q8_0 if four_bit and name in ("model.embed_tokens.weight",
+                                                  "lm_head.weight") else qtype
+        want = w if w.ndim == 1 else _roundtrip(w, stored if w.shape[-1] % 32 == 0 else Q.F16)
         assert got[name].dtype == np.float32
         np.testing.assert_array_equal(got[name], want, err_msg=name)
         if qtype == Q.F32:
             np.testing.assert_array_equal(got[name], w, err_msg=name)
         else:
-            assert np.abs(got[name] - w).max() <= 0.02 * np.abs(w).max(), name
+            tol = 0.2 if four_bit and stored != Q.Q8_0 else 0.02
+            assert np.abs(got[name] - w).max() <= tol * np.abs(w).max(), name
+    with GGUFFile(path) as f:
+        types = {name: t.qtype for name, t in f.tensors.items()}
+    assert types["blk.0.ffn_up.weight"] == qtype
+    assert types["token_embd.weight"] == (Q.Q8_0 if four_bit else qtype)
     cfg = json.loads((out / "config.json").read_text())
     src_cfg = MatFormerConfig.from_json_file(ckpt / "config.json")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

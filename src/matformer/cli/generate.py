@@ -15,7 +15,10 @@ drafts tokens at tier T of the same model and verifies them at the target width 
 model of the same tokenizer. --compile runs the compiled static-cache decode step (CUDA graphs
 on a GPU). --prompts-file FILE decodes every line of FILE as a prompt, in one batch, and prints
 one completion per line (a newline inside a completion written as \\n). A summary goes to
-stderr. This verb parses flags; the library behind it is `matformer.inference.text`.
+stderr. --chat "MESSAGE" (or --chat with --prompt / --prompts-file / stdin) sends the text as
+a user message through the tokenizer's chat template (after --system TEXT, if given) and stops
+the reply at the template's end-of-turn token or generation_config.json's EOS ids. This verb
+parses flags; the library behind it is `matformer.inference.text` (`inference.chat`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ from matformer.errors import ConfigError, DataError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser)
     parser.add_argument("--prompt", default=None, help="the prompt text (default: read stdin)")
+    parser.add_argument("--chat", nargs="?", const=True, default=None, metavar="MESSAGE",
+                        help="chat: the prompt (MESSAGE, --prompt, each line of --prompts-file "
+                        "or stdin) is a user message rendered with the tokenizer's chat "
+                        "template; the reply stops at its end-of-turn token")
+    parser.add_argument("--system", default=None, metavar="TEXT",
+                        help="--chat: a system message before the user's (default: the "
+                        "template's own, if any)")
     parser.add_argument("--prompts-file", default=None, metavar="FILE",
                         help="decode every line of FILE as a prompt, in one batch")
     parser.add_argument("--compile", action="store_true",
@@ -109,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     check_device(args.device)
     check_sampling(args.temperature, args.seed)
+    if isinstance(args.chat, str):  # --chat "MESSAGE"
+        if args.prompt is not None or args.prompts_file is not None:
+            raise ConfigError("give the message as --chat MESSAGE or --prompt, not both")
+        args.prompt = args.chat
+    if args.system is not None and args.chat is None:
+        raise ConfigError("--system needs --chat")
     if args.prompts_file is not None:
         if args.prompt is not None:
             raise ConfigError("give --prompt or --prompts-file, not both")
@@ -125,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         draft_tokens=args.draft_tokens, draft_model=args.draft_model, compile=args.compile,
         revision=args.revision, device=args.device, dtype=args.dtype,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        chat=args.chat is not None, system=args.system,
     )
     if isinstance(result, list):
         print(format_batch_summary(result, result[0].extra["base_width"]), file=sys.stderr)

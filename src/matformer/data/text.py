@@ -15,9 +15,10 @@ API (used by `matformer.train` and `matformer.evaluate`):
   tokens `<pad>`=0, `<s>`=1, `</s>`=2 (the config's pad/bos/eos ids).
   `save_tokenizer(tok, folder)` writes `tokenizer.json`, `tokenizer_config.json` and
   `special_tokens_map.json` (transformers' `AutoTokenizer.from_pretrained(folder)` loads them);
-  `load_tokenizer(folder)` reads `tokenizer.json` back.
+  `load_tokenizer(folder)` reads `tokenizer.json` back, with the files beside it recorded so that
+  `save_tokenizer` writes a source's own tokenizer files back unchanged (`data.tokenizer_files`).
 - `tokenize(tok, texts, cache_dir) -> np.ndarray`: one token stream (uint16, or uint32 for
-  vocabularies over 65535), every document followed by `</s>`; cached as `.npy` under
+  vocabularies over 65535), every document followed by the tokenizer's EOS; cached as `.npy` under
   `cache_dir`, keyed by a hash of the texts and the tokenizer.
 - `WindowSampler(tokens, seq_len, seed)`: fixed-length windows in a seeded order per epoch;
   `next(n) -> (n, seq_len) int64`; `state()` / `load_state()` save and restore the exact position.
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from matformer.data import tokenizer_files as TF
 from matformer.errors import ConfigError, DataError
 from matformer.io.atomic import atomic_write
 from matformer.io.files import read_bytes, read_json
@@ -277,10 +279,18 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 
 
 def save_tokenizer(tok, folder: str | os.PathLike, model_max_length: int | None = None) -> list[str]:
-    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json into `folder`
-    (each atomically). Returns the file names written."""
+    """Write the tokenizer's files into `folder` (each atomically). A tokenizer read from a
+    folder (`load_tokenizer`) writes back the files it was read from, byte for byte (its
+    specials, max length, chat template: see `data.tokenizer_files`); one trained here writes
+    tokenizer.json + tokenizer_config.json + special_tokens_map.json with `<s>`, `</s>`, `<pad>`
+    and `model_max_length`. Returns the file names written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    own = TF.files_of(tok)
+    if own is not None:
+        for name, raw in own.items():
+            atomic_write(folder / name, raw)
+        return list(own)
     specials = {"pad_token": SPECIAL_TOKENS[PAD_ID], "bos_token": SPECIAL_TOKENS[BOS_ID],
                 "eos_token": SPECIAL_TOKENS[EOS_ID]}
     config = {
@@ -319,21 +329,28 @@ vocabularies with their merges, are ~35 MB)."""
 def read_tokenizer_file(path: str | os.PathLike):
     """The tokenizer of a tokenizer.json file, read through `io.files.read_bytes`: a FIFO,
     device (/dev/zero) or folder is refused before a byte is read (never waited on), and a file
-    over `MAX_TOKENIZER_BYTES` before it is allocated; every failure is a one-line DataError."""
+    over `MAX_TOKENIZER_BYTES` before it is allocated; every failure is a one-line DataError.
+    The tokenizer files beside it (tokenizer_config.json, ...) are recorded with it
+    (`data.tokenizer_files`), so that writing it again keeps them."""
     from tokenizers import Tokenizer
 
     raw = read_bytes(path, limit=MAX_TOKENIZER_BYTES, error=DataError)
     try:
-        return Tokenizer.from_str(raw.decode("utf-8"))
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a tokenizer.json (not UTF-8 text at byte {e.start})") from None
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DataError(f"{path}: not a valid tokenizer.json ({msg})") from None
+    folder = Path(path).parent
+    if Path(path).name != "tokenizer.json":  # a lone file: the folder's files are not its own
+        return TF.attach(tok, {"tokenizer.json": raw}, folder)
+    return TF.attach(tok, TF.read_files(folder, tokenizer_json=raw), folder)
 
 
 def load_tokenizer(folder: str | os.PathLike):
-    """The tokenizer saved in a checkpoint folder (its tokenizer.json)."""
+    """The tokenizer saved in a checkpoint folder (its tokenizer.json, with the files beside it
+    recorded: see `read_tokenizer_file`)."""
     path = Path(folder) / "tokenizer.json"
     if not os.path.lexists(path):
         raise DataError(f"{path}: no tokenizer in this checkpoint (tokenizer.json is missing); "
@@ -358,13 +375,16 @@ def texts_hash(texts: Sequence[str]) -> str:
 
 
 def tokenize(tok, texts: Sequence[str], cache_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """All documents as one stream of ids, each document followed by `</s>`.
+    """All documents as one stream of ids, each document followed by the tokenizer's own EOS
+    (`data.tokenizer_files.eos_id`: `</s>` for a tokenizer trained here).
 
     Cached under `cache_dir/tokens/<hash>.npy` (hash of the texts and the tokenizer), so a
     resumed run or an evaluation does not tokenize again. An unwritable cache is skipped."""
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    key = hashlib.sha256((texts_hash(texts) + tok.to_str()).encode()).hexdigest()[:32]
+    eos = TF.eos_id(tok)
+    key = hashlib.sha256((texts_hash(texts) + tok.to_str() + f"|eos={eos}").encode()
+                         ).hexdigest()[:32]
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "tokens" / f"{key}.npy"
@@ -379,7 +399,7 @@ def tokenize(tok, texts: Sequence[str], cache_dir: str | os.PathLike | None = No
     parts = []
     for e in encs:
         parts.append(np.asarray(e.ids, dtype=dtype))
-        parts.append(np.asarray([EOS_ID], dtype=dtype))
+        parts.append(np.asarray([eos], dtype=dtype))
     arr = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     if path is not None:
         try:

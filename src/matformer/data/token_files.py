@@ -5,7 +5,7 @@ through the tokenizer and writes
 
     DIR/tokens.json       what DIR holds: dtype, token and document counts, split, source
     DIR/train.bin         the training split: raw little-endian token ids, each document
-    DIR/val.bin           followed by </s> (uint16, or uint32 for vocabularies over 65535)
+    DIR/val.bin           followed by its EOS (uint16, or uint32 for vocabularies over 65535)
     DIR/tokenizer.json    (+ tokenizer_config.json, special_tokens_map.json)
 
 SRC is a text file, a JSONL file (one {"text": ...} per line), a Parquet or Arrow file (a
@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from matformer.data import text as D
+from matformer.data import tokenizer_files as TF
 from matformer.data.vocabulary import difference
 from matformer.errors import DataError
 from matformer.io.atomic import atomic_write, fsync_dir, temp_path, temp_prefix
@@ -382,17 +383,18 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
 
 
 class _Writer:
-    """Appends the ids of tokenized pieces to train.bin / val.bin, with </s> after each
+    """Appends the ids of tokenized pieces to train.bin / val.bin, with the tokenizer's EOS after each
     document (written when the next document starts, or at `close`)."""
 
     def __init__(self, tok: Any, sinks: dict[str, Any], counts: dict[str, list[int]], dtype: Any,
                  bar: Any) -> None:
         self.tok, self.sinks, self.counts, self.dtype, self.bar = tok, sinks, counts, dtype, bar
         self.open: str | None = None  # the split of the document being written
+        self.eos = TF.eos_id(tok)  # the tokenizer's own end of document
 
     def _end(self) -> None:
         if self.open is not None:
-            np.asarray([D.EOS_ID], dtype=self.dtype).tofile(self.sinks[self.open])
+            np.asarray([self.eos], dtype=self.dtype).tofile(self.sinks[self.open])
             self.counts[self.open][0] += 1
             self.counts[self.open][1] += 1
             self.open = None

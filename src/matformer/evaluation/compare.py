@@ -19,6 +19,7 @@ import numpy as np
 
 from matformer.data import text as D
 from matformer.data import token_files
+from matformer.data.vocabulary import difference
 from matformer.errors import DataError
 from matformer.evaluation.lm import EvalReport, evaluate
 from matformer.io.source import Source, resolve_source
@@ -65,12 +66,16 @@ def _windows(first: Source, data: str | os.PathLike | None, seq_len: int | None,
 
 
 def _same_tokenizer(sources: Sequence[Source]) -> None:
-    first = sources[0].require_tokenizer().read_text(encoding="utf-8")
+    """Every checkpoint tokenizes as the first does, compared by content (vocabulary, merges,
+    added tokens, normalizer, pre-tokenizer: `data.vocabulary`), never by bytes: a
+    transformers-saved tokenizer.json and our compact copy of the same tokenizer are equal."""
+    first = D.load_tokenizer(sources[0].require_tokenizer().parent)
     for s in sources[1:]:
-        if s.require_tokenizer().read_text(encoding="utf-8") != first:
-            raise DataError(f"{s.describe()}: its tokenizer.json differs from "
-                            f"{sources[0].describe()}'s; --compare needs checkpoints that tokenize "
-                            f"alike")
+        why = difference(first, D.load_tokenizer(s.require_tokenizer().parent))
+        if why is not None:
+            raise DataError(f"{s.describe()}: its tokenizer differs from "
+                            f"{sources[0].describe()}'s ({why}); --compare needs checkpoints "
+                            f"that tokenize alike")
 
 
 def compare(ckpts: Sequence[str | os.PathLike], *, tiers: Sequence[int] | None = None,

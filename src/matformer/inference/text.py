@@ -18,7 +18,10 @@ from typing import Any, TextIO
 import torch
 
 from matformer.data.text import load_tokenizer
+from matformer.data.tokenizer_files import stop_ids
+from matformer.data.vocabulary import difference
 from matformer.errors import ConfigError, DataError
+from matformer.inference.chat import chat_prompt, user_turn
 from matformer.inference.decode import generate, generate_batch
 from matformer.inference.sampling import GenerationOutput
 from matformer.inference.speculative import DecodeCosts, DraftChoice, speculative_generate
@@ -76,6 +79,8 @@ def generate_text(
     device: str | None = None,
     dtype: str | None = None,
     out: TextIO | None = None,
+    chat: bool = False,
+    system: str | None = None,
     **sampling: Any,
 ) -> GenerationOutput | list[GenerationOutput]:
     """Resolve `ckpt`, load its tokenizer and model, decode after `prompt` and stream the text to
@@ -83,8 +88,11 @@ def generate_text(
     one batch and prints one completion per line (returns one output per prompt). Target width:
     `tier`/`layer_tiers`/`widths` and `kv_heads`/`layer_kv_heads`; the draft's: the same five
     with `draft_` (`draft_tier="auto"`: chosen from measured costs) or `draft_model` (a
-    checkpoint). `sampling`: temperature, top_k, top_p, seed. Outputs carry `extra["text"]` and
-    `extra["base_width"]`."""
+    checkpoint). `chat`: each prompt is a user message (after `system`, if given) rendered with
+    the tokenizer's chat template (`inference.chat`), and the reply stops at the template's
+    end-of-turn token; otherwise the prompt is plain text. Either way decoding stops at the
+    tokenizer's and generation_config.json's EOS ids too. `sampling`: temperature, top_k, top_p,
+    seed. Outputs carry `extra["text"]` and `extra["base_width"]`."""
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not texts or any(not t or not t.strip() for t in texts):
         raise DataError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
@@ -99,27 +107,38 @@ def generate_text(
     if auto and draft.names_ffn:
         raise ConfigError("give --draft-tier auto or a draft width, not both")
     speculative = auto or bool(draft) or draft_model is not None
+    if system is not None and not chat:
+        raise ConfigError("a system message needs --chat")
     if not isinstance(prompt, str) and speculative:
         raise ConfigError("--prompts-file decodes a batch without speculative decoding; drop "
                           "the draft flags")
     return _generate_text(ckpt, texts, not isinstance(prompt, str), max_new_tokens, target,
                           draft if speculative else None, auto, draft_tokens, draft_model,
                           compile=compile, revision=revision, device=device, dtype=dtype,
-                          out=out or sys.stdout, sampling=sampling)
+                          out=out or sys.stdout, sampling=sampling,
+                          chat=(system,) if chat else None)
 
 
 def _generate_text(ckpt: str | Source, texts: list[str], batch: bool, max_new_tokens: int,
                    target: WidthRequest, draft: WidthRequest | None, auto: bool,
                    draft_tokens: int | str | None, draft_model: str | None, *, compile: bool,
                    revision: str | None, device: str | None, dtype: str | None, out: TextIO,
-                   sampling: dict[str, Any]) -> GenerationOutput | list[GenerationOutput]:
+                   sampling: dict[str, Any], chat: tuple[str | None] | None = None
+                   ) -> GenerationOutput | list[GenerationOutput]:
     """`generate_text` with the target's and the draft's widths as one request each (`draft`
-    None: plain decoding)."""
+    None: plain decoding; `chat`: (system message,) to render prompts as chat turns)."""
     source = resolve_source(ckpt, request=target, revision=revision, companions=True)
-    # The tokenizer first: a missing one fails before any weights are read.
+    # The tokenizer (and the chat template) first: a missing one fails before any weights are read.
     tok = load_tokenizer(source.folder)
+    config_eos = source.config.eos_token_id
+    if chat is not None:
+        prompts = [chat_prompt(tok, user_turn(t, chat[0]), config_eos=config_eos,
+                               where=source.describe()) for t in texts]
+        ids, stop = [p.ids for p in prompts], prompts[0].stop
+    else:
+        ids, stop = [tok.encode(t).ids for t in texts], stop_ids(tok, config_eos)
+    sampling = {**sampling, "eos_token_id": stop or None}
     model = load_model(source, dtype=dtype, device=device, **target.keywords()).eval()
-    ids = [tok.encode(t).ids for t in texts]
     if not all(ids):
         raise DataError("a prompt is empty after tokenization; give some text")
     if not all_finite(model):
@@ -155,9 +174,10 @@ def load_draft_model(ckpt: str, tok: Any, dtype: str | None, device: str | None,
     `tok` (token ids are exchanged between the two)."""
     source = resolve_source(ckpt, revision=revision, companions=True)
     if (source.folder / "tokenizer.json").is_file():
-        if load_tokenizer(source.folder).to_str() != tok.to_str():
-            raise ConfigError(f"{ckpt}: the draft model's tokenizer.json differs from the "
-                              f"target's; draft with a model trained with the same tokenizer")
+        why = difference(load_tokenizer(source.folder), tok)  # by content, not bytes
+        if why is not None:
+            raise ConfigError(f"{ckpt}: the draft model's tokenizer differs from the "
+                              f"target's ({why}); draft with a model of the same tokenizer")
     return load_model(source, dtype=dtype, device=device).eval()
 
 

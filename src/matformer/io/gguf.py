@@ -11,9 +11,14 @@ Conventions follow llama.cpp's own converter (convert_hf_to_gguf.py, `LlamaModel
 - tensor names from gguf's own map (`token_embd`, `blk.N.attn_q`, ..., `output`); q_proj and
   k_proj rows are permuted per head (`permute_rope`) because llama.cpp applies rope to
   interleaved pairs (x[2i], x[2i+1]) where transformers rotates halves (x[i], x[i + d/2]).
-- the tokenizer is our byte-level BPE as llama.cpp's `gpt2` model: tokens, types, merges, and
-  `tokenizer.ggml.pre = "gpt-2"`, whose split regex is the GPT-2 one that tokenizers'
-  `ByteLevel(use_regex=True)` pre-tokenizer applies (see `read_tokenizer`).
+- the tokenizer is the source's byte-level BPE as llama.cpp's `gpt2` model: tokens, types,
+  merges, the chat template (tokenizer_config.json's `chat_template` or chat_template.jinja) and
+  `tokenizer.ggml.pre`, the name llama.cpp splits text by: found as llama.cpp's converter finds it
+  (the hash of the tokenizer's ids for a fixed text, `io.gguf_pre`: `smollm` for SmolLM2), else
+  from the pre-tokenizer's structure (`gpt-2` for tokenizers' `ByteLevel(use_regex=True)`, ours),
+  else refused (see `read_tokenizer`).
+- types: F32, F16, BF16, Q8_0 and the 4-bit Q4_0 / Q4_1 (the embedding then Q8_0: `FOUR_BIT`);
+  norms stay F32, and rows that are not whole blocks fall back to F16 as llama.cpp does.
 
 Writing streams: tensor infos are declared first (shapes and types are known from the plan),
 then each tensor's data is produced, converted and written one at a time. The file is written
@@ -33,10 +38,17 @@ from typing import Any
 import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
-from matformer.io.files import read_json
+from matformer.io.files import is_regular, read_bytes, read_json
+from matformer.io.gguf_pre import CHKTXT, KNOWN
 from matformer.io.outputs import Protected, output_temp
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+FOUR_BIT = ("q4_0", "q4_1")
+"""4-bit types: the embedding (and a separate output head) is stored as Q8_0 in them, as in the
+llama.cpp files they are compared with (SmolLM2's Q4_1: Q8_0 token_embd, Q4_1 blocks): a tied
+embedding is also the output head, where 4-bit rounding costs the most. (Q4_K: gguf's Python
+package has no quantizer for it.)"""
+EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 # The llama.cpp pre-tokenizer whose regex is the one of tokenizers' ByteLevel(use_regex=True):
 # 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 TOKENIZER_PRE = "gpt-2"
@@ -97,15 +109,19 @@ def check_outtype(outtype: str) -> str:
     return outtype
 
 
-def tensor_qtype(outtype: str, shape: Sequence[int]):
-    """The GGML type a tensor of `shape` is stored as: 1-D tensors (norms) stay F32; 2-D ones
-    take `outtype`, except Q8_0 rows that are not a whole number of 32-value blocks, which fall
-    back to F16 as llama.cpp's converter does."""
+def tensor_qtype(outtype: str, shape: Sequence[int], name: str = ""):
+    """The GGML type a tensor `name` of `shape` is stored as: 1-D tensors (norms) stay F32; 2-D
+    ones take `outtype` (4-bit: the embedding and output head Q8_0, see `FOUR_BIT`), except rows
+    that are not a whole number of the type's blocks, which fall back to F16 as llama.cpp's
+    converter does."""
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     if len(shape) < 2:
         return Q.F32
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[check_outtype(outtype)]
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
+             "q4_1": Q.Q4_1}[check_outtype(outtype)]
+    if outtype in FOUR_BIT and name in EMBEDDING_NAMES:
+        qtype = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:
         return Q.F16
@@ -116,7 +132,8 @@ def file_type(outtype: str) -> int:
     gguf = _gguf()
     F = gguf.LlamaFileType
     return int({"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16,
-                "q8_0": F.MOSTLY_Q8_0}[check_outtype(outtype)])
+                "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0,
+                "q4_1": F.MOSTLY_Q4_1}[check_outtype(outtype)])
 
 
 def _byte_count(shape: Sequence[int], qtype) -> int:
@@ -172,25 +189,46 @@ def pre_tokenizer_name(pre: Any) -> str | None:
     return None
 
 
-def read_tokenizer(path: Path, vocab_size: int) -> TokenizerSpec:
-    """Our byte-level BPE `path` (a tokenizer.json) as llama.cpp's `gpt2` tokenizer. Anything else (another
-    model type, a normalizer, a pre-tokenizer llama.cpp has no name for: see
-    `pre_tokenizer_name`) is refused: llama.cpp would tokenize differently from the model's
-    training."""
+def pre_tokenizer_by_hash(obj: dict[str, Any]) -> str | None:
+    """llama.cpp's pre-tokenizer name for a parsed tokenizer.json as its converter finds it
+    (`io.gguf_pre`: sha256 of the ids the tokenizer gives a fixed text, with its own special
+    tokens added, as transformers' `encode` adds them), or None when the hash is not llama.cpp's."""
+    import hashlib
+    import json
+
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(json.dumps(obj))
+    except Exception:  # a malformed file: the structural checks of read_tokenizer name it
+        return None
+    ids = tok.encode(CHKTXT).ids
+    return KNOWN.get(hashlib.sha256(str(ids).encode()).hexdigest())
+
+
+def read_tokenizer(path: Path, vocab_size: int, pre: str | None = None) -> TokenizerSpec:
+    """The byte-level BPE `path` (a tokenizer.json) as llama.cpp's `gpt2` tokenizer, with the
+    chat template beside it. `pre`: llama.cpp's pre-tokenizer name when the caller knows it (a
+    GGUF source's own `tokenizer.ggml.pre`); else found by hash (`pre_tokenizer_by_hash`), else
+    from the structure (`pre_tokenizer_name`). Anything else (another model type, a tokenizer
+    llama.cpp has no name for) is refused: llama.cpp would tokenize differently from the
+    model's training."""
     obj = read_json(path, limit=1 << 30)  # regular files only: a FIFO is refused, not waited on
     model = obj.get("model") if isinstance(obj, dict) else None
-    pre = obj.get("pre_tokenizer") if isinstance(obj, dict) else None
+    structure = obj.get("pre_tokenizer") if isinstance(obj, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(
             model.get("vocab"), dict):
         raise CheckpointError(f"{path}: model is not a BPE vocabulary; only byte-level BPE "
                               f"tokenizers can be exported to llama.cpp")
-    name = pre_tokenizer_name(pre)
-    if obj.get("normalizer") is not None or model.get("byte_fallback") or name is None:
-        raise CheckpointError(
-            f"{path}: pre_tokenizer {pre!r} (normalizer {obj.get('normalizer')!r}) is not "
-            f"ByteLevel(add_prefix_space=False, use_regex=True) without a normalizer (or "
-            f"SmolLM's Digits + that ByteLevel); llama.cpp's '{TOKENIZER_PRE}' pre-tokenizer "
-            f"would split text differently")
+    name = pre or pre_tokenizer_by_hash(obj)
+    if name is None:
+        name = pre_tokenizer_name(structure)
+        if obj.get("normalizer") is not None or model.get("byte_fallback") or name is None:
+            raise CheckpointError(
+                f"{path}: pre_tokenizer {structure!r} (normalizer {obj.get('normalizer')!r}) is "
+                f"not one llama.cpp knows by its hash, nor ByteLevel(add_prefix_space=False, "
+                f"use_regex=True) without a normalizer (or SmolLM's Digits + that ByteLevel); "
+                f"llama.cpp's '{TOKENIZER_PRE}' pre-tokenizer would split text differently")
     spec = _tokenizer_spec(path, obj, model, vocab_size)
     spec.pre = name
     return spec
@@ -226,6 +264,15 @@ def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> Toke
     if not isinstance(tcfg, dict):
         tcfg = {}
     template = tcfg.get("chat_template")
+    jinja = path.parent / "chat_template.jinja"  # transformers >= 4.50 saves it apart
+    if is_regular(jinja):
+        try:
+            template = read_bytes(jinja, limit=1 << 24).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{jinja}: not UTF-8 text") from None
+    if isinstance(template, list):  # named templates: the default one
+        template = {t.get("name"): t.get("template") for t in template
+                    if isinstance(t, dict)}.get("default")
     return TokenizerSpec(tokens, types, merges, bool(tcfg.get("add_bos_token", False)),
                          bool(tcfg.get("add_eos_token", False)),
                          chat_template=template if isinstance(template, str) else None)

@@ -51,6 +51,7 @@ import numpy as np
 
 from matformer.errors import CheckpointError, ConfigError
 from matformer.io.atomic import atomic_write
+from matformer.io.files import read_json
 from matformer.io.gguf import ROPE_FREQS, ROPE_PARAMETERS_KEY, unpermute_rope
 from matformer.io.gguf_reader import ArrayRef, GGUFFile, pread_exact
 from matformer.io.layout import CONFIG_NAME, INDEX_NAME
@@ -62,7 +63,7 @@ from matformer.models.registry import config_from_dict, expected_shapes
 
 SUFFIX = ".gguf"
 MARKER = "gguf_source.json"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 """Part of the cache key: bump it when the conversion changes what it writes."""
 DTYPES = ("float32", "float16")
 
@@ -689,6 +690,7 @@ def _provenance(f: GGUFFile, dtype: str) -> dict[str, Any]:
             "header_sha256": header_sha256(f), "dtype": dtype,
             "converter_version": CONVERTER_VERSION,
             "architecture": f.metadata.get("general.architecture"),
+            "tokenizer_pre": _meta(f, "tokenizer.ggml.pre", str, None),
             "name": f.metadata.get("general.name")}
 
 
@@ -740,6 +742,20 @@ def _write(f: GGUFFile, out_dir: str | os.PathLike, dtype: str) -> Path:
 
 def _json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def gguf_pre_name(folder: str | os.PathLike) -> str | None:
+    """The GGUF's own `tokenizer.ggml.pre` recorded in a folder converted from it (its
+    `gguf_source.json`), or None (another folder, or an older conversion): what `export` names
+    the pre-tokenizer when it writes such a source back to GGUF."""
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        value = read_json(path).get("tokenizer_pre")
+    except (CheckpointError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def gguf_to_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,

@@ -58,6 +58,8 @@ COMPANION_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",  # the chat template as transformers >= 4.50 saves it
+    "chat_template.json",
     "train_config.json",
     "preprocessor_config.json",  # a MatViT's image normalisation
 )

@@ -37,6 +37,7 @@ from matformer.io.gguf import (
     tensor_qtype,
     write_gguf,
 )
+from matformer.io.gguf_source import gguf_pre_name
 from matformer.io.layout import Checkpoint
 from matformer.io.outputs import check_output
 from matformer.io.source import Source, resolve_source
@@ -226,7 +227,8 @@ def _job(src: str, shape: tuple[int, ...], plan: ExportPlan, outtype: str) -> Te
     name = gguf_name(src, plan.config.num_hidden_layers, arch)
     read = ReadJob(src, rows=None if rows is None else ((0, rows),),
                    cols=None if cols is None else ((0, cols),), to="F32")
-    return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape)), read, heads)
+    return TensorJob(TensorPlan(name, tuple(shape), tensor_qtype(outtype, shape, name)), read,
+                     heads)
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def export_gguf(src: str | os.PathLike | Source, out: str | os.PathLike, *, tier
     protect = [*source.read_files(), tok_path]
     check_output(out_path, protect=protect, what="GGUF file", error=CheckpointError)
     ws, hl = resolve_request(config, request)
-    tok = read_tokenizer(tok_path, config.vocab_size)
+    tok = read_tokenizer(tok_path, config.vocab_size, pre=gguf_pre_name(source.folder))
     shapes = {n: tuple(t.shape) for n, t in ck.tensors.items()}
     plan = plan_export(config, shapes, ws, outtype, folder.resolve().name, hl)
     by_name = {j.plan.name: j for j in plan.jobs}

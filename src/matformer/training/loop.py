@@ -109,7 +109,8 @@ def _save(run: Run, step: int, lr: float) -> None:
     divergence.check_weights(run, step)  # NaN weights are never saved, nothing is rotated out
     meta = run.training_state(step, lr)
     meta.extra["loss_scale"] = run.scaler.state()
-    files, dtype = state.run_files(cfg, run.tok), cfg.save_dtype or cfg.dtype
+    files = state.run_files(cfg, run.tok, run.model_cfg.max_position_embeddings)
+    dtype = cfg.save_dtype or cfg.dtype
     if cfg.fsdp:  # every rank: its shards of the state, and its part of the model's gathers
         folder = state.step_folder(run.out, step)
         tmp = sharded.save_state(folder.parent, folder.name, run.model, run.opt, dist)
@@ -142,7 +143,8 @@ def _finish(run: Run, run_tokens: int, elapsed: float) -> TrainResult:
         summary = {"steps": cfg.steps, "final_val_loss": {str(k): v for k, v in final.items()},
                    "history": state.history_json(run.history), "train_tokens": run.tokens_seen,
                    "tokens_per_second": tps}
-        state.save_final(run.out, run.model, state.run_files(cfg, run.tok), summary,
+        files = state.run_files(cfg, run.tok, run.model_cfg.max_position_embeddings)
+        state.save_final(run.out, run.model, files, summary,
                          cfg.save_dtype or cfg.dtype, dist, cfg.fsdp)
     if dist.main:
         table = loss_table(run.model_cfg, final)

@@ -18,6 +18,7 @@ from torch import nn
 
 from matformer.data import text as D
 from matformer.data import token_files
+from matformer.data.tokenizer_files import special_ids
 from matformer.io.outputs import check_output_folder
 from matformer.io.swap import check_save_target
 from matformer.models.lm.config import MatFormerConfig
@@ -122,7 +123,7 @@ def prepare(cfg: TrainConfig, dist: Dist) -> Run:
     init = warmstart.init_source(cfg.init_from) if cfg.init_from else None
     tok, train_tokens, val_tokens = _load_data(cfg, dist, ckpt, report, init)
     mcfg = (warmstart.init_model_config(init, tok.get_vocab_size(), cfg.seq_len) if init
-            else model_config(cfg, tok.get_vocab_size()))
+            else model_config(cfg, tok.get_vocab_size(), special_ids(tok)))
     validate(cfg, base=mcfg.base, world=dist.world)
     check_fits(parameter_counts(mcfg)["total"], TRAIN_BYTES_PER_PARAMETER, dist.device,
                f"the model ({_origin(cfg)})", "use a smaller --preset or shape flags")

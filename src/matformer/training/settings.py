@@ -204,10 +204,13 @@ def resumable_settings() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"]}
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
+def model_config(cfg: TrainConfig, vocab_size: int,
+                 specials: dict[str, int] | None = None) -> MatFormerConfig:
     """The model the settings describe: `--model-config FILE` or the preset, with the shape
     overrides applied, validated as a config.json is. The vocabulary is the tokenizer's (a file's
-    larger vocab_size is kept: rows to spare, e.g. padded for fast matmuls)."""
+    larger vocab_size is kept: rows to spare, e.g. padded for fast matmuls), and so are the
+    bos/eos/pad ids (`specials`, `data.tokenizer_files.special_ids`; default: a tokenizer trained
+    here, `<s>`/`</s>`/`<pad>`)."""
     if cfg.model_config is not None:
         d = read_config_file(cfg.model_config, MatFormerConfig).to_dict()
         what = cfg.model_config
@@ -227,8 +230,10 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> MatFormerConfig:
             d["num_key_value_heads"] = min(d["num_key_value_heads"], overrides["num_attention_heads"])
         if {"num_attention_heads", "num_key_value_heads"} & overrides.keys():
             d.pop("matformer_base_num_key_value_heads", None)  # the new heads are the base
-    d.update(overrides, vocab_size=vocab_size, bos_token_id=D.BOS_ID, eos_token_id=D.EOS_ID,
-             pad_token_id=D.PAD_ID, torch_dtype="float32")  # float32 master weights
+    ids = {"bos": D.BOS_ID, "eos": D.EOS_ID, "pad": D.PAD_ID} if specials is None else specials
+    d.update(overrides, vocab_size=vocab_size, bos_token_id=ids.get("bos"),
+             eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad"),
+             torch_dtype="float32")  # float32 master weights
     d.pop("matformer_tier", None)
     mc = MatFormerConfig.from_dict(d, source=what)
     if mc.layer_widths != [mc.base] * mc.num_hidden_layers:

@@ -175,9 +175,13 @@ def _local(folder: Path) -> Path:
 # ---- saving ----------------------------------------------------------------------------------
 
 
-def run_files(cfg: TrainConfig, tok: Any) -> dict[str, bytes]:
-    """What every saved folder of a run carries beside the weights: tokenizer and settings."""
-    return {**D.tokenizer_files(tok, cfg.seq_len),
+def run_files(cfg: TrainConfig, tok: Any, max_positions: int | None = None) -> dict[str, bytes]:
+    """What every saved folder of a run carries beside the weights: tokenizer and settings. A
+    tokenizer that came with its files (--init-from, --resume, a prepared folder's) carries them
+    unchanged; one trained here gets `model_max_length` = the model's `max_positions` (not the
+    training --seq-len: the model reads longer texts than it was trained on, truncating them at
+    --seq-len silently would be wrong)."""
+    return {**D.tokenizer_files(tok, max_positions),
             CONFIG_FILE: (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()}
 
 
