@@ -518,10 +518,15 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                                    "new_tokens": new_tokens, "draft_tokens": draft_tokens,
                                    "target_widths": list(ref), "compiled": compile}
     want = [out.tokens for out in plain]
-    # The automatic choice first: its measured costs are reused by the rows after it.
+    # The automatic choice first: its costs are measured once before the timed rows (as the
+    # warm-up above compiled plain decoding; a server or a later call reuses them too) and
+    # reused by the rows after it.
     auto = EvalWidth("auto", "auto", [])
+    costs = speculative_generate(model, prompts[0], 2, widths=ref, layer_kv_heads=ref_heads,
+                                 draft_tier="auto", ignore_eos=True,
+                                 compile=compile).extra.get("costs")
     costs = _speculative_result(model, prompts, want, plain_rate, auto, new_tokens, "auto",
-                                compile, None, report)
+                                compile, costs, report)
     for width in selected:
         if (width.widths, width.setting(model)["layer_kv_heads"]) != (ref, ref_heads) \
                 and width.kind != "mix":

@@ -208,11 +208,13 @@ def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
     """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
     verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
     drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
-    pick = ("plain decoding (no draft expected to pay)" if choice.draft is None
+    why = choice.reason or "no draft expected to pay"
+    pick = (f"plain decoding ({why})" if choice.draft is None
             else f"{choice.draft}, k={choice.k} (acceptance {100 * choice.acceptance:.0f}%, "
                  f"expected {choice.expected_speedup:.2f}x)")
-    return (f"chose {pick} from costs measured here in ms: target step "
-            f"{1e3 * costs.target_step:.2f}; draft steps {drafts}; verify of k+1 tokens {verify}")
+    return (f"chose {pick} from costs measured here in {1e3 * costs.seconds:.0f} ms, in ms: "
+            f"plain step {1e3 * costs.plain:.2f}; target step {1e3 * costs.target_step:.2f}; "
+            f"draft steps {drafts}; verify of k+1 tokens {verify}")
 
 
 def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> str:
