@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from matformer.errors import ConfigError
+from matformer.inference.compile_cache import compile_stats
 from matformer.inference.decode import generate, static_decoder
 from matformer.inference.sampling import (
     GenerationOutput,
@@ -570,6 +571,7 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         return _chose_plain(plain(target), costs, 0.0,
                             "no draft pays even if every draft is accepted")
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
+    compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
     with model.running(target), torch.inference_mode():
         t0 = time.perf_counter()
@@ -594,6 +596,8 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         sync_device(device)
         stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
+    if compile:
+        extra["compile"] = compile_stats().since(compiling)
     if return_cache:
         extra["cache"] = dec.finish()
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target.widths),

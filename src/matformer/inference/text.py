@@ -201,6 +201,8 @@ def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
                 f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
     if "choice" in output.extra:
         msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
+    if "compile" in output.extra:
+        msg += "; " + output.extra["compile"].describe()
     return msg + "]"
 
 
@@ -222,5 +224,7 @@ def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> st
     s = outputs[0].stats
     n = sum(o.stats.new_tokens for o in outputs)
     rate = n / s.seconds if s.seconds > 0 else 0.0
+    compiled = ("; " + outputs[0].extra["compile"].describe()
+                if "compile" in outputs[0].extra else "")
     return (f"[{len(outputs)} prompts, {n} tokens in {s.seconds:.2f}s, {rate:.1f} tok/s in all, "
-            f"at {describe_widths(base_width, outputs[0].widths)}]")
+            f"at {describe_widths(base_width, outputs[0].widths)}{compiled}]")

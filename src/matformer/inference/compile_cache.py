@@ -1,0 +1,111 @@
+"""Compilation paid once: where compiled decode steps are kept, and what compiling cost.
+
+`torch.compile` of the static-cache step (`static_cache.StaticDecoder`) spends most of its time
+in inductor: generating and building C++ (CPU) or Triton (GPU) kernels, tens of seconds to
+minutes for a real model. PyTorch keeps what inductor built on disk (the FX graph cache and the
+AOTAutograd cache, keyed by the graph, the inputs' shapes and the torch version), so a second
+process that traces the same graph loads the kernels instead of building them.
+`enable_compile_cache()` turns both caches on and points them at matformer's cache folder
+(`$MATFORMER_CACHE/inductor`, default `~/.cache/matformer/inductor`; a TORCHINDUCTOR_CACHE_DIR
+the user set wins), so a second `matformer generate --compile` of the same checkpoint reuses
+the first one's kernels. What is not cached across processes: dynamo's tracing of the Python
+step and inductor's per-process probe of the CPU's vector instructions (both paid again).
+
+`compile_stats()` counts, for this process, the graphs compiled, the wall time of the calls
+that compiled them and inductor's cache hits and misses; `CompileStats.since(before)` is what
+one call (a `generate`, an `eval`) spent, which the command line reports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels are kept: TORCHINDUCTOR_CACHE_DIR when set, else
+    $MATFORMER_CACHE/inductor, else ~/.cache/matformer/inductor."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    root = os.environ.get("MATFORMER_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "matformer") / "inductor"
+
+
+_ENABLED: list[Path] = []
+
+
+def enable_compile_cache() -> Path:
+    """Turn on inductor's on-disk FX graph cache and the AOTAutograd cache in
+    `compile_cache_dir()` (once per process, before the first compile: inductor reads the
+    folder from the environment); returns the folder."""
+    if _ENABLED:
+        return _ENABLED[0]
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    folder = compile_cache_dir()
+    os.environ[CACHE_ENV] = str(folder)
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    _ENABLED.append(folder)
+    return folder
+
+
+@dataclass
+class CompileStats:
+    """Compilation in this process (`compile_stats()`), or in one call (`since`)."""
+
+    graphs: int = 0
+    """Graphs dynamo compiled."""
+    seconds: float = 0.0
+    """Wall time of the decoding calls that compiled them (a step's own time included)."""
+    cache_hits: int = 0
+    """Graphs whose kernels inductor loaded from its on-disk cache."""
+    cache_misses: int = 0
+    """Graphs inductor built (and stored)."""
+
+    def since(self, before: CompileStats) -> CompileStats:
+        """What was compiled between `before` and this snapshot."""
+        return CompileStats(self.graphs - before.graphs, self.seconds - before.seconds,
+                            self.cache_hits - before.cache_hits,
+                            self.cache_misses - before.cache_misses)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line: 'compiled 2 graphs in 41.3 s (kernels built: 2, loaded from the cache: 0;
+        cache: ~/.cache/matformer/inductor)', or that nothing was compiled."""
+        if not self.graphs:
+            return "nothing compiled (every graph was already compiled in this process)"
+        return (f"compiled {self.graphs} graph{'s' if self.graphs != 1 else ''} in "
+                f"{self.seconds:.1f} s (kernels built: {self.cache_misses}, loaded from the "
+                f"cache: {self.cache_hits}; cache: {compile_cache_dir()})")
+
+
+_SECONDS = [0.0]
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def record_compile_seconds(seconds: float) -> None:
+    """Add the wall time of a call that compiled (`StaticDecoder` calls it)."""
+    _SECONDS[0] += seconds
+
+
+def compile_stats() -> CompileStats:
+    """This process's compilation so far."""
+    from torch._dynamo.utils import counters
+
+    ind = counters["inductor"]
+    return CompileStats(compiled_graphs(), _SECONDS[0], int(ind["fxgraph_cache_hit"]),
+                        int(ind["fxgraph_cache_miss"]))
