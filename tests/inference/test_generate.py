@@ -471,7 +471,8 @@ def test_auto_draft_follows_the_measured_costs() -> None:
         out = speculative_generate(model, PROMPT, 30, draft_tier="auto", costs=costs,
                                    ignore_eos=True)
         assert out.tokens == plain.tokens
-        assert out.extra["choice"].draft == cheap and out.extra["costs"] is costs
+        # the first choice is the costs'; later ones follow the rounds' observed wall time
+        assert out.extra["first_choice"].draft == cheap and out.extra["costs"] is costs
         assert out.draft_widths == model.resolve_widths(tier=int(cheap[5]))
     # Costs that make drafting a loss: plain decoding, still the same tokens.
     slow = DecodeCosts(1.0, {n: 5.0 for n in names}, {k: 3.0 * k for k in range(1, 9)})

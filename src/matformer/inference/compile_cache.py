@@ -8,8 +8,13 @@ process that traces the same graph loads the kernels instead of building them.
 `enable_compile_cache()` turns both caches on and points them at matformer's cache folder
 (`$MATFORMER_CACHE/inductor`, default `~/.cache/matformer/inductor`; a TORCHINDUCTOR_CACHE_DIR
 the user set wins), so a second `matformer generate --compile` of the same checkpoint reuses
-the first one's kernels. What is not cached across processes: dynamo's tracing of the Python
-step and inductor's per-process probe of the CPU's vector instructions (both paid again).
+the first one's kernels. Inductor also probes, in every process, which vector instructions
+(AVX2, AVX-512, AMX) its C++ kernels may use, by building and loading a test library per
+instruction set in child processes (seconds on a busy machine); when that probe found every set
+the CPU reports usable, the finding is kept beside the kernels (`vec_isa.json`, keyed by the
+torch version and the CPU's flags) and later processes skip the probe
+(`torch._inductor.config.cpp.vec_isa_ok = True`, which then means exactly what the probe found).
+What is not cached across processes: dynamo's tracing of the Python step (paid again).
 
 `compile_stats()` counts, for this process, the graphs compiled, the wall time of the calls
 that compiled them and inductor's cache hits and misses; `CompileStats.since(before)` is what
@@ -18,6 +23,7 @@ one call (a `generate`, an `eval`) spent, which the command line reports.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,8 +57,61 @@ def enable_compile_cache() -> Path:
     os.environ[CACHE_ENV] = str(folder)
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
+    if inductor_config.cpp.vec_isa_ok is None and _vec_isa_key() == _read_vec_isa(folder):
+        inductor_config.cpp.vec_isa_ok = True  # an earlier process's probe found every set usable
     _ENABLED.append(folder)
     return folder
+
+
+def _vec_isa_key() -> dict[str, Any] | None:
+    """What the vector-instruction probe's finding depends on: the torch version and the
+    instruction sets the CPU reports (None off x86 or when torch's probe is not as expected)."""
+    try:
+        import torch
+        from torch._inductor import cpu_vec_isa
+
+        flags = cpu_vec_isa.x86_isa_checker()
+        candidates = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                      if all(f in flags for f in str(isa).split())]
+    except (ImportError, AttributeError):
+        return None
+    return {"torch": torch.__version__, "cpu_flags": sorted(flags), "candidates": candidates} \
+        if candidates else None
+
+
+def _read_vec_isa(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "vec_isa.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remember_vec_isa() -> None:
+    """After a compile in this process: when inductor's probe found every instruction set the
+    CPU reports usable, keep that beside the kernels so later processes skip the probe."""
+    if not _ENABLED:
+        return
+    key = _vec_isa_key()
+    if key is None or _read_vec_isa(_ENABLED[0]) == key:
+        return
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import cpu_vec_isa
+
+        if inductor_config.cpp.vec_isa_ok is not None \
+                or not cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:
+            return  # not probed in this process (told, or nothing built for the CPU)
+        found = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    except (ImportError, AttributeError):
+        return
+    if found == key["candidates"]:
+        tmp = _ENABLED[0] / f"vec_isa.json.{os.getpid()}"
+        try:
+            _ENABLED[0].mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(key))
+            tmp.replace(_ENABLED[0] / "vec_isa.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -98,8 +157,10 @@ def compiled_graphs() -> int:
 
 
 def record_compile_seconds(seconds: float) -> None:
-    """Add the wall time of a call that compiled (`StaticDecoder` calls it)."""
+    """Add the wall time of a call that compiled (`StaticDecoder` calls it), and keep the
+    vector-instruction probe's finding for later processes."""
     _SECONDS[0] += seconds
+    remember_vec_isa()
 
 
 def compile_stats() -> CompileStats:

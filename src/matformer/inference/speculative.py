@@ -80,6 +80,10 @@ AUTO_MAX_DRAFT_TOKENS = 8
 PRIOR_WEIGHT = 16
 """Drafted tokens the prompt's agreement counts for against the acceptance observed later."""
 
+PLAIN_PROBE_EVERY = 16
+"""With a draft chosen by `auto`, every this many rounds one is a plain step, timed: what the
+draft's rounds are compared with is plain decoding as it runs now, not only as timed once."""
+
 EXPLORE_Z = 2.0
 """`draft_tier="auto"` tries a draft it is not using, until it has drafted PRIOR_WEIGHT tokens,
 when the acceptance it might have (its estimate plus EXPLORE_Z standard errors) would beat the
@@ -176,18 +180,20 @@ def round_seconds(costs: DecodeCosts, name: str, k: int) -> float:
 
 def choose_draft(costs: DecodeCosts, acceptance: dict[str, float],
                  ks: Sequence[int] | None = None, *, allow_plain: bool = True,
-                 slowdown: dict[str, float] | None = None) -> DraftChoice:
+                 slowdown: dict[str, float] | None = None,
+                 plain: float | None = None) -> DraftChoice:
     """The (draft, k) of the highest expected speed-up over plain decoding (`costs.plain` a
     token) among the drafts in `acceptance` and the k in `ks` (default every k `costs.verify`
     holds), each draft's rounds `slowdown[name]` times as long as the costs predict (observed;
-    default 1); with `allow_plain`, plain decoding (draft None, speed-up 1) when no pair is
-    expected to beat it."""
+    default 1), against `plain` seconds a plain token (observed; default `costs.plain`); with
+    `allow_plain`, plain decoding (draft None, speed-up 1) when no pair is expected to beat it."""
+    base = plain or costs.plain
     best = DraftChoice(None, 0, 0.0, 1.0, 1.0 if allow_plain else 0.0,
                        reason="no draft expected to pay")
     for name, alpha in acceptance.items():
         slow = (slowdown or {}).get(name, 1.0)
         for k in ks if ks is not None else sorted(costs.verify):
-            gain = expected_tokens(alpha, k) / (round_seconds(costs, name, k) * slow) * costs.plain
+            gain = expected_tokens(alpha, k) / (round_seconds(costs, name, k) * slow) * base
             if gain > best.expected_speedup:
                 best = DraftChoice(name, k, alpha, expected_tokens(alpha, k), gain,
                                    reason=f"expected {gain:.2f}x at acceptance "
@@ -441,6 +447,22 @@ class DraftRound:
     """Whether the choice may fall back to plain decoding (the draft was chosen too)."""
     timed: dict[str, list[float]] = field(default_factory=dict)
     """draft name -> [seconds its rounds took, seconds the costs predicted for them]."""
+    plain_timed: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """[seconds, tokens] of the plain steps taken between rounds (`plain_ok`): plain
+    decoding's own cost, observed in the same stretch of time as the rounds it is compared
+    with (a busy machine slows both)."""
+    rounds: int = 0
+
+    def plain_step(self) -> float | None:
+        """Seconds a plain token took, observed (None: not yet)."""
+        took, n = self.plain_timed
+        return took / n if n else None
+
+    def probe_plain(self) -> bool:
+        """Whether this round is a plain step, taken to observe plain decoding (a token like any
+        other): rounds 2 and 4, then every PLAIN_PROBE_EVERY-th, while a draft is in use."""
+        return (self.plain_ok and self.k > 0 and self.mode == "auto"
+                and (self.rounds in (2, 4) or self.rounds % PLAIN_PROBE_EVERY == 0))
 
     def slowdown(self) -> dict[str, float]:
         """Each observed draft's rounds' wall time over what the costs predicted for them: the
@@ -637,6 +659,7 @@ def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, 
         return costs
     state.prior = prompt_agreement(model, ids, target, drafts, sampler)
     rechoose_draft(state, drafts, costs, ks, extra)
+    extra["first_choice"] = extra["choice"]  # from the costs alone, before any round
     return costs
 
 
@@ -675,11 +698,13 @@ def rechoose_draft(state: DraftRound, drafts: Sequence[Draft], costs: DecodeCost
     even then."""
     auto = state.mode == "auto"
     slow = state.slowdown()
+    plain = state.plain_step()
     choice = choose_draft(costs, state.acceptance(), ks if auto else [state.k],
-                          allow_plain=auto and state.plain_ok, slowdown=slow)
+                          allow_plain=auto and state.plain_ok, slowdown=slow, plain=plain)
     if auto:  # explore: a little-observed draft whose optimistic acceptance would beat the choice
         upper = state.upper()
-        others = [choose_draft(costs, {n: upper[n]}, ks, allow_plain=False, slowdown=slow)
+        others = [choose_draft(costs, {n: upper[n]}, ks, allow_plain=False, slowdown=slow,
+                               plain=plain)
                   for n in upper if n != choice.draft
                   and state.seen.get(n, [0, 0])[1] < PRIOR_WEIGHT]
         best = max(others, key=lambda c: c.expected_speedup, default=None)
@@ -711,6 +736,17 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
             out += _plain_steps(dec, cur, sampler, eos, max_new_tokens - len(out), stats, stream)
             break
         t0 = time.perf_counter()
+        state.rounds += 1
+        if ks is not None and state.probe_plain():  # one plain step, timed
+            model.apply(target)
+            new = _plain_steps(dec, cur, sampler, eos, 1, stats, stream)
+            state.plain_timed[0] += time.perf_counter() - t0
+            state.plain_timed[1] += 1
+            out += new
+            cur = torch.tensor([[new[-1]]], device=dec.device)
+            if costs is not None and state.mode == "auto":
+                rechoose_draft(state, drafts, costs, ks, extra)
+            continue
         start = dec.pos
         # One token always comes from the verifier, so at most remaining-1 drafts count.
         kk = min(state.k, max_new_tokens - len(out) - 1)
