@@ -55,7 +55,8 @@ def test_auto_that_cannot_pay_is_plain_decoding_itself(model, one_thread) -> Non
 def test_auto_drops_a_draft_whose_rounds_cost_more_than_predicted(model, one_thread) -> None:
     """Costs that promise a large gain (microsecond steps) while a real round takes far longer
     than predicted: after the first round the observed slow-down makes every draft lose to
-    plain decoding's step, and auto decodes plainly to the end, with the target's tokens."""
+    plain decoding's step, and auto decodes plainly to the end, with the target's tokens; a
+    later call with the same costs remembers it."""
     costs = DecodeCosts(1e-6, dict.fromkeys(NAMES, 1e-9), dict.fromkeys(range(1, 9), 1e-7),
                         plain_step=1e-6)
     plain = generate(model, PROMPT, 40, ignore_eos=True)
@@ -65,6 +66,12 @@ def test_auto_drops_a_draft_whose_rounds_cost_more_than_predicted(model, one_thr
     assert 0 < out.stats.drafted <= 8  # one round, then plain steps
     assert out.extra["choice"].draft is None
     assert "slower than plain" in out.extra["choice"].reason
+    # The next call with these costs starts from what the rounds showed: no draft could pay,
+    # so it is plain decoding itself from the start, with no draft forward and no choosing.
+    again, n_again = _counted(model, lambda: speculative_generate(
+        model, PROMPT, 40, draft_tier="auto", costs=costs, ignore_eos=True))
+    assert again.tokens == plain.tokens and n_again == 40 and again.stats.drafted == 0
+    assert "earlier calls" in again.extra["choice"].reason
 
 
 def test_auto_measures_costs_once_per_process(one_thread) -> None:

@@ -127,6 +127,8 @@ class DecodeCosts:
     measured, `target_step` stands for it."""
     measured_ks: list[int] = field(default_factory=list)
     """The k whose verify was timed (the others interpolated between them; empty: all)."""
+    observed: Observed = field(default_factory=lambda: Observed(), compare=False, repr=False)
+    """What `auto` calls that used these costs saw their rounds and plain steps take."""
 
     @property
     def plain(self) -> float:
@@ -134,7 +136,9 @@ class DecodeCosts:
         return self.plain_step or self.target_step
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("observed")
+        return d
 
 
 @dataclass
@@ -203,10 +207,40 @@ def choose_draft(costs: DecodeCosts, acceptance: dict[str, float],
     return best
 
 
-def can_pay(costs: DecodeCosts, names: Sequence[str], ks: Sequence[int]) -> bool:
-    """Whether any draft could beat plain decoding even with every draft accepted: when not,
-    no acceptance estimate (no prompt forward) is needed to choose plain decoding."""
-    return choose_draft(costs, dict.fromkeys(names, 1.0), ks).draft is not None
+def can_pay(costs: DecodeCosts, names: Sequence[str], ks: Sequence[int],
+            seen: Observed | None = None) -> bool:
+    """Whether any draft could beat plain decoding even with every draft accepted (its rounds
+    and plain steps as `seen` by earlier calls, when given): when not, no acceptance estimate
+    (no prompt forward) is needed to choose plain decoding."""
+    state = DraftRound(Draft("", []), 0, "auto", dict.fromkeys(names, 1.0))
+    if seen is not None:
+        seen.seed(state)
+    return choose_draft(costs, dict.fromkeys(names, 1.0), ks, slowdown=state.slowdown(),
+                        plain=state.plain_step()).draft is not None
+
+
+DECAY = 0.5
+"""What earlier calls saw weighs this much less after each call (`Observed`)."""
+
+
+@dataclass
+class Observed:
+    """What earlier calls of this process saw their rounds and plain steps take (for a costs
+    key): a later call starts from it, so a draft that did not pay is not tried again on every
+    prompt (and `auto` then runs `generate` itself). Its sums are halved after every call, so it
+    follows the machine as it changes. Kept on the `DecodeCosts` it is relative to."""
+
+    timed: dict[str, list[float]] = field(default_factory=dict)
+    plain_timed: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def seed(self, state: DraftRound) -> None:
+        state.timed = {n: list(v) for n, v in self.timed.items()}
+        state.plain_timed = list(self.plain_timed)
+
+    def absorb(self, state: DraftRound) -> None:
+        """Keep what `state` saw (its seed included), earlier calls weighing half each time."""
+        self.timed = {n: [DECAY * t, DECAY * p] for n, (t, p) in state.timed.items()}
+        self.plain_timed = [DECAY * x for x in state.plain_timed]
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -340,6 +374,8 @@ def _costs_key(model: MatFormerLM, target: Setting, drafts: Sequence[Draft], com
 def cached_costs(model: MatFormerLM, key: tuple) -> DecodeCosts | None:
     """The costs measured earlier in this process for `key` (`_costs_key`), if any."""
     return _COSTS.get(model, {}).get(key)
+
+
 
 
 def _keep_costs(model: MatFormerLM, key: tuple, costs: DecodeCosts,
@@ -587,11 +623,13 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
     key = _costs_key(model, target, drafts, compile, ks)
     if choose and not _covers(costs, drafts, ks):
         costs = cached_costs(model, key)
+    seen = costs.observed if auto and costs is not None else None
     if (auto and plain is not None and costs is not None and _covers(costs, drafts, ks)
-            and not can_pay(costs, [d.name for d in drafts], ks)):
+            and not can_pay(costs, [d.name for d in drafts], ks, seen)):
         # Not even fully accepted drafts would pay: plain decoding itself, nothing else run.
         return _chose_plain(plain(target), costs, 0.0,
-                            "no draft pays even if every draft is accepted")
+                            "no draft pays even if every draft is accepted"
+                            + (" (as earlier calls' rounds ran)" if seen and seen.timed else ""))
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
     compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
@@ -605,9 +643,12 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
         state = DraftRound(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
                            plain_ok=auto)
+        if seen is not None:
+            seen.seed(state)
         if choose:
             costs = _first_choice(model, dec, draft_decs, ids, target, drafts, ks, sampler, state,
                                   costs, extra, key, prune=auto and plain is not None)
+            seen = costs.observed if auto else None
             if plain is not None and state.k == 0:  # plain from the start: as generate runs it
                 sync_device(device)
                 return _chose_plain(plain(target), costs, time.perf_counter() - t0,
@@ -615,6 +656,8 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         stats.prefill_seconds = time.perf_counter() - t0
         out = _rounds(model, dec, draft_decs, cur, state, target, sampler, eos, max_new_tokens,
                       stats, stream, ks if choose else None, costs, drafts, extra)
+        if seen is not None:
+            seen.absorb(state)
         sync_device(device)
         stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
@@ -790,10 +833,18 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
 def _plain_steps(dec: StaticDecoder, cur: torch.Tensor, sampler: Sampler, eos: set[int],
                  room: int, stats: GenerationStats, stream: StreamCallback | None) -> list[int]:
     """Plain decoding on the decoder from `cur` (emitted, not yet in the cache): up to `room`
-    tokens, one step each, until EOS."""
+    tokens, one step each, until EOS. Eagerly each step is `generate`'s (the model's forward
+    over the cache's filled columns, cheaper eagerly than the static step over all of them)."""
     out: list[int] = []
+    eager = not dec.compiled and int(dec.pad.max()) == 0
     while len(out) < room:
-        tok = int(sampler.pick(dec.step(cur)[0]))
+        if eager:  # generate's own eager step: the cache's filled slice, not all of it
+            dec.cache.length = dec.pos
+            logits = dec.model(cur, cache=dec.cache)[0, -1]
+            dec.pos += 1
+        else:
+            logits = dec.step(cur)[0]
+        tok = int(sampler.pick(logits))
         stats.target_forwards += 1
         out.append(tok)
         if stream is not None:
