@@ -53,7 +53,8 @@ def _speculative_table(report: EvalReport) -> list[str]:
         f"speculative decoding (greedy, target = reference width, shared KV cache; "
         f"{s.get('prompts')} prompts x {s.get('prompt_len')} tokens, "
         f"{s.get('new_tokens')} new tokens each, draft_tokens={s.get('draft_tokens')}"
-        f"{', compiled' if s.get('compiled') else ''})",
+        f"{', compiled' if s.get('compiled') else ''}; plain decoding timed beside each row, "
+        f"prompt by prompt)",
     ]
     head = (f"{'draft':<24} {'k':>9} {'accept%':>8} {'plain tok/s':>12} {'spec tok/s':>11} "
             f"{'speed-up':>9} {'identical':>9}")
