@@ -78,15 +78,20 @@ def ours(model: MatFormerLM, prompt: list[int], n: int) -> tuple[float, float, l
 def theirs(llm: Any, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     """(prompt tokens/s, decode tokens/s, tokens) of llama.cpp: the prompt in one eval, then a
     token per eval, greedy by numpy's argmax of the last logits."""
+    vocab = llm.n_vocab()
+
+    def last() -> int:  # the last position's logits, as llama.cpp left them (no copy)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))))
+
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = last()
     t1 = time.perf_counter()
     toks = [tok]
     for _ in range(n - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last()
         toks.append(tok)
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), (n - 1) / (t2 - t1), toks

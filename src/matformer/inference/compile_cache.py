@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,17 @@ class CompileStats:
 _SECONDS = [0.0]
 
 
+def _counters() -> Any:
+    """dynamo's counters, or None when dynamo was never imported (nothing compiled; importing
+    it would cost seconds)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return getattr(utils, "counters", None)
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    counters = _counters()
+    return int(counters["stats"]["unique_graphs"]) if counters is not None else 0
 
 
 def record_compile_seconds(seconds: float) -> None:
@@ -165,8 +172,9 @@ def record_compile_seconds(seconds: float) -> None:
 
 def compile_stats() -> CompileStats:
     """This process's compilation so far."""
-    from torch._dynamo.utils import counters
-
+    counters = _counters()
+    if counters is None:
+        return CompileStats(seconds=_SECONDS[0])
     ind = counters["inductor"]
     return CompileStats(compiled_graphs(), _SECONDS[0], int(ind["fxgraph_cache_hit"]),
                         int(ind["fxgraph_cache_miss"]))

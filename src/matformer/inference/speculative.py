@@ -629,7 +629,7 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         # Not even fully accepted drafts would pay: plain decoding itself, nothing else run.
         return _chose_plain(plain(target), costs, 0.0,
                             "no draft pays even if every draft is accepted"
-                            + (" (as earlier calls' rounds ran)" if seen and seen.timed else ""))
+                            + (", as earlier calls' rounds ran" if seen and seen.timed else ""))
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
     compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
