@@ -33,11 +33,22 @@ from typing import Any
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
+def _torch_default_dir() -> str | None:
+    """The folder inductor picks by itself (and writes into TORCHINDUCTOR_CACHE_DIR once it has
+    been asked), when it was imported already: that is not a choice of the user's."""
+    utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")
+    try:
+        return os.path.abspath(utils.default_cache_dir()) if utils is not None else None
+    except Exception:  # noqa: BLE001 - torch internals: no default known
+        return None
+
+
 def compile_cache_dir() -> Path:
-    """Where compiled kernels are kept: TORCHINDUCTOR_CACHE_DIR when set, else
+    """Where compiled kernels are kept: TORCHINDUCTOR_CACHE_DIR when the user set it, else
     $MATFORMER_CACHE/inductor, else ~/.cache/matformer/inductor."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    user = os.environ.get(CACHE_ENV)
+    if user and os.path.abspath(user) != _torch_default_dir():
+        return Path(user)
     root = os.environ.get("MATFORMER_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "matformer") / "inductor"
 
@@ -51,11 +62,11 @@ def enable_compile_cache() -> Path:
     folder from the environment); returns the folder."""
     if _ENABLED:
         return _ENABLED[0]
+    folder = compile_cache_dir()  # before torch's imports below set the variable themselves
+    os.environ[CACHE_ENV] = str(folder)
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    folder = compile_cache_dir()
-    os.environ[CACHE_ENV] = str(folder)
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
     if inductor_config.cpp.vec_isa_ok is None and _vec_isa_key() == _read_vec_isa(folder):
