@@ -1,6 +1,7 @@
 """Compilation paid once: `matformer generate --compile` twice, in new processes, one cache.
 
-A checkpoint (random weights at the demo's shape, `ffn8-tiny`, with a tokenizer; or --ckpt)
+A checkpoint (random weights at the demo's shape or, --size 41.7M, the decode benchmark's,
+with a tokenizer; or --ckpt)
 is decoded by `matformer generate --compile` in a fresh interpreter, then again in another
 fresh interpreter with the same compile cache (`$MATFORMER_CACHE/inductor`, an empty temporary
 folder at the start). Each run's compile time is what the command reports on stderr
@@ -9,6 +10,8 @@ wall time is measured around the process. The goal (issue 28): the second run's 
 under 10% of the first's. Writes benchmarks/results/compile_cache.json.
 
     .venv/bin/python -m benchmarks.speed.compile_cache
+    .venv/bin/python -m benchmarks.speed.compile_cache --size 41.7M --json-out \
+        benchmarks/results/compile_cache-41.7M.json
     .venv/bin/python -m benchmarks.speed.compile_cache --ckpt runs/demo --runs 3
 """
 
@@ -30,21 +33,12 @@ LINE = re.compile(r"compiled (\d+) graphs? in ([\d.]+) s \(kernels built: (\d+),
                   r"loaded from the cache: (\d+)")
 
 
-def demo_model(folder: Path) -> Path:
-    """Random weights at the demo's shape (ffn8-tiny) with a byte-level BPE tokenizer."""
-    import torch
+def demo_model(folder: Path, size: str = "demo") -> Path:
+    """Random weights at `size` (llamacpp_speed.SIZES: the demo's ffn8-tiny shape or the
+    41.7M decode benchmark's) with a byte-level BPE tokenizer."""
+    from benchmarks.speed.llamacpp_speed import make_model
 
-    from matformer import MatFormerConfig, MatFormerLM, save_model
-    from matformer.data.text import save_tokenizer, train_tokenizer
-
-    texts = [f"def f{i}(x):\n    return x * {i} + {i * 7}  # the quick brown fox"
-             for i in range(300)]
-    tok = train_tokenizer(texts, 1024)
-    torch.manual_seed(0)
-    cfg = MatFormerConfig.from_preset("ffn8-tiny", vocab_size=tok.get_vocab_size())
-    save_model(MatFormerLM(cfg).eval(), folder)
-    save_tokenizer(tok, folder)
-    return folder
+    return make_model(folder, size, 2048)
 
 
 def one_run(ckpt: Path, cache: Path, tokens: int, threads: int) -> dict[str, Any]:
@@ -69,14 +63,15 @@ def one_run(ckpt: Path, cache: Path, tokens: int, threads: int) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("--ckpt", help="checkpoint with tokenizer.json (default: random ffn8-tiny)")
+    p.add_argument("--ckpt", help="checkpoint with tokenizer.json (default: random weights)")
+    p.add_argument("--size", default="demo", help="the random model's shape: demo or 41.7M")
     p.add_argument("--runs", type=int, default=2, help="processes in a row (the first builds)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json-out", default=str(RESULT))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.ckpt) if args.ckpt else demo_model(Path(tmp) / "model")
+        ckpt = Path(args.ckpt) if args.ckpt else demo_model(Path(tmp) / "model", args.size)
         cache = Path(tmp) / "cache"
         runs = []
         for i in range(args.runs):
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"later runs' compile time / first's: {', '.join(f'{x:.3f}' for x in ratios)} "
           f"(goal < 0.10: {'met' if goal else 'NOT met'})")
     write_json(args.json_out, {
-        "machine": hardware(), "ckpt": args.ckpt or "random ffn8-tiny (demo shape)",
+        "machine": hardware(), "ckpt": args.ckpt or f"random weights, {args.size} shape",
         "command": " ".join(["python -m benchmarks.speed.compile_cache",
                              *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -10,10 +10,12 @@ process that traces the same graph loads the kernels instead of building them.
 the user set wins), so a second `matformer generate --compile` of the same checkpoint reuses
 the first one's kernels. Inductor also probes, in every process, which vector instructions
 (AVX2, AVX-512, AMX) its C++ kernels may use, by building and loading a test library per
-instruction set in child processes (seconds on a busy machine); when that probe found every set
-the CPU reports usable, the finding is kept beside the kernels (`vec_isa.json`, keyed by the
-torch version and the CPU's flags) and later processes skip the probe
-(`torch._inductor.config.cpp.vec_isa_ok = True`, which then means exactly what the probe found).
+instruction set in child processes (seconds on a busy machine). `enable_compile_cache` runs
+that probe once, before the first compile; when it finds every set the CPU reports usable, the
+finding is kept beside the kernels (`vec_isa.json`, keyed by the torch version and the CPU's
+flags), later processes skip the probe, and every process compiles with
+`torch._inductor.config.cpp.vec_isa_ok = True` (which then means exactly what the probe found;
+the setting is part of the kernels' cache key, so the first run's kernels are the later runs').
 What is not cached across processes: dynamo's tracing of the Python step (paid again).
 
 `compile_stats()` counts, for this process, the graphs compiled, the wall time of the calls
@@ -69,8 +71,10 @@ def enable_compile_cache() -> Path:
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
-    if inductor_config.cpp.vec_isa_ok is None and _vec_isa_key() == _read_vec_isa(folder):
-        inductor_config.cpp.vec_isa_ok = True  # an earlier process's probe found every set usable
+    if inductor_config.cpp.vec_isa_ok is None and _vec_isa_usable(folder):
+        # Every set the CPU reports is usable (probed here once, or by an earlier process):
+        # set before the first compile, so the first run's kernels are keyed as later runs'.
+        inductor_config.cpp.vec_isa_ok = True
     _ENABLED.append(folder)
     return folder
 
@@ -98,32 +102,31 @@ def _read_vec_isa(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def remember_vec_isa() -> None:
-    """After a compile in this process: when inductor's probe found every instruction set the
-    CPU reports usable, keep that beside the kernels so later processes skip the probe."""
-    if not _ENABLED:
-        return
+def _vec_isa_usable(folder: Path) -> bool:
+    """Whether inductor's probe finds every vector instruction set the CPU reports usable:
+    from `folder`'s vec_isa.json when it matches this torch and CPU, else by probing now (once
+    per machine and torch version: the finding is written there)."""
     key = _vec_isa_key()
-    if key is None or _read_vec_isa(_ENABLED[0]) == key:
-        return
+    if key is None:
+        return False
+    if _read_vec_isa(folder) == key:
+        return True
     try:
-        from torch._inductor import config as inductor_config
         from torch._inductor import cpu_vec_isa
 
-        if inductor_config.cpp.vec_isa_ok is not None \
-                or not cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:
-            return  # not probed in this process (told, or nothing built for the CPU)
         found = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
     except (ImportError, AttributeError):
-        return
-    if found == key["candidates"]:
-        tmp = _ENABLED[0] / f"vec_isa.json.{os.getpid()}"
-        try:
-            _ENABLED[0].mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(key))
-            tmp.replace(_ENABLED[0] / "vec_isa.json")
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        return False
+    if found != key["candidates"]:
+        return False
+    tmp = folder / f"vec_isa.json.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(key))
+        tmp.replace(folder / "vec_isa.json")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 @dataclass
@@ -175,10 +178,8 @@ def compiled_graphs() -> int:
 
 
 def record_compile_seconds(seconds: float) -> None:
-    """Add the wall time of a call that compiled (`StaticDecoder` calls it), and keep the
-    vector-instruction probe's finding for later processes."""
+    """Add the wall time of a call that compiled (`StaticDecoder` calls it)."""
     _SECONDS[0] += seconds
-    remember_vec_isa()
 
 
 def compile_stats() -> CompileStats:
