@@ -199,6 +199,12 @@ def _run_text(args: argparse.Namespace, source: Source) -> int:
     if args.compare:
         run_compare(args, source)
         return 0
+    if args.compile:
+        from matformer.inference.compile_cache import compile_cache_dir, compile_stats
+
+        print(f"--compile: the decode steps compile on their first use at each width (kernels "
+              f"kept in {compile_cache_dir()} for later runs)", file=sys.stderr)
+        before = compile_stats()
     run_eval(
         source, json_out="-" if args.json else args.json_out, plot=args.plot,
         revision=args.revision, tier=args.tier, data=args.data,
@@ -214,6 +220,8 @@ def _run_text(args: argparse.Namespace, source: Source) -> int:
         device=args.device, dtype=args.dtype,
         progress=lambda msg: print(msg, file=sys.stderr),
     )
+    if args.compile:
+        print(f"--compile: {compile_stats().since(before).describe()}", file=sys.stderr)
     return 0
 
 

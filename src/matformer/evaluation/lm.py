@@ -100,6 +100,7 @@ class SpeculativeResult:
     accepted: int
     drafted: int
     plain_tokens_per_s: float
+    """Plain decoding at the target, timed prompt by prompt beside this row's runs."""
     speculative_tokens_per_s: float
     speedup: float
     identical: bool
@@ -519,14 +520,19 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                                    "new_tokens": new_tokens, "draft_tokens": draft_tokens,
                                    "target_widths": list(ref), "compiled": compile}
     want = [out.tokens for out in plain]
-    # The automatic choice first: its measured costs are reused by the rows after it.
+    # The automatic choice first: its costs are measured once before the timed rows (as the
+    # warm-up above compiled plain decoding; a server or a later call reuses them too) and
+    # reused by the rows after it.
     auto = EvalWidth("auto", "auto", [])
-    costs = _speculative_result(model, prompts, want, plain_rate, auto, new_tokens, "auto",
-                                compile, None, report)
+    costs = speculative_generate(model, prompts[0], 2, widths=ref, layer_kv_heads=ref_heads,
+                                 draft_tier="auto", ignore_eos=True,
+                                 compile=compile).extra.get("costs")
+    costs = _speculative_result(model, prompts, want, auto, new_tokens, "auto",
+                                compile, costs, report)
     for width in selected:
         if (width.widths, width.setting(model)["layer_kv_heads"]) != (ref, ref_heads) \
                 and width.kind != "mix":
-            _speculative_result(model, prompts, want, plain_rate, width, new_tokens,
+            _speculative_result(model, prompts, want, width, new_tokens,
                                 draft_tokens, compile, costs, report)
 
 
@@ -540,21 +546,26 @@ def _decode_rate(model: MatFormerLM, prompts: list[list[int]], new_tokens: int,
 
 
 def _speculative_result(model: MatFormerLM, prompts: list[list[int]], plain: list[list[int]],
-                        plain_rate: float, draft: EvalWidth, new_tokens: int,
+                        draft: EvalWidth, new_tokens: int,
                         draft_tokens: int | str, compile: bool, costs: DecodeCosts | None,
                         report: EvalReport) -> DecodeCosts | None:
     """Speculative decoding at the stored widths drafted by `draft` (kind "auto": the draft
-    and k chosen from costs), against plain decoding's tokens `plain` and speed `plain_rate`
-    on the same prompts; appends the row to `report` and returns the costs measured (or
+    and k chosen from costs), against plain decoding's tokens `plain` on the same prompts and
+    its speed timed beside each (prompt by prompt, interleaved); appends the row to `report` and returns the costs measured (or
     reused from `costs`) when a choice was made."""
     acc = dra = 0
-    secs = 0.0
+    secs = plain_secs = 0.0
     identical = True
     auto = draft.kind == "auto"
     heads = [] if auto else draft.setting(model)["layer_kv_heads"]
     how = ({"draft_tier": "auto"} if auto else
            {"draft_widths": draft.widths, "draft_layer_kv_heads": heads})
     for p, want in zip(prompts, plain, strict=True):
+        # plain decoding of the same prompt just before: the row's speed-up is against plain
+        # decoding timed in the same stretch (a busy machine's load changes within seconds)
+        plain_secs += generate(model, p, new_tokens, widths=model.stored_widths,
+                               layer_kv_heads=model.stored_kv_heads, ignore_eos=True,
+                               compile=compile).stats.seconds
         out = speculative_generate(model, p, new_tokens, widths=model.stored_widths,
                                    layer_kv_heads=model.stored_kv_heads, draft_tokens=draft_tokens,
                                    ignore_eos=True, compile=compile, costs=costs, **how)
@@ -568,6 +579,7 @@ def _speculative_result(model: MatFormerLM, prompts: list[list[int]], plain: lis
         report.speculative_choice = choice.to_dict()
         report.speculative_costs = costs.to_dict() if costs is not None else {}
     rate = len(prompts) * new_tokens / secs
+    plain_rate = len(prompts) * new_tokens / plain_secs
     name = (f"auto: {choice.draft or 'plain'}" if auto and choice is not None else draft.name)
     report.speculative.append(SpeculativeResult(
         draft_name=name, draft_widths=list(out.draft_widths or []), draft_tokens=draft_tokens,

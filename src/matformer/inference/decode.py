@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from matformer.errors import DataError
+from matformer.inference.compile_cache import compile_stats
 from matformer.inference.sampling import (  # noqa: F401  (the outputs are re-exported here)
     GenerationOutput,
     GenerationStats,
@@ -211,6 +212,7 @@ def decode_batch(model: MatFormerLM, prompts: Sequence[Sequence[int] | torch.Ten
     stats = [GenerationStats(prompt_tokens=r.shape[0]) for r in rows]
     outs: list[list[int]] = [[] for _ in rows]
     setting = call_setting(model, request)
+    compiling = compile_stats()
     with (model.running(setting) if setting else contextlib.nullcontext(),
           torch.inference_mode()):
         run_widths, run_heads = model.widths, model.layer_kv_heads
@@ -237,11 +239,13 @@ def decode_batch(model: MatFormerLM, prompts: Sequence[Sequence[int] | torch.Ten
             forwards += 1
         sync_device(device)
         seconds = time.perf_counter() - t0
+    compiling = compile_stats().since(compiling)  # what this call compiled, in `seconds`
     results = []
     for r, out, st in zip(rows, outs, stats, strict=True):
         st.new_tokens, st.seconds, st.prefill_seconds = len(out), seconds, prefill
         st.target_forwards = forwards
         results.append(GenerationOutput(tokens=out, prompt=r.tolist(), widths=run_widths,
-                                        stats=st, extra={"compiled": compile},
+                                        stats=st, extra={"compiled": compile, **(
+                                            {"compile": compiling} if compile else {})},
                                         kv_heads=run_heads))
     return results

@@ -23,22 +23,35 @@ go, the choice re-made after every round from the same costs. Only the draft in 
 observed, so a draft whose few-token prompt agreement was low by chance is tried (`explore`)
 while its optimistic acceptance (EXPLORE_Z standard errors up) would win, until it has drafted
 PRIOR_WEIGHT tokens.
+
+`auto` is never slower than plain decoding by more than noise (issue 28): the costs are of what
+a round runs (a draft step with its argmax, a verify with its concatenation, argmax and
+read-back), plain decoding's own step is timed as `generate` runs it (`plain_step`: eagerly
+that is the growing-cache forward, not the static one), and each round's wall time is
+compared with what the costs predicted for it: a draft whose rounds run slower than predicted
+has its costs scaled by the observed ratio (`DraftRound.slowdown`) before the next choice, so a
+draft that does not pay is dropped after a round or two and decoding goes on plainly. When
+even fully accepted drafts could not beat a plain step (the costs alone decide: no prompt
+forward, no draft forward), `auto` runs plain decoding itself, `generate`, at no extra cost.
+Costs are measured once per process for a (model, target, drafts, compile) and reused
+(`cached_costs`), so only the first call pays for timing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import statistics
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from matformer.errors import ConfigError
-from matformer.inference.decode import static_decoder
+from matformer.inference.compile_cache import compile_stats
+from matformer.inference.decode import generate, static_decoder
 from matformer.inference.sampling import (
     GenerationOutput,
     GenerationStats,
@@ -66,6 +79,10 @@ AUTO_MAX_DRAFT_TOKENS = 8
 
 PRIOR_WEIGHT = 16
 """Drafted tokens the prompt's agreement counts for against the acceptance observed later."""
+
+PLAIN_PROBE_EVERY = 16
+"""With a draft chosen by `auto`, every this many rounds one is a plain step, timed: what the
+draft's rounds are compared with is plain decoding as it runs now, not only as timed once."""
 
 EXPLORE_Z = 2.0
 """`draft_tier="auto"` tries a draft it is not using, until it has drafted PRIOR_WEIGHT tokens,
@@ -105,9 +122,23 @@ class DecodeCosts:
     position: int = 0
     seconds: float = 0.0
     """Time spent measuring."""
+    plain_step: float = 0.0
+    """One token of plain decoding as `generate` runs it (its step and its pick); 0: not
+    measured, `target_step` stands for it."""
+    measured_ks: list[int] = field(default_factory=list)
+    """The k whose verify was timed (the others interpolated between them; empty: all)."""
+    observed: Observed = field(default_factory=lambda: Observed(), compare=False, repr=False)
+    """What `auto` calls that used these costs saw their rounds and plain steps take."""
+
+    @property
+    def plain(self) -> float:
+        """Seconds per token of plain decoding, what every draft is compared with."""
+        return self.plain_step or self.target_step
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("observed")
+        return d
 
 
 @dataclass
@@ -122,6 +153,8 @@ class DraftChoice:
     explore: bool = False
     """Chosen to learn its acceptance: its estimate's upper bound, not its estimate, would win
     (`acceptance` and the expectations are then the upper bound's)."""
+    reason: str = ""
+    """Why, in words (the eval table and the summary line print it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,67 +177,213 @@ def expected_speedup(alpha: float, k: int, draft_step: float, verify: float,
     return expected_tokens(alpha, k) / (k * draft_step + verify) * target_step
 
 
+def round_seconds(costs: DecodeCosts, name: str, k: int) -> float:
+    """What the costs predict a round of k drafts by `name` takes."""
+    return k * costs.draft_steps[name] + costs.verify[k]
+
+
 def choose_draft(costs: DecodeCosts, acceptance: dict[str, float],
-                 ks: Sequence[int] | None = None, *, allow_plain: bool = True) -> DraftChoice:
-    """The (draft, k) of the highest expected speed-up among the drafts in `acceptance` and
-    the k in `ks` (default every k `costs.verify` holds); with `allow_plain`, plain decoding
-    (draft None, speed-up 1) when no pair is expected to beat it."""
-    best = DraftChoice(None, 0, 0.0, 1.0, 1.0 if allow_plain else 0.0)
+                 ks: Sequence[int] | None = None, *, allow_plain: bool = True,
+                 slowdown: dict[str, float] | None = None,
+                 plain: float | None = None) -> DraftChoice:
+    """The (draft, k) of the highest expected speed-up over plain decoding (`costs.plain` a
+    token) among the drafts in `acceptance` and the k in `ks` (default every k `costs.verify`
+    holds), each draft's rounds `slowdown[name]` times as long as the costs predict (observed;
+    default 1), against `plain` seconds a plain token (observed; default `costs.plain`); with
+    `allow_plain`, plain decoding (draft None, speed-up 1) when no pair is expected to beat it."""
+    base = plain or costs.plain
+    best = DraftChoice(None, 0, 0.0, 1.0, 1.0 if allow_plain else 0.0,
+                       reason="no draft expected to pay")
     for name, alpha in acceptance.items():
+        slow = (slowdown or {}).get(name, 1.0)
         for k in ks if ks is not None else sorted(costs.verify):
-            gain = expected_speedup(alpha, k, costs.draft_steps[name], costs.verify[k],
-                                    costs.target_step)
+            gain = expected_tokens(alpha, k) / (round_seconds(costs, name, k) * slow) * base
             if gain > best.expected_speedup:
-                best = DraftChoice(name, k, alpha, expected_tokens(alpha, k), gain)
+                best = DraftChoice(name, k, alpha, expected_tokens(alpha, k), gain,
+                                   reason=f"expected {gain:.2f}x at acceptance "
+                                          f"{100 * alpha:.0f}%"
+                                          + (f", rounds {slow:.2f}x the costs' time"
+                                             if slow != 1.0 else ""))
     return best
+
+
+def can_pay(costs: DecodeCosts, names: Sequence[str], ks: Sequence[int],
+            seen: Observed | None = None) -> bool:
+    """Whether any draft could beat plain decoding even with every draft accepted (its rounds
+    and plain steps as `seen` by earlier calls, when given): when not, no acceptance estimate
+    (no prompt forward) is needed to choose plain decoding."""
+    state = DraftRound(Draft("", []), 0, "auto", dict.fromkeys(names, 1.0))
+    if seen is not None:
+        seen.seed(state)
+    return choose_draft(costs, dict.fromkeys(names, 1.0), ks, slowdown=state.slowdown(),
+                        plain=state.plain_step()).draft is not None
+
+
+DECAY = 0.5
+"""What earlier calls saw weighs this much less after each call (`Observed`)."""
+
+
+@dataclass
+class Observed:
+    """What earlier calls of this process saw their rounds and plain steps take (for a costs
+    key): a later call starts from it, so a draft that did not pay is not tried again on every
+    prompt (and `auto` then runs `generate` itself). Its sums are halved after every call, so it
+    follows the machine as it changes. Kept on the `DecodeCosts` it is relative to."""
+
+    timed: dict[str, list[float]] = field(default_factory=dict)
+    plain_timed: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def seed(self, state: DraftRound) -> None:
+        state.timed = {n: list(v) for n, v in self.timed.items()}
+        state.plain_timed = list(self.plain_timed)
+
+    def absorb(self, state: DraftRound) -> None:
+        """Keep what `state` saw (its seed included), earlier calls weighing half each time."""
+        self.timed = {n: [DECAY * t, DECAY * p] for n, (t, p) in state.timed.items()}
+        self.plain_timed = [DECAY * x for x in state.plain_timed]
 
 
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-def _timed(fn: Any, device: torch.device, reps: int) -> float:
-    """Median seconds of `fn()` over `reps` runs after one warm-up (which compiles)."""
-    fn()
-    times = []
+def _timed_together(fns: dict[Any, tuple[Callable[[], None], Callable[[], None]]],
+                    device: torch.device, reps: int, warm: bool) -> dict[Any, float]:
+    """Seconds of each of `fns` (key -> (set-up, untimed; the run, timed)): the least of `reps`
+    runs, the runs interleaved (one of each, then again), after one warm-up run each (which
+    compiles) when `warm`. On a shared machine
+    load only ever adds time, and interleaving spreads a burst over every quantity alike, so
+    the ratios the choice rests on stay close to the idle machine's."""
+    if warm:
+        for setup, fn in fns.values():
+            setup()
+            fn()
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
-        sync_device(device)
-        t0 = time.perf_counter()
-        fn()
-        sync_device(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, (setup, fn) in fns.items():
+            setup()
+            sync_device(device)
+            t0 = time.perf_counter()
+            fn()
+            sync_device(device)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
+def _verify_points(ks: Sequence[int]) -> list[int]:
+    """The k whose verify is timed: the smallest, the largest and the powers of two between;
+    the verify of the others is interpolated (its cost is close to linear in the tokens)."""
+    return sorted({ks[0], ks[-1], *(k for k in ks if k & (k - 1) == 0)})
+
+
+def _interpolate(points: dict[int, float], ks: Sequence[int]) -> dict[int, float]:
+    """`points` (k -> seconds) extended to every k in `ks`, linearly between timed points
+    (beyond them: the nearest)."""
+    xs = sorted(points)
+    out = {}
+    for k in ks:
+        lo = max((x for x in xs if x <= k), default=xs[0])
+        hi = min((x for x in xs if x >= k), default=xs[-1])
+        w = 0.0 if hi == lo else (k - lo) / (hi - lo)
+        out[k] = points[lo] + w * (points[hi] - points[lo])
+    return out
 
 
 def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: Setting,
                   drafts: Sequence[Draft], draft_decs: dict[str, StaticDecoder],
-                  ks: Sequence[int], reps: int = 3) -> DecodeCosts:
-    """Time a target step, each draft's step and each k's verify at `dec`'s position (every
-    forward is cropped away again); the model is left at the `target` setting."""
+                  ks: Sequence[int], reps: int = 3, *, prune: bool = False) -> DecodeCosts:
+    """Time, at `dec`'s position (every forward is cropped away again; the least of `reps`
+    interleaved runs), what decoding runs:
+    plain decoding's step as `generate` runs it, a target step, each draft's step with its
+    argmax, and the verify of k+1 tokens with its concatenation, argmax and read-back, for the
+    smallest k, the largest and the powers of two between (the rest interpolated). `prune`:
+    when no draft could pay even fully accepted with the smallest verify, the other verifies
+    are not timed (every k gets the smallest's: a lower bound). The model is left at `target`."""
     t0 = time.perf_counter()
-    pos = dec.pos
-    # one contiguous tensor per length, as the rounds pass (a slice would be copied each call)
-    toks = {n: torch.zeros(1, n, dtype=torch.long, device=dec.device)
-            for n in (1, *(k + 1 for k in ks))}
+    pos, warm = dec.pos, dec.compiled  # eager: nothing to compile
+    one = torch.zeros(1, 1, dtype=torch.long, device=dec.device)
+    tails = {k: torch.zeros(1, k, dtype=torch.long, device=dec.device) for k in ks}
 
-    def run(d: StaticDecoder, n: int) -> None:
+    def step(d: StaticDecoder) -> None:
         at = d.pos
-        d.forward(toks[n])
+        d.step(one).argmax(-1).view(1, 1)
         d.crop(at)
 
-    verify = {}
-    model.apply(target)
-    target_step = _timed(lambda: run(dec, 1), dec.device, reps)
-    for k in ks:
-        verify[k] = _timed(lambda k=k: run(dec, k + 1), dec.device, reps)
-    steps = {}
+    def verify(k: int) -> None:
+        model.apply(target)
+        block = torch.cat([one, tails[k]], dim=1)
+        dec.forward(block)[0].argmax(-1).tolist()
+        dec.crop(pos)
+
+    def at(setting: Setting | None, fn: Callable[[], None]) -> tuple[Callable[[], None],
+                                                                       Callable[[], None]]:
+        return ((lambda: model.apply(setting)) if setting is not None else (lambda: None)), fn
+
+    fns: dict[Any, tuple[Callable[[], None], Callable[[], None]]] = {
+        "target": at(target, lambda: step(dec))}
+    if not dec.compiled:
+        fns["plain"] = at(target, _eager_plain_step(model, pos, dec.device))
     for d in drafts:
-        if d.model is None:
-            model.apply(d.setting)
-            steps[d.name] = _timed(lambda: run(dec, 1), dec.device, reps)
-        else:
-            steps[d.name] = _timed(lambda d=d: run(draft_decs[d.name], 1), dec.device, reps)
+        fns[d.name] = (at(d.setting, lambda: step(dec)) if d.model is None
+                       else at(None, lambda d=d: step(draft_decs[d.name])))
+    points = _verify_points(ks)
+    fns[("verify", points[0])] = at(None, lambda: verify(points[0]))
+    first = _timed_together(fns, dec.device, reps, warm)
+    target_step = first["target"]
+    plain_step = first.get("plain", target_step)
+    steps = {d.name: first[d.name] for d in drafts}
+    timed = {points[0]: first[("verify", points[0])]}
+    partial = DecodeCosts(target_step, steps, dict.fromkeys(ks, timed[points[0]]),
+                          plain_step=plain_step)
+    if len(points) > 1 and not (prune and not can_pay(partial, list(steps), ks)):
+        more = _timed_together({k: at(None, lambda k=k: verify(k)) for k in points[1:]},
+                               dec.device, reps, warm)
+        timed.update(more)
     model.apply(target)
-    return DecodeCosts(target_step, steps, verify, pos, time.perf_counter() - t0)
+    return DecodeCosts(target_step, steps, _interpolate(timed, ks), pos,
+                       time.perf_counter() - t0, plain_step=plain_step,
+                       measured_ks=sorted(timed))
+
+
+def _eager_plain_step(model: MatFormerLM, pos: int, device: torch.device) -> Callable[[], None]:
+    """One step of `generate`'s eager loop at position `pos` (its growing cache slice and its
+    pick), on a scratch cache: what plain decoding costs a token eagerly."""
+    cache = model.new_cache(1, pos + 1)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    def run() -> None:
+        cache.length = pos
+        int(model(tok, cache=cache)[0, -1].argmax(-1))
+
+    return run
+
+
+_COSTS: weakref.WeakKeyDictionary[MatFormerLM, dict[tuple, DecodeCosts]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _costs_key(model: MatFormerLM, target: Setting, drafts: Sequence[Draft], compile: bool,
+               ks: Sequence[int]) -> tuple:
+    """What the costs of a call depend on besides the machine: the target and draft settings,
+    a separate draft model, compilation, the dtype and device."""
+    w = model.model.embed_tokens.weight
+    return (tuple(target.widths), tuple(target.kv_heads), compile, str(w.dtype), str(w.device),
+            tuple((d.name, tuple(d.widths), tuple(d.kv_heads or [])) for d in drafts),
+            tuple(ks))
+
+
+def cached_costs(model: MatFormerLM, key: tuple) -> DecodeCosts | None:
+    """The costs measured earlier in this process for `key` (`_costs_key`), if any."""
+    return _COSTS.get(model, {}).get(key)
+
+
+
+
+def _keep_costs(model: MatFormerLM, key: tuple, costs: DecodeCosts,
+                drafts: Sequence[Draft]) -> None:
+    """Keep `costs` for later calls (not with a separate draft model: it is not part of the
+    key, and another model may take its place)."""
+    if all(d.model is None for d in drafts):
+        _COSTS.setdefault(model, {})[key] = costs
 
 
 def prompt_agreement(model: MatFormerLM, ids: torch.Tensor, target: Setting,
@@ -302,6 +481,34 @@ class DraftRound:
     """draft name -> [accepted, drafted] observed."""
     plain_ok: bool = False
     """Whether the choice may fall back to plain decoding (the draft was chosen too)."""
+    timed: dict[str, list[float]] = field(default_factory=dict)
+    """draft name -> [seconds its rounds took, seconds the costs predicted for them]."""
+    plain_timed: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """[seconds, tokens] of the plain steps taken between rounds (`plain_ok`): plain
+    decoding's own cost, observed in the same stretch of time as the rounds it is compared
+    with (a busy machine slows both)."""
+    rounds: int = 0
+
+    def plain_step(self) -> float | None:
+        """Seconds a plain token took, observed (None: not yet)."""
+        took, n = self.plain_timed
+        return took / n if n else None
+
+    def probe_plain(self) -> bool:
+        """Whether this round is a plain step, taken to observe plain decoding (a token like any
+        other): rounds 2 and 4, then every PLAIN_PROBE_EVERY-th, while a draft is in use."""
+        return (self.plain_ok and self.k > 0 and self.mode == "auto"
+                and (self.rounds in (2, 4) or self.rounds % PLAIN_PROBE_EVERY == 0))
+
+    def slowdown(self) -> dict[str, float]:
+        """Each observed draft's rounds' wall time over what the costs predicted for them: the
+        per-round work the step costs do not hold (Python, concatenation, reads, switches)."""
+        took = sum(t for t, _ in self.timed.values())
+        predicted = sum(p for _, p in self.timed.values())
+        overall = took / predicted if predicted > 0 else 1.0  # for a draft not yet observed
+        return {n: (self.timed[n][0] / self.timed[n][1]
+                    if n in self.timed and self.timed[n][1] > 0 else overall)
+                for n in self.prior}
 
     def acceptance(self) -> dict[str, float]:
         out = {}
@@ -379,9 +586,18 @@ def speculative_generate(
     device = model.model.embed_tokens.weight.device
     sampler, eos = sampler_and_eos(model, device, temperature, top_k, top_p, seed, eos_token_id,
                                    ignore_eos)
+
+    def plain(target: Setting) -> GenerationOutput:
+        """Plain decoding at `target`, as `generate` runs it (`auto` chose it)."""
+        return generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
+                        stream=stream, widths=target.widths, layer_kv_heads=target.kv_heads,
+                        compile=compile)
+
     return _speculative(model, prompt, max_new_tokens, target_request, draft_request, auto,
                         draft_model, draft_tokens, max_draft_tokens, sampler, eos, stream=stream,
-                        compile=compile, costs=costs, return_cache=return_cache)
+                        compile=compile, costs=costs, return_cache=return_cache,
+                        plain=None if return_cache else plain)
 
 
 def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int,
@@ -389,9 +605,11 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                  draft_model: MatFormerLM | None, draft_tokens: int | str | None,
                  max_draft_tokens: int, sampler: Sampler, eos: set[int], *,
                  stream: StreamCallback | None, compile: bool, costs: DecodeCosts | None,
-                 return_cache: bool) -> GenerationOutput:
+                 return_cache: bool,
+                 plain: Callable[[Setting], GenerationOutput] | None = None) -> GenerationOutput:
     """`speculative_generate` with the target's and the draft's widths as one request each
-    (`auto`: the draft is chosen among the narrower tiers) and the sampler built."""
+    (`auto`: the draft is chosen among the narrower tiers) and the sampler built. `plain`:
+    plain decoding at a setting, run when `auto` chooses it before decoding starts."""
     device = model.model.embed_tokens.weight.device
     ids = prompt_ids(prompt, device, model.config.vocab_size)  # (1, P)
     max_len = check_lengths(model, ids.shape[1], max_new_tokens)
@@ -399,24 +617,52 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
     target = model.resolve(target_request, current=True)
     drafts = _drafts(model, target, draft_request, auto, draft_model)
     choose = mode == "auto" or len(drafts) > 1
+    if choose:  # a verify of k+1 tokens after the prompt must fit the context to be timed
+        ctx = model.config.max_position_embeddings
+        ks = [k for k in ks if ids.shape[1] + k <= ctx] or ks[:1]
+    key = _costs_key(model, target, drafts, compile, ks)
+    if choose and not _covers(costs, drafts, ks):
+        costs = cached_costs(model, key)
+    seen = costs.observed if auto and costs is not None else None
+    if (auto and plain is not None and costs is not None and _covers(costs, drafts, ks)
+            and not can_pay(costs, [d.name for d in drafts], ks, seen)):
+        # Not even fully accepted drafts would pay: plain decoding itself, nothing else run.
+        return _chose_plain(plain(target), costs, 0.0,
+                            "no draft pays even if every draft is accepted"
+                            + (", as earlier calls' rounds ran" if seen and seen.timed else ""))
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
+    compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
     with model.running(target), torch.inference_mode():
         t0 = time.perf_counter()
+        if choose:  # room for timing the longest verify after the prompt, however short the call
+            max_len = min(model.config.max_position_embeddings,
+                          max(max_len, ids.shape[1] + max(ks) + 1))
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
         cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
         state = DraftRound(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
-                       plain_ok=auto)
+                           plain_ok=auto)
+        if seen is not None:
+            seen.seed(state)
         if choose:
             costs = _first_choice(model, dec, draft_decs, ids, target, drafts, ks, sampler, state,
-                                  costs, extra)
+                                  costs, extra, key, prune=auto and plain is not None)
+            seen = costs.observed if auto else None
+            if plain is not None and state.k == 0:  # plain from the start: as generate runs it
+                sync_device(device)
+                return _chose_plain(plain(target), costs, time.perf_counter() - t0,
+                                    extra["choice"].reason, extra["choice"])
         stats.prefill_seconds = time.perf_counter() - t0
         out = _rounds(model, dec, draft_decs, cur, state, target, sampler, eos, max_new_tokens,
                       stats, stream, ks if choose else None, costs, drafts, extra)
+        if seen is not None:
+            seen.absorb(state)
         sync_device(device)
         stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
+    if compile:
+        extra["compile"] = compile_stats().since(compiling)
     if return_cache:
         extra["cache"] = dec.finish()
     return GenerationOutput(tokens=out, prompt=ids[0].tolist(), widths=list(target.widths),
@@ -424,17 +670,39 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                             kv_heads=list(target.kv_heads), draft_kv_heads=state.draft.kv_heads)
 
 
+def _chose_plain(out: GenerationOutput, costs: DecodeCosts, choosing: float, reason: str,
+                 choice: DraftChoice | None = None) -> GenerationOutput:
+    """Plain decoding's output as `auto`'s: the choice and costs in `extra`, the `choosing`
+    seconds spent before it (prompt agreement, timing) added to its time."""
+    out.stats.seconds += choosing
+    out.stats.prefill_seconds += choosing
+    out.extra["choice"] = replace(choice, reason=reason) if choice is not None else DraftChoice(
+        None, 0, 0.0, 1.0, 1.0, reason=reason)
+    out.extra["costs"] = costs
+    out.extra["choosing_seconds"] = choosing
+    return out
+
+
 def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
                   ids: torch.Tensor, target: Setting, drafts: list[Draft],
                   ks: Sequence[int], sampler: Sampler, state: DraftRound, costs: DecodeCosts | None,
-                  extra: dict[str, Any]) -> DecodeCosts:
-    """The first (draft, k) choice, from the prompt's agreement and the costs (measured now
-    unless `costs` cover every draft and k); returns the costs (also in `extra["costs"]`)."""
-    state.prior = prompt_agreement(model, ids, target, drafts, sampler)
+                  extra: dict[str, Any], key: tuple, *, prune: bool = False) -> DecodeCosts:
+    """The first (draft, k) choice, from the prompt's agreement and the costs (measured now,
+    and kept for later calls, unless `costs` cover every draft and k); returns the costs (also
+    in `extra["costs"]`). `prune` (plain decoding may be chosen): when no draft could pay even
+    fully accepted, neither the agreement nor the other verifies are measured."""
     if not _covers(costs, drafts, ks):
-        costs = measure_costs(model, dec, target, drafts, draft_decs, ks)
-    rechoose_draft(state, drafts, costs, ks, extra)
+        costs = measure_costs(model, dec, target, drafts, draft_decs, ks, prune=prune)
+        _keep_costs(model, key, costs, drafts)
     extra["costs"] = costs
+    if prune and not can_pay(costs, [d.name for d in drafts], ks):
+        extra["choice"] = DraftChoice(None, 0, 0.0, 1.0, 1.0,
+                                      reason="no draft pays even if every draft is accepted")
+        state.k = 0
+        return costs
+    state.prior = prompt_agreement(model, ids, target, drafts, sampler)
+    rechoose_draft(state, drafts, costs, ks, extra)
+    extra["first_choice"] = extra["choice"]  # from the costs alone, before any round
     return costs
 
 
@@ -465,22 +733,28 @@ def _prefill(dec: StaticDecoder, draft_decs: dict[str, StaticDecoder], ids: torc
     return ids[:, -1:]
 
 
-def rechoose_draft(state: DraftRound, drafts: Sequence[Draft], costs: DecodeCosts, ks: Sequence[int],
-              extra: dict[str, Any]) -> None:
-    """Pick (draft, k) from the costs at the acceptance seen so far. With k and the draft chosen
-    (`draft_tier="auto"`) and no pair expected to beat plain decoding, k = 0: each round is one
-    target step; a named draft drafts at its best k even then."""
+def rechoose_draft(state: DraftRound, drafts: Sequence[Draft], costs: DecodeCosts,
+                   ks: Sequence[int], extra: dict[str, Any]) -> None:
+    """Pick (draft, k) from the costs, scaled by the rounds' observed slowdown, at the
+    acceptance seen so far. With k and the draft chosen (`draft_tier="auto"`) and no pair
+    expected to beat plain decoding, k = 0: plain decoding; a named draft drafts at its best k
+    even then."""
     auto = state.mode == "auto"
+    slow = state.slowdown()
+    plain = state.plain_step()
     choice = choose_draft(costs, state.acceptance(), ks if auto else [state.k],
-                          allow_plain=auto and state.plain_ok)
+                          allow_plain=auto and state.plain_ok, slowdown=slow, plain=plain)
     if auto:  # explore: a little-observed draft whose optimistic acceptance would beat the choice
         upper = state.upper()
-        others = [choose_draft(costs, {n: upper[n]}, ks, allow_plain=False)
+        others = [choose_draft(costs, {n: upper[n]}, ks, allow_plain=False, slowdown=slow,
+                               plain=plain)
                   for n in upper if n != choice.draft
                   and state.seen.get(n, [0, 0])[1] < PRIOR_WEIGHT]
         best = max(others, key=lambda c: c.expected_speedup, default=None)
         if best is not None and best.expected_speedup > choice.expected_speedup:
-            choice = replace(best, explore=True)
+            choice = replace(best, explore=True, reason=best.reason + " (optimistic: exploring)")
+    if choice.draft is None and state.timed:
+        choice = replace(choice, reason="the rounds ran slower than plain decoding would")
     extra["choice"] = choice
     if choice.draft is None:
         state.k = 0
@@ -495,9 +769,27 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
             max_new_tokens: int, stats: GenerationStats, stream: StreamCallback | None,
             ks: Sequence[int] | None, costs: DecodeCosts | None, drafts: Sequence[Draft],
             extra: dict[str, Any]) -> list[int]:
-    """Draft-verify rounds until EOS or `max_new_tokens`; `ks`: re-choose after each round."""
+    """Draft-verify rounds until EOS or `max_new_tokens`; `ks`: re-choose after each round,
+    from the costs and each round's wall time; once plain decoding is chosen (k = 0 with the
+    draft chosen too), plain steps to the end."""
     out: list[int] = []
     while stats.stop_reason != "eos" and len(out) < max_new_tokens:
+        if state.k == 0 and state.plain_ok and ks is not None:
+            model.apply(target)
+            out += _plain_steps(dec, cur, sampler, eos, max_new_tokens - len(out), stats, stream)
+            break
+        t0 = time.perf_counter()
+        state.rounds += 1
+        if ks is not None and state.probe_plain():  # one plain step, timed
+            model.apply(target)
+            new = _plain_steps(dec, cur, sampler, eos, 1, stats, stream)
+            state.plain_timed[0] += time.perf_counter() - t0
+            state.plain_timed[1] += 1
+            out += new
+            cur = torch.tensor([[new[-1]]], device=dec.device)
+            if costs is not None and state.mode == "auto":
+                rechoose_draft(state, drafts, costs, ks, extra)
+            continue
         start = dec.pos
         # One token always comes from the verifier, so at most remaining-1 drafts count.
         kk = min(state.k, max_new_tokens - len(out) - 1)
@@ -521,10 +813,46 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         seen = state.seen.setdefault(state.draft.name, [0, 0])
         seen[0] += n
         seen[1] += kk
+        timed = [0.0, 0.0]
+        if costs is not None and kk > 0 and kk in costs.verify \
+                and state.draft.name in costs.draft_steps:
+            # the whole round against what the costs predicted for it (its choosing is added
+            # after it, for the next choice)
+            timed = state.timed.setdefault(state.draft.name, [0.0, 0.0])
+            timed[0] += time.perf_counter() - t0
+            timed[1] += round_seconds(costs, state.draft.name, kk)
+        t1 = time.perf_counter()
         if state.mode == "adaptive":
             state.k = (min(state.k + 2, 16) if n == kk and kk > 0 else max(1, state.k - 1))
         elif ks is not None and costs is not None:
             rechoose_draft(state, drafts, costs, ks, extra)
+        timed[0] += time.perf_counter() - t1
+    return out
+
+
+def _plain_steps(dec: StaticDecoder, cur: torch.Tensor, sampler: Sampler, eos: set[int],
+                 room: int, stats: GenerationStats, stream: StreamCallback | None) -> list[int]:
+    """Plain decoding on the decoder from `cur` (emitted, not yet in the cache): up to `room`
+    tokens, one step each, until EOS. Eagerly each step is `generate`'s (the model's forward
+    over the cache's filled columns, cheaper eagerly than the static step over all of them)."""
+    out: list[int] = []
+    eager = not dec.compiled and int(dec.pad.max()) == 0
+    while len(out) < room:
+        if eager:  # generate's own eager step: the cache's filled slice, not all of it
+            dec.cache.length = dec.pos
+            logits = dec.model(cur, cache=dec.cache)[0, -1]
+            dec.pos += 1
+        else:
+            logits = dec.step(cur)[0]
+        tok = int(sampler.pick(logits))
+        stats.target_forwards += 1
+        out.append(tok)
+        if stream is not None:
+            stream([tok])
+        if tok in eos:
+            stats.stop_reason = "eos"
+            break
+        cur = torch.tensor([[tok]], device=dec.device)
     return out
 
 

@@ -32,10 +32,16 @@ alone.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from matformer.inference.compile_cache import (
+    compiled_graphs,
+    enable_compile_cache,
+    record_compile_seconds,
+)
 from matformer.models.lm.model import KVCache, MatFormerLM
 
 RECOMPILE_LIMIT = 64
@@ -49,7 +55,9 @@ def _forward(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tensor, cac
 
 @functools.cache
 def compiled_forward(mode: str | None = None, backend: str | Callable = "inductor") -> Callable:
-    """`_forward` compiled (one wrapper per mode and backend, so its graphs are kept)."""
+    """`_forward` compiled (one wrapper per mode and backend, so its graphs are kept); the
+    kernels inductor builds are kept on disk for later processes (`enable_compile_cache`)."""
+    enable_compile_cache()
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
@@ -126,7 +134,10 @@ class StaticDecoder:
             cols = torch.arange(self.pos, self.pos + T, device=self.device)
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
+            graphs, t0 = (compiled_graphs(), time.perf_counter()) if self.compiled else (0, 0.0)
             out = self._step(self.model, ids, cols, self.cache, self.pad, False)
+            if self.compiled and compiled_graphs() != graphs:  # this call compiled: its time
+                record_compile_seconds(time.perf_counter() - t0)
             out = out.clone() if self.cuda_graphs else out
         self.pos += T
         return out

@@ -221,6 +221,8 @@ def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
                 f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
     if "choice" in output.extra:
         msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
+    if "compile" in output.extra:
+        msg += "; " + output.extra["compile"].describe()
     return msg + "]"
 
 
@@ -228,11 +230,13 @@ def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
     """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
     verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
     drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
-    pick = ("plain decoding (no draft expected to pay)" if choice.draft is None
+    why = choice.reason or "no draft expected to pay"
+    pick = (f"plain decoding ({why})" if choice.draft is None
             else f"{choice.draft}, k={choice.k} (acceptance {100 * choice.acceptance:.0f}%, "
                  f"expected {choice.expected_speedup:.2f}x)")
-    return (f"chose {pick} from costs measured here in ms: target step "
-            f"{1e3 * costs.target_step:.2f}; draft steps {drafts}; verify of k+1 tokens {verify}")
+    return (f"chose {pick} from costs measured here in {1e3 * costs.seconds:.0f} ms, in ms: "
+            f"plain step {1e3 * costs.plain:.2f}; target step {1e3 * costs.target_step:.2f}; "
+            f"draft steps {drafts}; verify of k+1 tokens {verify}")
 
 
 def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> str:
@@ -240,5 +244,7 @@ def format_batch_summary(outputs: list[GenerationOutput], base_width: int) -> st
     s = outputs[0].stats
     n = sum(o.stats.new_tokens for o in outputs)
     rate = n / s.seconds if s.seconds > 0 else 0.0
+    compiled = ("; " + outputs[0].extra["compile"].describe()
+                if "compile" in outputs[0].extra else "")
     return (f"[{len(outputs)} prompts, {n} tokens in {s.seconds:.2f}s, {rate:.1f} tok/s in all, "
-            f"at {describe_widths(base_width, outputs[0].widths)}]")
+            f"at {describe_widths(base_width, outputs[0].widths)}{compiled}]")
