@@ -255,6 +255,7 @@ def test_v2_pipeline_end_to_end(rp2, tmp_path):
     assert rp2.replot(js) == 0
 
 
+@pytest.mark.slow  # ~13 s: the opt-in configs; the default v2 pipeline stays in CI
 def test_v2_opt_in_configs_heads_and_tail_lr_end_to_end(rp2, tmp_path, monkeypatch):
     """joint_heads and joint_tail: not in the default run, trained with --configs, their compute
     counted per (tier, KV heads), reported against the baselines and joint, and reused by

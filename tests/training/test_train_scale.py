@@ -629,6 +629,7 @@ def test_fsdp_state_resumes_without_fsdp_on_two_processes_and_in_one(tmp_path, c
     _close_losses(one.out, a, rel=0.05)
 
 
+@pytest.mark.slow  # ~15 s; the one-process resume into FSDP and the in-process conversion stay in CI
 def test_single_file_state_resumes_with_fsdp_on_two_processes(tmp_path, corpus):
     """A 2-process DDP run (ranks at tiers 1 and 2) resumed with --fsdp on 2 processes: the
     single-file state sharded on load; the same weights, losses and optimizer state as the
