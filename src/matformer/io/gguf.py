@@ -16,7 +16,9 @@ Conventions follow llama.cpp's own converter (convert_hf_to_gguf.py, `LlamaModel
   `tokenizer.ggml.pre`, the name llama.cpp splits text by: found as llama.cpp's converter finds it
   (the hash of the tokenizer's ids for a fixed text, `io.gguf_pre`: `smollm` for SmolLM2), else
   from the pre-tokenizer's structure (`gpt-2` for tokenizers' `ByteLevel(use_regex=True)`, ours),
-  else refused (see `read_tokenizer`).
+  else refused (see `read_tokenizer`). A byte-fallback BPE (Llama 2, Mistral v0.1, Gemma:
+  `▁`-spelled pieces, `<0xXX>` byte tokens) is written as llama.cpp's SentencePiece-style `llama`
+  model instead (tokens, scores, types, add_space_prefix; `io.gguf_spm`).
 - types: F32, F16, BF16, Q8_0 and the 4-bit Q4_0 / Q4_1 (the embedding then Q8_0: `FOUR_BIT`);
   norms stay F32, and rows that are not whole blocks fall back to F16 as llama.cpp does.
 
@@ -40,6 +42,7 @@ import numpy as np
 from matformer.errors import CheckpointError, ConfigError
 from matformer.io.files import is_regular, read_bytes, read_json
 from matformer.io.gguf_pre import CHKTXT, KNOWN
+from matformer.io.gguf_spm import adds_bos_eos, is_spm, space_prefix, spm_vocab
 from matformer.io.outputs import Protected, output_temp
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -166,6 +169,14 @@ class TokenizerSpec:
     """llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`)."""
     chat_template: str | None = None
     """tokenizer_config.json's `chat_template` (a string), written as `tokenizer.chat_template`."""
+    model: str = "gpt2"
+    """llama.cpp's tokenizer model: `gpt2` (byte-level BPE) or `llama` (SentencePiece style,
+    `io.gguf_spm`)."""
+    scores: list[float] | None = None
+    """`llama` only: one score per token (llama.cpp merges the best-scored pair first)."""
+    add_space_prefix: bool | None = None
+    """`llama` only: llama.cpp prepends a space to the text."""
+    unk_id: int | None = None
 
 
 def _byte_level(pre: Any) -> bool:
@@ -214,12 +225,15 @@ def read_tokenizer(path: Path, vocab_size: int, pre: str | None = None) -> Token
     llama.cpp has no name for) is refused: llama.cpp would tokenize differently from the
     model's training."""
     obj = read_json(path, limit=1 << 30)  # regular files only: a FIFO is refused, not waited on
+    if is_spm(obj):
+        return _spm_spec(path, obj, vocab_size)
     model = obj.get("model") if isinstance(obj, dict) else None
     structure = obj.get("pre_tokenizer") if isinstance(obj, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(
             model.get("vocab"), dict):
         raise CheckpointError(f"{path}: model is not a BPE vocabulary; only byte-level BPE "
-                              f"tokenizers can be exported to llama.cpp")
+                              f"and byte-fallback (SentencePiece-style) BPE tokenizers can be "
+                              f"exported to llama.cpp")
     name = pre or pre_tokenizer_by_hash(obj)
     if name is None:
         name = pre_tokenizer_name(structure)
@@ -232,6 +246,30 @@ def read_tokenizer(path: Path, vocab_size: int, pre: str | None = None) -> Token
     spec = _tokenizer_spec(path, obj, model, vocab_size)
     spec.pre = name
     return spec
+
+
+def _spm_spec(path: Path, obj: dict, vocab_size: int) -> TokenizerSpec:
+    """A byte-fallback BPE as llama.cpp's `llama` tokenizer (`io.gguf_spm`), the flags and chat
+    template from tokenizer_config.json (add_bos/add_eos, when it does not say, from the
+    post-processor)."""
+    add_space_prefix = space_prefix(path, obj)
+    tokens, scores, types, unk_id = spm_vocab(path, obj, vocab_size)
+    bos, eos = adds_bos_eos(obj)
+    tcfg = _tokenizer_config(path)
+    return TokenizerSpec(tokens, types, [], bool(tcfg.get("add_bos_token", bos)),
+                         bool(tcfg.get("add_eos_token", eos)), pre="default",
+                         chat_template=_chat_template(path, tcfg), model="llama", scores=scores,
+                         add_space_prefix=add_space_prefix, unk_id=unk_id)
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json beside `path` ({} when absent or unreadable)."""
+    cfg_path = path.parent / "tokenizer_config.json"
+    try:
+        tcfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
+    except CheckpointError:
+        tcfg = {}
+    return tcfg if isinstance(tcfg, dict) else {}
 
 
 def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> TokenizerSpec:
@@ -256,13 +294,14 @@ def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> Toke
             tokens.append(by_id[i])
             types.append(int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    cfg_path = path.parent / "tokenizer_config.json"
-    try:
-        tcfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
-    except CheckpointError:
-        tcfg = {}
-    if not isinstance(tcfg, dict):
-        tcfg = {}
+    tcfg = _tokenizer_config(path)
+    return TokenizerSpec(tokens, types, merges, bool(tcfg.get("add_bos_token", False)),
+                         bool(tcfg.get("add_eos_token", False)),
+                         chat_template=_chat_template(path, tcfg))
+
+
+def _chat_template(path: Path, tcfg: dict[str, Any]) -> str | None:
+    """tokenizer_config.json's `chat_template`, or chat_template.jinja beside `path`."""
     template = tcfg.get("chat_template")
     jinja = path.parent / "chat_template.jinja"  # transformers >= 4.50 saves it apart
     if is_regular(jinja):
@@ -273,9 +312,7 @@ def _tokenizer_spec(path: Path, obj: dict, model: dict, vocab_size: int) -> Toke
     if isinstance(template, list):  # named templates: the default one
         template = {t.get("name"): t.get("template") for t in template
                     if isinstance(t, dict)}.get("default")
-    return TokenizerSpec(tokens, types, merges, bool(tcfg.get("add_bos_token", False)),
-                         bool(tcfg.get("add_eos_token", False)),
-                         chat_template=template if isinstance(template, str) else None)
+    return template if isinstance(template, str) else None
 
 
 # ---- metadata and writing -----------------------------------------------------------------------
@@ -348,11 +385,18 @@ def add_metadata(w: Any, meta: ModelMeta, tok: TokenizerSpec, outtype: str) -> N
     w.add_vocab_size(meta.vocab_size)
     w.add_rope_dimension_count(meta.head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tok.model)
     w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)
+    if tok.scores is not None:
+        w.add_token_scores(tok.scores)
     w.add_token_types(tok.token_types)
-    w.add_token_merges(tok.merges)
+    if tok.model == "gpt2":  # convert writes no merges for a `llama` vocabulary
+        w.add_token_merges(tok.merges)
+    if tok.unk_id is not None:
+        w.add_unk_token_id(tok.unk_id)
+    if tok.add_space_prefix is not None:
+        w.add_add_space_prefix(tok.add_space_prefix)
     for key, value in (("bos", meta.bos_token_id), ("eos", meta.eos_token_id),
                        ("pad", meta.pad_token_id)):
         if value is not None:

@@ -12,7 +12,9 @@ holds what transformers would write for the same model:
   rope theta, RMS epsilon, vocabulary, context length, tied embeddings when there is no
   `output.weight`, special token ids);
 - `tokenizer.json` built from `tokenizer.ggml.*` (byte-level BPE: vocabulary, merges, control
-  and user-defined tokens, and the pre-tokenizer llama.cpp's `tokenizer.ggml.pre` names),
+  and user-defined tokens, and the pre-tokenizer llama.cpp's `tokenizer.ggml.pre` names; or a
+  SentencePiece-style `llama` vocabulary rebuilt as transformers' GGUF loader does,
+  `io.gguf_spm`),
   `tokenizer_config.json` (special tokens, `add_bos_token`, the chat template from
   `tokenizer.chat_template`, the context length), `special_tokens_map.json`,
   `generation_config.json` (BOS, EOS and end-of-turn ids);
@@ -54,6 +56,7 @@ from matformer.io.atomic import atomic_write
 from matformer.io.files import read_json
 from matformer.io.gguf import ROPE_FREQS, ROPE_PARAMETERS_KEY, unpermute_rope
 from matformer.io.gguf_reader import ArrayRef, GGUFFile, pread_exact
+from matformer.io.gguf_spm import build_spm_tokenizer
 from matformer.io.layout import CONFIG_NAME, INDEX_NAME
 from matformer.io.manifest import MANIFEST_NAME
 from matformer.io.safetensors import write_file
@@ -584,15 +587,40 @@ class TokenizerFiles:
     generation_config: dict[str, Any]
 
 
-def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
-    """tokenizer.json and its companions from `tokenizer.ggml.*` (byte-level BPE only)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, processors
+def _token_types(f: GGUFFile, tokens: list[str]) -> list[int]:
+    types = f.get("tokenizer.ggml.token_type")
+    if types is None:
+        return [1] * len(tokens)
+    if isinstance(types, list) or len(types) != len(tokens):
+        raise CheckpointError(f"{f.path}: tokenizer.ggml.token_type must be one number per token")
+    return [int(t) for t in types.tolist()]
+
+
+def _spm_backbone(f: GGUFFile) -> tuple[Any, list[str]]:
+    """A `llama` (SentencePiece-style) vocabulary as transformers' GGUF loader rebuilds it
+    (`io.gguf_spm.build_spm_tokenizer`)."""
+    tokens = f.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise CheckpointError(f"{f.path}: tokenizer.ggml.tokens must be a string array")
+    types = _token_types(f, tokens)
+    scores = f.get("tokenizer.ggml.scores")
+    if scores is not None:
+        if isinstance(scores, list) or len(scores) != len(tokens):
+            raise CheckpointError(f"{f.path}: tokenizer.ggml.scores must be one number per token")
+        scores = [float(x) for x in scores.tolist()]
+    # llama.cpp's default for a `llama` vocabulary is a space prefix
+    prefix = bool(_meta(f, "tokenizer.ggml.add_space_prefix", bool, True))
+    arch = _meta(f, "general.architecture", str, None)
+    return build_spm_tokenizer(f.path, tokens, scores, types, prefix, gemma=arch == "gemma3"), \
+        tokens
+
+
+def _byte_level_backbone(f: GGUFFile, config: dict[str, Any]) -> tuple[Any, list[str]]:
+    """A `gpt2` (byte-level BPE) vocabulary: tokens, merges, the pre-tokenizer
+    `tokenizer.ggml.pre` names, control and user-defined tokens added."""
+    from tokenizers import AddedToken, Tokenizer, decoders
     from tokenizers.models import BPE
 
-    model = _meta(f, "tokenizer.ggml.model", str, None)
-    if model != "gpt2":
-        raise CheckpointError(f"{f.path}: tokenizer.ggml.model={model!r}: only byte-level BPE "
-                              f"('gpt2') tokenizers can be rebuilt yet")
     pre = _pre_tokenizer(_meta(f, "tokenizer.ggml.pre", str, None), f.path)
     n_merges = f.count("tokenizer.ggml.merges") or 0
     if n_merges > 8 * config["vocab_size"]:  # real files: about one per token (Llama 3: 2.2)
@@ -600,16 +628,10 @@ def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
                               f"vocabulary of {config['vocab_size']}: corrupt")
     tokens = f.get("tokenizer.ggml.tokens")
     merges = f.get("tokenizer.ggml.merges")
-    types = f.get("tokenizer.ggml.token_type")
     if not isinstance(tokens, list) or not isinstance(merges, list):
         raise CheckpointError(f"{f.path}: tokenizer.ggml.tokens and tokenizer.ggml.merges must "
                               f"be string arrays")
-    if types is None:
-        types = [1] * len(tokens)
-    elif isinstance(types, list) or len(types) != len(tokens):
-        raise CheckpointError(f"{f.path}: tokenizer.ggml.token_type must be one number per token")
-    else:
-        types = types.tolist()
+    types = _token_types(f, tokens)
     spelling = _byte_spelling()
     alphabet = set(spelling.values())
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
@@ -632,9 +654,27 @@ def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
             if ty == USER_DEFINED and t in vocab]
     tok.add_special_tokens(control)
     tok.add_tokens(user)
+    return tok, tokens
+
+
+def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
+    """tokenizer.json and its companions from `tokenizer.ggml.*` (byte-level BPE, or a
+    SentencePiece-style `llama` vocabulary)."""
+    from tokenizers import processors
+
+    model = _meta(f, "tokenizer.ggml.model", str, None)
+    if model == "llama":
+        tok, tokens = _spm_backbone(f)
+    elif model == "gpt2":
+        tok, tokens = _byte_level_backbone(f, config)
+    else:
+        raise CheckpointError(f"{f.path}: tokenizer.ggml.model={model!r}: only byte-level BPE "
+                              f"('gpt2') and SentencePiece-style ('llama') tokenizers can be "
+                              f"rebuilt yet")
     vocab_n = config["vocab_size"]
     ids = _special_ids(f, vocab_n)
-    add_bos = bool(_meta(f, "tokenizer.ggml.add_bos_token", bool, False))
+    # llama.cpp (and transformers' loader) add BOS to a `llama` vocabulary that does not say
+    add_bos = bool(_meta(f, "tokenizer.ggml.add_bos_token", bool, model == "llama"))
     add_eos = bool(_meta(f, "tokenizer.ggml.add_eos_token", bool, False))
     names = {k: tokens[v] for k, v in ids.items()}
     if (add_bos and "bos" not in names) or (add_eos and "eos" not in names):
@@ -646,7 +686,7 @@ def build_tokenizer(f: GGUFFile, config: dict[str, Any]) -> TokenizerFiles:
         tok.post_processor = processors.TemplateProcessing(
             single=first, pair=first + second,
             special_tokens=list({names[k]: ids[k] for k in around}.items()))
-    else:
+    elif model == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     specials_map = {f"{k}_token": names[k] for k in ("bos", "eos", "unk", "pad") if k in names}
     tcfg: dict[str, Any] = {
