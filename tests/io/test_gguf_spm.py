@@ -207,3 +207,56 @@ def test_llamacpp_greedy_tokens_match_for_gemma3(gemma):
     _, _, tokens = theirs(root / "m.gguf", prompt, 12, threads=1, kv_type=0)
     model = load_model(root / "src")
     assert generate(model, prompt, max_new_tokens=12, ignore_eos=True).tokens == tokens
+
+
+_CONVERT = """
+import importlib.machinery, runpy, sys, types
+sp = types.ModuleType("sentencepiece")  # imported by the converter, not needed without .model
+sp.SentencePieceProcessor, sp.__spec__ = None, importlib.machinery.ModuleSpec("sentencepiece", None)
+sys.modules["sentencepiece"] = sp
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[1:]]
+runpy.run_path("convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_llamacpps_converter_writes_the_same_vocabulary_but_scores(tmp_path):
+    """llama.cpp's own convert_hf_to_gguf.py (`_set_vocab_llama_hf`) on a transformers Llama
+    with the same tokenizer: the same tokens, types (but `<unk>`: CONTROL there, UNKNOWN as its
+    SentencePiece path and ours write it), ids and flags. Its scores are all -1000, so llama.cpp
+    merges left to right there; ours follow the merge order, and only ours tokenize every string
+    to the original's ids. Needs $MATFORMER_LLAMACPP_SRC (llama.cpp's source folder)."""
+    import os
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("llama_cpp")
+    from matformer.slicing.export import export_gguf
+
+    src = os.environ.get("MATFORMER_LLAMACPP_SRC")
+    if not src or not Path(src, "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set MATFORMER_LLAMACPP_SRC to llama.cpp's source folder")
+    tok = spm_tokenizer(prefix=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+        eos_token_id=2)).save_pretrained(tmp_path / "hf")
+    save_tokenizer(tok, tmp_path / "hf")
+    env = {**os.environ, "PYTHONPATH": f"{src}:{src}/gguf-py"}
+    r = subprocess.run([sys.executable, "-c", _CONVERT, str(tmp_path / "hf"), "--outfile",
+                        str(tmp_path / "theirs.gguf"), "--outtype", "f32"], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=src)
+    assert r.returncode == 0, r.stderr[-2000:]
+    export_gguf(tmp_path / "hf", tmp_path / "ours.gguf", outtype="f32")
+    theirs, ours = _metadata(tmp_path / "theirs.gguf"), _metadata(tmp_path / "ours.gguf")
+    assert set(theirs["tokenizer.ggml.scores"]) == {-1000.0}
+    assert theirs["tokenizer.ggml.token_type"][0] == 3 and ours["tokenizer.ggml.token_type"][0] == 2
+    assert theirs.get("tokenizer.ggml.add_space_prefix", True) is True  # llama.cpp's default
+    for key in ("scores", "token_type", "add_space_prefix"):
+        theirs.pop(f"tokenizer.ggml.{key}", None), ours.pop(f"tokenizer.ggml.{key}")
+    assert theirs == ours
+    want = [tok.encode(s, add_special_tokens=False).ids for s in STRINGS]
+    assert _llama_cpp_tokens(tmp_path / "ours.gguf", STRINGS) == want
+    assert _llama_cpp_tokens(tmp_path / "theirs.gguf", STRINGS) != want  # "  two  spaces "
