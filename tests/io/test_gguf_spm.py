@@ -82,12 +82,24 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     """A tiny Gemma 3 with a Gemma shaped tokenizer (no space prefix), exported to f32 GGUF."""
+    from matformer.models.gemma3.config import Gemma3Config
+    from matformer.models.gemma3.model import Gemma3LM
     from matformer.slicing.export import export_gguf
-    from tests.models.test_gemma3 import hf_gemma3
 
     root = tmp_path_factory.mktemp("spm_gemma")
     tok = spm_tokenizer(prefix=False)
-    hf_gemma3(root / "src", tok.get_vocab_size(), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Gemma3LM(Gemma3Config(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        sliding_window=5, max_position_embeddings=64, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)).eval()
+    with torch.no_grad():  # random (1 + w) norms, so a wrongly written norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    save_model(model, root / "src")
     save_tokenizer(tok, root / "src")
     export_gguf(root / "src", root / "m.gguf", outtype="f32")
     return root, tok
@@ -141,6 +153,10 @@ def test_export_writes_a_llama_vocabulary_and_reads_back_to_the_same_ids(
     assert back.encode("hi").ids[0] == 1  # add_bos_token: BOS added as llama.cpp adds it
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     assert cfg["bos_token"] == "<s>" and cfg["unk_token"] == "<unk>"
+    from matformer.slicing.export import export_gguf
+
+    export_gguf(folder, tmp_path / "again.gguf", outtype="f32")  # GGUF -> folder -> GGUF
+    assert _metadata(tmp_path / "again.gguf") == meta
 
 
 def test_a_bpe_llama_cpp_would_merge_differently_is_refused(tmp_path):
@@ -206,6 +222,7 @@ def test_llamacpp_greedy_tokens_match_for_gemma3(gemma):
     prompt = [1] + tok.encode("def f3(x):\n    return", add_special_tokens=False).ids
     _, _, tokens = theirs(root / "m.gguf", prompt, 12, threads=1, kv_type=0)
     model = load_model(root / "src")
+    assert len(set(tokens)) > 1  # not a degenerate run
     assert generate(model, prompt, max_new_tokens=12, ignore_eos=True).tokens == tokens
 
 
