@@ -30,9 +30,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from matformer.errors import DataError, TierError
+from matformer.inference.chat import check_messages, render
 from matformer.inference.sampling import Sampler, eos_set
 from matformer.serving.catalog import Catalog, Width
-from matformer.serving.chat import ChatTemplate
 from matformer.serving.engine import Engine, EngineBusy, EngineClosed, Event, Job
 from matformer.serving.metrics import Metrics
 from matformer.serving.protocol import (
@@ -46,9 +46,40 @@ from matformer.serving.protocol import (
 )
 
 DEFAULT_CHAT_TOKENS = 512
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+"""The template of a checkpoint that carries none (what `matformer train` writes): ChatML, the
+layout llama.cpp also falls back to; the start-up line says so."""
 """max_tokens of a chat request that gives none (capped by the context)."""
 
 DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServedChat:
+    """The chat template the chat endpoint renders with `matformer.inference.chat.render` (the
+    library's rendering, as transformers' `apply_chat_template`), its variables (the special
+    tokens), and the token ids that end a reply beyond the model's EOS (the template's
+    end-of-turn token, as `matformer generate --chat` stops)."""
+
+    template: str
+    variables: dict[str, str]
+    stop: frozenset[int] = frozenset()
+    fallback: bool = False
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text; a template that refuses the messages (or fails on them) is a
+        DataError naming why."""
+        try:
+            return render(self.template, check_messages(messages), add_generation_prompt=True,
+                          **self.variables)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a template's own bug: a None concatenated, ...)
+            raise DataError(f"the chat template failed on these messages: "
+                            f"{type(e).__name__}: {e}") from None
 
 
 @dataclass
@@ -58,7 +89,7 @@ class ServerState:
     engine: Engine
     catalog: Catalog
     tokenizer: Any
-    chat: ChatTemplate
+    chat: ServedChat
     metrics: Metrics
     api_key: str | None = None
     created: int = 0
@@ -231,7 +262,8 @@ def create_app(state: ServerState) -> FastAPI:
         if limit is None:
             limit = max(1, min(DEFAULT_CHAT_TOKENS, state.context - len(ids)))
         _check_lengths(state, [ids], limit)
-        return await _answer(state, request, req, width, [ids], limit, chat=True)
+        return await _answer(state, request, req, width, [ids], limit, chat=True,
+                             stop=state.chat.stop)
 
     return app
 
@@ -355,14 +387,15 @@ def _check_lengths(state: ServerState, prompts: list[list[int]], limit: int) -> 
 
 
 async def _answer(state: ServerState, request: Request, req: Sampling, width: Width,
-                  prompts: list[list[int]], limit: int, *, chat: bool) -> Response:
+                  prompts: list[list[int]], limit: int, *, chat: bool,
+                  stop: frozenset[int] = frozenset()) -> Response:
     """Queue one job per sequence and answer: a stream or one JSON body."""
     if len(prompts) * req.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={req.n} asks for more than "
                             f"{MAX_CHOICES} sequences", param="n")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-    eos = set() if req.ignore_eos else eos_set(state.engine.model, None)
+    eos = set() if req.ignore_eos else eos_set(state.engine.model, None) | stop
     stops = req.stops()
     choices: list[Choice] = []
     for i in range(len(prompts) * req.n):

@@ -20,14 +20,15 @@ from typing import Any
 
 import uvicorn
 
+from matformer.data import tokenizer_files as TF
 from matformer.data.text import load_tokenizer
-from matformer.errors import ConfigError
+from matformer.errors import ConfigError, DataError
+from matformer.inference.chat import end_of_turn, render, special_tokens
 from matformer.io.checkpoint import load_model
 from matformer.io.source import resolve_source
 from matformer.models.lm.model import MatFormerLM
-from matformer.serving.app import ServerState, create_app
+from matformer.serving.app import CHATML, ServedChat, ServerState, create_app
 from matformer.serving.catalog import Catalog
-from matformer.serving.chat import load_chat_template
 from matformer.serving.engine import Engine
 from matformer.serving.metrics import Metrics
 from matformer.tiers import describe_widths
@@ -60,6 +61,23 @@ def check_options(max_batch: int, slo_ms: float | None, port: int) -> None:
         raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port}")
 
 
+def served_chat(tokenizer: Any) -> ServedChat:
+    """The tokenizer's chat template (`matformer.inference.chat`'s lookup and rendering), or
+    ChatML when it carries none. A template that does not compile fails here, at start-up
+    (one line), not on every chat request."""
+    template = TF.chat_template(tokenizer)
+    if template is None:
+        return ServedChat(CHATML, special_tokens(tokenizer), fallback=True)
+    try:
+        render(template, [{"role": "user", "content": "hi"}], **special_tokens(tokenizer))
+    except DataError as e:
+        if "does not compile" in str(e):  # refusing a probe conversation is the template's right
+            raise
+    eot = end_of_turn(tokenizer, template)
+    return ServedChat(template, special_tokens(tokenizer),
+                      frozenset() if eot is None else frozenset({eot}))
+
+
 def load_state(src: Any, *, max_batch: int = 8, slo_ms: float | None = None,
                compile: bool = False, api_key: str | None = None,
                device: str | None = None, name: str | None = None,
@@ -68,7 +86,7 @@ def load_state(src: Any, *, max_batch: int = 8, slo_ms: float | None = None,
     check_options(max_batch, slo_ms, 0)
     source = resolve_source(src, revision=revision, companions=True)
     tokenizer = load_tokenizer(source.folder)  # a missing tokenizer fails before the weights
-    chat = load_chat_template(source.folder)
+    chat = served_chat(tokenizer)
     model = load_model(source, device=device)
     if not isinstance(model, MatFormerLM):
         raise ConfigError(f"{src}: serve runs language models; this checkpoint holds a "
