@@ -27,11 +27,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from matformer.inference.sampling import Sampler
-from matformer.models.lm.model import KVCache, MatFormerLM
+from matformer.models.lm.model import MatFormerLM
 from matformer.serving.catalog import Catalog, Width, setting_key
 from matformer.serving.metrics import Metrics
 from matformer.serving.policy import CostTable, LoadPolicy, calibration_sizes
-from matformer.serving.rows import RowStepper
+from matformer.serving.rows import RowStepper, SlotCache
 from matformer.tiers import Setting
 
 log = logging.getLogger("matformer.serve")
@@ -75,7 +75,7 @@ class Job:
     emit: Callable[[Event], None]
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    cache: KVCache | None = None
+    cache: SlotCache | None = None
     fed: int = 0
     last: int | None = None
     tokens: list[int] = field(default_factory=list)
@@ -163,12 +163,15 @@ class Engine:
                 for _ in range(reps):
                     self.stepper.step(width.setting, caches, [0] * b)
                 self.table.observe(key, b, (time.perf_counter() - t0) / reps)
+                for c in caches:
+                    self.stepper.release(c)
         full = self.catalog.full().setting
         n = min(self.prefill_chunk, ctx)
         cache = self.stepper.new_cache(full, n)
         t0 = time.perf_counter()
         self.stepper.prefill(full, cache, [0] * n)
         self.table.observe(PREFILL_KEY, 1, time.perf_counter() - t0)
+        self.stepper.release(cache)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -244,7 +247,10 @@ class Engine:
         try:
             logits = self.stepper.step(setting, [j.cache for j in jobs],  # type: ignore[misc]
                                        [j.last for j in jobs])  # type: ignore[misc]
-            picked = [int(j.sampler.pick(logits[b])) for b, j in enumerate(jobs)]
+            if all(j.sampler.greedy for j in jobs):  # one argmax, one read-back for the group
+                picked = logits.argmax(-1).tolist()
+            else:
+                picked = [int(j.sampler.pick(logits[b])) for b, j in enumerate(jobs)]
         except Exception as e:  # noqa: BLE001  (one group's failure must not stop the server)
             log.exception("decoding step at %s failed", name)
             for job in jobs:
@@ -299,7 +305,7 @@ class Engine:
         """Take `job` out of the batch (its cache freed); `reason` None: it was cancelled and
         nobody is listening."""
         job.finished = True
-        job.cache = None
+        self._free(job)
         if reason is not None:
             job.emit(Event("done", reason=reason))
 
@@ -307,6 +313,12 @@ class Engine:
         if job.finished:
             return
         job.finished = True
-        job.cache = None
+        self._free(job)
         job.emit(Event("error", message=message))
+
+    def _free(self, job: Job) -> None:
+        """Give the job's KV slot back to the pool."""
+        if job.cache is not None:
+            self.stepper.release(job.cache)
+            job.cache = None
 
