@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -57,6 +58,35 @@ layout llama.cpp also falls back to; the start-up line says so."""
 DISCONNECT_POLL_S = 0.5
 
 
+class Mailbox:
+    """Hands the engine thread's events to the event loop with one wake-up per batch: the
+    engine posts every row's token of a step, and the first post since the loop last drained
+    schedules the drain; the others only append (a step of 8 rows wakes the loop once, not 8
+    times)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        """Deliver `item` into `queue` on the loop (any thread)."""
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 @dataclass
 class ServedChat:
     """The chat template the chat endpoint renders with `matformer.inference.chat.render` (the
@@ -93,6 +123,13 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     created: int = 0
+    mailbox: Mailbox | None = None
+
+    def mailbox_of(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        """The mailbox into `loop` (the server's one event loop)."""
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        return self.mailbox
 
     @property
     def context(self) -> int:
@@ -393,15 +430,14 @@ async def _answer(state: ServerState, request: Request, req: Sampling, width: Wi
     if len(prompts) * req.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={req.n} asks for more than "
                             f"{MAX_CHOICES} sequences", param="n")
-    loop = asyncio.get_running_loop()
+    mailbox = state.mailbox_of(asyncio.get_running_loop())
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     eos = set() if req.ignore_eos else eos_set(state.engine.model, None) | stop
     stops = req.stops()
     choices: list[Choice] = []
     for i in range(len(prompts) * req.n):
         def emit(ev: Event, i: int = i) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
-                loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+            mailbox.post(queue, (i, ev))
         job = Job(prompts[i // req.n], limit, _sampler(req, i), eos, width, emit)
         choices.append(Choice(i, job, Detokenizer(state.tokenizer, stops)))
     try:
@@ -528,20 +564,27 @@ async def _stream(state: ServerState, choices: list[Choice],
         left = len(choices)
         last_width = {c.index: "" for c in choices}
         while left:
-            i, ev = await queue.get()
-            c = choices[i]
-            if ev.kind == "token":
-                last_width[i] = ev.width
-            delta, ended = _apply(c, ev)
-            if c.finish == "error" and ended:
-                yield _sse(error_body(c.text, "server_error"))
-            elif ended:
-                if delta:
-                    yield chunk(c, delta, None, last_width[i])
-                yield chunk(c, None, c.finish, last_width[i])
-            elif delta:
-                yield chunk(c, delta, None, ev.width)
-            left -= ended
+            # Every event waiting goes out in one write: a loop that fell behind catches up.
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            out = []
+            for i, ev in batch:
+                c = choices[i]
+                if ev.kind == "token":
+                    last_width[i] = ev.width
+                delta, ended = _apply(c, ev)
+                if c.finish == "error" and ended:
+                    out.append(_sse(error_body(c.text, "server_error")))
+                elif ended:
+                    if delta:
+                        out.append(chunk(c, delta, None, last_width[i]))
+                    out.append(chunk(c, None, c.finish, last_width[i]))
+                elif delta:
+                    out.append(chunk(c, delta, None, ev.width))
+                left -= ended
+            if out:
+                yield "".join(out)
         if include_usage:
             yield _sse({**meta, "object": kind, "choices": [],
                         "usage": _usage(choices, prompt_tokens)})
