@@ -48,6 +48,31 @@ def test_a_step_of_rows_at_their_own_positions_is_the_models_forward(model) -> N
     assert [c.length for c in caches] == [6, 10, 3]
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_rows_in_scattered_slots_of_a_grown_pool_step_as_the_model(model, batched) -> None:
+    """Rows whose slots are not consecutive (a gather, not a view) and a pool that grew while
+    rows held keys; unbatched: the model's own per-row step (what a model with q/k norms,
+    biases or a window takes), on the same slots."""
+    torch.manual_seed(3)
+    stepper = RowStepper(model)
+    assert stepper.batched
+    stepper.batched = batched
+    full = Setting(model.stored_widths, model.stored_kv_heads)
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (4, 7, 3)]
+    caches = [stepper.new_cache(full, 8) for _ in prompts]
+    for cache, p in zip(caches, prompts, strict=True):
+        stepper.prefill(full, cache, p)
+    stepper.release(caches[1])  # slot 1 free; the next cache takes it and grows capacity
+    bigger = stepper.new_cache(full, 40)
+    assert bigger.slot == caches[1].slot and stepper.pool.capacity >= 40
+    rows = [caches[2], caches[0]]  # slots 2, 0: scattered
+    got = stepper.step(full, rows, [11, 12])
+    with torch.inference_mode(), model.running(full):
+        for b, (p, t) in enumerate(zip([prompts[2], prompts[0]], [11, 12], strict=True)):
+            want = model(torch.tensor([p + [t]]))[0, -1]
+            assert torch.allclose(got[b], want, atol=1e-5, rtol=1e-5)
+
+
 def _cache_of(model, setting, prompt):
     cache = model.new_cache(1, 16, kv_heads=setting.kv_heads)
     with model.running(setting):
