@@ -182,7 +182,7 @@ def test_eval_verb_json_plot_and_data(ckpt, tmp_path, run_cli) -> None:
     rep = json.loads(out)
     kinds = {r["kind"] for r in rep["results"]}
     assert kinds == {"tier", "mix", "custom"}
-    assert rep["data"] == "held-out split of the training corpus"
+    assert rep["split"] == "held-out" and rep["data"].startswith("held-out part of ")
     assert rep["kl_direction"].startswith("KL(P_reference || P_width)")
     assert all(s["identical"] for s in rep["speculative"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (must not be the source)")
     parser.add_argument("--calibration", default=None, metavar="DATA",
-                        help="calibration text: a text file, folder, .jsonl or datasets folder "
-                        "(default: the training split of SRC's own training data)")
+                        help="calibration corpus: a text file, folder, .jsonl, datasets folder, "
+                        "builtin:kjv or prepare-data folder; its training part is read (split as "
+                        "`train` splits it), never the held-out part `eval` scores (default: "
+                        "SRC's own training data)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
                         help="calibration windows, evenly spaced over the text (default: "
                         "%(default)s)")
@@ -56,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     result = convert(args.src, args.output, calibration=args.calibration, samples=args.samples,
                      seq_len=args.seq_len, method=args.importance, batch_size=args.batch_size,
                      revision=args.revision, device=args.device,
-                     max_shard_size=args.max_shard_size, log=print)
+                     max_shard_size=args.max_shard_size, log=print, progress=True)
     print(result.summary())
     return 0

@@ -5,8 +5,10 @@ multi-tier repo written by `matformer slice --tiers` (with --tier). Default widt
 the checkpoint can run, plus least-slope Mix'n'Match mixes between neighbouring tiers (--no-mix
 to skip) and any --widths lists; --tier T evaluates tier T alone (and the stored reference).
 Default data: the held-out windows the checkpoint's training evaluated (its train_config.json;
-the default corpus otherwise), tokenized with its tokenizer. --data DIR of `matformer
-prepare-data` scores windows of DIR's held-out split (DIR's tokenizer must be the checkpoint's). Consistency is measured against
+the default corpus otherwise), tokenized with its tokenizer. --data names another corpus (text
+files, builtin:kjv, or a `matformer prepare-data` folder whose tokenizer is the checkpoint's): its
+held-out part is scored, split as training splits it (--split all: the whole of it); the line
+"data: ..." (stderr, and the report's data/split) says which. Consistency is measured against
 the stored (full) width: greedy-token match and KL(P_full || P_width) in nats per position.
 The width flags are every verb's (--tier, --layer-tiers, --widths, --kv-heads,
 --layer-kv-heads): each names one more point (--tier T or --layer-tiers: that point alone, plus
@@ -65,9 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser)
     add_width_flags(parser, several=True, what="evaluate")
     parser.add_argument("--data", default=None,
-                        help="text file or folder to evaluate on, or a `matformer prepare-data` "
-                        "token folder (its held-out split; same tokenizer) (default: the held-out "
-                        "split the checkpoint's training evaluated)")
+                        help="corpus to evaluate on: a text file or folder, builtin:kjv, or a "
+                        "`matformer prepare-data` token folder (same tokenizer); its held-out "
+                        "part is scored (see --split) (default: the held-out split the "
+                        "checkpoint's training evaluated)")
+    parser.add_argument("--split", default="held-out", choices=("held-out", "all"),
+                        help="the part of the data scored: held-out (the documents training and "
+                        "convert's calibration never read, split as the checkpoint's training "
+                        "split them, else 5%% seed 0) or all of it (text kept apart by hand) "
+                        "(default: %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print the report as one JSON object instead of the table")
     parser.add_argument("--json-out", default=None, metavar="FILE.json",
@@ -161,7 +169,7 @@ def run_compare(args: argparse.Namespace, source: Source | None = None,
                      tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
                      data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                      batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                     progress=lambda msg: print(msg, file=sys.stderr))
+                     split=args.split, progress=lambda msg: print(msg, file=sys.stderr))
     text = json.dumps(result.to_dict(), indent=2) + "\n"
     out.write(text if args.json else format_comparison(result) + "\n")
     if args.json_out:
@@ -207,7 +215,7 @@ def _run_text(args: argparse.Namespace, source: Source) -> int:
         before = compile_stats()
     run_eval(
         source, json_out="-" if args.json else args.json_out, plot=args.plot,
-        revision=args.revision, tier=args.tier, data=args.data,
+        revision=args.revision, tier=args.tier, data=args.data, split=args.split,
         layer_tiers=int_list(args.layer_tiers, "--layer-tiers"),
         uniform_tiers=parse_int_list(args.tiers, "--tiers") if args.tiers else None,
         plans=[parse_int_list(w, "--widths") for w in args.widths or []],
@@ -226,7 +234,7 @@ def _run_text(args: argparse.Namespace, source: Source) -> int:
 
 
 # Flags that only mean something for text, and their unset values.
-_TEXT_ONLY = {"compare": None, "layer_kv_heads": None, "layer_tiers": None, "seq_len": None,
+_TEXT_ONLY = {"compare": None, "split": "held-out", "layer_kv_heads": None, "layer_tiers": None, "seq_len": None,
               "max_tokens": None, "compile": False, "dtype": None}
 
 

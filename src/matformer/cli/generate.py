@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from matformer.cli.flags import (
     add_checkpoint_argument,
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     draft = {f"draft_{k}": v for k, v in width_request(args, "draft-").keywords().items()}
     if args.draft_tier == "auto":
         draft["draft_tier"] = "auto"
+    from matformer.evaluation.compile_clock import compile_seconds
+
+    compiled_before = compile_seconds()
     result = generate_text(
         args.ckpt, prompt, args.max_new_tokens, **width_request(args).keywords(), **draft,
         draft_tokens=args.draft_tokens, draft_model=args.draft_model, compile=args.compile,
@@ -152,4 +156,17 @@ def run(args: argparse.Namespace) -> int:
         print(format_batch_summary(result, result[0].extra["base_width"]), file=sys.stderr)
     else:
         print(format_generation_summary(result, result.extra["base_width"]), file=sys.stderr)
+    if args.compile:
+        print(compile_report(compile_seconds() - compiled_before,
+                             result if isinstance(result, list) else [result]), file=sys.stderr)
     return 0
+
+
+def compile_report(seconds: float, outputs: list[Any]) -> str:
+    """--compile: the compile time, and the decoding speed without it (the summary's tokens/s
+    includes the first call's compilation)."""
+    new = sum(o.stats.new_tokens for o in outputs)
+    wall = max(o.stats.seconds for o in outputs)  # a batch decodes together
+    rest = wall - seconds
+    speed = f"{new / rest:.1f} tokens/s" if rest > 0 and new else "n/a"
+    return f"compiled in {seconds:.1f} s; decoding without the compilation: {speed}"

@@ -27,6 +27,7 @@ identical (it must be).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,18 +36,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from matformer.data import token_files
+from matformer.data.splits import HELD_OUT, corpus_name, corpus_part, same_corpus
 from matformer.data.text import (
-    default_eval_tokens,
     heldout_shape,
     heldout_windows,
-    load_texts,
     load_tokenizer,
-    tokenize,
+    training_data,
     training_settings,
 )
 from matformer.errors import ConfigError, DataError
+from matformer.evaluation.compile_clock import compile_seconds
 from matformer.inference.decode import generate
 from matformer.inference.sampling import sync_device
 from matformer.inference.speculative import DecodeCosts, speculative_generate
@@ -119,10 +121,13 @@ class EvalReport:
 
     source: str
     data: str
+    """What was scored: the corpus, the part of it and how it was split (`data.splits`)."""
     reference_widths: list[int]
     base_width: int
     seq_len: int
     windows: int
+    split: str
+    """The part of the corpus scored: 'held-out' (the default), 'all', or 'given' token ids."""
     tokens: int
     """Tokens predicted per width (windows x (seq_len - 1))."""
     device: str
@@ -135,6 +140,8 @@ class EvalReport:
     speculative_choice: dict[str, Any] = field(default_factory=dict)
     """`speculative.DraftChoice` of `draft_tier="auto"` (last round of the last prompt)."""
     kl_direction: str = "KL(P_reference || P_width), nats per position"
+    compile_seconds: float | None = None
+    """--compile: seconds torch.compile spent compiling, kept out of every decoding speed."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,53 +255,44 @@ def _checkpoint_folder(src: str | os.PathLike | Source) -> Path:
 
 def _window_shape(model_or_ckpt: MatFormerLM | str | os.PathLike, data: Any, seq_len: int | None,
                   max_tokens: int | None, max_positions: int) -> tuple[int, int]:
-    """(seq_len, windows): as asked; by default, on a checkpoint's own held-out split, the windows
-    its training evaluated (its train_config.json), else data.HELDOUT_SEQ_LEN x HELDOUT_WINDOWS."""
-    prepared = isinstance(data, (str, os.PathLike)) and token_files.is_prepared(data)
-    own = not isinstance(model_or_ckpt, torch.nn.Module) and (data is None or prepared)
+    """(seq_len, windows): as asked; by default, on a checkpoint's own corpus (no `data`, or the
+    data its run trained on), the windows its training evaluated (its train_config.json), else
+    data.HELDOUT_SEQ_LEN x HELDOUT_WINDOWS."""
+    own = not isinstance(model_or_ckpt, torch.nn.Module) and (
+        data is None or isinstance(data, (str, os.PathLike)))
     settings = training_settings(_checkpoint_folder(model_or_ckpt)) if own else {}  # type: ignore[arg-type]
-    if data is not None and not _same_folder(data, settings.get("data")):
+    if data is not None and not same_corpus(data, settings.get("data")):
         settings = {}
     default_len, default_windows = heldout_shape(settings)
     seq_len = min(default_len if seq_len is None else seq_len, max_positions)
     return seq_len, default_windows if max_tokens is None else max(1, max_tokens // seq_len)
 
 
-def _same_folder(data: str | os.PathLike, trained_on: Any) -> bool:
-    """`data` is the folder the run trained on (a prepared token folder: then its val.bin is the
-    run's own held-out split, evaluated at the training's window shape)."""
-    return isinstance(trained_on, str) and Path(data).resolve() == Path(trained_on).resolve()
-
-
 def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: Any,
-                        tokenizer: Any, seq_len: int, max_windows: int,
-                        say: Callable[[str], None]) -> tuple[np.ndarray, str]:
-    """(windows (n, seq_len), a description of the data) for `evaluate`'s `data` argument."""
+                        tokenizer: Any, seq_len: int, max_windows: int, split: str,
+                        say: Callable[[str], None]) -> tuple[np.ndarray, str, str]:
+    """(windows (n, seq_len), a description of the data, the part scored) for `evaluate`'s
+    `data` argument: token ids as given, else the `split` part of a corpus (`data.splits`)."""
     if data is not None and not isinstance(data, (str, os.PathLike)):
-        return _as_windows(data, seq_len, max_windows), "given token ids"
+        return _as_windows(data, seq_len, max_windows), "given token ids", "given"
     in_memory = isinstance(model_or_ckpt, torch.nn.Module)
-    if data is not None and token_files.is_prepared(data):  # matformer prepare-data's token files
-        tokenizer_file = None
-        if tokenizer is None and not in_memory:  # the checkpoint's, checked against the folder's
-            folder = _checkpoint_folder(model_or_ckpt)  # type: ignore[arg-type]
-            tokenizer, tokenizer_file = load_tokenizer(folder), folder / "tokenizer.json"
-        stream = token_files.eval_tokens(data, tokenizer, tokenizer_file)
-        return _as_windows(stream, seq_len, max_windows), f"{data} (prepared token folder)"
-    if in_memory and tokenizer is None:
+    folder = None if in_memory else _checkpoint_folder(model_or_ckpt)  # type: ignore[arg-type]
+    tokenizer_file = None
+    if tokenizer is None and folder is not None:  # the checkpoint's (checked against a folder's)
+        tokenizer, tokenizer_file = load_tokenizer(folder), folder / "tokenizer.json"
+    if tokenizer is None and not token_files.is_prepared(data):
         raise DataError("give evaluation data as token ids (or a tokenizer) when evaluating "
                         "an in-memory model")
-    if tokenizer is None:
-        tokenizer = load_tokenizer(_checkpoint_folder(model_or_ckpt))  # type: ignore[arg-type]
-    if data is not None:
-        say(f"tokenizing {data} ...")
-        stream, desc = tokenize(tokenizer, load_texts(data)), str(data)
-    elif in_memory:
-        stream, desc = default_eval_tokens(tokenizer), "default corpus (held-out split)"
-    else:
-        say("tokenizing the held-out split of the checkpoint's training data ...")
-        stream = token_files.checkpoint_heldout(_checkpoint_folder(model_or_ckpt))  # type: ignore[arg-type]
-        desc = "held-out split of the training corpus"
-    return _as_windows(stream, seq_len, max_windows), desc
+    if data is None and folder is not None:
+        data = training_data(folder)  # the run's own corpus (None: the default corpus)
+        if not training_settings(folder):
+            say(f"{folder} records no training data (no train_config.json): scoring the default "
+                f"corpus; pass --data to choose")
+    say(f"tokenizing the {split} part of {corpus_name(data)} ...")
+    part = corpus_part(data, tokenizer, split, checkpoints=[folder] if folder else [],
+                       tokenizer_file=tokenizer_file)
+    say(f"data: {part.description}")
+    return _as_windows(part.tokens, seq_len, max_windows), part.description, part.part
 
 
 def evaluation_windows(source: Source, data: Any = None, *, seq_len: int | None = None,
@@ -338,6 +336,7 @@ def evaluate(
     kv_heads: int | Sequence[int] | None = None,
     layer_kv_heads: Sequence[Sequence[int]] | None = None,
     layer_tiers: Sequence[int] | None = None,
+    split: str = HELD_OUT,
 ) -> EvalReport:
     """Evaluate widths of one model on the same data; see the module docstring.
 
@@ -347,11 +346,12 @@ def evaluate(
     widths evaluated are that tier (plus the stored reference) unless `uniform_tiers` is given;
     `layer_tiers` (one tier per layer) the same for a per-layer plan (of a multi-tier repo, the
     folder holding its widest layer).
-    `data`: token ids (a 1-D stream or (n, T) windows), a path of text files
-    (tokenized with `tokenizer`, default the checkpoint's tokenizer.json), a token folder written
-    by `matformer prepare-data` (its held-out split val.bin; its tokenizer must be the model's),
-    or None: the held-out split the checkpoint was trained beside (the default corpus's held-out
-    split).
+    `data`: token ids (a 1-D stream or (n, T) windows), a path of text files or a packaged
+    corpus name such as "builtin:kjv" (tokenized with `tokenizer`, default the checkpoint's
+    tokenizer.json), a token folder written by `matformer prepare-data` (its tokenizer must be
+    the model's), or None: the corpus the checkpoint was trained on (the default corpus).
+    `split`: the part of that corpus scored (`data.splits`): "held-out" (default: the part no
+    training or calibration step reads, split as the checkpoint's training split it) or "all".
     `uniform_tiers` (default every tier the model can run) and `plans` (extra per-layer width
     lists) select the widths; `mix_n_match` adds least-slope mixes between neighbouring tiers.
     `kv_heads` (one count or several) and `layer_kv_heads` (per-layer lists): the head settings
@@ -384,7 +384,8 @@ def evaluate(
         uniform_tiers = [] if tier is None else [tier]
     seq_len, max_windows = _window_shape(model_or_ckpt, data, seq_len, max_tokens,
                                          model.config.max_position_embeddings)
-    windows, data_desc = _evaluation_windows(model_or_ckpt, data, tokenizer, seq_len, max_windows, say)
+    windows, data_desc, part = _evaluation_windows(model_or_ckpt, data, tokenizer, seq_len,
+                                                   max_windows, split, say)
     _check_vocab(windows, model.config.vocab_size)
     heads = _heads_to_evaluate(model, model_or_ckpt, kv_heads, layer_kv_heads)
     selected = select_widths(model, uniform_tiers, plans, mix_n_match, heads, layer_kv_heads)
@@ -392,10 +393,10 @@ def evaluate(
     weight = model.model.embed_tokens.weight
     report = EvalReport(
         source=source, data=data_desc, reference_widths=model.stored_widths,
-        base_width=model.base_width, seq_len=windows.shape[1], windows=windows.shape[0],
+        base_width=model.base_width, seq_len=windows.shape[1], windows=windows.shape[0], split=part,
         tokens=windows.shape[0] * (windows.shape[1] - 1), device=str(weight.device),
         dtype=str(weight.dtype).removeprefix("torch."),
-        results=measure_widths(model, windows, selected, batch_size),
+        results=measure_widths(model, windows, selected, batch_size, progress is not None),
     )
     say("loss and consistency done")
     if decode or speculative:
@@ -436,9 +437,10 @@ def _model_to_evaluate(model_or_source: MatFormerLM | Source, device: str | torc
 
 
 def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[EvalWidth],
-                   batch_size: int = 8) -> list[WidthResult]:
+                   batch_size: int = 8, progress: bool = False) -> list[WidthResult]:
     """Loss, consistency with the first width of `selected` (the reference) and forward speed of
-    every width, on the same `windows` (n, T); the model's widths are restored afterwards."""
+    every width, on the same `windows` (n, T); the model's widths are restored afterwards.
+    `progress`: a bar on stderr, one step per width per batch, naming the width."""
     dev = model.model.embed_tokens.weight.device
     n_windows, seq_len = windows.shape
     n = len(selected)
@@ -447,11 +449,15 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
         # Warm-up (first-call allocations would be charged to the first width otherwise).
         model.set_widths(**selected[0].setting(model))
         model(torch.as_tensor(windows[:1], device=dev))
+        bar = tqdm(total=-(-n_windows // batch_size) * n, unit="forward", desc="loss per width",
+                   file=sys.stderr, disable=not progress)
         for b0 in range(0, n_windows, batch_size):
             x = torch.as_tensor(windows[b0:b0 + batch_size], device=dev)  # (B, T)
             labels = x[:, 1:].unsqueeze(-1)  # (B, T-1, 1): position t predicts token t+1
             ref_logp = ref_p = ref_best = torch.empty(0)
             for i, width in enumerate(selected):
+                bar.set_postfix_str(width.name, refresh=False)
+                bar.update()
                 model.set_widths(**width.setting(model))
                 sync_device(dev)
                 t0 = time.perf_counter()
@@ -467,6 +473,7 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                     ref_logp, ref_p, ref_best = logp, logp.exp(), best
                 kl_sum[i] += float((ref_p * (ref_logp - logp)).sum())  # KL(P_ref || P_w)
                 match[i] += int((best == ref_best).sum())
+        bar.close()
     n_pred, n_pos = n_windows * (seq_len - 1), n_windows * seq_len
     results = []
     itemsize = model.model.embed_tokens.weight.element_size()
@@ -498,6 +505,7 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
         return
     prompts = [windows[i % len(windows), :prompt_len].tolist() for i in range(n_prompts)]
     ref, ref_heads = model.stored_widths, model.stored_kv_heads
+    compiled_before = compile_seconds()
     # Warm-up at the reference and the smallest width.
     generate(model, prompts[0], 4, widths=ref, layer_kv_heads=ref_heads, ignore_eos=True,
              compile=compile)
@@ -507,12 +515,16 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                       compile=compile) for p in prompts]
     plain_rate = n_prompts * new_tokens / sum(out.stats.seconds for out in plain)
     if decode:
-        say("decoding speed per width ...")
-        for r in report.results:
+        for i, r in enumerate(report.results, 1):
+            say(f"decoding speed: {r.name} ({i}/{len(report.results)})")
             full = r.widths == ref and r.kv_heads == ref_heads
             r.decode_tokens_per_s = plain_rate if full else _decode_rate(
                 model, prompts, new_tokens, {"widths": r.widths, "layer_kv_heads": r.kv_heads},
                 compile)
+    if compile:
+        report.compile_seconds = compile_seconds() - compiled_before
+        say(f"compiled in {report.compile_seconds:.1f} s (warm-up calls; not in the decoding "
+            f"speeds)")
     if not speculative:
         return
     say("speculative decoding per draft width ...")
@@ -534,12 +546,17 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                 and width.kind != "mix":
             _speculative_result(model, prompts, want, width, new_tokens,
                                 draft_tokens, compile, costs, report)
+    if compile:  # the draft widths' compilations too
+        report.compile_seconds = compile_seconds() - compiled_before
 
 
 def _decode_rate(model: MatFormerLM, prompts: list[list[int]], new_tokens: int,
                  setting: dict[str, list[int]], compile: bool = False) -> float:
     """Greedy batch-1 decoding tokens/s at `setting` (widths and KV heads) over `prompts` (fixed
-    lengths: EOS ignored, so speeds compare like with like)."""
+    lengths: EOS ignored, so speeds compare like with like). Compiled: one warm-up call first,
+    so the width's compilation is not charged to its speed."""
+    if compile:
+        generate(model, prompts[0], 2, ignore_eos=True, compile=True, **setting)
     secs = sum(generate(model, p, new_tokens, ignore_eos=True, compile=compile,
                         **setting).stats.seconds for p in prompts)
     return len(prompts) * new_tokens / secs

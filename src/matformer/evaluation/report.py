@@ -30,8 +30,11 @@ def format_eval_report(report: EvalReport) -> str:
         f"({report.tokens} predicted tokens per width); device {report.device}, {report.dtype}",
         f"reference (full) width: {describe_widths(report.base_width, report.reference_widths)}; "
         f"consistency = greedy-token match and {report.kl_direction}",
-        "",
     ]
+    if report.compile_seconds is not None:
+        lines.append(f"compiled in {report.compile_seconds:.1f} s (torch.compile, warm-up calls; "
+                     f"not in the decode speeds)")
+    lines.append("")
     head = (f"{'width':<24} {'non-emb params':>14} {'loss':>7} {'ppl':>9} {'match%':>7} "
             f"{'KL':>8} {'eval tok/s':>11} {'decode tok/s':>12} {'KV B/tok':>9}")
     lines += [head, "-" * len(head)]
