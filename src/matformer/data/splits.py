@@ -56,9 +56,14 @@ def corpus_name(data: str | os.PathLike | None) -> str:
     return "the default corpus (Python standard library)" if data is None else str(data)
 
 
+DEFAULT_CORPUS_NAME = "builtin:python"
+"""The default corpus's name (`data=None` and this name read the same documents)."""
+
+
 def same_corpus(a: str | os.PathLike | None, b: Any) -> bool:
     """`a` and `b` name the same corpus: both the default corpus, the same packaged name, or
     paths of the same file or folder."""
+    a, b = (None if str(x) == DEFAULT_CORPUS_NAME else x for x in (a, b))
     if a is None or b is None:
         return a is None and b is None
     if not isinstance(b, (str, os.PathLike)):

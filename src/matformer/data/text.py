@@ -156,8 +156,16 @@ def kjv_texts(max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
     return _nonempty(texts, str(path))
 
 
-PACKAGED_CORPORA = {"builtin:kjv": kjv_texts}
-"""Corpora a package installs (no download): `--data builtin:kjv`."""
+def python_texts(max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
+    """The default corpus (the standard library's own source) by name, so a command can name it
+    beside another corpus (e.g. `eval --data builtin:python`: out-of-domain text for a model
+    distilled on builtin:kjv)."""
+    return load_texts(None, max_bytes=max_bytes)
+
+
+PACKAGED_CORPORA = {"builtin:kjv": kjv_texts, "builtin:python": python_texts}
+"""Corpora a package installs (no download): `--data builtin:kjv`; `builtin:python` is the
+default corpus by name."""
 
 
 MAX_DATA_FILE_BYTES = 1 << 36

@@ -46,6 +46,7 @@ from matformer.training.settings import (
     TrainConfig,
     inputs_of,
     model_config,
+    resolve_defaults,
     runtime_tiers,
     validate,
 )
@@ -111,12 +112,15 @@ class Run(RunPaths):
 
 
 def prepare(cfg: TrainConfig, dist: Dist) -> Run:
+    cfg, notes = resolve_defaults(cfg)  # lr, warm-up, alpha: from scratch or fine-tuning
     validate(cfg, world=dist.world)
     if cfg.data is not None and cfg.data not in D.PACKAGED_CORPORA:  # recorded absolute:
         # evaluation may run from another folder (a packaged corpus is a name, not a path)
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
     check_output_folder(cfg.out, protect=inputs_of(cfg), what="--out folder")
     report = Reporter(Path(cfg.out), dist.main, cfg.quiet)
+    for note in notes:
+        report.say(note)
     if dist.main:  # a save that would fail (or a mount point: per-file saves) known before step 1
         check_save_target(cfg.out)
     ckpt = state.resume_checkpoint(cfg)

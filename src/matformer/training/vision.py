@@ -55,7 +55,13 @@ from matformer.training.optimizer import build_optimizer, lr_at, set_lr
 from matformer.training.precision import LossScaler
 from matformer.training.prepare import RunPaths
 from matformer.training.report import Reporter, fmt_time, step_losses
-from matformer.training.settings import TrainConfig, all_trained_tiers, inputs_of, validate
+from matformer.training.settings import (
+    TrainConfig,
+    all_trained_tiers,
+    inputs_of,
+    resolve_defaults,
+    validate,
+)
 from matformer.training.step import train_step
 
 ARCH = "vit"
@@ -221,6 +227,7 @@ class VisionRun(RunPaths):
 
 
 def prepare_vit(cfg: TrainConfig, dist: Dist) -> VisionRun:
+    cfg = resolve_defaults(cfg)[0]  # lr and warm-up from scratch (a MatViT has no --init-from)
     check_settings(cfg)
     if cfg.data not in (None, "digits"):  # recorded absolute: evaluation may run elsewhere
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).absolute()))
