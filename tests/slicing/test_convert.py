@@ -236,7 +236,7 @@ def test_distilled_run_resumes_bit_exactly_and_alpha_matters(dense, tmp_path, on
     train(distill_cfg(dense, tmp_path / "b", resume=str(step3)))  # continues 3 -> 6 into b
     a, b = load_state_dict(straight.out), load_state_dict(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # alpha 0 is the plain LM objective; alpha 0.5 trains something else
+    # alpha 0 is the plain LM objective; alpha 1 (--init-from's default) trains something else
     plain = load_state_dict(train(distill_cfg(dense, tmp_path / "p", distill=None)).out)
     zero = load_state_dict(train(distill_cfg(dense, tmp_path / "z", distill_alpha=0.0)).out)
     assert all(torch.equal(plain[k], zero[k]) for k in plain)
@@ -245,7 +245,9 @@ def test_distilled_run_resumes_bit_exactly_and_alpha_matters(dense, tmp_path, on
     assert torch.equal(load_state_dict(dense["src"])["model.layers.0.mlp.up_proj.weight"],
                        load_model(dense["src"]).model.layers[0].mlp.up_proj.weight)
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    assert saved["distill_alpha"] == 0.5 and saved["init_from"] == str(dense["mat"])
+    # --init-from's fine-tuning defaults, recorded as the values used
+    assert saved["distill_alpha"] == 1.0 and saved["init_from"] == str(dense["mat"])
+    assert saved["lr"] == distill_cfg(dense, tmp_path).lr
 
 
 # ---- errors ----------------------------------------------------------------------------------
