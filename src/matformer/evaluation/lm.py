@@ -446,9 +446,9 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
     n = len(selected)
     ce_sum, kl_sum, seconds, match = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
     with model.at_width(**model.setting), torch.inference_mode():
-        # Warm-up (first-call allocations would be charged to the first width otherwise).
-        model.set_widths(**selected[0].setting(model))
-        model(torch.as_tensor(windows[:1], device=dev))
+        if n > 1:  # warm-up: first-call allocations would be charged to the first width
+            model.set_widths(**selected[0].setting(model))
+            model(torch.as_tensor(windows[:1], device=dev))
         bar = tqdm(total=-(-n_windows // batch_size) * n, unit="forward", desc="loss per width",
                    file=sys.stderr, disable=not progress)
         for b0 in range(0, n_windows, batch_size):
@@ -468,11 +468,14 @@ def measure_widths(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
                 # Summed next-token cross-entropy over the B*(T-1) labels (what lm_loss
                 # averages), from the same log-probabilities the consistency uses.
                 ce_sum[i] -= float(logp[:, :-1].gather(-1, labels).sum())
-                best = logp.argmax(-1)  # (B, T)
-                if i == 0:  # the reference comes first
-                    ref_logp, ref_p, ref_best = logp, logp.exp(), best
-                kl_sum[i] += float((ref_p * (ref_logp - logp)).sum())  # KL(P_ref || P_w)
-                match[i] += int((best == ref_best).sum())
+                if i == 0:  # the reference comes first: KL 0, every token its own
+                    match[i] += int(x.numel())
+                    if n > 1:
+                        ref_logp, ref_p, ref_best = logp, logp.exp(), logp.argmax(-1)
+                    continue
+                # KL(P_ref || P_w), one (B, T, V) temporary
+                kl_sum[i] += float((ref_logp - logp).mul_(ref_p).sum())
+                match[i] += int((logp.argmax(-1) == ref_best).sum())
         bar.close()
     n_pred, n_pos = n_windows * (seq_len - 1), n_windows * seq_len
     results = []

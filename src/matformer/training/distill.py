@@ -41,8 +41,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over positions (nats)."""
     T = float(temperature)
     V = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.float().reshape(-1, V) / T, dim=-1)
-    t = F.log_softmax(teacher_logits.float().reshape(-1, V) / T, dim=-1)
+    s, t = student_logits.float().reshape(-1, V), teacher_logits.float().reshape(-1, V)
+    if T != 1.0:  # x / 1.0 is x: no (B*T, V) copies at the default temperature
+        s, t = s / T, t / T
+    s, t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * (T * T)
 
 
@@ -55,9 +57,16 @@ class Distillation:
 
     def mix(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             lm: torch.Tensor) -> torch.Tensor:
-        """alpha * KD + (1 - alpha) * LM."""
+        """alpha * KD + (1 - alpha) * LM (alpha 1: KD alone, `lm` not in the graph)."""
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
+        if self.alpha == 1.0:
+            return kd
         return self.alpha * kd + (1.0 - self.alpha) * lm
+
+    @property
+    def pure(self) -> bool:
+        """alpha 1: the LM loss is only logged (computed without a graph)."""
+        return self.alpha == 1.0
 
 
 class Teacher:

@@ -77,9 +77,12 @@ class Objective(nn.Module):
         for key, w in plan:
             with self.model.at_width(**setting_of(key)):
                 logits = self.model(input_ids)
-            loss = lm_loss(logits, input_ids)  # shifted labels; the (B, T, V) logits not copied
+            distilling = self.distill is not None and teacher_logits is not None
+            # alpha 1: the LM loss is logged only, so no backward runs through it
+            with torch.no_grad() if distilling and self.distill.pure else contextlib.nullcontext():
+                loss = lm_loss(logits, input_ids)  # shifted labels; the logits not copied
             losses.append(loss.detach())
-            if self.distill is not None and teacher_logits is not None:
+            if distilling:
                 loss = self.distill.mix(logits, teacher_logits, loss)
             total = loss * w if total is None else total + loss * w
         assert total is not None
