@@ -196,5 +196,8 @@ def test_eval_verb_json_plot_and_data(ckpt, tmp_path, run_cli) -> None:
     # --json-out writes the same report the table shows.
     written = json.loads(report_file.read_text())
     assert {r["name"] for r in written["results"]} >= {"tier 0", "tier 2"}
+    # --data names a corpus: only its held-out part is scored, and the report says so
+    assert written["split"] == "held-out" and written["data"].startswith(f"held-out part of {text}")
+    assert "data: held-out part of" in err
     code, out, err = run_cli("eval", str(ckpt), "--plot", str(tmp_path / "x.pdf"))
     assert code == 2 and ".png" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,6 +190,23 @@ def test_importance_is_measured_at_the_stored_width(dense, one_thread):
 
 
 # ---- distillation ----------------------------------------------------------------------------
+
+
+def test_calibration_reads_the_train_part_only(dense) -> None:
+    """Given calibration text is split as training splits it: only its train part is read, so
+    `eval --data` of the same text (its held-out part) scores nothing convert saw."""
+    from matformer.io.source import resolve_source
+    from matformer.slicing.convert import REPORT_NAME, calibration_windows
+
+    corpus = dense["root"] / "corpus.txt"
+    windows, what = calibration_windows(resolve_source(dense["src"]), corpus, 4, 16)
+    tok = D.load_tokenizer(dense["src"])
+    train, _ = D.split_texts(D.load_texts(corpus))
+    stream = D.tokenize(tok, train)
+    assert "train part of" in what and np.array_equal(windows.numpy(),
+                                                       D.heldout_windows(stream, 16, 4))
+    report = json.loads((dense["mat"] / REPORT_NAME).read_text())
+    assert report["calibration_split"] == "train" and "train part of" in report["calibration"]
 
 
 def test_kd_loss_against_a_direct_computation():

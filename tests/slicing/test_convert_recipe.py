@@ -86,6 +86,8 @@ def _run(run_cli, cmd: list[str], recipe: dict[str, Path], extra: list[str]) -> 
             for a in cmd]
     code, out, err = run_cli(*args, *SIZES[cmd[0]], *extra)
     assert code == 0, err
+    if cmd[0] == "convert":  # the importance pass shows its progress; the calibration its part
+        assert "importance (reconstruction)" in err and "train part of" in out
     return out
 
 
