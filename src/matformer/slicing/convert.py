@@ -195,6 +195,8 @@ def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = 
             scores *= d.norm(dim=0)
         if gram is not None:  # a^T a -> <c_j, c_k> = (a_j . a_k)(down_j . down_k)
             gram *= d.T @ d
+    for gram in (ffn_gram or []) + (group_gram or []):  # exactly symmetric (the GEMM's halves
+        gram.copy_((gram + gram.T) / 2)  # may round apart): greedy_orders reads rows
     return Importance([s / tokens for s in ffn], [s / tokens for s in heads], method, tokens,
                       ffn_gram, group_gram)
 
@@ -250,7 +252,7 @@ def greedy_orders(grams: list[torch.Tensor]) -> list[list[int]]:
 
 
 def _greedy_batch(gram: torch.Tensor) -> list[list[int]]:
-    """Forward selection on a batch of Gram matrices (L, n, n) at once."""
+    """Forward selection on a batch of symmetric Gram matrices (L, n, n) at once."""
     L, n = gram.shape[0], gram.shape[1]
     residual = gram.sum(2)  # (L, n): <Y - sum_S c, c_j>, S empty
     diag = gram.diagonal(dim1=1, dim2=2).clone()
@@ -262,7 +264,7 @@ def _greedy_batch(gram: torch.Tensor) -> list[list[int]]:
         j = gain.argmax(1)  # (L,)
         order[:, step] = j
         taken[rows, j] = True
-        residual -= gram[rows, :, j]
+        residual -= gram[rows, j]  # row j = column j (symmetric): contiguous reads
     return order.tolist()
 
 
