@@ -124,13 +124,14 @@ class _HeadRecorder(TorchFunctionMode):
 def _score_ffn(acc: torch.Tensor, gram: torch.Tensor | None, down: Any, args: tuple) -> None:
     """Forward pre-hook of a NestedMLP's down_proj (at the stored width the MLP calls it with its
     activations a = act(gate_proj x) * up_proj x: read, never recomputed): add sum |a_j| over
-    the input's tokens to `acc`, and a^T a to `gram`. The products run in float32 per batch (a
-    fp64 GEMM took as long as the forward itself) and are accumulated in float64."""
+    the input's tokens to `acc`, and a^T a to `gram` (float32, in place: a float64 GEMM, or a
+    float64 copy of each batch's product, cost as much as the forward itself; the sums over a
+    few hundred batches lose ~1e-6 relative, far below the gaps the greedy order compares)."""
     a = args[0].detach().float()
     a = a.reshape(-1, a.shape[-1])  # (tokens, I)
     acc += a.abs().sum(0, dtype=torch.float64)
     if gram is not None:
-        gram += (a.T @ a).double()
+        gram.addmm_(a.T, a)  # in place: no (I, I) temporary per batch
 
 
 @torch.no_grad()
@@ -152,7 +153,7 @@ def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = 
     heads = [torch.zeros(layer.self_attn.stored_kv_heads * layer.self_attn.group,
                          dtype=torch.float64) for layer in layers]
     recon = method == "reconstruction"
-    ffn_gram = [torch.zeros(len(s), len(s), dtype=torch.float64) for s in ffn] if recon else None
+    ffn_gram = [torch.zeros(len(s), len(s)) for s in ffn] if recon else None  # float32 sums
     group_gram = [torch.zeros(len(s) // layer.self_attn.group, len(s) // layer.self_attn.group,
                               dtype=torch.float64) for s, layer in zip(heads, layers, strict=True)
                   ] if recon else None
@@ -189,12 +190,12 @@ def measure_importance(model: MatFormerLM, windows: torch.Tensor, method: str = 
     if any(float(s.sum()) == 0.0 for s in ffn):
         raise CheckpointError("FFN activations were not recorded (the MLP no longer calls "
                               "down_proj at its stored width)")
-    for scores, gram, layer in zip(ffn, ffn_gram or [None] * len(layers), layers, strict=True):
+    for i, (scores, layer) in enumerate(zip(ffn, layers, strict=True)):
         d = layer.mlp.down_proj.weight.double()
         if method != "activation":  # mean |a_j| ||down[:, j]||
             scores *= d.norm(dim=0)
-        if gram is not None:  # a^T a -> <c_j, c_k> = (a_j . a_k)(down_j . down_k)
-            gram *= d.T @ d
+        if ffn_gram is not None:  # a^T a -> <c_j, c_k> = (a_j . a_k)(down_j . down_k)
+            ffn_gram[i] = ffn_gram[i].double() * (d.T @ d)
     for gram in (ffn_gram or []) + (group_gram or []):  # exactly symmetric (the GEMM's halves
         gram.copy_((gram + gram.T) / 2)  # may round apart): greedy_orders reads rows
     return Importance([s / tokens for s in ffn], [s / tokens for s in heads], method, tokens,
@@ -252,20 +253,23 @@ def greedy_orders(grams: list[torch.Tensor]) -> list[list[int]]:
 
 
 def _greedy_batch(gram: torch.Tensor) -> list[list[int]]:
-    """Forward selection on a batch of symmetric Gram matrices (L, n, n) at once."""
+    """Forward selection on a batch of symmetric Gram matrices (L, n, n) at once: a few dense
+    ops per step (row j of each matrix by index_select on the flattened stack, `taken` by
+    scatter; advanced indexing cost more than the arithmetic)."""
     L, n = gram.shape[0], gram.shape[1]
+    flat = gram.reshape(L * n, n)
+    first = torch.arange(L) * n  # row 0 of each matrix in `flat`
     residual = gram.sum(2)  # (L, n): <Y - sum_S c, c_j>, S empty
     diag = gram.diagonal(dim1=1, dim2=2).clone()
     taken = torch.zeros(L, n, dtype=torch.bool)
-    rows = torch.arange(L)
-    order = torch.empty(L, n, dtype=torch.long)
-    for step in range(n):
+    picked = []
+    for _ in range(n):
         gain = (2 * residual - diag).masked_fill_(taken, -math.inf)
         j = gain.argmax(1)  # (L,)
-        order[:, step] = j
-        taken[rows, j] = True
-        residual -= gram[rows, j]  # row j = column j (symmetric): contiguous reads
-    return order.tolist()
+        picked.append(j)
+        taken.scatter_(1, j[:, None], True)
+        residual -= flat.index_select(0, first + j)  # row j = column j (symmetric)
+    return torch.stack(picked, 1).tolist()
 
 
 def importance_order(imp: Importance, group_size: int) -> Permutation:
