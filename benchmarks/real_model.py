@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--distill-batch", type=int, default=2, help="windows per distillation step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--parts", default="eval,distill,importance",
+                   help="comparisons to run, comma-separated (default: all three)")
     p.add_argument("--out", default=str(RESULTS / "real_model.json"))
     args = p.parse_args(argv)
 
@@ -105,79 +107,86 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         generator=gen)
     rows: dict[str, Any] = {}
 
+    parts = set(args.parts.split(","))
+    if parts - {"eval", "distill", "importance"}:
+        p.error(f"--parts takes eval, distill, importance; got {args.parts}")
+
     # 1. eval
-    windows = ids[:args.eval_windows]
-    n_tok = windows.numel()
-    ref = [EvalWidth("tier 0", "tier", model.stored_widths)]
-    with torch.inference_mode():
-        diff = float((model(windows[:1]) - hf(windows[:1]).logits).abs().max())
-        ours_eval, ours_fwd, hf_fwd = best_of([
-            lambda: measure_widths(model, windows.numpy(), ref, B),
-            lambda: [model(windows[i:i + B]) for i in range(0, len(windows), B)],
-            lambda: [hf(windows[i:i + B]).logits for i in range(0, len(windows), B)],
-        ], args.repeats)
-    rows["eval"] = {"tokens": n_tok, "max_abs_logit_diff_vs_transformers": diff,
-                    "ours_eval_tokens_per_s": n_tok / ours_eval,
-                    "ours_forward_tokens_per_s": n_tok / ours_fwd,
-                    "transformers_forward_tokens_per_s": n_tok / hf_fwd,
-                    "ratio": hf_fwd / ours_eval, "goal": ">= 0.9"}
-    print(f"eval: ours {n_tok / ours_eval:.1f} tok/s (bare forward {n_tok / ours_fwd:.1f}), "
-          f"transformers forward {n_tok / hf_fwd:.1f} tok/s: {hf_fwd / ours_eval:.2f}x", flush=True)
+    if "eval" in parts:
+        windows = ids[:args.eval_windows]
+        n_tok = windows.numel()
+        ref = [EvalWidth("tier 0", "tier", model.stored_widths)]
+        with torch.inference_mode():
+            diff = float((model(windows[:1]) - hf(windows[:1]).logits).abs().max())
+            ours_eval, ours_fwd, hf_fwd = best_of([
+                lambda: measure_widths(model, windows.numpy(), ref, B),
+                lambda: [model(windows[i:i + B]) for i in range(0, len(windows), B)],
+                lambda: [hf(windows[i:i + B]).logits for i in range(0, len(windows), B)],
+            ], args.repeats)
+        rows["eval"] = {"tokens": n_tok, "max_abs_logit_diff_vs_transformers": diff,
+                        "ours_eval_tokens_per_s": n_tok / ours_eval,
+                        "ours_forward_tokens_per_s": n_tok / ours_fwd,
+                        "transformers_forward_tokens_per_s": n_tok / hf_fwd,
+                        "ratio": hf_fwd / ours_eval, "goal": ">= 0.9"}
+        print(f"eval: ours {n_tok / ours_eval:.1f} tok/s (bare forward {n_tok / ours_fwd:.1f}), "
+              f"transformers forward {n_tok / hf_fwd:.1f} tok/s: {hf_fwd / ours_eval:.2f}x", flush=True)
 
     # 2. distillation step (tier 0; the teacher is a second copy, frozen)
-    x = ids[:args.distill_batch]
-    teacher = load_model(source, dtype=torch.float32).eval().requires_grad_(False)
-    hf_teacher = hf_twin(teacher).requires_grad_(False)
-    objective = Objective(model.train(), Distillation(1.0, 1.0))
+    if "distill" in parts:
+        x = ids[:args.distill_batch]
+        teacher = load_model(source, dtype=torch.float32).eval().requires_grad_(False)
+        hf_teacher = hf_twin(teacher).requires_grad_(False)
+        objective = Objective(model.train(), Distillation(1.0, 1.0))
 
-    def ours_step() -> None:
-        forward_backward(objective, x, [(0, 1.0)], lambda t: teacher(t))
-        model.zero_grad(set_to_none=True)
+        def ours_step() -> None:
+            forward_backward(objective, x, [(0, 1.0)], lambda t: teacher(t))
+            model.zero_grad(set_to_none=True)
 
-    def hf_step() -> None:
-        with torch.no_grad():
-            t_logits = hf_teacher(x).logits
-        s_logits = hf(x).logits
-        kd_loss(s_logits, t_logits).backward()
-        hf.zero_grad(set_to_none=True)
+        def hf_step() -> None:
+            with torch.no_grad():
+                t_logits = hf_teacher(x).logits
+            s_logits = hf(x).logits
+            kd_loss(s_logits, t_logits).backward()
+            hf.zero_grad(set_to_none=True)
 
-    hf.train()
-    ours_s, hf_s = best_of([ours_step, hf_step], args.repeats)
-    model.eval()
-    hf.eval()
-    rows["distill_step"] = {"batch": list(x.shape), "ours_s": ours_s, "transformers_s": hf_s,
-                            "ratio": hf_s / ours_s, "goal": ">= 0.9"}
-    print(f"distillation step ({x.shape[0]}x{T}): ours {ours_s:.2f} s, transformers {hf_s:.2f} s: "
-          f"{hf_s / ours_s:.2f}x", flush=True)
+        hf.train()
+        ours_s, hf_s = best_of([ours_step, hf_step], args.repeats)
+        model.eval()
+        hf.eval()
+        rows["distill_step"] = {"batch": list(x.shape), "ours_s": ours_s, "transformers_s": hf_s,
+                                "ratio": hf_s / ours_s, "goal": ">= 0.9"}
+        print(f"distillation step ({x.shape[0]}x{T}): ours {ours_s:.2f} s, transformers {hf_s:.2f} s: "
+              f"{hf_s / ours_s:.2f}x", flush=True)
 
     # 3. importance for --tokens tokens vs the calibration forwards alone
-    calib = ids[:args.tokens // T]
+    if "importance" in parts:
+        calib = ids[:args.tokens // T]
 
-    def forwards() -> None:
-        with torch.no_grad():
-            for i in range(0, len(calib), B):
-                model(calib[i:i + B])
+        def forwards() -> None:
+            with torch.no_grad():
+                for i in range(0, len(calib), B):
+                    model(calib[i:i + B])
 
-    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-        t0 = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t0, out
+        def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+            t0 = time.perf_counter()
+            out = fn()
+            return time.perf_counter() - t0, out
 
-    # The forwards before and after the importance pass, their mean the reference (a shared
-    # machine's load drifts over minutes).
-    before, _ = timed(forwards)
-    measure_s, imp = timed(lambda: measure_importance(model, calib, "reconstruction", B,
-                                                      progress=True))
-    order_s, _ = timed(lambda: importance_order(imp, cfg.group_size))
-    after, _ = timed(forwards)
-    fwd_s = (before + after) / 2
-    total = measure_s + order_s
-    rows["importance"] = {"tokens": calib.numel(), "method": "reconstruction",
-                          "forwards_s": fwd_s, "forwards_before_after_s": [before, after],
-                          "measure_s": measure_s, "order_s": order_s,
-                          "ratio": total / fwd_s, "goal": "<= 2"}
-    print(f"importance ({calib.numel():,} tokens): {total:.1f} s (measure {measure_s:.1f}, "
-          f"order {order_s:.1f}) vs forwards alone {fwd_s:.1f} s: {total / fwd_s:.2f}x", flush=True)
+        # The forwards before and after the importance pass, their mean the reference (a shared
+        # machine's load drifts over minutes).
+        before, _ = timed(forwards)
+        measure_s, imp = timed(lambda: measure_importance(model, calib, "reconstruction", B,
+                                                          progress=True))
+        order_s, _ = timed(lambda: importance_order(imp, cfg.group_size))
+        after, _ = timed(forwards)
+        fwd_s = (before + after) / 2
+        total = measure_s + order_s
+        rows["importance"] = {"tokens": calib.numel(), "method": "reconstruction",
+                              "forwards_s": fwd_s, "forwards_before_after_s": [before, after],
+                              "measure_s": measure_s, "order_s": order_s,
+                              "ratio": total / fwd_s, "goal": "<= 2"}
+        print(f"importance ({calib.numel():,} tokens): {total:.1f} s (measure {measure_s:.1f}, "
+              f"order {order_s:.1f}) vs forwards alone {fwd_s:.1f} s: {total / fwd_s:.2f}x", flush=True)
 
     doc = {"benchmark": "real_model", "model": str(Path(args.gguf).name),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
