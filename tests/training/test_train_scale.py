@@ -732,7 +732,8 @@ def test_eval_on_a_prepared_token_folder_scores_its_held_out_split(tmp_path, cor
     assert cli_main(["eval", cfg.out, "--data", str(tok_dir), "--tiers", "2", "--no-mix",
                      "--no-decode", "--no-speculative", "--json", "--threads", "1"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["data"] == f"{tok_dir} (prepared token folder)"
+    assert rep["data"].startswith(f"held-out part of {tok_dir} (prepared token folder: its val.bin)")
+    assert rep["split"] == "held-out"
     got = next(r["loss"] for r in rep["results"] if r["name"] == "tier 2")
     assert got == pytest.approx(final[2], abs=1e-5)
     assert cli_main(["eval", cfg.out, "--compare", cfg.out, "--data", str(tok_dir), "--tiers",
@@ -775,7 +776,7 @@ def test_convert_calibrates_on_the_prepared_folder_a_run_trained_on(tmp_path, co
     _, train_tokens, _, _ = token_files.load(tok_dir)
     windows, what = calibration_windows(resolve_source(cfg.out), None, 4, 16)
     assert np.array_equal(windows.numpy(), D.heldout_windows(np.asarray(train_tokens), 16, 4))
-    assert f"the training split of {tok_dir}" in what
+    assert f"train part of {tok_dir}" in what
     alien = tmp_path / "alien"
     assert cli_main(["prepare-data", str(corpus), "-o", str(alien), "--vocab-size", "280",
                      "--val-fraction", "0.2", "--quiet"]) == 0

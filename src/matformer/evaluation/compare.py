@@ -21,6 +21,7 @@ import numpy as np
 
 from matformer.data import text as D
 from matformer.data.splits import HELD_OUT, CorpusPart, corpus_name, corpus_part, recorded_split
+from matformer.data.token_files import is_prepared
 from matformer.data.vocabulary import difference
 from matformer.errors import DataError
 from matformer.evaluation.lm import EvalReport, evaluate
@@ -76,7 +77,8 @@ def _windows(sources: Sequence[Source], data: str | os.PathLike | None, seq_len:
     seq_len = min(seq_len or default_len, first.config.max_position_embeddings)
     if max_tokens is not None:
         n = max(1, max_tokens // seq_len)
-    say(f"tokenizing the {split} part of {corpus_name(corpus)} ({why}) ...")
+    if not is_prepared(corpus):  # (a prepared folder's errors stay one line)
+        say(f"tokenizing the {split} part of {corpus_name(corpus)} ({why}) ...")
     part = corpus_part(corpus, D.load_tokenizer(first.folder), split, checkpoints=folders,
                        tokenizer_file=first.folder / "tokenizer.json")
     say(f"data: {part.description}")

@@ -288,7 +288,8 @@ def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: An
         if not training_settings(folder):
             say(f"{folder} records no training data (no train_config.json): scoring the default "
                 f"corpus; pass --data to choose")
-    say(f"tokenizing the {split} part of {corpus_name(data)} ...")
+    if not token_files.is_prepared(data):  # (a prepared folder's errors stay one line)
+        say(f"tokenizing the {split} part of {corpus_name(data)} ...")
     part = corpus_part(data, tokenizer, split, checkpoints=[folder] if folder else [],
                        tokenizer_file=tokenizer_file)
     say(f"data: {part.description}")
