@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = {"benchmark": "real_model", "model": str(Path(args.gguf).name),
            "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "load_s": load_s, "hardware": hw, "results": rows,
-           "note": "shared 2-core CPU, busy with other jobs: ratios are what to read"}
+           "note": "shared 2-core CPU (other jobs may run; see load_average_at_start): "
+                   "ratios are what to read"}
     write_json(args.out, doc)
     print(f"wrote {args.out}")
     return doc
