@@ -171,6 +171,13 @@ def score_model(run: Run, key: str, path: str, only: dict[str, dict[str, Any]] |
 
 # ---- chat and speculative decoding -------------------------------------------------------------
 
+def chat_ids(tok: Any, message: str) -> list[int]:
+    """The chat prompt's token ids, rendered by the tokenizer's own template."""
+    text = tok.apply_chat_template([{"role": "user", "content": message}],
+                                   add_generation_prompt=True, tokenize=False)
+    return [int(i) for i in tok.encode(text, add_special_tokens=False)]
+
+
 def chat_answers(run: Run, tokenizer_dir: str, models: dict[str, str], new_tokens: int) -> None:
     from transformers import AutoTokenizer
 
@@ -187,9 +194,7 @@ def chat_answers(run: Run, tokenizer_dir: str, models: dict[str, str], new_token
         answers: dict[str, Any] = {}
         for t in tiers:
             for p in PROMPTS:
-                ids = tok.apply_chat_template([{"role": "user", "content": p}],
-                                              add_generation_prompt=True)
-                ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+                ids = chat_ids(tok, p)
                 res = generate(model, ids, max_new_tokens=new_tokens, tier=t, eos_token_id=eos)
                 text = tok.decode(res.tokens, skip_special_tokens=True).strip()
                 answers.setdefault(f"tier {t}", {})[p] = text
@@ -207,17 +212,17 @@ def speculative(run: Run, path: str, tokenizer_dir: str, new_tokens: int) -> Non
         return
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = load_model(path, dtype="float32").eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}],
-                                  add_generation_prompt=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = chat_ids(tok, PROMPTS[1])
     generate(model, ids, max_new_tokens=4, ignore_eos=True)  # warm-up
     t0 = time.perf_counter()
     plain = generate(model, ids, max_new_tokens=new_tokens, ignore_eos=True)
     t_plain = time.perf_counter() - t0
     rows = {"plain": {"tokens_per_s": round(new_tokens / t_plain, 2)}}
-    for draft in (1, 2, 3, "auto"):
+    # "auto" twice: its first call in a process measures the step costs it chooses by.
+    for draft in (1, 2, 3, "auto", "auto again"):
         t0 = time.perf_counter()
-        res = speculative_generate(model, ids, max_new_tokens=new_tokens, draft_tier=draft,
+        res = speculative_generate(model, ids, max_new_tokens=new_tokens,
+                                   draft_tier=draft if isinstance(draft, int) else "auto",
                                    ignore_eos=True)
         t = time.perf_counter() - t0
         stats = {k: getattr(res, k) for k in ("acceptance_rate", "accepted_per_round", "rounds")
@@ -250,7 +255,7 @@ def llamacpp(run: Run, path: str, original: str, qtype: str) -> None:
             out = run.work / f"nested-tier{tier}.{typ}.gguf"
             rec = run.cli("export", path, "--tier", str(tier), "--type", typ, "-o", str(out))
             llm = Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False,
-                        n_threads=run.threads)
+                        n_threads=run.threads, type_k=0, type_v=0)  # float32 KV cache
             llm.eval(windows[0].tolist())
             theirs = np.asarray(llm.scores[:windows.shape[1]], dtype=np.float32)
             model = load_model(path, dtype="float32").eval()
@@ -264,6 +269,17 @@ def llamacpp(run: Run, path: str, original: str, qtype: str) -> None:
             del llm
     run.results["llamacpp"] = rows
     run.save()
+
+
+def as_dense(folder: Path) -> None:
+    """A uniform slice as the dense model it is: without the nesting keys (its FFN is its width,
+    its tier 0), since `train --init-from` starts nested training only from a full-width model."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("matformer_base_intermediate_size", "matformer_base_num_key_value_heads",
+                "matformer_tier"):
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg, indent=2))
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -335,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = max(1, args.distill_tokens // 3 // tokens_per_step)
             rec = run.cli("slice", str(work / "convert-reconstruction"), "--tier", str(t),
                           "-o", pruned)
+            as_dense(Path(pruned))
             steps_cmd[key] = run.cli("train", "--init-from", pruned, "--out", out, "--steps",
                                      str(steps), "--objective", "single", *common)
             steps_cmd[key]["slice_wall_s"] = rec["wall_s"]
