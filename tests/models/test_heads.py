@@ -344,8 +344,8 @@ def test_cli_head_flags_on_slice_info_generate_eval(full, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert [(r["tier"], r["kv_heads"]) for r in rep["results"]] == [
         (0, [4, 4]), (0, [2, 2]), (0, [1, 1])]
-    assert main(["eval", str(folder), "--data", str(_text(tmp_path)), "--layer-kv-heads",
-                 "1,2,3", "--no-speculative", "--no-decode"]) == 2
+    assert main(["eval", str(folder), "--data", str(_text(tmp_path)), "--split", "all",
+                 "--layer-kv-heads", "1,2,3", "--no-speculative", "--no-decode"]) == 2
     assert "3 per-layer KV head counts" in capsys.readouterr().err
 
 

@@ -298,14 +298,16 @@ def _evaluation_windows(model_or_ckpt: MatFormerLM | str | os.PathLike, data: An
 
 def evaluation_windows(source: Source, data: Any = None, *, seq_len: int | None = None,
                        max_windows: int | None = None, max_positions: int,
-                       progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, str]:
+                       progress: Callable[[str], None] | None = None,
+                       split: str = HELD_OUT) -> tuple[np.ndarray, str]:
     """(windows (n, seq_len), a description of the data): the held-out windows `evaluate` scores
     for the checkpoint `source` (data None: its own training's held-out split), at most
-    `max_windows` of them; for other callers that score widths on the same data (`plan`)."""
+    `max_windows` of them (the `split` part of a corpus: the held-out one by default); for other
+    callers that score widths on the same data (`plan`)."""
     seq_len, n = _window_shape(source, data, seq_len, None, max_positions)
     n = n if max_windows is None else min(n, max_windows)
-    windows, desc = _evaluation_windows(source, data, None, seq_len, n,
-                                        progress or (lambda _msg: None))
+    windows, desc, _part = _evaluation_windows(source, data, None, seq_len, n, split,
+                                               progress or (lambda _msg: None))
     return windows, desc
 
 

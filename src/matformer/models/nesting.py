@@ -63,6 +63,28 @@ def check_positive_number(key: str, v: Any) -> None:
         raise ConfigError(f"{key} must be a positive finite number, got {show_value(v)}")
 
 
+def check_initializer_range(v: Any) -> None:
+    """`initializer_range`: a non-negative finite number (no bool, no Infinity)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise ConfigError(f"initializer_range must be a non-negative finite number, got "
+                          f"{show_value(v)}")
+
+
+def check_token_ids(config: Any) -> None:
+    """bos/pad/eos token ids: null or a non-negative integer (eos also a list of them), since a
+    bool, float or string id would be taken as another token (or none) by a generation loop."""
+    for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        v = getattr(config, key)
+        ids = v if key == "eos_token_id" and isinstance(v, list) else [v]
+        if v is None:
+            continue
+        if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_SIZE
+                          for i in ids):
+            what = "a token id or a list of them" if key == "eos_token_id" else "a token id"
+            raise ConfigError(f"{key} must be {what} (a non-negative integer) or null, got "
+                              f"{show_value(v)}")
+
+
 class NestedConfig:
     """Base of a nested family's config (a dataclass subclass declares the fields).
 

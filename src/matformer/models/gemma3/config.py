@@ -18,7 +18,6 @@ Torch-free (`matformer info` reads it).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,8 +27,10 @@ from matformer.models.nesting import (
     NESTED_KEYS,
     REWRITTEN,
     NestedConfig,
+    check_initializer_range,
     check_positive_int,
     check_positive_number,
+    check_token_ids,
     show_value,
 )
 
@@ -217,19 +218,8 @@ class Gemma3Config(NestedConfig):
         if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(f"hidden_activation={show_value(self.hidden_activation)} is not "
                               f"supported (implemented: {', '.join(ACTIVATIONS)})")
-        v = self.initializer_range
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-            raise ConfigError(f"initializer_range must be a non-negative finite number, got "
-                              f"{show_value(v)}")
-        for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
-            v = getattr(self, key)
-            ids = v if key == "eos_token_id" and isinstance(v, list) else [v]
-            if v is None:
-                continue
-            if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (1 << 40)
-                              for i in ids):
-                raise ConfigError(f"{key} must be a token id (a non-negative integer) or null, "
-                                  f"got {show_value(v)}")
+        check_initializer_range(self.initializer_range)
+        check_token_ids(self)
 
     def _check_layer_types(self) -> None:
         n = self.num_hidden_layers

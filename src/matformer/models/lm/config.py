@@ -34,8 +34,10 @@ from matformer.models.nesting import (
     NESTED_KEYS,
     REWRITTEN,
     NestedConfig,
+    check_initializer_range,
     check_positive_int,
     check_positive_number,
+    check_token_ids,
     show_value,
 )
 
@@ -193,20 +195,8 @@ class MatFormerConfig(NestedConfig):
                               f"{show_value(self.tie_word_embeddings)}")
         for key in ("rms_norm_eps", "rope_theta"):
             check_positive_number(key, getattr(self, key))
-        v = self.initializer_range
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-            raise ConfigError(f"initializer_range must be a non-negative finite number, got "
-                              f"{show_value(v)}")
-        for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
-            v = getattr(self, key)
-            ids = v if key == "eos_token_id" and isinstance(v, list) else [v]
-            if v is None:
-                continue
-            if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (1 << 40)
-                              for i in ids):
-                what = "a token id or a list of them" if key == "eos_token_id" else "a token id"
-                raise ConfigError(f"{key} must be {what} (a non-negative integer) or null, got "
-                                  f"{show_value(v)}")
+        check_initializer_range(self.initializer_range)
+        check_token_ids(self)
 
     def _check_groups(self) -> None:
         """The query heads per KV head (r) divide evenly and are the same in every layer."""
