@@ -225,8 +225,10 @@ def speculative(run: Run, path: str, tokenizer_dir: str, new_tokens: int) -> Non
                                    draft_tier=draft if isinstance(draft, int) else "auto",
                                    ignore_eos=True)
         t = time.perf_counter() - t0
-        stats = {k: getattr(res, k) for k in ("acceptance_rate", "accepted_per_round", "rounds")
-                 if hasattr(res, k)}
+        st = res.stats
+        stats = {"drafted": st.drafted, "accepted": st.accepted,
+                 "acceptance_rate": st.accepted / st.drafted if st.drafted else None,
+                 "target_forwards": st.target_forwards, "draft_forwards": st.draft_forwards}
         rows[f"draft tier {draft}"] = {"tokens_per_s": round(new_tokens / t, 2),
                                        "speedup": round(t_plain / t, 3),
                                        "identical": list(res.tokens) == list(plain.tokens),
@@ -271,6 +273,17 @@ def llamacpp(run: Run, path: str, original: str, qtype: str) -> None:
     run.save()
 
 
+def write_mix(path: Path) -> None:
+    """Distillation text that keeps more than one domain: the train parts of KJV and of the Python
+    corpus, one document of each in turn (the held-out parts stay out, as in `make_data`)."""
+    from matformer.data.text import kjv_texts, load_texts, split_texts
+
+    kjv_train, _ = split_texts(kjv_texts(max_bytes=10**8))
+    py_train, _ = split_texts(load_texts(None))
+    docs = [d for pair in zip(kjv_train, py_train, strict=False) for d in pair]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+
+
 def as_dense(folder: Path) -> None:
     """A uniform slice as the dense model it is: without the nesting keys (its FFN is its width,
     its tier 0), since `train --init-from` starts nested training only from a full-width model."""
@@ -300,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf-type", default="q4_0")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", action="store_true",
+                   help="also distill on a KJV + Python mix (row nested-mix)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -344,6 +359,20 @@ def main(argv: list[str] | None = None) -> int:
         steps_cmd["nested"]["tokens"] = steps * tokens_per_step
         run.save()
     score_model(run, "nested", nested)
+    if args.mix:  # the same run on a broad mix: KJV and Python train parts, interleaved
+        mix = work / "mix_train.jsonl"
+        if not mix.exists():
+            write_mix(mix)
+        key = "nested-mix"
+        if key not in steps_cmd:
+            steps = max(1, args.distill_tokens // tokens_per_step)
+            # alpha 0.5 as the nested run had (the --init-from default is now 1.0)
+            mixed = [c if c != train else str(mix) for c in common] + ["--distill-alpha", "0.5"]
+            steps_cmd[key] = run.cli("train", "--init-from", str(work / "convert-reconstruction"),
+                                     "--out", str(work / key), "--steps", str(steps), *mixed)
+            steps_cmd[key]["tokens"] = steps * tokens_per_step
+            run.save()
+        score_model(run, key, str(work / key))
     for t in (1, 2, 3):
         key = f"separate-tier{t}"
         pruned, out = str(work / f"pruned-tier{t}"), str(work / key)
