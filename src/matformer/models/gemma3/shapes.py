@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from matformer.errors import ConfigError
 from matformer.models.gemma3.config import Gemma3Config
-from matformer.models.lm.shapes import EMBEDDING, LAYER_PREFIX, LM_HEAD
+from matformer.models.lm.shapes import (
+    LAYER_PREFIX,
+    decoder_shapes,
+    split_counts,
+)
 from matformer.models.lm.shapes import nested_axis as nested_axis
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -50,22 +53,9 @@ def layer_shapes(config: Gemma3Config, index: int, width: int,
 def expected_shapes(config: Gemma3Config, widths: Sequence[int] | None = None,
                     kv_heads: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint of `config` at per-layer `widths` / `kv_heads` (default:
-    as stored; fewer widths than layers describe a model with layers dropped)."""
-    h, v = config.hidden_size, config.vocab_size
-    ws = config.layer_widths if widths is None else [int(w) for w in widths]
-    if kv_heads is None:
-        hl = config.layer_kv_heads[:len(ws)]
-    else:
-        hl = [int(g) for g in kv_heads]
-        if len(hl) != len(ws):
-            raise ConfigError(f"got {len(hl)} per-layer KV head counts for {len(ws)} layers")
-    out: dict[str, tuple[int, ...]] = {EMBEDDING: (v, h)}
-    for i, (w, g) in enumerate(zip(ws, hl, strict=True)):
-        out.update(layer_shapes(config, i, w, g))
-    out["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        out[LM_HEAD] = (v, h)
-    return out
+    as stored; fewer widths than layers describe a model with layers dropped): the Llama
+    layout's (`models.lm.shapes.decoder_shapes`) with Gemma 3's layers."""
+    return decoder_shapes(config, layer_shapes, widths, kv_heads)
 
 
 def parameter_counts(config: Gemma3Config, widths: Sequence[int] | None = None,
@@ -73,14 +63,7 @@ def parameter_counts(config: Gemma3Config, widths: Sequence[int] | None = None,
     """{'embedding', 'non_embedding', 'total'} at `widths`/`kv_heads` (a tied lm_head counted
     once): the embedding (262K x hidden in the released models) is reported apart, since the
     nested widths only change the rest."""
-    counts = {"embedding": 0, "non_embedding": 0}
-    for name, shape in expected_shapes(config, widths, kv_heads).items():
-        n = 1
-        for d in shape:
-            n *= d
-        counts["embedding" if name in (EMBEDDING, LM_HEAD) else "non_embedding"] += n
-    counts["total"] = counts["embedding"] + counts["non_embedding"]
-    return counts
+    return split_counts(expected_shapes(config, widths, kv_heads))
 
 
 def summary(config: Gemma3Config) -> str:

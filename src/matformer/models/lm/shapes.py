@@ -10,7 +10,8 @@ The model, the checkpoint validator, the slicer, training and evaluation all cou
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from matformer.errors import ConfigError
 from matformer.models.lm.config import MatFormerConfig
@@ -97,12 +98,21 @@ def expected_shapes(config: MatFormerConfig, widths: Sequence[int] | None = None
     (default: the stored widths) gives one FFN width per layer, `kv_heads` (default: the stored
     heads) one KV head count per layer; fewer widths than the config has layers describe a model
     with layers dropped (numbered 0..len(widths)-1)."""
+    return decoder_shapes(config, layer_shapes, widths, kv_heads)
+
+
+def decoder_shapes(config: Any, layer: Callable[[Any, int, int, int], dict[str, tuple[int, ...]]],
+                   widths: Sequence[int] | None = None, kv_heads: Sequence[int] | None = None
+                   ) -> dict[str, tuple[int, ...]]:
+    """`expected_shapes` of any decoder in the Llama layout (embedding, layers, final norm, an
+    untied lm_head), its family's tensors per layer given by `layer(config, index, width, kv)`:
+    the Llama block's `layer_shapes`, or Gemma 3's with its extra norms."""
     h, v = config.hidden_size, config.vocab_size
     ws = _widths(config, widths)
     hl = _kv_heads(config, len(ws), kv_heads)
     out: dict[str, tuple[int, ...]] = {EMBEDDING: (v, h)}
     for i, (w, g) in enumerate(zip(ws, hl, strict=True)):
-        out.update(layer_shapes(config, i, w, g))
+        out.update(layer(config, i, w, g))
     out["model.norm.weight"] = (h,)
     if not config.tie_word_embeddings:
         out[LM_HEAD] = (v, h)
@@ -122,8 +132,14 @@ def parameter_counts(config: MatFormerConfig, widths: Sequence[int] | None = Non
     the stored ones; fewer widths than layers: layers dropped), split into embedding (token
     embedding + an untied lm_head) and non-embedding (everything else). A tied lm_head is
     counted once."""
+    return split_counts(expected_shapes(config, widths, kv_heads))
+
+
+def split_counts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """{'embedding', 'non_embedding', 'total'} of a checkpoint's tensor shapes: the token
+    embedding and an untied lm_head are embedding parameters, everything else is not."""
     counts = {"embedding": 0, "non_embedding": 0}
-    for name, shape in expected_shapes(config, widths, kv_heads).items():
+    for name, shape in shapes.items():
         counts["embedding" if name in (EMBEDDING, LM_HEAD) else "non_embedding"] += _numel(shape)
     counts["total"] = counts["embedding"] + counts["non_embedding"]
     return counts
