@@ -17,7 +17,8 @@ came up, inside timed decoding (issue 13's H100 run). `StaticDecoder` therefore 
 forward in inference mode on a contiguous inference copy of the tokens (`_canonical`), and
 allocates its cache there too: one graph per (width, heads, tokens, batch, cache length).
 
-- CPU: inductor's default mode (fused pointwise kernels in C++, matmuls in MKL/oneDNN); the
+- CPU: inductor's default mode (fused pointwise kernels in C++, matmuls in MKL/oneDNN, except
+  that a one-row step's products are reductions fused into those kernels: `matvec`); the
   per-token Python work left is dynamo's guard check and one call.
 - CUDA: mode="reduce-overhead" (CUDA graphs); the cache tensors are marked static addresses so
   the in-place writes stay inside the graph, and outputs are cloned before the next replay
@@ -42,6 +43,7 @@ from matformer.inference.compile_cache import (
     enable_compile_cache,
     record_compile_seconds,
 )
+from matformer.inference.matvec import CpuMatvec
 from matformer.models.lm.model import KVCache, MatFormerLM
 
 RECOMPILE_LIMIT = 64
@@ -53,15 +55,23 @@ def _forward(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tensor, cac
     return model.forward_static(ids, input_pos, cache, pad, last_only)
 
 
+def _compiled_step(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tensor,
+                   cache: KVCache, pad: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """`_forward` as it is compiled: single-row products on a CPU become reductions that
+    inductor fuses and streams at the memory's rate (`matvec.CpuMatvec`; a no-op elsewhere)."""
+    with CpuMatvec():
+        return model.forward_static(ids, input_pos, cache, pad, last_only)
+
+
 @functools.cache
 def compiled_forward(mode: str | None = None, backend: str | Callable = "inductor") -> Callable:
-    """`_forward` compiled (one wrapper per mode and backend, so its graphs are kept); the
+    """`_compiled_step` compiled (one wrapper per mode and backend, so its graphs are kept); the
     kernels inductor builds are kept on disk for later processes (`enable_compile_cache`)."""
     enable_compile_cache()
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    return torch.compile(_forward, mode=mode, backend=backend, dynamic=False, fullgraph=True)
+    return torch.compile(_compiled_step, mode=mode, backend=backend, dynamic=False, fullgraph=True)
 
 
 def _canonical(ids: torch.Tensor) -> torch.Tensor:
