@@ -217,3 +217,30 @@ def test_a_full_queue_and_a_closed_engine_refuse_new_jobs(model) -> None:
     assert events[-1].kind == "error"  # what was waiting ends with an error, not silence
     with pytest.raises(EngineClosed):
         engine.submit(_job(engine, [5], 2, catalog.full(), []))
+
+
+def test_under_a_target_the_narrowest_widths_cost_caps_the_batch() -> None:
+    table = CostTable()
+    for key, cost in (("wide", 0.004), ("narrow", 0.002)):
+        table.observe(key, 1, cost)
+        table.observe(key, 4, 4 * cost)
+    policy = LoadPolicy(["wide", "narrow"], 0.005, table)
+    assert policy.max_rows(8) == 2  # narrow: 0.002, 0.004 (interpolated), 0.006 misses
+    assert policy.max_rows(8, pinned_seconds=0.002) == 1  # pinned work leaves room for one
+    assert policy.max_rows(1) == 1
+    assert LoadPolicy(["wide", "narrow"], None, table).max_rows(8) == 8  # no target: no cap
+    assert LoadPolicy(["wide", "new"], 0.005, table).max_rows(8) == 8  # not measured yet
+
+
+def test_an_engine_with_a_target_admits_what_the_narrowest_width_keeps_under_it(model) -> None:
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=4, slo_ms=5.0)
+    for key in engine.auto_widths:  # measured costs: one row 2 ms, four rows 8 ms everywhere
+        engine.table.observe(key, 1, 0.002)
+        engine.table.observe(key, 4, 0.008)
+    jobs = [Job([1, 2], 2, Sampler(), set(), catalog.resolve("m@auto"), lambda e: None)
+            for _ in range(4)]
+    for job in jobs:
+        engine.submit(job)
+    engine.admit()
+    assert engine.running == jobs[:2] and list(engine.waiting) == jobs[2:]

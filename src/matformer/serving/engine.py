@@ -199,8 +199,17 @@ class Engine:
             self.running = [j for j in self.running if not j.finished]
 
     def admit(self) -> None:
-        """Move waiting jobs into the running batch while it has room (call under `cond`)."""
-        while self.waiting and len(self.running) < self.max_batch:
+        """Move waiting jobs into the running batch while it has room (call under `cond`):
+        `max_batch` rows, fewer with a target that the narrowest width misses at that many
+        (`LoadPolicy.max_rows`; rows pinned to a width count at their measured cost)."""
+        room = self.max_batch
+        if self.policy.slo_s is not None:
+            pinned: Counter[Hashable] = Counter(setting_key(j.width.setting) for j in self.running
+                                                if j.width.setting is not None)
+            held = sum(pinned.values())
+            room = held + self.policy.max_rows(max(self.max_batch - held, 1),
+                                               self.policy.other_cost(list(pinned.items())))
+        while self.waiting and len(self.running) < room:
             self.running.append(self.waiting.popleft())
 
     def step(self) -> float:

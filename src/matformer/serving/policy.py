@@ -10,6 +10,13 @@ which the estimated step time -- the pinned groups' costs, the prefill chunk's, 
 group's at that width and batch size -- stays under the target. With no candidate under it, the
 narrowest. Without a target, the full width.
 
+Narrowing has a floor: when even the narrowest width at the current batch misses the target,
+the engine admits no more rows than `max_rows` allows (the narrowest width's step at that batch
+fits the target); the rest wait in the queue. Under overload the target then costs time to the
+first token, not per-token latency (a step that also carries a prompt chunk may still exceed
+it: one chunk per step, so a request's mean per-token latency carries a share of the chunks of
+those admitted while it runs).
+
 The costs are measured on this machine: `calibrate` times each candidate at batch sizes 1, 2,
 4, ... up to `--max-batch` when the server starts, and `observe` folds every real step into an
 exponential moving average, so the table follows the machine's load.
@@ -89,6 +96,28 @@ class LoadPolicy:
             if cost is not None and (other_seconds + cost) * self.overhead <= self.slo_s:
                 return key
         return self.candidates[-1]
+
+    def max_rows(self, limit: int, pinned_seconds: float = 0.0) -> int:
+        """How many decoding rows a step may hold under the target: the most rows (up to
+        `limit`) whose step at the narrowest candidate, with `pinned_seconds` of other rows'
+        work, is estimated under it; at least 1. Without a target, or before the narrowest
+        width is measured, `limit`.
+
+        When even the narrowest width cannot keep every row under the target, more rows would
+        only make every row slower: a request waits in the queue instead (its time to first
+        token grows; the per-token latency of the running ones holds)."""
+        if self.slo_s is None:
+            return limit
+        narrowest = self.candidates[-1]
+        if self.table.estimate(narrowest, 1) is None:
+            return limit
+        rows = 1
+        for n in range(2, limit + 1):
+            cost = self.table.estimate(narrowest, n)
+            if cost is None or (pinned_seconds + cost) * self.overhead > self.slo_s:
+                break
+            rows = n
+        return rows
 
     def other_cost(self, groups: Sequence[tuple[Hashable, int]]) -> float:
         """Estimated seconds of the pinned groups ((key, rows) each) in one step (unmeasured
