@@ -153,7 +153,7 @@ def bench_speculative(model, draft_model, prompts, args) -> dict:
     kw = dict(ignore_eos=True, compile=True, max_draft_tokens=args.max_k)
     prompts = prompts[: args.prompts]
     auto = speculative_generate(model, prompts[0], n, draft_tier="auto", **kw)  # costs, compiles
-    costs = auto.extra["costs"]
+    costs = auto.extra.get("costs")  # None: auto's probe chose plain decoding, measuring nothing
     configs = {"auto": dict(draft_tier="auto")}
     for t in (1, 2, 3):
         configs[f"tier {t}"] = dict(draft_tier=t, draft_tokens="auto")
@@ -195,7 +195,7 @@ def bench_speculative(model, draft_model, prompts, args) -> dict:
             "speedup": statistics.median(a / b for a, b in zip(plain_s, spec_s[name], strict=True)),
             "identical": st["identical"],
         })
-    return {"prompts": len(prompts), "new_tokens": n, "costs": costs.to_dict(),
+    return {"prompts": len(prompts), "new_tokens": n, "costs": costs.to_dict() if costs else None,
             "auto_choice": auto.extra["choice"].to_dict(), "rows": rows}
 
 

@@ -62,14 +62,13 @@ def test_speculative_report_and_decode_speed() -> None:
     auto, *rows = rep.speculative
     assert [s.draft_name for s in rows] == ["tier 1", "tier 2", "tier 3"]
     # The automatic choice runs through the same speculative_generate and reports what it chose
-    # and the costs it chose from.
-    assert auto.chosen and auto.identical and auto.draft_name.startswith("auto: ")
+    # and why: here (widths that disagree) its probe of the first tokens settles on plain
+    # decoding without timing anything (issue 28: auto costs nothing measurable then).
+    assert auto.chosen and auto.identical and auto.draft_name == "auto: plain"
     costs, choice = rep.speculative_costs, rep.speculative_choice
-    assert sorted(n.split(" (")[0] for n in costs["draft_steps"]) == ["tier 1", "tier 2", "tier 3"]
-    assert costs["target_step"] > 0
-    assert sorted(costs["verify"]) == list(range(1, 9))
-    assert choice["draft"] is None or choice["draft"] in costs["draft_steps"]
-    assert auto.chosen_draft_tokens == choice["k"]
+    assert costs == {} and choice["draft"] is None and auto.drafted == 0
+    assert choice["reason"].startswith("no draft can pay: tier 1")
+    assert auto.chosen_draft_tokens == choice["k"] == 0
     for s in rows:
         assert s.identical  # greedy speculative == plain, on data prompts
         assert 0 < s.accepted <= s.drafted and s.acceptance_rate == s.accepted / s.drafted
@@ -79,7 +78,7 @@ def test_speculative_report_and_decode_speed() -> None:
     assert mixes and all(r.widths == sorted(r.widths) for r in mixes)
     text = format_eval_report(rep)
     assert "KL(P_reference || P_width)" in text and "speed-up" in text
-    assert "auto chose" in text and "verify k=1" in text
+    assert "auto chose plain decoding (no draft can pay: tier 1" in text
     json.dumps(rep.to_dict())
 
 

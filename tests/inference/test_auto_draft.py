@@ -12,7 +12,22 @@ import pytest
 import torch
 
 from matformer.inference.decode import generate
-from matformer.inference.speculative import DecodeCosts, speculative_generate
+from matformer.inference.sampling import GenerationStats, Sampler
+from matformer.inference.speculative import (
+    PAY_MARGIN,
+    PROBE_TOKENS,
+    DecodeCosts,
+    Draft,
+    _plain_start,
+    acceptance_bound,
+    cached_costs,
+    ideal_costs,
+    probe_agreement,
+    speculative_generate,
+    step_work,
+)
+from matformer.inference.static_cache import StaticDecoder
+from matformer.tiers import Setting
 from tests.conftest import tiny_lm
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 31, 64]
@@ -87,6 +102,121 @@ def test_auto_measures_costs_once_per_process(one_thread) -> None:
     second = speculative_generate(model, PROMPT, 12, draft_tier="auto", ignore_eos=True)
     assert second.extra["costs"] is c
     assert first.tokens == second.tokens == plain.tokens
+
+
+def test_auto_where_the_output_layer_dominates_is_generate_itself(one_thread) -> None:
+    """A large vocabulary on a tiny model (SmolLM2-135M's case, where the 49,152 x 576 output
+    layer does not shrink with the FFN): even a draft that is always accepted and costs only
+    its share of the multiply-adds cannot pay, which the parameter counts alone say. `auto` is
+    then `generate` on its first call: no timing, no probe, the same forwards and tokens."""
+    model = tiny_lm(0, vocab_size=32768)
+    plain, n_plain = _counted(model, lambda: generate(model, PROMPT, 16, ignore_eos=True))
+    auto, n_auto = _counted(model, lambda: speculative_generate(
+        model, PROMPT, 16, draft_tier="auto", ignore_eos=True))
+    assert auto.tokens == plain.tokens and n_auto == n_plain == 16
+    assert auto.extra["choice"].draft is None and auto.extra["choosing_seconds"] == 0.0
+    assert "even if every draft is accepted" in auto.extra["choice"].reason
+    assert "costs" not in auto.extra and "probe" not in auto.extra
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.3, "top_k": 20, "seed": 3}],
+                         ids=["greedy", "sampled"])
+def test_auto_first_call_probes_and_decodes_plainly_when_no_draft_can_pay(
+        sampling, one_thread) -> None:
+    """No costs measured yet (a first call) and widths that disagree: `auto` decodes the first
+    PROBE_TOKENS plainly, runs the widest draft once over them (its agreement bounds every
+    draft's acceptance), finds that no draft could pay even at ideal costs, and decodes on
+    plainly on the same cache: plain decoding's tokens (the same sampled ones too: the probe
+    draws nothing) with exactly one forward more, nothing timed, nothing drafted."""
+    model = tiny_lm(0, distinct=True)
+    plain, n_plain = _counted(model, lambda: generate(model, PROMPT, 24, ignore_eos=True,
+                                                      **sampling))
+    auto, n_auto = _counted(model, lambda: speculative_generate(
+        model, PROMPT, 24, draft_tier="auto", ignore_eos=True, **sampling))
+    assert auto.tokens == plain.tokens and n_auto == n_plain + 1
+    assert auto.stats.drafted == auto.stats.draft_forwards == 0
+    assert auto.stats.target_forwards == plain.stats.target_forwards == 24
+    probe = auto.extra["probe"]
+    assert probe["tokens"] == PROBE_TOKENS and probe["draft"] == NAMES[0]
+    assert probe["best_speedup"] < PAY_MARGIN and probe["ideal_costs"]
+    assert auto.extra["choice"].draft is None and "costs" not in auto.extra
+    assert auto.extra["choice"].reason.startswith("no draft can pay: tier 1")
+    assert cached_costs(model, next(iter(_cost_keys(model)), ())) is None
+
+
+def _cost_keys(model) -> list:
+    from matformer.inference.speculative import _COSTS
+
+    return list(_COSTS.get(model, {}))
+
+
+def test_probe_agreement_is_the_drafts_teacher_forced_steps_and_restores_the_cache(
+        one_thread) -> None:
+    """The probe's count equals what draft steps would give, fed the target's tokens one at a
+    time after the target's cache (a reference built step by step on a copy of the cache), and
+    the target's keys and values in the probed columns are bit for bit what they were."""
+    model = tiny_lm(2, distinct=True)
+    target = Setting(model.stored_widths, model.stored_kv_heads)
+    n = 6
+    with torch.inference_mode():
+        dec = StaticDecoder(model, 1, len(PROMPT) + n + 1)
+        head, rows, _ = _plain_start(model, dec, torch.tensor([PROMPT]), Sampler(), set(), n,
+                                     GenerationStats(len(PROMPT)), None, 0.0)
+        inputs = torch.tensor([[PROMPT[-1], *head[:-1]]])
+        before = [(k.clone(), v.clone()) for k, v in zip(dec.cache.k, dec.cache.v, strict=True)]
+        for widths, name in [(model.resolve_widths(tier=t), NAMES[t - 1]) for t in (1, 3)]:
+            draft = Draft(name, widths, kv_heads=list(target.kv_heads))
+            got = probe_agreement(model, dec, target, draft, inputs, rows, Sampler())
+            for (k, v), (k0, v0) in zip(zip(dec.cache.k, dec.cache.v, strict=True), before,
+                                        strict=True):
+                assert torch.equal(k, k0) and torch.equal(v, v0)
+            assert model.widths == target.widths
+            ref = model.new_cache(1, dec.pos)
+            for (k, v), (k0, v0) in zip(zip(ref.k, ref.v, strict=True), before, strict=True):
+                k.copy_(k0[:, :, :dec.pos])
+                v.copy_(v0[:, :, :dec.pos])
+            ref.length = dec.pos - n
+            agree = 0
+            with model.running(draft.setting):
+                for i in range(n):
+                    q = model(inputs[:, i:i + 1], cache=ref)[0, -1]
+                    agree += int(q.argmax()) == head[i]
+            assert got == agree
+    assert 0 < got < n or agree in (0, n)
+
+
+def test_step_work_is_the_multiply_adds_of_a_step(one_thread) -> None:
+    """`step_work` (what the ideal costs scale by) against torch's FLOP counter on a one-token
+    forward at the target and at every tier: multiply-adds are half the FLOPs (the one-token
+    attention's own few are the difference)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_lm(0, heads=True)
+    for tier in range(4):
+        setting = Setting(model.resolve_widths(tier=tier), model.stored_kv_heads)
+        with model.running(setting), torch.inference_mode(), \
+                FlopCounterMode(display=False) as counter:
+            model(torch.tensor([[3]]))
+        macs = counter.get_total_flops() / 2
+        assert abs(step_work(model, setting) - macs) <= 0.01 * macs, (tier, macs)
+
+
+def test_acceptance_bound_and_ideal_costs() -> None:
+    """The bound is optimistic (above the estimate, 0 of n is not certainty) and tightens with
+    more tokens; ideal costs are the plain step times each draft's share of the work."""
+    assert acceptance_bound(0, 8) > 0 and acceptance_bound(8, 8) == 1.0
+    assert acceptance_bound(2, 8) > 0.25 > acceptance_bound(20, 80) - 0.2
+    assert acceptance_bound(20, 80) < acceptance_bound(2, 8)
+    model = tiny_lm(0)
+    target = Setting(model.stored_widths, model.stored_kv_heads)
+    drafts = [Draft(NAMES[t - 1], model.resolve_widths(tier=t), kv_heads=list(target.kv_heads))
+              for t in (1, 2, 3)]
+    costs = ideal_costs(model, target, drafts, [1, 2], 2.0)
+    assert costs.plain == costs.target_step == costs.verify[2] == 2.0
+    for d in drafts:
+        assert costs.draft_steps[d.name] == pytest.approx(
+            2.0 * step_work(model, d.setting) / step_work(model, target))
+    assert costs.draft_steps[NAMES[0]] > costs.draft_steps[NAMES[2]]
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ from matformer.errors import ConfigError, DataError
 from matformer.evaluation.compile_clock import compile_seconds
 from matformer.inference.decode import generate
 from matformer.inference.sampling import sync_device
-from matformer.inference.speculative import DecodeCosts, speculative_generate
+from matformer.inference.speculative import PROBE_TOKENS, DecodeCosts, speculative_generate
 from matformer.io.checkpoint import load_model
 from matformer.io.source import Source, resolve_source
 from matformer.models.lm.config import perplexity
@@ -542,7 +542,10 @@ def _decode_report(model: MatFormerLM, windows: np.ndarray, selected: Sequence[E
     # warm-up above compiled plain decoding; a server or a later call reuses them too) and
     # reused by the rows after it.
     auto = EvalWidth("auto", "auto", [])
-    costs = speculative_generate(model, prompts[0], 2, widths=ref, layer_kv_heads=ref_heads,
+    # (long enough to pass auto's plain start and probe: when it finds drafting may pay, the
+    # costs are measured here, not in a timed row)
+    costs = speculative_generate(model, prompts[0], min(PROBE_TOKENS + 2, new_tokens),
+                                 widths=ref, layer_kv_heads=ref_heads,
                                  draft_tier="auto", ignore_eos=True,
                                  compile=compile).extra.get("costs")
     costs = _speculative_result(model, prompts, want, auto, new_tokens, "auto",

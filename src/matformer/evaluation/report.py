@@ -81,6 +81,9 @@ def _speculative_table(report: EvalReport) -> list[str]:
                   f"{1e3 * costs.get('seconds', 0.0):.0f} ms before the timed rows (ms): plain "
                   f"step {1e3 * plain:.2f}; target step {1e3 * costs['target_step']:.2f}; "
                   f"draft steps {steps}; verify {verify}"]
+    elif c:  # chosen without timing: the parameter counts or the probe's agreement settled it
+        lines += [f"auto chose plain decoding ({c.get('reason') or 'no draft expected to pay'}),"
+                  f" timing nothing"]
     return lines
 
 

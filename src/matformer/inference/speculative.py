@@ -219,6 +219,45 @@ def can_pay(costs: DecodeCosts, names: Sequence[str], ks: Sequence[int],
                         plain=state.plain_step()).draft is not None
 
 
+PROBE_TOKENS = 8
+"""Plain tokens `auto` decodes first when it has nothing measured to choose by (its first call
+in a process, or costs that say a draft could pay): their steps time plain decoding, and the
+widest draft's agreement with them (one forward over them) bounds every draft's acceptance."""
+
+PAY_MARGIN = 1.1
+"""The speed-up over plain decoding an ideal-cost draft must promise at the probe's acceptance
+bound before `auto` spends time measuring what drafts really cost (the ideal costs are lower
+bounds: real steps carry work the parameter count does not see)."""
+
+
+def step_work(model: MatFormerLM, setting: Setting) -> int:
+    """Multiply-adds of one decoding step at `setting`, per token: every non-embedding
+    parameter plus the output layer (vocabulary x hidden, tied or not; the embedding lookup is
+    free). A draft's step costs at least this fraction of the target's on any machine where
+    decoding reads every weight once (memory-bound) or multiplies by it once (compute-bound)."""
+    cfg = model.config
+    return (model.num_parameters_at(setting.widths, setting.kv_heads or None)["non_embedding"]
+            + cfg.vocab_size * cfg.hidden_size)
+
+
+def ideal_costs(model: MatFormerLM, target: Setting, drafts: Sequence[Draft], ks: Sequence[int],
+                plain_step: float) -> DecodeCosts:
+    """Costs no real decoding beats, from one observed plain step: each draft step at its
+    `step_work` fraction of it, every verify (k+1 tokens) as cheap as one step. A draft that
+    cannot pay at these costs cannot pay at the real ones."""
+    full = step_work(model, target)
+    steps = {d.name: plain_step * step_work(model, d.setting) / full for d in drafts}
+    return DecodeCosts(plain_step, steps, dict.fromkeys(ks, plain_step), plain_step=plain_step)
+
+
+def acceptance_bound(agreed: float, n: int, z: float = EXPLORE_Z) -> float:
+    """An optimistic acceptance from `agreed` of `n` probed tokens: the estimate plus `z`
+    standard errors (binomial; at least the error of one token in n, so 0 of n is not
+    certainty)."""
+    a = agreed / n
+    return min(1.0, a + z * math.sqrt(max(a * (1 - a), 1.0 / n) / n))
+
+
 DECAY = 0.5
 """What earlier calls saw weighs this much less after each call (`Observed`)."""
 
@@ -630,6 +669,18 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         return _chose_plain(plain(target), costs, 0.0,
                             "no draft pays even if every draft is accepted"
                             + (", as earlier calls' rounds ran" if seen and seen.timed else ""))
+    # No costs that settle it: decode plainly first and look at the drafts from there (widths
+    # of the target only: a separate draft model would need its own prompt forward).
+    plain_first = auto and plain is not None and all(d.model is None for d in drafts)
+    if plain_first and not _covers(costs, drafts, ks):
+        # The cheapest bound first: ideal costs (a draft step at its share of the work, any
+        # verify as cheap as one step) are relative to a plain step, so no timing is needed.
+        ideal = choose_draft(ideal_costs(model, target, drafts, ks, 1.0),
+                             dict.fromkeys([d.name for d in drafts], 1.0), ks, allow_plain=False)
+        if ideal.expected_speedup < PAY_MARGIN:
+            return _chose_plain(plain(target), None, 0.0,
+                                f"no draft can pay even if every draft is accepted: at ideal "
+                                f"costs the best would be {ideal.expected_speedup:.2f}x")
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
     compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
@@ -640,12 +691,40 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                           max(max_len, ids.shape[1] + max(ks) + 1))
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
-        cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
         state = DraftRound(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
                            plain_ok=auto)
         if seen is not None:
             seen.seed(state)
-        if choose:
+        head: list[int] = []
+        if plain_first:
+            # Plain decoding first, as the user would have had it: its steps time plain
+            # decoding and its tokens show how often the drafts would agree with it.
+            head, rows, steps = _plain_start(model, dec, ids, sampler, eos,
+                                             min(PROBE_TOKENS, max_new_tokens), stats, stream, t0)
+            cur = torch.tensor([[head[-1]]], device=dec.device)
+            going = stats.stop_reason != "eos" and len(head) < max_new_tokens
+            costs = _probe_choice(model, dec, ids, head, rows, steps, target, drafts, ks,
+                                  sampler, costs, state, extra, key) if going else None
+            if costs is None:  # plain decoding to the end, on the same cache
+                if not going:
+                    extra["choice"] = DraftChoice(
+                        None, 0, 0.0, 1.0, 1.0, reason=f"the reply ended within the first "
+                                                       f"{PROBE_TOKENS} tokens, decoded plainly")
+                model.apply(target)
+                head += _plain_steps(dec, cur, sampler, eos, max_new_tokens - len(head), stats,
+                                     stream) if going else []
+                sync_device(device)
+                stats.seconds = time.perf_counter() - t0
+                stats.new_tokens = len(head)
+                if compile:
+                    extra["compile"] = compile_stats().since(compiling)
+                return GenerationOutput(tokens=head, prompt=ids[0].tolist(),
+                                        widths=list(target.widths), stats=stats, extra=extra,
+                                        kv_heads=list(target.kv_heads))
+            seen = costs.observed
+        else:
+            cur = _prefill(dec, draft_decs, ids, stats)  # (1, 1): emitted, not yet in the cache
+        if choose and not plain_first:
             costs = _first_choice(model, dec, draft_decs, ids, target, drafts, ks, sampler, state,
                                   costs, extra, key, prune=auto and plain is not None)
             seen = costs.observed if auto else None
@@ -653,9 +732,11 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                 sync_device(device)
                 return _chose_plain(plain(target), costs, time.perf_counter() - t0,
                                     extra["choice"].reason, extra["choice"])
-        stats.prefill_seconds = time.perf_counter() - t0
-        out = _rounds(model, dec, draft_decs, cur, state, target, sampler, eos, max_new_tokens,
-                      stats, stream, ks if choose else None, costs, drafts, extra)
+        if not plain_first:
+            stats.prefill_seconds = time.perf_counter() - t0
+        out = head + _rounds(model, dec, draft_decs, cur, state, target, sampler, eos,
+                             max_new_tokens - len(head), stats, stream, ks if choose else None,
+                             costs, drafts, extra)
         if seen is not None:
             seen.absorb(state)
         sync_device(device)
@@ -670,15 +751,17 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                             kv_heads=list(target.kv_heads), draft_kv_heads=state.draft.kv_heads)
 
 
-def _chose_plain(out: GenerationOutput, costs: DecodeCosts, choosing: float, reason: str,
+def _chose_plain(out: GenerationOutput, costs: DecodeCosts | None, choosing: float, reason: str,
                  choice: DraftChoice | None = None) -> GenerationOutput:
-    """Plain decoding's output as `auto`'s: the choice and costs in `extra`, the `choosing`
-    seconds spent before it (prompt agreement, timing) added to its time."""
+    """Plain decoding's output as `auto`'s: the choice and costs (when any were measured) in
+    `extra`, the `choosing` seconds spent before it (prompt agreement, timing) added to its
+    time."""
     out.stats.seconds += choosing
     out.stats.prefill_seconds += choosing
     out.extra["choice"] = replace(choice, reason=reason) if choice is not None else DraftChoice(
         None, 0, 0.0, 1.0, 1.0, reason=reason)
-    out.extra["costs"] = costs
+    if costs is not None:
+        out.extra["costs"] = costs
     out.extra["choosing_seconds"] = choosing
     return out
 
@@ -703,6 +786,66 @@ def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, 
     state.prior = prompt_agreement(model, ids, target, drafts, sampler)
     rechoose_draft(state, drafts, costs, ks, extra)
     extra["first_choice"] = extra["choice"]  # from the costs alone, before any round
+    return costs
+
+
+def _probe_choice(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, head: list[int],
+                  rows: list[torch.Tensor], steps: list[float], target: Setting,
+                  drafts: list[Draft], ks: Sequence[int], sampler: Sampler,
+                  costs: DecodeCosts | None, state: DraftRound, extra: dict[str, Any],
+                  key: tuple) -> DecodeCosts | None:
+    """After the plain start (`head`, picked from `rows`, its steps taking `steps` seconds):
+    whether drafting is worth a look. The widest draft's agreement with `head` (one forward)
+    bounds every draft's acceptance from above (a narrower width of the same model agrees no
+    more, as a rule); at that bound and at costs no real decoding beats (`ideal_costs`, scaled
+    by the plain steps just timed; or the costs measured earlier), if no draft promises
+    PAY_MARGIN over plain decoding (1.0 with measured costs), None: decode plainly to the end,
+    the only extra work that one forward. Else every draft's agreement is its prior, the costs
+    are measured (unless `costs` cover every draft and k; kept for later calls) and the first
+    (draft, k) is chosen; returns the costs."""
+    t0 = time.perf_counter()
+    n = len(head)
+    inputs = torch.tensor([[int(ids[0, -1]), *head[:-1]]], device=dec.device)
+    plain_step = sorted(steps)[len(steps) // 2]
+    widest = max(drafts, key=lambda d: (step_work(model, d.setting), d.name))
+    agreed = {widest.name: probe_agreement(model, dec, target, widest, inputs, rows, sampler)}
+    bound = acceptance_bound(agreed[widest.name], n)
+    measured = _covers(costs, drafts, ks)
+    names = [d.name for d in drafts]
+    if measured:
+        assert costs is not None
+        best = choose_draft(costs, dict.fromkeys(names, bound), ks, allow_plain=False,
+                            slowdown=state.slowdown(), plain=state.plain_step())
+    else:
+        best = choose_draft(ideal_costs(model, target, drafts, ks, plain_step),
+                            dict.fromkeys(names, bound), ks, allow_plain=False)
+    extra["probe"] = {"tokens": n, "draft": widest.name, "agreed": agreed[widest.name],
+                      "acceptance_bound": bound, "best_speedup": best.expected_speedup,
+                      "ideal_costs": not measured, "plain_step": plain_step}
+    if best.expected_speedup < (1.0 if measured else PAY_MARGIN):
+        extra["choice"] = DraftChoice(
+            None, 0, 0.0, 1.0, 1.0,
+            reason=f"no draft can pay: {widest.name} agreed on {agreed[widest.name]:.3g} of the "
+                   f"first {n} tokens; at {100 * bound:.0f}% acceptance "
+                   + ("and the costs measured before" if measured else "and ideal costs")
+                   + f" the best draft would be {best.expected_speedup:.2f}x")
+        extra["choosing_seconds"] = time.perf_counter() - t0
+        if costs is not None:
+            extra["costs"] = costs
+        state.k = 0
+        return None
+    for d in drafts:
+        if d.name not in agreed:
+            agreed[d.name] = probe_agreement(model, dec, target, d, inputs, rows, sampler)
+    state.prior = {name: a / n for name, a in agreed.items()}
+    if not measured:
+        costs = measure_costs(model, dec, target, drafts, {}, ks, prune=True)
+        _keep_costs(model, key, costs, drafts)
+    assert costs is not None
+    extra["costs"] = costs
+    rechoose_draft(state, drafts, costs, ks, extra)
+    extra["first_choice"] = extra["choice"]
+    extra["choosing_seconds"] = time.perf_counter() - t0
     return costs
 
 
@@ -854,6 +997,83 @@ def _plain_steps(dec: StaticDecoder, cur: torch.Tensor, sampler: Sampler, eos: s
             break
         cur = torch.tensor([[tok]], device=dec.device)
     return out
+
+
+def _plain_start(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, sampler: Sampler,
+                 eos: set[int], room: int, stats: GenerationStats,
+                 stream: StreamCallback | None, t0: float) -> tuple[list[int],
+                                                                    list[torch.Tensor],
+                                                                    list[float]]:
+    """Plain decoding from the prompt, as `generate` runs it (eagerly: the prompt's forward,
+    then one step a token over the cache's filled columns; compiled: the static prefill and
+    step): up to `room` tokens, until EOS. Returns the tokens, the logits each was picked from
+    and the seconds of each step after the prompt's (what plain decoding costs here, now).
+    The last token is emitted but not yet in the cache (`dec.pos` is its column); `t0`: when
+    the call started (for `stats.prefill_seconds`)."""
+    if dec.compiled or int(dec.pad.max()) != 0:
+        logits = dec.prefill([ids[0]])[0]
+    else:
+        dec.cache.length = 0
+        logits = dec.model(ids, cache=dec.cache)[0, -1]
+        dec.pos = ids.shape[1]
+    stats.target_forwards += 1
+    out: list[int] = []
+    rows: list[torch.Tensor] = []
+    steps: list[float] = []
+    while True:
+        tok = int(sampler.pick(logits))
+        if not out:
+            stats.prefill_seconds = time.perf_counter() - t0  # time to the first token
+        rows.append(logits)
+        out.append(tok)
+        if stream is not None:
+            stream([tok])
+        if tok in eos:
+            stats.stop_reason = "eos"
+            break
+        if len(out) >= room:
+            break
+        t0 = time.perf_counter()
+        cur = torch.tensor([[tok]], device=dec.device)
+        if dec.compiled:
+            logits = dec.step(cur)[0]
+        else:
+            dec.cache.length = dec.pos
+            logits = dec.model(cur, cache=dec.cache)[0, -1]
+            dec.pos += 1
+        steps.append(time.perf_counter() - t0)
+        stats.target_forwards += 1
+    return out, rows, steps
+
+
+def probe_agreement(model: MatFormerLM, dec: StaticDecoder, target: Setting, draft: Draft,
+                    inputs: torch.Tensor, rows: Sequence[torch.Tensor],
+                    sampler: Sampler) -> float:
+    """How many of the tokens plain decoding just picked a width `draft` of the target would
+    have proposed, teacher-forced: one forward at the draft's width over `inputs` (1, n) (the
+    tokens that were fed to pick them, in the columns that end at `dec.pos`), attending to the
+    target's cache before them, against the target's logits `rows` (n of (V,)). Greedy: the
+    count of equal argmaxes; sampling: the sum over positions of sum_v min(p, q) (the
+    probability the rule accepts a draft token). The target's entries in those columns are
+    put back, so decoding goes on as if nothing ran."""
+    n = inputs.shape[1]
+    start = dec.pos - n
+    cache = dec.cache
+    saved = [(k[:, :, start:dec.pos].clone(), v[:, :, start:dec.pos].clone())
+             for k, v in zip(cache.k, cache.v, strict=True)]
+    try:
+        model.apply(draft.setting)
+        q_logits = model(inputs, cache=cache, start=start)[0]  # (n, V)
+    finally:
+        model.apply(target)
+        for (k, v), (k0, v0) in zip(zip(cache.k, cache.v, strict=True), saved, strict=True):
+            k[:, :, start:dec.pos].copy_(k0)
+            v[:, :, start:dec.pos].copy_(v0)
+        cache.length = dec.pos
+    p_logits = torch.stack(list(rows))
+    if sampler.greedy:
+        return float((q_logits.argmax(-1) == p_logits.argmax(-1)).sum())
+    return float(torch.minimum(sampler.probs(p_logits), sampler.probs(q_logits)).sum())
 
 
 def _sync_draft(ddec: StaticDecoder, block: torch.Tensor, start: int, n: int, kk: int,

@@ -220,14 +220,17 @@ def format_generation_summary(output: GenerationOutput, base_width: int) -> str:
         msg += (f"; draft {describe_widths(base_width, output.draft_widths)}: accepted "
                 f"{s.accepted}/{s.drafted} ({100 * s.acceptance_rate:.0f}%)")
     if "choice" in output.extra:
-        msg += "; " + format_draft_choice(output.extra["choice"], output.extra["costs"])
+        msg += "; " + format_draft_choice(output.extra["choice"], output.extra.get("costs"))
     if "compile" in output.extra:
         msg += "; " + output.extra["compile"].describe()
     return msg + "]"
 
 
-def format_draft_choice(choice: DraftChoice, costs: DecodeCosts) -> str:
-    """The (draft, k) speculative decoding chose and the measured costs it chose them from."""
+def format_draft_choice(choice: DraftChoice, costs: DecodeCosts | None) -> str:
+    """The (draft, k) speculative decoding chose and the measured costs it chose them from
+    (None: chosen without timing anything, e.g. plain decoding from the probe's bound)."""
+    if costs is None:
+        return f"chose plain decoding ({choice.reason or 'no draft expected to pay'})"
     verify = ", ".join(f"{k}: {1e3 * t:.2f}" for k, t in sorted(costs.verify.items()))
     drafts = ", ".join(f"{n}: {1e3 * t:.2f}" for n, t in costs.draft_steps.items())
     why = choice.reason or "no draft expected to pay"
