@@ -16,6 +16,7 @@ from matformer.inference.sampling import GenerationStats, Sampler
 from matformer.inference.speculative import (
     PAY_MARGIN,
     PROBE_TOKENS,
+    REPROBE_EVERY,
     DecodeCosts,
     Draft,
     _plain_start,
@@ -102,6 +103,12 @@ def test_auto_measures_costs_once_per_process(one_thread) -> None:
     second = speculative_generate(model, PROMPT, 12, draft_tier="auto", ignore_eos=True)
     assert second.extra["costs"] is c
     assert first.tokens == second.tokens == plain.tokens
+    # The costs are timed after the plain start (its probe found that drafts might pay): the
+    # longest verify still has room there, however short the call.
+    assert first.extra["probe"]["best_speedup"] >= PAY_MARGIN
+    fixed = speculative_generate(model, PROMPT, 12, draft_tier="auto", draft_tokens=8,
+                                 ignore_eos=True)
+    assert fixed.extra["costs"].measured_ks == [8] and fixed.tokens == plain.tokens
 
 
 def test_auto_where_the_output_layer_dominates_is_generate_itself(one_thread) -> None:
@@ -142,6 +149,16 @@ def test_auto_first_call_probes_and_decodes_plainly_when_no_draft_can_pay(
     assert auto.extra["choice"].draft is None and "costs" not in auto.extra
     assert auto.extra["choice"].reason.startswith("no draft can pay: tier 1")
     assert cached_costs(model, next(iter(_cost_keys(model)), ())) is None
+    # Later calls in the process reuse the probe's verdict: `generate` itself, not even the
+    # probe's forward, until every REPROBE_EVERY-th call probes again.
+    for call in range(2, REPROBE_EVERY + 2):
+        again, n_again = _counted(model, lambda: speculative_generate(
+            model, PROMPT, 24, draft_tier="auto", ignore_eos=True, **sampling))
+        assert again.tokens == plain.tokens
+        probes = call % REPROBE_EVERY == 1
+        assert n_again == n_plain + probes and ("probe" in again.extra) == probes
+        if not probes:
+            assert "earlier calls' probes found" in again.extra["choice"].reason
 
 
 def _cost_keys(model) -> list:

@@ -415,6 +415,38 @@ def cached_costs(model: MatFormerLM, key: tuple) -> DecodeCosts | None:
     return _COSTS.get(model, {}).get(key)
 
 
+REPROBE_EVERY = 8
+"""`auto` calls in a row that reuse the earlier probes' verdict "no draft can pay" (running
+`generate` itself) before one probes again: prompts change, and with them the agreement."""
+
+
+@dataclass
+class Probed:
+    """What `auto`'s probes in this process saw (per costs key and sampler): the widest draft's
+    agreement and the tokens probed, earlier probes weighing DECAY less at each new one, and
+    the calls since the last probe."""
+
+    draft: str = ""
+    agreed: float = 0.0
+    tokens: float = 0.0
+    calls: int = 0
+
+    def add(self, draft: str, agreed: float, tokens: int) -> None:
+        self.draft = draft
+        self.agreed = DECAY * self.agreed + agreed
+        self.tokens = DECAY * self.tokens + tokens
+        self.calls = 0
+
+
+_PROBED: weakref.WeakKeyDictionary[MatFormerLM, dict[tuple, Probed]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _probed(model: MatFormerLM, key: tuple, sampler: Sampler) -> Probed:
+    """The probe record of `key` under `sampler` (agreement under sampling is another
+    quantity than greedy agreement), created empty."""
+    skey = (key, sampler.greedy, sampler.temperature, sampler.top_k, sampler.top_p)
+    return _PROBED.setdefault(model, {}).setdefault(skey, Probed())
 
 
 def _keep_costs(model: MatFormerLM, key: tuple, costs: DecodeCosts,
@@ -671,7 +703,9 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                             + (", as earlier calls' rounds ran" if seen and seen.timed else ""))
     # No costs that settle it: decode plainly first and look at the drafts from there (widths
     # of the target only: a separate draft model would need its own prompt forward).
-    plain_first = auto and plain is not None and all(d.model is None for d in drafts)
+    # (and room to time the longest verify after the plain start, in the context)
+    plain_first = (auto and plain is not None and all(d.model is None for d in drafts)
+                   and ids.shape[1] + PROBE_TOKENS + max(ks) <= model.config.max_position_embeddings)
     if plain_first and not _covers(costs, drafts, ks):
         # The cheapest bound first: ideal costs (a draft step at its share of the work, any
         # verify as cheap as one step) are relative to a plain step, so no timing is needed.
@@ -681,14 +715,30 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
             return _chose_plain(plain(target), None, 0.0,
                                 f"no draft can pay even if every draft is accepted: at ideal "
                                 f"costs the best would be {ideal.expected_speedup:.2f}x")
+        probed = _probed(model, key, sampler)
+        if probed.tokens and probed.calls < REPROBE_EVERY - 1:
+            # Earlier calls' probes: when they rule every draft out, this call probes nothing.
+            bound = acceptance_bound(probed.agreed, round(probed.tokens))
+            best = choose_draft(ideal_costs(model, target, drafts, ks, 1.0),
+                                dict.fromkeys([d.name for d in drafts], bound), ks,
+                                allow_plain=False)
+            if best.expected_speedup < PAY_MARGIN:
+                probed.calls += 1
+                return _chose_plain(plain(target), None, 0.0,
+                                    f"no draft can pay, as earlier calls' probes found: "
+                                    f"{probed.draft} agreed on {probed.agreed:.3g} of "
+                                    f"{probed.tokens:.3g} tokens; at {100 * bound:.0f}% "
+                                    f"acceptance and ideal costs the best draft would be "
+                                    f"{best.expected_speedup:.2f}x")
     stats, extra = GenerationStats(prompt_tokens=ids.shape[1]), {}
     compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
     with model.running(target), torch.inference_mode():
         t0 = time.perf_counter()
-        if choose:  # room for timing the longest verify after the prompt, however short the call
+        if choose:  # room for timing the longest verify after the prompt (and the plain
+            # start), however short the call
             max_len = min(model.config.max_position_embeddings,
-                          max(max_len, ids.shape[1] + max(ks) + 1))
+                          max(max_len, ids.shape[1] + PROBE_TOKENS * plain_first + max(ks) + 1))
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
         state = DraftRound(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
@@ -810,6 +860,7 @@ def _probe_choice(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, hea
     widest = max(drafts, key=lambda d: (step_work(model, d.setting), d.name))
     agreed = {widest.name: probe_agreement(model, dec, target, widest, inputs, rows, sampler)}
     bound = acceptance_bound(agreed[widest.name], n)
+    _probed(model, key, sampler).add(widest.name, agreed[widest.name], n)
     measured = _covers(costs, drafts, ks)
     names = [d.name for d in drafts]
     if measured:
