@@ -9,7 +9,8 @@ process's CPU seconds. Each `auto` call is compared with the mean of the plain c
 before and after it (drift in the machine's load cancels to first order). On a shared machine
 the CPU time is the steadier measure: other processes' load adds wall time, not this process's
 CPU time (memory-bandwidth contention still shows in both). The medians over the processes are
-reported, and every `auto` output is checked to be token for token plain decoding's. Writes benchmarks/results/auto_first_call.json.
+reported, and every `auto` output is checked to be token for token plain decoding's. Writes
+benchmarks/results/auto_first_call.json.
 
     matformer convert SmolLM2-135M-Instruct.Q4_1.gguf -o runs/smol-mat --calibration builtin:kjv
     .venv/bin/python -m benchmarks.speed.auto_first_call --ckpt runs/smol-mat --repeats 7

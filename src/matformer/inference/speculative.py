@@ -18,7 +18,8 @@ k. With i.i.d. acceptance probability alpha a round of k drafts emits
 E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) tokens in k * draft_step + verify(k) seconds;
 `choose_draft` picks the (draft, k) of the highest expected tokens/s, or plain decoding when no
 pair beats one target step per token. alpha starts from the draft's agreement with the target
-on the prompt (teacher-forced, one forward each) and follows the acceptance observed as rounds
+(teacher-forced, one forward each: over the first tokens decoded with `auto`, see below; over
+the prompt otherwise) and follows the acceptance observed as rounds
 go, the choice re-made after every round from the same costs. Only the draft in use is
 observed, so a draft whose few-token prompt agreement was low by chance is tried (`explore`)
 while its optimistic acceptance (EXPLORE_Z standard errors up) would win, until it has drafted
@@ -34,7 +35,25 @@ draft that does not pay is dropped after a round or two and decoding goes on pla
 even fully accepted drafts could not beat a plain step (the costs alone decide: no prompt
 forward, no draft forward), `auto` runs plain decoding itself, `generate`, at no extra cost.
 Costs are measured once per process for a (model, target, drafts, compile) and reused
-(`cached_costs`), so only the first call pays for timing.
+(`cached_costs`).
+
+Its first call costs nothing measurable either when no draft can pay (issue 28: it used to time
+every draft and verify and the prompt agreement before its first token, 0.5x of plain decoding
+on SmolLM2-135M). With no costs measured, `auto` decides from the cheapest evidence first:
+1. parameter counts: at ideal costs (a draft step at its share of a step's multiply-adds,
+   `step_work`, which counts the output layer that does not shrink with the FFN; any verify as
+   cheap as one step) and every draft accepted, if no draft beats plain decoding by
+   PAY_MARGIN, `auto` is `generate` itself (no timing: the bound is a ratio);
+2. the plain start: it decodes PROBE_TOKENS tokens plainly, as `generate` does (the tokens the
+   user wanted anyway), then runs the widest draft once over them, teacher-forced on the
+   target's cache (`probe_agreement`; the target's entries are put back). Its agreement, a few
+   standard errors up (`acceptance_bound`), bounds every draft's acceptance (a narrower width
+   agrees no more, as a rule); at ideal costs, if no draft would beat PAY_MARGIN, decoding
+   goes on plainly on the same cache: one draft forward more than `generate`, same tokens
+   (sampled ones too: the probe draws nothing). Later calls reuse the probes' verdict
+   (`generate` itself) and probe again every REPROBE_EVERY-th call;
+3. only when the bound leaves room for a draft are the costs timed (and kept), every draft's
+   agreement over the plain start taken as its prior, and rounds start from there.
 """
 
 from __future__ import annotations
@@ -705,7 +724,8 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
     # of the target only: a separate draft model would need its own prompt forward).
     # (and room to time the longest verify after the plain start, in the context)
     plain_first = (auto and plain is not None and all(d.model is None for d in drafts)
-                   and ids.shape[1] + PROBE_TOKENS + max(ks) <= model.config.max_position_embeddings)
+                   and ids.shape[1] + PROBE_TOKENS + max(ks)
+                   <= model.config.max_position_embeddings)
     if plain_first and not _covers(costs, drafts, ks):
         # The cheapest bound first: ideal costs (a draft step at its share of the work, any
         # verify as cheap as one step) are relative to a plain step, so no timing is needed.
@@ -1084,7 +1104,7 @@ def _plain_start(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, samp
             break
         if len(out) >= room:
             break
-        t0 = time.perf_counter()
+        began = time.perf_counter()
         cur = torch.tensor([[tok]], device=dec.device)
         if dec.compiled:
             logits = dec.step(cur)[0]
@@ -1092,7 +1112,7 @@ def _plain_start(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, samp
             dec.cache.length = dec.pos
             logits = dec.model(cur, cache=dec.cache)[0, -1]
             dec.pos += 1
-        steps.append(time.perf_counter() - t0)
+        steps.append(time.perf_counter() - began)
         stats.target_forwards += 1
     return out, rows, steps
 
