@@ -1,0 +1,108 @@
+"""One-row products on the CPU: the BLAS (`F.linear`) against `matvec.row_linear` compiled.
+
+What `inference/matvec.py` rests on. For each weight shape of the 41.7M benchmark model (gate/up
+(4096, 512), down (512, 4096), q/o (512, 512)) and each dtype, enough distinct weights that
+together they exceed the last-level cache (so every product reads its weight from DRAM, as a
+decoding step does), multiplied by one row: eager `F.linear` (what a step calls without the
+rewrite), the compiled `row_linear` (what the compiled step runs), and numpy's `W @ x` (OpenBLAS,
+float32 only) as a second reference; plus a plain `sum` over the same bytes (the machine's
+single-thread read rate). Interleaved repeats, medians; GB/s of weight read and the ratio
+row_linear / F.linear. Writes benchmarks/results/matvec.json.
+
+    .venv/bin/python -m benchmarks.speed.matvec            # 1 thread
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import RESULTS, hardware, parser, write_json
+from matformer.inference.matvec import row_linear
+
+SHAPES = [(4096, 512), (512, 4096), (512, 512)]
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def seconds(fn: Callable[[], object], inner: int = 3) -> float:
+    """Seconds of one call of `fn` (the least of `inner` calls after a warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(inner):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(dtype: torch.dtype, out: int, inp: int, megabytes: int, repeats: int,
+            compiled: Callable) -> dict[str, float]:
+    """GB/s of weight read by each way of multiplying one row by (out, inp) weights of
+    `dtype`, `megabytes` of them (and "weights": how many)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    count = max(1, megabytes * 10**6 // (out * inp * size))
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(out, inp, generator=g).to(dtype) for _ in range(count)]
+    x = torch.randn(1, inp, generator=g).to(dtype)
+    flat = torch.cat([w.view(-1) for w in ws])
+    nbytes = flat.numel() * size
+    torch.testing.assert_close(compiled(x, ws[0]).float(), F.linear(x, ws[0]).float(),
+                               rtol=3e-2, atol=3e-2)
+    ways: dict[str, Callable[[], object]] = {
+        "F.linear": lambda: [F.linear(x, w) for w in ws],
+        "row_linear": lambda: [compiled(x, w) for w in ws],
+        "sum": lambda: flat.sum(),
+    }
+    if dtype == torch.float32:
+        nws, xn = [w.numpy() for w in ws], x[0].numpy()
+        ways["numpy"] = lambda: [w @ xn for w in nws]
+    runs: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats):  # interleaved: the machine's load hits every way alike
+        for k, fn in ways.items():
+            runs[k].append(seconds(fn))
+    rate: dict[str, float] = {k: nbytes / statistics.median(v) / 1e9 for k, v in runs.items()}
+    rate["weights"] = count
+    return rate
+
+
+def main() -> int:
+    p = parser(__doc__)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--megabytes", type=int, default=160, help="bytes of weights per case")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtypes", default="f32,f16,bf16")
+    p.add_argument("--json-out", default=str(RESULTS / "matvec.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64
+    compiled = torch.compile(row_linear, dynamic=False)
+    doc = {"command": " ".join(["python -m benchmarks.speed.matvec", *sys.argv[1:]]),
+           "hardware": hardware(), "threads": args.threads, "rows": []}
+    print(f"one row x weight, weights from DRAM ({args.megabytes} MB a case), "
+          f"{args.threads} thread(s), median of {args.repeats}")
+    print(f"{'dtype':>5} {'shape':>12} {'F.linear':>9} {'row_linear':>10} {'numpy':>7} "
+          f"{'sum':>6} {'ratio':>6}   (GB/s)")
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        for out, inp in SHAPES:
+            rate = measure(dtype, out, inp, args.megabytes, args.repeats, compiled)
+            count = rate.pop("weights")
+            ratio = rate["row_linear"] / rate["F.linear"]
+            doc["rows"].append({"dtype": name, "shape": [out, inp], "weights": count,
+                                "gb_per_s": rate, "row_linear_over_linear": ratio})
+            numpy_rate = f"{rate['numpy']:7.1f}" if "numpy" in rate else f"{'-':>7}"
+            print(f"{name:>5} {str((out, inp)):>12} {rate['F.linear']:9.1f} "
+                  f"{rate['row_linear']:10.1f} {numpy_rate} {rate['sum']:6.1f} {ratio:5.2f}x",
+                  flush=True)
+    write_json(args.json_out, doc)
+    print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
