@@ -7,7 +7,9 @@ from its model name -- NAME (the stored width), NAME@tier-2, NAME@widths=W1,W2,.
 width per layer), NAME@auto -- or from the body's extra `width` field. `auto` runs, step by
 step, the widest tier whose measured step cost keeps the per-token latency under --slo-ms (full
 width without a target). Requests join and leave the running batch between decoding steps
-(at most --max-batch at once); long prompts are prefilled in chunks. With --api-key (or the
+(at most --max-batch at once); long prompts are prefilled in chunks. A greedy request decoding
+alone is run as speculative rounds with a narrower tier as the draft when that is measured to be
+faster (--speculative auto; off: never). With --api-key (or the
 MATFORMER_API_KEY environment variable) every endpoint but /health needs
 'Authorization: Bearer KEY'. Binds 127.0.0.1 unless --host says otherwise; Ctrl-C lets running
 requests finish, then stops. This verb parses flags; the library is `matformer.serving`.
@@ -35,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ms", type=float, default=None, metavar="MS",
                         help="per-token latency target for model NAME@auto: the widest width "
                         "whose measured step cost stays under it (default: auto = full width)")
+    parser.add_argument("--speculative", choices=("auto", "off", "always"), default="auto",
+                        help="a greedy request decoding alone: auto (default) drafts with a "
+                        "narrower tier when measured rounds beat plain steps; off: never; "
+                        "always: every round (for measuring)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (default: $MATFORMER_API_KEY, "
                         "else no key)")
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     key = args.api_key if args.api_key is not None else os.environ.get("MATFORMER_API_KEY")
     state = load_state(args.ckpt, max_batch=args.max_batch, slo_ms=args.slo_ms,
-                       compile=args.compile, api_key=key, device=args.device,
+                       compile=args.compile, speculative=args.speculative, api_key=key, device=args.device,
                        revision=args.revision)
     serve(state, args.host, args.port)
     return 0

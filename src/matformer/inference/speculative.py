@@ -1226,3 +1226,28 @@ def _emit(new: list[int], eos: set[int], room: int, stats: GenerationStats) -> l
             break
     return new[:room]
 
+
+
+# ---- shared with other decoders (the server's speculative rounds) -----------------------------
+
+
+def verify_drafts(sampler: Sampler, p_logits: torch.Tensor, drafts: torch.Tensor,
+                  q_rows: Sequence[torch.Tensor] = ()) -> tuple[int, list[int]]:
+    """The verifier's decision on `drafts` (k,) from the target's logits at the k+1 positions
+    (k+1, V): (accepted count n, the tokens to emit: drafts[:n] and one of the verifier's own).
+    Greedy: the longest prefix equal to the target's argmax; sampling (`q_rows`, the processed
+    draft distributions): the standard acceptance rule. What `speculative_generate` decides, for
+    a decoder that keeps its own caches (`matformer serve`)."""
+    return _verify(sampler, p_logits, drafts, list(q_rows))
+
+
+def interpolate_verify(points: dict[int, float], ks: Sequence[int]) -> dict[int, float]:
+    """Verify costs timed at some k (`points`, k -> seconds) extended to every k in `ks`, as
+    `measure_costs` extends them (linear between timed points, the nearest beyond them)."""
+    return _interpolate(points, ks)
+
+
+def verify_points(ks: Sequence[int]) -> list[int]:
+    """The k whose verify `measure_costs` times (the smallest, the largest, the powers of two
+    between); the others are interpolated."""
+    return _verify_points(ks)

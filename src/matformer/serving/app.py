@@ -8,7 +8,8 @@ one JSON response. A client that goes away cancels its jobs (the stream's genera
 a plain request polls for the disconnect) and the batch goes on without them.
 
 Every response reports the width that made its tokens: `usage.widths` ({model name: tokens})
-and, on each streamed choice, `width`.
+and, on each streamed choice, `width`; and `usage.speculative` ({"drafted": n, "accepted": m}):
+the draft tokens speculative rounds proposed for it and how many the verifier kept.
 """
 
 from __future__ import annotations
@@ -529,8 +530,10 @@ def _usage(choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
     for c in choices:
         widths.update(c.job.widths_used)
     done = sum(len(c.job.tokens) for c in choices)
+    spec = {"drafted": sum(c.job.drafted for c in choices),
+            "accepted": sum(c.job.accepted for c in choices)}
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done,
-            "total_tokens": prompt_tokens + done, "widths": dict(widths)}
+            "total_tokens": prompt_tokens + done, "widths": dict(widths), "speculative": spec}
 
 
 def _sse(obj: dict[str, Any]) -> str:

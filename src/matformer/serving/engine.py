@@ -9,7 +9,11 @@ drops jobs whose client went away, and then runs one step:
   group of the width `policy.LoadPolicy` chooses for this step;
 - the oldest job still reading its prompt gets one chunk of it (`PREFILL_CHUNK` tokens), so a
   long prompt delays the running streams by one chunk per step, not by the whole prompt; its
-  last chunk gives its first token and it decodes from the next step on.
+  last chunk gives its first token and it decodes from the next step on;
+- when the running batch is one greedy decoding job (latency-bound: nothing to batch with), its
+  step may be a speculative round instead (`speculation.Speculator` decides, from costs and
+  rounds measured here): k tokens drafted at a narrower tier in the job's own KV slot, then one
+  forward of k+1 tokens at the job's width, the accepted prefix kept and the rest cropped.
 
 Tokens go back to the request's handler through its `emit` callback (thread-safe: the handler
 runs on the event loop). A job leaves the batch at its end-of-sequence token, at `max_tokens`,
@@ -26,12 +30,16 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import torch
+
 from matformer.inference.sampling import Sampler
+from matformer.inference.speculative import verify_drafts
 from matformer.models.lm.model import MatFormerLM
 from matformer.serving.catalog import Catalog, Width, setting_key
 from matformer.serving.metrics import Metrics
 from matformer.serving.policy import CostTable, LoadPolicy, calibration_sizes
 from matformer.serving.rows import RowStepper, SlotCache
+from matformer.serving.speculation import Plan, Speculator
 from matformer.tiers import Setting
 
 log = logging.getLogger("matformer.serve")
@@ -83,6 +91,9 @@ class Job:
     first_at: float | None = None
     last_at: float = 0.0
     finished: bool = False
+    drafted: int = 0
+    accepted: int = 0
+    """Draft tokens proposed for this job by speculative rounds, and accepted of them."""
 
     def cancel(self) -> None:
         """Ask the engine to drop this job before its next step (any thread)."""
@@ -94,7 +105,8 @@ class Engine:
 
     def __init__(self, model: MatFormerLM, catalog: Catalog, metrics: Metrics, *,
                  max_batch: int = 8, slo_ms: float | None = None, compile: bool = False,
-                 max_waiting: int = 256, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 max_waiting: int = 256, prefill_chunk: int = PREFILL_CHUNK,
+                 speculative: str = "auto") -> None:
         self.model = model
         self.catalog = catalog
         self.metrics = metrics
@@ -103,6 +115,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.stepper = RowStepper(model, compile=compile)
         self.table = CostTable()
+        self.speculator = Speculator(self.stepper, catalog, speculative)
         tiers = catalog.tier_widths()
         self.auto_widths: dict[Hashable, Width] = {setting_key(w.setting): w for w in tiers}
         self.policy = LoadPolicy(list(self.auto_widths), None if slo_ms is None
@@ -237,6 +250,13 @@ class Engine:
             other += self.table.estimate(PREFILL_KEY, 1) or 0.0
         auto_key = self.policy.choose(max(len(auto_jobs), 1), other)
         auto_width = self.auto_widths[auto_key]
+        if len(live) == 1 and decoding and live[0].sampler.greedy:
+            # latency-bound: one row alone may decode speculatively
+            job = live[0]
+            width = job.width if job.width.setting is not None else auto_width
+            if self._lone(job, width):
+                self.metrics.observe("step_seconds", time.perf_counter() - t_step)
+                return 0.0  # a round's time is no step's: the policy's interval skips it
         estimate = other + ((self.table.estimate(auto_key, len(auto_jobs)) or 0.0)
                             if auto_jobs else 0.0)
         if auto_jobs:
@@ -249,6 +269,65 @@ class Engine:
         if groups or prefilling is not None:
             self.metrics.observe("step_seconds", time.perf_counter() - t_step)
         return estimate
+
+    def _lone(self, job: Job, width: Width) -> bool:
+        """Decode the lone job `job` at `width`: a speculative round, or a plain step (timed
+        for the speculator). False: neither ran (the caller steps as usual)."""
+        setting = width.setting
+        assert setting is not None and job.cache is not None
+        if self.speculator.mode == "off" or job.max_tokens - len(job.tokens) < 2:
+            return False  # no draft fits in what is left (one token comes from the verifier)
+        try:
+            plan = self.speculator.plan(setting, job.prompt, job.cache.length)
+        except Exception:  # noqa: BLE001  (measuring failed: plain steps at this width)
+            log.exception("measuring speculative decoding at %s failed; plain steps", width.name)
+            self.speculator.disable(setting)
+            plan = None
+        if plan is not None and self._speculate(job, width, plan):
+            return True
+        t0 = time.perf_counter()
+        self._decode(setting_key(setting), setting, [job])
+        self.speculator.observe_plain(setting, time.perf_counter() - t0)
+        return True
+
+    def _speculate(self, job: Job, width: Width, plan: Plan) -> bool:
+        """One round: `plan.k` greedy drafts at the draft's width in the job's slot (cropped
+        away), one verify forward of them at the job's width, the accepted prefix and the
+        verifier's next token delivered. False: the round failed, the job's cache is as before
+        it (only positions from its length on were written) and speculation at this width is
+        off; the caller takes a plain step."""
+        setting, cache, cur = width.setting, job.cache, job.last
+        assert setting is not None and cache is not None and cur is not None
+        t0 = time.perf_counter()
+        start = cache.length
+        k = min(plan.k, job.max_tokens - len(job.tokens) - 1)
+        try:
+            drafts: list[int] = []
+            tok = cur
+            for _ in range(k):
+                tok = int(self.stepper.step(plan.draft.setting, [cache], [tok])[0].argmax())
+                drafts.append(tok)
+            cache.crop(start)
+            logits = self.stepper.forward_all(setting, cache, [cur, *drafts])  # (k+1, V)
+            n, new = verify_drafts(job.sampler, logits, torch.tensor(drafts, dtype=torch.long))
+            cache.crop(start + 1 + n)  # the verifier's entries of cur and the n accepted
+        except Exception:  # noqa: BLE001  (a draft width failing must not fail the job)
+            log.exception("speculative round at %s failed; plain steps", width.name)
+            cache.length = start
+            self.speculator.disable(setting)
+            return False
+        self.speculator.observe_round(setting, plan, k, n, time.perf_counter() - t0)
+        job.drafted += k
+        job.accepted += n
+        self.metrics.inc("width_steps_total", width=width.name)
+        self.metrics.inc("speculative_rounds_total", width=width.name)
+        self.metrics.inc("speculative_drafted_tokens_total", k, width=width.name)
+        self.metrics.inc("speculative_accepted_tokens_total", n, width=width.name)
+        for tok in new:
+            self._deliver(job, tok, width.name)
+            if job.finished:
+                break
+        return True
 
     def _decode(self, key: Hashable, setting: Setting, jobs: list[Job]) -> None:
         name = self.catalog.named(setting).name

@@ -62,6 +62,11 @@ class Metrics:
         "time_to_first_token_seconds": "time from a request's arrival to its first token",
         "time_per_output_token_seconds": "time between a request's consecutive tokens",
         "step_seconds": "wall time of one scheduler step (every width group and prefill chunk)",
+        "speculative_rounds_total": "speculative rounds (drafts + one verify forward) of a lone "
+                                    "greedy request, by its width",
+        "speculative_drafted_tokens_total": "draft tokens proposed by speculative rounds, by the "
+                                            "width they were verified at",
+        "speculative_accepted_tokens_total": "draft tokens the verifier accepted, by its width",
         "queue_depth": "requests waiting to join the running batch",
         "running_requests": "requests in the running batch",
     }

@@ -169,6 +169,14 @@ class RowStepper:
             x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
             return self.model(x, cache=cache)[0, -1]
 
+    def forward_all(self, setting: Setting, cache: KVCache, ids: Sequence[int]) -> torch.Tensor:
+        """Run the tokens `ids` of one row after what its cache holds -> the logits at every
+        one of them (T, V): a speculative round's verify (one forward of k+1 tokens)."""
+        with torch.inference_mode():
+            self.model.apply(setting)
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            return self.model(x, cache=cache)[0]
+
     def step(self, setting: Setting, caches: Sequence[SlotCache],
              tokens: Sequence[int]) -> torch.Tensor:
         """One token per row (`tokens[b]` after what `caches[b]` holds) -> logits (B, V)."""

@@ -31,6 +31,7 @@ from matformer.serving.app import CHATML, ServedChat, ServerState, create_app
 from matformer.serving.catalog import Catalog
 from matformer.serving.engine import Engine
 from matformer.serving.metrics import Metrics
+from matformer.serving.speculation import MODES
 from matformer.tiers import describe_widths
 
 GRACE_S = 30
@@ -79,11 +80,13 @@ def served_chat(tokenizer: Any) -> ServedChat:
 
 
 def load_state(src: Any, *, max_batch: int = 8, slo_ms: float | None = None,
-               compile: bool = False, api_key: str | None = None,
+               compile: bool = False, speculative: str = "auto", api_key: str | None = None,
                device: str | None = None, name: str | None = None,
                revision: str | None = None) -> ServerState:
     """Everything a server needs, loaded once; nothing is started yet."""
     check_options(max_batch, slo_ms, 0)
+    if speculative not in MODES:
+        raise ConfigError(f"--speculative must be one of {', '.join(MODES)}, got {speculative!r}")
     source = resolve_source(src, revision=revision, companions=True)
     tokenizer = load_tokenizer(source.folder)  # a missing tokenizer fails before the weights
     chat = served_chat(tokenizer)
@@ -94,7 +97,8 @@ def load_state(src: Any, *, max_batch: int = 8, slo_ms: float | None = None,
     model.eval().requires_grad_(False)
     metrics = Metrics()
     catalog = Catalog(name or served_name(src), model)
-    engine = Engine(model, catalog, metrics, max_batch=max_batch, slo_ms=slo_ms, compile=compile)
+    engine = Engine(model, catalog, metrics, max_batch=max_batch, slo_ms=slo_ms, compile=compile,
+                    speculative=speculative)
     return ServerState(engine=engine, catalog=catalog, tokenizer=tokenizer, chat=chat,
                        metrics=metrics, api_key=api_key or None, created=int(time.time()))
 
@@ -108,8 +112,10 @@ def describe(state: ServerState, url: str) -> str:
             if policy.slo_s is not None else "auto: full width (no --slo-ms)")
     chat = "ChatML (the tokenizer has no chat template)" if state.chat.fallback else \
         "the tokenizer's"
+    spec = state.engine.speculator.mode
     return (f"matformer serve: {cat.name} ({describe_widths(cat.base, cat.stored.widths)}; "
-            f"serves {tiers} and Mix'n'Match plans; {auto}; chat template: {chat}; "
+            f"serves {tiers} and Mix'n'Match plans; {auto}; speculative: {spec}; "
+            f"chat template: {chat}; "
             f"max batch {state.engine.max_batch}) on {url}")
 
 
