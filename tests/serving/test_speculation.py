@@ -22,13 +22,19 @@ import torch
 from matformer.data.text import save_tokenizer, train_tokenizer
 from matformer.inference.decode import generate
 from matformer.inference.sampling import Sampler
-from matformer.inference.speculative import DecodeCosts, DraftRound
+from matformer.inference.speculative import DecodeCosts, DraftRound, rechoose_draft
 from matformer.io.checkpoint import load_model, save_model
 from matformer.serving.catalog import Catalog
 from matformer.serving.engine import Engine, Event, Job
 from matformer.serving.metrics import Metrics
 from matformer.serving.server import ServerThread, load_state
-from matformer.serving.speculation import KS, REPROBE_EVERY, Speculator, TargetState
+from matformer.serving.speculation import (
+    KS,
+    RECHOOSE_EVERY,
+    REPROBE_EVERY,
+    Speculator,
+    TargetState,
+)
 from tests.conftest import tiny_lm
 
 NAME = "spec"
@@ -157,7 +163,7 @@ def _given(spec: Speculator, catalog: Catalog, *, draft: float, verify: float,
                                                   dict.fromkeys([d.name for d in drafts],
                                                                 acceptance), plain_ok=True))
     spec.states[(tuple(target.widths), tuple(target.kv_heads))] = state
-    spec.observe_plain(target, 1.0)  # one plain token as the costs said: the choice is made
+    rechoose_draft(state.round, drafts, costs, KS, state.extra)  # the first choice
     return state
 
 
@@ -208,3 +214,17 @@ def test_a_failing_round_falls_back_to_plain_steps_for_the_same_tokens(model,
     assert events[-1].kind == "done" and job.drafted == 0
     assert job.tokens == generate(model, job.prompt, 10, ignore_eos=True, tier=1).tokens
     assert engine.speculator.disabled  # no more rounds at that width
+
+
+def test_plain_steps_measured_slower_than_timed_make_a_draft_pay(model) -> None:
+    catalog = Catalog("m", model)
+    target = catalog.full().setting
+    spec = Speculator(Engine(model, catalog, Metrics()).stepper, catalog, "auto")
+    state = _given(spec, catalog, draft=0.3, verify=1.8, acceptance=0.7)  # 1 s a token: plain
+    state.round.seen = {d.name: [11.2, 16] for d in state.drafts}  # observed enough: no exploring
+    rechoose_draft(state.round, state.drafts, state.costs, KS, state.extra)
+    assert spec.plan(target, [5, 6], 2) is None, spec.describe(target)
+    for _ in range(RECHOOSE_EVERY):  # plain tokens as served take 3 s: drafting now pays
+        spec.observe_plain(target, 3.0)
+    plan = spec.plan(target, [5, 6], 2)
+    assert plan is not None and not plan.probe, spec.describe(target)

@@ -17,12 +17,14 @@ shared cache. The choice is that module's, on the server's own operations:
 - `DraftRound`: the acceptance (the prompt's teacher-forced agreement as the prior, then the
   accepted/drafted counts of real rounds), each draft's rounds' wall time against what the costs
   predicted (the slowdown), and plain steps' own wall time per token, observed while serving;
-  every observation ages the older ones (`DECAY`), so the choice follows the machine's load and
-  the text being generated;
+  each draft's round ages that draft's older observations, each plain token the older plain
+  ones (`DECAY`), so the choice follows the machine's load and the text being generated (while
+  plain steps win, their times are folded in RECHOOSE_EVERY at a time: choosing costs ~0.1 ms,
+  a few percent of a small model's step);
 - `rechoose_draft` after every observation: the (draft, k) of the highest expected tokens/s, or
   plain steps when no pair is expected to beat them; a draft little observed is tried while its
-  optimistic acceptance would win (bounded: `PRIOR_WEIGHT` drafted tokens, renewed as the counts
-  age).
+  optimistic acceptance would win, until it has drafted `PRIOR_WEIGHT` tokens (a draft's counts
+  age only with its own rounds, so this bound holds).
 
 Both sides keep being measured while the other runs, at a bounded cost: while drafting, one
 round in PLAIN_PROBE_EVERY is a plain step (`DraftRound.probe_plain`); while plain steps win,
@@ -75,6 +77,9 @@ DECAY = 0.98
 """Weight left to what was observed before, after each round or plain token (about the last
 50 observations count)."""
 
+RECHOOSE_EVERY = 16
+"""Plain tokens folded into the choice at once while plain steps win."""
+
 REPROBE_EVERY = 64
 """Plain tokens of lone jobs between two rounds of the best draft, while plain steps win."""
 
@@ -105,6 +110,8 @@ class TargetState:
     """`rechoose_draft`'s output: extra["choice"], the last choice and why."""
     plain_since: int = 0
     """Plain tokens of lone jobs since the draft was last tried."""
+    pending: list = field(default_factory=lambda: [0.0, 0])
+    """[seconds, tokens] of plain steps not yet folded into `round`."""
 
 
 class Speculator:
@@ -177,26 +184,35 @@ class Speculator:
         if state is None or drafted == 0:
             return
         r = state.round
-        _age(r)
         name = plan.draft.name
         seen = r.seen.setdefault(name, [0, 0])
+        _age(seen)
         seen[0] += accepted
         seen[1] += drafted
         if drafted in state.costs.verify:
             timed = r.timed.setdefault(name, [0.0, 0.0])
+            _age(timed)
             timed[0] += seconds
             timed[1] += round_seconds(state.costs, name, drafted)
         rechoose_draft(r, state.drafts, state.costs, KS, state.extra)
 
     def observe_plain(self, target: Setting, seconds: float) -> None:
-        """Fold one plain step of a lone job (its wall time, one token) into the choice."""
+        """Fold one plain step of a lone job (its wall time, one token) into the choice. While
+        plain steps win they are folded in RECHOOSE_EVERY at a time (choosing again costs
+        ~0.1 ms, a few percent of a small model's step)."""
         state = self.states.get(setting_key(target))
         if state is None:
             return
+        state.pending[0] += seconds
+        state.pending[1] += 1
         r = state.round
-        _age(r)
-        r.plain_timed[0] += seconds
-        r.plain_timed[1] += 1
+        if r.k == 0 and state.pending[1] < RECHOOSE_EVERY:
+            return
+        took, n = state.pending
+        state.pending = [0.0, 0]
+        _age(r.plain_timed, DECAY ** n)
+        r.plain_timed[0] += took
+        r.plain_timed[1] += n
         rechoose_draft(r, state.drafts, state.costs, KS, state.extra)
 
     def describe(self, target: Setting) -> str:
@@ -271,14 +287,8 @@ def _least(fns: dict[Any, Callable[[], None]], reps: int) -> dict[Any, float]:
     return best
 
 
-def _age(r: DraftRound) -> None:
-    """Older observations weigh DECAY less (the acceptance counts, the rounds' and plain steps'
-    times): the choice follows the machine and the text."""
-    for seen in r.seen.values():
-        seen[0] *= DECAY
-        seen[1] *= DECAY
-    for timed in r.timed.values():
-        timed[0] *= DECAY
-        timed[1] *= DECAY
-    r.plain_timed[0] *= DECAY
-    r.plain_timed[1] *= DECAY
+def _age(pair: list, factor: float = DECAY) -> None:
+    """An observation sum ([numerator, denominator]) with its past weighing `factor` less: the
+    choice follows the machine and the text."""
+    pair[0] *= factor
+    pair[1] *= factor
