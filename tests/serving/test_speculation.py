@@ -228,3 +228,15 @@ def test_plain_steps_measured_slower_than_timed_make_a_draft_pay(model) -> None:
         spec.observe_plain(target, 3.0)
     plan = spec.plan(target, [5, 6], 2)
     assert plan is not None and not plan.probe, spec.describe(target)
+
+
+def test_costs_timed_at_start_serve_the_first_lone_request(model) -> None:
+    catalog = Catalog("m", model)
+    full = catalog.full().setting
+    spec = Engine(model, catalog, Metrics(), speculative="auto").speculator
+    costs = spec.prepare(full)
+    assert costs is not None and set(costs.verify) == set(KS)
+    assert set(costs.draft_steps) == {d.name for d in spec.drafts(full)}
+    spec.plan(full, [5, 6, 7], 3)
+    assert spec.states[(tuple(full.widths), tuple(full.kv_heads))].costs is costs
+    assert Speculator(spec.stepper, catalog, "off").prepare(full) is None

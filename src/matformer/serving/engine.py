@@ -131,9 +131,18 @@ class Engine:
     # ---- life cycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Measure the auto candidates' step costs (with a target) and start the thread."""
+        """Measure the auto candidates' step costs (with a target) and the full width's draft
+        costs (`--speculative auto`), and start the thread."""
         if self.policy.slo_s is not None:
             self.calibrate()
+        full = self.catalog.full().setting
+        try:  # the full width's draft costs, so a first lone request there does not wait
+            costs = self.speculator.prepare(full)
+            if costs is not None:
+                log.info("speculative decoding costs timed in %.2f s", costs.seconds)
+        except Exception:  # noqa: BLE001  (no speculation at that width, serving goes on)
+            log.exception("timing speculative decoding failed; plain steps at the full width")
+            self.speculator.disable(full)
         self.thread = threading.Thread(target=self.loop, name="matformer-engine", daemon=True)
         self.thread.start()
 

@@ -10,8 +10,8 @@ KV heads: they read and write the job's own KV slot (the draft's entries are cro
 the verify forward writes the target's over them), as `inference.speculative` does with its
 shared cache. The choice is that module's, on the server's own operations:
 
-- `DecodeCosts`: measured once per target width, the first time a lone job runs at it, on a
-  scratch slot at the job's position: a plain step (the engine's batched step of one row with its
+- `DecodeCosts`: measured once per target width -- the full width's when the server starts
+  (`prepare`), any other's the first time a lone job runs at it -- on a scratch slot: a plain step (the engine's batched step of one row with its
   argmax), each draft's step, and the verify forward of k+1 tokens (timed at k = 1, 2, 4, 8,
   interpolated between);
 - `DraftRound`: the acceptance (the prompt's teacher-forced agreement as the prior, then the
@@ -83,8 +83,9 @@ RECHOOSE_EVERY = 16
 REPROBE_EVERY = 64
 """Plain tokens of lone jobs between two rounds of the best draft, while plain steps win."""
 
-AGREEMENT_TOKENS = 64
-"""Prompt tokens (the last ones) the first acceptance estimate is computed on."""
+AGREEMENT_TOKENS = 32
+"""Prompt tokens (the last ones) the first acceptance estimate is computed on (one forward of
+them at the target and at each draft, once per width: ~1 s at 135M on a busy CPU core)."""
 
 REPS = 3
 """Timed runs of each operation (the least counts: load only ever adds time)."""
@@ -124,9 +125,20 @@ class Speculator:
         self.catalog = catalog
         self.mode = mode
         self.states: dict[Hashable, TargetState] = {}
+        self.costs: dict[Hashable, DecodeCosts] = {}
+        """Costs timed ahead of a first lone job (`prepare`), by target width."""
         self.disabled: set[Hashable] = set()
         """Target widths at which measuring or a round failed: plain steps only."""
         self._drafts: dict[Hashable, list[Draft]] = {}
+
+    def prepare(self, target: Setting, length: int = 32) -> DecodeCosts | None:
+        """Time the costs at `target` now (the server's start, for its full width), so the first
+        request decoding alone there does not wait for them; None: nothing to draft with."""
+        drafts = self.drafts(target)
+        if self.mode != "auto" or not drafts:
+            return None
+        costs = self.costs[setting_key(target)] = self.measure(target, drafts, length)
+        return costs
 
     def disable(self, target: Setting) -> None:
         """No more speculation at `target` (a draft or verify forward failed there)."""
@@ -227,12 +239,14 @@ class Speculator:
 
     def _first(self, target: Setting, drafts: list[Draft], prompt: Sequence[int],
                length: int) -> TargetState:
-        costs = self.measure(target, drafts, length)
-        model = self.stepper.model
-        ids = torch.tensor([list(prompt)[-AGREEMENT_TOKENS:]], dtype=torch.long,
-                           device=self.stepper.device)
-        with torch.inference_mode():
-            prior = prompt_agreement(model, ids, target, drafts, Sampler())
+        costs = self.costs.pop(setting_key(target), None) or self.measure(target, drafts, length)
+        if can_pay(costs, [d.name for d in drafts], KS):
+            ids = torch.tensor([list(prompt)[-AGREEMENT_TOKENS:]], dtype=torch.long,
+                               device=self.stepper.device)
+            with torch.inference_mode():
+                prior = prompt_agreement(self.stepper.model, ids, target, drafts, Sampler())
+        else:  # no draft pays even fully accepted: no forward spent on estimating acceptance
+            prior = dict.fromkeys([d.name for d in drafts], 0.0)
         r = DraftRound(drafts[0], 0, "auto", prior, plain_ok=True)
         state = TargetState(drafts, costs, r)
         rechoose_draft(r, drafts, costs, KS, state.extra)
