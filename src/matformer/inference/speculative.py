@@ -1227,7 +1227,6 @@ def _emit(new: list[int], eos: set[int], room: int, stats: GenerationStats) -> l
     return new[:room]
 
 
-
 # ---- shared with other decoders (the server's speculative rounds) -----------------------------
 
 
