@@ -229,8 +229,8 @@ class Engine:
             pinned: Counter[Hashable] = Counter(setting_key(j.width.setting) for j in self.running
                                                 if j.width.setting is not None)
             held = sum(pinned.values())
-            room = held + self.policy.max_rows(max(self.max_batch - held, 1),
-                                               self.policy.other_cost(list(pinned.items())))
+            room = min(self.max_batch, held + self.policy.max_rows(
+                max(self.max_batch - held, 1), self.policy.other_cost(list(pinned.items()))))
         while self.waiting and len(self.running) < room:
             self.running.append(self.waiting.popleft())
 
