@@ -16,7 +16,22 @@ finding is kept beside the kernels (`vec_isa.json`, keyed by the torch version a
 flags), later processes skip the probe, and every process compiles with
 `torch._inductor.config.cpp.vec_isa_ok = True` (which then means exactly what the probe found;
 the setting is part of the kernels' cache key, so the first run's kernels are the later runs').
-What is not cached across processes: dynamo's tracing of the Python step (paid again).
+
+That alone leaves every new process paying dynamo's tracing of the step, AOTAutograd, importing
+inductor and building guards (4-9 s at any model size on the shared 2-core machine, 6-11% of a
+first compile). `PrecompiledStep` removes those too: each graph of the step is compiled ahead of
+time (`torch.compile(fn).aot_compile`, PyTorch's precompile), and the whole result (the graph's
+kernels, the bytecode that calls them and its guards) is saved as one file in
+`compile_cache_dir()/steps`; a later process that calls the step with the same model and
+shapes loads that file and runs it without tracing anything. A saved graph is only used when
+(1) its file name, a digest of everything the graph may depend on besides its guards (torch,
+Python and matformer versions, threads and vector instructions, the model's class, config,
+parameter shapes and dtypes and module types, the width setting, every argument's shapes,
+strides and dtypes, inference and grad mode), matches; (2) the source of every function it
+traced is unchanged; and (3) its guards (tensor shapes, dtypes and strides, the widths and
+every other constant read, global flags) pass for the call. Weights are inputs of the graph,
+never baked in, so another checkpoint of the same shape reuses the graph with its own weights.
+A file that fails any check, or cannot be read, is compiled again and replaced.
 
 `compile_stats()` counts, for this process, the graphs compiled, the wall time of the calls
 that compiled them and inductor's cache hits and misses; `CompileStats.since(before)` is what
@@ -25,9 +40,14 @@ one call (a `generate`, an `eval`) spent, which the command line reports.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import sys
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -141,27 +161,49 @@ class CompileStats:
     """Graphs whose kernels inductor loaded from its on-disk cache."""
     cache_misses: int = 0
     """Graphs inductor built (and stored)."""
+    precompiled: int = 0
+    """Of `graphs`, those loaded whole from `compile_cache_dir()/steps` (nothing traced)."""
+    saved: int = 0
+    """Of `graphs`, those compiled ahead of time and saved there for later processes."""
 
     def since(self, before: CompileStats) -> CompileStats:
         """What was compiled between `before` and this snapshot."""
         return CompileStats(self.graphs - before.graphs, self.seconds - before.seconds,
                             self.cache_hits - before.cache_hits,
-                            self.cache_misses - before.cache_misses)
+                            self.cache_misses - before.cache_misses,
+                            self.precompiled - before.precompiled, self.saved - before.saved)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        """One line: 'compiled 2 graphs in 41.3 s (kernels built: 2, loaded from the cache: 0;
-        cache: ~/.cache/matformer/inductor)', or that nothing was compiled."""
+        """One line: what was compiled or loaded, in how long, how, and where it is kept:
+        'compiled 2 graphs in 41.3 s (saved for later runs: 2; cache: ~/.cache/matformer/
+        inductor)', 'loaded 2 precompiled graphs in 0.41 s (nothing traced or built; cache:
+        ...)', 'compiled 1 graph and loaded 1 precompiled graph in ...', or that nothing was."""
         if not self.graphs:
             return "nothing compiled (every graph was already compiled in this process)"
-        return (f"compiled {self.graphs} graph{'s' if self.graphs != 1 else ''} in "
-                f"{self.seconds:.1f} s (kernels built: {self.cache_misses}, loaded from the "
-                f"cache: {self.cache_hits}; cache: {compile_cache_dir()})")
+        built = self.graphs - self.precompiled
+        secs = f"{self.seconds:.2f}" if self.seconds < 10 else f"{self.seconds:.1f}"
+        what = [f"compiled {built} graph{'s' if built != 1 else ''}"] if built else []
+        if self.precompiled:
+            what.append(f"loaded {self.precompiled} precompiled "
+                        f"graph{'s' if self.precompiled != 1 else ''}")
+        detail = []
+        if self.saved:
+            detail.append(f"saved for later runs: {self.saved}")
+        if built > self.saved or self.cache_hits or self.cache_misses:  # dynamo's own compile
+            detail.append(f"kernels built: {self.cache_misses}, loaded from the cache: "
+                          f"{self.cache_hits}")
+        if not built:
+            detail.append("nothing traced or built")
+        return (f"{' and '.join(what)} in {secs} s ({', '.join(detail)}; "
+                f"cache: {compile_cache_dir()})")
 
 
 _SECONDS = [0.0]
+_PRECOMPILE = {"saved": 0, "loaded": 0}
+"""Graphs `PrecompiledStep`s compiled and saved, and loaded (which dynamo does not count)."""
 
 
 def _counters() -> Any:
@@ -172,9 +214,10 @@ def _counters() -> Any:
 
 
 def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process."""
+    """Graphs compiled (by dynamo or ahead of time) or loaded precompiled in this process."""
     counters = _counters()
-    return int(counters["stats"]["unique_graphs"]) if counters is not None else 0
+    dynamo = int(counters["stats"]["unique_graphs"]) if counters is not None else 0
+    return dynamo + _PRECOMPILE["loaded"]
 
 
 def record_compile_seconds(seconds: float) -> None:
@@ -186,7 +229,190 @@ def compile_stats() -> CompileStats:
     """This process's compilation so far."""
     counters = _counters()
     if counters is None:
-        return CompileStats(seconds=_SECONDS[0])
+        return CompileStats(compiled_graphs(), _SECONDS[0], precompiled=_PRECOMPILE["loaded"],
+                            saved=_PRECOMPILE["saved"])
     ind = counters["inductor"]
     return CompileStats(compiled_graphs(), _SECONDS[0], int(ind["fxgraph_cache_hit"]),
-                        int(ind["fxgraph_cache_miss"]))
+                        int(ind["fxgraph_cache_miss"]), _PRECOMPILE["loaded"], _PRECOMPILE["saved"])
+
+
+STEPS = "steps"
+"""Subfolder of `compile_cache_dir()` holding the precompiled graphs, one file each."""
+
+
+def _describe(x: Any, depth: int = 0) -> Any:
+    """What a compiled graph may depend on in an argument: a tensor's shape, strides, dtype,
+    device and kind; a plain value itself; an object's attributes (three levels deep)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return ["tensor", list(x.shape), list(x.stride()), str(x.dtype), str(x.device),
+                x.is_inference(), x.requires_grad]
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    if isinstance(x, list | tuple):
+        return [_describe(v, depth + 1) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _describe(v, depth + 1) for k, v in sorted(x.items(), key=str)}
+    name = f"{type(x).__module__}.{type(x).__qualname__}"
+    if depth >= 3 or not hasattr(x, "__dict__"):
+        return name
+    return [name, {k: _describe(v, depth + 1) for k, v in sorted(vars(x).items())
+                   if not k.startswith("__")}]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def model_key(model: Any, fn: Callable, backend: str) -> str:
+    """What `fn`'s graphs may depend on in `model` and the process, besides the width setting
+    and the guards: a digest of the module's class, config, training flag, every parameter's
+    and buffer's name, shape, strides, dtype and device, every submodule's class (not the
+    weights: they are inputs of the graph), and of the torch, Python and matformer versions,
+    threads, vector instructions, inference and grad mode. Models with one key share graphs."""
+    import torch
+
+    import matformer
+
+    cfg = getattr(model, "config", None)
+    to_dict = getattr(cfg, "to_dict", None)
+    tensors = [(n, _describe(t)) for n, t in (*model.named_parameters(),
+                                              *model.named_buffers())]
+    return _digest({
+        "fn": f"{fn.__module__}.{fn.__qualname__}", "backend": backend,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": _describe(to_dict() if callable(to_dict) else cfg),
+        "training": model.training, "tensors": tensors,
+        "modules": [f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()],
+        "torch": [torch.__version__, torch.version.git_version], "python": sys.version,
+        "matformer": matformer.__version__, "threads": torch.get_num_threads(),
+        "vec_isa": _vec_isa_key(), "inference_mode": torch.is_inference_mode_enabled(),
+        "grad": torch.is_grad_enabled(), "default_dtype": str(torch.get_default_dtype())})
+
+
+def step_key(model_digest: str, model: Any, args: tuple[Any, ...]) -> str:
+    """The file name of the graph for a call: the model's key, its width setting and every
+    other argument's shapes, strides, dtypes and values."""
+    return _digest([model_digest, _describe(getattr(model, "setting", None)),
+                    [_describe(a) for a in args]])
+
+
+def _sources_unchanged(compiled: Any) -> bool:
+    """Whether every function the saved graph traced has the source it had then."""
+    from torch._dynamo import package
+
+    try:
+        for src in compiled.source_info().inlined_sources:
+            module = importlib.import_module(src.module)
+            if package._hash_sourcelines(module, src.firstlineno, src.lastlineno) != src.checksum:
+                return False
+    except Exception:  # noqa: BLE001 - a module gone or torch internals changed: not usable
+        return False
+    return True
+
+
+def _keep_serializable(entries: Any) -> list[bool]:
+    """Guard filter: keep every guard that can be saved, those on module globals included (a
+    flag the traced code read must still hold when a later process loads the graph); drop the
+    kinds torch cannot save (object identities: which function or module a name is) and those
+    on dynamo's own copy of the builtins, which a new process does not have."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [e.guard_type not in unsupported
+            and not (e.is_global and e.name.startswith("G['__builtins_dict"))
+            for e in entries]
+
+
+class PrecompiledStep:
+    """`fn(model, *args)` compiled ahead of time, one graph per (model key, setting, shapes),
+    each kept in `folder` (default `compile_cache_dir()/steps`) and loaded by later processes
+    instead of traced again. Call it as `fn`; among the graphs of the model's key
+    (`model_key`, computed once per model object), the one whose guards pass runs. `fn` must
+    compile with fullgraph (one graph, no breaks)."""
+
+    def __init__(self, fn: Callable, backend: str = "inductor", mode: str | None = None,
+                 folder: Path | None = None) -> None:
+        self.fn = fn
+        self.backend = backend
+        self.mode = mode
+        self.folder = folder
+        # AOTCompiledFunctions by model key, most recently used first; each model's key
+        self._graphs: dict[str, list[Any]] = {}
+        self._models: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._jit: Callable | None = None  # dynamo's compile, once a graph could not be
+        self._lock = threading.Lock()
+
+    def steps_dir(self) -> Path:
+        return self.folder if self.folder is not None else enable_compile_cache() / STEPS
+
+    def __call__(self, model: Any, *rest: Any) -> Any:
+        args = (model, *rest)
+        key = self._models.get(model)
+        graphs = self._graphs.get(key, ()) if key is not None else ()
+        for i, g in enumerate(graphs):
+            if g.guard_check(*args):
+                if i:
+                    graphs.insert(0, graphs.pop(i))  # type: ignore[attr-defined]
+                return g.fn(*args)
+        if self._jit is None:
+            with self._lock:
+                g = self._obtain(args)
+            if g is not None:
+                return g.fn(*args)
+        return self._jit(*args)  # type: ignore[misc]
+
+    def _obtain(self, args: tuple[Any, ...]) -> Any:
+        """The graph for `args`: loaded from its file when that passes every check, else
+        compiled now and saved; None when it cannot be compiled ahead of time."""
+        model = args[0]
+        mkey = model_key(model, self.fn, f"{self.backend}/{self.mode}")  # again: dtypes change
+        self._models[model] = mkey
+        graphs = self._graphs.setdefault(mkey, [])
+        for g in graphs:  # another model object of this key compiled it
+            if g.guard_check(*args):
+                return g
+        path = self.steps_dir() / f"{step_key(mkey, model, args[1:])}.pt2"
+        loaded = self._load(path, args)
+        if loaded is not None:
+            _PRECOMPILE["loaded"] += 1
+            graphs.insert(0, loaded)
+            return loaded
+        import torch
+
+        try:
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                wrapper = torch.compile(self.fn, mode=self.mode, backend=self.backend,
+                                        dynamic=False, fullgraph=True,
+                                        options={"guard_filter_fn": _keep_serializable})
+            compiled = wrapper.aot_compile((args, {}))  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - not precompilable (a backend without it): from now
+            # on dynamo's own compile (with inductor's kernel cache) runs what no graph here does
+            self._jit = torch.compile(self.fn, mode=self.mode, backend=self.backend,
+                                      dynamic=False, fullgraph=True)
+            return None
+        graphs.insert(0, compiled)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            compiled.save_compiled_function(str(path))  # written whole, then renamed
+        except Exception:  # noqa: BLE001 - not serializable or no room: this process only
+            return compiled
+        _PRECOMPILE["saved"] += 1
+        return compiled
+
+    def _load(self, path: Path, args: tuple[Any, ...]) -> Any:
+        """The graph saved at `path` when it exists, loads, traced unchanged sources and its
+        guards pass for `args`; else None (and a file that failed is compiled again)."""
+        if not path.is_file():
+            return None
+        import torch
+
+        try:
+            with path.open("rb") as f:
+                compiled = torch.compiler.load_compiled_function(f, f_globals=self.fn.__globals__)
+        except Exception:  # noqa: BLE001 - corrupt, or another torch/Python: compile again
+            return None
+        if not _sources_unchanged(compiled) or not compiled.guard_check(*args):
+            return None
+        return compiled

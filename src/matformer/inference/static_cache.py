@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from matformer.inference.compile_cache import (
+    PrecompiledStep,
     compiled_graphs,
     enable_compile_cache,
     record_compile_seconds,
@@ -66,8 +67,12 @@ def _compiled_step(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tenso
 @functools.cache
 def compiled_forward(mode: str | None = None, backend: str | Callable = "inductor") -> Callable:
     """`_compiled_step` compiled (one wrapper per mode and backend, so its graphs are kept); the
-    kernels inductor builds are kept on disk for later processes (`enable_compile_cache`)."""
+    kernels inductor builds are kept on disk for later processes (`enable_compile_cache`). With
+    inductor's default mode (the CPU's) each graph is precompiled and kept whole, so a later
+    process loads it without tracing (`PrecompiledStep`)."""
     enable_compile_cache()
+    if backend == "inductor" and mode is None:
+        return PrecompiledStep(_compiled_step, backend, mode)
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
