@@ -1,19 +1,36 @@
-"""Compilation paid once (issue 28): where compiled kernels are kept, and what compiling cost.
+"""Compilation paid once (issue 28): where compiled kernels are kept, what compiling cost, and
+precompiled decode steps that a later process loads instead of tracing.
 
-The cross-process reuse itself (a second `generate --compile` compiling under 10% of the
+The time saved across processes (a second `generate --compile` compiling under 10% of the
 first's time) takes minutes of inductor work: `benchmarks/speed/compile_cache.py` measures it.
-Here: the cache folder's rules, and that a decoder's compiling is counted and timed once (with
-dynamo's "eager" backend: tracing only, no kernels built)."""
+Here: the cache folder's rules, the report line, what tells models apart in a precompiled
+graph's key, that a saved graph is loaded and runs the model it is given (weights are inputs),
+and never when a global it read, its file or its key says otherwise (AOTAutograd's "aot_eager"
+backend on a Linear: tracing and saving, no kernels built, about a second); then, slow, a
+decoder's graphs and `matformer generate --compile` in new processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from matformer.inference.compile_cache import CompileStats, compile_cache_dir, compile_stats
-from matformer.inference.static_cache import StaticDecoder
+from matformer.data.text import save_tokenizer, train_tokenizer
+from matformer.inference import compile_cache
+from matformer.inference.compile_cache import (
+    CompileStats,
+    PrecompiledStep,
+    compile_cache_dir,
+    compile_stats,
+    model_key,
+    step_key,
+)
+from matformer.inference.static_cache import StaticDecoder, _forward
+from matformer.io.checkpoint import save_model
 from tests.conftest import tiny_lm
 
 
@@ -34,6 +51,116 @@ def test_compile_stats_of_one_call() -> None:
     assert one.describe().startswith("compiled 2 graphs in 10.0 s (kernels built: 1, loaded "
                                      "from the cache: 1")
     assert "nothing compiled" in CompileStats().describe()
+
+
+def test_the_report_says_what_was_compiled_and_what_was_loaded() -> None:
+    assert CompileStats(graphs=2, seconds=41.25, saved=2).describe().startswith(
+        "compiled 2 graphs in 41.2 s (saved for later runs: 2; cache: ")
+    assert CompileStats(graphs=1, seconds=0.412, precompiled=1).describe().startswith(
+        "loaded 1 precompiled graph in 0.41 s (nothing traced or built; cache: ")
+    both = CompileStats(graphs=3, seconds=12.0, precompiled=2, saved=1).since(CompileStats())
+    assert both.describe().startswith("compiled 1 graph and loaded 2 precompiled graphs in "
+                                      "12.0 s (saved for later runs: 1; cache: ")
+
+
+def test_the_key_tells_apart_what_guards_do_not_see() -> None:
+    """Weights are inputs of the graph: two models of one config share a key. The config, the
+    dtype, the training flag, the threads, the width setting and each argument's shape and
+    value do not."""
+    a, b = tiny_lm(0), tiny_lm(1)
+    key = model_key(a, _forward, "inductor/None")
+    assert model_key(b, _forward, "inductor/None") == key
+    assert model_key(tiny_lm(0, rope_theta=500.0), _forward, "inductor/None") != key
+    assert model_key(tiny_lm(0, rms_norm_eps=1e-5), _forward, "inductor/None") != key
+    assert model_key(tiny_lm(0).to(torch.bfloat16), _forward, "inductor/None") != key
+    assert model_key(tiny_lm(0).train(), _forward, "inductor/None") != key
+    assert model_key(a, _forward, "aot_eager/None") != key
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n + 1)
+        assert model_key(a, _forward, "inductor/None") != key
+    finally:
+        torch.set_num_threads(n)
+    with torch.inference_mode():
+        cache, pad = a.new_cache(1, 16), torch.zeros(1, dtype=torch.long)
+        one = (torch.tensor([[4]]), torch.arange(3, 4), cache, pad, False)
+        two = (torch.tensor([[4, 5]]), torch.arange(3, 5), cache, pad, False)
+        assert step_key(key, a, one) == step_key(key, b, one)
+        assert step_key(key, a, two) != step_key(key, a, one)
+        assert step_key(key, a, (*one[:4], True)) != step_key(key, a, one)
+        assert step_key(key, a, (one[0], one[1], a.new_cache(1, 32), pad, False)) != \
+            step_key(key, a, one)
+        with a.at_width(tier=1):
+            assert step_key(key, a, one) != step_key(key, b, one)
+
+
+SCALE = 2.0
+"""A global the toy step reads: a graph saved under one value must not run under another."""
+
+
+def _toy(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x) * SCALE
+
+
+def _linear(seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(8, 4).to(dtype)
+
+
+def test_a_saved_graph_is_loaded_and_runs_the_model_it_is_given(tmp_path, one_thread) -> None:
+    x = torch.randn(3, 8)
+    first = PrecompiledStep(_toy, "aot_eager", folder=tmp_path)
+    before = compile_stats()
+    with torch.no_grad():
+        assert torch.equal(first(_linear(0), x), _linear(0)(x) * 2)
+        made = compile_stats().since(before)
+        assert (made.graphs, made.saved, made.precompiled) == (1, 1, 0)
+        assert len(list(tmp_path.glob("*.pt2"))) == 1
+        later = PrecompiledStep(_toy, "aot_eager", folder=tmp_path)  # as a new process would
+        before = compile_stats()
+        other = _linear(1)  # other weights of the same shape: the same graph, its own output
+        assert torch.equal(later(other, x), other(x) * 2)
+        loaded = compile_stats().since(before)
+        assert (loaded.graphs, loaded.saved, loaded.precompiled) == (1, 0, 1)
+        assert torch.equal(later(_linear(0), x), _linear(0)(x) * 2)  # in memory now
+        assert compile_stats().since(before).graphs == 1
+        half = _linear(0, torch.float64)  # another key: another graph, another file
+        assert torch.equal(later(half, x.double()), half(x.double()) * 2)
+        assert len(list(tmp_path.glob("*.pt2"))) == 2
+
+
+def test_a_saved_graph_is_not_used_when_its_global_or_its_file_changed(
+        tmp_path, monkeypatch, one_thread) -> None:
+    x, lin = torch.randn(3, 8), _linear(0)
+    with torch.no_grad():
+        PrecompiledStep(_toy, "aot_eager", folder=tmp_path)(lin, x)
+        monkeypatch.setattr(sys.modules[__name__], "SCALE", 3.0)
+        before = compile_stats()
+        assert torch.equal(PrecompiledStep(_toy, "aot_eager", folder=tmp_path)(lin, x),
+                           lin(x) * 3)  # the saved graph's guard on SCALE failed
+        assert compile_stats().since(before).precompiled == 0
+        (path,) = tmp_path.glob("*.pt2")
+        path.write_bytes(b"not a graph")  # torn or foreign: compiled again and replaced
+        before = compile_stats()
+        assert torch.equal(PrecompiledStep(_toy, "aot_eager", folder=tmp_path)(lin, x),
+                           lin(x) * 3)
+        assert compile_stats().since(before).saved == 1
+        before = compile_stats()
+        PrecompiledStep(_toy, "aot_eager", folder=tmp_path)(lin, x)
+        assert compile_stats().since(before).precompiled == 1
+
+
+def _unsaveable_backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+    return gm.forward  # a plain callable: torch cannot save it
+
+
+def test_a_backend_that_cannot_precompile_falls_back_to_dynamo(tmp_path, one_thread) -> None:
+    x, lin = torch.randn(3, 8), _linear(0)
+    step = PrecompiledStep(_toy, _unsaveable_backend, folder=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(step(lin, x), lin(x) * 2)
+        assert torch.equal(step(lin, x), lin(x) * 2)
+    assert not list(tmp_path.glob("*.pt2"))
 
 
 @pytest.mark.slow

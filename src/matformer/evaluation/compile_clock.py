@@ -7,10 +7,14 @@ from __future__ import annotations
 
 def compile_seconds() -> float:
     """Seconds Dynamo has spent compiling frames (graph capture and the backend's compilation:
-    its `_compile.compile_inner` record) since the process started; 0.0 when torch keeps no
-    such record. Differences of two readings time the compilations in between."""
+    its `_compile.compile_inner` record) since the process started, plus what precompiled
+    decode steps spent compiling ahead of time or loading (`precompile_seconds`: Dynamo's
+    record leaves them out). Differences of two readings time the compilations in between."""
+    from matformer.inference.compile_cache import precompile_seconds
+
     try:
         from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:  # a torch without Dynamo's metrics: nothing to report
-        return 0.0
-    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+    except ImportError:  # a torch without Dynamo's metrics: nothing else to report
+        return precompile_seconds()
+    return (float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+            + precompile_seconds())

@@ -27,7 +27,7 @@ shapes loads that file and runs it without tracing anything. A saved graph is on
 (1) its file name, a digest of everything the graph may depend on besides its guards (torch,
 Python and matformer versions, threads and vector instructions, the model's class, config,
 parameter shapes and dtypes and module types, the width setting, every argument's shapes,
-strides and dtypes, inference and grad mode), matches; (2) the source of every function it
+strides and dtypes, inference and grad mode, the CPU's instruction sets), matches; (2) the source of every function it
 traced is unchanged; and (3) its guards (tensor shapes, dtypes and strides, the widths and
 every other constant read, global flags) pass for the call. Weights are inputs of the graph,
 never baked in, so another checkpoint of the same shape reuses the graph with its own weights.
@@ -46,6 +46,7 @@ import json
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -204,6 +205,13 @@ class CompileStats:
 _SECONDS = [0.0]
 _PRECOMPILE = {"saved": 0, "loaded": 0}
 """Graphs `PrecompiledStep`s compiled and saved, and loaded (which dynamo does not count)."""
+_PRECOMPILE_SECONDS = [0.0]
+
+
+def precompile_seconds() -> float:
+    """Seconds `PrecompiledStep`s have spent compiling ahead of time, saving and loading graphs
+    in this process (dynamo's own compile-time record does not include them)."""
+    return _PRECOMPILE_SECONDS[0]
 
 
 def _counters() -> Any:
@@ -265,12 +273,31 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _cpu_key() -> list[Any]:
+    """The CPU the kernels were built for: architecture, ATen's vector capability and the
+    instruction-set flags the kernel reports (without importing inductor, seconds)."""
+    import platform
+
+    import torch
+
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = sorted(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), flags]
+
+
 def model_key(model: Any, fn: Callable, backend: str) -> str:
     """What `fn`'s graphs may depend on in `model` and the process, besides the width setting
     and the guards: a digest of the module's class, config, training flag, every parameter's
     and buffer's name, shape, strides, dtype and device, every submodule's class (not the
     weights: they are inputs of the graph), and of the torch, Python and matformer versions,
-    threads, vector instructions, inference and grad mode. Models with one key share graphs."""
+    threads, the CPU's instruction sets, inference and grad mode. Models with one key share graphs."""
     import torch
 
     import matformer
@@ -287,7 +314,7 @@ def model_key(model: Any, fn: Callable, backend: str) -> str:
         "modules": [f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()],
         "torch": [torch.__version__, torch.version.git_version], "python": sys.version,
         "matformer": matformer.__version__, "threads": torch.get_num_threads(),
-        "vec_isa": _vec_isa_key(), "inference_mode": torch.is_inference_mode_enabled(),
+        "cpu": _cpu_key(), "inference_mode": torch.is_inference_mode_enabled(),
         "grad": torch.is_grad_enabled(), "default_dtype": str(torch.get_default_dtype())})
 
 
@@ -332,7 +359,7 @@ class PrecompiledStep:
     (`model_key`, computed once per model object), the one whose guards pass runs. `fn` must
     compile with fullgraph (one graph, no breaks)."""
 
-    def __init__(self, fn: Callable, backend: str = "inductor", mode: str | None = None,
+    def __init__(self, fn: Callable, backend: str | Callable = "inductor", mode: str | None = None,
                  folder: Path | None = None) -> None:
         self.fn = fn
         self.backend = backend
@@ -358,7 +385,9 @@ class PrecompiledStep:
                 return g.fn(*args)
         if self._jit is None:
             with self._lock:
+                t0 = time.perf_counter()
                 g = self._obtain(args)
+                _PRECOMPILE_SECONDS[0] += time.perf_counter() - t0
             if g is not None:
                 return g.fn(*args)
         return self._jit(*args)  # type: ignore[misc]
