@@ -179,3 +179,36 @@ def test_compiling_is_counted_and_timed_once(one_thread) -> None:
     assert compile_stats().since(again) == CompileStats()
     assert "compiled 1 graph in" in first.describe()
     torch._dynamo.reset()
+
+
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * 7}\n" for i in range(100)]
+
+
+def _generate(ckpt: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MATFORMER_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    return subprocess.run([sys.executable, "-m", "matformer.cli", "generate", str(ckpt),
+                           "--prompt", "def f(", "--max-new-tokens", "12", "--threads", "1",
+                           *extra], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_second_generate_compile_loads_what_the_first_compiled(tmp_path) -> None:
+    """Slow (a minute: inductor builds the kernels once): `generate --compile` in a new process
+    loads the first one's precompiled graph, traces and builds nothing, and prints what eager
+    decoding prints."""
+    tok = train_tokenizer(TEXTS, 300)
+    ckpt = tmp_path / "model"
+    save_model(tiny_lm(0, distinct=True, vocab_size=tok.get_vocab_size()), ckpt)
+    save_tokenizer(tok, ckpt)
+    cache = tmp_path / "cache"
+    eager = _generate(ckpt, cache)
+    first = _generate(ckpt, cache, "--compile")
+    second = _generate(ckpt, cache, "--compile")
+    for run in (eager, first, second):
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert first.stdout == second.stdout == eager.stdout
+    assert "compiled 1 graph in" in first.stderr and "saved for later runs: 1" in first.stderr
+    assert "loaded 1 precompiled graph in" in second.stderr
+    assert "nothing traced or built" in second.stderr
+    assert len(list((cache / "inductor" / compile_cache.STEPS).glob("*.pt2"))) == 1
