@@ -65,7 +65,8 @@ def one_run(ckpt: Path, cache: Path, tokens: int, threads: int) -> dict[str, Any
             "graphs_compiled": _count(r"compiled (\d+) graph", what),
             "graphs_loaded": _count(r"loaded (\d+) precompiled", what),
             "saved": _count(r"saved for later runs: (\d+)", detail),
-            "summary": proc.stderr.strip().splitlines()[-1]}
+            "summary": next(line for line in proc.stderr.splitlines() if m[0] in line),
+            "report": proc.stderr.strip().splitlines()[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
