@@ -150,6 +150,34 @@ def test_a_saved_graph_is_not_used_when_its_global_or_its_file_changed(
         assert compile_stats().since(before).precompiled == 1
 
 
+class _Narrowable(torch.nn.Module):
+    """A layer whose active width is a plain int attribute, as MatFormer's FFN widths are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.width = _linear(0), 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)[:, :self.width]
+
+
+def _narrowable_step(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def test_a_loaded_graph_guards_the_width_it_was_compiled_at(tmp_path, one_thread) -> None:
+    """A module's int attribute is a saved guard: a graph loaded for width 4 is not run at
+    width 2, even when nothing else (its file name here) tells them apart."""
+    x, layer = torch.randn(3, 8), _Narrowable()
+    with torch.no_grad():
+        PrecompiledStep(_narrowable_step, "aot_eager", folder=tmp_path)(layer, x)
+        layer.width = 2
+        before = compile_stats()
+        out = PrecompiledStep(_narrowable_step, "aot_eager", folder=tmp_path)(layer, x)
+        assert out.shape == (3, 2) and torch.equal(out, layer.lin(x)[:, :2])
+        assert compile_stats().since(before).precompiled == 0
+
+
 def _unsaveable_backend(gm: torch.fx.GraphModule, inputs: list) -> object:
     return gm.forward  # a plain callable: torch cannot save it
 
@@ -212,3 +240,6 @@ def test_a_second_generate_compile_loads_what_the_first_compiled(tmp_path) -> No
     assert "loaded 1 precompiled graph in" in second.stderr
     assert "nothing traced or built" in second.stderr
     assert len(list((cache / "inductor" / compile_cache.STEPS).glob("*.pt2"))) == 1
+    # inductor's per-process compiler probes, answered once and kept beside the kernels
+    assert (cache / "inductor" / compile_cache.HEADERS).is_file()
+    assert (cache / "inductor" / compile_cache.ISA_BUILDS).is_file()

@@ -17,25 +17,27 @@ flags), later processes skip the probe, and every process compiles with
 `torch._inductor.config.cpp.vec_isa_ok = True` (which then means exactly what the probe found;
 the setting is part of the kernels' cache key, so the first run's kernels are the later runs').
 
-That alone leaves every new process paying dynamo's tracing of the step, AOTAutograd, importing
-inductor and building guards (4-9 s at any model size on the shared 2-core machine, 6-11% of a
-first compile). `PrecompiledStep` removes those too: each graph of the step is compiled ahead of
-time (`torch.compile(fn).aot_compile`, PyTorch's precompile), and the whole result (the graph's
-kernels, the bytecode that calls them and its guards) is saved as one file in
-`compile_cache_dir()/steps`; a later process that calls the step with the same model and
-shapes loads that file and runs it without tracing anything. A saved graph is only used when
-(1) its file name, a digest of everything the graph may depend on besides its guards (torch,
-Python and matformer versions, threads and vector instructions, the model's class, config,
-parameter shapes and dtypes and module types, the width setting, every argument's shapes,
-strides and dtypes, inference and grad mode, the CPU's instruction sets), matches; (2) the source of every function it
-traced is unchanged; and (3) its guards (tensor shapes, dtypes and strides, the widths and
-every other constant read, global flags) pass for the call. Weights are inputs of the graph,
-never baked in, so another checkpoint of the same shape reuses the graph with its own weights.
-A file that fails any check, or cannot be read, is compiled again and replaced.
+Those caches alone leave every new process paying dynamo's tracing of the step, AOTAutograd
+and building guards (4-9 s at any model size on the shared 2-core machine, 11% of a first
+compile at the small shapes). `PrecompiledStep` removes those too: each graph of the step is
+compiled ahead of time (`torch.compile(fn).aot_compile`, PyTorch's precompile), and the whole
+result (the graph's kernels, the bytecode that calls them and its guards) is saved as one file
+in `compile_cache_dir()/steps`; a later process that calls the step with the same model and
+shapes loads that file and runs it without tracing anything (what is left: importing
+inductor's runtime, loading the kernels' libraries, two compiler probes torch runs in every
+process). A saved graph is only used when (1) its file name, a digest of everything the graph
+may depend on besides its guards (`model_key`, `step_key`: torch, Python and matformer
+versions, threads, the CPU's instruction sets, the model's class, config, parameter shapes and
+dtypes and module types, the width setting, every argument's shapes, strides, dtypes and
+values, inference and grad mode), matches; (2) the source of every function it traced is
+unchanged; and (3) its guards (tensor shapes, dtypes and strides, the widths and every other
+number read from the modules, module globals) pass for the call. Weights are inputs of the
+graph, never baked in, so another checkpoint of the same shape reuses the graph with its own
+weights. A file that fails any check, or cannot be read, is compiled again and replaced.
 
-`compile_stats()` counts, for this process, the graphs compiled, the wall time of the calls
-that compiled them and inductor's cache hits and misses; `CompileStats.since(before)` is what
-one call (a `generate`, an `eval`) spent, which the command line reports.
+`compile_stats()` counts, for this process, the graphs compiled or loaded precompiled, the wall
+time of the calls that did it and inductor's cache hits and misses; `CompileStats.since(before)`
+is what one call (a `generate`, an `eval`) spent, which the command line reports.
 """
 
 from __future__ import annotations
@@ -96,8 +98,124 @@ def enable_compile_cache() -> Path:
         # Every set the CPU reports is usable (probed here once, or by an earlier process):
         # set before the first compile, so the first run's kernels are keyed as later runs'.
         inductor_config.cpp.vec_isa_ok = True
+        _remember_isa_builds(folder)
+    _remember_headers(folder)
     _ENABLED.append(folder)
     return folder
+
+
+ISA_BUILDS = "vec_isa_builds.json"
+HEADERS = "precompiled_headers.json"
+
+
+def _remember_headers(folder: Path) -> None:
+    """Keep where inductor's precompiled C++ header is (`codecache._precompile_header`), in
+    `folder`: to find it, every process runs the preprocessor over the header and hashes its
+    output in two child processes (a tenth of a second to a third, most of what loading a
+    precompiled step spends outside Python). The answer is reused while the header file and
+    its .gch exist and torch (its install), the header, the command line and the compiler (its
+    path, size and time) are those it was found with; otherwise inductor's own way runs."""
+    try:
+        from torch._inductor import codecache
+    except ImportError:
+        return
+    original = getattr(codecache, "_precompile_header", None)
+    if original is None or getattr(original, "_matformer_remembers", False):
+        return
+    path = folder / HEADERS
+
+    def precompile_header(header: str, hashable_cmd_line: str, **command: Any) -> str:
+        key = _digest([_install_key(), header, hashable_cmd_line,
+                       sorted((k, _plain(v)) for k, v in command.items())])
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        found = known.get(key)
+        if isinstance(found, str) and os.path.isfile(found) and os.path.isfile(found + ".gch"):
+            return found
+        found = original(header, hashable_cmd_line, **command)
+        tmp = path.with_name(f"{HEADERS}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({**known, key: found}))
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return found
+
+    precompile_header._matformer_remembers = True  # type: ignore[attr-defined]
+    codecache._precompile_header = precompile_header
+
+
+def _plain(value: Any) -> Any:
+    """A compile option as the same text in every process (an instruction set by its name,
+    flags and macros, not by its repr, which holds an address)."""
+    if hasattr(value, "build_arch_flags"):
+        return [type(value).__name__, str(value), value.build_arch_flags(),
+                list(value.build_macro())]
+    return repr(value)
+
+
+def _install_key() -> list[Any]:
+    """torch's version and install (its files' time) and the C++ compiler inductor runs (its
+    path, size and time): what a precompiled header depends on besides its command line."""
+    import shutil
+
+    import torch
+
+    def stat(p: str | None) -> list[Any]:
+        try:
+            st = os.stat(p) if p else None
+        except OSError:
+            st = None
+        return [p, st.st_size, st.st_mtime_ns] if st else [p]
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        cc = shutil.which(get_cpp_compiler())
+    except Exception:  # noqa: BLE001 - torch internals: no compiler known, no reuse across it
+        cc = None
+    return [torch.__version__, torch.version.git_version, stat(torch.__file__),
+            stat(os.path.realpath(cc) if cc else None)]
+
+
+def _remember_isa_builds(folder: Path) -> None:
+    """Keep inductor's per-feature instruction probes (`VecISA.check_build`: can this compiler
+    build, and this CPU load, a test library using AVX-512 BF16, VNNI, ...) in `folder`, as
+    `vec_isa.json` keeps the base probe: each costs a child Python in every process (a
+    quarter of a precompiled step's loading). A probe that succeeded once on this torch, CPU
+    and compiler flags is not run again; one that failed is (it may have timed out)."""
+    try:
+        from torch._inductor import cpu_vec_isa
+    except ImportError:
+        return
+    original = cpu_vec_isa.VecISA.check_build
+    if getattr(original, "_matformer_remembers", False):
+        return
+    base = _vec_isa_key()
+    path = folder / ISA_BUILDS
+
+    def check_build(isa: Any, code: str) -> bool:
+        key = _digest([base, str(isa), isa.build_arch_flags(), code])
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if known.get(key) is True:
+            return True
+        ok = original(isa, code)
+        if ok:
+            tmp = path.with_name(f"{ISA_BUILDS}.{os.getpid()}")
+            try:
+                tmp.write_text(json.dumps({**known, key: True}))
+                tmp.replace(path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        return ok
+
+    check_build._matformer_remembers = True  # type: ignore[attr-defined]
+    cpu_vec_isa.VecISA.check_build = check_build  # type: ignore[method-assign]
 
 
 def _vec_isa_key() -> dict[str, Any] | None:
@@ -368,7 +486,7 @@ class PrecompiledStep:
         # AOTCompiledFunctions by model key, most recently used first; each model's key
         self._graphs: dict[str, list[Any]] = {}
         self._models: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-        self._jit: Callable | None = None  # dynamo's compile, once a graph could not be
+        self._jit: Callable | None = None  # dynamo's compile, once a graph was not precompilable
         self._lock = threading.Lock()
 
     def steps_dir(self) -> Path:
