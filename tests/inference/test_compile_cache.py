@@ -29,7 +29,7 @@ from matformer.inference.compile_cache import (
     model_key,
     step_key,
 )
-from matformer.inference.static_cache import StaticDecoder, _forward
+from matformer.inference.static_cache import StaticDecoder
 from matformer.io.checkpoint import save_model
 from tests.conftest import tiny_lm
 
@@ -63,22 +63,26 @@ def test_the_report_says_what_was_compiled_and_what_was_loaded() -> None:
                                       "12.0 s (saved for later runs: 1; cache: ")
 
 
+def _step(model: torch.nn.Module, *args: object) -> torch.Tensor:
+    return model.forward_static(*args)
+
+
 def test_the_key_tells_apart_what_guards_do_not_see() -> None:
     """Weights are inputs of the graph: two models of one config share a key. The config, the
     dtype, the training flag, the threads, the width setting and each argument's shape and
     value do not."""
     a, b = tiny_lm(0), tiny_lm(1)
-    key = model_key(a, _forward, "inductor/None")
-    assert model_key(b, _forward, "inductor/None") == key
-    assert model_key(tiny_lm(0, rope_theta=500.0), _forward, "inductor/None") != key
-    assert model_key(tiny_lm(0, rms_norm_eps=1e-5), _forward, "inductor/None") != key
-    assert model_key(tiny_lm(0).to(torch.bfloat16), _forward, "inductor/None") != key
-    assert model_key(tiny_lm(0).train(), _forward, "inductor/None") != key
-    assert model_key(a, _forward, "aot_eager/None") != key
+    key = model_key(a, _step, "inductor/None")
+    assert model_key(b, _step, "inductor/None") == key
+    assert model_key(tiny_lm(0, rope_theta=500.0), _step, "inductor/None") != key
+    assert model_key(tiny_lm(0, rms_norm_eps=1e-5), _step, "inductor/None") != key
+    assert model_key(tiny_lm(0).to(torch.bfloat16), _step, "inductor/None") != key
+    assert model_key(tiny_lm(0).train(), _step, "inductor/None") != key
+    assert model_key(a, _step, "aot_eager/None") != key
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(n + 1)
-        assert model_key(a, _forward, "inductor/None") != key
+        assert model_key(a, _step, "inductor/None") != key
     finally:
         torch.set_num_threads(n)
     with torch.inference_mode():

@@ -4,14 +4,14 @@ seconds to minutes, and was charged to tokens/s)."""
 
 from __future__ import annotations
 
+from matformer.inference.compile_cache import precompile_seconds
+
 
 def compile_seconds() -> float:
     """Seconds Dynamo has spent compiling frames (graph capture and the backend's compilation:
     its `_compile.compile_inner` record) since the process started, plus what precompiled
     decode steps spent compiling ahead of time or loading (`precompile_seconds`: Dynamo's
     record leaves them out). Differences of two readings time the compilations in between."""
-    from matformer.inference.compile_cache import precompile_seconds
-
     try:
         from torch._dynamo.utils import compilation_time_metrics
     except ImportError:  # a torch without Dynamo's metrics: nothing else to report

@@ -94,11 +94,11 @@ def enable_compile_cache() -> Path:
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
+    _remember_isa_builds(folder)  # first: the probe below is remembered for later processes
     if inductor_config.cpp.vec_isa_ok is None and _vec_isa_usable(folder):
         # Every set the CPU reports is usable (probed here once, or by an earlier process):
         # set before the first compile, so the first run's kernels are keyed as later runs'.
         inductor_config.cpp.vec_isa_ok = True
-        _remember_isa_builds(folder)
     _remember_headers(folder)
     _ENABLED.append(folder)
     return folder
@@ -184,8 +184,8 @@ def _remember_isa_builds(folder: Path) -> None:
     """Keep inductor's per-feature instruction probes (`VecISA.check_build`: can this compiler
     build, and this CPU load, a test library using AVX-512 BF16, VNNI, ...) in `folder`, as
     `vec_isa.json` keeps the base probe: each costs a child Python in every process (a
-    quarter of a precompiled step's loading). A probe that succeeded once on this torch, CPU
-    and compiler flags is not run again; one that failed is (it may have timed out)."""
+    quarter of a precompiled step's loading). A probe that succeeded once on this torch, CPU,
+    compiler and flags is not run again; one that failed is (it may have timed out)."""
     try:
         from torch._inductor import cpu_vec_isa
     except ImportError:
@@ -193,7 +193,7 @@ def _remember_isa_builds(folder: Path) -> None:
     original = cpu_vec_isa.VecISA.check_build
     if getattr(original, "_matformer_remembers", False):
         return
-    base = _vec_isa_key()
+    base = [_vec_isa_key(), _install_key()]
     path = folder / ISA_BUILDS
 
     def check_build(isa: Any, code: str) -> bool:
@@ -418,8 +418,6 @@ def model_key(model: Any, fn: Callable, backend: str) -> str:
     threads, the CPU's instruction sets, inference and grad mode. Models with one key share graphs."""
     import torch
 
-    import matformer
-
     cfg = getattr(model, "config", None)
     to_dict = getattr(cfg, "to_dict", None)
     tensors = [(n, _describe(t)) for n, t in (*model.named_parameters(),
@@ -431,7 +429,7 @@ def model_key(model: Any, fn: Callable, backend: str) -> str:
         "training": model.training, "tensors": tensors,
         "modules": [f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()],
         "torch": [torch.__version__, torch.version.git_version], "python": sys.version,
-        "matformer": matformer.__version__, "threads": torch.get_num_threads(),
+        "matformer": getattr(sys.modules.get("matformer"), "__version__", None), "threads": torch.get_num_threads(),
         "cpu": _cpu_key(), "inference_mode": torch.is_inference_mode_enabled(),
         "grad": torch.is_grad_enabled(), "default_dtype": str(torch.get_default_dtype())})
 
