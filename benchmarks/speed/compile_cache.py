@@ -8,7 +8,9 @@ folder at the start). Each run's compile time is what the command reports on std
 ("compiled N graphs in X s (saved for later runs: N; ...)" the first time, "loaded N
 precompiled graphs in X s (nothing traced or built; ...)" after), and its whole wall time is
 measured around the process. The goal (issue 28): the second run's compile time
-under 10% of the first's. Writes benchmarks/results/compile_cache.json.
+under 10% of the first's. `--step-time` then also times, in this process, the decode step
+loaded precompiled against dynamo's compile of the same step (interleaved repeats). Writes
+benchmarks/results/compile_cache.json.
 
     .venv/bin/python -m benchmarks.speed.compile_cache
     .venv/bin/python -m benchmarks.speed.compile_cache --size 41.7M --json-out \
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +72,39 @@ def one_run(ckpt: Path, cache: Path, tokens: int, threads: int) -> dict[str, Any
             "report": proc.stderr.strip().splitlines()[-1]}
 
 
+def step_times(ckpt: Path, cache: Path, threads: int, repeats: int = 5,
+               steps: int = 64) -> dict[str, list[float]]:
+    """ms per decode step (batch 1), the step loaded precompiled from `cache` vs dynamo's
+    compile of it (`mode="default"`: the same inductor mode through `torch.compile`), in
+    interleaved repeats of `steps` steps after 3 warm-up steps."""
+    os.environ["MATFORMER_CACHE"] = str(cache)
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    import torch
+
+    from matformer.inference.static_cache import StaticDecoder
+    from matformer.io.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(ckpt).eval()
+
+    def ms(mode: str | None) -> float:
+        dec = StaticDecoder(model, 1, 256, compile=True, mode=mode)
+        tok = dec.prefill([torch.arange(1, 9)]).argmax(-1)[:, None]
+        with torch.inference_mode():
+            for _ in range(3):
+                tok = dec.step(tok).argmax(-1)[:, None]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = dec.step(tok).argmax(-1)[:, None]
+        return round((time.perf_counter() - t0) / steps * 1e3, 3)
+
+    out: dict[str, list[float]] = {"precompiled": [], "dynamo": []}
+    for _ in range(repeats):
+        out["precompiled"].append(ms(None))
+        out["dynamo"].append(ms("default"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--ckpt", help="checkpoint with tokenizer.json (default: random weights)")
@@ -76,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=2, help="processes in a row (the first builds)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--step-time", action="store_true",
+                   help="also time the loaded step against dynamo's compile of it")
     p.add_argument("--json-out", default=str(RESULT))
     args = p.parse_args(argv)
+    steps: dict[str, list[float]] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else demo_model(Path(tmp) / "model", args.size)
         cache = Path(tmp) / "cache"
@@ -88,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {i + 1}: compile {r['compile_s']:7.2f} s of {r['wall_s']:7.1f} s wall; "
                   f"graphs compiled {r['graphs_compiled']} (saved {r['saved']}), loaded "
                   f"precompiled {r['graphs_loaded']}")
+        if args.step_time:
+            steps = step_times(ckpt, cache, args.threads)
+            for name, v in steps.items():
+                print(f"decode step, {name:11s}: median {statistics.median(v):.3f} ms "
+                      f"({', '.join(map(str, v))})")
     first = runs[0]["compile_s"]
     ratios = [r["compile_s"] / first if first > 0 else float("nan") for r in runs[1:]]
     goal = all(x < 0.10 for x in ratios)
@@ -98,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m benchmarks.speed.compile_cache",
                              *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average": os.getloadavg(), "runs": runs, "ratios": ratios, "goal_met": goal})
+        "load_average": os.getloadavg(), "runs": runs, "ratios": ratios, "goal_met": goal,
+        **({"step_ms": steps} if steps is not None else {})})
     print(f"wrote {args.json_out}")
     return 0
 
