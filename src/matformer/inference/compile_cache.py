@@ -42,6 +42,7 @@ is what one call (a `generate`, an `eval`) spent, which the command line reports
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -156,6 +157,7 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+@functools.cache
 def _install_key() -> list[Any]:
     """torch's version and install (its files' time) and the C++ compiler inductor runs (its
     path, size and time): what a precompiled header depends on besides its command line."""
