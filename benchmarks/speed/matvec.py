@@ -5,7 +5,7 @@ What `inference/matvec.py` rests on. For each weight shape of the 41.7M benchmar
 together they exceed the last-level cache (so every product reads its weight from DRAM, as a
 decoding step does), multiplied by one row: eager `F.linear` (what a step calls without the
 rewrite), the compiled `row_linear` (what the compiled step runs), and numpy's `W @ x` (OpenBLAS,
-float32 only) as a second reference; plus a plain `sum` over the same bytes (the machine's
+float32 only, at the same thread count) as a second reference; plus a plain `sum` over the same bytes (the machine's
 single-thread read rate). Interleaved repeats, medians; GB/s of weight read and the ratio
 row_linear / F.linear. Writes benchmarks/results/matvec.json.
 
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from benchmarks.common import RESULTS, hardware, parser, write_json
 from matformer.inference.matvec import row_linear
@@ -60,7 +61,7 @@ def measure(dtype: torch.dtype, out: int, inp: int, megabytes: int, repeats: int
     }
     if dtype == torch.float32:
         nws, xn = [w.numpy() for w in ws], x[0].numpy()
-        ways["numpy"] = lambda: [w @ xn for w in nws]
+        ways["numpy"] = lambda: [w @ xn for w in nws]  # OpenBLAS, at torch's thread count
     runs: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats):  # interleaved: the machine's load hits every way alike
         for k, fn in ways.items():
@@ -79,6 +80,8 @@ def main() -> int:
     p.add_argument("--json-out", default=str(RESULTS / "matvec.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # numpy's OpenBLAS keeps its own thread pool (every core by default): the same count
+    threadpool_limits(args.threads, user_api="blas")
     torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(row_linear, dynamic=False)
     doc = {"command": " ".join(["python -m benchmarks.speed.matvec", *sys.argv[1:]]),

@@ -28,6 +28,9 @@ def test_the_mode_rewrites_one_row_and_nothing_else() -> None:
     w, lin = torch.randn(16, 8, generator=g), torch.nn.Linear(8, 16)
     one, many = torch.randn(1, 1, 8, generator=g), torch.randn(2, 3, 8, generator=g)
     assert one_row_on_cpu(one, w) and not one_row_on_cpu(many, w)
+    long_rows = torch.randn(8, 16, generator=g)  # float32 rows longer than their count: MKL
+    assert not one_row_on_cpu(torch.randn(1, 16), long_rows)
+    assert one_row_on_cpu(torch.randn(1, 16).bfloat16(), long_rows.bfloat16())
     with CpuMatvec():
         a, b = F.linear(one, w), F.linear(many, w)
         c = lin(one)  # nn.Linear goes through F.linear too

@@ -3,14 +3,16 @@
 A batch-1 decoding step multiplies one row (1, in) by every weight matrix (out, in): it is
 memory-bound, and its speed is the rate at which the weights stream from DRAM. PyTorch's CPU
 `F.linear` for one row calls the BLAS (MKL) matrix-vector product, which on this project's
-development CPU (AMD EPYC, AVX-512, 1 thread) streams a (4096, 512) weight at about 11 GB/s and
-a (512, 4096) one at about 20 GB/s: short rows cost it a fixed overhead per row. The same
+development CPU (AMD EPYC, AVX-512, 1 thread) streams a float32 (4096, 512) weight at about 11
+GB/s and a (512, 4096) one at about 18 GB/s: short rows cost it a fixed overhead per row (and
+its bfloat16 path is slower still). The same
 product written as an elementwise multiply and a sum over `in` is a reduction that inductor
-turns into one vectorized C++ loop over the rows; it streams both shapes at 18-21 GB/s (the
-single-core DRAM rate llama.cpp reaches), and it fuses with the operations around it (norms,
+turns into one vectorized C++ loop over the rows; it streams the (4096, 512) weight at about 20
+GB/s (the single-core DRAM rate llama.cpp reaches), and it fuses with the operations around it (norms,
 activation, residual adds) instead of being a call out of the graph. The 41.7M benchmark model
-(`benchmarks/speed/llamacpp_speed.py`) decodes 1.8x faster with it in float32 and 2x in
-bfloat16 (docs/INFERENCE.md).
+(`benchmarks/speed/llamacpp_speed.py`) decodes about 1.4-1.9x faster with it in float32 and 2x in
+bfloat16 (docs/INFERENCE.md). Float32 weights with long rows stay with MKL, which streams those
+at the memory's rate already (`one_row_on_cpu`).
 
 `CpuMatvec` is a `TorchFunctionMode` that rewrites `F.linear` (every `nn.Linear` and the model
 files' own `F.linear` on sliced weights) this way when the input is one row on the CPU, and
@@ -41,10 +43,14 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor,
 
 
 def one_row_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.linear(x, weight)` is a single-row product on the CPU (what `row_linear`
-    does faster once compiled)."""
-    return (x.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
-            and x.shape[:-1].numel() == 1 and x.dtype.is_floating_point)
+    """Whether `F.linear(x, weight)` is a single-row product on the CPU that `row_linear` does
+    faster once compiled: every such product except a float32 weight with rows longer than it
+    has rows (the (512, 4096) down projection at 41.7M), which MKL already streams at the
+    memory's rate (`benchmarks/speed/matvec.py`: 18 GB/s against the reduction's 16)."""
+    if not (x.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[:-1].numel() == 1 and x.dtype.is_floating_point):
+        return False
+    return not (weight.dtype == torch.float32 and weight.shape[1] > weight.shape[0])
 
 
 class CpuMatvec(TorchFunctionMode):
