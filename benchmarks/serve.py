@@ -206,6 +206,8 @@ def main() -> int:
     p.add_argument("--slo-factor", type=float, default=1.25)
     p.add_argument("--time-cap", type=float, default=40.0, help="seconds per (server, rate)")
     p.add_argument("--skip-llamacpp", action="store_true")
+    p.add_argument("--speculative", choices=("auto", "off", "always"), default=None,
+                   help="our servers' --speculative (default: the server's own, auto)")
     p.add_argument("--out", default=str(RESULT))
     args = p.parse_args()
     src = Path(args.src)
@@ -224,7 +226,8 @@ def main() -> int:
                            "hardware": hardware(), "src": str(src), "rates": rates,
                            "requests": args.requests, "max_tokens": args.max_tokens,
                            "prompt_tokens": args.prompt_tokens, "max_batch": args.max_batch,
-                           "threads": args.threads, "runs": {}}
+                           "threads": args.threads, "speculative": args.speculative or "auto",
+                           "runs": {}}
 
     def bodies(model: str, extra: dict[str, Any], k: int) -> list[dict[str, Any]]:
         return [{"model": model, "prompt": prompts[(k * args.requests + i) % len(prompts)],
@@ -248,7 +251,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = [py, "-m", "matformer.cli", "serve", str(src), "--port", str(port),
-             "--max-batch", str(args.max_batch), "--threads", str(args.threads)]
+             "--max-batch", str(args.max_batch), "--threads", str(args.threads),
+             *(["--speculative", args.speculative] if args.speculative else [])]
     proc = start(serve, url, "/health", env)
     try:
         sweep("full", url, name, ours)
