@@ -3,13 +3,22 @@ forward, chunked prefill, rows joining and leaving between steps, and the auto p
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 import torch
 
 from matformer.inference.decode import generate
 from matformer.inference.sampling import Sampler
 from matformer.serving.catalog import Catalog
-from matformer.serving.engine import Engine, EngineBusy, EngineClosed, Event, Job
+from matformer.serving.engine import (
+    PREFILL_KEY,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    Event,
+    Job,
+)
 from matformer.serving.metrics import Metrics
 from matformer.serving.policy import CostTable, LoadPolicy
 from matformer.serving.rows import RowStepper
@@ -228,6 +237,7 @@ def test_under_a_target_the_narrowest_widths_cost_caps_the_batch() -> None:
     assert policy.max_rows(8) == 2  # narrow: 0.002, 0.004 (interpolated), 0.006 misses
     assert policy.max_rows(8, pinned_seconds=0.002) == 1  # pinned work leaves room for one
     assert policy.max_rows(1) == 1
+    assert policy.max_rows(8, per_row=0.001) == 1  # 2 rows: 0.004 + 2 x 0.001 misses
     assert LoadPolicy(["wide", "narrow"], None, table).max_rows(8) == 8  # no target: no cap
     assert LoadPolicy(["wide", "new"], 0.005, table).max_rows(8) == 8  # not measured yet
 
@@ -244,3 +254,8 @@ def test_an_engine_with_a_target_admits_what_the_narrowest_width_keeps_under_it(
         engine.submit(job)
     engine.admit()
     assert engine.running == jobs[:2] and list(engine.waiting) == jobs[2:]
+    # a 2 ms prompt chunk per 2-token job adds 1 ms a row: two rows would take 6 ms
+    engine.table.observe(PREFILL_KEY, 1, 0.002)
+    engine.running, engine.waiting = [], deque(jobs)
+    engine.admit()
+    assert engine.running == jobs[:1]

@@ -136,13 +136,20 @@ class Engine:
         if self.policy.slo_s is not None:
             self.calibrate()
         full = self.catalog.full().setting
-        try:  # the full width's draft costs, so a first lone request there does not wait
-            costs = self.speculator.prepare(full)
-            if costs is not None:
-                log.info("speculative decoding costs timed in %.2f s", costs.seconds)
-        except Exception:  # noqa: BLE001  (no speculation at that width, serving goes on)
-            log.exception("timing speculative decoding failed; plain steps at the full width")
-            self.speculator.disable(full)
+        # The full width's draft costs, so a first lone request there does not wait for them;
+        # with a target, every width `auto` may run (a request's wait is its latency).
+        targets = [full]
+        if self.policy.slo_s is not None:
+            targets += [w.setting for w in self.auto_widths.values()
+                        if w.setting is not None and setting_key(w.setting) != setting_key(full)]
+        for target in targets:
+            try:
+                costs = self.speculator.prepare(target)
+                if costs is not None:
+                    log.info("speculative decoding costs timed in %.2f s", costs.seconds)
+            except Exception:  # noqa: BLE001  (no speculation at that width, serving goes on)
+                log.exception("timing speculative decoding failed; plain steps at that width")
+                self.speculator.disable(target)
         self.thread = threading.Thread(target=self.loop, name="matformer-engine", daemon=True)
         self.thread.start()
 
@@ -229,10 +236,23 @@ class Engine:
             pinned: Counter[Hashable] = Counter(setting_key(j.width.setting) for j in self.running
                                                 if j.width.setting is not None)
             held = sum(pinned.values())
+            jobs = [*self.running, *self.waiting]
             room = min(self.max_batch, held + self.policy.max_rows(
-                max(self.max_batch - held, 1), self.policy.other_cost(list(pinned.items()))))
+                max(self.max_batch - held, 1), self.policy.other_cost(list(pinned.items())),
+                per_row=self._chunk_share(jobs)))
         while self.waiting and len(self.running) < room:
             self.running.append(self.waiting.popleft())
+
+    def _chunk_share(self, jobs: list[Job]) -> float:
+        """What each running row adds to every row's per-token latency through prompt chunks:
+        a row that leaves is replaced by one whose prompt runs in the steps (one chunk each),
+        so a row brings its prompt's chunks once per its new tokens (means over `jobs`)."""
+        chunk = self.table.estimate(PREFILL_KEY, 1)
+        if not jobs or chunk is None:
+            return 0.0
+        chunks = sum(-(-len(j.prompt) // self.prefill_chunk) for j in jobs) / len(jobs)
+        tokens = sum(max(1, j.max_tokens) for j in jobs) / len(jobs)
+        return chunk * chunks / tokens
 
     def step(self) -> float:
         """One step: every decoding job one token, and one prefill chunk. Returns the step's

@@ -97,11 +97,12 @@ class LoadPolicy:
                 return key
         return self.candidates[-1]
 
-    def max_rows(self, limit: int, pinned_seconds: float = 0.0) -> int:
+    def max_rows(self, limit: int, pinned_seconds: float = 0.0, per_row: float = 0.0) -> int:
         """How many decoding rows a step may hold under the target: the most rows (up to
         `limit`) whose step at the narrowest candidate, with `pinned_seconds` of other rows'
-        work, is estimated under it; at least 1. Without a target, or before the narrowest
-        width is measured, `limit`.
+        work and `per_row` seconds more for each row (its share of the prompt chunks that the
+        rows replacing finished ones bring), is estimated under it; at least 1. Without a
+        target, or before the narrowest width is measured, `limit`.
 
         When even the narrowest width cannot keep every row under the target, more rows would
         only make every row slower: a request waits in the queue instead (its time to first
@@ -114,7 +115,7 @@ class LoadPolicy:
         rows = 1
         for n in range(2, limit + 1):
             cost = self.table.estimate(narrowest, n)
-            if cost is None or (pinned_seconds + cost) * self.overhead > self.slo_s:
+            if cost is None or (pinned_seconds + cost + n * per_row) * self.overhead > self.slo_s:
                 break
             rows = n
         return rows
