@@ -109,6 +109,27 @@ ISA_BUILDS = "vec_isa_builds.json"
 HEADERS = "precompiled_headers.json"
 
 
+def _read_answers(path: Path) -> dict[str, Any]:
+    """The answers kept in `path` (a JSON object), or none when it is missing or torn."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _keep_answer(path: Path, key: str, value: Any) -> None:
+    """Add `key: value` to the answers in `path`, atomically (written beside it, then moved
+    over it: a reader sees the old file or the new one); a folder that cannot be written
+    keeps nothing."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({**_read_answers(path), key: value}))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def _remember_headers(folder: Path) -> None:
     """Keep where inductor's precompiled C++ header is (`codecache._precompile_header`), in
     `folder`: to find it, every process runs the preprocessor over the header and hashes its
@@ -128,20 +149,11 @@ def _remember_headers(folder: Path) -> None:
     def precompile_header(header: str, hashable_cmd_line: str, **command: Any) -> str:
         key = _digest([_install_key(), header, hashable_cmd_line,
                        sorted((k, _plain(v)) for k, v in command.items())])
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        found = known.get(key)
+        found = _read_answers(path).get(key)
         if isinstance(found, str) and os.path.isfile(found) and os.path.isfile(found + ".gch"):
             return found
         found = original(header, hashable_cmd_line, **command)
-        tmp = path.with_name(f"{HEADERS}.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps({**known, key: found}))
-            tmp.replace(path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        _keep_answer(path, key, found)
         return found
 
     precompile_header._matformer_remembers = True  # type: ignore[attr-defined]
@@ -200,20 +212,11 @@ def _remember_isa_builds(folder: Path) -> None:
 
     def check_build(isa: Any, code: str) -> bool:
         key = _digest([base, str(isa), isa.build_arch_flags(), code])
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if known.get(key) is True:
+        if _read_answers(path).get(key) is True:
             return True
         ok = original(isa, code)
         if ok:
-            tmp = path.with_name(f"{ISA_BUILDS}.{os.getpid()}")
-            try:
-                tmp.write_text(json.dumps({**known, key: True}))
-                tmp.replace(path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
+            _keep_answer(path, key, True)
         return ok
 
     check_build._matformer_remembers = True  # type: ignore[attr-defined]
