@@ -33,6 +33,7 @@ from matformer.inference.sampling import (  # noqa: F401  (the outputs are re-ex
     StreamCallback,
     call_setting,
     check_lengths,
+    emit_token,
     prompt_ids,
     sampler_and_eos,
     sync_device,
@@ -98,13 +99,7 @@ def generate(
             tok = int(sampler.pick(logits))
             if not out:
                 stats.prefill_seconds = time.perf_counter() - t0
-            out.append(tok)
-            if stream is not None:
-                stream([tok])
-            if tok in eos:
-                stats.stop_reason = "eos"
-                break
-            if len(out) >= max_new_tokens:
+            if emit_token(tok, out, stream, eos, stats) or len(out) >= max_new_tokens:
                 break
             nxt = torch.tensor([[tok]], device=device)
             if cache is not None:

@@ -237,3 +237,16 @@ def call_setting(model: MatFormerLM, request: WidthRequest) -> Setting | None:
 def default_draft_tier(model: MatFormerLM, limit: int = 3) -> int:
     """The smallest tier (at most `limit`, the paper's S = tier 3) the model can run."""
     return runnable_tiers(model.base_width, model.stored_widths, limit=limit + 1)[-1]
+
+
+def emit_token(tok: int, out: list[int], stream: StreamCallback | None, eos: set[int],
+               stats: GenerationStats) -> bool:
+    """Append `tok` to `out` and stream it; True when it ends the sequence (an EOS token,
+    recorded as the stop reason)."""
+    out.append(tok)
+    if stream is not None:
+        stream([tok])
+    if tok in eos:
+        stats.stop_reason = "eos"
+        return True
+    return False

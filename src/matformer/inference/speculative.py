@@ -78,6 +78,7 @@ from matformer.inference.sampling import (
     StreamCallback,
     check_lengths,
     default_draft_tier,
+    emit_token,
     prompt_ids,
     sampler_and_eos,
     sync_device,
@@ -1052,22 +1053,24 @@ def _plain_steps(dec: StaticDecoder, cur: torch.Tensor, sampler: Sampler, eos: s
     out: list[int] = []
     eager = not dec.compiled and int(dec.pad.max()) == 0
     while len(out) < room:
-        if eager:  # generate's own eager step: the cache's filled slice, not all of it
-            dec.cache.length = dec.pos
-            logits = dec.model(cur, cache=dec.cache)[0, -1]
-            dec.pos += 1
-        else:
-            logits = dec.step(cur)[0]
+        logits = _plain_logits(dec, cur, eager)
         tok = int(sampler.pick(logits))
         stats.target_forwards += 1
-        out.append(tok)
-        if stream is not None:
-            stream([tok])
-        if tok in eos:
-            stats.stop_reason = "eos"
+        if emit_token(tok, out, stream, eos, stats):
             break
         cur = torch.tensor([[tok]], device=dec.device)
     return out
+
+
+def _plain_logits(dec: StaticDecoder, cur: torch.Tensor, eager: bool) -> torch.Tensor:
+    """The next logits (V,) after the token `cur` (1, 1): `generate`'s own eager step (the
+    model's forward over the cache's filled columns, not all of them) or the decoder's step."""
+    if not eager:
+        return dec.step(cur)[0]
+    dec.cache.length = dec.pos
+    logits = dec.model(cur, cache=dec.cache)[0, -1]
+    dec.pos += 1
+    return logits
 
 
 def _plain_start(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, sampler: Sampler,
@@ -1096,22 +1099,11 @@ def _plain_start(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, samp
         if not out:
             stats.prefill_seconds = time.perf_counter() - t0  # time to the first token
         rows.append(logits)
-        out.append(tok)
-        if stream is not None:
-            stream([tok])
-        if tok in eos:
-            stats.stop_reason = "eos"
-            break
-        if len(out) >= room:
+        if emit_token(tok, out, stream, eos, stats) or len(out) >= room:
             break
         began = time.perf_counter()
         cur = torch.tensor([[tok]], device=dec.device)
-        if dec.compiled:
-            logits = dec.step(cur)[0]
-        else:
-            dec.cache.length = dec.pos
-            logits = dec.model(cur, cache=dec.cache)[0, -1]
-            dec.pos += 1
+        logits = _plain_logits(dec, cur, not dec.compiled)
         steps.append(time.perf_counter() - began)
         stats.target_forwards += 1
     return out, rows, steps
