@@ -1,4 +1,4 @@
-"""The compiled CPU step's single-row products (`matformer.inference.matvec`)."""
+"""The compiled CPU step's few-row products (`matformer.inference.matvec`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matformer.inference.matvec import CpuMatvec, one_row_on_cpu, row_linear
+from matformer.inference.matvec import CpuMatvec, few_rows_on_cpu, row_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -15,25 +15,33 @@ def test_row_linear_is_linear(dtype: torch.dtype, bias: bool) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 40, generator=g).to(dtype)
     b = torch.randn(48, generator=g).to(dtype) if bias else None
-    x = torch.randn(1, 1, 40, generator=g).to(dtype)
+    x = torch.randn(1, 3, 40, generator=g).to(dtype)  # three rows (one row: below)
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
     got = row_linear(x, w, b)
-    assert got.shape == (1, 1, 48) and got.dtype == dtype
+    assert got.shape == (1, 3, 48) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(row_linear(x[:, :1], w, b).float(), want[:, :1], rtol=tol,
+                               atol=tol)
 
 
-def test_the_mode_rewrites_one_row_and_nothing_else() -> None:
+def test_the_mode_rewrites_a_few_rows_and_nothing_else() -> None:
     g = torch.Generator().manual_seed(1)
     w, lin = torch.randn(16, 8, generator=g), torch.nn.Linear(8, 16)
-    one, many = torch.randn(1, 1, 8, generator=g), torch.randn(2, 3, 8, generator=g)
-    assert one_row_on_cpu(one, w) and not one_row_on_cpu(many, w)
-    long_rows = torch.randn(8, 16, generator=g)  # float32 rows longer than their count: MKL
-    assert not one_row_on_cpu(torch.randn(1, 16), long_rows)
-    assert one_row_on_cpu(torch.randn(1, 16).bfloat16(), long_rows.bfloat16())
+    one = torch.randn(1, 1, 8, generator=g)
+    few = torch.randn(2, 3, 8, generator=g)  # 6 rows: a verify, a small batch
+    many = torch.randn(3, 4, 8, generator=g)  # 12 rows: a prompt
+    assert few_rows_on_cpu(one, w) and few_rows_on_cpu(few, w)
+    assert not few_rows_on_cpu(many, w)
+    long_rows = torch.randn(8, 16, generator=g)  # one float32 row by longer rows: MKL
+    assert not few_rows_on_cpu(torch.randn(1, 16), long_rows)
+    assert few_rows_on_cpu(torch.randn(2, 16), long_rows)  # two rows: the reduction
+    assert few_rows_on_cpu(torch.randn(1, 16).bfloat16(), long_rows.bfloat16())
     with CpuMatvec():
-        a, b = F.linear(one, w), F.linear(many, w)
-        c = lin(one)  # nn.Linear goes through F.linear too
+        a, b, c = F.linear(one, w), F.linear(few, w), F.linear(many, w)
+        d = lin(few)  # nn.Linear goes through F.linear too
     assert torch.equal(a, row_linear(one, w))
-    assert torch.equal(b, F.linear(many, w))  # batches, prefill and verifies: the BLAS
-    assert torch.equal(c, row_linear(one, lin.weight, lin.bias))
+    assert torch.equal(b, row_linear(few, w)) and b.shape == (2, 3, 16)
+    torch.testing.assert_close(b, F.linear(few, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(c, F.linear(many, w))  # prompts: the BLAS
+    assert torch.equal(d, row_linear(few, lin.weight, lin.bias))

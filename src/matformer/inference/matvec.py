@@ -1,4 +1,4 @@
-"""Single-row products as reductions, for the compiled decoding step on a CPU.
+"""Few-row products as reductions, for the compiled decoding step on a CPU.
 
 A batch-1 decoding step multiplies one row (1, in) by every weight matrix (out, in): it is
 memory-bound, and its speed is the rate at which the weights stream from DRAM. PyTorch's CPU
@@ -12,11 +12,15 @@ GB/s (the single-core DRAM rate llama.cpp reaches), and it fuses with the operat
 activation, residual adds) instead of being a call out of the graph. The 41.7M benchmark model
 (`benchmarks/speed/llamacpp_speed.py`) decodes about 1.4-1.9x faster with it in float32 and 2x in
 bfloat16 (docs/INFERENCE.md). Float32 weights with long rows stay with MKL, which streams those
-at the memory's rate already (`one_row_on_cpu`).
+at the memory's rate already (`few_rows_on_cpu`).
+
+The same holds for a few rows (a speculative verify of k+1 tokens, a small batch): MKL's
+small-row product on one thread reads the weights at a third of the one-row rate, while the
+reduction with the rows as its inner loop reads each weight row once for all of them.
 
 `CpuMatvec` is a `TorchFunctionMode` that rewrites `F.linear` (every `nn.Linear` and the model
-files' own `F.linear` on sliced weights) this way when the input is one row on the CPU, and
-leaves every other call alone (prefill, verifies of k+1 tokens, batches, GPUs). It is entered
+files' own `F.linear` on sliced weights) this way when the input is at most `FEW_ROWS` rows on
+the CPU, and leaves every other call alone (prefill, larger batches, GPUs). It is entered
 inside the function `torch.compile` traces (`static_cache.compiled_forward`), so dynamo records
 the reduction in the graph and the mode costs nothing per step; run eagerly it would allocate
 an (out, in) temporary and be slower, so it is never used outside compilation. Sums run in
@@ -31,26 +35,53 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+FEW_ROWS = 8
+"""Products of up to this many rows (a verify of k + 1 <= 8 tokens, a batch of up to 8 rows)
+run as reductions too: MKL's small-row product on one thread reads the weights at a third of
+the one-row rate (a 2-token verify cost 2.8x a one-token step at 41.7M; as reductions, 1.15x)."""
+
 
 def row_linear(x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x holding one row (shape (..., in) with one row in
-    all): the product as a float32 multiply-and-sum over `in`, cast back to x's dtype."""
-    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    """`F.linear(x, weight, bias)` for x holding at most `FEW_ROWS` rows (shape (..., in)):
+    the product as a float32 multiply-and-sum over `in`, cast back to x's dtype. With several
+    rows the rows are the inner loop (each weight row is read once, for all of them), and the
+    rows are materialized first: left as an expression, inductor recomputes them (the norm
+    before the product) for every output, which made the product 2x slower than MKL's."""
+    rows = x.shape[:-1].numel()
+    if rows == 1:
+        y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    else:
+        flat = _materialized(x.reshape(rows, x.shape[-1])).float()
+        y = (flat.unsqueeze(0) * weight.float().unsqueeze(1)).sum(-1).t()
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
-def one_row_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.linear(x, weight)` is a single-row product on the CPU that `row_linear` does
-    faster once compiled: every such product except a float32 weight with rows longer than it
-    has rows (the (512, 4096) down projection at 41.7M), which MKL already streams at the
-    memory's rate (`benchmarks/speed/matvec.py`: 18 GB/s against the reduction's 16)."""
+def _materialized(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (M, in) as a buffer of their own in the compiled graph (inductor's
+    `inductor_force_stride_order`, registered by `static_cache.compiled_forward`); eagerly,
+    contiguous."""
+    if not torch.compiler.is_compiling():
+        return rows.contiguous()
+    return torch.ops.prims.inductor_force_stride_order(rows, [rows.shape[1], 1])
+
+
+def few_rows_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `F.linear(x, weight)` is a product of at most `FEW_ROWS` rows on the CPU that
+    `row_linear` does faster once compiled: every such product except one float32 row by a
+    weight with rows longer than it has rows (the (512, 4096) down projection at 41.7M), which
+    MKL already streams at the memory's rate (`benchmarks/speed/matvec.py`: 18 GB/s against
+    the reduction's 16)."""
     if not (x.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
-            and x.shape[:-1].numel() == 1 and x.dtype.is_floating_point):
+            and x.dtype.is_floating_point):
         return False
-    return not (weight.dtype == torch.float32 and weight.shape[1] > weight.shape[0])
+    rows = x.shape[:-1].numel()
+    if rows == 1:
+        return not (weight.dtype == torch.float32 and weight.shape[1] > weight.shape[0])
+    return rows <= FEW_ROWS
 
 
 class CpuMatvec(TorchFunctionMode):
@@ -63,6 +94,6 @@ class CpuMatvec(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if one_row_on_cpu(x, weight):
+            if few_rows_on_cpu(x, weight):
                 return row_linear(x, weight, bias)
         return func(*args, **kwargs)

@@ -18,7 +18,8 @@ forward in inference mode on a contiguous inference copy of the tokens (`_canoni
 allocates its cache there too: one graph per (width, heads, tokens, batch, cache length).
 
 - CPU: inductor's default mode (fused pointwise kernels in C++, matmuls in MKL/oneDNN, except
-  that a one-row step's products are reductions fused into those kernels: `matvec`); the
+  that the products of a step of at most 8 rows are reductions fused into those kernels:
+  `matvec`); the
   per-token Python work left is dynamo's guard check and one call.
 - CUDA: mode="reduce-overhead" (CUDA graphs); the cache tensors are marked static addresses so
   the in-place writes stay inside the graph, and outputs are cloned before the next replay
@@ -58,8 +59,8 @@ def _forward(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tensor, cac
 
 def _compiled_step(model: MatFormerLM, ids: torch.Tensor, input_pos: torch.Tensor,
                    cache: KVCache, pad: torch.Tensor, last_only: bool) -> torch.Tensor:
-    """`_forward` as it is compiled: single-row products on a CPU become reductions that
-    inductor fuses and streams at the memory's rate (`matvec.CpuMatvec`; a no-op elsewhere)."""
+    """`_forward` as it is compiled: few-row products on a CPU become reductions that inductor
+    fuses and streams at the memory's rate (`matvec.CpuMatvec`; a no-op elsewhere)."""
     with CpuMatvec():
         return model.forward_static(ids, input_pos, cache, pad, last_only)
 
@@ -71,6 +72,8 @@ def compiled_forward(mode: str | None = None, backend: str | Callable = "inducto
     inductor's default mode (the CPU's) each graph is precompiled and kept whole, so a later
     process loads it without tracing (`PrecompiledStep`)."""
     enable_compile_cache()
+    import torch._inductor.inductor_prims  # noqa: F401  (matvec's prims.inductor_force_stride_order)
+
     if backend == "inductor" and mode is None:
         return PrecompiledStep(_compiled_step, backend, mode)
     cfg = torch._dynamo.config
