@@ -90,6 +90,23 @@ def test_auto_drops_a_draft_whose_rounds_cost_more_than_predicted(model, one_thr
     assert "earlier calls" in again.extra["choice"].reason
 
 
+def test_a_round_that_compiled_is_not_an_observation(model, one_thread, monkeypatch) -> None:
+    """The same promising costs, but every round compiled something (a first verify of its
+    k): its wall time is the compiler's, so it neither drops the draft nor is kept."""
+    import matformer.inference.speculative as spec
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(spec, "_compile_marker", lambda: (next(ticks), 0, 0, 0.0))
+    costs = DecodeCosts(1e-6, dict.fromkeys(NAMES, 1e-9), dict.fromkeys(range(1, 9), 1e-7),
+                        plain_step=1e-6)
+    plain = generate(model, PROMPT, 40, ignore_eos=True)
+    out = speculative_generate(model, PROMPT, 40, draft_tier="auto", costs=costs,
+                               ignore_eos=True)
+    assert out.tokens == plain.tokens
+    assert out.stats.drafted > 8 and out.extra["choice"].draft is not None  # still drafting
+    assert not costs.observed.timed  # nothing kept from rounds that compiled
+
+
 def test_auto_measures_costs_once_per_process(one_thread) -> None:
     """The costs are timed by the first call (what a round runs, plain decoding's own step
     too) and reused by later calls at the same target and drafts; the output stays the

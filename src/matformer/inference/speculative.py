@@ -69,7 +69,7 @@ from typing import Any
 import torch
 
 from matformer.errors import ConfigError
-from matformer.inference.compile_cache import compile_stats
+from matformer.inference.compile_cache import compile_stats, precompile_seconds
 from matformer.inference.decode import generate, static_decoder
 from matformer.inference.sampling import (
     GenerationOutput,
@@ -978,6 +978,13 @@ def rechoose_draft(state: DraftRound, drafts: Sequence[Draft], costs: DecodeCost
     state.k = choice.k
 
 
+def _compile_marker() -> tuple[int, int, int, float]:
+    """What this process has compiled or loaded so far: a round during which it changed timed
+    the compiler (a first verify of some k), not the round, and is not an observation."""
+    c = compile_stats()
+    return c.graphs, c.precompiled, c.saved, precompile_seconds()
+
+
 def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, StaticDecoder],
             cur: torch.Tensor, state: DraftRound, target: Setting, sampler: Sampler,
             eos: set[int],
@@ -993,13 +1000,14 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
             model.apply(target)
             out += _plain_steps(dec, cur, sampler, eos, max_new_tokens - len(out), stats, stream)
             break
-        t0 = time.perf_counter()
+        t0, compiling = time.perf_counter(), _compile_marker()
         state.rounds += 1
         if ks is not None and state.probe_plain():  # one plain step, timed
             model.apply(target)
             new = _plain_steps(dec, cur, sampler, eos, 1, stats, stream)
-            state.plain_timed[0] += time.perf_counter() - t0
-            state.plain_timed[1] += 1
+            if _compile_marker() == compiling:  # a step that compiled timed the compiler
+                state.plain_timed[0] += time.perf_counter() - t0
+                state.plain_timed[1] += 1
             out += new
             cur = torch.tensor([[new[-1]]], device=dec.device)
             if costs is not None and state.mode == "auto":
@@ -1030,7 +1038,7 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         seen[1] += kk
         timed = [0.0, 0.0]
         if costs is not None and kk > 0 and kk in costs.verify \
-                and state.draft.name in costs.draft_steps:
+                and state.draft.name in costs.draft_steps and _compile_marker() == compiling:
             # the whole round against what the costs predicted for it (its choosing is added
             # after it, for the next choice)
             timed = state.timed.setdefault(state.draft.name, [0.0, 0.0])
