@@ -10,7 +10,7 @@ product written as an elementwise multiply and a sum over `in` is a reduction th
 turns into one vectorized C++ loop over the rows; it streams the (4096, 512) weight at about 20
 GB/s (the single-core DRAM rate llama.cpp reaches), and it fuses with the operations around it (norms,
 activation, residual adds) instead of being a call out of the graph. The 41.7M benchmark model
-(`benchmarks/speed/llamacpp_speed.py`) decodes about 1.4-1.9x faster with it in float32 and 2x in
+(`benchmarks/speed/llamacpp_speed.py`) decodes 1.7-1.9x faster with it in float32 and 2x in
 bfloat16 (docs/INFERENCE.md). Float32 weights with long rows stay with MKL, which streams those
 at the memory's rate already (`few_rows_on_cpu`).
 
