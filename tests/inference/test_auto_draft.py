@@ -68,17 +68,24 @@ def test_auto_that_cannot_pay_is_plain_decoding_itself(model, one_thread) -> Non
         assert auto.extra["costs"] is costs and auto.extra["choosing_seconds"] == 0.0
 
 
-def test_auto_drops_a_draft_whose_rounds_cost_more_than_predicted(model, one_thread) -> None:
-    """Costs that promise a large gain (microsecond steps) while a real round takes far longer
-    than predicted: after the first round the observed slow-down makes every draft lose to
-    plain decoding's step, and auto decodes plainly to the end, with the target's tokens; a
-    later call with the same costs remembers it."""
+def _auto_on_promising_costs(model):
+    """(costs, plain output, auto's output) for 40 greedy tokens with costs that promise a
+    large gain (microsecond steps; a real round takes far longer); the outputs' tokens equal."""
     costs = DecodeCosts(1e-6, dict.fromkeys(NAMES, 1e-9), dict.fromkeys(range(1, 9), 1e-7),
                         plain_step=1e-6)
     plain = generate(model, PROMPT, 40, ignore_eos=True)
     out = speculative_generate(model, PROMPT, 40, draft_tier="auto", costs=costs,
                                ignore_eos=True)
     assert out.tokens == plain.tokens
+    return costs, plain, out
+
+
+def test_auto_drops_a_draft_whose_rounds_cost_more_than_predicted(model, one_thread) -> None:
+    """Costs that promise a large gain (microsecond steps) while a real round takes far longer
+    than predicted: after the first round the observed slow-down makes every draft lose to
+    plain decoding's step, and auto decodes plainly to the end, with the target's tokens; a
+    later call with the same costs remembers it."""
+    costs, plain, out = _auto_on_promising_costs(model)
     assert 0 < out.stats.drafted <= 8  # one round, then plain steps
     assert out.extra["choice"].draft is None
     assert "slower than plain" in out.extra["choice"].reason
@@ -97,12 +104,7 @@ def test_a_round_that_compiled_is_not_an_observation(model, one_thread, monkeypa
 
     ticks = iter(range(10**6))
     monkeypatch.setattr(spec, "_compile_marker", lambda: (next(ticks), 0, 0, 0.0))
-    costs = DecodeCosts(1e-6, dict.fromkeys(NAMES, 1e-9), dict.fromkeys(range(1, 9), 1e-7),
-                        plain_step=1e-6)
-    plain = generate(model, PROMPT, 40, ignore_eos=True)
-    out = speculative_generate(model, PROMPT, 40, draft_tier="auto", costs=costs,
-                               ignore_eos=True)
-    assert out.tokens == plain.tokens
+    costs, _, out = _auto_on_promising_costs(model)
     assert out.stats.drafted > 8 and out.extra["choice"].draft is not None  # still drafting
     assert not costs.observed.timed  # nothing kept from rounds that compiled
 
