@@ -22,6 +22,7 @@ has loaded) registers them with `AutoConfig`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from matformer.models.nesting import NestedConfig
@@ -32,19 +33,28 @@ _AUTO_CONFIG = "transformers.models.auto.configuration_auto"
 _state: dict[str, Any] = {"base": None, "building": False}
 
 
+def built_once(state: dict[str, Any], key: str, define: Callable[[], Any], auto_module: str,
+               register: Callable[[], None]) -> Any:
+    """`state[key]`, made by `define()` on first use with `state["building"]` set meanwhile
+    (transformers' import inside `define` may fire the import hook, which waits for us), then
+    registered with transformers' Auto classes (`register()`) when `auto_module` is already
+    imported (else the import hook registers it when it is)."""
+    if state[key] is None:
+        state["building"] = True
+        try:
+            state[key] = define()
+        finally:
+            state["building"] = False
+        if auto_module in sys.modules:
+            register()
+    return state[key]
+
+
 def base_config_class() -> type:
     """`MatFormerPreTrainedConfig`, the base of the per-family classes, defined on first use:
     it subclasses transformers' `PreTrainedConfig`, and importing this module must not import
     transformers (the layout contract imports every module; a user may never load transformers)."""
-    if _state["base"] is None:
-        _state["building"] = True  # transformers' import may fire the hook: it waits for us
-        try:
-            _state["base"] = _define()
-        finally:
-            _state["building"] = False
-        if _AUTO_CONFIG in sys.modules:
-            register_configs()
-    return _state["base"]
+    return built_once(_state, "base", _define, _AUTO_CONFIG, register_configs)
 
 
 def _define() -> type:

@@ -41,7 +41,6 @@ transformers' Auto model classes have loaded, registers them with `AutoModelForC
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matformer.errors import TierError
-from matformer.hf.config import base_config_class, config_class, hf_families
+from matformer.hf.config import base_config_class, built_once, config_class, hf_families
 from matformer.models.registry import CAUSAL_LM, IMAGE_CLASSIFICATION, Family
 from matformer.tiers import WidthRequest
 
@@ -331,15 +330,7 @@ def _define() -> dict[str, Any]:
 
 
 def _classes() -> dict[str, Any]:
-    if _state["classes"] is None:
-        _state["building"] = True  # transformers' import may fire the hook: it waits for us
-        try:
-            _state["classes"] = _define()
-        finally:
-            _state["building"] = False
-        if _AUTO_MODEL in sys.modules:
-            register_models()
-    return _state["classes"]
+    return built_once(_state, "classes", _define, _AUTO_MODEL, register_models)
 
 
 _CLASSES: dict[str, type] = {}

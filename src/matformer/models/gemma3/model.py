@@ -32,7 +32,7 @@ from torch import nn
 from matformer.errors import TierError
 from matformer.models.gemma3.config import Gemma3Config
 from matformer.models.gemma3.shapes import parameter_counts
-from matformer.models.lm.model import KVCache, NestedMLP, lm_loss
+from matformer.models.lm.model import KVCache, MatFormerLM, NestedMLP, lm_loss
 from matformer.models.nesting import WidthSetting
 
 
@@ -303,14 +303,8 @@ class Gemma3LM(WidthSetting, nn.Module):
         """Mean next-token cross-entropy (natural log), labels shifted here (-100 ignored)."""
         return lm_loss(self(input_ids), input_ids if labels is None else labels)
 
-    def new_cache(self, batch_size: int, max_len: int,
-                  kv_heads: Sequence[int] | None = None) -> KVCache:
-        """A KV cache for `batch_size` sequences of up to `max_len` positions (the run's length),
-        holding per layer `kv_heads` heads (default: the active ones)."""
-        p = self.model.embed_tokens.weight
-        heads = self.layer_kv_heads if kv_heads is None else list(kv_heads)
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype,
-                       kv_heads=heads)
+    # The Llama layout's cache as it is: per layer the active KV heads, for the run's length.
+    new_cache = MatFormerLM.new_cache
 
     def num_parameters_at(self, widths: Sequence[int] | None = None,
                           kv_heads: Sequence[int] | None = None) -> dict[str, int]:
