@@ -259,3 +259,21 @@ def test_an_engine_with_a_target_admits_what_the_narrowest_width_keeps_under_it(
     engine.running, engine.waiting = [], deque(jobs)
     engine.admit()
     assert engine.running == jobs[:1]
+
+
+def test_a_prompt_read_with_no_auto_row_decoding_gets_the_width_it_would_decode_at(model) -> None:
+    """A target that no width meets with a prompt chunk in the step (a 10 ms chunk, 5 ms
+    target) but the full width meets decoding alone: the prompt is read at the full width (its
+    chunk is its own wait for the first token), not at the narrowest."""
+    catalog = Catalog("m", model)
+    engine = Engine(model, catalog, Metrics(), max_batch=4, slo_ms=5.0)
+    for key, width in engine.auto_widths.items():
+        full = width.setting == catalog.full().setting
+        engine.table.observe(key, 1, 0.004 if full else 0.002)
+    engine.table.observe(PREFILL_KEY, 1, 0.010)
+    events: list[Event] = []
+    job = Job([1, 2, 3], 2, Sampler(), set(), catalog.resolve("m@auto"), events.append)
+    engine.submit(job)
+    engine.admit()
+    engine.step()
+    assert events[0].kind == "token" and events[0].width == catalog.full().name

@@ -275,9 +275,15 @@ class Engine:
             groups.setdefault(key, []).append(job)
             settings[key] = job.width.setting
         other = self.policy.other_cost([(k, len(v)) for k, v in groups.items()])
+        pinned = other
         if prefilling is not None:
             other += self.table.estimate(PREFILL_KEY, 1) or 0.0
-        auto_key = self.policy.choose(max(len(auto_jobs), 1), other)
+        # With auto rows decoding, their width keeps the whole step (the chunk included) under
+        # the target. Without, the width serves only the prompt being read, whose chunk's time
+        # is its wait for the first token, not anyone's per-token latency: it is chosen as for
+        # that request decoding alone (counting the chunk, which no width fits in a tight
+        # target, read a real model's prompt at its narrowest width and poisoned its cache).
+        auto_key = self.policy.choose(max(len(auto_jobs), 1), other if auto_jobs else pinned)
         auto_width = self.auto_widths[auto_key]
         if len(live) == 1 and decoding and live[0].sampler.greedy:
             # latency-bound: one row alone may decode speculatively
