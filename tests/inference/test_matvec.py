@@ -33,10 +33,10 @@ def test_the_mode_rewrites_a_few_rows_and_nothing_else() -> None:
     many = torch.randn(3, 4, 8, generator=g)  # 12 rows: a prompt
     assert few_rows_on_cpu(one, w) and few_rows_on_cpu(few, w)
     assert not few_rows_on_cpu(many, w)
-    long_rows = torch.randn(8, 16, generator=g)  # one float32 row by longer rows: MKL
-    assert not few_rows_on_cpu(torch.randn(1, 16), long_rows)
-    assert few_rows_on_cpu(torch.randn(2, 16), long_rows)  # two rows: the reduction
+    long_rows = torch.randn(8, 16, generator=g)  # rows longer than their count: the same
+    assert few_rows_on_cpu(torch.randn(1, 16), long_rows)
     assert few_rows_on_cpu(torch.randn(1, 16).bfloat16(), long_rows.bfloat16())
+    assert not few_rows_on_cpu(torch.ones(1, 16, dtype=torch.long), long_rows)
     with CpuMatvec():
         a, b, c = F.linear(one, w), F.linear(few, w), F.linear(many, w)
         d = lin(few)  # nn.Linear goes through F.linear too
@@ -45,3 +45,19 @@ def test_the_mode_rewrites_a_few_rows_and_nothing_else() -> None:
     torch.testing.assert_close(b, F.linear(few, w), rtol=1e-5, atol=1e-5)
     assert torch.equal(c, F.linear(many, w))  # prompts: the BLAS
     assert torch.equal(d, row_linear(few, lin.weight, lin.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_attention_runs_in_float32_inside_the_mode(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 2, 8, generator=g).to(dtype)  # 4 query heads, 2 rows
+    k, v = (torch.randn(1, 2, 5, 8, generator=g).to(dtype) for _ in range(2))  # 2 KV heads
+    mask = torch.ones(2, 5, dtype=torch.bool).tril(3)
+    with CpuMatvec():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        same = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                          enable_gqa=True).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(same, F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                            enable_gqa=True))

@@ -11,8 +11,8 @@ turns into one vectorized C++ loop over the rows; it streams the (4096, 512) wei
 GB/s (the single-core DRAM rate llama.cpp reaches), and it fuses with the operations around it (norms,
 activation, residual adds) instead of being a call out of the graph. The 41.7M benchmark model
 (`benchmarks/speed/llamacpp_speed.py`) decodes 1.7-1.9x faster with it in float32 and 2x in
-bfloat16 (docs/INFERENCE.md). Float32 weights with long rows stay with MKL, which streams those
-at the memory's rate already (`few_rows_on_cpu`).
+bfloat16 (docs/INFERENCE.md). Inside one compiled graph this holds for every weight shape,
+the long-row float32 ones included (`few_rows_on_cpu`).
 
 The same holds for a few rows (a speculative verify of k+1 tokens, a small batch): MKL's
 small-row product on one thread reads the weights at a third of the one-row rate, while the
@@ -25,6 +25,11 @@ inside the function `torch.compile` traces (`static_cache.compiled_forward`), so
 the reduction in the graph and the mode costs nothing per step; run eagerly it would allocate
 an (out, in) temporary and be slower, so it is never used outside compilation. Sums run in
 float32 (as the BLAS accumulates) for every weight dtype; only the summation order differs.
+
+Inside the same mode, attention of a float16 or bfloat16 model on the CPU runs in float32
+(`attention_in_float32`): PyTorch's CPU flash attention has no fast half-precision path (434
+us a call against 61 us in float32 at the 41.7M benchmark shape, a third of a float16 step),
+and the casts of a decoding step's few query rows and cached keys and values are small.
 """
 
 from __future__ import annotations
@@ -70,23 +75,34 @@ def _materialized(rows: torch.Tensor) -> torch.Tensor:
 
 
 def few_rows_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `F.linear(x, weight)` is a product of at most `FEW_ROWS` rows on the CPU that
-    `row_linear` does faster once compiled: every such product except one float32 row by a
-    weight with rows longer than it has rows (the (512, 4096) down projection at 41.7M), which
-    MKL already streams at the memory's rate (`benchmarks/speed/matvec.py`: 18 GB/s against
-    the reduction's 16)."""
+    """Whether `F.linear(x, weight)` is a product of at most `FEW_ROWS` rows on the CPU, which
+    `row_linear` does faster once compiled, for every weight shape and dtype: inside one graph
+    the reductions stream even the long-row (512, 4096) float32 down projection at 21 GB/s
+    against MKL's 15 (`benchmarks/speed/matvec.py`: timed one call at a time, the compiled
+    function's own call overhead had hidden that)."""
     if not (x.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
             and x.dtype.is_floating_point):
         return False
-    rows = x.shape[:-1].numel()
-    if rows == 1:
-        return not (weight.dtype == torch.float32 and weight.shape[1] > weight.shape[0])
-    return rows <= FEW_ROWS
+    return x.shape[:-1].numel() <= FEW_ROWS
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def attention_in_float32(q: torch.Tensor) -> bool:
+    """Whether attention with query `q` runs in float32 inside `CpuMatvec`: a half-precision
+    query on the CPU."""
+    return q.device.type == "cpu" and q.dtype in HALF
+
+
+def _upcast(a: Any) -> Any:
+    return a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF else a
 
 
 class CpuMatvec(TorchFunctionMode):
-    """Within it, `F.linear` of a single row on the CPU runs as `row_linear` (enter it only
-    inside a function being compiled)."""
+    """Within it, `F.linear` of at most `FEW_ROWS` rows on the CPU runs as `row_linear`, and
+    half-precision attention on the CPU in float32 (enter it only inside a function being
+    compiled)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
@@ -96,4 +112,7 @@ class CpuMatvec(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if few_rows_on_cpu(x, weight):
                 return row_linear(x, weight, bias)
+        elif func is F.scaled_dot_product_attention and attention_in_float32(args[0]):
+            y = func(*map(_upcast, args), **{k: _upcast(v) for k, v in kwargs.items()})
+            return y.to(args[0].dtype)
         return func(*args, **kwargs)
