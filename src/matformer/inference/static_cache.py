@@ -45,6 +45,7 @@ from matformer.inference.compile_cache import (
     enable_compile_cache,
     record_compile_seconds,
 )
+from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import CpuMatvec
 from matformer.models.lm.model import KVCache, MatFormerLM
 
@@ -105,6 +106,8 @@ class StaticDecoder:
                  mode: str | None = None) -> None:
         self.model = model
         self.device = model.model.embed_tokens.weight.device
+        if self.device.type == "cpu":  # a step streams every weight: keep them on huge pages
+            weights_on_huge_pages(model)
         with torch.inference_mode():  # as every forward runs: no graph per tensor kind
             self.cache = model.new_cache(batch_size, max_len)
             self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.sampling import Sampler
 from matformer.inference.speculative import verify_drafts
 from matformer.models.lm.model import MatFormerLM
@@ -108,6 +109,8 @@ class Engine:
                  max_waiting: int = 256, prefill_chunk: int = PREFILL_CHUNK,
                  speculative: str = "auto") -> None:
         self.model = model
+        if next(model.parameters()).device.type == "cpu":  # every step streams the weights
+            weights_on_huge_pages(model)
         self.catalog = catalog
         self.metrics = metrics
         self.max_batch = max_batch
