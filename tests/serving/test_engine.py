@@ -170,6 +170,10 @@ def test_the_policy_takes_the_widest_width_under_the_target() -> None:
     assert 1.9 < policy.overhead <= 2.0
     assert policy.choose(1, 0.0) == "mid"  # 0.010 x 2 misses the target, 0.006 x 2 fits
     assert policy.choose(1, 0.001) == "narrow"  # 0.007 x 2 misses, 0.005 x 2 fits
+    for i in range(64):  # 1 step in 5 took 1.5x its estimate: the slow ones set the scale
+        policy.observe_interval(0.005, 0.0075 if i % 5 == 0 else 0.005)
+    assert policy.overhead == 1.5
+    assert policy.choose(1, 0.0) == "mid"  # 0.010 x 1.5 misses (the mean, 1.1x, would fit)
     table.observe("wide", 1, 0.001)  # measurements move the average
     assert 0.001 < table.estimate("wide", 1) < 0.010
 

@@ -4,7 +4,10 @@ under the target (`--slo-ms`).
 Every row of a step waits for the whole step (every width group's forward and the prefill chunk
 the step carries), so a row's per-token latency is the step's time, plus what the scheduler and
 the HTTP side take between steps: the measured ratio of the real interval between steps to the
-estimated compute (`overhead`, a moving average) scales every estimate. Before each step the engine
+estimated compute scales every estimate (`overhead`: not its mean but a high quantile, `TAIL`, of
+the last `WINDOW` steps' ratios, since the target is on the slow requests' latency, and a step
+cost's own noise on a loaded machine is as large as the margin a target leaves over the full
+width's typical step). Before each step the engine
 asks `choose` for the auto rows' width: the widest candidate (uniform tiers, widest first) for
 which the estimated step time -- the pinned groups' costs, the prefill chunk's, and the auto
 group's at that width and batch size -- stays under the target. With no candidate under it, the
@@ -25,6 +28,7 @@ exponential moving average, so the table follows the machine's load.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +37,13 @@ EMA = 0.2
 
 MAX_OVERHEAD = 10.0
 """The largest interval/estimate ratio folded in (a pause of the whole process is no cost)."""
+
+WINDOW = 64
+"""Steps whose interval/estimate ratios `overhead` is taken over."""
+
+TAIL = 0.9
+"""The quantile of those ratios that scales the estimates: with the mean, about half the steps
+of a width chosen near the target run over it, and the slow requests' latency with them."""
 
 
 @dataclass
@@ -77,14 +88,17 @@ class LoadPolicy:
         self.slo_s = slo_s
         self.table = table
         self.overhead = 1.0
-        """Measured time between a row's tokens over the step's estimated compute (a moving
-        average, at least 1): the scheduler's own work, the HTTP side's share of the CPU."""
+        """Measured time between a row's tokens over the step's estimated compute (the `TAIL`
+        quantile of the last `WINDOW` steps, at least 1): the scheduler's own work, the HTTP
+        side's share of the CPU, and the step's own noise."""
+        self.ratios: deque[float] = deque(maxlen=WINDOW)
 
     def observe_interval(self, estimate: float, interval: float) -> None:
         """Fold one step's real interval (start to next start) into `overhead`."""
         if estimate > 0 and interval > 0:
-            ratio = min(max(interval / estimate, 1.0), MAX_OVERHEAD)
-            self.overhead = (1 - EMA) * self.overhead + EMA * ratio
+            self.ratios.append(min(max(interval / estimate, 1.0), MAX_OVERHEAD))
+            ranked = sorted(self.ratios)
+            self.overhead = ranked[min(len(ranked) - 1, int(TAIL * len(ranked)))]
 
     def choose(self, auto_rows: int, other_seconds: float) -> Hashable:
         """The widest candidate whose step, with `other_seconds` of other work in it, is
