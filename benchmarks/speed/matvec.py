@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 from benchmarks.common import RESULTS, hardware, parser, write_json
+from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import row_linear
 
 SHAPES = [(4096, 512), (512, 4096), (512, 512)]
@@ -55,15 +56,19 @@ chain = torch.compile(_products, dynamic=False)
 
 
 def measure(dtype: torch.dtype, out: int, inp: int, megabytes: int,
-            repeats: int) -> dict[str, float]:
-    """GB/s of weight read by each way of multiplying one row by (out, inp) weights of
+            repeats: int, rows: int = 1) -> dict[str, float]:
+    """GB/s of weight read by each way of multiplying `rows` rows by (out, inp) weights of
     `dtype`, `megabytes` of them (and "weights": how many)."""
     size = torch.empty((), dtype=dtype).element_size()
     count = max(1, megabytes * 10**6 // (out * inp * size))
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(out, inp, generator=g).to(dtype) for _ in range(count)]
-    x = torch.randn(1, inp, generator=g).to(dtype)
+    x = torch.randn(rows, inp, generator=g).to(dtype)
     flat = torch.cat([w.view(-1) for w in ws])
+    holder = torch.nn.Module()  # as a decoding step's weights: on huge pages where there are
+    for i, t in enumerate([*ws, flat]):
+        holder.register_buffer(f"t{i}", t)
+    weights_on_huge_pages(holder)
     nbytes = flat.numel() * size
     torch.testing.assert_close(chain(x, ws[:1], row_linear).float(),
                                chain(x, ws[:1], F.linear).float(), rtol=3e-2, atol=3e-2)
@@ -74,7 +79,7 @@ def measure(dtype: torch.dtype, out: int, inp: int, megabytes: int,
         "sum": lambda: flat.sum(),
     }
     if dtype == torch.float32:
-        nws, xn = [w.numpy() for w in ws], x[0].numpy()
+        nws, xn = [w.numpy() for w in ws], x.t().contiguous().numpy()
         ways["numpy"] = lambda: [w @ xn for w in nws]  # OpenBLAS, at torch's thread count
     runs: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats):  # interleaved: the machine's load hits every way alike
@@ -91,6 +96,8 @@ def main() -> int:
     p.add_argument("--megabytes", type=int, default=160, help="bytes of weights per case")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtypes", default="f32,f16,bf16")
+    p.add_argument("--rows", type=int, default=1,
+                   help="rows multiplied at once (a speculative verify of k tokens: k + 1)")
     p.add_argument("--json-out", default=str(RESULTS / "matvec.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,15 +106,15 @@ def main() -> int:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.cache_size_limit = 64
     doc = {"command": " ".join(["python -m benchmarks.speed.matvec", *sys.argv[1:]]),
-           "hardware": hardware(), "threads": args.threads, "rows": []}
-    print(f"one row x weight, weights from DRAM ({args.megabytes} MB a case), "
+           "hardware": hardware(), "threads": args.threads, "x_rows": args.rows, "rows": []}
+    print(f"{args.rows} row(s) x weight, weights from DRAM ({args.megabytes} MB a case), "
           f"{args.threads} thread(s), median of {args.repeats}")
     print(f"{'dtype':>5} {'shape':>12} {'F.linear':>9} {'in graph':>9} {'row_linear':>10} "
           f"{'numpy':>7} {'sum':>6} {'ratio':>6}   (GB/s)")
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         for out, inp in SHAPES:
-            rate = measure(dtype, out, inp, args.megabytes, args.repeats)
+            rate = measure(dtype, out, inp, args.megabytes, args.repeats, args.rows)
             count = rate.pop("weights")
             ratio = rate["row_linear in graph"] / rate["F.linear in graph"]
             doc["rows"].append({"dtype": name, "shape": [out, inp], "weights": count,
