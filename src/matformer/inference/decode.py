@@ -26,6 +26,7 @@ import torch
 
 from matformer.errors import DataError
 from matformer.inference.compile_cache import compile_stats
+from matformer.inference.half_on_cpu import half_on_cpu
 from matformer.inference.sampling import (  # noqa: F401  (the outputs are re-exported here)
     GenerationOutput,
     GenerationStats,
@@ -93,7 +94,8 @@ def generate(
         t0 = time.perf_counter()
         cache = model.new_cache(1, max_len) if use_cache else None
         seq = ids
-        logits = model(ids, cache=cache)[0, -1]  # (V,)
+        with half_on_cpu(model):
+            logits = model(ids, cache=cache)[0, -1]  # (V,)
         stats.target_forwards += 1
         while True:
             tok = int(sampler.pick(logits))

@@ -45,6 +45,7 @@ from matformer.inference.compile_cache import (
     enable_compile_cache,
     record_compile_seconds,
 )
+from matformer.inference.half_on_cpu import half_on_cpu
 from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import CpuMatvec
 from matformer.models.lm.model import KVCache, MatFormerLM
@@ -142,7 +143,8 @@ class StaticDecoder:
             self.pad.copy_(torch.tensor([P - p.shape[0] for p in prompts], device=self.device))
             self.pos = 0
             cols = torch.arange(P, device=self.device)
-            logits = _forward(self.model, ids, cols, self.cache, self.pad, True)[:, 0]
+            with half_on_cpu(self.model):
+                logits = _forward(self.model, ids, cols, self.cache, self.pad, True)[:, 0]
         self.pos = P
         return logits
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from matformer.inference.half_on_cpu import half_on_cpu
 from matformer.models.lm.model import KVCache, MatFormerLM
 from matformer.tiers import Setting
 
@@ -167,7 +168,8 @@ class RowStepper:
         with torch.inference_mode():
             self.model.apply(setting)
             x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-            return self.model(x, cache=cache)[0, -1]
+            with half_on_cpu(self.model):
+                return self.model(x, cache=cache)[0, -1]
 
     def forward_all(self, setting: Setting, cache: KVCache, ids: Sequence[int]) -> torch.Tensor:
         """Run the tokens `ids` of one row after what its cache holds -> the logits at every
