@@ -74,3 +74,13 @@ def test_switched_off_it_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     ptr = m[1].weight.data_ptr()
     assert not huge_pages_available()
     assert weights_on_huge_pages(m) == 0 and m[1].weight.data_ptr() == ptr
+
+
+def test_weights_beyond_half_the_available_memory_stay_where_they_are(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from matformer.inference import huge_pages
+
+    m = _model()
+    ptr = m[1].weight.data_ptr()
+    monkeypatch.setattr(huge_pages, "available_bytes", lambda: 2 * 4096)
+    assert weights_on_huge_pages(m) == 0 and m[1].weight.data_ptr() == ptr

@@ -16,7 +16,9 @@ default `madvise` mode), and points the tensors at it. PyTorch's own switch for 
 cannot turn it on for the weights it decodes with. Values, dtypes, shapes, tied weights and the
 `Parameter` objects themselves are unchanged; only where the bytes live moves. Idempotent (a
 second call finds the tensors in place and copies nothing). Elsewhere (not Linux, no THP, THP
-set to `never`, `MATFORMER_HUGE_PAGES=0`) it does nothing.
+set to `never`, `MATFORMER_HUGE_PAGES=0`) it does nothing, and it leaves a model alone whose
+weights exceed half the memory the system has available: the copy is anonymous memory, which
+weights mapped from a file are not, so a model that fits only as a file mapping stays one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ALIGN = 64
 """Each tensor starts on a cache line."""
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MEMINFO = Path("/proc/meminfo")
 
 _PLACED: weakref.WeakKeyDictionary[nn.Module, frozenset[int]] = weakref.WeakKeyDictionary()
 """Per model, the data pointers its tensors had once placed (a second call checks them)."""
@@ -52,6 +55,17 @@ def huge_pages_available() -> bool:
     except OSError:
         return False
     return "[never]" not in setting
+
+
+def available_bytes() -> int | None:
+    """The memory the system says is available (`MemAvailable`), or None if unknown."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -86,6 +100,9 @@ def weights_on_huge_pages(model: nn.Module) -> int:
     for t in tensors:
         offsets.append(total)
         total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    free = available_bytes()
+    if free is None or 2 * total > free:
+        return 0
     # private (a shared anonymous mapping is shmem, which THP's `enabled` does not cover), and
     # whole 2 MB pages from an aligned start
     size = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
