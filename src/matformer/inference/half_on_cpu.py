@@ -20,11 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from matformer.inference.matvec import FEW_ROWS
-
-
-def _up(a: Any) -> Any:
-    return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
+from matformer.inference.matvec import FEW_ROWS, attention_on_float32, upcast
 
 
 def _is_half_on_cpu(t: torch.Tensor) -> bool:
@@ -41,10 +37,9 @@ class HalfOnCpu(TorchFunctionMode):
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             if _is_half_on_cpu(weight) and x.shape[:-1].numel() > FEW_ROWS:
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                return F.linear(_up(x), weight.float(), _up(bias)).to(x.dtype)
+                return F.linear(upcast(x), weight.float(), upcast(bias)).to(x.dtype)
         elif func is F.scaled_dot_product_attention and _is_half_on_cpu(args[0]):
-            y = func(*map(_up, args), **{k: _up(v) for k, v in kwargs.items()})
-            return y.to(args[0].dtype)
+            return attention_on_float32(func, args, kwargs)
         return func(*args, **kwargs)
 
 

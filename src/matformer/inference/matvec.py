@@ -95,8 +95,16 @@ def attention_in_float32(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in HALF
 
 
-def _upcast(a: Any) -> Any:
+def upcast(a: Any) -> Any:
+    """`a` in float32 if it is a half-precision tensor, else `a`."""
     return a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF else a
+
+
+def attention_on_float32(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The attention call `func(*args, **kwargs)` on float32 copies of its half-precision
+    inputs, cast back to the query's dtype."""
+    y = func(*map(upcast, args), **{k: upcast(v) for k, v in kwargs.items()})
+    return y.to(args[0].dtype)
 
 
 class CpuMatvec(TorchFunctionMode):
@@ -113,6 +121,5 @@ class CpuMatvec(TorchFunctionMode):
             if few_rows_on_cpu(x, weight):
                 return row_linear(x, weight, bias)
         elif func is F.scaled_dot_product_attention and attention_in_float32(args[0]):
-            y = func(*map(_upcast, args), **{k: _upcast(v) for k, v in kwargs.items()})
-            return y.to(args[0].dtype)
+            return attention_on_float32(func, args, kwargs)
         return func(*args, **kwargs)
