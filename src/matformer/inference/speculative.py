@@ -71,6 +71,7 @@ import torch
 from matformer.errors import ConfigError
 from matformer.inference.compile_cache import compile_stats, precompile_seconds
 from matformer.inference.decode import generate, static_decoder
+from matformer.inference.half_on_cpu import half_on_cpu
 from matformer.inference.sampling import (
     GenerationOutput,
     GenerationStats,
@@ -270,6 +271,15 @@ def ideal_costs(model: MatFormerLM, target: Setting, drafts: Sequence[Draft], ks
     return DecodeCosts(plain_step, steps, dict.fromkeys(ks, plain_step), plain_step=plain_step)
 
 
+def ideal_best(model: MatFormerLM, target: Setting, drafts: Sequence[Draft], ks: Sequence[int],
+               acceptance: float, plain_step: float = 1.0) -> DraftChoice:
+    """The best (draft, k) at `ideal_costs` (relative to `plain_step`) with every draft's
+    acceptance `acceptance`: what no real decoding at that acceptance beats."""
+    return choose_draft(ideal_costs(model, target, drafts, ks, plain_step),
+                        dict.fromkeys([d.name for d in drafts], acceptance), ks,
+                        allow_plain=False)
+
+
 def acceptance_bound(agreed: float, n: int, z: float = EXPLORE_Z) -> float:
     """An optimistic acceptance from `agreed` of `n` probed tokens: the estimate plus `z`
     standard errors (binomial; at least the error of one token in n, so 0 of n is not
@@ -305,11 +315,11 @@ class Observed:
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-def _timed_together(fns: dict[Any, tuple[Callable[[], None], Callable[[], None]]],
+def timed_together(fns: dict[Any, tuple[Callable[[], None], Callable[[], None]]],
                     device: torch.device, reps: int, warm: bool) -> dict[Any, float]:
     """Seconds of each of `fns` (key -> (set-up, untimed; the run, timed)): the least of `reps`
     runs, the runs interleaved (one of each, then again), after one warm-up run each (which
-    compiles) when `warm`. On a shared machine
+    compiles) when `warm` (here and for the server's costs). On a shared machine
     load only ever adds time, and interleaving spreads a burst over every quantity alike, so
     the ratios the choice rests on stay close to the idle machine's."""
     if warm:
@@ -328,13 +338,14 @@ def _timed_together(fns: dict[Any, tuple[Callable[[], None], Callable[[], None]]
     return best
 
 
-def _verify_points(ks: Sequence[int]) -> list[int]:
-    """The k whose verify is timed: the smallest, the largest and the powers of two between;
-    the verify of the others is interpolated (its cost is close to linear in the tokens)."""
+def verify_points(ks: Sequence[int]) -> list[int]:
+    """The k whose verify is timed (here and by the server): the smallest, the largest and the
+    powers of two between; the verify of the others is interpolated (its cost is close to
+    linear in the tokens)."""
     return sorted({ks[0], ks[-1], *(k for k in ks if k & (k - 1) == 0)})
 
 
-def _interpolate(points: dict[int, float], ks: Sequence[int]) -> dict[int, float]:
+def interpolate_verify(points: dict[int, float], ks: Sequence[int]) -> dict[int, float]:
     """`points` (k -> seconds) extended to every k in `ks`, linearly between timed points
     (beyond them: the nearest)."""
     xs = sorted(points)
@@ -384,9 +395,9 @@ def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: Setting,
     for d in drafts:
         fns[d.name] = (at(d.setting, lambda: step(dec)) if d.model is None
                        else at(None, lambda d=d: step(draft_decs[d.name])))
-    points = _verify_points(ks)
+    points = verify_points(ks)
     fns[("verify", points[0])] = at(None, lambda: verify(points[0]))
-    first = _timed_together(fns, dec.device, reps, warm)
+    first = timed_together(fns, dec.device, reps, warm)
     target_step = first["target"]
     plain_step = first.get("plain", target_step)
     steps = {d.name: first[d.name] for d in drafts}
@@ -394,11 +405,11 @@ def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: Setting,
     partial = DecodeCosts(target_step, steps, dict.fromkeys(ks, timed[points[0]]),
                           plain_step=plain_step)
     if len(points) > 1 and not (prune and not can_pay(partial, list(steps), ks)):
-        more = _timed_together({k: at(None, lambda k=k: verify(k)) for k in points[1:]},
+        more = timed_together({k: at(None, lambda k=k: verify(k)) for k in points[1:]},
                                dec.device, reps, warm)
         timed.update(more)
     model.apply(target)
-    return DecodeCosts(target_step, steps, _interpolate(timed, ks), pos,
+    return DecodeCosts(target_step, steps, interpolate_verify(timed, ks), pos,
                        time.perf_counter() - t0, plain_step=plain_step,
                        measured_ks=sorted(timed))
 
@@ -730,8 +741,7 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
     if plain_first and not _covers(costs, drafts, ks):
         # The cheapest bound first: ideal costs (a draft step at its share of the work, any
         # verify as cheap as one step) are relative to a plain step, so no timing is needed.
-        ideal = choose_draft(ideal_costs(model, target, drafts, ks, 1.0),
-                             dict.fromkeys([d.name for d in drafts], 1.0), ks, allow_plain=False)
+        ideal = ideal_best(model, target, drafts, ks, 1.0)
         if ideal.expected_speedup < PAY_MARGIN:
             return _chose_plain(plain(target), None, 0.0,
                                 f"no draft can pay even if every draft is accepted: at ideal "
@@ -740,9 +750,7 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
         if probed.tokens and probed.calls < REPROBE_EVERY - 1:
             # Earlier calls' probes: when they rule every draft out, this call probes nothing.
             bound = acceptance_bound(probed.agreed, round(probed.tokens))
-            best = choose_draft(ideal_costs(model, target, drafts, ks, 1.0),
-                                dict.fromkeys([d.name for d in drafts], bound), ks,
-                                allow_plain=False)
+            best = ideal_best(model, target, drafts, ks, bound)
             if best.expected_speedup < PAY_MARGIN:
                 probed.calls += 1
                 return _chose_plain(plain(target), None, 0.0,
@@ -889,8 +897,7 @@ def _probe_choice(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, hea
         best = choose_draft(costs, dict.fromkeys(names, bound), ks, allow_plain=False,
                             slowdown=state.slowdown(), plain=state.plain_step())
     else:
-        best = choose_draft(ideal_costs(model, target, drafts, ks, plain_step),
-                            dict.fromkeys(names, bound), ks, allow_plain=False)
+        best = ideal_best(model, target, drafts, ks, bound, plain_step)
     extra["probe"] = {"tokens": n, "draft": widest.name, "agreed": agreed[widest.name],
                       "acceptance_bound": bound, "best_speedup": best.expected_speedup,
                       "ideal_costs": not measured, "plain_step": plain_step}
@@ -1022,7 +1029,7 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         block = torch.cat([cur, *drafts_], dim=1)  # (1, kk+1): cur, d1..dk
         p_logits = dec.forward(block)[0]  # (kk+1, V)
         stats.target_forwards += 1
-        n, new = _verify(sampler, p_logits, block[0, 1:], q_rows)
+        n, new = verify_drafts(sampler, p_logits, block[0, 1:], q_rows)
         stats.drafted += kk
         stats.accepted += n
         dec.crop(start + 1 + n)  # keep the verifier's entries for cur and the n accepted
@@ -1096,7 +1103,8 @@ def _plain_start(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, samp
         logits = dec.prefill([ids[0]])[0]
     else:
         dec.cache.length = 0
-        logits = dec.model(ids, cache=dec.cache)[0, -1]
+        with half_on_cpu(dec.model):  # as generate reads a prompt
+            logits = dec.model(ids, cache=dec.cache)[0, -1]
         dec.pos = ids.shape[1]
     stats.target_forwards += 1
     out: list[int] = []
@@ -1188,10 +1196,12 @@ def _draft(model: MatFormerLM, dec: StaticDecoder, ddec: StaticDecoder | None, c
     return drafts, q_rows
 
 
-def _verify(sampler: Sampler, p_logits: torch.Tensor, d: torch.Tensor,
-            q_rows: list[torch.Tensor]) -> tuple[int, list[int]]:
+def verify_drafts(sampler: Sampler, p_logits: torch.Tensor, d: torch.Tensor,
+                  q_rows: Sequence[torch.Tensor] = ()) -> tuple[int, list[int]]:
     """The verifier's decision on drafts `d` (kk,) from its logits (kk+1, V): (accepted count
-    n, the tokens to emit: d[:n] and one token of the verifier's own)."""
+    n, the tokens to emit: d[:n] and one token of the verifier's own). Greedy: the longest
+    prefix equal to the target's argmax; sampling (`q_rows`, the processed draft
+    distributions): the standard acceptance rule. Also the server's rule (`matformer serve`)."""
     kk = d.shape[0]
     if sampler.greedy:
         best = p_logits.argmax(-1)  # (kk+1,)
@@ -1226,27 +1236,3 @@ def _emit(new: list[int], eos: set[int], room: int, stats: GenerationStats) -> l
             break
     return new[:room]
 
-
-# ---- shared with other decoders (the server's speculative rounds) -----------------------------
-
-
-def verify_drafts(sampler: Sampler, p_logits: torch.Tensor, drafts: torch.Tensor,
-                  q_rows: Sequence[torch.Tensor] = ()) -> tuple[int, list[int]]:
-    """The verifier's decision on `drafts` (k,) from the target's logits at the k+1 positions
-    (k+1, V): (accepted count n, the tokens to emit: drafts[:n] and one of the verifier's own).
-    Greedy: the longest prefix equal to the target's argmax; sampling (`q_rows`, the processed
-    draft distributions): the standard acceptance rule. What `speculative_generate` decides, for
-    a decoder that keeps its own caches (`matformer serve`)."""
-    return _verify(sampler, p_logits, drafts, list(q_rows))
-
-
-def interpolate_verify(points: dict[int, float], ks: Sequence[int]) -> dict[int, float]:
-    """Verify costs timed at some k (`points`, k -> seconds) extended to every k in `ks`, as
-    `measure_costs` extends them (linear between timed points, the nearest beyond them)."""
-    return _interpolate(points, ks)
-
-
-def verify_points(ks: Sequence[int]) -> list[int]:
-    """The k whose verify `measure_costs` times (the smallest, the largest, the powers of two
-    between); the others are interpolated."""
-    return _verify_points(ks)
