@@ -58,6 +58,7 @@ from matformer.inference.speculative import (
     prompt_agreement,
     rechoose_draft,
     round_seconds,
+    timed_together,
     verify_points,
 )
 from matformer.serving.catalog import Catalog, setting_key
@@ -275,10 +276,11 @@ class Speculator:
                 return run
 
             points = verify_points(KS)
-            fns: dict[Any, Callable[[], None]] = {"plain": step(target)}
-            fns.update({d.name: step(d.setting) for d in drafts})
-            fns.update({("verify", k): verify(k) for k in points})
-            best = _least(fns, REPS)
+            runs: dict[Any, Callable[[], None]] = {"plain": step(target)}
+            runs.update({d.name: step(d.setting) for d in drafts})
+            runs.update({("verify", k): verify(k) for k in points})
+            best = timed_together({key: (_nothing, run) for key, run in runs.items()},
+                                  stepper.device, REPS, warm=True)
         finally:
             stepper.release(cache)
         return DecodeCosts(best["plain"], {d.name: best[d.name] for d in drafts},
@@ -287,18 +289,8 @@ class Speculator:
                            plain_step=best["plain"], measured_ks=points)
 
 
-def _least(fns: dict[Any, Callable[[], None]], reps: int) -> dict[Any, float]:
-    """Seconds of each of `fns`: the least of `reps` interleaved runs after one warm-up each
-    (interleaving spreads a burst of load over every operation alike)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(reps):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - t0)
-    return best
+def _nothing() -> None:
+    """No set-up before a timed run (the runs set their cache's length themselves)."""
 
 
 def _age(pair: list, factor: float = DECAY) -> None:
