@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from matformer.inference.matvec import FEW_ROWS, attention_on_float32, upcast
+from matformer.inference.matvec import (
+    FEW_ROWS,
+    attention_on_float32,
+    linear_args,
+    upcast,
+)
 
 
 def _is_half_on_cpu(t: torch.Tensor) -> bool:
@@ -34,9 +39,8 @@ class HalfOnCpu(TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x, weight, bias = linear_args(args, kwargs)
             if _is_half_on_cpu(weight) and x.shape[:-1].numel() > FEW_ROWS:
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
                 return F.linear(upcast(x), weight.float(), upcast(bias)).to(x.dtype)
         elif func is F.scaled_dot_product_attention and _is_half_on_cpu(args[0]):
             return attention_on_float32(func, args, kwargs)

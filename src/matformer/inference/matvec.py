@@ -100,6 +100,12 @@ def upcast(a: Any) -> Any:
     return a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF else a
 
 
+def linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """(input, weight, bias) of an `F.linear` call, however they were passed."""
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    return args[0], weight, args[2] if len(args) > 2 else kwargs.get("bias")
+
+
 def attention_on_float32(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     """The attention call `func(*args, **kwargs)` on float32 copies of its half-precision
     inputs, cast back to the query's dtype."""
@@ -116,8 +122,7 @@ class CpuMatvec(TorchFunctionMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            x, weight, bias = linear_args(args, kwargs)
             if few_rows_on_cpu(x, weight):
                 return row_linear(x, weight, bias)
         elif func is F.scaled_dot_product_attention and attention_in_float32(args[0]):
