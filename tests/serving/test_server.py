@@ -18,13 +18,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
-from matformer.data.text import save_tokenizer, train_tokenizer
 from matformer.inference.decode import generate
-from matformer.io.checkpoint import load_model, save_model
+from matformer.io.checkpoint import load_model
 from matformer.serving.server import ServerThread, load_state
-from tests.conftest import tiny_lm
+from tests.serving.conftest import one_torch_thread, write_checkpoint
 
 NAME = "ck"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -40,27 +38,17 @@ CONTEXT = 4096
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(server, tokenizer, reference model, checkpoint folder)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("serve") / NAME
-    tok = train_tokenizer([f"the quick brown fox {i} jumps over the lazy dog {i * 7}"
-                           for i in range(300)], 512)
-    save_model(tiny_lm(0, distinct=True, heads=True, max_position_embeddings=CONTEXT), folder)
-    save_tokenizer(tok, folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config,
-                                                              "chat_template": TEMPLATE}))
-    state = load_state(folder, max_batch=3, slo_ms=1e6)
-    ref = load_model(folder).eval()
-    with ServerThread(state) as server:
-        yield server, tok, ref, folder
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    with one_torch_thread():
+        folder = tmp_path_factory.mktemp("serve") / NAME
+        tok = write_checkpoint(folder, 300, distinct=True, heads=True,
+                               max_position_embeddings=CONTEXT)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                                  "chat_template": TEMPLATE}))
+        state = load_state(folder, max_batch=3, slo_ms=1e6)
+        ref = load_model(folder).eval()
+        with ServerThread(state) as server:
+            yield server, tok, ref, folder
 
 
 def reference(served, ids: list[int], n: int, **width) -> str:

@@ -15,15 +15,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 import torch
 
-from matformer.data.text import save_tokenizer, train_tokenizer
 from matformer.inference.decode import generate
 from matformer.inference.sampling import Sampler
 from matformer.inference.speculative import DecodeCosts, DraftRound, rechoose_draft
-from matformer.io.checkpoint import load_model, save_model
+from matformer.io.checkpoint import load_model
 from matformer.serving.catalog import Catalog
 from matformer.serving.engine import Engine, Event, Job
 from matformer.serving.metrics import Metrics
@@ -36,6 +34,7 @@ from matformer.serving.speculation import (
     TargetState,
 )
 from tests.conftest import tiny_lm
+from tests.serving.conftest import one_torch_thread, write_checkpoint
 
 NAME = "spec"
 PROMPT = "the quick brown fox"
@@ -47,24 +46,13 @@ WIDTHS = [(NAME, {}), (f"{NAME}@tier-1", {"tier": 1}), (f"{NAME}@tier-2", {"tier
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(server, tokenizer, reference model)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("spec") / NAME
-    tok = train_tokenizer([f"the quick brown fox {i} jumps over the lazy dog {i * 7}"
-                           for i in range(200)], 512)
-    save_model(tiny_lm(0, heads=True, max_position_embeddings=512), folder)
-    save_tokenizer(tok, folder)
-    state = load_state(folder, max_batch=4, speculative="always")
-    ref = load_model(folder).eval()
-    with ServerThread(state) as server:
-        yield server, tok, ref
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    with one_torch_thread():
+        folder = tmp_path_factory.mktemp("spec") / NAME
+        tok = write_checkpoint(folder, 200, heads=True, max_position_embeddings=512)
+        state = load_state(folder, max_batch=4, speculative="always")
+        ref = load_model(folder).eval()
+        with ServerThread(state) as server:
+            yield server, tok, ref
 
 
 def reference(served, prompt: str, n: int, **width) -> str:
