@@ -15,10 +15,19 @@ import pytest
 import torch
 
 from matformer import MatFormerConfig, MatFormerLM
+from matformer.inference import row_kernel
 from matformer.training import TrainConfig
 
 HEADS = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 """4 KV heads of 2 query heads each (r = 2), head_dim 16: heads nest by KV group."""
+
+
+@pytest.fixture(autouse=True)
+def _compiled_steps_forget_the_c_kernels():
+    """A compiled decoder built with one thread turns the C kernels on for the process
+    (`row_kernel.refresh`); a later test that does not build one must not inherit that."""
+    yield
+    row_kernel.ENABLED = False
 
 
 @pytest.fixture

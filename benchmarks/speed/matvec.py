@@ -6,7 +6,9 @@ together they exceed the last-level cache (so every product reads its weight fro
 decoding step does), multiplied by one row: eager `F.linear` one weight at a time (what an eager
 step calls), every product in one compiled graph through `F.linear` (the BLAS as an extern call:
 what the compiled step ran without the rewrite) and through `row_linear` (what it runs), and
-numpy's `W @ x` (OpenBLAS, float32 only, at the same thread count) as a second reference; plus a
+numpy's `W @ x` (OpenBLAS, float32 only, at the same thread count) as a second reference;
+`row_kernel.row_matmul` in graph (the hand-written C++ kernel a compiled step calls for one row
+by a half-precision weight; one row only, and only where it builds); plus a
 plain `sum` over the same bytes (the machine's single-thread read rate). Products are timed in
 one graph because a compiled function called once per weight pays its own call overhead (10-20
 us) on every 1 MB product, which is not what a decoding step pays. The weights lie on huge
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 from benchmarks.common import RESULTS, hardware, parser, write_json
+from matformer.inference import row_kernel
 from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import row_linear
 
@@ -78,6 +81,8 @@ def measure(dtype: torch.dtype, out: int, inp: int, megabytes: int,
         "row_linear in graph": lambda: chain(x, ws, row_linear),
         "sum": lambda: flat.sum(),
     }
+    if rows == 1 and row_kernel.available():
+        ways["C kernel in graph"] = lambda: chain(x, ws, row_kernel.row_matmul)
     if dtype == torch.float32:
         nws, xn = [w.numpy() for w in ws], x.t().contiguous().numpy()
         ways["numpy"] = lambda: [w @ xn for w in nws]  # OpenBLAS, at torch's thread count
@@ -110,8 +115,10 @@ def main() -> int:
     print(f"{args.rows} row(s) x weight, weights from DRAM ({args.megabytes} MB a case), "
           f"{args.threads} thread(s), median of {args.repeats}")
     print(f"{'dtype':>5} {'shape':>12} {'F.linear':>9} {'in graph':>9} {'row_linear':>10} "
-          f"{'numpy':>7} {'sum':>6} {'ratio':>6}   (GB/s)")
+          f"{'C kernel':>8} {'numpy':>7} {'sum':>6} {'ratio':>6}   (GB/s)")
     for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            p.error(f"--dtypes: unknown {name!r}; use {', '.join(DTYPES)}")
         dtype = DTYPES[name]
         for out, inp in SHAPES:
             rate = measure(dtype, out, inp, args.megabytes, args.repeats, args.rows)
@@ -120,9 +127,11 @@ def main() -> int:
             doc["rows"].append({"dtype": name, "shape": [out, inp], "weights": count,
                                 "gb_per_s": rate, "row_linear_over_linear_in_graph": ratio})
             numpy_rate = f"{rate['numpy']:7.1f}" if "numpy" in rate else f"{'-':>7}"
+            kernel = rate.get("C kernel in graph")
+            kernel_rate = f"{kernel:8.1f}" if kernel is not None else f"{'-':>8}"
             print(f"{name:>5} {str((out, inp)):>12} {rate['F.linear']:9.1f} "
                   f"{rate['F.linear in graph']:9.1f} {rate['row_linear in graph']:10.1f} "
-                  f"{numpy_rate} {rate['sum']:6.1f} {ratio:5.2f}x",
+                  f"{kernel_rate} {numpy_rate} {rate['sum']:6.1f} {ratio:5.2f}x",
                   flush=True)
     write_json(args.json_out, doc)
     print(f"wrote {args.json_out}")

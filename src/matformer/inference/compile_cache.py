@@ -420,8 +420,11 @@ def model_key(model: Any, fn: Callable, backend: str) -> str:
     and the guards: a digest of the module's class, config, training flag, every parameter's
     and buffer's name, shape, strides, dtype and device, every submodule's class (not the
     weights: they are inputs of the graph), and of the torch, Python and matformer versions,
-    threads, the CPU's instruction sets, inference and grad mode. Models with one key share graphs."""
+    threads, the CPU's instruction sets, whether compiled steps call the C kernels
+    (`row_kernel.ENABLED`), inference and grad mode. Models with one key share graphs."""
     import torch
+
+    from matformer.inference import row_kernel
 
     cfg = getattr(model, "config", None)
     to_dict = getattr(cfg, "to_dict", None)
@@ -435,7 +438,7 @@ def model_key(model: Any, fn: Callable, backend: str) -> str:
         "modules": [f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()],
         "torch": [torch.__version__, torch.version.git_version], "python": sys.version,
         "matformer": getattr(sys.modules.get("matformer"), "__version__", None), "threads": torch.get_num_threads(),
-        "cpu": _cpu_key(), "inference_mode": torch.is_inference_mode_enabled(),
+        "cpu": _cpu_key(), "row_kernel": row_kernel.ENABLED, "inference_mode": torch.is_inference_mode_enabled(),
         "grad": torch.is_grad_enabled(), "default_dtype": str(torch.get_default_dtype())})
 
 

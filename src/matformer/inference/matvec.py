@@ -26,8 +26,11 @@ the reduction in the graph and the mode costs nothing per step; run eagerly it w
 an (out, in) temporary and be slower, so it is never used outside compilation. Sums run in
 float32 (as the BLAS accumulates) for every weight dtype; only the summation order differs.
 
-Inside the same mode, attention of a float16 or bfloat16 model on the CPU runs in float32
-(`attention_in_float32`): PyTorch's CPU flash attention has no fast half-precision path (434
+With one torch thread, two cases go to the hand-written kernels of `row_kernel` instead: one row
+by a float16/bfloat16 weight (inductor's half-precision reduction is conversion-bound) and
+attention of up to 8 query rows (PyTorch's CPU flash kernel has a fixed cost of about 50 us a
+call). Otherwise, inside the same mode, attention of a float16 or bfloat16 model on the CPU runs
+in float32 (`attention_in_float32`): PyTorch's CPU flash attention has no fast half-precision path (434
 us a call against 61 us in float32 at the 41.7M benchmark shape, a third of a float16 step),
 and the casts of a decoding step's few query rows and cached keys and values are small.
 """
@@ -40,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from matformer.inference import row_kernel
+
 FEW_ROWS = 8
 """Products of up to this many rows (a verify of k + 1 <= 8 tokens, a batch of up to 8 rows)
 run as reductions too: MKL's small-row product on one thread reads the weights at a third of
@@ -49,12 +54,15 @@ the one-row rate (a 2-token verify cost 2.8x a one-token step at 41.7M; as reduc
 def row_linear(x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x holding at most `FEW_ROWS` rows (shape (..., in)):
-    the product as a float32 multiply-and-sum over `in`, cast back to x's dtype. With several
+    the product as a float32 multiply-and-sum over `in` (or `row_kernel.row_matmul` where it
+    applies), cast back to x's dtype. With several
     rows the rows are the inner loop (each weight row is read once, for all of them), and the
     rows are materialized first: left as an expression, inductor recomputes them (the norm
     before the product) for every output, which made the product 2x slower than MKL's."""
     rows = x.shape[:-1].numel()
-    if rows == 1:
+    if row_kernel.applies(x, weight):
+        y = row_kernel.row_matmul(x, weight)
+    elif rows == 1:
         y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
     else:
         flat = _materialized(x.reshape(rows, x.shape[-1])).float()
@@ -115,8 +123,8 @@ def attention_on_float32(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
 
 class CpuMatvec(TorchFunctionMode):
     """Within it, `F.linear` of at most `FEW_ROWS` rows on the CPU runs as `row_linear`, and
-    half-precision attention on the CPU in float32 (enter it only inside a function being
-    compiled)."""
+    attention on the CPU as `row_kernel.decode_attention` where that applies, else in float32
+    for half precision (enter it only inside a function being compiled)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
@@ -125,6 +133,9 @@ class CpuMatvec(TorchFunctionMode):
             x, weight, bias = linear_args(args, kwargs)
             if few_rows_on_cpu(x, weight):
                 return row_linear(x, weight, bias)
+        elif (func is F.scaled_dot_product_attention
+              and row_kernel.attention_applies(*args, **kwargs)):
+            return row_kernel.decode_attention(*args, **kwargs)
         elif func is F.scaled_dot_product_attention and attention_in_float32(args[0]):
             return attention_on_float32(func, args, kwargs)
         return func(*args, **kwargs)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from matformer.inference import row_kernel
 from matformer.inference.compile_cache import (
     PrecompiledStep,
     compiled_graphs,
@@ -109,6 +110,8 @@ class StaticDecoder:
         self.device = model.model.embed_tokens.weight.device
         if self.device.type == "cpu":  # a step streams every weight: keep them on huge pages
             weights_on_huge_pages(model)
+            if compile:
+                row_kernel.refresh()
         with torch.inference_mode():  # as every forward runs: no graph per tensor kind
             self.cache = model.new_cache(batch_size, max_len)
             self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)
