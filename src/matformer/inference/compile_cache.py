@@ -415,16 +415,21 @@ def _cpu_key() -> list[Any]:
     return [platform.machine(), torch.backends.cpu.get_cpu_capability(), flags]
 
 
+KEY_PARTS: dict[str, Callable[[], Any]] = {}
+"""Process settings a compiled step's graph depends on beyond torch's own, by name: modules the
+step calls into register a function returning theirs (`row_kernel`: whether its kernels are
+used), and every `model_key` includes them."""
+
+
 def model_key(model: Any, fn: Callable, backend: str) -> str:
     """What `fn`'s graphs may depend on in `model` and the process, besides the width setting
     and the guards: a digest of the module's class, config, training flag, every parameter's
     and buffer's name, shape, strides, dtype and device, every submodule's class (not the
     weights: they are inputs of the graph), and of the torch, Python and matformer versions,
-    threads, the CPU's instruction sets, whether compiled steps call the C kernels
-    (`row_kernel.ENABLED`), inference and grad mode. Models with one key share graphs."""
+    threads, the CPU's instruction sets, the process settings modules registered in
+    `KEY_PARTS` (whether compiled steps call the C kernels), inference and grad mode. Models with
+    one key share graphs."""
     import torch
-
-    from matformer.inference import row_kernel
 
     cfg = getattr(model, "config", None)
     to_dict = getattr(cfg, "to_dict", None)
@@ -438,7 +443,7 @@ def model_key(model: Any, fn: Callable, backend: str) -> str:
         "modules": [f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()],
         "torch": [torch.__version__, torch.version.git_version], "python": sys.version,
         "matformer": getattr(sys.modules.get("matformer"), "__version__", None), "threads": torch.get_num_threads(),
-        "cpu": _cpu_key(), "row_kernel": row_kernel.ENABLED, "inference_mode": torch.is_inference_mode_enabled(),
+        "cpu": _cpu_key(), "parts": {k: part() for k, part in sorted(KEY_PARTS.items())}, "inference_mode": torch.is_inference_mode_enabled(),
         "grad": torch.is_grad_enabled(), "default_dtype": str(torch.get_default_dtype())})
 
 

@@ -25,9 +25,11 @@ same loop with indexed loads ran 25% slower on the development CPU (AMD EPYC, AV
 `g++`: what `torch.compile` needs anyway) against torch's headers, `-march=native`, once per
 source, torch, compiler and CPU, into `compile_cache_dir()/row_kernel/` (written beside, then
 moved in; a failed build is remembered there and not retried), in a few seconds. Compiled steps
-use the kernels only with one torch thread (they are single-threaded; with more, inductor's
-reductions and the flash kernel run in parallel) on an x86-64 CPU with AVX-512 or AVX2+F16C+FMA,
-decided outside the traced code by `refresh()`. Anywhere else (no compiler, another CPU,
+use the kernels with one torch thread only, on an x86-64 CPU with AVX-512 or AVX2+F16C+FMA,
+decided outside the traced code by `refresh()`. They are single-threaded: with more threads
+inductor's reductions and PyTorch's attention run in parallel. A version whose product split
+its rows over torch's threads (`at::parallel_for`, OpenMP) decoded the 41.7M float16 model no
+faster than inductor at two threads (3.4-3.8 against 3.2 ms a step) and slower at one. Anywhere else (no compiler, another CPU,
 `MATFORMER_ROW_KERNEL=0`) decoding keeps inductor's reductions and PyTorch's attention, with
 the same results up to the order of float32 sums.
 """
@@ -40,28 +42,54 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from matformer.inference.compile_cache import (
+    KEY_PARTS,
+    compile_cache_dir,
+    record_compile_seconds,
+)
 
 SOURCE = Path(__file__).with_name("row_kernel.cpp")
 ENV = "MATFORMER_ROW_KERNEL"
 """Set to 0 to keep inductor's reductions (the kernel is never built or called)."""
 
-_OPS = torch.library.Library("matformer", "FRAGMENT")
-_OPS.define("row_matmul(Tensor x, Tensor weight) -> Tensor")
-_OPS.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
 
 
-@torch.library.register_fake("matformer::row_matmul")
 def _row_matmul_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(1, weight.shape[0], dtype=torch.float32)
 
 
-@torch.library.register_fake("matformer::decode_attention")
 def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     return q.new_empty(q.shape, dtype=torch.float32)
+
+
+_SCHEMAS = {
+    "row_matmul": ("(Tensor x, Tensor weight) -> Tensor", _row_matmul_shape),
+    "decode_attention": ("(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
+                         _decode_attention_shape),
+}
+
+
+def _define_operators() -> None:
+    """The operators' schemas and shape functions (the CPU code comes from the built library),
+    once per process: a second import of this module (a test that purges `sys.modules`) finds
+    them defined."""
+    for name, (schema, shape) in _SCHEMAS.items():
+        try:
+            getattr(torch.ops.matformer, name)
+            continue
+        except (AttributeError, RuntimeError):
+            pass
+        torch.library.define(f"matformer::{name}", schema)
+        torch.library.register_fake(f"matformer::{name}")(shape)
+
+
+_define_operators()
 
 
 def _compiler() -> str | None:
@@ -111,7 +139,10 @@ def _build(cxx: str, folder: Path) -> Path | None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".row_kernel-", suffix=".so")
     os.close(fd)
     try:
+        t0 = time.perf_counter()
         done = subprocess.run(_command(cxx, tmp), capture_output=True, text=True, timeout=300)
+        # compilation the user waits for: reported with the graphs' (`compile_stats`)
+        record_compile_seconds(time.perf_counter() - t0)
         if done.returncode != 0:
             failed.write_text(done.stderr)
             return None
@@ -142,8 +173,6 @@ def _load() -> bool:
         return True
     if _FAILED or not wanted():
         return False
-    from matformer.inference.compile_cache import compile_cache_dir
-
     path = _build(str(_compiler()), compile_cache_dir() / "row_kernel")
     if path is None:
         _FAILED.append("the C++ compiler could not build row_kernel.cpp")
@@ -180,12 +209,14 @@ few microseconds more: the 41.7M float32 step ran 15% slower with it."""
 
 ENABLED = False
 """Whether compiled steps call the kernel: set by `refresh()` outside the traced code (which
-reads it as a constant, guarded like any module global)."""
+reads it as a constant, guarded like any module global), and part of every compiled step's key
+(`compile_cache.KEY_PARTS`)."""
+KEY_PARTS["row_kernel"] = lambda: ENABLED
 
 
 def refresh() -> bool:
-    """Decide, before a compiled step runs, whether it uses the kernel: built here and one torch
-    thread (the kernel is single-threaded)."""
+    """Decide, before a compiled step runs, whether it uses the kernels: with one torch thread
+    (they are single-threaded), where they are built (building them on the first call)."""
     global ENABLED
     ENABLED = torch.get_num_threads() == 1 and available()
     return ENABLED
