@@ -71,6 +71,20 @@ static inline float f32_of_bf16(uint16_t v) {
   return f;
 }
 
+/* The first 4 KB after a weight, asked for while its last 8 rows are read: in a decoding step
+ * the next product's weight usually lies right there (the model's weights sit in order on one
+ * huge-page mapping, inference/huge_pages.py), and its first reads otherwise wait for the
+ * memory while the hardware prefetcher picks the new stream up. Prefetches never fault, so
+ * reading past the end of the tensor is safe. The 41.7M float16 step, 16 alternated pairs of
+ * runs on the noisy development machine: faster in 11, medians per round 0.90x, 1.04x, 0.97x of
+ * without (16 KB ahead: slower). A small gain, kept because it costs nothing. */
+constexpr int64_t AHEAD_ROWS = 8, AHEAD_BYTES = 512;
+
+static inline void next_weight(const void *after, int64_t rows_left) {
+  const char *p = static_cast<const char *>(after) + (AHEAD_ROWS - rows_left) * AHEAD_BYTES;
+  for (int64_t b = 0; b < AHEAD_BYTES; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 /* Four accumulators of LANES each: independent FMA chains hide the FMA latency, and a weight
  * row of a few hundred elements still fills them. */
 #define ROWS(NAME, T, LOAD, SCALAR)                                                           \
@@ -78,6 +92,7 @@ static inline float f32_of_bf16(uint16_t v) {
     const int64_t step = 4 * LANES, body = k - k % step;                                     \
     for (int64_t n = 0; n < n_rows; n++) {                                                    \
       const T *r = w + n * ldw, *end = r + body;                                              \
+      if (n_rows - n <= AHEAD_ROWS) next_weight(w + (n_rows - 1) * ldw + k, n_rows - n);       \
       const float *q = x;                                                                     \
       vec a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                                 \
       /* pointers stepped, not indexed: indexed loads ran 25% slower on the AMD development CPU */ \
