@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from matformer.inference import row_kernel
+from matformer.inference.compile_cache import cpu_flags
 from matformer.inference.matvec import CpuMatvec, row_linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _cpu_has(*flags: str) -> bool:
-    return set(flags) <= set(row_kernel._cpu_flags().split())
+    return set(flags) <= set(cpu_flags())
 
 
 @pytest.fixture

@@ -396,6 +396,19 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def cpu_flags() -> list[str]:
+    """The instruction-set flags the kernel reports for the CPU (/proc/cpuinfo's `flags`, or
+    `Features` on ARM), sorted; empty where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
 def _cpu_key() -> list[Any]:
     """The CPU the kernels were built for: architecture, ATen's vector capability and the
     instruction-set flags the kernel reports (without importing inductor, seconds)."""
@@ -403,16 +416,7 @@ def _cpu_key() -> list[Any]:
 
     import torch
 
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = sorted(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), flags]
+    return [platform.machine(), torch.backends.cpu.get_cpu_capability(), cpu_flags()]
 
 
 KEY_PARTS: dict[str, Callable[[], Any]] = {}

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from matformer.inference import row_kernel
+from matformer.inference.row_kernel import HALF
 
 FEW_ROWS = 8
 """Products of up to this many rows (a verify of k + 1 <= 8 tokens, a batch of up to 8 rows)
@@ -92,9 +93,6 @@ def few_rows_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype.is_floating_point):
         return False
     return x.shape[:-1].numel() <= FEW_ROWS
-
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def attention_in_float32(q: torch.Tensor) -> bool:

@@ -59,7 +59,7 @@ static inline float sum8(__m256 a) {
   _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 
 #else
-#error "row_kernel.c needs AVX-512 (F, BW, VL) or AVX2 with F16C and FMA"
+#error "row_kernel.cpp needs AVX-512 (F, BW, VL) or AVX2 with F16C and FMA"
 #endif
 
 static inline float f32_of_f32(float v) { return v; }

@@ -29,9 +29,9 @@ use the kernels with one torch thread only, on an x86-64 CPU with AVX-512 or AVX
 decided outside the traced code by `refresh()`. They are single-threaded: with more threads
 inductor's reductions and PyTorch's attention run in parallel. A version whose product split
 its rows over torch's threads (`at::parallel_for`, OpenMP) decoded the 41.7M float16 model no
-faster than inductor at two threads (3.4-3.8 against 3.2 ms a step) and slower at one. Anywhere else (no compiler, another CPU,
-`MATFORMER_ROW_KERNEL=0`) decoding keeps inductor's reductions and PyTorch's attention, with
-the same results up to the order of float32 sums.
+faster than inductor at two threads (3.4-3.8 against 3.2 ms a step) and slower at one.
+Anywhere else (no compiler, another CPU, `MATFORMER_ROW_KERNEL=0`) decoding keeps inductor's
+reductions and PyTorch's attention, with the same results up to the order of float32 sums.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ import torch
 from matformer.inference.compile_cache import (
     KEY_PARTS,
     compile_cache_dir,
+    cpu_flags,
     record_compile_seconds,
 )
 
 SOURCE = Path(__file__).with_name("row_kernel.cpp")
 ENV = "MATFORMER_ROW_KERNEL"
 """Set to 0 to keep inductor's reductions (the kernel is never built or called)."""
-
 
 
 def _row_matmul_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,17 +96,6 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
-
-
 def _command(cxx: str, out: str) -> list[str]:
     from torch.utils import cpp_extension
 
@@ -129,7 +118,8 @@ def _build(cxx: str, folder: Path) -> Path | None:
         return None
     key = hashlib.sha256("\0".join([
         SOURCE.read_text(), cxx, version, torch.__version__, str(torch.version.git_version),
-        os.path.dirname(torch.__file__), platform.machine(), _cpu_flags()]).encode()).hexdigest()[:24]
+        os.path.dirname(torch.__file__), platform.machine(), " ".join(cpu_flags())]).encode()
+    ).hexdigest()[:24]
     lib, failed = folder / f"row_kernel-{key}.so", folder / f"row_kernel-{key}.failed"
     if lib.exists():
         return lib
@@ -168,7 +158,8 @@ _FAILED: list[str] = []
 """Why this process could not build or load it (tried once)."""
 
 
-def _load() -> bool:
+def available() -> bool:
+    """Whether the kernels are built and loaded here (builds them on the first call)."""
     if _LOADED:
         return True
     if _FAILED or not wanted():
@@ -186,26 +177,22 @@ def _load() -> bool:
     return True
 
 
-def available() -> bool:
-    """Whether the kernel is built and loaded here (builds it on the first call)."""
-    return _load()
-
-
 def isa() -> str | None:
     """The instruction set the kernel was built for ("avx512" or "avx2", as `-march=native`
     picks from the CPU's flags), or None when it is not available."""
     if not available():
         return None
-    flags = set(_cpu_flags().split())
+    flags = set(cpu_flags())
     return "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 HALF = (torch.float16, torch.bfloat16)
-"""The weight dtypes compiled steps use the kernel for. For float32 weights it reads no faster
-than inductor's reduction does inside a graph (27-31 against 25-30 GB/s) and each call costs a
-few microseconds more: the 41.7M float32 step ran 15% slower with it."""
+"""The half-precision dtypes, and the weight dtypes compiled steps use the product for. For
+float32 weights it reads about as fast as inductor's reduction in a graph (21.8-24.7 against
+21.0-23.7 GB/s, `benchmarks/speed/matvec.py`), but the reduction fuses with its neighbours and
+the call does not: the 41.7M float32 step ran 6.8 against 6.4 ms with it."""
 
 ENABLED = False
 """Whether compiled steps call the kernel: set by `refresh()` outside the traced code (which
@@ -224,6 +211,7 @@ def refresh() -> bool:
 
 MAX_ROWS = 8
 """The most query rows `decode_attention` takes (a verify of k + 1 <= 8 tokens)."""
+
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `F.linear(x, weight)` is one the kernel does faster (when `ENABLED`): one row of
