@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from matformer.inference import row_kernel
-from matformer.inference.compile_cache import cpu_flags
+from matformer.inference.compile_cache import CompileStats, compile_stats, cpu_flags
 from matformer.inference.matvec import CpuMatvec, row_linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -47,7 +47,9 @@ def test_a_failed_build_is_remembered_and_not_retried(tmp_path: Path) -> None:
     failing = shutil.which("false")
     if failing is None:
         pytest.skip("no `false` command")
+    before = compile_stats()
     assert row_kernel._build(failing, tmp_path) is None
+    assert compile_stats().since(before).kernel_seconds > 0  # the user waited: reported
     (marker,) = tmp_path.glob("row_kernel-*.failed")
     assert row_kernel._build(failing, tmp_path) is None  # the marker answers
     assert list(tmp_path.glob("row_kernel-*")) == [marker]  # no library, no temporary left
@@ -174,3 +176,9 @@ def test_compiled_decoding_with_the_kernels_matches_eager(kernel: None, tmp_path
         compiled.step(torch.tensor([[2]]))
     called = {e.name for e in prof.events()}
     assert {"matformer::row_matmul", "matformer::decode_attention"} <= called
+
+
+def test_the_kernel_build_is_reported_beside_the_graphs() -> None:
+    line = CompileStats(graphs=1, seconds=40.0, saved=1, kernel_seconds=6.04).describe()
+    assert line.startswith("compiled 1 graph in 40.0 s (") and "C++ kernels built in 6.0 s" in line
+    assert "C++ kernels" not in CompileStats(graphs=1, seconds=40.0, saved=1).describe()

@@ -289,13 +289,16 @@ class CompileStats:
     """Of `graphs`, those loaded whole from `compile_cache_dir()/steps` (nothing traced)."""
     saved: int = 0
     """Of `graphs`, those compiled ahead of time and saved there for later processes."""
+    kernel_seconds: float = 0.0
+    """Seconds building matformer's own C++ kernels (`row_kernel`; before any decoding call)."""
 
     def since(self, before: CompileStats) -> CompileStats:
         """What was compiled between `before` and this snapshot."""
         return CompileStats(self.graphs - before.graphs, self.seconds - before.seconds,
                             self.cache_hits - before.cache_hits,
                             self.cache_misses - before.cache_misses,
-                            self.precompiled - before.precompiled, self.saved - before.saved)
+                            self.precompiled - before.precompiled, self.saved - before.saved,
+                            self.kernel_seconds - before.kernel_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,11 +324,14 @@ class CompileStats:
                           f"{self.cache_hits}")
         if not built:
             detail.append("nothing traced or built")
+        if self.kernel_seconds:
+            detail.append(f"C++ kernels built in {self.kernel_seconds:.1f} s")
         return (f"{' and '.join(what)} in {secs} s ({', '.join(detail)}; "
                 f"cache: {compile_cache_dir()})")
 
 
 _SECONDS = [0.0]
+_KERNEL_SECONDS = [0.0]
 _PRECOMPILE = {"saved": 0, "loaded": 0}
 """Graphs `PrecompiledStep`s compiled and saved, and loaded (which dynamo does not count)."""
 _PRECOMPILE_SECONDS = [0.0]
@@ -356,15 +362,21 @@ def record_compile_seconds(seconds: float) -> None:
     _SECONDS[0] += seconds
 
 
+def record_kernel_build_seconds(seconds: float) -> None:
+    """Add the time a C++ kernel build took (`row_kernel` calls it)."""
+    _KERNEL_SECONDS[0] += seconds
+
+
 def compile_stats() -> CompileStats:
     """This process's compilation so far."""
     counters = _counters()
     if counters is None:
         return CompileStats(compiled_graphs(), _SECONDS[0], precompiled=_PRECOMPILE["loaded"],
-                            saved=_PRECOMPILE["saved"])
+                            saved=_PRECOMPILE["saved"], kernel_seconds=_KERNEL_SECONDS[0])
     ind = counters["inductor"]
     return CompileStats(compiled_graphs(), _SECONDS[0], int(ind["fxgraph_cache_hit"]),
-                        int(ind["fxgraph_cache_miss"]), _PRECOMPILE["loaded"], _PRECOMPILE["saved"])
+                        int(ind["fxgraph_cache_miss"]), _PRECOMPILE["loaded"], _PRECOMPILE["saved"],
+                        _KERNEL_SECONDS[0])
 
 
 STEPS = "steps"

@@ -24,7 +24,8 @@ same loop with indexed loads ran 25% slower on the development CPU (AMD EPYC, AV
 `row_kernel.cpp` is built on first use with the system C++ compiler (`$CXX`, else `c++` or
 `g++`: what `torch.compile` needs anyway) against torch's headers, `-march=native`, once per
 source, torch, compiler and CPU, into `compile_cache_dir()/row_kernel/` (written beside, then
-moved in; a failed build is remembered there and not retried), in a few seconds. Compiled steps
+moved in; a failed build is remembered there and not retried), in a few seconds (reported by
+`compile_stats().kernel_seconds` and its one-line description). Compiled steps
 use the kernels with one torch thread only, on an x86-64 CPU with AVX-512 or AVX2+F16C+FMA,
 decided outside the traced code by `refresh()`. They are single-threaded: with more threads
 inductor's reductions and PyTorch's attention run in parallel. A version whose product split
@@ -51,7 +52,7 @@ from matformer.inference.compile_cache import (
     KEY_PARTS,
     compile_cache_dir,
     cpu_flags,
-    record_compile_seconds,
+    record_kernel_build_seconds,
 )
 
 SOURCE = Path(__file__).with_name("row_kernel.cpp")
@@ -131,8 +132,8 @@ def _build(cxx: str, folder: Path) -> Path | None:
     try:
         t0 = time.perf_counter()
         done = subprocess.run(_command(cxx, tmp), capture_output=True, text=True, timeout=300)
-        # compilation the user waits for: reported with the graphs' (`compile_stats`)
-        record_compile_seconds(time.perf_counter() - t0)
+        # compilation the user waits for: reported beside the graphs' (`compile_stats`)
+        record_kernel_build_seconds(time.perf_counter() - t0)
         if done.returncode != 0:
             failed.write_text(done.stderr)
             return None
