@@ -159,6 +159,7 @@ def test_compiled_decoding_with_the_kernels_matches_eager(kernel: None, tmp_path
     from matformer.models.lm.model import MatFormerLM
 
     monkeypatch.setenv("MATFORMER_CACHE", str(tmp_path))
+    monkeypatch.setenv("MATFORMER_DECODE_STEP", "0")  # the compiled graph, not the C++ step
     torch.manual_seed(0)
     cfg = MatFormerConfig(vocab_size=128, hidden_size=64, intermediate_size=256,
                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,

@@ -55,7 +55,9 @@ from matformer.inference.compile_cache import (
     record_kernel_build_seconds,
 )
 
-SOURCE = Path(__file__).with_name("row_kernel.cpp")
+SOURCES = tuple(Path(__file__).with_name(n)
+                for n in ("row_kernel.cpp", "decode_step.cpp", "cpu_simd.h"))
+"""What the library is built from (the header included by both files)."""
 ENV = "MATFORMER_ROW_KERNEL"
 """Set to 0 to keep inductor's reductions (the kernel is never built or called)."""
 
@@ -69,10 +71,20 @@ def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
+def _decode_step_shape(layers: list[torch.Tensor], globals: list[torch.Tensor],
+                       layer_ints: list[int], ints: list[int], eps: float, tokens: list[int],
+                       col: int, pad: int) -> torch.Tensor:
+    return globals[0].new_empty(1, len(tokens), globals[2].shape[0])
+
+
 _SCHEMAS = {
     "row_matmul": ("(Tensor x, Tensor weight) -> Tensor", _row_matmul_shape),
     "decode_attention": ("(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
                          _decode_attention_shape),
+    # one whole step (decode_step.py); it writes the token's keys and values into the cache
+    # tensors among `layers`, and runs eagerly only (never traced)
+    "decode_step": ("(Tensor(a!)[] layers, Tensor[] globals, int[] layer_ints, int[] ints, "
+                    "float eps, int[] tokens, int col, int pad) -> Tensor", _decode_step_shape),
 }
 
 
@@ -103,7 +115,8 @@ def _command(cxx: str, out: str) -> list[str]:
     libs = cpp_extension.library_paths()
     return [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", out,
+            *(f"-I{p}" for p in cpp_extension.include_paths()),
+            *(str(p) for p in SOURCES if p.suffix == ".cpp"), "-o", out,
             *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
             "-lc10", "-ltorch_cpu"]
 
@@ -118,7 +131,7 @@ def _build(cxx: str, folder: Path) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), cxx, version, torch.__version__, str(torch.version.git_version),
+        *(p.read_text() for p in SOURCES), cxx, version, torch.__version__, str(torch.version.git_version),
         os.path.dirname(torch.__file__), platform.machine(), " ".join(cpu_flags())]).encode()
     ).hexdigest()[:24]
     lib, failed = folder / f"row_kernel-{key}.so", folder / f"row_kernel-{key}.failed"
@@ -167,7 +180,7 @@ def available() -> bool:
         return False
     path = _build(str(_compiler()), compile_cache_dir() / "row_kernel")
     if path is None:
-        _FAILED.append("the C++ compiler could not build row_kernel.cpp")
+        _FAILED.append("the C++ compiler could not build row_kernel.cpp and decode_step.cpp")
         return False
     try:
         torch.ops.load_library(str(path))

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from matformer.inference import row_kernel
+from matformer.inference import decode_step, row_kernel
 from matformer.inference.compile_cache import (
     PrecompiledStep,
     compiled_graphs,
@@ -117,6 +117,11 @@ class StaticDecoder:
             self.pad = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.pos = 0
         self.compiled = compile
+        self.native = compile and self.device.type == "cpu" and decode_step.wanted()
+        """One-token steps of one sequence run as one C++ call (`decode_step`) where it covers
+        the model: a compiled CPU decoder with the C++ kernels on."""
+        self._plans: dict[tuple, decode_step.DecodePlan | None] = {}
+        self._slots = model._width_slots() if self.native else []
         self.cuda_graphs = False
         self._step: Callable = _forward
         if compile:
@@ -155,6 +160,13 @@ class StaticDecoder:
         """Tokens ids (B, T) in the next T columns -> logits (B, T, V) at the model's current
         width (T=1: a decoding step; T=k+1: a verify)."""
         T = ids.shape[1]
+        native = self.native and ids.shape[0] == 1 and T <= decode_step.MAX_ROWS
+        plan = self._plan() if native else None
+        if plan is not None:
+            with torch.inference_mode():
+                out = plan(ids[0].tolist(), self.pos, int(self.pad[0]))
+            self.pos += T
+            return out
         with torch.inference_mode():
             ids = _canonical(ids)
             cols = torch.arange(self.pos, self.pos + T, device=self.device)
@@ -167,6 +179,19 @@ class StaticDecoder:
             out = out.clone() if self.cuda_graphs else out
         self.pos += T
         return out
+
+    def _plan(self) -> decode_step.DecodePlan | None:
+        """The model's `decode_step` plan at its active setting (made once per setting), or None
+        where the step does not cover it."""
+        # the setting read off the modules directly (the model's `widths` and `layer_kv_heads`
+        # go through nn.Module attribute lookups: 25 us a step at 6 layers)
+        key = (*(f.width for f, _ in self._slots), *(a.kv_heads for _, a in self._slots),
+               self.model.model.embed_tokens.weight.data_ptr())
+        if key not in self._plans:
+            why = decode_step.why_not(self.model, self.cache)
+            with torch.inference_mode():
+                self._plans[key] = None if why else decode_step.plan(self.model, self.cache)
+        return self._plans[key]
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row (B, 1) -> next-token logits (B, V)."""

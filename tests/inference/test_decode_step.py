@@ -1,0 +1,145 @@
+"""`decode_step`: a whole one-token step as one C++ call (inference/decode_step.py, .cpp).
+
+Checked against the eager static-cache step of the same model, token by token over a greedy
+continuation: every family on the Llama block (q/k/v/o biases, Qwen3's q/k norms, sliding
+windows, rope scaling, tied embeddings, a tanh GELU), narrower FFN widths and KV heads, the
+three dtypes. Also: that a compiled decoder runs its one-token steps through it and compiles
+nothing for them, that what it does not cover falls back to the compiled step, and the switch
+that turns it off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import matformer.models.registry  # noqa: F401  (the families' configs)
+from matformer.inference import decode_step, row_kernel
+from matformer.inference.static_cache import StaticDecoder
+from matformer.models.lm.config import MatFormerConfig
+from matformer.models.lm.model import MatFormerLM
+from tests.conftest import tiny_lm
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, rms_norm_eps=1e-6)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+FAMILIES = {
+    "llama3-tied": dict(model_type="llama", tie_word_embeddings=True, rope_parameters=LLAMA3),
+    "llama-bias-linear": dict(model_type="llama", attention_bias=True, rope_parameters={
+        "rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}),
+    "mistral-window": dict(model_type="mistral", sliding_window=5),
+    "qwen2-window": dict(model_type="qwen2", use_sliding_window=True, sliding_window=6,
+                         max_window_layers=1),
+    "qwen3-norms-bias": dict(model_type="qwen3", attention_bias=True),
+    "gelu-tanh": dict(model_type="llama", hidden_act="gelu_pytorch_tanh"),
+}
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
+"""Largest logit difference allowed against the eager step (logits of size 1-4): float32 sums
+in another order; in half precision one rounding of an activation may land the other way."""
+
+
+@pytest.fixture(autouse=True)
+def _kernels(one_thread):
+    if not row_kernel.wanted() or not row_kernel.available():
+        pytest.skip("the CPU kernels do not build here (no C++ compiler, or no AVX2/AVX-512)")
+
+
+def _family(name: str, seed: int = 0) -> MatFormerLM:
+    cfg = MatFormerConfig.from_dict({**BASE, **FAMILIES[name]})
+    torch.manual_seed(seed)
+    model = MatFormerLM(cfg).eval()
+    with torch.no_grad():  # random norms and biases, so a misplaced one shows
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif n.endswith("proj.weight"):
+                p.mul_(8.0)  # visibly non-linear FFNs and peaked attention
+    return model
+
+
+def _compare(model: MatFormerLM, steps: int = 20, prompt: int = 5) -> tuple[float, int]:
+    """(largest logit difference, steps run natively) of a greedy continuation decoded by the
+    eager static step and by a compiled decoder's one-token steps, fed the same tokens."""
+    ref = StaticDecoder(model, 1, 64)
+    fast = StaticDecoder(model, 1, 64, compile=True)
+    assert fast.native and fast._plan() is not None, decode_step.why_not(model, fast.cache)
+    ids = torch.arange(3, 3 + prompt)
+    ref.prefill([ids])
+    fast.prefill([ids])
+    tok, worst = torch.tensor([[7]]), 0.0
+    for _ in range(steps):
+        a, b = ref.step(tok), fast.step(tok)
+        assert b.shape == a.shape and b.dtype == a.dtype
+        worst = max(worst, (a.float() - b.float()).abs().max().item())
+        tok = a.argmax(-1).view(1, 1)
+    return worst, steps
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_matches_the_eager_step(name):
+    # 20 steps after a 5-token prompt: past every window (5, 6) and the llama3 rope's 16
+    worst, _ = _compare(_family(name))
+    assert worst < TOL[torch.float32], (name, worst)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("setting", [dict(), dict(tier=2), dict(tier=1, kv_heads=2)])
+def test_widths_heads_and_dtypes_match_the_eager_step(dtype, setting):
+    model = tiny_lm(0, distinct=True, heads=True, random_norms=True).to(dtype)
+    model.set_widths(**setting)
+    worst, _ = _compare(model, steps=12)
+    assert worst < TOL[dtype], (dtype, setting, worst)
+
+
+def test_verifies_of_several_tokens_match_the_eager_forward():
+    model = tiny_lm(0, distinct=True, heads=True, random_norms=True)
+    for setting in (dict(), dict(tier=3, kv_heads=1)):
+        model.set_widths(**setting)
+        ref = StaticDecoder(model, 1, 64)
+        fast = StaticDecoder(model, 1, 64, compile=True)
+        for dec in (ref, fast):
+            dec.prefill([torch.arange(3, 9)])
+        for block in ([[4, 9, 2]], [[1]], [[5, 6, 7, 8, 9, 10, 11, 12]], [[2, 3]]):
+            ids = torch.tensor(block)
+            a, b = ref.forward(ids), fast.forward(ids)
+            assert b.shape == a.shape == (1, len(block[0]), model.config.vocab_size)
+            assert (a - b).abs().max().item() < TOL[torch.float32], setting
+            ref.crop(ref.pos - 1)  # as a rejected draft: the next block overwrites a column
+            fast.crop(fast.pos - 1)
+
+
+def test_one_token_steps_and_verifies_compile_nothing():
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny_lm(0)
+    dec = StaticDecoder(model, 1, 32, compile=True, backend=counting)
+    dec.prefill([torch.arange(4)])
+    for _ in range(5):
+        dec.step(torch.tensor([[1]]))
+    dec.forward(torch.tensor([[1, 2, 3]]))  # a verify of 3 tokens
+    assert graphs == [] and dec.pos == 12
+    dec.forward(torch.arange(9)[None])  # more tokens than one call takes: the compiled graph
+    assert len(graphs) == 1 and dec.pos == 21
+
+
+def test_what_it_does_not_cover_runs_the_compiled_step(monkeypatch):
+    model = tiny_lm(0)
+    batch = StaticDecoder(model, 2, 32, compile=True, backend="eager")
+    assert batch._plan() is None and "batch" in decode_step.why_not(model, batch.cache)
+    batch.prefill([torch.arange(4), torch.arange(2)])
+    assert batch.step(torch.tensor([[1], [2]])).shape == (2, model.config.vocab_size)
+
+    from peft import LoraConfig, get_peft_model
+    wrapped = get_peft_model(tiny_lm(0), LoraConfig(r=2, target_modules=["q_proj"])).base_model.model
+    one = StaticDecoder(wrapped, 1, 32, compile=True, backend="eager")
+    assert one._plan() is None and "wrapped" in decode_step.why_not(wrapped, one.cache)
+
+    monkeypatch.setenv(decode_step.ENV, "0")
+    assert not StaticDecoder(model, 1, 32, compile=True, backend="eager").native
