@@ -41,6 +41,11 @@ def _count(pattern: str, text: str) -> int:
     return int(m[1]) if m else 0
 
 
+NO_DECODE_STEP = {"MATFORMER_DECODE_STEP": "0"}
+"""What is measured is the compiled graphs' cache: with one thread a Llama-type model's steps
+otherwise run as one C++ call each (`inference/decode_step.py`) and nothing is compiled."""
+
+
 def demo_model(folder: Path, size: str = "demo") -> Path:
     """Random weights at `size` (llamacpp_speed.SIZES: the demo's ffn8-tiny shape or the
     41.7M decode benchmark's) with a byte-level BPE tokenizer."""
@@ -51,7 +56,8 @@ def demo_model(folder: Path, size: str = "demo") -> Path:
 
 def one_run(ckpt: Path, cache: Path, tokens: int, threads: int) -> dict[str, Any]:
     """`matformer generate --compile` in a new process; its compile report and wall time."""
-    env = {**os.environ, "MATFORMER_CACHE": str(cache), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "MATFORMER_CACHE": str(cache), "OMP_NUM_THREADS": str(threads),
+           **NO_DECODE_STEP}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     cmd = [sys.executable, "-m", "matformer.cli", "generate", str(ckpt), "--compile",
            "--prompt", "def main(", "--max-new-tokens", str(tokens), "--threads", str(threads)]
@@ -78,6 +84,7 @@ def step_times(ckpt: Path, cache: Path, threads: int, repeats: int = 5,
     compile of it (`mode="default"`: the same inductor mode through `torch.compile`), in
     interleaved repeats of `steps` steps after 3 warm-up steps."""
     os.environ["MATFORMER_CACHE"] = str(cache)
+    os.environ.update(NO_DECODE_STEP)
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     import torch
 

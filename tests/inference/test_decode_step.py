@@ -14,6 +14,7 @@ import torch
 
 import matformer.models.registry  # noqa: F401  (the families' configs)
 from matformer.inference import decode_step, row_kernel
+from matformer.inference.compile_cache import compile_stats
 from matformer.inference.static_cache import StaticDecoder
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
@@ -121,10 +122,14 @@ def test_one_token_steps_and_verifies_compile_nothing():
     model = tiny_lm(0)
     dec = StaticDecoder(model, 1, 32, compile=True, backend=counting)
     dec.prefill([torch.arange(4)])
+    before = compile_stats()
     for _ in range(5):
         dec.step(torch.tensor([[1]]))
     dec.forward(torch.tensor([[1, 2, 3]]))  # a verify of 3 tokens
     assert graphs == [] and dec.pos == 12
+    ran = compile_stats().since(before)
+    assert ran.native_calls == 6 and ran.graphs == 0
+    assert ran.describe().startswith("nothing to compile (decoding steps ran as one C++ call")
     dec.forward(torch.arange(9)[None])  # more tokens than one call takes: the compiled graph
     assert len(graphs) == 1 and dec.pos == 21
 

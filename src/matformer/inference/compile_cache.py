@@ -291,6 +291,8 @@ class CompileStats:
     """Of `graphs`, those compiled ahead of time and saved there for later processes."""
     kernel_seconds: float = 0.0
     """Seconds building matformer's own C++ kernels (`row_kernel`; before any decoding call)."""
+    native_calls: int = 0
+    """Decoding calls that ran as one C++ call (`decode_step`): nothing of theirs is compiled."""
 
     def since(self, before: CompileStats) -> CompileStats:
         """What was compiled between `before` and this snapshot."""
@@ -298,7 +300,8 @@ class CompileStats:
                             self.cache_hits - before.cache_hits,
                             self.cache_misses - before.cache_misses,
                             self.precompiled - before.precompiled, self.saved - before.saved,
-                            self.kernel_seconds - before.kernel_seconds)
+                            self.kernel_seconds - before.kernel_seconds,
+                            self.native_calls - before.native_calls)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,8 +311,14 @@ class CompileStats:
         'compiled 2 graphs in 41.3 s (saved for later runs: 2; cache: ~/.cache/matformer/
         inductor)', 'loaded 2 precompiled graphs in 0.41 s (nothing traced or built; cache:
         ...)', 'compiled 1 graph and loaded 1 precompiled graph in ...', or that nothing was."""
+        built_kernels = (f"; C++ kernels built in {self.kernel_seconds:.1f} s"
+                         if self.kernel_seconds else "")
+        if not self.graphs and self.native_calls:
+            return ("nothing to compile (decoding steps ran as one C++ call each"
+                    f"{built_kernels})")
         if not self.graphs:
-            return "nothing compiled (every graph was already compiled in this process)"
+            return ("nothing compiled (every graph was already compiled in this process"
+                    f"{built_kernels})")
         built = self.graphs - self.precompiled
         secs = f"{self.seconds:.2f}" if self.seconds < 10 else f"{self.seconds:.1f}"
         what = [f"compiled {built} graph{'s' if built != 1 else ''}"] if built else []
@@ -362,6 +371,14 @@ def record_compile_seconds(seconds: float) -> None:
     _SECONDS[0] += seconds
 
 
+_NATIVE_CALLS = [0]
+
+
+def record_native_call() -> None:
+    """Count a decoding call that ran as one C++ call (`static_cache` calls it)."""
+    _NATIVE_CALLS[0] += 1
+
+
 def record_kernel_build_seconds(seconds: float) -> None:
     """Add the time a C++ kernel build took (`row_kernel` calls it)."""
     _KERNEL_SECONDS[0] += seconds
@@ -372,11 +389,12 @@ def compile_stats() -> CompileStats:
     counters = _counters()
     if counters is None:
         return CompileStats(compiled_graphs(), _SECONDS[0], precompiled=_PRECOMPILE["loaded"],
-                            saved=_PRECOMPILE["saved"], kernel_seconds=_KERNEL_SECONDS[0])
+                            saved=_PRECOMPILE["saved"], kernel_seconds=_KERNEL_SECONDS[0],
+                            native_calls=_NATIVE_CALLS[0])
     ind = counters["inductor"]
     return CompileStats(compiled_graphs(), _SECONDS[0], int(ind["fxgraph_cache_hit"]),
                         int(ind["fxgraph_cache_miss"]), _PRECOMPILE["loaded"], _PRECOMPILE["saved"],
-                        _KERNEL_SECONDS[0])
+                        _KERNEL_SECONDS[0], _NATIVE_CALLS[0])
 
 
 STEPS = "steps"

@@ -45,6 +45,7 @@ from matformer.inference.compile_cache import (
     compiled_graphs,
     enable_compile_cache,
     record_compile_seconds,
+    record_native_call,
 )
 from matformer.inference.half_on_cpu import half_on_cpu
 from matformer.inference.huge_pages import weights_on_huge_pages
@@ -165,6 +166,7 @@ class StaticDecoder:
         if plan is not None:
             with torch.inference_mode():
                 out = plan(ids[0].tolist(), self.pos, int(self.pad[0]))
+            record_native_call()
             self.pos += T
             return out
         with torch.inference_mode():
