@@ -5,8 +5,9 @@ decode benchmark's 41.7M-non-embedding shape (hidden 512, FFN 4096, 6 layers, 8 
 heads) — a seeded random model with a byte-level BPE tokenizer is saved, exported by `matformer
 export` to GGUF at f32, f16 and q8_0 (llama.cpp's what-users-pick reference), and run by both:
 
-- ours: `generate(compile=True)` (the static-cache compiled step) in float32 and float16 (and
-  bfloat16), greedy, batch 1; prompt processing is its (eager) prefill;
+- ours: `generate(compile=True)` in float32 and float16 (and bfloat16), greedy, batch 1: with
+  one thread each step is one C++ call (`inference/decode_step.py`), with more the static-cache
+  compiled step; prompt processing is its (eager) prefill;
 - llama.cpp: `Llama.eval` of the prompt in one batch, then one token per `eval` with the argmax
   of its logits in numpy (no sampler chain), its KV cache in the weights' float type (f32 for
   f32, f16 otherwise, as llama.cpp defaults).
@@ -17,6 +18,11 @@ run. Also reported: whether the f32 greedy tokens agree. Writes benchmarks/resul
 
     .venv/bin/python -m benchmarks.speed.llamacpp_speed                   # both sizes, 1 thread
     .venv/bin/python -m benchmarks.speed.llamacpp_speed --sizes demo --threads 2 --repeats 5
+    .venv/bin/python -m benchmarks.speed.llamacpp_speed --ckpt SmolLM2-135M-Instruct.Q4_1.gguf \
+        --ours f32,f16 --json-out benchmarks/results/llamacpp_speed-smollm2.json   # a real model
+
+With `--ckpt` the model is that source's weights (a GGUF is dequantized), exported again at each
+GGUF type, so both sides run the same numbers.
 """
 
 from __future__ import annotations
@@ -100,8 +106,9 @@ def theirs(llm: Any, prompt: list[int], n: int) -> tuple[float, float, list[int]
 def bench_size(size: str, work: Path, args: Any) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    ckpt = make_model(work / size, size, args.vocab)
-    cfg = MatFormerConfig.from_json_file(ckpt / "config.json")
+    ckpt = Path(args.ckpt) if args.ckpt else make_model(work / size, size, args.vocab)
+    models = {d: load_model(ckpt, dtype=OURS[d]).eval() for d in args.ours}
+    cfg = next(iter(models.values())).config
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
     n_ctx = args.prompt_len + args.tokens + 8
@@ -113,7 +120,6 @@ def bench_size(size: str, work: Path, args: Any) -> dict[str, Any]:
         llms[q] = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=args.prompt_len,
                         n_threads=args.threads, n_threads_batch=args.threads, verbose=False,
                         type_k=kv, type_v=kv)
-    models = {d: load_model(ckpt, dtype=OURS[d]).eval() for d in args.ours}
     runs: dict[str, list[tuple[float, float]]] = {}
     tokens: dict[str, list[int]] = {}
     for m in models.values():  # warm-up: compile every graph once, outside the timing
@@ -139,7 +145,8 @@ def bench_size(size: str, work: Path, args: Any) -> dict[str, Any]:
                     "decode": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
                     "prompt": a["prompt_tokens_per_s"] / b["prompt_tokens_per_s"]}
     same = tokens.get("ours f32") == tokens.get("llama.cpp f32")
-    return {"size": size, "config": SIZES[size], "vocab_size": cfg.vocab_size,
+    return {"size": size, "config": SIZES.get(size, {"source": str(ckpt)}),
+            "vocab_size": cfg.vocab_size,
             "non_embedding_params": parameter_counts(cfg)["non_embedding"],
             "rows": rows, "ratios": ratios, "greedy_f32_equal": same}
 
@@ -147,6 +154,8 @@ def bench_size(size: str, work: Path, args: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--sizes", default="demo,41.7M")
+    p.add_argument("--ckpt", help="a real model instead of random weights (any source `load_model` "
+                               "reads: a checkpoint folder, a GGUF file); --sizes then only names it")
     p.add_argument("--ours", default="f32,f16,bf16", help="our dtypes (f32, f16, bf16)")
     p.add_argument("--gguf", default="f32,f16,q8_0", help="GGUF types llama.cpp runs")
     p.add_argument("--threads", type=int, default=1, help="threads, both sides")
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes.split(","):
+        for size in ([Path(args.ckpt).stem] if args.ckpt else args.sizes.split(",")):
             print(f"{size}: exporting and timing ...", file=sys.stderr)
             results.append(bench_size(size, Path(tmp), args))
     print(f"batch 1, {args.prompt_len}-token prompt, {args.tokens} new tokens, "
