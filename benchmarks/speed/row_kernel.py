@@ -1,17 +1,20 @@
-"""The compiled CPU decoding step with `inference/row_kernel.py`'s C++ kernels on and off.
+"""The CPU decoding step three ways: compiled with `inference/row_kernel.py`'s C++ kernels off,
+compiled with them on, and as one C++ call (`inference/decode_step.py`).
 
 A seeded random model of the 41.7M benchmark shape (`llamacpp_speed.SIZES`) in each dtype, at
-tiers 0 and 3, one thread: one `StaticDecoder` (compiled) per case, 64 steps after a 64-token
-prompt, timed with the kernels on and off in turn in the same process (`row_kernel.ENABLED`,
-which the compiled step's guards read, so each setting runs its own graph), repeats
-interleaved, medians. Prints ms a step and the ratio on / off; writes
-benchmarks/results/row_kernel.json.
+tiers 0 and 3, one thread; a forward of 1 token (a step) and of 3 (a verify of 2 drafts). Two
+`StaticDecoder`s per case: a compiled one (`MATFORMER_DECODE_STEP=0` when it is made), timed
+with the kernels off and on in turn (`row_kernel.ENABLED`, which the compiled step's guards
+read, so each setting runs its own graph), and one whose forwards are the C++ step. 64 forwards
+after a 64-token prompt, repeats interleaved, medians. Prints ms a forward and the ratios to
+the compiled step without kernels; writes benchmarks/results/row_kernel.json.
 
     .venv/bin/python -m benchmarks.speed.row_kernel
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -21,7 +24,7 @@ import torch
 
 from benchmarks.common import RESULTS, hardware, parser, write_json
 from benchmarks.speed.llamacpp_speed import SIZES
-from matformer.inference import row_kernel
+from matformer.inference import decode_step, row_kernel
 from matformer.inference.static_cache import StaticDecoder
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
@@ -29,17 +32,31 @@ from matformer.models.lm.model import MatFormerLM
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def step_ms(dec: StaticDecoder, kernels: bool, steps: int) -> float:
-    """ms a step over `steps` steps after the prompt, with the kernels on or off."""
+def forward_ms(dec: StaticDecoder, kernels: bool, tokens: int, steps: int) -> float:
+    """ms a forward of `tokens` tokens, over `steps` forwards after the prompt (each cropped
+    away again), with the kernels on or off (for a compiled decoder)."""
     row_kernel.ENABLED = kernels
-    ids = torch.tensor([[5]])
+    ids = torch.arange(5, 5 + tokens)[None]
     dec.crop(64)
-    dec.step(ids)  # this setting's graph (compiled on its first use)
+    dec.forward(ids)  # this setting's graph (compiled on its first use)
     dec.crop(64)
     t0 = time.perf_counter()
     for _ in range(steps):
-        dec.step(ids)
+        dec.forward(ids)
+        dec.crop(64)
     return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def decoder(model: MatFormerLM, steps: int, native: bool) -> StaticDecoder:
+    """A compiled decoder with the prompt in; `native`: its forwards are the C++ step."""
+    os.environ[decode_step.ENV] = "1" if native else "0"
+    try:
+        dec = StaticDecoder(model, 1, 64 + steps + 8, compile=True)
+    finally:
+        del os.environ[decode_step.ENV]
+    assert dec.native == native and (not native or dec._plan() is not None)
+    dec.prefill([torch.arange(64)])
+    return dec
 
 
 def main() -> int:
@@ -47,6 +64,7 @@ def main() -> int:
     p.add_argument("--size", default="41.7M", choices=sorted(SIZES))
     p.add_argument("--dtypes", default="f32,f16")
     p.add_argument("--tiers", default="0,3")
+    p.add_argument("--tokens", default="1,3", help="tokens per forward: 1 a step, k+1 a verify")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json-out", default=str(RESULTS / "row_kernel.json"))
@@ -58,9 +76,10 @@ def main() -> int:
                                                 *sys.argv[1:]]),
                            "hardware": hardware(), "threads": 1, "isa": row_kernel.isa(),
                            "rows": []}
-    print(f"{args.size}, 1 thread, {args.steps} steps after a 64-token prompt, median of "
-          f"{args.repeats} interleaved repeats")
-    print(f"{'dtype':>5} {'tier':>4} {'on ms':>7} {'off ms':>7} {'on/off':>7}")
+    print(f"{args.size}, 1 thread, {args.steps} forwards after a 64-token prompt, median of "
+          f"{args.repeats} interleaved repeats; ms a forward")
+    print(f"{'dtype':>5} {'tier':>4} {'tokens':>6} {'compiled':>9} {'+kernels':>9} "
+          f"{'C++ step':>9} {'+k/comp':>8} {'step/comp':>9}")
     for name in args.dtypes.split(","):
         if name not in DTYPES:
             p.error(f"--dtypes: unknown {name!r}; use {', '.join(DTYPES)}")
@@ -69,17 +88,21 @@ def main() -> int:
         model = MatFormerLM(cfg).eval().to(DTYPES[name])
         for tier in (int(t) for t in args.tiers.split(",")):
             model.set_widths(tier=tier)
-            dec = StaticDecoder(model, 1, 64 + args.steps + 8, compile=True)
-            dec.prefill([torch.arange(64)])
-            runs: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(args.repeats):
-                for on in (True, False):
-                    runs[on].append(step_ms(dec, on, args.steps))
-            on, off = (statistics.median(runs[k]) for k in (True, False))
-            doc["rows"].append({"dtype": name, "tier": tier, "on_ms": on, "off_ms": off,
-                                "on_over_off": on / off, "runs": {"on": runs[True],
-                                                                  "off": runs[False]}})
-            print(f"{name:>5} {tier:4d} {on:7.2f} {off:7.2f} {on / off:6.2f}x", flush=True)
+            compiled, native = decoder(model, args.steps, False), decoder(model, args.steps, True)
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                runs: dict[str, list[float]] = {"compiled": [], "kernels": [], "step": []}
+                for _ in range(args.repeats):
+                    runs["compiled"].append(forward_ms(compiled, False, tokens, args.steps))
+                    runs["kernels"].append(forward_ms(compiled, True, tokens, args.steps))
+                    runs["step"].append(forward_ms(native, True, tokens, args.steps))
+                ms = {k: statistics.median(v) for k, v in runs.items()}
+                doc["rows"].append({"dtype": name, "tier": tier, "tokens": tokens,
+                                    "compiled_ms": ms["compiled"], "kernels_ms": ms["kernels"],
+                                    "decode_step_ms": ms["step"], "runs": runs})
+                print(f"{name:>5} {tier:4d} {tokens:6d} {ms['compiled']:9.2f} "
+                      f"{ms['kernels']:9.2f} {ms['step']:9.2f} "
+                      f"{ms['kernels'] / ms['compiled']:7.2f}x "
+                      f"{ms['step'] / ms['compiled']:8.2f}x", flush=True)
     row_kernel.refresh()
     write_json(args.json_out, doc)
     print(f"wrote {args.json_out}")

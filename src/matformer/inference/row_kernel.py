@@ -21,12 +21,15 @@ inductor's C++ GEMM template needs weights frozen into the graph, and llama.cpp'
 own. The weights are read along unit-stride rows, with loads addressed by stepped pointers: the
 same loop with indexed loads ran 25% slower on the development CPU (AMD EPYC, AVX-512).
 
+The same library holds `decode_step.cpp` (`decode_step.py`: a whole step as one call, on
+these products and this attention); what both files share is `cpu_simd.h`.
+
 `row_kernel.cpp` is built on first use with the system C++ compiler (`$CXX`, else `c++` or
-`g++`: what `torch.compile` needs anyway) against torch's headers, `-march=native`, once per
-source, torch, compiler and CPU, into `compile_cache_dir()/row_kernel/` (written beside, then
-moved in; a failed build is remembered there and not retried), in a few seconds (reported by
-`compile_stats().kernel_seconds` and its one-line description). Compiled steps
-use the kernels with one torch thread only, on an x86-64 CPU with AVX-512 or AVX2+F16C+FMA,
+`g++`: what `torch.compile` needs anyway) against torch's headers, `-march=native` (the two
+sources side by side, about 9 s), once per source, torch, compiler and CPU, into
+`compile_cache_dir()/row_kernel/` (written beside, then moved in; a failed build is remembered
+there and not retried), reported by `compile_stats().kernel_seconds` and its one-line
+description. Compiled steps use the kernels with one torch thread only, on an x86-64 CPU with AVX-512 or AVX2+F16C+FMA,
 decided outside the traced code by `refresh()`. They are single-threaded: with more threads
 inductor's reductions and PyTorch's attention run in parallel. A version whose product split
 its rows over torch's threads (`at::parallel_for`, OpenMP) decoded the 41.7M float16 model no
