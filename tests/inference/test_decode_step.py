@@ -34,6 +34,8 @@ FAMILIES = {
                          max_window_layers=1),
     "qwen3-norms-bias": dict(model_type="qwen3", attention_bias=True),
     "gelu-tanh": dict(model_type="llama", hidden_act="gelu_pytorch_tanh"),
+    # no size a multiple of a vector: every loop's scalar tail
+    "odd-sizes": dict(model_type="llama", hidden_size=40, intermediate_size=72, head_dim=10),
 }
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
 """Largest logit difference allowed against the eager step (logits of size 1-4): float32 sums

@@ -191,7 +191,8 @@ class StaticDecoder:
         # the setting read off the modules directly (the model's `widths` and `layer_kv_heads`
         # go through nn.Module attribute lookups: 25 us a step at 6 layers)
         key = (*(f.width for f, _ in self._slots), *(a.kv_heads for _, a in self._slots),
-               self.model.model.embed_tokens.weight.data_ptr())
+               self.model.model.embed_tokens.weight.data_ptr(),
+               self.model.lm_head.weight.data_ptr())  # weights replaced (a dtype change): a new plan
         if key not in self._plans:
             why = decode_step.why_not(self.model, self.cache)
             with torch.inference_mode():
