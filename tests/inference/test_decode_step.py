@@ -114,6 +114,27 @@ def test_verifies_of_several_tokens_match_the_eager_forward():
             fast.crop(fast.pos - 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_verifies_over_long_weight_rows_match_the_eager_forward(dtype):
+    # FFN rows of 1100 (a tail past the last vector): from 4 tokens on the down projection's
+    # inputs outgrow the L1 cache and its product is tiled over weight rows; a hidden size of
+    # 42 leaves weight rows over after the tiles of 4 (and of 2, from 7 tokens on)
+    cfg = MatFormerConfig.from_dict({**BASE, "model_type": "llama", "hidden_size": 42,
+                                     "intermediate_size": 1100, "head_dim": 10})
+    torch.manual_seed(1)
+    model = MatFormerLM(cfg).eval().to(dtype)
+    ref = StaticDecoder(model, 1, 64)
+    fast = StaticDecoder(model, 1, 64, compile=True)
+    for dec in (ref, fast):
+        dec.prefill([torch.arange(3, 9)])
+    for n in range(2, 9):
+        ids = torch.arange(10, 10 + n)[None]
+        a, b = ref.forward(ids), fast.forward(ids)
+        assert (a.float() - b.float()).abs().max().item() < TOL[dtype], n
+        ref.crop(ref.pos - n)
+        fast.crop(fast.pos - n)
+
+
 def test_one_token_steps_and_verifies_compile_nothing():
     graphs = []
 
