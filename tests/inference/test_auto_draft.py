@@ -26,6 +26,7 @@ from matformer.inference.speculative import (
     probe_agreement,
     speculative_generate,
     step_work,
+    tail_agreement,
 )
 from matformer.inference.static_cache import StaticDecoder
 from matformer.tiers import Setting
@@ -184,6 +185,40 @@ def _cost_keys(model) -> list:
     from matformer.inference.speculative import _COSTS
 
     return list(_COSTS.get(model, {}))
+
+
+def test_tail_agreement_is_the_prompts_agreement_on_its_last_tokens_and_restores_the_cache(
+        one_thread) -> None:
+    """A named draft's first prior: its agreement with the target on the prompt's last tokens
+    in the cache, as `prompt_agreement` over the whole prompt counts those positions, with the
+    decoder's own forwards (the C++ step's where it runs, eager otherwise); the cache and the
+    decoder's column are as they were."""
+    model = tiny_lm(2, distinct=True)
+    target = Setting(model.stored_widths, model.stored_kv_heads)
+    drafts = [Draft(NAMES[t - 1], model.resolve_widths(tier=t), kv_heads=list(target.kv_heads))
+              for t in (1, 3)]
+    ids = torch.tensor([PROMPT])
+    n = 5
+    with torch.inference_mode():  # the reference: both widths over the whole prompt
+        want = {}
+        p = model(ids)[0, :-1].argmax(-1)[-n:]
+        for d in drafts:
+            with model.running(d.setting):
+                q = model(ids)[0, :-1].argmax(-1)[-n:]
+            want[d.name] = float((p == q).float().mean())
+    for compile in (False, True):
+        with torch.inference_mode():
+            dec = StaticDecoder(model, 1, 64, compile=compile)
+            dec.prefill([ids[0, :-1]])
+            before = [(k.clone(), v.clone()) for k, v in zip(dec.cache.k, dec.cache.v,
+                                                            strict=True)]
+            pos = dec.pos
+            got = tail_agreement(model, dec, ids, target, drafts, Sampler(), n=n)
+            assert got == want, compile
+            assert dec.pos == pos and model.widths == target.widths
+            for (k, v), (k0, v0) in zip(zip(dec.cache.k, dec.cache.v, strict=True), before,
+                                        strict=True):
+                assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
 def test_probe_agreement_is_the_drafts_teacher_forced_steps_and_restores_the_cache(
