@@ -39,6 +39,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def random_norms_and_biases(model: torch.nn.Module) -> None:
+    """Every norm weight (`*norm.weight`) drawn from U(0.5, 1.5) and every bias from N(0, 0.5),
+    in parameter order, so a misplaced or dropped norm or bias shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+
+
 def tiny_lm(seed: int | None = 0, *, distinct: bool = False, heads: bool = False,
             random_norms: bool = False, head_scale: float = 1.0, fill: float | None = None,
             config: MatFormerConfig | None = None, **overrides) -> MatFormerLM:

@@ -18,7 +18,7 @@ from matformer.inference.compile_cache import compile_stats
 from matformer.inference.static_cache import StaticDecoder
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
-from tests.conftest import tiny_lm
+from tests.conftest import random_norms_and_biases, tiny_lm
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -52,14 +52,11 @@ def _family(name: str, seed: int = 0) -> MatFormerLM:
     cfg = MatFormerConfig.from_dict({**BASE, **FAMILIES[name]})
     torch.manual_seed(seed)
     model = MatFormerLM(cfg).eval()
-    with torch.no_grad():  # random norms and biases, so a misplaced one shows
+    random_norms_and_biases(model)
+    with torch.no_grad():  # visibly non-linear FFNs and peaked attention
         for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-            elif n.endswith("proj.weight"):
-                p.mul_(8.0)  # visibly non-linear FFNs and peaked attention
+            if n.endswith("proj.weight"):
+                p.mul_(8.0)
     return model
 
 

@@ -16,6 +16,7 @@ from matformer.data import text as D
 from matformer.errors import ConfigError
 from matformer.io.checkpoint import load_model
 from matformer.models.registry import family_of
+from tests.conftest import random_norms_and_biases
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,12 +54,7 @@ def _hf(case: str):
     cfg = getattr(transformers, f"{kind}Config")(**{**BASE, **kw})
     torch.manual_seed(0)
     model = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
-    with torch.no_grad():  # random norms and biases, so a misplaced one shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
+    random_norms_and_biases(model)
     return model
 
 
@@ -256,12 +252,8 @@ def test_llamacpp_logits_and_greedy_tokens_match(case, tmp_path):
                                                    "max_position_embeddings": 128})
     torch.manual_seed(0)
     hf = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
-    with torch.no_grad():  # random norms and biases; a sharper head: decisive greedy margins
-        for pname, p in hf.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif pname.endswith(".bias"):
-                p.normal_(0.0, 0.5)
+    random_norms_and_biases(hf)
+    with torch.no_grad():  # a sharper head: decisive greedy margins
         hf.lm_head.weight.mul_(8)
     folder = tmp_path / "src"
     hf.save_pretrained(folder)
