@@ -132,6 +132,27 @@ def test_verifies_over_long_weight_rows_match_the_eager_forward(dtype):
         fast.crop(fast.pos - n)
 
 
+def test_a_narrower_setting_sees_weights_changed_in_place():
+    # its plan holds the down and output projections' column slices as copies: a weight
+    # changed in place after the plan was made (an optimizer step, load_state_dict) is read again
+    model = tiny_lm(0, distinct=True, heads=True)
+    model.set_widths(tier=2, kv_heads=2)
+    ref = StaticDecoder(model, 1, 32)
+    fast = StaticDecoder(model, 1, 32, compile=True)
+    for dec in (ref, fast):
+        dec.prefill([torch.arange(3, 8)])
+    tok = torch.tensor([[4]])
+    assert (ref.step(tok) - fast.step(tok)).abs().max().item() < TOL[torch.float32]
+    plan = fast._plan()
+    assert plan is not None and len(plan.copied) == 2 * model.config.num_hidden_layers
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+            layer.self_attn.o_proj.weight.add_(0.5)
+    a, b = ref.step(tok), fast.step(tok)
+    assert (a - b).abs().max().item() < TOL[torch.float32] and fast._plan() is not plan
+
+
 def test_one_token_steps_and_verifies_compile_nothing():
     graphs = []
 

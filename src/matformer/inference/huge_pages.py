@@ -103,6 +103,17 @@ def weights_on_huge_pages(model: nn.Module) -> int:
     free = available_bytes()
     if free is None or 2 * total > free:
         return 0
+    with torch.no_grad():
+        for t, home in zip(tensors, _homes(tensors, offsets, total), strict=True):
+            home.copy_(t)
+            t.data = home
+    _PLACED[model] = frozenset(t.data_ptr() for t in tensors)
+    return total
+
+
+def _homes(tensors: list[torch.Tensor], offsets: list[int], total: int) -> list[torch.Tensor]:
+    """Empty contiguous tensors shaped as `tensors`, at `offsets` in one new huge-page mapping
+    of `total` bytes (each a view keeping the mapping alive)."""
     # private (a shared anonymous mapping is shmem, which THP's `enabled` does not cover), and
     # whole 2 MB pages from an aligned start
     size = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
@@ -110,11 +121,25 @@ def weights_on_huge_pages(model: nn.Module) -> int:
     area.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive while any view is
     start = -raw.data_ptr() % HUGE_PAGE
+    return [raw[start + off:start + off + t.numel() * t.element_size()].view(t.dtype)
+            .view(t.shape) for t, off in zip(tensors, offsets, strict=True)]
+
+
+def contiguous_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of `tensors` (CPU), laid one after the other on one huge-page mapping
+    where huge pages are available (else ordinary contiguous copies): for a decoding step that
+    reads them in this order."""
+    if not tensors:
+        return []
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    free = available_bytes()
+    if not huge_pages_available() or free is None or 2 * total > free:
+        return [t.contiguous() if not t.is_contiguous() else t.clone() for t in tensors]
+    homes = _homes(tensors, offsets, total)
     with torch.no_grad():
-        for t, off in zip(tensors, offsets, strict=True):
-            nbytes = t.numel() * t.element_size()
-            home = raw[start + off:start + off + nbytes].view(t.dtype).view(t.shape)
+        for t, home in zip(tensors, homes, strict=True):
             home.copy_(t)
-            t.data = home
-    _PLACED[model] = frozenset(t.data_ptr() for t in tensors)
-    return total
+    return homes

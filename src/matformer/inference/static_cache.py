@@ -193,7 +193,8 @@ class StaticDecoder:
         key = (*(f.width for f, _ in self._slots), *(a.kv_heads for _, a in self._slots),
                self.model.model.embed_tokens.weight.data_ptr(),
                self.model.lm_head.weight.data_ptr())  # weights replaced (a dtype change): a new plan
-        if key not in self._plans:
+        plan = self._plans.get(key)
+        if key not in self._plans or (plan is not None and not plan.fresh()):
             why = decode_step.why_not(self.model, self.cache)
             with torch.inference_mode():
                 self._plans[key] = None if why else decode_step.plan(self.model, self.cache)
