@@ -153,6 +153,23 @@ def test_a_narrower_setting_sees_weights_changed_in_place():
     assert (a - b).abs().max().item() < TOL[torch.float32] and fast._plan() is not plan
 
 
+def test_a_decoder_keeps_its_last_few_plans():
+    from matformer.inference.static_cache import PLANS_KEPT
+
+    model = tiny_lm(0, distinct=True, heads=True)
+    ref = StaticDecoder(model, 1, 64)
+    fast = StaticDecoder(model, 1, 64, compile=True)
+    for dec in (ref, fast):
+        dec.prefill([torch.arange(3, 8)])
+    settings = [dict(tier=t, kv_heads=g) for t in (0, 1, 2, 3) for g in (4, 2)]
+    tok = torch.tensor([[4]])
+    for setting in settings + settings[:2]:
+        model.set_widths(**setting)
+        a, b = ref.step(tok), fast.step(tok)
+        assert (a - b).abs().max().item() < TOL[torch.float32], setting
+        assert len(fast._plans) <= PLANS_KEPT
+
+
 def test_one_token_steps_and_verifies_compile_nothing():
     graphs = []
 

@@ -55,6 +55,10 @@ from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import CpuMatvec
 from matformer.models.lm.model import KVCache, MatFormerLM
 
+PLANS_KEPT = 4
+"""`decode_step` plans a decoder keeps (a target and its drafts): each narrower setting's plan
+holds copies of its column slices, so an evaluation over many settings keeps only the last few."""
+
 RECOMPILE_LIMIT = 64
 """Graphs dynamo keeps per compiled function: widths x token counts x models of one process."""
 
@@ -197,8 +201,12 @@ class StaticDecoder:
         if key not in self._plans or (plan is not None and not plan.fresh()):
             why = decode_step.why_not(self.model, self.cache)
             with torch.inference_mode():
-                self._plans[key] = None if why else decode_step.plan(self.model, self.cache)
-        return self._plans[key]
+                plan = None if why else decode_step.plan(self.model, self.cache)
+            self._plans.pop(key, None)
+            self._plans[key] = plan
+            while len(self._plans) > PLANS_KEPT:  # the least recently made (and its copies)
+                del self._plans[next(iter(self._plans))]
+        return plan
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row (B, 1) -> next-token logits (B, V)."""
