@@ -301,6 +301,23 @@ class Observed:
 
     timed: dict[str, list[float]] = field(default_factory=dict)
     plain_timed: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    accepted: dict[str, list[float]] = field(default_factory=dict)
+    """draft name -> [accepted, drafted] of earlier calls' rounds (halved after each call): a
+    later call's first prior, in place of measuring the prompt's agreement."""
+
+    def prior(self, drafts: Sequence[Draft]) -> dict[str, float] | None:
+        """Each draft's acceptance in earlier calls, once every draft has PRIOR_WEIGHT drafted
+        tokens behind it; else None."""
+        seen = [self.accepted.get(d.name, [0.0, 0.0]) for d in drafts]
+        if any(dra < PRIOR_WEIGHT for _, dra in seen):
+            return None
+        return {d.name: acc / dra for d, (acc, dra) in zip(drafts, seen, strict=True)}
+
+    def absorb_acceptance(self, state: DraftRound) -> None:
+        """Add what `state`'s rounds accepted, earlier calls weighing half each time."""
+        for name, (acc, dra) in state.seen.items():
+            old = self.accepted.get(name, [0.0, 0.0])
+            self.accepted[name] = [DECAY * (old[0] + acc), DECAY * (old[1] + dra)]
 
     def seed(self, state: DraftRound) -> None:
         state.timed = {n: list(v) for n, v in self.timed.items()}
@@ -822,6 +839,8 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
                              costs, drafts, extra)
         if seen is not None:
             seen.absorb(state)
+        if costs is not None and sampler.greedy:
+            costs.observed.absorb_acceptance(state)
         sync_device(device)
         stats.seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
@@ -866,9 +885,13 @@ def _first_choice(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, 
                                       reason="no draft pays even if every draft is accepted")
         state.k = 0
         return costs
-    state.prior = (tail_agreement(model, dec, ids, target, drafts, sampler)
-                   if dec.pos and all(d.model is None for d in drafts)
-                   else prompt_agreement(model, ids, target, drafts, sampler))
+    earlier = costs.observed.prior(drafts) if sampler.greedy else None
+    if earlier is not None:  # what earlier calls' rounds accepted: no forward to measure it
+        state.prior = earlier
+    elif dec.pos and all(d.model is None for d in drafts):
+        state.prior = tail_agreement(model, dec, ids, target, drafts, sampler)
+    else:
+        state.prior = prompt_agreement(model, ids, target, drafts, sampler)
     rechoose_draft(state, drafts, costs, ks, extra)
     extra["first_choice"] = extra["choice"]  # from the costs alone, before any round
     return costs
