@@ -15,6 +15,7 @@ from matformer.inference.decode import generate
 from matformer.inference.sampling import GenerationStats, Sampler
 from matformer.inference.speculative import (
     PAY_MARGIN,
+    PRIOR_WEIGHT,
     PROBE_TOKENS,
     REPROBE_EVERY,
     DecodeCosts,
@@ -219,6 +220,30 @@ def test_tail_agreement_is_the_prompts_agreement_on_its_last_tokens_and_restores
             for (k, v), (k0, v0) in zip(zip(dec.cache.k, dec.cache.v, strict=True), before,
                                         strict=True):
                 assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_a_later_call_takes_its_first_prior_from_earlier_rounds(monkeypatch, one_thread) -> None:
+    """A named draft with k chosen (`draft_tokens="auto"`): the first call measures the prompt's
+    agreement; its rounds' acceptance is kept on the costs, and a later call with the same costs
+    starts from it without measuring anything; output stays the target's greedy output."""
+    import matformer.inference.speculative as spec
+
+    model = tiny_lm(2)
+    measured: list[int] = []
+    real = spec.tail_agreement
+    monkeypatch.setattr(spec, "tail_agreement",
+                        lambda *a, **k: measured.append(1) or real(*a, **k))
+    plain = generate(model, PROMPT, 64, ignore_eos=True)
+    kw = dict(draft_tier=3, draft_tokens="auto", ignore_eos=True)
+    first = speculative_generate(model, PROMPT, 64, **kw)
+    costs = first.extra["costs"]
+    assert measured == [1] and first.tokens == plain.tokens
+    acc, dra = costs.observed.accepted[NAMES[2]]
+    assert dra == 0.5 * first.stats.drafted and acc == 0.5 * first.stats.accepted
+    assert dra >= PRIOR_WEIGHT
+    second = speculative_generate(model, PROMPT, 64, costs=costs, **kw)
+    assert measured == [1] and second.tokens == plain.tokens
+    assert costs.observed.accepted[NAMES[2]][1] == 0.5 * (dra + second.stats.drafted)
 
 
 def test_probe_agreement_is_the_drafts_teacher_forced_steps_and_restores_the_cache(
