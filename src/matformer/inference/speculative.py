@@ -62,7 +62,7 @@ import contextlib
 import math
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -1169,24 +1169,32 @@ def probe_agreement(model: MatFormerLM, dec: StaticDecoder, target: Setting, dra
     count of equal argmaxes; sampling: the sum over positions of sum_v min(p, q) (the
     probability the rule accepts a draft token). The target's entries in those columns are
     put back, so decoding goes on as if nothing ran."""
-    n = inputs.shape[1]
-    start = dec.pos - n
-    cache = dec.cache
-    saved = [(k[:, :, start:dec.pos].clone(), v[:, :, start:dec.pos].clone())
-             for k, v in zip(cache.k, cache.v, strict=True)]
-    try:
+    start = dec.pos - inputs.shape[1]
+    with _columns_put_back(model, dec, target, start):
         model.apply(draft.setting)
-        q_logits = model(inputs, cache=cache, start=start)[0]  # (n, V)
-    finally:
-        model.apply(target)
-        for (k, v), (k0, v0) in zip(zip(cache.k, cache.v, strict=True), saved, strict=True):
-            k[:, :, start:dec.pos].copy_(k0)
-            v[:, :, start:dec.pos].copy_(v0)
-        cache.length = dec.pos
+        q_logits = model(inputs, cache=dec.cache, start=start)[0]  # (n, V)
     p_logits = torch.stack(list(rows))
     if sampler.greedy:
         return float((q_logits.argmax(-1) == p_logits.argmax(-1)).sum())
     return float(torch.minimum(sampler.probs(p_logits), sampler.probs(q_logits)).sum())
+
+
+@contextlib.contextmanager
+def _columns_put_back(model: MatFormerLM, dec: StaticDecoder, target: Setting,
+                      start: int) -> Iterator[None]:
+    """Forwards over `dec`'s columns start..dec.pos inside it leave no trace: the cache's
+    entries there, the decoder's column and the model's setting (`target`) are as they were."""
+    end, cache = dec.pos, dec.cache
+    saved = [(k[:, :, start:end].clone(), v[:, :, start:end].clone())
+             for k, v in zip(cache.k, cache.v, strict=True)]
+    try:
+        yield
+    finally:
+        model.apply(target)
+        for (k, v), (k0, v0) in zip(zip(cache.k, cache.v, strict=True), saved, strict=True):
+            k[:, :, start:end].copy_(k0)
+            v[:, :, start:end].copy_(v0)
+        cache.length = dec.pos = end
 
 
 def tail_agreement(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, target: Setting,
@@ -1199,29 +1207,19 @@ def tail_agreement(model: MatFormerLM, dec: StaticDecoder, ids: torch.Tensor, ta
     of a 64-token call on the 41.7M benchmark model after a 64-token prompt, as much as the
     rounds gained; the rounds' own acceptance corrects a prior from fewer positions."""
     n = min(n, dec.pos)
-    end = dec.pos
-    start = end - n
-    inputs = ids[:, start:end]
-    cache = dec.cache
-    saved = [(k[:, :, start:end].clone(), v[:, :, start:end].clone())
-             for k, v in zip(cache.k, cache.v, strict=True)]
+    start = dec.pos - n
+    inputs = ids[:, start:dec.pos]
 
     def logits(setting: Setting) -> torch.Tensor:  # (n, V) at `setting`, teacher-forced
         model.apply(setting)
         if dec.native:  # the C++ step's verify: a few steps' time, where eager takes 2-3x that
             dec.crop(start)
             return dec.forward(inputs)[0]
-        return model(inputs, cache=cache, start=start)[0]
+        return model(inputs, cache=dec.cache, start=start)[0]
 
-    try:
+    with _columns_put_back(model, dec, target, start):
         p = logits(target)
         qs = {d.name: logits(d.setting) for d in drafts}
-    finally:
-        model.apply(target)
-        for (k, v), (k0, v0) in zip(zip(cache.k, cache.v, strict=True), saved, strict=True):
-            k[:, :, start:end].copy_(k0)
-            v[:, :, start:end].copy_(v0)
-        cache.length = dec.pos = end
     if sampler.greedy:
         return {name: float((q.argmax(-1) == p.argmax(-1)).float().mean()) for name, q in qs.items()}
     pp = sampler.probs(p)
