@@ -96,10 +96,7 @@ def weights_on_huge_pages(model: nn.Module) -> int:
     placed = _PLACED.get(model)
     if placed is not None and {t.data_ptr() for t in tensors} <= placed:
         return 0
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    offsets, total = _layout(tensors)
     free = available_bytes()
     if free is None or 2 * total > free:
         return 0
@@ -109,6 +106,16 @@ def weights_on_huge_pages(model: nn.Module) -> int:
             t.data = home
     _PLACED[model] = frozenset(t.data_ptr() for t in tensors)
     return total
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Each tensor's byte offset, one after the other from cache-line starts, and the bytes in
+    all."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return offsets, total
 
 
 def _homes(tensors: list[torch.Tensor], offsets: list[int], total: int) -> list[torch.Tensor]:
@@ -131,13 +138,10 @@ def contiguous_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     reads them in this order."""
     if not tensors:
         return []
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    offsets, total = _layout(tensors)
     free = available_bytes()
     if not huge_pages_available() or free is None or 2 * total > free:
-        return [t.contiguous() if not t.is_contiguous() else t.clone() for t in tensors]
+        return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
     homes = _homes(tensors, offsets, total)
     with torch.no_grad():
         for t, home in zip(tensors, homes, strict=True):
