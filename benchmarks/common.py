@@ -38,6 +38,23 @@ def parser(doc: str | None, *, full_doc: bool = False) -> argparse.ArgumentParse
     return argparse.ArgumentParser(prog=_prog(), description=first)
 
 
+DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+"""The short dtype names benchmarks take on their command lines, and torch's names for them."""
+
+
+def dtypes_arg(p: argparse.ArgumentParser, flag: str, text: str) -> dict[str, Any]:
+    """The dtypes a comma-separated `flag` value names (short name -> torch dtype), all checked
+    before anything runs; an unknown one is a usage error naming it."""
+    import torch  # this module stays torch-free at import time
+
+    out = {}
+    for name in text.split(","):
+        if name not in DTYPE_NAMES:
+            p.error(f"{flag}: unknown {name!r}; use {', '.join(DTYPE_NAMES)}")
+        out[name] = getattr(torch, DTYPE_NAMES[name])
+    return out
+
+
 def cpu_name() -> str:
     """The CPU's marketing name from /proc/cpuinfo (platform.processor() is often empty on
     Linux), else whatever platform reports."""

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, hardware, parser, write_json
+from benchmarks.common import DTYPE_NAMES, RESULTS, hardware, parser, write_json
 from matformer import MatFormerConfig, MatFormerLM, load_model, save_model
 from matformer.data.text import save_tokenizer, train_tokenizer
 from matformer.inference.decode import generate
@@ -53,7 +53,7 @@ SIZES: dict[str, dict[str, int]] = {
     "41.7M": dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=2),
 }
-OURS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+OURS = {name: getattr(torch, t) for name, t in DTYPE_NAMES.items()}
 
 
 def corpus() -> list[str]:

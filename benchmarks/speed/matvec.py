@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from benchmarks.common import RESULTS, hardware, parser, write_json
+from benchmarks.common import RESULTS, dtypes_arg, hardware, parser, write_json
 from matformer.inference import row_kernel
 from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import row_linear
 
 SHAPES = [(4096, 512), (512, 4096), (512, 512)]
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def seconds(fn: Callable[[], object], inner: int = 3) -> float:
@@ -116,10 +115,7 @@ def main() -> int:
           f"{args.threads} thread(s), median of {args.repeats}")
     print(f"{'dtype':>5} {'shape':>12} {'F.linear':>9} {'in graph':>9} {'row_linear':>10} "
           f"{'C kernel':>8} {'numpy':>7} {'sum':>6} {'ratio':>6}   (GB/s)")
-    for name in args.dtypes.split(","):
-        if name not in DTYPES:
-            p.error(f"--dtypes: unknown {name!r}; use {', '.join(DTYPES)}")
-        dtype = DTYPES[name]
+    for name, dtype in dtypes_arg(p, "--dtypes", args.dtypes).items():
         for out, inp in SHAPES:
             rate = measure(dtype, out, inp, args.megabytes, args.repeats, args.rows)
             count = rate.pop("weights")

@@ -22,14 +22,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, hardware, parser, write_json
+from benchmarks.common import RESULTS, dtypes_arg, hardware, parser, write_json
 from benchmarks.speed.llamacpp_speed import SIZES
 from matformer.inference import decode_step, row_kernel
 from matformer.inference.static_cache import StaticDecoder
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
-
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def forward_ms(dec: StaticDecoder, kernels: bool, tokens: int, steps: int) -> float:
@@ -80,12 +78,10 @@ def main() -> int:
           f"{args.repeats} interleaved repeats; ms a forward")
     print(f"{'dtype':>5} {'tier':>4} {'tokens':>6} {'compiled':>9} {'+kernels':>9} "
           f"{'C++ step':>9} {'+k/comp':>8} {'step/comp':>9}")
-    for name in args.dtypes.split(","):
-        if name not in DTYPES:
-            p.error(f"--dtypes: unknown {name!r}; use {', '.join(DTYPES)}")
+    for name, dtype in dtypes_arg(p, "--dtypes", args.dtypes).items():
         torch.manual_seed(0)
         cfg = MatFormerConfig(vocab_size=2048, max_position_embeddings=1024, **SIZES[args.size])
-        model = MatFormerLM(cfg).eval().to(DTYPES[name])
+        model = MatFormerLM(cfg).eval().to(dtype)
         for tier in (int(t) for t in args.tiers.split(",")):
             model.set_widths(tier=tier)
             compiled, native = decoder(model, args.steps, False), decoder(model, args.steps, True)
