@@ -311,14 +311,13 @@ class CompileStats:
         'compiled 2 graphs in 41.3 s (saved for later runs: 2; cache: ~/.cache/matformer/
         inductor)', 'loaded 2 precompiled graphs in 0.41 s (nothing traced or built; cache:
         ...)', 'compiled 1 graph and loaded 1 precompiled graph in ...', or that nothing was."""
-        built_kernels = (f"; C++ kernels built in {self.kernel_seconds:.1f} s"
-                         if self.kernel_seconds else "")
-        if not self.graphs and self.native_calls:
-            return ("nothing to compile (decoding steps ran as one C++ call each"
-                    f"{built_kernels})")
+        kernels = (f"C++ kernels built in {self.kernel_seconds:.1f} s"
+                   if self.kernel_seconds else None)
         if not self.graphs:
-            return ("nothing compiled (every graph was already compiled in this process"
-                    f"{built_kernels})")
+            why = ("nothing to compile (decoding steps ran as one C++ call each"
+                   if self.native_calls else
+                   "nothing compiled (every graph was already compiled in this process")
+            return f"{why}{f'; {kernels}' if kernels else ''})"
         built = self.graphs - self.precompiled
         secs = f"{self.seconds:.2f}" if self.seconds < 10 else f"{self.seconds:.1f}"
         what = [f"compiled {built} graph{'s' if built != 1 else ''}"] if built else []
@@ -333,8 +332,8 @@ class CompileStats:
                           f"{self.cache_hits}")
         if not built:
             detail.append("nothing traced or built")
-        if self.kernel_seconds:
-            detail.append(f"C++ kernels built in {self.kernel_seconds:.1f} s")
+        if kernels:
+            detail.append(kernels)
         return (f"{' and '.join(what)} in {secs} s ({', '.join(detail)}; "
                 f"cache: {compile_cache_dir()})")
 
