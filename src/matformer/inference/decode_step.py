@@ -133,6 +133,7 @@ def plan(model: MatFormerLM, cache: KVCache) -> DecodePlan:
         a, f = layer.self_attn, layer.mlp
         wq, wk, wv, wo = (w.detach() for w in a._weights())
         bq, bk, bv = a._biases()
+        gate, up, down = (w.detach() for w in f._weights())
         m = f.width
         g = a.kv_heads
         ck, cv = a._cache_heads(cache, g)
@@ -141,8 +142,7 @@ def plan(model: MatFormerLM, cache: KVCache) -> DecodePlan:
                    f32(a.q_norm.weight) if a.qk_norm else none,
                    f32(a.k_norm.weight) if a.qk_norm else none,
                    wo, f32(a.o_proj.bias), f32(layer.post_attention_layernorm.weight),
-                   f.gate_proj.weight.detach()[:m], f.up_proj.weight.detach()[:m],
-                   f.down_proj.weight.detach()[:, :m], ck, cv]
+                   gate, up, down, ck, cv]
         layer_ints += [a.window or 0, g]
         if g < a.stored_kv_heads:
             sliced.append((base + WO, a.o_proj.weight))

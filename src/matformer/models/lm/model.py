@@ -300,16 +300,23 @@ class NestedMLP(nn.Module):
     def stored_width(self) -> int:
         return self.gate_proj.weight.shape[0]
 
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate, up, down weights of the active width: the stored tensors or views of them
+        (rows [:m] of gate/up are contiguous; columns [:, :m] of down a strided view read with
+        a leading dimension of the stored width)."""
+        m = self.width
+        gate, up, down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if m == self.stored_width:
+            return gate, up, down
+        return gate[:m], up[:m], down[:, :m]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.width
         if m == self.stored_width:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         _check_plain(self, ("gate_proj", "up_proj", "down_proj"), "FFN width", m)
-        # Views, not copies: rows [:m] are contiguous; columns [:, :m] are a strided view that
-        # the matmul reads with a leading dimension of the stored width.
-        g = F.linear(x, self.gate_proj.weight[:m])
-        u = F.linear(x, self.up_proj.weight[:m])
-        return F.linear(self.act(g) * u, self.down_proj.weight[:, :m])
+        gate, up, down = self._weights()  # views, not copies
+        return F.linear(self.act(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 class DecoderLayer(nn.Module):
