@@ -29,8 +29,8 @@ these products and this attention); what both files share is `cpu_simd.h`.
 sources side by side, about 9 s), once per source, torch, compiler and CPU, into
 `compile_cache_dir()/row_kernel/` (written beside, then moved in; a failed build is remembered
 there and not retried), reported by `compile_stats().kernel_seconds` and its one-line
-description. Compiled steps use the kernels with one torch thread only, on an x86-64 CPU with AVX-512 or AVX2+F16C+FMA,
-decided outside the traced code by `refresh()`. They are single-threaded: with more threads
+description. Compiled steps use the kernels with one torch thread only, on an x86-64 CPU with
+AVX-512 or AVX2+F16C+FMA, decided outside the traced code by `refresh()`. They are single-threaded: with more threads
 inductor's reductions and PyTorch's attention run in parallel. A version whose product split
 its rows over torch's threads (`at::parallel_for`, OpenMP) decoded the 41.7M float16 model no
 faster than inductor at two threads (3.4-3.8 against 3.2 ms a step) and slower at one.
@@ -170,9 +170,9 @@ def _build(cxx: str, folder: Path) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".row_kernel-", suffix=".so")
     os.close(fd)
+    compiles, link = _commands(cxx, tmp)
     try:
         t0 = time.perf_counter()
-        compiles, link = _commands(cxx, tmp)
         error = _run_all(compiles, link)
         # compilation the user waits for: reported beside the graphs' (`compile_stats`)
         record_kernel_build_seconds(time.perf_counter() - t0)
@@ -184,7 +184,7 @@ def _build(cxx: str, folder: Path) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     finally:
-        for path in (tmp, *(c[-1] for c in _commands(cxx, tmp)[0])):
+        for path in (tmp, *(c[-1] for c in compiles)):  # the library, the object files
             if os.path.exists(path):
                 os.unlink(path)
 
