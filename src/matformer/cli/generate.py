@@ -137,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         from matformer.inference.compile_cache import compile_cache_dir
 
-        print(f"--compile: the decode step compiles on its first use at a width (kernels "
-              f"kept in {compile_cache_dir()} for later runs)", file=sys.stderr)
+        print(f"--compile: the decode step compiles on its first use at a width, or on a CPU "
+              f"with one thread runs as one C++ call (built once; kernels kept in "
+              f"{compile_cache_dir()} for later runs)", file=sys.stderr)
     draft = {f"draft_{k}": v for k, v in width_request(args, "draft-").keywords().items()}
     if args.draft_tier == "auto":
         draft["draft_tier"] = "auto"
