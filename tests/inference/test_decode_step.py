@@ -3,7 +3,8 @@
 Checked against the eager static-cache step of the same model, token by token over a greedy
 continuation: every family on the Llama block (q/k/v/o biases, Qwen3's q/k norms, sliding
 windows, rope scaling, tied embeddings, a tanh GELU), narrower FFN widths and KV heads, the
-three dtypes. Also: that a compiled decoder runs its one-token steps through it and compiles
+three dtypes; a greedy speculative round as one call (`decode_round`) against its draft steps
+and verify run apart. Also: that a compiled decoder runs its one-token steps through it and compiles
 nothing for them, that what it does not cover falls back to the compiled step, and the switch
 that turns it off."""
 
@@ -15,9 +16,12 @@ import torch
 import matformer.models.registry  # noqa: F401  (the families' configs)
 from matformer.inference import decode_step, row_kernel
 from matformer.inference.compile_cache import compile_stats
+from matformer.inference.decode import generate
+from matformer.inference.speculative import greedy_accept, speculative_generate
 from matformer.inference.static_cache import StaticDecoder
 from matformer.models.lm.config import MatFormerConfig
 from matformer.models.lm.model import MatFormerLM
+from matformer.tiers import WidthRequest
 from tests.conftest import random_norms_and_biases, tiny_lm
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -131,6 +135,64 @@ def test_verifies_over_long_weight_rows_match_the_eager_forward(dtype):
         assert (a.float() - b.float()).abs().max().item() < TOL[dtype], n
         ref.crop(ref.pos - n)
         fast.crop(fast.pos - n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_greedy_round_is_its_draft_steps_and_verify(dtype):
+    # one call for k drafts at a narrower setting (fewer KV heads too) and the verify at the
+    # target's: the drafts, the target's argmax and the cache bit for bit as the steps and the
+    # verify run one call each
+    model = tiny_lm(0, distinct=True, heads=True, random_norms=True).to(dtype)
+    target = model.resolve(WidthRequest())
+    draft = model.resolve(WidthRequest(tier=3, kv_heads=1))
+    one, apart = StaticDecoder(model, 1, 64, compile=True), StaticDecoder(model, 1, 64, compile=True)
+    for dec in (one, apart):
+        dec.prefill([torch.arange(3, 9)])
+    tok, accepted = 7, 0
+    for k in (1, 2, 4, 7, 3, 2):
+        start = apart.pos
+        model.apply(draft)
+        drafts, t = [], tok
+        for _ in range(k):
+            t = int(apart.step(torch.tensor([[t]]))[0].argmax())
+            drafts.append(t)
+        apart.crop(start)
+        model.apply(target)
+        best = apart.forward(torch.tensor([[tok, *drafts]]))[0].argmax(-1).tolist()
+        model.apply(draft)  # the round applies both settings itself
+        assert one.greedy_round(draft, target, tok, k) == (drafts, best), k
+        assert one.pos == apart.pos == start + k + 1 and model.widths == target.widths
+        n, new = greedy_accept(drafts, best)
+        accepted += n
+        for dec in (one, apart):
+            dec.crop(start + 1 + n)
+        for a, b in zip((*one.cache.k, *one.cache.v), (*apart.cache.k, *apart.cache.v), strict=True):
+            assert torch.equal(a[..., :one.pos, :], b[..., :one.pos, :])
+        tok = new[-1]
+    assert one.greedy_round(draft, target, tok, decode_step.MAX_ROWS) is None  # k + 1 > 8 rows
+
+
+def test_speculative_decoding_runs_each_greedy_round_as_one_call(monkeypatch):
+    calls = []
+    real = decode_step.greedy_round
+    monkeypatch.setattr(decode_step, "greedy_round", lambda *a: calls.append(a[3]) or real(*a))
+    model = tiny_lm(0, distinct=True, heads=True, random_norms=True)
+    plain = generate(model, [3, 4, 5, 6], 24, ignore_eos=True)
+    before = compile_stats()
+    spec = speculative_generate(model, [3, 4, 5, 6], 24, ignore_eos=True, compile=True,
+                                draft_tier=2, draft_tokens=3, draft_kv_heads=2)
+    ran = compile_stats().since(before)
+    assert spec.tokens == plain.tokens and ran.graphs == 0
+    rounds = spec.stats.target_forwards - 1  # the prompt's forward, then a verify a round
+    assert ran.native_calls == rounds + spec.stats.draft_forwards
+    # one call a round; the last may have had room for no draft (then a one-token verify)
+    assert rounds - 1 <= len(calls) <= rounds and set(calls[:-1]) == {3}
+    # sampling: drafts and the verify call by call (a draw between them), the same C++ step
+    calls.clear()
+    before = compile_stats()
+    speculative_generate(model, [3, 4, 5, 6], 24, ignore_eos=True, compile=True, draft_tier=2,
+                         draft_tokens=3, temperature=0.8, seed=1)
+    assert compile_stats().since(before).native_calls > 0 and calls == []
 
 
 def test_a_narrower_setting_sees_weights_changed_in_place():

@@ -84,6 +84,19 @@ class DecodePlan:
                                                self.ints, self.eps, tokens, col, pad)
 
 
+def greedy_round(target: DecodePlan, draft: DecodePlan, token: int, k: int, col: int,
+                 pad: int) -> tuple[list[int], list[int]]:
+    """A greedy speculative round as one call (`decode_step.cpp`'s `decode_round`): `k` steps
+    at `draft`'s setting from `token` in column `col`, each taking its argmax, then the verify of
+    the k + 1 tokens at `target`'s (both plans of one model over one cache). Returns (the k
+    drafts, the target's argmax after each of the k + 1 tokens); the target's entries are in
+    columns col..col+k."""
+    out = torch.ops.matformer.decode_round(target.layers, draft.layers, target.globals,
+                                           target.layer_ints, draft.layer_ints, target.ints,
+                                           target.eps, token, k, col, pad).tolist()
+    return out[:k], out[k:]
+
+
 def why_not(model: nn.Module, cache: KVCache) -> str | None:
     """Why `decode_step` cannot run this model over this cache, or None when it can."""
     if type(model) is not MatFormerLM:

@@ -80,6 +80,13 @@ def _decode_step_shape(layers: list[torch.Tensor], globals: list[torch.Tensor],
     return globals[0].new_empty(1, len(tokens), globals[2].shape[0])
 
 
+def _decode_round_shape(layers: list[torch.Tensor], draft_layers: list[torch.Tensor],
+                        globals: list[torch.Tensor], layer_ints: list[int],
+                        draft_layer_ints: list[int], ints: list[int], eps: float, token: int,
+                        k: int, col: int, pad: int) -> torch.Tensor:
+    return globals[0].new_empty(2 * k + 1, dtype=torch.long)
+
+
 _SCHEMAS = {
     "row_matmul": ("(Tensor x, Tensor weight) -> Tensor", _row_matmul_shape),
     "decode_attention": ("(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
@@ -88,6 +95,10 @@ _SCHEMAS = {
     # tensors among `layers`, and runs eagerly only (never traced)
     "decode_step": ("(Tensor(a!)[] layers, Tensor[] globals, int[] layer_ints, int[] ints, "
                     "float eps, int[] tokens, int col, int pad) -> Tensor", _decode_step_shape),
+    # a greedy draft-and-verify round at two settings of one model over one cache
+    "decode_round": ("(Tensor(a!)[] layers, Tensor(b!)[] draft_layers, Tensor[] globals, "
+                     "int[] layer_ints, int[] draft_layer_ints, int[] ints, float eps, "
+                     "int token, int k, int col, int pad) -> Tensor", _decode_round_shape),
 }
 
 

@@ -1058,12 +1058,19 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         # One token always comes from the verifier, so at most remaining-1 drafts count.
         kk = min(state.k, max_new_tokens - len(out) - 1)
         ddec = draft_decs.get(state.draft.name)
-        drafts_, q_rows = _draft(model, dec, ddec, cur, kk, state.draft, sampler, stats)
-        model.apply(target)
-        block = torch.cat([cur, *drafts_], dim=1)  # (1, kk+1): cur, d1..dk
-        p_logits = dec.forward(block)[0]  # (kk+1, V)
+        # greedy at a width of this model: the whole round as one C++ call where it runs
+        native = (dec.greedy_round(state.draft.setting, target, int(cur), kk)
+                  if sampler.greedy and ddec is None and kk > 0 else None)
+        if native is not None:
+            stats.draft_forwards += kk
+            n, new = greedy_accept(*native)
+        else:
+            drafts_, q_rows = _draft(model, dec, ddec, cur, kk, state.draft, sampler, stats)
+            model.apply(target)
+            block = torch.cat([cur, *drafts_], dim=1)  # (1, kk+1): cur, d1..dk
+            p_logits = dec.forward(block)[0]  # (kk+1, V)
+            n, new = verify_drafts(sampler, p_logits, block[0, 1:], q_rows)
         stats.target_forwards += 1
-        n, new = verify_drafts(sampler, p_logits, block[0, 1:], q_rows)
         stats.drafted += kk
         stats.accepted += n
         dec.crop(start + 1 + n)  # keep the verifier's entries for cur and the n accepted
@@ -1268,6 +1275,15 @@ def _draft(model: MatFormerLM, dec: StaticDecoder, ddec: StaticDecoder | None, c
     return drafts, q_rows
 
 
+def greedy_accept(drafts: list[int], best: list[int]) -> tuple[int, list[int]]:
+    """Greedy verification: (n, the tokens to emit) for `drafts` (k) against the target's argmax
+    `best` after each of the k + 1 tokens: the longest prefix of drafts equal to the target's
+    choices, then the target's own next token."""
+    n = next((i for i, (d, b) in enumerate(zip(drafts, best[:-1], strict=True)) if d != b),
+             len(drafts))
+    return n, drafts[:n] + [best[n]]
+
+
 def verify_drafts(sampler: Sampler, p_logits: torch.Tensor, d: torch.Tensor,
                   q_rows: Sequence[torch.Tensor] = ()) -> tuple[int, list[int]]:
     """The verifier's decision on drafts `d` (kk,) from its logits (kk+1, V): (accepted count
@@ -1276,10 +1292,7 @@ def verify_drafts(sampler: Sampler, p_logits: torch.Tensor, d: torch.Tensor,
     distributions): the standard acceptance rule. Also the server's rule (`matformer serve`)."""
     kk = d.shape[0]
     if sampler.greedy:
-        best = p_logits.argmax(-1)  # (kk+1,)
-        agree = (best[:kk] == d).tolist()
-        n = agree.index(False) if False in agree else kk
-        return n, d[:n].tolist() + [int(best[n])]
+        return greedy_accept(d.tolist(), p_logits.argmax(-1).tolist())
     p = sampler.probs(p_logits)  # (kk+1, V)
     if kk == 0:
         return 0, [int(sampler.draw(p[0]))]

@@ -54,6 +54,7 @@ from matformer.inference.half_on_cpu import half_on_cpu
 from matformer.inference.huge_pages import weights_on_huge_pages
 from matformer.inference.matvec import CpuMatvec
 from matformer.models.lm.model import KVCache, MatFormerLM
+from matformer.tiers import Setting
 
 PLANS_KEPT = 4
 """`decode_step` plans a decoder keeps (a target and its drafts): each narrower setting's plan
@@ -207,6 +208,30 @@ class StaticDecoder:
             while len(self._plans) > PLANS_KEPT:  # the least recently made (and its copies)
                 del self._plans[next(iter(self._plans))]
         return plan
+
+    def greedy_round(self, draft: Setting, target: Setting, token: int,
+                     k: int) -> tuple[list[int], list[int]] | None:
+        """A greedy speculative round inside one model as one C++ call (`decode_step.
+        greedy_round`): `k` drafts from `token` at the setting `draft()` applies, then the verify
+        at the setting `target()` applies (the model is left there); returns (the drafts, the
+        target's argmax after each of the k + 1 tokens), the columns of all k + 1 written (crop
+        to the accepted ones). None, and nothing run, where the step does not cover both
+        settings (then draft and verify as separate calls)."""
+        if not (self.native and self.batch_size == 1 and 1 <= k < decode_step.MAX_ROWS):
+            return None
+        self.model.apply(draft)
+        draft_plan = self._plan()
+        self.model.apply(target)
+        plan = self._plan()
+        if plan is None or draft_plan is None:
+            return None
+        with torch.inference_mode():
+            drafts, best = decode_step.greedy_round(plan, draft_plan, token, k, self.pos,
+                                                    int(self.pad[0]))
+        for _ in range(k + 1):
+            record_native_call()
+        self.pos += k + 1
+        return drafts, best
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token per row (B, 1) -> next-token logits (B, V)."""
