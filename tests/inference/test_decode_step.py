@@ -120,7 +120,7 @@ def test_verifies_of_several_tokens_match_the_eager_forward():
 def test_verifies_over_long_weight_rows_match_the_eager_forward(dtype):
     # FFN rows of 1100 (a tail past the last vector): from 4 tokens on the down projection's
     # inputs outgrow the L1 cache and its product is tiled over weight rows; a hidden size of
-    # 42 leaves weight rows over after the tiles of 4 (and of 2, from 7 tokens on)
+    # 42 leaves weight rows over after the tiles of 5 and 4 weight rows (5 and 6 tokens)
     cfg = MatFormerConfig.from_dict({**BASE, "model_type": "llama", "hidden_size": 42,
                                      "intermediate_size": 1100, "head_dim": 10})
     torch.manual_seed(1)
