@@ -222,6 +222,22 @@ def test_tail_agreement_is_the_prompts_agreement_on_its_last_tokens_and_restores
                 assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
+def _judged_rounds(monkeypatch) -> list[tuple[int, int]]:
+    """(drafts, accepted) of every greedy round from here on (`greedy_accept`'s calls)."""
+    import matformer.inference.speculative as spec
+
+    rounds: list[tuple[int, int]] = []
+    real = spec.greedy_accept
+    monkeypatch.setattr(spec, "greedy_accept",
+                        lambda d, b: rounds.append((len(d), real(d, b)[0])) or real(d, b))
+    return rounds
+
+
+def _judged(rounds: list[tuple[int, int]]) -> int:
+    """The drafts the verifier tested: the accepted ones and each round's first rejected."""
+    return sum(n + (n < k) for k, n in rounds)
+
+
 def test_a_later_call_takes_its_first_prior_from_earlier_rounds(monkeypatch, one_thread) -> None:
     """A named draft with k chosen (`draft_tokens="auto"`): the first call measures the prompt's
     agreement; its rounds' acceptance is kept on the costs, and a later call with the same costs
@@ -233,17 +249,35 @@ def test_a_later_call_takes_its_first_prior_from_earlier_rounds(monkeypatch, one
     real = spec.tail_agreement
     monkeypatch.setattr(spec, "tail_agreement",
                         lambda *a, **k: measured.append(1) or real(*a, **k))
+    rounds = _judged_rounds(monkeypatch)
     plain = generate(model, PROMPT, 64, ignore_eos=True)
     kw = dict(draft_tier=3, draft_tokens="auto", ignore_eos=True)
     first = speculative_generate(model, PROMPT, 64, **kw)
     costs = first.extra["costs"]
     assert measured == [1] and first.tokens == plain.tokens
-    acc, dra = costs.observed.accepted[NAMES[2]]
-    assert dra == 0.5 * first.stats.drafted and acc == 0.5 * first.stats.accepted
-    assert dra >= PRIOR_WEIGHT
+    acc, seen = costs.observed.accepted[NAMES[2]]
+    assert seen == 0.5 * _judged(rounds) and acc == 0.5 * first.stats.accepted
+    assert seen >= PRIOR_WEIGHT
+    rounds.clear()
     second = speculative_generate(model, PROMPT, 64, costs=costs, **kw)
     assert measured == [1] and second.tokens == plain.tokens
-    assert costs.observed.accepted[NAMES[2]][1] == 0.5 * (dra + second.stats.drafted)
+    assert costs.observed.accepted[NAMES[2]][1] == 0.5 * (seen + _judged(rounds))
+
+
+def test_acceptance_counts_the_drafts_the_verifier_judged(monkeypatch) -> None:
+    """A round's drafts after its first rejection were never tested: the acceptance kept for
+    later choices is accepted over judged (the accepted ones and the first rejected), the
+    per-draft probability `expected_tokens` takes, not accepted over drafted."""
+    rounds = _judged_rounds(monkeypatch)
+    model = tiny_lm(2)
+    costs = DecodeCosts(1.0, dict.fromkeys(NAMES, 0.1), dict.fromkeys(range(1, 9), 1.0))
+    out = speculative_generate(model, PROMPT, 48, draft_tier=3, draft_tokens=3, costs=costs,
+                               ignore_eos=True)
+    assert out.tokens == generate(model, PROMPT, 48, ignore_eos=True).tokens
+    assert sum(k for k, _ in rounds) == out.stats.drafted
+    assert _judged(rounds) < out.stats.drafted  # some round was rejected before its last draft
+    acc, seen = costs.observed.accepted[NAMES[2]]
+    assert (acc, seen) == (0.5 * out.stats.accepted, 0.5 * _judged(rounds))
 
 
 def test_probe_agreement_is_the_drafts_teacher_forced_steps_and_restores_the_cache(
