@@ -278,6 +278,15 @@ def test_acceptance_counts_the_drafts_the_verifier_judged(monkeypatch) -> None:
     assert _judged(rounds) < out.stats.drafted  # some round was rejected before its last draft
     acc, seen = costs.observed.accepted[NAMES[2]]
     assert (acc, seen) == (0.5 * out.stats.accepted, 0.5 * _judged(rounds))
+    # `draft_tier="auto"` (plain decoding an option) keeps the lower estimate, every drafted
+    # token counted: where drafting is marginal it errs toward plain decoding
+    rounds.clear()
+    costs = DecodeCosts(1.0, dict.fromkeys(NAMES, 0.01), dict.fromkeys(range(1, 9), 1.0),
+                        plain_step=1.0)
+    out = speculative_generate(model, PROMPT, 48, draft_tier="auto", costs=costs,
+                               ignore_eos=True)
+    counted = sum(v[1] for v in costs.observed.accepted.values())
+    assert out.stats.drafted > 0 and counted == 0.5 * out.stats.drafted
 
 
 def test_probe_agreement_is_the_drafts_teacher_forced_steps_and_restores_the_cache(

@@ -302,7 +302,7 @@ class Observed:
     timed: dict[str, list[float]] = field(default_factory=dict)
     plain_timed: list[float] = field(default_factory=lambda: [0.0, 0.0])
     accepted: dict[str, list[float]] = field(default_factory=dict)
-    """draft name -> [accepted, judged] of earlier calls' rounds (`DraftRound.seen`, halved
+    """draft name -> [accepted, counted] of earlier calls' rounds (`DraftRound.seen`, halved
     after each call): a later call's first prior, in place of measuring the prompt's
     agreement."""
 
@@ -602,8 +602,14 @@ class DraftRound:
     mode: str
     prior: dict[str, float]
     seen: dict[str, list[int]] = field(default_factory=dict)
-    """draft name -> [accepted, judged] observed: the drafts the verifier tested, up to and
-    including a round's first rejection (the acceptance `expected_tokens` takes per draft)."""
+    """draft name -> [accepted, counted] observed. A named draft (no plain fallback) counts the
+    drafts the verifier judged, the accepted ones and a round's first rejected: the per-draft
+    acceptance `expected_tokens` takes (the ones after a rejection were never tested; counting
+    them as rejected put a tier-3 draft accepted 90% of the time at about 80% once k was 3, and
+    k then stayed at 1). `draft_tier="auto"` counts every drafted token, a lower estimate:
+    where drafting is marginal (the demo's eval table, eager, drafts at 0.7-0.8 of a step) the
+    unbiased one kept it drafting at 0.77-0.84x of plain decoding in 2 of 5 runs, the lower
+    one chose plain decoding in all of them."""
     plain_ok: bool = False
     """Whether the choice may fall back to plain decoding (the draft was chosen too)."""
     timed: dict[str, list[float]] = field(default_factory=dict)
@@ -1085,10 +1091,7 @@ def _rounds(model: MatFormerLM, dec: StaticDecoder, draft_decs: dict[str, Static
         cur = torch.tensor([[new[-1]]], device=dec.device)
         seen = state.seen.setdefault(state.draft.name, [0, 0])
         seen[0] += n
-        # the drafts the verifier judged: the accepted ones and the first rejected (the ones
-        # after it were never tested; counting them as rejected put a k = 3 round of drafts
-        # accepted 90% of the time at about 80%, and the choice then stayed at k = 1)
-        seen[1] += n + (n < kk)
+        seen[1] += kk if state.plain_ok else n + (n < kk)
         timed = [0.0, 0.0]
         if costs is not None and kk > 0 and kk in costs.verify \
                 and state.draft.name in costs.draft_steps and _compile_marker() == compiling:
