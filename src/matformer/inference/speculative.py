@@ -606,10 +606,10 @@ class DraftRound:
     drafts the verifier judged, the accepted ones and a round's first rejected: the per-draft
     acceptance `expected_tokens` takes (the ones after a rejection were never tested; counting
     them as rejected put a tier-3 draft accepted 90% of the time at about 80% once k was 3, and
-    k then stayed at 1). `draft_tier="auto"` counts every drafted token, a lower estimate:
-    where drafting is marginal (the demo's eval table, eager, drafts at 0.7-0.8 of a step) the
-    unbiased one kept it drafting at 0.77-0.84x of plain decoding in 2 of 5 runs, the lower
-    one chose plain decoding in all of them."""
+    k then stayed at 1). `draft_tier="auto"` counts every drafted token, a lower estimate that
+    errs toward plain decoding where drafting is marginal (timed runs of the demo's eval table
+    could not tell the two apart: `auto` drafted at a loss in 2 of 5 runs with the judged
+    count, 5 of 17 with this one, in the same hour)."""
     plain_ok: bool = False
     """Whether the choice may fall back to plain decoding (the draft was chosen too)."""
     timed: dict[str, list[float]] = field(default_factory=dict)
