@@ -23,6 +23,7 @@ from matformer.inference.speculative import (
     _plain_start,
     acceptance_bound,
     cached_costs,
+    choose_draft,
     ideal_costs,
     probe_agreement,
     speculative_generate,
@@ -68,6 +69,26 @@ def test_auto_that_cannot_pay_is_plain_decoding_itself(model, one_thread) -> Non
         assert auto.extra["choice"].draft is None
         assert "every draft is accepted" in auto.extra["choice"].reason
         assert auto.extra["costs"] is costs and auto.extra["choosing_seconds"] == 0.0
+
+
+def test_auto_drafts_only_for_a_gain_beyond_the_margin(model, one_thread) -> None:
+    """Drafts that would pay a little even fully accepted (1.10x at best here: a draft step at
+    0.85 of a plain step) are not worth `auto`'s noisy estimates: it is `generate` itself; a
+    draft at 0.5 of a step (1.7x fully accepted) is used."""
+    verify = {k: 1.0 + 0.05 * k for k in range(1, 9)}
+    costs = DecodeCosts(1.0, dict.fromkeys(NAMES, 0.85), verify, plain_step=1.0)
+    best = choose_draft(costs, dict.fromkeys(NAMES, 1.0), allow_plain=False)
+    assert 1.0 < best.expected_speedup < PAY_MARGIN
+    plain, n_plain = _counted(model, lambda: generate(model, PROMPT, 24, ignore_eos=True))
+    auto, n_auto = _counted(model, lambda: speculative_generate(
+        model, PROMPT, 24, draft_tier="auto", costs=costs, ignore_eos=True))
+    assert auto.tokens == plain.tokens and n_auto == n_plain and auto.stats.drafted == 0
+    assert auto.extra["choice"].draft is None
+    costs = DecodeCosts(1.0, dict.fromkeys(NAMES, 0.5), verify, plain_step=1.0)
+    assert choose_draft(costs, dict.fromkeys(NAMES, 1.0)).expected_speedup > PAY_MARGIN
+    auto = speculative_generate(model, PROMPT, 24, draft_tier="auto", costs=costs,
+                                ignore_eos=True)
+    assert auto.tokens == plain.tokens and auto.stats.drafted > 0
 
 
 def _auto_on_promising_costs(model):
