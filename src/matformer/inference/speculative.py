@@ -255,7 +255,7 @@ machine, and a call's choosing costs about 5% of it. With 1.0 (1.1 at ideal cost
 demo's eval table (eager; drafts at 0.7-0.9 of a step, so at most 1.1-1.15x even fully
 accepted) `auto` explored each draft in every call and drafted at 0.76-0.92x of plain
 decoding in 13 of 42 timed runs (five variants of the acceptance count and of the plain step's
-estimate, none of which changed that), with the margin in none of 11; where drafting pays
+estimate, none of which removed it), with the margin in none of 11; where drafting pays
 (the 41.7M benchmark model, compiled: 1.5-1.8x expected) it changes nothing."""
 
 
