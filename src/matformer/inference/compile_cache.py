@@ -292,7 +292,8 @@ class CompileStats:
     kernel_seconds: float = 0.0
     """Seconds building matformer's own C++ kernels (`row_kernel`; before any decoding call)."""
     native_calls: int = 0
-    """Decoding calls that ran as one C++ call (`decode_step`): nothing of theirs is compiled."""
+    """Decoding forwards that ran as C++ calls (`decode_step`, a speculative round's k + 1 in
+    one): nothing of theirs is compiled."""
 
     def since(self, before: CompileStats) -> CompileStats:
         """What was compiled between `before` and this snapshot."""
@@ -373,9 +374,10 @@ def record_compile_seconds(seconds: float) -> None:
 _NATIVE_CALLS = [0]
 
 
-def record_native_call() -> None:
-    """Count a decoding call that ran as one C++ call (`static_cache` calls it)."""
-    _NATIVE_CALLS[0] += 1
+def record_native_call(forwards: int = 1) -> None:
+    """Count decoding forwards that ran as C++ calls (`static_cache` calls it; a speculative
+    round's draft steps and verify are k + 1 forwards of one call)."""
+    _NATIVE_CALLS[0] += forwards
 
 
 def record_kernel_build_seconds(seconds: float) -> None:

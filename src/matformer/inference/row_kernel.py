@@ -30,10 +30,11 @@ sources side by side, about 9 s), once per source, torch, compiler and CPU, into
 `compile_cache_dir()/row_kernel/` (written beside, then moved in; a failed build is remembered
 there and not retried), reported by `compile_stats().kernel_seconds` and its one-line
 description. Compiled steps use the kernels with one torch thread only, on an x86-64 CPU with
-AVX-512 or AVX2+F16C+FMA, decided outside the traced code by `refresh()`. They are single-threaded: with more threads
-inductor's reductions and PyTorch's attention run in parallel. A version whose product split
-its rows over torch's threads (`at::parallel_for`, OpenMP) decoded the 41.7M float16 model no
-faster than inductor at two threads (3.4-3.8 against 3.2 ms a step) and slower at one.
+AVX-512 or AVX2+F16C+FMA, decided outside the traced code by `refresh()`. They are
+single-threaded: with more threads inductor's reductions and PyTorch's attention run in
+parallel. A version whose product split its rows over torch's threads (`at::parallel_for`,
+OpenMP) decoded the 41.7M float16 model no faster than inductor at two threads (3.4-3.8 against
+3.2 ms a step) and slower at one.
 Anywhere else (no compiler, another CPU, `MATFORMER_ROW_KERNEL=0`) decoding keeps inductor's
 reductions and PyTorch's attention, with the same results up to the order of float32 sums.
 """

@@ -231,9 +231,9 @@ def choose_draft(costs: DecodeCosts, acceptance: dict[str, float],
 
 def can_pay(costs: DecodeCosts, names: Sequence[str], ks: Sequence[int],
             seen: Observed | None = None) -> bool:
-    """Whether any draft could beat plain decoding by PAY_MARGIN even with every draft accepted (its rounds
-    and plain steps as `seen` by earlier calls, when given): when not, no acceptance estimate
-    (no prompt forward) is needed to choose plain decoding."""
+    """Whether any draft could beat plain decoding by PAY_MARGIN even with every draft accepted
+    (its rounds and plain steps as `seen` by earlier calls, when given): when not, no acceptance
+    estimate (no prompt forward) is needed to choose plain decoding."""
     state = DraftRound(Draft("", []), 0, "auto", dict.fromkeys(names, 1.0))
     if seen is not None:
         seen.seed(state)

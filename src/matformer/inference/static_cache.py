@@ -212,10 +212,9 @@ class StaticDecoder:
     def greedy_round(self, draft: Setting, target: Setting, token: int,
                      k: int) -> tuple[list[int], list[int]] | None:
         """A greedy speculative round inside one model as one C++ call (`decode_step.
-        greedy_round`): `k` drafts from `token` at the setting `draft()` applies, then the verify
-        at the setting `target()` applies (the model is left there); returns (the drafts, the
-        target's argmax after each of the k + 1 tokens), the columns of all k + 1 written (crop
-        to the accepted ones). None, and nothing run, where the step does not cover both
+        greedy_round`): `k` drafts from `token` at the setting `draft`, then the verify at
+        `target` (the model is left there); returns (the drafts, the target's argmax after each
+        of the k + 1 tokens), the columns of all k + 1 written (crop to the accepted ones). None, and nothing run, where the step does not cover both
         settings (then draft and verify as separate calls)."""
         if not (self.native and self.batch_size == 1 and 1 <= k < decode_step.MAX_ROWS):
             return None
@@ -228,8 +227,7 @@ class StaticDecoder:
         with torch.inference_mode():
             drafts, best = decode_step.greedy_round(plan, draft_plan, token, k, self.pos,
                                                     int(self.pad[0]))
-        for _ in range(k + 1):
-            record_native_call()
+        record_native_call(k + 1)
         self.pos += k + 1
         return drafts, best
 
