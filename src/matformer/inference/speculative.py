@@ -809,13 +809,15 @@ def _speculative(model: MatFormerLM, prompt: Sequence[int] | torch.Tensor, max_n
     compiling = compile_stats()
     # running() restores the caller's setting on exit, whatever draft/target switching happened.
     with model.running(target), torch.inference_mode():
-        t0 = time.perf_counter()
         if choose:  # room for timing the longest verify after the prompt (and the plain
             # start), however short the call
             max_len = min(model.config.max_position_embeddings,
                           max(max_len, ids.shape[1] + PROBE_TOKENS * plain_first + max(ks) + 1))
         dec = static_decoder(model, 1, max_len, compile=compile)
         draft_decs = _draft_decoders(drafts, max_len, compile)
+        # timed from here, as `generate` times its calls: making the decoders (a process's
+        # first: the weights placed on huge pages, 2 s for SmolLM2-135M) is not decoding
+        t0 = time.perf_counter()
         state = DraftRound(drafts[0], ks[0], mode, {d.name: 0.0 for d in drafts},
                            plain_ok=auto)
         if seen is not None:
