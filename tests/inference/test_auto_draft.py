@@ -153,6 +153,35 @@ def test_auto_measures_costs_once_per_process(one_thread) -> None:
     assert fixed.extra["costs"].measured_ks == [8] and fixed.tokens == plain.tokens
 
 
+def test_verifies_timed_apart_are_taken_at_the_first_batchs_scale(monkeypatch) -> None:
+    """measure_costs times the larger verifies in a second batch; a burst of load over that
+    batch alone must not make them look dear beside the steps (it did: k >= 2 read 1.5x a
+    step, k = 1 1.0x, and every draft kept k = 1). The smallest verify, timed again in the
+    second batch, sets its scale."""
+    import matformer.inference.speculative as spec
+
+    model = tiny_lm(9)
+    batches: list[list] = []
+
+    def fake(fns, device, reps, warm):  # the first batch at 1x, the second under a 1.5x burst
+        batches.append(list(fns))
+        burst = 1.0 if len(batches) == 1 else 1.5
+        return {key: burst * (2.0 + 0.1 * key if isinstance(key, int) else
+                              2.0 + 0.1 * key[1] if isinstance(key, tuple) else 1.0)
+                for key in fns}
+
+    monkeypatch.setattr(spec, "timed_together", fake)
+    target = Setting(model.stored_widths, model.stored_kv_heads)
+    dec = StaticDecoder(model, 1, 32)
+    dec.prefill([torch.tensor(PROMPT)])
+    drafts = spec._drafts(model, target, spec.WidthRequest(), True, None)
+    costs = spec.measure_costs(model, dec, target, drafts, {}, [1, 2, 3, 4])
+    assert batches[1] == [1, 2, 4]  # the smallest again beside the others
+    assert costs.measured_ks == [1, 2, 4]
+    assert costs.verify == pytest.approx({1: 2.1, 2: 2.2, 3: 2.3, 4: 2.4})
+    assert costs.target_step == 1.0
+
+
 def test_auto_where_the_output_layer_dominates_is_generate_itself(one_thread) -> None:
     """A large vocabulary on a tiny model (SmolLM2-135M's case, where the 49,152 x 576 output
     layer does not shrink with the FFN): even a draft that is always accepted and costs only
