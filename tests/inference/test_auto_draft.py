@@ -31,7 +31,7 @@ from matformer.inference.speculative import (
     tail_agreement,
 )
 from matformer.inference.static_cache import StaticDecoder
-from matformer.tiers import Setting
+from matformer.tiers import Setting, WidthRequest
 from tests.conftest import tiny_lm
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 31, 64]
@@ -174,7 +174,7 @@ def test_verifies_timed_apart_are_taken_at_the_first_batchs_scale(monkeypatch) -
     target = Setting(model.stored_widths, model.stored_kv_heads)
     dec = StaticDecoder(model, 1, 32)
     dec.prefill([torch.tensor(PROMPT)])
-    drafts = spec._drafts(model, target, spec.WidthRequest(), True, None)
+    drafts = spec._drafts(model, target, WidthRequest(), True, None)
     costs = spec.measure_costs(model, dec, target, drafts, {}, [1, 2, 3, 4])
     assert batches[1] == [1, 2, 4]  # the smallest again beside the others
     assert costs.measured_ks == [1, 2, 4]
