@@ -145,7 +145,7 @@ def test_a_greedy_round_is_its_draft_steps_and_verify(dtype):
     model = tiny_lm(0, distinct=True, heads=True, random_norms=True).to(dtype)
     target = model.resolve(WidthRequest())
     draft = model.resolve(WidthRequest(tier=3, kv_heads=1))
-    one, apart = StaticDecoder(model, 1, 64, compile=True), StaticDecoder(model, 1, 64, compile=True)
+    one, apart = (StaticDecoder(model, 1, 64, compile=True) for _ in range(2))
     for dec in (one, apart):
         dec.prefill([torch.arange(3, 9)])
     tok, accepted = 7, 0
@@ -166,7 +166,8 @@ def test_a_greedy_round_is_its_draft_steps_and_verify(dtype):
         accepted += n
         for dec in (one, apart):
             dec.crop(start + 1 + n)
-        for a, b in zip((*one.cache.k, *one.cache.v), (*apart.cache.k, *apart.cache.v), strict=True):
+        for a, b in zip((*one.cache.k, *one.cache.v), (*apart.cache.k, *apart.cache.v),
+                        strict=True):
             assert torch.equal(a[..., :one.pos, :], b[..., :one.pos, :])
         tok = new[-1]
     assert one.greedy_round(draft, target, tok, decode_step.MAX_ROWS) is None  # k + 1 > 8 rows

@@ -444,7 +444,7 @@ def measure_costs(model: MatFormerLM, dec: StaticDecoder, target: Setting,
     if len(points) > 1 and not (prune and not can_pay(partial, list(steps), ks)):
         # timed apart from the first batch, so the smallest verify is timed again beside them
         # and the others are taken at the first batch's scale: a burst of load over this batch
-        # alone made k >= 2 cost 1.5x a step against 1.0x for k = 1 and the choice kept k = 1
+        # alone would otherwise price k >= 2 against the steps at that burst's rate
         more = timed_together({k: at(None, lambda k=k: verify(k)) for k in points},
                                dec.device, reps, warm)
         scale = timed[points[0]] / more[points[0]]

@@ -214,8 +214,9 @@ class StaticDecoder:
         """A greedy speculative round inside one model as one C++ call (`decode_step.
         greedy_round`): `k` drafts from `token` at the setting `draft`, then the verify at
         `target` (the model is left there); returns (the drafts, the target's argmax after each
-        of the k + 1 tokens), the columns of all k + 1 written (crop to the accepted ones). None, and nothing run, where the step does not cover both
-        settings (then draft and verify as separate calls)."""
+        of the k + 1 tokens), the columns of all k + 1 written (crop to the accepted ones).
+        None, and nothing run, where the step does not cover both settings (then draft and
+        verify as separate calls)."""
         if not (self.native and self.batch_size == 1 and 1 <= k < decode_step.MAX_ROWS):
             return None
         self.model.apply(draft)
